@@ -1,0 +1,150 @@
+"""`mvke` command line: one subcommand per pipeline stage.
+
+Heavy imports (torch, onnxruntime, fastapi, ray) happen inside the handlers so
+that each stage only needs its own extra installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data_synth(a: argparse.Namespace) -> None:
+    from mvke.data.synthetic import SynthConfig, generate
+    cfg = SynthConfig(users=a.users, tags=a.tags, seed=a.seed)
+    out = generate(cfg, a.out)
+    print(f"wrote synthetic dataset to {out}")
+
+
+def _data_ml100k(a: argparse.Namespace) -> None:
+    from mvke.data.movielens import build
+    out = build(a.out, negatives=a.negatives, seed=a.seed)
+    print(f"wrote MovieLens-100K dataset to {out}")
+
+
+def _parse_task_experts(spec: str | None) -> dict | None:
+    """'interest=1-3,intention=2-5' (1-based, inclusive, as in the paper) -> 0-based lists."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        task, rng = part.split("=")
+        lo, _, hi = rng.partition("-")
+        out[task.strip()] = list(range(int(lo) - 1, int(hi or lo)))
+    return out
+
+
+def _model_overrides(a: argparse.Namespace) -> dict:
+    over = {}
+    if getattr(a, "experts", None):
+        over["experts"] = a.experts
+    te = _parse_task_experts(getattr(a, "task_experts", None))
+    if te:
+        over["task_experts"] = te
+    for key in ("attention", "gate"):
+        if getattr(a, key, None):
+            over[key] = getattr(a, key)
+    return over
+
+
+def _train(a: argparse.Namespace) -> None:
+    from mvke.training.trainer import TrainConfig, model_config_for, prepare, save_checkpoint, train_model
+    cfg = TrainConfig(epochs=a.epochs, seed=a.seed, batch_size=a.batch_size, lr=a.lr)
+    data = prepare(a.data)
+    result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
+    save_checkpoint(result, a.out, cfg, a.data)
+    m = result.metrics
+    print(json.dumps({"model": a.model, "test_auc": m["test_auc"], "oracle_test_auc": m.get("oracle_test_auc"),
+                      "samples_per_second": round(m["samples_per_second"]), "out": str(a.out)}, indent=1))
+
+
+def _experiment(a: argparse.Namespace) -> None:
+    from mvke.training.experiment import run_experiment
+    models = a.models.split(",") if a.models else None
+    run_experiment(a.data, a.out, seeds=a.seeds, models=models, sweep_experts=a.sweep_experts, epochs=a.epochs)
+
+
+def _dispatch_lazy(module: str, func: str):
+    def run(a: argparse.Namespace) -> None:
+        import importlib
+        getattr(importlib.import_module(module), func)(a)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mvke", description="MVKE user tagging: data, training, export, serving")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build a dataset").add_subparsers(dest="source", required=True)
+    s = data.add_parser("synth", help="synthetic ad logs (paper schema)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--users", type=int, default=20_000)
+    s.add_argument("--tags", type=int, default=1_780)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_data_synth)
+    m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel")
+    m.add_argument("--out", required=True)
+    m.add_argument("--negatives", type=int, default=4)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_data_ml100k)
+
+    t = sub.add_parser("train", help="train one model")
+    t.add_argument("--data", required=True)
+    t.add_argument("--model", default="mvke-mt")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=1024)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--experts", type=int)
+    t.add_argument("--task-experts", help="e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
+    t.add_argument("--attention", choices=["fields", "sum"])
+    t.add_argument("--gate", choices=["projected", "dot"])
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("experiment", help="train the variants over seeds; tables and figures")
+    e.add_argument("--data", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--seeds", type=int, default=3)
+    e.add_argument("--models")
+    e.add_argument("--epochs", type=int, default=5)
+    e.add_argument("--sweep-experts", action="store_true")
+    e.set_defaults(func=_experiment)
+
+    _add_later_stages(sub)
+    return p
+
+
+def _add_later_stages(sub) -> None:
+    """export / publish / models / features / serve / tag-all: registered by their stages."""
+    try:
+        from model_export.cli import register as register_export
+        register_export(sub)
+    except ImportError:
+        pass
+    try:
+        from service.cli import register as register_service
+        register_service(sub)
+    except ImportError:
+        pass
+    try:
+        from mvke.batch.cli import register as register_batch
+        register_batch(sub)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The on-disk sample format every data source writes, and its loader.
+
+A dataset directory holds:
+
+* `meta.json`: name, user fields and their kinds (`cat` | `multi`), max list
+  lengths, the tag catalogue, optional oracle AUCs;
+* `train.parquet`, `test.parquet`: one row per impression: `user_id`, `tags`
+  (list of tag names), `click`, `conversion` (0/1), optionally the true
+  probabilities `p_click`, `p_conversion`, and optionally the user fields
+  inline (when they change per event, as histories do in MovieLens);
+* `users.parquet`: the latest raw feature row per user (what the feature store
+  holds; samples without inline fields are joined to it by `user_id`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mvke.features import FeatureSchema
+
+TASKS = ("interest", "intention")
+TASK_LABELS = {"interest": "click", "intention": "conversion"}
+MAX_TAGS_PER_AD = 3  # tag ids per sample fed to the tag tower (pooled)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the column."""
+
+    def __init__(self, file: str | Path, column: str | None, message: str):
+        where = f"{file}" + (f", column {column!r}" if column else "")
+        super().__init__(f"{where}: {message}")
+        self.file, self.column = str(file), column
+
+
+def write_dataset(out: str | Path, train: pd.DataFrame, test: pd.DataFrame,
+                  users: pd.DataFrame, meta: dict[str, Any]) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in (("train", train), ("test", test), ("users", users)):
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out / f"{name}.parquet")
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(path, None, "file not found")
+    try:
+        df = pq.read_table(path).to_pandas()
+    except Exception as e:  # pyarrow raises many types for a corrupt file
+        raise DataError(path, None, f"not a readable Parquet file ({e})") from e
+    if len(df) == 0:
+        raise DataError(path, None, "file has no rows")
+    return df
+
+
+def _require(df: pd.DataFrame, path: Path, column: str, kind: str) -> None:
+    if column not in df.columns:
+        raise DataError(path, column, "missing column")
+    col = df[column]
+    if kind == "label":
+        if not pd.api.types.is_numeric_dtype(col) or not col.isin([0, 1]).all():
+            raise DataError(path, column, f"expected 0/1 labels, got dtype {col.dtype}")
+    elif kind in ("list", "multi"):
+        bad = col.map(lambda v: not isinstance(v, (list, np.ndarray)) and v is not None)
+        if bad.any():
+            raise DataError(path, column, f"expected lists of values, got {type(col[bad].iloc[0]).__name__}")
+    elif kind == "cat":
+        bad = col.map(lambda v: isinstance(v, (list, np.ndarray, dict)))
+        if bad.any():
+            raise DataError(path, column, "expected one value per row, got a list")
+
+
+@dataclass
+class RawDataset:
+    path: Path
+    meta: dict[str, Any]
+    train: pd.DataFrame
+    test: pd.DataFrame
+    users: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", self.path.name)
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.meta["tags"])
+
+
+def load_dataset(path: str | Path) -> RawDataset:
+    """Read and validate a dataset directory (errors name file and column)."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise DataError(meta_path, None, "file not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(meta_path, None, f"invalid JSON ({e})") from e
+    for key in ("fields", "tags"):
+        if key not in meta:
+            raise DataError(meta_path, key, "missing key")
+    users_path = path / "users.parquet"
+    users = _read_parquet(users_path)
+    _require(users, users_path, "user_id", "cat")
+    for name, kind in meta["fields"].items():
+        _require(users, users_path, name, kind)
+    splits = {}
+    for split in ("train", "test"):
+        p = path / f"{split}.parquet"
+        df = _read_parquet(p)
+        _require(df, p, "user_id", "cat")
+        _require(df, p, "tags", "list")
+        for label in TASK_LABELS.values():
+            _require(df, p, label, "label")
+        inline = [n for n in meta["fields"] if n in df.columns]
+        if inline and len(inline) != len(meta["fields"]):
+            missing = next(n for n in meta["fields"] if n not in df.columns)
+            raise DataError(p, missing, "missing column (other user fields are inline)")
+        for name in inline:
+            _require(df, p, name, meta["fields"][name])
+        splits[split] = df
+    return RawDataset(path, meta, splits["train"], splits["test"], users)
+
+
+@dataclass
+class EncodedSplit:
+    """Model-ready arrays of one split (rows aligned)."""
+
+    cat_ids: np.ndarray       # [N, F_cat] int64
+    multi_ids: np.ndarray     # [N, F_multi, L] int64
+    tag_ids: np.ndarray       # [N, MAX_TAGS_PER_AD] int64, 0 = padding
+    labels: np.ndarray        # [N, n_tasks] float32, columns in TASKS order
+    true_probs: np.ndarray | None  # [N, n_tasks] float32 (synthetic only)
+    user_ids: np.ndarray      # [N] str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "EncodedSplit":
+        return EncodedSplit(self.cat_ids[idx], self.multi_ids[idx], self.tag_ids[idx], self.labels[idx],
+                            None if self.true_probs is None else self.true_probs[idx], self.user_ids[idx])
+
+
+def build_schema(ds: RawDataset) -> FeatureSchema:
+    """Vocabularies from the training split only (users seen in training for joined fields)."""
+    kinds = ds.meta["fields"]
+    if all(n in ds.train.columns for n in kinds):
+        source = ds.train
+    else:
+        source = ds.users[ds.users["user_id"].isin(set(ds.train["user_id"]))]
+    return FeatureSchema.build({n: source[n] for n in kinds}, kinds, ds.meta.get("max_lens", {}))
+
+
+def tag_index(tags: list[str]) -> dict[str, int]:
+    """Tag name -> tag id (0 is padding / unknown tag)."""
+    return {t: i + 1 for i, t in enumerate(tags)}
+
+
+def encode_split(ds: RawDataset, df: pd.DataFrame, schema: FeatureSchema) -> EncodedSplit:
+    names = schema.names
+    if all(n in df.columns for n in names):
+        cat, multi = schema.encode_rows(df[names].to_dict("records"))
+    else:
+        # Encode each user once, then gather per sample.
+        users = ds.users.drop_duplicates("user_id", keep="last")
+        ucat, umulti = schema.encode_rows(users[names].to_dict("records"))
+        pos = pd.Index(users["user_id"]).get_indexer(df["user_id"])
+        if (pos < 0).any():
+            missing = df["user_id"][pos < 0].iloc[0]
+            raise DataError(ds.path / "users.parquet", "user_id", f"no feature row for user {missing!r}")
+        cat, multi = ucat[pos], umulti[pos]
+    tix = tag_index(ds.tags)
+    tag_ids = np.zeros((len(df), MAX_TAGS_PER_AD), dtype=np.int64)
+    for i, tags in enumerate(df["tags"]):
+        for j, t in enumerate(list(tags)[:MAX_TAGS_PER_AD]):
+            tag_ids[i, j] = tix.get(t, 0)
+    labels = np.stack([df[TASK_LABELS[t]].to_numpy(np.float32) for t in TASKS], 1)
+    probs = None
+    if "p_click" in df.columns:
+        probs = np.stack([df["p_click"].to_numpy(np.float32), df["p_conversion"].to_numpy(np.float32)], 1)
+    return EncodedSplit(cat, multi, tag_ids, labels, probs, df["user_id"].to_numpy())
