@@ -1,0 +1,214 @@
+"""`mvke export`: checkpoint -> bundle directory (ONNX user tower, tag side, manifest).
+
+The bundle is self-describing: `manifest.json` names every file with its
+sha256, the feature schema with its vocabularies, the tasks and their
+expert slices and score temperature. A parity gate compares the ONNX graph
+and the bundle's scoring against the PyTorch model before anything is written
+as final; a failing gate fails the export.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from model_export.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, BundleError, FileEntry, Manifest,
+                                   TaskSpec, content_version, gates_file, read_bundle, sha256_bytes, tag_emb_file)
+from model_export.scoring import TaskTagSide, task_scores
+from mvke.features import FeatureSchema
+from mvke.models import TwoTowerTagger
+from mvke.training.trainer import TrainResult, load_checkpoint
+
+OPSET = 18
+ONNX_TOLERANCE = 1e-5
+SCORE_TOLERANCE = 1e-4
+
+
+class ParityError(BundleError):
+    """The exported bundle does not reproduce the PyTorch model."""
+
+
+class UserTower(nn.Module):
+    """The user side as one graph: every task's expert outputs concatenated on axis 1."""
+
+    def __init__(self, model: TwoTowerTagger):
+        super().__init__()
+        self.model = model
+
+    def forward(self, cat_ids: torch.Tensor, multi_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.model.user_vectors(cat_ids, multi_ids), 1)   # [B, sum K_t, D]
+
+
+def export_onnx(model: TwoTowerTagger, schema: FeatureSchema) -> bytes:
+    tower = UserTower(model).eval()
+    cat = torch.ones(2, len(schema.cat_fields), dtype=torch.long)
+    multi = torch.ones(2, len(schema.multi_fields), schema.multi_len, dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            tower, (cat, multi), input_names=["cat_ids", "multi_ids"], output_names=["expert_values"],
+            dynamic_shapes={"cat_ids": {0: batch}, "multi_ids": {0: batch}}, opset_version=OPSET,
+            dynamo=True, optimize=True, verbose=False)
+    proto = program.model_proto
+    onnx.checker.check_model(proto)
+    buf = io.BytesIO()
+    onnx.save_model(proto, buf)  # weights inlined: one file to ship and hash
+    return buf.getvalue()
+
+
+def random_users(schema: FeatureSchema, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random valid ids per field (including OOV ids and empty histories)."""
+    cat = np.empty((n, len(schema.cat_fields)), dtype=np.int64)
+    multi = np.zeros((n, len(schema.multi_fields), schema.multi_len), dtype=np.int64)
+    pos = {f.name: i for i, f in enumerate(schema.fields)}
+    for j, f in enumerate(schema.cat_fields):
+        off = schema.offsets[pos[f.name]]
+        cat[:, j] = rng.integers(off, off + 1 + len(f.vocab), n)
+    for j, f in enumerate(schema.multi_fields):
+        off = schema.offsets[pos[f.name]]
+        lengths = rng.integers(0, f.max_len + 1, n)
+        for i in range(n):
+            multi[i, j, : lengths[i]] = rng.integers(off, off + 1 + len(f.vocab), lengths[i])
+    return cat, multi
+
+
+def real_users(ckpt_cfg: dict, schema: FeatureSchema, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Feature rows of real training users, when the checkpoint's data is still on disk."""
+    from mvke.data.dataset import load_dataset
+    path = ckpt_cfg.get("data", {}).get("path")
+    if not path or not Path(path).exists():
+        return None
+    ds = load_dataset(path)
+    rows = ds.train if all(n_ in ds.train.columns for n_ in schema.names) else ds.users
+    rows = rows.sample(min(n, len(rows)), random_state=0)
+    return schema.encode_rows(rows[schema.names].to_dict("records"))
+
+
+def tag_side_arrays(model: TwoTowerTagger) -> list[tuple[np.ndarray, np.ndarray]]:
+    with torch.no_grad():
+        return [(g.numpy().astype("<f4"), e.numpy().astype("<f4")) for e, g in model.all_tag_vectors()]
+
+
+def check_parity(model: TwoTowerTagger, manifest: Manifest, blobs: dict[str, bytes],
+                 users: list[tuple[str, np.ndarray, np.ndarray]], tags_per_user: int = 64,
+                 seed: int = 0) -> dict:
+    """ONNX vs PyTorch expert outputs (1e-5) and bundle scores vs model.forward (1e-4).
+
+    Raises ParityError naming the check, the user set and the worst difference.
+    """
+    sess = ort.InferenceSession(blobs[ONNX_FILE], providers=["CPUExecutionProvider"])
+    sides = bundle_tag_sides(manifest, blobs)
+    rng = np.random.default_rng(seed)
+    report = {}
+    for label, cat, multi in users:
+        onnx_out = sess.run(None, {"cat_ids": cat, "multi_ids": multi})[0]
+        with torch.no_grad():
+            torch_out = UserTower(model)(torch.from_numpy(cat), torch.from_numpy(multi)).numpy()
+        d_onnx = float(np.abs(onnx_out - torch_out).max())
+        if not d_onnx <= ONNX_TOLERANCE:
+            raise ParityError(f"parity: ONNX expert outputs differ from PyTorch by {d_onnx:.2e} "
+                              f"(> {ONNX_TOLERANCE}) on {label} users")
+        # Scores from the bundle for every tag, compared with the model's forward pass on sampled tags.
+        n = len(cat)
+        tag_ids = rng.integers(1, manifest.num_tags + 1, (n, tags_per_user))
+        worst = 0.0
+        with torch.no_grad():
+            ct, mt = torch.from_numpy(cat), torch.from_numpy(multi)
+            rep = lambda x: x.repeat_interleave(tags_per_user, 0)  # noqa: E731
+            ref = torch.sigmoid(model(rep(ct), rep(mt), torch.from_numpy(tag_ids.reshape(-1, 1)))).numpy()
+        for ti, (spec, side) in enumerate(zip(manifest.tasks, sides)):
+            scores = task_scores(onnx_out[:, spec.slice[0]:spec.slice[1]], side)   # [n, T]
+            mine = np.take_along_axis(scores, tag_ids - 1, axis=1).reshape(-1)
+            worst = max(worst, float(np.abs(mine - ref[:, ti]).max()))
+        if not worst <= SCORE_TOLERANCE:
+            raise ParityError(f"parity: bundle scores differ from the model's forward pass by {worst:.2e} "
+                              f"(> {SCORE_TOLERANCE}) on {label} users")
+        report[label] = {"users": n, "max_abs_diff_expert_values": d_onnx, "max_abs_diff_scores": worst}
+    return report
+
+
+def bundle_tag_sides(manifest: Manifest, blobs: dict[str, bytes]) -> list[TaskTagSide]:
+    from model_export.contract import decode_array
+    return [TaskTagSide.build(t, decode_array(blobs[gates_file(t.name)], manifest.files[gates_file(t.name)]),
+                              decode_array(blobs[tag_emb_file(t.name)], manifest.files[tag_emb_file(t.name)]))
+            for t in manifest.tasks]
+
+
+def build_bundle(result: TrainResult, ckpt_cfg: dict) -> tuple[Manifest, dict[str, bytes]]:
+    model, schema = result.model.eval(), result.schema
+    blobs: dict[str, bytes] = {ONNX_FILE: export_onnx(model, schema),
+                               TAGS_FILE: json.dumps(result.tags).encode()}
+    entries: dict[str, FileEntry] = {}
+    scales, biases = model.task_scales()
+    specs, start = [], 0
+    for i, (task, (gates, emb)) in enumerate(zip(model.tasks, tag_side_arrays(model))):
+        k = gates.shape[1]
+        experts = list(model.cfg.task_experts.get(task, [0])) if k > 1 else [0]
+        specs.append(TaskSpec(task, experts[:k] if len(experts) >= k else list(range(k)), [start, start + k],
+                              scales[i], biases[i]))
+        start += k
+        for name, arr in ((gates_file(task), gates), (tag_emb_file(task), emb)):
+            blobs[name] = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+            entries[name] = FileEntry(sha256_bytes(blobs[name]), len(blobs[name]), list(arr.shape), "float32")
+    for name in (ONNX_FILE, TAGS_FILE):
+        entries[name] = FileEntry(sha256_bytes(blobs[name]), len(blobs[name]))
+    version = content_version({k: v.sha256 for k, v in entries.items()}, model.cfg.name)
+    from dataclasses import asdict
+    manifest = Manifest(
+        version=version, model=model.cfg.name, tasks=specs, out_dim=model.cfg.out_dim,
+        num_tags=len(result.tags), features=schema.to_dict(), files=entries, opset=OPSET,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        metrics={k: result.metrics.get(k) for k in ("dataset", "test_auc", "oracle_test_auc", "params",
+                                                     "train_seconds", "samples_per_second")},
+        model_config=asdict(model.cfg))
+    return manifest, blobs
+
+
+def write_bundle(manifest: Manifest, blobs: dict[str, bytes], out: str | Path) -> Path:
+    """Write to a temporary sibling directory, then rename: a bundle is never half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for name, data in blobs.items():
+        (tmp / name).write_bytes(data)
+    (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def export_checkpoint(ckpt_dir: str | Path, out: str | Path, parity_users: int = 256) -> tuple[Manifest, dict]:
+    """Checkpoint -> verified bundle. Returns the manifest and timing/size figures."""
+    t0 = time.perf_counter()
+    result = load_checkpoint(ckpt_dir)
+    ckpt_cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    manifest, blobs = build_bundle(result, ckpt_cfg)
+    users = [("random", *random_users(result.schema, parity_users, np.random.default_rng(0)))]
+    real = real_users(ckpt_cfg, result.schema, parity_users)
+    if real is not None:
+        users.append(("training-data", *real))
+    manifest.parity = check_parity(result.model, manifest, blobs, users)
+    write_bundle(manifest, blobs, out)
+    read_bundle(out)  # re-read and verify every checksum from disk
+    figures = {"export_seconds": time.perf_counter() - t0,
+               "bundle_bytes": sum(len(b) for b in blobs.values()) + len(manifest.to_json())}
+    return manifest, figures
+
+
+def verify_bundle_against_checkpoint(bundle_dir: str | Path, ckpt_dir: str | Path, n: int = 128) -> dict:
+    """Re-run the parity gate on an existing bundle (e.g. after copying it around)."""
+    manifest, blobs = read_bundle(bundle_dir, verify=False)
+    result = load_checkpoint(ckpt_dir)
+    users = [("random", *random_users(result.schema, n, np.random.default_rng(1)))]
+    return check_parity(result.model, manifest, blobs, users)

@@ -1,0 +1,80 @@
+"""CLI of the export stage: `mvke export | publish | models | features load`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _redis(url: str | None):
+    import redis
+    return redis.Redis.from_url(url or os.environ.get("REDIS_URL", DEFAULT_REDIS), socket_timeout=30)
+
+
+def _export(a: argparse.Namespace) -> None:
+    from model_export.bundle import export_checkpoint
+    manifest, fig = export_checkpoint(a.ckpt, a.out)
+    print(json.dumps({"version": manifest.version, "model": manifest.model, "out": a.out,
+                      "export_seconds": round(fig["export_seconds"], 2), "bundle_bytes": fig["bundle_bytes"],
+                      "parity": manifest.parity}, indent=1))
+
+
+def _publish(a: argparse.Namespace) -> None:
+    from model_export.publish import publish, rollback
+    r = _redis(a.redis)
+    if a.rollback:
+        print(json.dumps(rollback(r), indent=1))
+        return
+    if not a.bundle:
+        raise ValueError("publish needs BUNDLE_DIR (or --rollback)")
+    report = publish(a.bundle, r, keep=a.keep)
+    report["publish_seconds"] = round(report["publish_seconds"], 3)
+    print(json.dumps(report, indent=1))
+
+
+def _models(a: argparse.Namespace) -> None:
+    from model_export.publish import active_version, list_versions
+    r = _redis(a.redis)
+    versions = list_versions(r)
+    print(f"{'':2}{'version':18}{'model':14}{'size':>10}  published")
+    for v in reversed(versions):
+        when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
+        print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}")
+    print(f"active: {active_version(r) or 'none'}")
+
+
+def _features_load(a: argparse.Namespace) -> None:
+    from model_export.feature_store import load_dataset_users
+    report = load_dataset_users(a.data, _redis(a.redis))
+    for bad in report.bad_rows[:50]:
+        print(f"bad row: user {bad['user_id']}: field {bad['field']}: {bad['reason']}", file=sys.stderr)
+    print(json.dumps({"loaded": report.loaded, "bad_rows": len(report.bad_rows),
+                      "seconds": round(report.seconds, 2), "users_per_second": round(report.users_per_second)}))
+
+
+def register(sub) -> None:
+    e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)")
+    e.add_argument("ckpt")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_export)
+
+    p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")
+    p.add_argument("bundle", nargs="?")
+    p.add_argument("--redis", help=f"Redis URL (default $REDIS_URL or {DEFAULT_REDIS})")
+    p.add_argument("--keep", type=int, default=3, help="versions to keep")
+    p.add_argument("--rollback", action="store_true", help="re-activate the previous version")
+    p.set_defaults(func=_publish)
+
+    m = sub.add_parser("models", help="list published versions")
+    m.add_argument("--redis")
+    m.set_defaults(func=_models)
+
+    f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
+    fl = f.add_parser("load", help="load users.parquet into the feature store")
+    fl.add_argument("--data", required=True)
+    fl.add_argument("--redis")
+    fl.set_defaults(func=_features_load)

@@ -1,0 +1,234 @@
+"""Versioned, atomic publishing of bundles to Redis (`mvke publish`, `mvke models`).
+
+A publish:
+1. verifies the bundle's files against its manifest (refuses a mismatch);
+2. takes the publisher lock (two publishers run one after the other);
+3. removes orphans of earlier failed publishes (version keys no version list knows);
+4. writes the whole version (manifest + every file) in ONE MULTI/EXEC: Redis
+   applies all of it or none of it, so a dropped connection leaves nothing half-written;
+5. reads it back and checks every sha256; on a mismatch deletes it and fails;
+6. flips `mvke:active` with a Lua script that refuses a version whose manifest
+   is missing, records the version in `mvke:versions`, and trims to the newest N.
+Readers resolve the alias, then read one version's immutable keys: they never
+see a manifest and arrays of different versions.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from model_export.contract import (MANIFEST_FILE, BundleError, Keys, Manifest, read_bundle, sha256_bytes,
+                                   verify_files)
+
+DEFAULT_KEEP = 3
+
+# KEYS: active, versions, new manifest ; ARGV: version, score, keep, version key prefix root
+_ACTIVATE = """
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return redis.error_reply('version ' .. ARGV[1] .. ' is not fully published')
+end
+local previous = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+end
+return previous
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    model: str
+    created_at: str
+    published_at: float
+    bytes: int
+    active: bool
+
+
+class PublisherLock:
+    """A Redis mutex with a random token, released only by its holder."""
+
+    def __init__(self, r: redis.Redis, key: str, ttl_ms: int = 120_000, wait_s: float = 60.0):
+        self.r, self.key, self.ttl_ms, self.wait_s = r, key, ttl_ms, wait_s
+        self.token = uuid.uuid4().hex
+
+    def __enter__(self) -> "PublisherLock":
+        deadline = time.monotonic() + self.wait_s
+        while not self.r.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            if time.monotonic() > deadline:
+                raise PublishError(f"another publisher holds {self.key} (waited {self.wait_s:.0f}s)")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.r.eval(_RELEASE, 1, self.key, self.token)
+        except redis.RedisError:
+            pass  # the TTL frees it
+
+
+def _version_keys(r: redis.Redis, keys: Keys, version: str) -> list[str]:
+    return [k.decode() if isinstance(k, bytes) else k
+            for k in r.scan_iter(match=f"{keys.version_prefix(version)}:*", count=500)]
+
+
+def _delete_version(r: redis.Redis, keys: Keys, version: str) -> int:
+    found = _version_keys(r, keys, version)
+    return r.delete(*found) if found else 0
+
+
+def _known_versions(r: redis.Redis, keys: Keys) -> set[str]:
+    return {v.decode() for v in r.zrange(keys.versions, 0, -1)}
+
+
+def collect_orphans(r: redis.Redis, keys: Keys) -> list[str]:
+    """Delete version keys that no version list entry owns (leftovers of failed publishes).
+
+    Only called under the publisher lock, so no publish is in flight.
+    """
+    known = _known_versions(r, keys)
+    active = r.get(keys.active)
+    if active:
+        known.add(active.decode())
+    orphans = set()
+    for k in r.scan_iter(match=keys.version_pattern(), count=500):
+        k = k.decode()
+        version = k[len(keys.prefix) + 3: k.index("}")]
+        if version not in known:
+            orphans.add(version)
+    for v in orphans:
+        _delete_version(r, keys, v)
+    return sorted(orphans)
+
+
+def read_version(r: redis.Redis, keys: Keys, version: str, verify: bool = True) -> tuple[Manifest, dict[str, bytes]]:
+    """One version's manifest and files, read in one MULTI (a consistent snapshot)."""
+    raw = r.get(keys.manifest(version))
+    if raw is None:
+        raise BundleError(f"version {version} is not in Redis")
+    manifest = Manifest.from_json(raw)
+    names = list(manifest.files)
+    pipe = r.pipeline(transaction=True)
+    for name in names:
+        pipe.get(keys.file(version, name))
+    blobs = {n: b for n, b in zip(names, pipe.execute()) if b is not None}
+    if verify:
+        verify_files(manifest, blobs)
+    return manifest, blobs
+
+
+def _trim(r: redis.Redis, keys: Keys, keep: int) -> list[str]:
+    versions = [v.decode() for v in r.zrange(keys.versions, 0, -1)]  # oldest first
+    active = (r.get(keys.active) or b"").decode()
+    removed = []
+    for v in versions[: max(0, len(versions) - keep)]:
+        if v == active:
+            continue
+        r.zrem(keys.versions, v)
+        _delete_version(r, keys, v)
+        removed.append(v)
+    return removed
+
+
+def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, keys: Keys | None = None,
+            activate: bool = True) -> dict:
+    keys = keys or Keys()
+    t0 = time.perf_counter()
+    manifest, blobs = read_bundle(bundle_dir, verify=True)   # refuses a bundle that does not match
+    manifest_json = Path(bundle_dir, MANIFEST_FILE).read_text()
+    v = manifest.version
+    with PublisherLock(r, keys.lock):
+        orphans = collect_orphans(r, keys)
+        already = r.exists(keys.manifest(v)) and v in _known_versions(r, keys)
+        if not already:
+            pipe = r.pipeline(transaction=True)
+            for name, data in blobs.items():
+                pipe.set(keys.file(v, name), data)
+            pipe.set(keys.manifest(v), manifest_json)
+            try:
+                pipe.execute()
+            except redis.RedisError as e:
+                _cleanup_after_failure(r, keys, v)
+                raise PublishError(f"writing version {v} failed, nothing activated: {e}") from e
+            try:
+                read_version(r, keys, v, verify=True)
+            except BundleError as e:
+                _cleanup_after_failure(r, keys, v)
+                raise PublishError(f"read-back of version {v} failed its checksums, deleted: {e}") from e
+        previous = None
+        if activate:
+            previous = r.eval(_ACTIVATE, 3, keys.active, keys.versions, keys.manifest(v), v, repr(time.time()), keep, "")
+            previous = previous.decode() if previous else None
+        else:
+            r.zadd(keys.versions, {v: time.time()})
+        removed = _trim(r, keys, keep)
+    return {"version": v, "previous": previous, "reused": bool(already), "removed": removed,
+            "orphans_collected": orphans, "publish_seconds": time.perf_counter() - t0,
+            "bytes": sum(len(b) for b in blobs.values())}
+
+
+def _cleanup_after_failure(r: redis.Redis, keys: Keys, version: str) -> None:
+    """Best effort; if Redis is gone, the next publish collects the orphans."""
+    try:
+        if version not in _known_versions(r, keys):
+            _delete_version(r, keys, version)
+    except redis.RedisError:
+        pass
+
+
+def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
+    """Re-activate the version published before the active one."""
+    keys = keys or Keys()
+    with PublisherLock(r, keys.lock):
+        versions = [v.decode() for v in r.zrange(keys.versions, 0, -1)]
+        active = (r.get(keys.active) or b"").decode()
+        if active not in versions:
+            raise PublishError("no active version to roll back from")
+        i = versions.index(active)
+        if i == 0:
+            raise PublishError(f"{active} is the oldest kept version: nothing to roll back to")
+        target = versions[i - 1]
+        r.eval(_ACTIVATE, 3, keys.active, keys.versions, keys.manifest(target), target, "", 0, "")
+        # The rolled-back-from version becomes the oldest kept one: a second rollback goes
+        # further back instead of toggling, and retention drops the bad version first.
+        oldest = r.zrange(keys.versions, 0, 0, withscores=True)[0][1]
+        r.zadd(keys.versions, {active: oldest - 1.0})
+    return {"active": target, "previous": active}
+
+
+def list_versions(r: redis.Redis, keys: Keys | None = None) -> list[VersionInfo]:
+    keys = keys or Keys()
+    active = (r.get(keys.active) or b"").decode()
+    out = []
+    for v, score in r.zrange(keys.versions, 0, -1, withscores=True):
+        v = v.decode()
+        raw = r.get(keys.manifest(v))
+        if raw is None:
+            continue
+        m = Manifest.from_json(raw)
+        out.append(VersionInfo(v, m.model, m.created_at, score, sum(f.bytes for f in m.files.values()), v == active))
+    return out
+
+
+def active_version(r: redis.Redis, keys: Keys | None = None) -> str | None:
+    keys = keys or Keys()
+    v = r.get(keys.active)
+    return v.decode() if v else None
+
+
+__all__ = ["publish", "rollback", "list_versions", "active_version", "read_version", "collect_orphans",
+           "PublishError", "PublisherLock", "VersionInfo", "DEFAULT_KEEP", "sha256_bytes"]
