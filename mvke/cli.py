@@ -130,7 +130,7 @@ def _add_later_stages(sub) -> None:
     except ImportError:
         pass
     try:
-        from mvke.batch.cli import register as register_batch
+        from batch.cli import register as register_batch
         register_batch(sub)
     except ImportError:
         pass

@@ -1,0 +1,27 @@
+"""Prometheus metrics of the service (one registry per worker process)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mvke_requests_total", "HTTP requests", ["route", "status"], registry=r)
+        self.latency = Histogram("mvke_request_seconds", "HTTP request latency", ["route", "status"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("mvke_step_seconds", "time per pipeline step and batch", ["step"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("mvke_model_batch_size", "requests per model call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.model_info = Gauge("mvke_model_info", "active model version (value 1)", ["version", "model", "provider"],
+                                registry=r)
+        self.model_swaps = Counter("mvke_model_swaps_total", "model versions loaded", registry=r)
+        self.shed = Counter("mvke_shed_total", "requests refused with 503", ["reason"], registry=r)
+
+    def set_model(self, version: str, model: str, provider: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version, model, provider).set(1)

@@ -1,0 +1,55 @@
+"""Service configuration: one settings object, read from environment variables.
+
+Every field maps to `MVKE_<NAME>` (e.g. `MVKE_REDIS_POOL_SIZE=64`), except the
+Redis URL, which is also read from the conventional `REDIS_URL`.
+"""
+from __future__ import annotations
+
+import os
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def container_cpus() -> float:
+    """CPUs this process may use: the cgroup quota if one is set, else the affinity mask."""
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            return max(1.0, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return float(os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MVKE_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "MVKE_REDIS_URL"),
+                           description="Redis holding the published models and the feature store")
+    key_prefix: str = Field("mvke", description="prefix of every Redis key")
+    redis_pool_size: int = Field(64, ge=1, description="max Redis connections per worker")
+    redis_pool_wait_s: float = Field(0.2, ge=0, description="wait for a free pooled connection before a 503")
+    redis_timeout_s: float = Field(0.5, gt=0, description="socket timeout of Redis calls")
+    model_poll_s: float = Field(0.5, gt=0, description="how often the active alias is checked for a new version")
+    ort_intra_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: 1, or the CPU quota / workers for batch-heavy use)")
+    ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto: CUDA when it really runs, else CPU")
+    batching: bool = Field(True, description="coalesce concurrent requests into one model call")
+    max_batch_size: int = Field(64, ge=1, description="most requests per model call")
+    max_wait_ms: float = Field(0.0, ge=0, description="extra wait to fill a batch (0: take what is queued)")
+    max_queue: int = Field(512, ge=1, description="queued requests beyond this are shed with 503")
+    request_timeout_s: float = Field(2.0, gt=0, description="a request waiting longer gets 503")
+    top_k_default: int = Field(20, ge=1)
+    top_k_max: int = Field(200, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger bodies get 413")
+    log_level: str = Field("INFO")
+    access_log: bool = Field(False, description="one JSON log line per request")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (mvke serve)")
+
+    def ort_threads(self) -> int:
+        if self.ort_intra_threads:
+            return self.ort_intra_threads
+        return 1  # batch 1-64 runs fastest on one thread; more threads only help large batches
