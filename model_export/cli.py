@@ -43,7 +43,8 @@ def _models(a: argparse.Namespace) -> None:
     print(f"{'':2}{'version':18}{'model':14}{'size':>10}  published")
     for v in reversed(versions):
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
-        print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}")
+        print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
+              + ("  (rolled back)" if v.rolled_back else ""))
     print(f"active: {active_version(r) or 'none'}")
 
 

@@ -7,7 +7,8 @@ Redis keys (one model version under one hash tag, so a Redis Cluster keeps a
 version in one slot and a MULTI over it is legal):
 
     mvke:active                         alias: the active version id (flipped atomically)
-    mvke:versions                       sorted set: version id -> publish time (retention, listing)
+    mvke:versions                       sorted set: version id -> publish time (retention, listing);
+                                        negated for a version rolled back from (never rolled back to)
     mvke:publish-lock                   publisher mutex (SET NX PX, token-checked release)
     mvke:{v<id>}:manifest               manifest JSON (written in the same MULTI as the arrays)
     mvke:{v<id>}:file:<name>            raw bytes of each bundle file (ONNX, float32 arrays, tags)

@@ -57,6 +57,7 @@ class VersionInfo:
     published_at: float
     bytes: int
     active: bool
+    rolled_back: bool = False     # rolled back from: a rollback never re-activates it
 
 
 class PublisherLock:
@@ -191,22 +192,25 @@ def _cleanup_after_failure(r: redis.Redis, keys: Keys, version: str) -> None:
 
 
 def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
-    """Re-activate the version published before the active one."""
+    """Re-activate the newest version published before the active one.
+
+    The version rolled back from is marked in `mvke:versions` by negating its score
+    (-publish time): a rollback never re-activates a marked version (a second rollback
+    goes further back instead of toggling to the bad one), and marked versions sort
+    first, so retention drops them first. Publishing a marked version again unmarks it.
+    """
     keys = keys or Keys()
     with PublisherLock(r, keys.lock):
-        versions = [v.decode() for v in r.zrange(keys.versions, 0, -1)]
+        scores = {v.decode(): s for v, s in r.zrange(keys.versions, 0, -1, withscores=True)}
         active = (r.get(keys.active) or b"").decode()
-        if active not in versions:
+        if active not in scores:
             raise PublishError("no active version to roll back from")
-        i = versions.index(active)
-        if i == 0:
-            raise PublishError(f"{active} is the oldest kept version: nothing to roll back to")
-        target = versions[i - 1]
+        candidates = sorted((s, v) for v, s in scores.items() if s >= 0 and s < scores[active])
+        if not candidates:
+            raise PublishError(f"{active} is the oldest kept version not rolled back from: nothing to roll back to")
+        target = candidates[-1][1]
         r.eval(_ACTIVATE, 3, keys.active, keys.versions, keys.manifest(target), target, "", 0, "")
-        # The rolled-back-from version becomes the oldest kept one: a second rollback goes
-        # further back instead of toggling, and retention drops the bad version first.
-        oldest = r.zrange(keys.versions, 0, 0, withscores=True)[0][1]
-        r.zadd(keys.versions, {active: oldest - 1.0})
+        r.zadd(keys.versions, {active: -abs(scores[active])})
     return {"active": target, "previous": active}
 
 
@@ -220,7 +224,8 @@ def list_versions(r: redis.Redis, keys: Keys | None = None) -> list[VersionInfo]
         if raw is None:
             continue
         m = Manifest.from_json(raw)
-        out.append(VersionInfo(v, m.model, m.created_at, score, sum(f.bytes for f in m.files.values()), v == active))
+        out.append(VersionInfo(v, m.model, m.created_at, abs(score), sum(f.bytes for f in m.files.values()),
+                               v == active, score < 0))
     return out
 
 
