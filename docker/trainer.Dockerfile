@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# MVKE demo trainer: a one-shot job that, when Redis holds no active model,
+# generates synthetic data, trains MVKE-mt, exports it to ONNX, publishes it and
+# loads the feature store (docker/trainer-entrypoint.sh). CPU-only torch.
+#   docker build -f docker/trainer.Dockerfile -t mvke-trainer .
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG RECBOLE_VERSION=1.2.1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# torch first, from the CPU wheel index: the PyPI wheel would pull several GB of
+# CUDA libraries that a CPU trainer never uses. `torch==2.13.0` in the extras is
+# then already satisfied by 2.13.0+cpu.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# Dependencies from the project metadata alone (the wheel built here holds no
+# package and is uninstalled), so a code change does not reinstall them.
+# recbole only ships MovieLens-100K's files for `mvke data ml100k`; its own
+# dependency tree is not needed (--no-deps, as in scripts/setup.sh).
+COPY pyproject.toml README.md ./
+# DL3013: ".[train,export]" is this project; its dependency ranges live in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[train,export]" \
+ && pip install --no-cache-dir --no-deps "recbole==${RECBOLE_VERSION}" \
+ && pip uninstall --yes mvke \
+ && python -c "import torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
+COPY . .
+RUN pip install --no-cache-dir --no-deps . \
+ && mvke --help >/dev/null \
+ && groupadd --system --gid 10001 mvke \
+ && useradd --system --uid 10001 --gid mvke --home-dir /home/mvke --create-home --shell /usr/sbin/nologin mvke \
+ && mkdir -p /data && chown 10001:10001 /data
+COPY --chmod=0755 docker/trainer-entrypoint.sh /usr/local/bin/trainer-entrypoint.sh
+# /data: synthetic data, checkpoint and bundle of the last run (a named volume in
+# docker-compose.yml; created here so the volume starts owned by the mvke user).
+VOLUME ["/data"]
+WORKDIR /home/mvke
+USER 10001:10001
+ENV REDIS_URL=redis://redis:6379/0 \
+    MVKE_WORK_DIR=/data \
+    MPLCONFIGDIR=/tmp/matplotlib
+ENTRYPOINT ["/usr/local/bin/trainer-entrypoint.sh"]
