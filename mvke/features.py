@@ -124,7 +124,7 @@ class FeatureSchema:
                 if v is None:
                     cat[b, j] = self.offsets[pos]
                     continue
-                if isinstance(v, (list, tuple, dict)):
+                if isinstance(v, (list, tuple, dict, set, np.ndarray)):
                     raise FeatureError(f.name, f"expected one value, got {type(v).__name__}")
                 cat[b, j] = self._id(pos, v)
             for j, f in enumerate(self.multi_fields):
@@ -140,7 +140,7 @@ class FeatureSchema:
                     raise FeatureError(f.name, f"expected a list of values, got {type(v).__name__}")
                 lookup, oov = self._lookup[pos], self.offsets[pos]
                 for i, x in enumerate(v[: f.max_len]):
-                    if isinstance(x, (list, tuple, dict)):
+                    if isinstance(x, (list, tuple, dict, set, np.ndarray)):
                         raise FeatureError(f.name, "list items must be scalar values")
                     multi[b, j, i] = lookup.get(str(x), oov)
         return cat, multi

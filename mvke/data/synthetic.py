@@ -66,6 +66,20 @@ class SynthConfig:
     history_noise: float = 0.2        # share of history entries drawn at random
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Every category needs a tag, and a history draws max_len distinct items.
+        longest = {kind: max(spec[3] for spec in HISTORY_FIELDS.values() if spec[2] == kind)
+                   for kind in ("cat", "tag")}
+        if self.categories < longest["cat"]:
+            raise ValueError(f"categories must be >= {longest['cat']} (longest category history), "
+                             f"got {self.categories}")
+        if self.tags < max(self.categories, longest["tag"]):
+            raise ValueError(f"tags must be >= categories ({self.categories}) and >= {longest['tag']} "
+                             f"(longest tag history), got {self.tags}")
+        for name in ("users", "ads", "facets", "segments", "latent_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
@@ -180,7 +194,7 @@ def _histories(world: _World, rng: np.random.Generator) -> dict[str, list[list[s
             if facet == -2:   # search: a random facet per user
                 zf = z[np.arange(U), rng.integers(0, cfg.facets, U)]
             else:
-                zf = z[:, facet]
+                zf = z[:, facet % cfg.facets]  # fewer than 4 facets: histories share facets
             logits = 1.5 * zf @ world.centroids.T / np.sqrt(cfg.latent_dim)                  # [U, C]
             prefix = "c"
         else:

@@ -6,11 +6,12 @@ uses in MVKE-mt (default 3 for interest, 4 for intention), all serving it.
 from __future__ import annotations
 
 from mvke.models.layers import ModelConfig, PerTaskModel
-from mvke.models.mvke import MVKE
+from mvke.models.mvke import MVKE, validate_task_experts
 
 
 class MVKESingleTask(PerTaskModel):
     def __init__(self, cfg: ModelConfig):
+        validate_task_experts(cfg)  # the same assignment (and errors) as mvke-mt
         super().__init__(cfg, _single_task_mvke)
 
 

@@ -122,12 +122,14 @@ def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig) -> 
             seen += len(labels)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         valid = evaluate(model, data.valid)
-        mean_auc = float(np.mean(list(valid.values())))
+        # A task whose validation rows hold one class only has no AUC (nan): leave it out.
+        finite = [v for v in valid.values() if np.isfinite(v)]
+        mean_auc = float(np.mean(finite)) if finite else float("-inf")
         history.append({"epoch": epoch, "train_loss": total / n, **{f"valid_{k}_auc": v for k, v in valid.items()}})
         if cfg.progress:
             tqdm.write(f"[{model_cfg.name}] epoch {epoch}: loss {total / n:.4f} "
                        + " ".join(f"valid {k} AUC {v:.4f}" for k, v in valid.items()))
-        if mean_auc > best:
+        if best_state is None or mean_auc > best:
             best, bad_epochs = mean_auc, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:

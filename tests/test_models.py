@@ -1,0 +1,156 @@
+"""Models: the two-tower contract of every registered model, and MVKE's experts, gates and kernels."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mvke.models import MODELS, build_model
+from mvke.models.mvke import MVKE
+from mvke.training.trainer import model_config_for
+
+torch.set_num_threads(1)  # 2 shared cores: one thread is the fastest for tiny models
+
+DEFAULT_ASSIGNMENT = {"interest": [0, 1, 2], "intention": [1, 2, 3, 4]}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_synth_data):
+    """64 training samples (several with 2-3 tags) as tensors, plus their labels."""
+    s = tiny_synth_data.train
+    idx = np.arange(64)
+    assert (s.tag_ids[idx] > 0).sum(1).max() > 1
+    return tuple(torch.from_numpy(a[idx]) for a in (s.cat_ids, s.multi_ids, s.tag_ids, s.labels))
+
+
+@pytest.fixture
+def make(tiny_synth_data, tiny_model_sizes):
+    def make(name: str, **overrides):
+        torch.manual_seed(0)
+        return build_model(model_config_for(name, tiny_synth_data, **{**tiny_model_sizes, **overrides}))
+    return make
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_contract_shapes(name, make, batch, tiny_synth_data):
+    model = make(name).eval()
+    cat, multi, tags, _ = batch
+    B, T, D = len(cat), len(model.tasks), model.cfg.out_dim
+    n_tags = len(tiny_synth_data.dataset.tags)
+    logits = model(cat, multi, tags)
+    assert logits.shape == (B, T) and torch.isfinite(logits).all()
+    users, tag_side, k = model.user_vectors(cat, multi), model.tag_vectors(tags), model.experts_per_task()
+    assert len(users) == len(tag_side) == len(k) == T
+    for i in range(T):
+        assert users[i].shape == (B, k[i], D)
+        e_t, gate = tag_side[i]
+        assert e_t.shape == (B, D) and gate.shape == (B, k[i])
+        # Gate weights are a distribution over the task's experts.
+        assert (gate >= 0).all()
+        torch.testing.assert_close(gate.sum(-1), torch.ones(B))
+    # The logits are exactly the scoring of the two sides (what export and serving do).
+    torch.testing.assert_close(model.task_logits(users, tag_side), logits)
+    # One tag at a time for the whole catalogue (the precomputed tag side).
+    for i, (e_t, gate) in enumerate(model.all_tag_vectors()):
+        assert e_t.shape == (n_tags, D) and gate.shape == (n_tags, k[i])
+    scales, biases = model.task_scales()
+    assert len(scales) == len(biases) == T
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_trains_every_parameter(name, make, batch):
+    model = make(name).train()
+    cat, multi, tags, labels = batch
+    loss = F.binary_cross_entropy_with_logits(model(cat, multi, tags), labels)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, pname
+            assert torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", ["mvke-mt", "mvke-st"])
+def test_experts_per_task_follow_the_assignment(name, make, batch):
+    cat, multi, tags, _ = batch
+    for experts, assignment in ((5, DEFAULT_ASSIGNMENT), (4, {"interest": [0, 1], "intention": [1, 2, 3]}),
+                                (3, {"interest": [0, 1, 2], "intention": [2]})):
+        model = make(name, experts=experts, task_experts=assignment)
+        want = [len(assignment[t]) for t in model.tasks]
+        assert model.experts_per_task() == want
+        assert [u.shape[1] for u in model.user_vectors(cat, multi)] == want
+        assert [g.shape[1] for _, g in model.tag_vectors(tags)] == want
+
+
+@pytest.mark.parametrize("gate", ["projected", "dot"])
+@pytest.mark.parametrize("attention", ["fields", "sum"])
+def test_mvke_gate_and_field_attention_are_distributions(make, batch, gate, attention):
+    model = make("mvke-mt", gate=gate, attention=attention).eval()
+    cat, multi, tags, _ = batch
+    w = model.field_attention(cat, multi)                               # [B, F, K]
+    assert w.shape == (len(cat), model.cfg.num_fields, model.cfg.experts)
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(len(cat), model.cfg.experts))
+    for i, (_, g) in enumerate(model.tag_vectors(tags)):
+        assert g.shape[1] == len(model.cfg.task_experts[model.tasks[i]])
+        torch.testing.assert_close(g.sum(-1), torch.ones(len(cat)))
+    assert model(cat, multi, tags).shape == (len(cat), 2)
+
+
+def _expert_grads(model: MVKE, k: int) -> list[torch.Tensor]:
+    """Gradients of everything that belongs to expert k alone: its kernel and its tower."""
+    ex = model.experts
+    return [ex.kernels.grad[k]] + [w.grad[k] for w in ex.towers.weights] + [b.grad[k] for b in ex.towers.biases]
+
+
+@pytest.mark.parametrize("gate", ["projected", "dot"])
+@pytest.mark.parametrize("attention", ["fields", "sum"])
+def test_task_loss_reaches_only_the_task_experts(make, batch, gate, attention):
+    model = make("mvke-mt", gate=gate, attention=attention).train()
+    assert model.cfg.task_experts == DEFAULT_ASSIGNMENT and model.cfg.experts == 5
+    cat, multi, tags, labels = batch
+    only = {"interest": {0}, "intention": {3, 4}}                    # experts serving one task alone
+    for i, task in enumerate(model.tasks):
+        other = model.tasks[1 - i]
+        model.zero_grad(set_to_none=False)
+        logits = model(cat, multi, tags)
+        F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i]).backward()
+        for k in only[other]:                                        # e.g. click loss -> experts 3, 4
+            for g in _expert_grads(model, k):
+                assert torch.count_nonzero(g) == 0, (task, k)
+        for k in model.cfg.task_experts[task]:
+            kernel_grad, *tower_grads = _expert_grads(model, k)
+            assert kernel_grad.abs().sum() > 0, f"{task} loss: virtual kernel {k} gets no gradient"
+            assert any(g.abs().sum() > 0 for g in tower_grads), (task, k)
+
+
+BAD_ASSIGNMENTS = {
+    "index out of range": (5, {"interest": [0, 1, 5], "intention": [1, 2, 3, 4]},
+                           "task 'interest': expert index 5 out of range 0..4"),
+    "negative index": (5, {"interest": [0, 1, 2], "intention": [-1, 2, 3, 4]},
+                       "task 'intention': expert index -1 out of range 0..4"),
+    "task with no expert": (5, {"interest": [], "intention": [0, 1, 2, 3, 4]},
+                            "task 'interest' is assigned no expert"),
+    "task missing": (5, {"interest": [0, 1, 2, 3, 4]}, "task 'intention' has no expert assignment"),
+    "repeated index": (5, {"interest": [0, 1, 1], "intention": [2, 3, 4]}, "task 'interest': expert indices repeat"),
+    "unused expert": (6, DEFAULT_ASSIGNMENT, "experts [5] serve no task"),
+    "no experts": (0, {"interest": [], "intention": []}, "experts must be >= 1, got 0"),
+}
+# Models whose user tower is built from the expert assignment.
+ASSIGNMENT_MODELS = ["mvke-mt", "mvke-st", "cgc"]
+
+
+@pytest.mark.parametrize("name", ASSIGNMENT_MODELS)
+@pytest.mark.parametrize("case", list(BAD_ASSIGNMENTS))
+def test_bad_expert_assignment_fails_at_construction(make, name, case):
+    assert name in MODELS
+    experts, assignment, message = BAD_ASSIGNMENTS[case]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make(name, experts=experts, task_experts=assignment)
+
+
+def test_unknown_model_name(make):
+    with pytest.raises(ValueError, match="unknown model 'nope'; choose from mvke-mt"):
+        make("nope")

@@ -1,0 +1,154 @@
+"""Training: AUC metric, seeded reproducibility, learning on a tiny dataset, CLI and checkpoints."""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mvke.cli import _parse_task_experts, main
+from mvke.data.dataset import TASKS
+from mvke.training import trainer
+from mvke.training.metrics import roc_auc
+from mvke.training.trainer import (CHECKPOINT_FILES, EncodedData, TrainConfig, evaluate, load_checkpoint,
+                                   model_config_for, predict, prepare, train_model)
+
+FAST = dict(batch_size=256, lr=1e-2, progress=False, threads=1)
+TIMING_KEYS = {"train_seconds", "samples_per_second"}
+
+
+def _brute_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / (len(pos) * len(neg)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_roc_auc_matches_pairwise_count_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 400))
+    labels = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(int)
+    labels[:2] = [0, 1]
+    # Few distinct scores -> many ties; half the seeds add an informative signal.
+    scores = rng.integers(0, int(rng.integers(2, 12)), n).astype(float) + (seed % 2) * labels * rng.random(n)
+    assert np.unique(scores).size < n
+    assert roc_auc(labels, scores) == pytest.approx(_brute_auc(labels, scores), abs=1e-12)
+    assert roc_auc(labels.astype(bool), scores.astype(np.float32)) == pytest.approx(_brute_auc(labels, scores))
+
+
+def test_roc_auc_edge_cases():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert np.isnan(roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert np.isnan(roc_auc([0, 0], [0.1, 0.2]))
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_seeded_training_is_reproducible(tiny_synth_data, tiny_model_sizes):
+    d = tiny_synth_data
+    data = EncodedData(d.dataset, d.schema, d.train.subset(np.arange(4000)), d.valid, d.test)  # less work
+    cfg = model_config_for("mvke-mt", data, **tiny_model_sizes)
+    runs = [train_model(data, cfg, TrainConfig(epochs=2, seed=s, **FAST)) for s in (0, 0, 1)]
+    assert _without_timing(runs[0].metrics) == _without_timing(runs[1].metrics)
+    _assert_same_weights(runs[0].model, runs[1].model)
+    # Another seed is another run (the seed is actually used).
+    assert runs[0].metrics["test_auc"] != runs[2].metrics["test_auc"]
+    w0, w2 = runs[0].model.experts.kernels, runs[2].model.experts.kernels
+    assert not torch.equal(w0, w2)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_synth_data, tiny_model_sizes):
+    cfg = model_config_for("mvke-mt", tiny_synth_data, **tiny_model_sizes)
+    return train_model(tiny_synth_data, cfg, TrainConfig(epochs=2, seed=0, **FAST))
+
+
+def test_tiny_dataset_trains_above_chance(trained, tiny_synth_data):
+    m = trained.metrics
+    assert set(m["test_auc"]) == set(TASKS)
+    for task in TASKS:
+        assert m["test_auc"][task] > 0.6, m["test_auc"]
+        assert m["test_auc"][task] < m["oracle_test_auc"][task], "beating the true probabilities is a leak"
+        assert 0.6 < m["oracle_test_auc"][task] <= 1.0
+    # The reported numbers are what the returned (best) model scores.
+    assert evaluate(trained.model, tiny_synth_data.test) == m["test_auc"]
+    assert len(m["history"]) == 2 and m["history"][-1]["train_loss"] < m["history"][0]["train_loss"] + 0.05
+    assert m["n_train"] == len(tiny_synth_data.train) and m["n_test"] == len(tiny_synth_data.test)
+
+
+def test_training_survives_a_task_without_positives(tiny_synth_dir, tmp_path, tiny_model_sizes):
+    """No conversion at all: the intention AUC is undefined (nan), training still completes."""
+    import shutil
+    import pandas as pd
+    d = tmp_path / "no_conv"
+    shutil.copytree(tiny_synth_dir, d)
+    for split in ("train", "test"):
+        df = pd.read_parquet(d / f"{split}.parquet")
+        df["conversion"] = 0
+        df.to_parquet(d / f"{split}.parquet", index=False)
+    data = prepare(d)
+    result = train_model(data, model_config_for("mvke-mt", data, **tiny_model_sizes),
+                         TrainConfig(epochs=1, seed=0, **FAST))
+    assert np.isnan(result.metrics["test_auc"]["intention"])
+    assert 0.5 < result.metrics["test_auc"]["interest"] <= 1.0
+
+
+def test_cli_task_experts_are_one_based_inclusive():
+    assert _parse_task_experts("interest=1-3,intention=2-5") == {"interest": [0, 1, 2], "intention": [1, 2, 3, 4]}
+    assert _parse_task_experts("interest=1,intention=1-2") == {"interest": [0], "intention": [0, 1]}
+
+
+def test_cli_synth_train_and_checkpoint_round_trip(tmp_path, monkeypatch, capsys):
+    data_dir, ckpt = tmp_path / "data", tmp_path / "ckpt"
+    assert main(["data", "synth", "--out", str(data_dir), "--users", "300", "--tags", "50", "--seed", "5"]) == 0
+    assert (data_dir / "meta.json").exists()
+    assert json.loads((data_dir / "meta.json").read_text())["generator"]["users"] == 300
+
+    # One quiet thread on the shared CI cores (the CLI has no flag for it).
+    monkeypatch.setattr(trainer, "TrainConfig", functools.partial(TrainConfig, threads=1, progress=False))
+    saved = {}
+    real_save = trainer.save_checkpoint
+
+    def capture(result, *args, **kwargs):  # keep the in-memory model the CLI trained
+        saved["result"] = result
+        return real_save(result, *args, **kwargs)
+    monkeypatch.setattr(trainer, "save_checkpoint", capture)
+    assert main(["train", "--data", str(data_dir), "--model", "mvke-mt", "--out", str(ckpt), "--epochs", "1",
+                 "--batch-size", "512", "--task-experts", "interest=1-3,intention=2-5"]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("\n{") + 1:])
+    assert printed["model"] == "mvke-mt" and set(printed["test_auc"]) == set(TASKS)
+
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(CHECKPOINT_FILES)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["model"]["name"] == "mvke-mt" and config["train"]["epochs"] == 1
+    assert config["model"]["task_experts"] == {"interest": [0, 1, 2], "intention": [1, 2, 3, 4]}
+    metrics = json.loads((ckpt / "metrics.json").read_text())
+    assert metrics["test_auc"] == printed["test_auc"]
+
+    loaded = load_checkpoint(ckpt)
+    trained = saved["result"]
+    _assert_same_weights(trained.model, loaded.model)
+    assert loaded.schema.to_dict() == trained.schema.to_dict() and loaded.tags == trained.tags
+    data = prepare(data_dir)
+    np.testing.assert_array_equal(predict(loaded.model, data.test), predict(trained.model, data.test))
+    assert evaluate(loaded.model, data.test) == metrics["test_auc"]
+
+
+def test_load_checkpoint_names_a_missing_file(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="config.json: checkpoint file missing"):
+        load_checkpoint(tmp_path)
