@@ -51,7 +51,7 @@ def _model_overrides(a: argparse.Namespace) -> dict:
 
 def _train(a: argparse.Namespace) -> None:
     from mvke.training.trainer import TrainConfig, model_config_for, prepare, save_checkpoint, train_model
-    cfg = TrainConfig(epochs=a.epochs, seed=a.seed, batch_size=a.batch_size, lr=a.lr)
+    cfg = TrainConfig(epochs=a.epochs, seed=a.seed, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
     data = prepare(a.data)
     result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
     save_checkpoint(result, a.out, cfg, a.data)
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=1024)
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     t.add_argument("--experts", type=int)
     t.add_argument("--task-experts", help="e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
     t.add_argument("--attention", choices=["fields", "sum"])
