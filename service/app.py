@@ -38,6 +38,10 @@ def json_response(doc, status: int = 200, headers: dict | None = None) -> Respon
     return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
 
 
+def _json_int(i: int) -> int | str:
+    return i if -(1 << 63) <= i < (1 << 64) else str(i)
+
+
 def error_response(e: ServiceError) -> Response:
     headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
     return json_response({"detail": e.message, "field": e.field}, e.status, headers)
@@ -142,14 +146,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        errors = jsonable_encoder(e.errors(), custom_encoder={Exception: str})
+        # Echo inputs safely: orjson refuses ints beyond 64 bits (a 1e30 written as an int), and a body sent
+        # without a JSON content type comes back as raw bytes that need not be UTF-8. Both were 500s.
+        errors = jsonable_encoder(e.errors(), custom_encoder={Exception: str, int: _json_int,
+                                                              bytes: lambda b: b.decode("utf-8", "replace")})
         first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", []) if p != "body") or "body"
-        return json_response({"detail": f"{where}: {first.get('msg')}", "field": where, "errors": errors}, 422)
+        if first.get("type") == "json_invalid":  # loc is ("body", <char offset>): the body is the culprit
+            where, msg = "body", f"{first.get('msg')} at character {first['loc'][-1]}"
+        else:
+            loc = [p for p in first.get("loc", []) if p != "body"]
+            if len(loc) > 2 and loc[0] == "features":  # drop pydantic's union-member tags (".str", ".list[...]")
+                loc = loc[:2]
+            where = ".".join(str(p) for p in loc) or "body"
+            msg = first.get("msg")
+        return json_response({"detail": f"{where}: {msg}", "field": where, "errors": errors}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return json_response({"detail": e.detail, "field": "body" if e.status_code == 413 else None},
+        # 400: FastAPI could not read the body (e.g. not UTF-8); 413: too large
+        return json_response({"detail": e.detail, "field": "body" if e.status_code in (400, 413) else None},
                              e.status_code, getattr(e, "headers", None))
 
     @app.post("/users/{user_id}/tags", response_model=TagResponse,
