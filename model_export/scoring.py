@@ -53,12 +53,22 @@ class TaskTagSide:
 
 
 def task_logits(values: np.ndarray, side: TaskTagSide) -> np.ndarray:
-    """values [B, K, D] (this task's expert outputs) -> logits [B, T]."""
+    """values [B, K, D] (this task's expert outputs) -> logits [B, T] (a new array the caller may modify).
+
+    The elementwise steps run in place on the two [B, T] products (no temporaries of that size);
+    the arithmetic and its order are those of `scale * (num / max(sqrt(max(norm2, 0)), EPS)) + bias`.
+    """
     B, K, D = values.shape
     num = values.reshape(B, K * D) @ side.W                                # [B, T]
     gram = np.matmul(values, values.transpose(0, 2, 1)).reshape(B, K * K)  # [B, K*K]
-    norm = np.sqrt(np.maximum(gram @ side.Q, 0.0))                         # [B, T]
-    return side.scale * (num / np.maximum(norm, EPS)) + side.bias
+    norm = gram @ side.Q                                                   # [B, T]
+    np.maximum(norm, 0.0, out=norm)
+    np.sqrt(norm, out=norm)
+    np.maximum(norm, EPS, out=norm)
+    np.divide(num, norm, out=num)
+    num *= side.scale
+    num += side.bias
+    return num
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -68,6 +78,25 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def task_scores(values: np.ndarray, side: TaskTagSide) -> np.ndarray:
     """Probabilities [B, T]."""
     return sigmoid(task_logits(values, side))
+
+
+def top_k_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest entries of each row, best first: (indices [B, k], values [B, k]).
+
+    Works on logits (or scores: any monotonic transform ranks the same), so the
+    sigmoid need only be taken of the k kept values, not of all B x T.
+    argpartition over the whole batch at once, then a sort of the k kept per row.
+    """
+    B, T = logits.shape
+    k = min(k, T)
+    if k < T:
+        idx = np.argpartition(logits, T - k, axis=1)[:, T - k:]           # the k largest, unordered
+        part = np.take_along_axis(logits, idx, axis=1)
+    else:
+        idx = np.broadcast_to(np.arange(T), (B, T))
+        part = logits
+    order = np.argsort(-part, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
 
 
 def top_k(scores: np.ndarray, k: int, mask: np.ndarray | None = None,

@@ -1,10 +1,23 @@
 """Pure-ASGI middleware (no BaseHTTPMiddleware overhead on the hot path):
-request id, body size limit (413), request metrics and the optional access log."""
+request id, body size limit (413), request metrics, the optional access log,
+and the fast path of POST /users/{user_id}/tags.
+
+The fast path: a well-formed tagging request (JSON object body whose fields all
+have exactly the types the schema asks for, or no body) is served here, calling
+the same `validate_request`, `ServiceState.tag`, `render` and `ServiceError`
+handler as the FastAPI route, but without FastAPI's per-request machinery
+(routing, dependency solving, stdlib JSON, pydantic validation of the body).
+Anything else (a body that is not JSON, a field of another type, a value out
+of range, an extra key, ...) is passed to FastAPI unchanged, with the body
+replayed, so errors keep their exact messages. Responses are byte-identical;
+`MVKE_FAST_PATH=false` turns it off.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
+from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -14,45 +27,119 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger("mvke.service.access")
 KNOWN_ROUTES = {"/healthz", "/readyz", "/metrics", "/model", "/docs", "/openapi.json"}
+TAG_ROUTE = "/users/{user_id}/tags"
+_FIELDS = frozenset(("top_k", "tasks", "min_score", "exclude_tags", "features"))
+_SCALARS = (str, int, float)
+_JSON_CT = b"application/json"
 
 
 def route_label(path: str) -> str:
     if path.startswith("/users/") and path.endswith("/tags"):
-        return "/users/{user_id}/tags"
+        return TAG_ROUTE
     return path if path in KNOWN_ROUTES else "other"
+
+
+class FastRequest:
+    """The parsed body of a tagging request (the attributes `validate_request` reads from TagRequest)."""
+
+    __slots__ = ("top_k", "tasks", "min_score", "exclude_tags", "features")
+
+    def __init__(self, top_k=None, tasks=None, min_score=None, exclude_tags=None, features=None):
+        self.top_k, self.tasks, self.min_score = top_k, tasks, min_score
+        self.exclude_tags = exclude_tags if exclude_tags is not None else []
+        self.features = features
+
+
+def parse_fast(doc: Any) -> FastRequest | None:
+    """A decoded JSON body -> FastRequest when pydantic would accept it as-is (same values), else None.
+
+    Deliberately narrower than TagRequest: exact JSON types only (no bools for numbers, no
+    strings for numbers, no nulls inside lists); everything else is left to FastAPI/pydantic.
+    """
+    if type(doc) is not dict or not doc.keys() <= _FIELDS:
+        return None
+    top_k = doc.get("top_k")
+    if top_k is not None and (type(top_k) is not int or top_k < 1):
+        return None
+    tasks = doc.get("tasks")
+    if tasks is not None and (type(tasks) is not list or not tasks or any(type(t) is not str for t in tasks)):
+        return None
+    min_score = doc.get("min_score")
+    if min_score is not None:
+        if type(min_score) is int:
+            min_score = float(min_score)
+        elif type(min_score) is not float:
+            return None
+        if not 0.0 <= min_score <= 1.0:
+            return None
+    exclude = None
+    if "exclude_tags" in doc:
+        exclude = doc["exclude_tags"]
+        if type(exclude) is not list or len(exclude) > 2000 or any(type(t) is not str for t in exclude):
+            return None
+    features = doc.get("features")
+    if features is not None:
+        if type(features) is not dict:
+            return None
+        for v in features.values():
+            tv = type(v)
+            if tv in _SCALARS:
+                continue
+            if tv is not list or any(type(x) not in _SCALARS for x in v):
+                return None
+    return FastRequest(top_k, tasks, min_score, exclude, features)
 
 
 class EdgeMiddleware:
     def __init__(self, app, metrics: ServiceMetrics, max_body_bytes: int, access_log: bool):
         self.app, self.metrics, self.max_body, self.access_log = app, metrics, max_body_bytes, access_log
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._svc: Any = None
+
+    def _observe(self, route: str, code: int, elapsed: float) -> None:
+        key = (route, str(code))
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (self.metrics.requests.labels(*key), self.metrics.latency.labels(*key))
+        pair[0].inc()
+        pair[1].observe(elapsed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or os.urandom(8).hex()
+        rid_header = (b"x-request-id", rid.encode("latin-1"))
         token = request_id.set(rid)
         status = [500]
-        started = [False]
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                started[0] = True
-                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
 
+        path = scope.get("path", "")
         try:
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 await self._too_large(send_wrapper)
                 return
+            source = receive
+            if (scope.get("method") == "POST" and path.startswith("/users/") and path.endswith("/tags")
+                    and not scope.get("root_path")):
+                pending = await self._fast(scope, receive, send_wrapper, path, headers)
+                if pending is None:
+                    return  # served
+                if pending:
+                    async def source():  # replay what the fast path read, then the rest
+                        return pending.pop(0) if pending else await receive()
             received = 0
 
             async def limited_receive():
                 nonlocal received
-                message = await receive()
+                message = await source()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body:
@@ -62,14 +149,65 @@ class EdgeMiddleware:
             await self.app(scope, limited_receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - t0
-            route = route_label(scope.get("path", ""))
-            code = str(status[0])
-            self.metrics.requests.labels(route, code).inc()
-            self.metrics.latency.labels(route, code).observe(elapsed)
+            self._observe(route_label(path), status[0], elapsed)
             if self.access_log:
-                log.info("request", extra={"method": scope.get("method"), "path": scope.get("path"),
+                log.info("request", extra={"method": scope.get("method"), "path": path,
                                            "status": status[0], "ms": round(elapsed * 1000, 3)})
             request_id.reset(token)
+
+    async def _fast(self, scope, receive, send, path: str, headers: dict) -> list | None:
+        """Serve a well-formed tagging request -> None; else the body messages read so far
+        (to replay to FastAPI; [] when nothing was read)."""
+        svc = self._svc
+        if svc is None:
+            state = getattr(scope.get("app"), "state", None)
+            svc = self._svc = getattr(state, "svc", None) if state is not None else None
+            if svc is None:
+                return []
+        if not svc.settings.fast_path:
+            return []
+        user_id = path[7:-5]
+        if not user_id or "/" in user_id or len(user_id) > 128:
+            return []
+        ct = headers.get(b"content-type")
+        if ct is not None and ct.split(b";", 1)[0].strip().lower() != _JSON_CT:
+            return []
+        messages, size, more = [], 0, True
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return messages
+            more = message.get("more_body", False)
+        body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
+        if body:
+            try:
+                req = parse_fast(orjson.loads(body))
+            except orjson.JSONDecodeError:
+                req = None
+            if req is None:
+                return [{"type": "http.request", "body": body, "more_body": False}]
+        else:
+            req = FastRequest()
+        from service.app import render, validate_request
+        from service.tagger import ServiceError
+        try:
+            job = validate_request(svc, user_id, req)
+            out = orjson.dumps(render(await svc.tag(job)))
+        except ServiceError as e:
+            # the app's own handler for ServiceError, exactly as when FastAPI raises it from the route
+            from starlette.requests import Request
+            handler = scope["app"].exception_handlers[ServiceError]
+            response = await handler(Request(scope), e)
+            await response(scope, receive, send)
+            return None
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(out)).encode()), (b"content-type", _JSON_CT)]})
+        await send({"type": "http.response.body", "body": out})
+        return None
 
     async def _too_large(self, send) -> None:
         body = orjson.dumps({"detail": f"request body larger than {self.max_body} bytes", "field": "body"})

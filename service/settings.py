@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="most requests per model call")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait to fill a batch (0: take what is queued)")
     max_queue: int = Field(512, ge=1, description="queued requests beyond this are shed with 503")
+    blas_threads: int = Field(1, ge=1, description="threads of the BLAS behind numpy's scoring GEMMs (OpenBLAS "
+                                                   "spins one per core by default, which only contends here)")
+    compute_offload_min_batch: int = Field(16, ge=1, description="batches of at least this many requests "
+                                           "run in a worker thread (the event loop keeps reading requests); "
+                                           "smaller ones run on the loop, which is cheaper")
+    fast_path: bool = Field(True, description="serve well-formed POST /users/{id}/tags requests without "
+                                              "FastAPI's per-request validation (same responses; anything "
+                                              "unusual still goes through FastAPI)")
     request_timeout_s: float = Field(2.0, gt=0, description="a request waiting longer gets 503")
     top_k_default: int = Field(20, ge=1)
     top_k_max: int = Field(200, ge=1)

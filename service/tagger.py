@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from model_export.contract import Keys
-from model_export.scoring import task_scores, top_k
+from model_export.scoring import sigmoid, task_logits, top_k_logits
 from mvke.features import FeatureError
 from service.metrics import ServiceMetrics
-from service.model_loader import LoadedModel
+from service.model_loader import LoadedModel, limit_blas_threads
 from service.registry import ModelRegistry
 
 
@@ -62,6 +62,15 @@ class TagResult:
 class Tagger:
     def __init__(self, registry: ModelRegistry, redis: aioredis.Redis, metrics: ServiceMetrics, keys: Keys):
         self.registry, self.redis, self.metrics, self.keys = registry, redis, metrics, keys
+        settings = getattr(registry, "settings", None)
+        # Batches smaller than this run on the event loop; larger ones in a worker thread, so that
+        # the loop keeps reading requests while ONNX Runtime and numpy (which release the GIL) work.
+        self.offload_min_batch = getattr(settings, "compute_offload_min_batch", 16)
+        limit_blas_threads(getattr(settings, "blas_threads", 1))
+        step = metrics.step
+        self._steps = {name: step.labels(name) for name in ("fetch", "encode", "tower", "score", "rank")}
+        self._batch_size = metrics.batch_size
+        self._shed_redis = metrics.shed.labels("redis")
 
     def model(self) -> LoadedModel:
         m = self.registry.current
@@ -75,76 +84,129 @@ class Tagger:
             model = self.model()
         except ServiceError as e:
             return [e] * len(jobs)
-        self.metrics.batch_size.observe(len(jobs))
+        self._batch_size.observe(len(jobs))
         try:
             rows = await self._fetch(jobs)
         except RedisError as e:
-            self.metrics.shed.labels("redis").inc()
+            self._shed_redis.inc()
             return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
         results: list[TagResult | ServiceError | None] = [None] * len(jobs)
         ready = []
         for i, (job, stored) in enumerate(zip(jobs, rows)):
-            if not stored and not job.features:
-                results[i] = ServiceError(404, f"user {job.user_id!r} is not in the feature store; "
-                                               "send its raw values in `features`", field="user_id")
-                continue
-            job.row = {**stored, **(job.features or {})}
-            job.source = "store+request" if stored and job.features else ("store" if stored else "request")
+            if not job.features:
+                if not stored:
+                    results[i] = ServiceError(404, f"user {job.user_id!r} is not in the feature store; "
+                                                   "send its raw values in `features`", field="user_id")
+                    continue
+                job.row, job.source = stored, "store"
+            else:
+                job.row = {**stored, **job.features}
+                job.source = "store+request" if stored else "request"
             ready.append(i)
         if ready:
-            computed = await asyncio.to_thread(self._compute, model, [jobs[i] for i in ready])
+            todo = jobs if len(ready) == len(jobs) else [jobs[i] for i in ready]
+            if len(todo) >= self.offload_min_batch:
+                computed = await asyncio.to_thread(self._compute, model, todo)
+            else:
+                computed = self._compute(model, todo)
             for i, res in zip(ready, computed):
                 results[i] = res
         return results  # type: ignore[return-value]
 
     async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str]]:
         t0 = time.perf_counter()
-        ids = list(dict.fromkeys(j.user_id for j in jobs))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for uid in ids:
-                pipe.hgetall(self.keys.user(uid))
-            values = await pipe.execute()
-        by_id = dict(zip(ids, values))
-        self.metrics.step.labels("fetch").observe(time.perf_counter() - t0)
-        return [by_id[j.user_id] for j in jobs]
+        user_key = self.keys.user
+        if len(jobs) == 1:
+            rows = [await self.redis.hgetall(user_key(jobs[0].user_id))]
+        else:
+            ids = list(dict.fromkeys(j.user_id for j in jobs))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for uid in ids:
+                    pipe.hgetall(user_key(uid))
+                values = await pipe.execute()
+            if len(ids) == len(jobs):
+                rows = values
+            else:
+                by_id = dict(zip(ids, values))
+                rows = [by_id[j.user_id] for j in jobs]
+        self._steps["fetch"].observe(time.perf_counter() - t0)
+        return rows
+
+    def _encode(self, model: LoadedModel, jobs: list[TagJob],
+                out: list) -> tuple[list[int], np.ndarray | None, np.ndarray | None]:
+        """-> (indices of the jobs that encoded, cat ids, multi ids); encoding errors go to `out`."""
+        encoder = model.encoder
+        accepts = encoder.accepts
+        fast = [i for i, j in enumerate(jobs) if j.features is None or accepts(j.row)]
+        if len(fast) == len(jobs):
+            cat, multi = encoder.encode([j.row for j in jobs])
+            return fast, cat, multi
+        cats: list = [None] * len(jobs)
+        multis: list = [None] * len(jobs)
+        if fast:
+            c, m = encoder.encode([jobs[i].row for i in fast])
+            for pos, i in enumerate(fast):
+                cats[i], multis[i] = c[pos:pos + 1], m[pos:pos + 1]
+        for i, job in enumerate(jobs):
+            if cats[i] is None:
+                try:  # the reference encoder: any raw value, type errors naming the field
+                    cats[i], multis[i] = model.schema.encode_rows([job.row])
+                except FeatureError as e:
+                    out[i] = ServiceError(422, f"features.{e.field}: {e.reason}", field=f"features.{e.field}")
+        keep = [i for i in range(len(jobs)) if cats[i] is not None]
+        if not keep:
+            return keep, None, None
+        return keep, np.concatenate([cats[i] for i in keep]), np.concatenate([multis[i] for i in keep])
 
     def _compute(self, model: LoadedModel, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
-        step = self.metrics.step
+        steps = self._steps
         t0 = time.perf_counter()
         out: list[TagResult | ServiceError | None] = [None] * len(jobs)
-        rows, keep = [], []
-        for i, job in enumerate(jobs):
-            try:
-                rows.append(model.schema.encode_rows([job.row]))
-                keep.append(i)
-            except FeatureError as e:
-                out[i] = ServiceError(422, f"features.{e.field}: {e.reason}", field=f"features.{e.field}")
+        keep, cat, multi = self._encode(model, jobs, out)
         if not keep:
             return out  # type: ignore[return-value]
-        cat = np.concatenate([r[0] for r in rows])
-        multi = np.concatenate([r[1] for r in rows])
+        kept = [jobs[i] for i in keep]
         t1 = time.perf_counter()
-        step.labels("encode").observe(t1 - t0)
+        steps["encode"].observe(t1 - t0)
         values = model.run_tower(cat, multi)                                     # [B, sum K, D]
         t2 = time.perf_counter()
-        step.labels("tower").observe(t2 - t1)
-        wanted = {t for i in keep for t in jobs[i].tasks}
-        scores = {}
+        steps["tower"].observe(t2 - t1)
+        # Every wanted task is scored for the whole batch (one GEMM pair), then each row keeps its
+        # own top k: one argpartition over the batch at the largest k asked for that task.
+        T = len(model.tags)
+        tops: dict[str, tuple[list, list, list | None]] = {}
         for spec in model.manifest.tasks:
-            if spec.name in wanted:
-                scores[spec.name] = task_scores(values[:, spec.slice[0]:spec.slice[1]], model.sides[spec.name])
+            name = spec.name
+            k = 0
+            for job in kept:
+                if name in job.tasks and job.top_k > k:
+                    k = job.top_k
+            if not k:
+                continue
+            logits = task_logits(values[:, spec.slice[0]:spec.slice[1]], model.sides[name])   # [B, T]
+            excluded = False
+            for row, job in enumerate(kept):
+                if job.exclude and name in job.tasks:
+                    logits[row, [model.tag_index[t] for t in job.exclude if t in model.tag_index]] = -np.inf
+                    excluded = True
+            idx, best = top_k_logits(logits, min(k, T))
+            finite = np.isfinite(best).tolist() if excluded else None
+            tops[name] = (idx.tolist(), sigmoid(best).tolist(), finite)
         t3 = time.perf_counter()
-        step.labels("score").observe(t3 - t2)
-        for row, i in enumerate(keep):
-            job = jobs[i]
-            mask = None
-            if job.exclude:
-                mask = np.zeros(len(model.tags), dtype=bool)
-                mask[[model.tag_index[t] for t in job.exclude if t in model.tag_index]] = True
+        steps["score"].observe(t3 - t2)
+        tags, version, model_name = model.tags, model.version, model.manifest.model
+        for row, job in enumerate(kept):
             ranked = {}
             for task in job.tasks:
-                best = top_k(scores[task][row:row + 1], job.top_k, mask, job.min_score)[0]
-                ranked[task] = [(model.tags[t], s) for t, s in best]
-            out[i] = TagResult(job.user_id, model.version, model.manifest.model, job.source, ranked)
-        step.labels("rank").observe(time.perf_counter() - t3)
+                idx_rows, prob_rows, finite = tops[task]
+                ii, pp = idx_rows[row][:job.top_k], prob_rows[row][:job.top_k]
+                if finite is not None or job.min_score is not None:
+                    ok = finite[row] if finite is not None else None
+                    lo = job.min_score
+                    ranked[task] = [(tags[t], p) for n, (t, p) in enumerate(zip(ii, pp))
+                                    if (ok is None or ok[n]) and (lo is None or p >= lo)]
+                else:
+                    ranked[task] = [(tags[t], p) for t, p in zip(ii, pp)]
+            out[keep[row]] = TagResult(job.user_id, version, model_name, job.source, ranked)
+        steps["rank"].observe(time.perf_counter() - t3)
         return out  # type: ignore[return-value]

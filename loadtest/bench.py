@@ -1,0 +1,447 @@
+"""`python -m loadtest.bench [--quick] [--soak 600]`: the tag service side by side with its ceilings.
+
+One run, one load generator (loadtest/loadgen.py: asyncio + uvloop, raw HTTP/1.1
+keep-alive sockets, pre-rendered requests, in its own process), one table:
+
+  a. in-process ceiling: feature lookup -> encode -> ONNX -> scores -> top-k
+     (`Tagger.process`, no HTTP), users/s at batch 1 and 256;
+  b. the service over HTTP (`mvke serve`, default settings) at concurrency 1, 32, 128, 256:
+     QPS, p50, p99, errors by status;
+  c. an empty FastAPI POST endpoint (loadtest/empty_app.py) with the service's server
+     settings, and with 2 uvicorn workers: the HTTP ceiling;
+  d. the naive reference (loadtest/naive_app.py: PyTorch forward over all tags per request);
+  e. nomtl served by the same service (vs mvke-mt);
+  f. memory: service RSS per worker; with --soak S, its growth over S seconds at 70% of peak QPS.
+
+Data: the default synthetic dataset, mvke-mt and nomtl trained 1 epoch each, exported,
+published to private redis-servers (one per model) with every user's features loaded.
+Missing pieces are built (`mvke data synth / train / export`) under --work (default /tmp/lt).
+The table and the machine description go to docs/results/performance.md between the
+`bench` markers (text outside them is kept) and to a JSON file beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from loadtest.harness import PY, ROOT, Server, load_features, make_requests, publish, run_load, start_redis
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+# ---- machine and data ------------------------------------------------------------------
+def machine() -> dict:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import fastapi
+    import numpy
+    import onnxruntime
+    import uvicorn
+    return {"nproc": os.cpu_count(), "cpu": model or platform.processor(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "fastapi": fastapi.__version__,
+            "uvicorn": uvicorn.__version__, "kernel": platform.release()}
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def ensure_data(work: Path, log) -> dict[str, Path]:
+    """Dataset, checkpoints and bundles under `work` (built when missing)."""
+    work.mkdir(parents=True, exist_ok=True)
+    syn, paths = work / "syn", {}
+    mvke = [PY, "-m", "mvke.cli"]
+    if not (syn / "users.parquet").exists():
+        log(f"building the synthetic dataset in {syn}")
+        subprocess.run([*mvke, "data", "synth", "--out", str(syn)], check=True, cwd=ROOT)
+    paths["data"] = syn
+    for model, tag in (("mvke-mt", "mvke"), ("nomtl", "nomtl")):
+        ck, bundle = work / f"ck_{tag}", work / f"bundle_{tag}"
+        if not (ck / "model.pt").exists():
+            log(f"training {model} (1 epoch) into {ck}")
+            with open(work / f"train_{tag}.log", "w") as f:
+                subprocess.run([*mvke, "train", "--data", str(syn), "--model", model, "--out", str(ck), "--epochs", "1"],
+                               check=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        if not (bundle / "manifest.json").exists():
+            log(f"exporting {model} to {bundle}")
+            subprocess.run([*mvke, "export", str(ck), "--out", str(bundle)], check=True, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
+        paths[f"ck_{tag}"], paths[f"bundle_{tag}"] = ck, bundle
+    return paths
+
+
+def dataset_user_ids(data: Path) -> list[str]:
+    import pyarrow.parquet as pq
+    return [str(u) for u in pq.read_table(data / "users.parquet", columns=["user_id"])["user_id"].to_pylist()]
+
+
+# ---- a. in-process ceiling ----------------------------------------------------------------
+def inprocess(redis_url: str, user_ids: list[str], batches: tuple[int, ...], seconds: float) -> dict[int, dict]:
+    """users/s of `Tagger.process` (fetch -> encode -> tower -> score -> rank) at each batch size."""
+    from service.app import ServiceState
+    from service.settings import Settings
+    from service.tagger import TagJob
+
+    async def go() -> dict[int, dict]:
+        state = ServiceState(Settings(redis_url=redis_url, log_level="WARNING"))
+        await state.registry.start()
+        try:
+            model = state.registry.current
+            tasks = model.manifest.task_names
+            out = {}
+            for b in batches:
+                i, n, t_end, lat = 0, 0, time.perf_counter() + seconds, []
+                while time.perf_counter() < t_end or n == 0:
+                    jobs = [TagJob(user_ids[(i + j) % len(user_ids)], None, 20, tasks, None, [])
+                            for j in range(b)]
+                    i += b
+                    t0 = time.perf_counter()
+                    res = await state.tagger.process(jobs)
+                    lat.append(time.perf_counter() - t0)
+                    n += b
+                    assert not any(isinstance(r, Exception) for r in res), res[0]
+                total = sum(lat)
+                out[b] = {"users_per_s": n / total, "ms_per_call_p50": statistics.median(lat) * 1e3,
+                          "us_per_user": total / n * 1e6}
+            return out
+        finally:
+            await state.registry.stop()
+            await state.redis.aclose()
+            await state.redis_models.aclose()
+    return asyncio.run(go())
+
+
+def step_breakdown(redis_url: str, user_ids: list[str], batch: int, calls: int) -> dict[str, float]:
+    """us per user of each hot-path step at one batch size (from the service's own step timers)."""
+    from service.app import ServiceState
+    from service.settings import Settings
+    from service.tagger import TagJob
+
+    async def go() -> dict[str, float]:
+        state = ServiceState(Settings(redis_url=redis_url, log_level="WARNING", compute_offload_min_batch=1 << 30))
+        await state.registry.start()
+        try:
+            tasks = state.registry.current.manifest.task_names
+            for c in range(calls):
+                await state.tagger.process([TagJob(user_ids[(c * batch + j) % len(user_ids)], None, 20, tasks, None,
+                                                   []) for j in range(batch)])
+            out = {}
+            for metric in state.metrics.registry.collect():
+                if metric.name == "mvke_step_seconds":
+                    for s in metric.samples:
+                        if s.name.endswith("_sum"):
+                            out[s.labels["step"]] = s.value / (calls * batch) * 1e6
+            return out
+        finally:
+            await state.registry.stop()
+            await state.redis.aclose()
+            await state.redis_models.aclose()
+    return asyncio.run(go())
+
+
+# ---- the run ------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.rows: list[dict] = []
+        self.dur = a.duration or (3.0 if a.quick else 12.0)
+        self.warm = 1.0 if a.quick else 2.0
+        self.logs = Path(a.work) / "bench-logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", flush=True)
+
+    def load(self, server: Server, row: str, c: int, requests: list, extra: dict | None = None,
+             duration: float | None = None) -> dict:
+        res = run_load(server.port, requests, c, duration or self.dur, self.warm)
+        res.update(row=row, c=c, alive=server.alive(), **(extra or {}))
+        self.rows.append(res)
+        self.log(f"{row:34} c={c:<4} {res['qps']:9.0f} QPS  p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:8.2f} ms"
+                 f"  status {res['status']}")
+        return res
+
+    def run(self) -> dict:
+        a = self.a
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        load_before = loadavg()
+        self.log(f"machine {machine()}")
+        paths = ensure_data(Path(a.work), self.log)
+        ids = dataset_user_ids(paths["data"])
+        reqs = make_requests(ids, 8192, zipf=0.0, topk_mix="20:1", seed=1)
+        redis_mt, redis_nomtl = start_redis(), start_redis()
+        servers: list[Server] = []
+        try:
+            for r, bundle in ((redis_mt, paths["bundle_mvke"]), (redis_nomtl, paths["bundle_nomtl"])):
+                publish(r.url, bundle)
+                load_features(r.url, paths["data"])
+            self.log("published both models and loaded the feature store")
+            from service.settings import Settings
+            defaults = Settings()
+            workers = a.workers or defaults.workers
+            info = {"workers": workers, "max_batch_size": defaults.max_batch_size, "max_wait_ms": defaults.max_wait_ms,
+                    "ort_threads": defaults.ort_threads(), "redis_pool_size": defaults.redis_pool_size,
+                    "compute_offload_min_batch": defaults.compute_offload_min_batch,
+                    "fast_path": defaults.fast_path, "batching": defaults.batching}
+
+            # b. the service (mvke-mt), default settings
+            svc = Server.service(redis_mt.url, workers=workers, log=self.logs / "service.log").start()
+            servers.append(svc)
+            rss_idle = svc.rss_mb()
+            for c in (1, 32, 128, 256):
+                self.load(svc, f"service mvke-mt ({workers}w)", c, reqs)
+            rss_loaded = svc.rss_mb()
+            peak = max(r["ok_qps"] for r in self.rows if r["row"].startswith("service mvke-mt"))
+            soak = self.soak(svc, reqs, peak) if a.soak else None
+            svc.stop()
+            other = 2 if workers == 1 else 1
+            svc2 = Server.service(redis_mt.url, workers=other, log=self.logs / "service.log").start()
+            servers.append(svc2)
+            self.load(svc2, f"service mvke-mt ({other}w)", 32, reqs)
+            svc2.stop()
+
+            # e. nomtl in the same service
+            svc3 = Server.service(redis_nomtl.url, workers=workers, log=self.logs / "service.log").start()
+            servers.append(svc3)
+            for c in (1, 32):
+                self.load(svc3, f"service nomtl ({workers}w)", c, reqs)
+            svc3.stop()
+
+            # c. the HTTP ceiling
+            for w in sorted({workers, 2}):
+                empty = Server.asgi("loadtest.empty_app:app", workers=w, log=self.logs / "empty.log").start()
+                servers.append(empty)
+                for c in (1, 32):
+                    self.load(empty, f"empty FastAPI ({w}w)", c, reqs)
+                empty.stop()
+
+            # d. the naive reference
+            naive = Server.asgi("loadtest.naive_app:app", workers=workers, log=self.logs / "naive.log",
+                                env={"REDIS_URL": redis_mt.url, "MVKE_NAIVE_CKPT": str(paths["ck_mvke"])}).start()
+            servers.append(naive)
+            for c in (1, 32):
+                self.load(naive, f"naive PyTorch ({workers}w)", c, reqs, duration=max(self.dur, 5.0))
+            naive.stop()
+
+            # a. in-process ceiling (servers down: the CPU is its own)
+            self.log("in-process ceiling")
+            ceiling = inprocess(redis_mt.url, ids, (1, 256), 2.0 if a.quick else 5.0)
+            steps = {b: step_breakdown(redis_mt.url, ids, b, 200 if b == 1 else 20) for b in (1, 64, 256)}
+        finally:
+            for s in servers:
+                s.stop()
+            redis_mt.stop()
+            redis_nomtl.stop()
+        return {"started": started, "machine": machine(), "load_before": load_before, "load_after": loadavg(),
+                "settings": info, "rows": self.rows, "inprocess": ceiling, "steps": steps,
+                "rss_mb": {"idle": rss_idle, "after_load": rss_loaded}, "soak": soak,
+                "duration_s": self.dur, "warmup_s": self.warm, "quick": a.quick}
+
+    def soak(self, svc: Server, reqs: list, peak: float) -> dict:
+        rate = 0.7 * peak
+        self.log(f"soak: {self.a.soak:.0f}s at {rate:.0f} req/s (70% of peak {peak:.0f})")
+        samples: list[tuple[float, list[float]]] = []
+        stop = threading.Event()
+        t0 = time.perf_counter()
+
+        def sample():
+            while not stop.is_set():
+                samples.append((round(time.perf_counter() - t0, 1), [round(x, 1) for x in svc.rss_mb()]))
+                stop.wait(10.0)
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        try:
+            res = run_load(svc.port, reqs, 32, self.a.soak, 1.0, rate=rate, timeline=True)
+        finally:
+            stop.set()
+            th.join(15)
+        samples.append((round(time.perf_counter() - t0, 1), [round(x, 1) for x in svc.rss_mb()]))
+        first = samples[min(1, len(samples) - 1)][1]   # after 10 s (warm), not the idle value
+        last = samples[-1][1]
+        res.pop("timeline", None)
+        return {"seconds": self.a.soak, "rate": rate, "result": res, "rss_samples": samples,
+                "rss_first_mb": first, "rss_last_mb": last,
+                "growth_mb": [round(b - a_, 1) for a_, b in zip(first, last)], "alive": svc.alive()}
+
+
+# ---- report ---------------------------------------------------------------------------
+def _row(rows: list[dict], name: str, c: int) -> dict | None:
+    return next((r for r in rows if r["row"] == name and r["c"] == c), None)
+
+
+def fmt_status(st: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in st.items() if k != "200") or "-"
+
+
+def report(res: dict, targets: dict) -> tuple[str, list[dict]]:
+    rows, s = res["rows"], res["settings"]
+    w = s["workers"]
+    svc_name, nomtl_name = f"service mvke-mt ({w}w)", f"service nomtl ({w}w)"
+    empty2 = _row(rows, "empty FastAPI (2w)", 32)
+    svc32 = _row(rows, svc_name, 32)
+    lines = [
+        f"Run {res['started']}{' (--quick)' if res['quick'] else ''}: {res['machine']['nproc']} CPUs "
+        f"({res['machine']['cpu']}), load average before {res['load_before']}, after {res['load_after']} "
+        f"(1, 5, 15 min). Python {res['machine']['python']}, onnxruntime {res['machine']['onnxruntime']}, "
+        f"FastAPI {res['machine']['fastapi']}, uvicorn {res['machine']['uvicorn']}.",
+        "",
+        f"Load generator for every HTTP row: loadtest/loadgen.py (asyncio + uvloop, raw keep-alive HTTP/1.1 "
+        f"sockets, closed loop: each of c connections sends its next request when the answer arrives), one "
+        f"process on the same {res['machine']['nproc']} cores as the server; {res['warmup_s']:g} s warm-up, "
+        f"then {res['duration_s']:g} s measured per row. Requests: POST /users/<id>/tags with body "
+        "{\"top_k\": 20}, users drawn uniformly from the 20,000 in the feature store, 2 tasks x 1,780 tags.",
+        "",
+        f"Service settings (the defaults): {s['workers']} uvicorn worker(s), batching {s['batching']}, "
+        f"max_batch_size {s['max_batch_size']}, max_wait_ms {s['max_wait_ms']}, ORT intra-op threads "
+        f"{s['ort_threads']}, Redis pool {s['redis_pool_size']}, compute offload from batch "
+        f"{s['compute_offload_min_batch']}, fast path {s['fast_path']}.",
+        "",
+        "| row | c | QPS | p50 ms | p99 ms | non-200 | ratio |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for b, v in res["inprocess"].items():
+        lines.append(f"| a. in-process ceiling, batch {b} (users/s) | - | {v['users_per_s']:,.0f} | "
+                     f"{v['ms_per_call_p50']:.2f} (per call) | - | - | "
+                     f"{svc32['qps'] / v['users_per_s']:.2f} (service c32 / this) |" if svc32 else "|")
+    for r in rows:
+        ratio = ""
+        if r["row"].startswith("service mvke-mt") and empty2 and r["c"] == 32:
+            ratio = f"{r['qps'] / empty2['qps']:.2f} of empty FastAPI 2w"
+        elif r["row"] == nomtl_name:
+            mt = _row(rows, svc_name, r["c"])
+            ratio = f"mvke-mt / nomtl = {mt['qps'] / r['qps']:.2f}" if mt else ""
+        elif r["row"].startswith("naive") and svc32:
+            mt = _row(rows, svc_name, r["c"])
+            ratio = f"service / naive = {mt['qps'] / r['qps']:.1f}x" if mt else ""
+        label = {"service": "b.", "empty": "c.", "naive": "d."}.get(r["row"].split()[0], "")
+        if "nomtl" in r["row"]:
+            label = "e."
+        dead = "" if r.get("alive", True) else " (server died)"
+        lines.append(f"| {label} {r['row']}{dead} | {r['c']} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {fmt_status(r['status'])} | {ratio} |")
+    rss = res["rss_mb"]
+    lines += ["", f"f. Service RSS per worker: idle {', '.join(f'{x:.0f}' for x in rss['idle'])} MB, after the "
+                  f"load rows {', '.join(f'{x:.0f}' for x in rss['after_load'])} MB."]
+    if res.get("soak"):
+        sk = res["soak"]
+        lines.append(f"Soak: {sk['seconds']:.0f} s at {sk['rate']:.0f} req/s (70% of peak): achieved "
+                     f"{sk['result']['qps']:.0f} QPS, p99 {sk['result']['p99_ms']:.2f} ms, non-200 "
+                     f"{fmt_status(sk['result']['status'])}; RSS after 10 s {sk['rss_first_mb']} MB, at the end "
+                     f"{sk['rss_last_mb']} MB (growth {sk['growth_mb']} MB); server alive: {sk['alive']}.")
+    else:
+        lines.append("Soak: not run in this invocation (`--soak 600`).")
+    lines += ["", "Hot-path steps in process (us per user, from the service's step timers):", "",
+              "| batch | " + " | ".join(["fetch", "encode", "tower", "score", "rank"]) + " |", "|---:|---:|---:|---:|---:|---:|"]
+    for b, st in res["steps"].items():
+        lines.append(f"| {b} | " + " | ".join(f"{st.get(k, float('nan')):.1f}" for k in
+                                              ("fetch", "encode", "tower", "score", "rank")) + " |")
+    checks = evaluate(res, targets)
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['target']} | {c['measured']} | {'yes' if c['ok'] else 'NO'} |")
+    return "\n".join(lines), checks
+
+
+def evaluate(res: dict, t: dict) -> list[dict]:
+    rows, w = res["rows"], res["settings"]["workers"]
+    svc = lambda c: _row(rows, f"service mvke-mt ({w}w)", c)  # noqa: E731
+    out = []
+    r32, r1, r256 = svc(32), svc(1), svc(256)
+    errs = lambda r: sum(v for k, v in r["status"].items() if k != "200")  # noqa: E731
+    if r32:
+        ok = r32["qps"] >= t["c32_min_qps"] and r32["p99_ms"] <= t["c32_max_p99_ms"] and errs(r32) == 0
+        out.append({"target": f">= {t['c32_min_qps']} QPS at c32, p99 <= {t['c32_max_p99_ms']} ms, no errors",
+                    "measured": f"{r32['qps']:,.0f} QPS, p99 {r32['p99_ms']:.1f} ms, {errs(r32)} errors", "ok": ok})
+    if r1:
+        out.append({"target": f"p50 <= {t['c1_max_p50_ms']} ms at c1", "measured": f"{r1['p50_ms']:.2f} ms",
+                    "ok": r1["p50_ms"] <= t["c1_max_p50_ms"]})
+    e2 = _row(rows, "empty FastAPI (2w)", 32)
+    if r32 and e2:
+        ratio = r32["qps"] / e2["qps"]
+        out.append({"target": f"service >= {t['min_ratio_vs_empty_fastapi_2_workers']:.0%} of empty FastAPI "
+                              "(2 workers) at c32", "measured": f"{ratio:.0%} ({r32['qps']:,.0f} / {e2['qps']:,.0f})",
+                    "ok": ratio >= t["min_ratio_vs_empty_fastapi_2_workers"]})
+    n32 = _row(rows, f"service nomtl ({w}w)", 32)
+    if r32 and n32:
+        ratio = r32["qps"] / n32["qps"]
+        out.append({"target": f"mvke-mt >= {t['min_ratio_mt_vs_nomtl']:.0%} of nomtl QPS (c32)",
+                    "measured": f"{ratio:.0%} ({r32['qps']:,.0f} / {n32['qps']:,.0f})",
+                    "ok": ratio >= t["min_ratio_mt_vs_nomtl"]})
+    if r256:
+        five = {k: v for k, v in r256["status"].items() if k.isdigit() and k.startswith("5") and k != "503"}
+        other = {k: v for k, v in r256["status"].items() if not k.isdigit()}
+        ok = not five and not other and r256["p99_ms"] <= t["c256_max_p99_ms"] and r256["alive"]
+        out.append({"target": f"c256: no 5xx (fast 503 allowed), p99 <= {t['c256_max_p99_ms']} ms, stays up",
+                    "measured": f"p99 {r256['p99_ms']:.1f} ms, 503s {r256['status'].get('503', 0)}, other 5xx "
+                                f"{five or 0}, connection errors {other or 0}, alive {r256['alive']}", "ok": ok})
+    rss = res["rss_mb"]["after_load"]
+    if rss:
+        out.append({"target": f"RSS <= {t['max_rss_mb_per_worker']} MB per worker",
+                    "measured": f"{max(rss):.0f} MB (max over workers)", "ok": max(rss) <= t["max_rss_mb_per_worker"]})
+    if res.get("soak"):
+        g = max(res["soak"]["growth_mb"] or [0])
+        out.append({"target": "no RSS growth in the soak", "measured": f"{g:+.1f} MB over {res['soak']['seconds']:.0f} s",
+                    "ok": g <= 10.0})
+    return out
+
+
+def write_markdown(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = f"{BEGIN}\n{body}\n{END}"
+    if path.exists():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    else:
+        text = "# Performance of the tag service\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 s per row instead of 12 s (a smoke run)")
+    p.add_argument("--duration", type=float, help="seconds measured per row (overrides --quick)")
+    p.add_argument("--soak", type=float, default=0.0, help="also soak the service this many seconds at 70%% of peak")
+    p.add_argument("--workers", type=int, help="uvicorn workers of the service (default: the service's default)")
+    p.add_argument("--work", default="/tmp/lt", help="dataset, checkpoints and bundles (built when missing)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "performance.md"))
+    p.add_argument("--targets", default=str(HERE / "targets.yaml"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    res = Bench(a).run()
+    targets = yaml.safe_load(Path(a.targets).read_text())["bench"]
+    text, checks = report(res, targets)
+    res["checks"] = checks
+    print("\n" + text)
+    out = Path(a.out)
+    write_markdown(out, text)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    print(f"\nwrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
