@@ -19,6 +19,9 @@ from model_export.contract import Keys
 from mvke.features import MULTI_SEP, to_store_value
 
 
+LOADED_AT_FIELD = "_loaded_at"
+
+
 @dataclass
 class LoadReport:
     loaded: int = 0
@@ -59,7 +62,9 @@ def load_rows(rows: Iterable[Mapping[str, Any]], kinds: Mapping[str, str], r: re
     keys = keys or Keys()
     report = LoadReport()
     t0 = time.perf_counter()
-    pipe = r.pipeline(transaction=False)
+    stamp = str(int(time.time()))
+    # MULTI per batch: a reader never sees a user between the DEL and the HSET of a re-load.
+    pipe = r.pipeline(transaction=True)
     pending = 0
     with tqdm(total=total, unit="user", desc="features", disable=not progress) as bar:
         for row in rows:
@@ -70,8 +75,9 @@ def load_rows(rows: Iterable[Mapping[str, Any]], kinds: Mapping[str, str], r: re
             key = keys.user(str(row["user_id"]))
             # Replace the whole hash so a re-load leaves no stale field behind.
             pipe.delete(key)
-            if mapping:
-                pipe.hset(key, mapping=mapping)
+            # `_loaded_at` keeps the hash alive for a user whose every feature is empty
+            # (still a known user, all fields OOV); the encoder ignores unknown fields.
+            pipe.hset(key, mapping={**mapping, LOADED_AT_FIELD: stamp})
             pending += 1
             if pending >= batch_size:
                 pipe.execute()
@@ -103,4 +109,4 @@ def read_user(r: redis.Redis, user_id: str, keys: Keys | None = None) -> dict[st
     raw = r.hgetall(keys.user(user_id))
     if not raw:
         return None
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {k.decode(): v.decode() for k, v in raw.items() if k.decode() != LOADED_AT_FIELD}

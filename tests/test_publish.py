@@ -476,7 +476,8 @@ def test_features_reload_updates_in_place(redis_client):
               {"user_id": "u3", "gender": "x", "tags": ["w"]}]
     report = load_rows(second, kinds, redis_client, progress=False, batch_size=1)
     assert (report.loaded, report.bad_rows) == (2, [])
-    assert redis_client.hgetall(KEYS.user("u1")) == {b"gender": b"f", b"tags": b"z"}   # stale field removed
+    assert read_user(redis_client, "u1") == {"gender": "f", "tags": "z"}   # stale field removed
+    assert redis_client.hexists(KEYS.user("u1"), "age") is False
     assert read_user(redis_client, "u2") == {"gender": "m", "age": "a1", "tags": ""}   # untouched
     assert read_user(redis_client, "u3") == {"gender": "x", "tags": "w"}
 
@@ -504,3 +505,13 @@ def test_features_bad_rows_reported_rest_loaded(redis_client):
     assert read_user(redis_client, "keep") == {"gender": "f", "tags": "a"}
     for uid in ("list-in-cat", "scalar-in-multi", "sep-in-item"):
         assert read_user(redis_client, uid) is None
+
+
+def test_features_user_with_every_field_empty_stays_known(redis_client):
+    """A user whose every feature is missing is still in the store (all OOV), not deleted."""
+    from model_export.feature_store import load_rows, read_user
+    kinds = {"gender": "cat", "tags": "multi"}
+    report = load_rows([{"user_id": "blank", "gender": None, "tags": None}], kinds, redis_client, progress=False)
+    assert report.loaded == 1
+    assert redis_client.exists(KEYS.user("blank")) == 1
+    assert read_user(redis_client, "blank") == {}
