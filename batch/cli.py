@@ -1,0 +1,59 @@
+"""`mvke tag-all`: registered into the `mvke` command line by mvke/cli.py."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _tag_all(a: argparse.Namespace) -> None:
+    from batch.tag_all import TagAllConfig, run
+    if not a.bundle and not a.redis:
+        # the model comes from --bundle or the active version in --redis ($REDIS_URL as a default is too
+        # easy to aim at the wrong store for a billion-row job)
+        raise ValueError("tag-all needs --bundle DIR or --redis URL (the active model version)")
+    if a.to_redis and not a.redis:
+        raise ValueError("--to-redis needs --redis URL")
+    cfg = TagAllConfig(users=a.users, out=a.out, bundle=a.bundle, redis_url=a.redis, top_k=a.top_k,
+                       address=a.address, to_redis=a.to_redis, batch_size=a.batch_size, part_rows=a.part_rows,
+                       workers=a.workers, provider=a.provider, ort_threads=a.ort_threads,
+                       key_prefix=a.key_prefix, redis_ttl_s=a.redis_ttl, progress=not a.no_progress)
+    summary = run(cfg)
+    print(json.dumps(summary, indent=1))
+
+
+def register(sub) -> None:
+    t = sub.add_parser("tag-all", help="top K tags per task for every user (offline, Ray Data)",
+                       description="Run the exported user tower over a Parquet table of users, score every tag "
+                                   "of every task, keep the top K per task and write Parquet "
+                                   "(user_id, task, rank, tag, score) under --out (and per-user hashes to Redis "
+                                   "with --to-redis). Resumable: rerun the same command after a failure.")
+    t.add_argument("--bundle", help="bundle directory from `mvke export` (else the active version in --redis)")
+    t.add_argument("--redis", help="Redis URL: the model's source when no --bundle (the active version), "
+                                   "and the target of --to-redis")
+    t.add_argument("--users", required=True, help="Parquet file or directory: user_id + raw feature columns")
+    t.add_argument("--out", required=True, help="output directory (tags/, rejects/, _SUCCESS.json)")
+    t.add_argument("--top-k", type=int, default=20, help="tags kept per task and user (default 20)")
+    t.add_argument("--address", help="Ray cluster address (default: a local Ray on this machine)")
+    t.add_argument("--to-redis", action="store_true", help="also write each user's tags to Redis "
+                                                            "(mvke:usertags:v<version>:<user_id>)")
+    t.add_argument("--batch-size", type=int, default=4096, help="users per model call (default 4096)")
+    t.add_argument("--part-rows", type=int, default=65_536,
+                   help="users per part, the unit of scheduling and resumption (default 65536)")
+    t.add_argument("--workers", type=int, help="actors, one ORT session each (default: one per CPU)")
+    t.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"], help="ONNX Runtime provider")
+    t.add_argument("--ort-threads", type=int, default=1, help="ORT intra-op threads per actor (default 1)")
+    t.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
+    t.add_argument("--redis-ttl", type=int, help="expire the per-user tag keys after this many seconds")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_tag_all)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m batch.cli ...` == `mvke tag-all ...`."""
+    from mvke.cli import main as mvke_main
+    return mvke_main(["tag-all", *(argv or [])])
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

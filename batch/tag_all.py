@@ -1,0 +1,348 @@
+"""`mvke tag-all`: the top K tags per task for every user, offline, on Ray Data.
+
+Paper section 4.3: the user tower runs once per user; the tag side (gates, tag
+embeddings) is precomputed, so scoring all 1,780 tags of a task is two matrix
+products per batch of users. This job does that for a whole user table:
+
+    users.parquet --plan--> parts (row ranges, numbered)
+        ray.data.from_items(pending parts)
+        .map_batches(PartTagger, concurrency=N actors, 1 CPU each)
+            per part: read Parquet in batches -> vectorised encode (batch/encode.py)
+                      -> ONNX user tower (one ORT session per actor, 1 thread)
+                      -> task_scores for every tag of every task (model_export/scoring.py)
+                      -> top K per task (batch/rank.py) -> Parquet (+ Redis)
+        driver: progress bar, markers, summary
+
+The model comes from a bundle directory or from Redis (the active version, read
+in one MULTI and checked against the manifest's sha256s), and is turned into an
+ORT session and prepared tag sides by `service.model_loader.build_model`: the
+code the service uses, so batch and online answers agree.
+
+Why the actor reads and writes its part itself instead of `ray.data.read_parquet`
+-> map_batches -> `write_parquet`: a part is the unit of resumption, so its rows
+must not be re-blocked across actors; and keeping features and tags inside the
+actor moves only part descriptors and counts through the object store (on one
+machine, Ray's overhead stays a few percent of the in-process rate). Memory is
+bounded by one batch per actor whatever the number of users: a part is read in
+`batch_size` row batches and written row group by row group.
+
+Resumable: each finished part writes its Parquet file(s) atomically and then a
+done marker (layout in batch/parts.py); a rerun with the same arguments skips
+finished parts, so a killed job restarted finishes with every user exactly once.
+Bad rows (no user id, a list in a single-valued field, a scalar where a list is
+expected, ...) are counted and written to rejects/ with the reason; the job goes on.
+
+Output rows: user_id (string), task (string), rank (int16, 1 = best), tag
+(string), score (float32, the model's probability), K rows per task per user.
+Redis layout of --to-redis: see batch/redis_out.py.
+
+Cluster use (--address): every node needs this project installed (`pip install
+.[batch]`) and the input, the output directory and a --bundle directory on a
+shared filesystem at the same path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from batch.encode import ColumnarEncoder
+from batch.parts import (AtomicParquetWriter, JobDir, JobLock, Part, input_fingerprint, iter_part, list_inputs,
+                         part_from_dict, part_to_dict, plan_parts, write_json_atomic)
+from batch.rank import rank_batch
+
+log = logging.getLogger("mvke.batch")
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+STOP_AFTER_ENV = "MVKE_TAG_ALL_STOP_AFTER_PARTS"   # testing hook: exit after N parts, like a killed job
+STOP_EXIT_CODE = 75
+
+OUTPUT_SCHEMA = pa.schema([("user_id", pa.string()), ("task", pa.string()), ("rank", pa.int16()),
+                           ("tag", pa.string()), ("score", pa.float32())])
+REJECT_SCHEMA = pa.schema([("user_id", pa.string()), ("field", pa.string()), ("reason", pa.string())])
+
+
+@dataclass
+class TagAllConfig:
+    users: str
+    out: str
+    bundle: str | None = None
+    redis_url: str | None = None       # model source when no bundle; target of --to-redis
+    top_k: int = 20
+    address: str | None = None         # Ray cluster; None: a local Ray on this machine
+    to_redis: bool = False
+    batch_size: int = 4096
+    part_rows: int = 65_536
+    workers: int | None = None         # actors; default one per CPU of the Ray cluster
+    provider: str = "cpu"              # ORT provider: cpu | cuda | auto
+    ort_threads: int = 1
+    key_prefix: str = "mvke"
+    redis_ttl_s: int | None = None
+    progress: bool = True
+
+    def redis(self) -> str:
+        return self.redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS)
+
+
+# ---- model source --------------------------------------------------------------
+def load_model_source(cfg: TagAllConfig):
+    """(manifest, blobs) from --bundle, else the active version in Redis; sha256-verified either way."""
+    if cfg.bundle:
+        from model_export.contract import read_bundle
+        return read_bundle(cfg.bundle, verify=True)
+    import redis
+
+    from model_export.contract import BundleError, Keys
+    from model_export.publish import read_version
+    r = redis.Redis.from_url(cfg.redis(), socket_timeout=30)
+    try:
+        keys = Keys(cfg.key_prefix)
+        active = r.get(keys.active)
+        if active is None:
+            raise BundleError(f"no active model in {cfg.redis()} ({keys.active} is not set); give --bundle")
+        return read_version(r, keys, active.decode(), verify=True)
+    finally:
+        r.close()
+
+
+# ---- the work of one part (used by the Ray actor and by the benchmark without Ray) ----
+class BatchResult(NamedTuple):
+    table: pa.Table | None                        # output rows (None: every row was rejected)
+    rejects: list[tuple]                          # (user_id, field, reason)
+    user_ids: pa.Array                            # the tagged users, aligned with `ranked`
+    ranked: list[tuple[np.ndarray, np.ndarray]]   # per task: tag indices [n, k], probabilities [n, k]
+
+
+class PartWorker:
+    """Model + encoder (+ Redis writer) of one process; `run(part)` tags one part."""
+
+    def __init__(self, manifest, blobs: dict[str, bytes], job: dict[str, Any]):
+        from service.model_loader import build_model, limit_blas_threads
+        self.job = job
+        limit_blas_threads(job["ort_threads"])     # numpy's scoring GEMMs: one core per actor as well
+        self.model = build_model(manifest, blobs, job["provider"], job["ort_threads"])
+        self.encoder = ColumnarEncoder(self.model.schema)
+        self.columns = ["user_id"] + self.model.schema.names
+        self.tasks = self.model.manifest.task_names
+        self.task_arr = pa.array(self.tasks, type=pa.string())
+        self.tag_arr = pa.array(self.model.tags, type=pa.string())
+        self.k = min(job["top_k"], self.model.manifest.num_tags)
+        self.dir = JobDir(job["out"])
+        self.redis = None
+        if job.get("to_redis"):
+            from batch.redis_out import UserTagWriter
+            self.redis = UserTagWriter(job["redis_url"], self.model.version, self.tasks, self.model.tags,
+                                       job["key_prefix"], job.get("redis_ttl_s"))
+
+    def output_table(self, uids: pa.Array, ranked: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+        """Rows ordered by user, then task, then rank."""
+        n, T, k = len(uids), len(ranked), self.k
+        idx = np.stack([r[0] for r in ranked], axis=1).reshape(-1)              # [n, T, k] flattened
+        scores = np.stack([r[1] for r in ranked], axis=1).reshape(-1).astype(np.float32)
+        user_rows = np.repeat(np.arange(n), T * k)
+        task_rows = np.tile(np.repeat(np.arange(T), k), n)
+        rank = np.tile(np.arange(1, k + 1, dtype=np.int16), n * T)
+        return pa.Table.from_arrays([uids.take(pa.array(user_rows)), self.task_arr.take(pa.array(task_rows)),
+                                     pa.array(rank), self.tag_arr.take(pa.array(idx)), pa.array(scores)],
+                                    schema=OUTPUT_SCHEMA)
+
+    def tag_batch(self, batch: pa.RecordBatch) -> "BatchResult":
+        enc = self.encoder.encode(batch)
+        rejects = []
+        for row, reason in sorted(enc.reasons.items()):
+            field, _, why = reason.partition(": ")
+            rejects.append((enc.user_ids[row].as_py(), field, why))
+        if enc.rejected:
+            keep = np.flatnonzero(enc.ok)
+            uids, cat, multi = enc.user_ids.take(pa.array(keep)), enc.cat[keep], enc.multi[keep]
+        else:
+            uids, cat, multi = enc.user_ids, enc.cat, enc.multi
+        if len(uids) == 0:
+            return BatchResult(None, rejects, uids, [])
+        ranked = rank_batch(self.model, cat, multi, self.k)
+        return BatchResult(self.output_table(uids, ranked), rejects, uids, ranked)
+
+    def run(self, part: Part) -> dict:
+        t0, c0 = time.perf_counter(), time.process_time()
+        writer = AtomicParquetWriter(self.dir.tags_file(part), OUTPUT_SCHEMA)
+        users = rows = 0
+        rejects: list[tuple] = []
+        try:
+            for batch in iter_part(part, self.columns, self.job["batch_size"]):
+                res = self.tag_batch(batch)
+                rejects.extend(res.rejects)
+                if res.table is not None:
+                    writer.write(res.table)
+                    users += len(res.user_ids)
+                    rows += res.table.num_rows
+                    if self.redis is not None:
+                        self.redis.write(res.user_ids.to_pylist(), res.ranked)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        rejects_file = self.dir.rejects_file(part)
+        if rejects:
+            rw = AtomicParquetWriter(rejects_file, REJECT_SCHEMA)
+            rw.write(pa.Table.from_pylist([dict(zip(REJECT_SCHEMA.names, r)) for r in rejects], REJECT_SCHEMA))
+            rw.commit()
+        else:
+            rejects_file.unlink(missing_ok=True)   # a stale one from an earlier, different attempt
+        stats = {"part": part.id, "input_rows": part.rows, "users": users, "rows": rows, "rejected": len(rejects),
+                 "redis_users": users if self.redis is not None else 0,
+                 "seconds": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - c0, 3),
+                 "pid": os.getpid(),
+                 "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "provider": self.model.provider}
+        write_json_atomic(self.dir.marker(part), stats)
+        return stats
+
+
+class PartTagger:
+    """Ray Data callable class: one model (ORT session) per actor; each batch is a few part descriptors."""
+
+    def __init__(self, model_ref: list, job: dict[str, Any]):
+        import ray
+        manifest, blobs = ray.get(model_ref[0])
+        self.worker = PartWorker(manifest, blobs, job)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.worker.run(part_from_dict(d)) for d in batch.to_pylist()])
+
+
+# ---- the driver -----------------------------------------------------------------
+def _cpus() -> int:
+    try:
+        from service.settings import container_cpus
+        return max(1, int(container_cpus()))
+    except Exception:   # pydantic-free installs: plain affinity
+        return max(1, len(os.sched_getaffinity(0)))
+
+
+def _init_ray(cfg: TagAllConfig) -> bool:
+    """Start (local) or join (--address) Ray unless this process already did. True if we own it."""
+    import ray
+    if ray.is_initialized():
+        return False
+    # quiet: no token-auth notice (the local cluster still uses a token)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if cfg.address:
+        ray.init(address=cfg.address, **common)
+    else:
+        # address="local": never attach to somebody else's Ray on this machine
+        ray.init(address="local", num_cpus=_cpus(), include_dashboard=False,
+                 object_store_memory=256 * 1024 * 1024, **common)
+    return True
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False       # ours counts users; Ray Data's would count parts
+    ctx.enable_operator_progress_bars = False
+    ctx.verbose_stats_logs = False
+    if hasattr(ctx, "enable_auto_log_stats"):
+        ctx.enable_auto_log_stats = False
+    # "Starting execution", "Progress bars disabled", ...: only errors
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def job_spec(cfg: TagAllConfig, manifest, files: list[Path], parts: list[Part]) -> dict:
+    """What must be equal for a rerun to resume into the same output directory."""
+    return {"input": input_fingerprint(files), "part_rows": cfg.part_rows, "parts": len(parts),
+            "model_version": manifest.version, "model": manifest.model, "tasks": manifest.task_names,
+            "top_k": min(cfg.top_k, manifest.num_tags), "to_redis": cfg.to_redis,
+            "redis_target": (cfg.redis().split("@")[-1] if cfg.to_redis else None),
+            "key_prefix": cfg.key_prefix if cfg.to_redis else None}
+
+
+def run(cfg: TagAllConfig) -> dict:
+    """Tag every user of cfg.users; returns the summary (also written to out/_SUCCESS.json)."""
+    if cfg.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {cfg.top_k}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    t0 = time.perf_counter()
+    files = list_inputs(cfg.users)
+    parts = plan_parts(files, cfg.part_rows)
+    manifest, blobs = load_model_source(cfg)
+    jd = JobDir(cfg.out)
+    jd.create()
+    with JobLock(jd.root):
+        resumed = jd.check_spec(job_spec(cfg, manifest, files, parts))
+        jd.clean_tmp()
+        done = jd.finished()
+        pending = [p for p in parts if p.name not in done]
+        total = sum(p.rows for p in parts)
+        if resumed:
+            log.warning("resuming %s: %d of %d parts already done", jd.root, len(parts) - len(pending), len(parts))
+        if pending:
+            jd.clear_success()
+            _run_parts(cfg, manifest, blobs, pending, total, total - sum(p.rows for p in pending))
+        finished = jd.finished()
+        missing = [p.name for p in parts if p.name not in finished]
+        if missing:
+            raise RuntimeError(f"{len(missing)} parts did not finish (first {missing[0]}); rerun to resume")
+        counts = {k: sum(m[k] for m in finished.values()) for k in ("input_rows", "users", "rows", "rejected")}
+        summary = {"model_version": manifest.version, "model": manifest.model, "tasks": manifest.task_names,
+                   "top_k": min(cfg.top_k, manifest.num_tags), "parts": len(parts),
+                   "parts_this_run": len(pending), "resumed": resumed, **counts,
+                   "seconds_this_run": round(time.perf_counter() - t0, 3),
+                   "tags": str(jd.tags), "rejects": str(jd.rejects),
+                   "redis": None}
+        if cfg.to_redis:
+            from batch.redis_out import UserTagKeys, write_job_summary
+            write_job_summary(cfg.redis(), manifest.version,
+                              {k: summary[k] for k in ("model", "tasks", "top_k", "users", "rejected")},
+                              cfg.key_prefix, cfg.redis_ttl_s)
+            keys = UserTagKeys(cfg.key_prefix)
+            summary["redis"] = {"users": keys.user(manifest.version, "<user_id>"),
+                                "summary": keys.summary(manifest.version), "latest": keys.latest}
+        jd.write_success(summary)
+    return summary
+
+
+def _run_parts(cfg: TagAllConfig, manifest, blobs, pending: list[Part], total: int, initial: int) -> None:
+    import ray
+    from tqdm.auto import tqdm
+
+    owned = _init_ray(cfg)
+    try:
+        _quiet_ray_data()
+        workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, cfg.ort_threads))
+        workers = min(workers, len(pending))
+        job = {"out": str(Path(cfg.out).resolve()), "batch_size": cfg.batch_size, "top_k": cfg.top_k,
+               "provider": cfg.provider, "ort_threads": cfg.ort_threads, "to_redis": cfg.to_redis,
+               "redis_url": cfg.redis() if cfg.to_redis else None, "key_prefix": cfg.key_prefix,
+               "redis_ttl_s": cfg.redis_ttl_s}
+        model_ref = ray.put((manifest, blobs))
+        ds = ray.data.from_items([part_to_dict(p) for p in pending], override_num_blocks=len(pending))
+        # Ray Data's actor defaults restart a dead actor and retry its part (parts are idempotent).
+        threads = str(cfg.ort_threads)   # numpy's BLAS too: one core per actor, no oversubscription
+        ds = ds.map_batches(PartTagger, batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.ort_threads,
+                            num_gpus=1 if cfg.provider == "cuda" else None,
+                            fn_constructor_kwargs={"model_ref": [model_ref], "job": job},
+                            runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+                                                      "MKL_NUM_THREADS": threads}})
+        stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+        finished = 0
+        with tqdm(total=total, initial=initial, unit="user", unit_scale=True, desc="tag-all",
+                  disable=not cfg.progress, smoothing=0.1) as bar:
+            for stats in ds.iter_rows():
+                bar.update(stats["input_rows"])
+                finished += 1
+                if stop_after and finished >= stop_after:
+                    # testing hook: die mid-job. SystemExit (not os._exit) so that ray.shutdown() still
+                    # kills the actors: parts in flight stay unfinished, nothing keeps running behind us.
+                    raise SystemExit(STOP_EXIT_CODE)
+    finally:
+        if owned:
+            ray.shutdown()
+
