@@ -38,7 +38,6 @@ import yaml
 from loadtest.harness import PY, ROOT, Server, load_features, make_requests, publish, run_load, start_redis
 
 HERE = Path(__file__).resolve().parent
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 # ---- machine and data ------------------------------------------------------------------
@@ -171,8 +170,8 @@ class Bench:
         print(f"[bench {time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", flush=True)
 
     def load(self, server: Server, row: str, c: int, requests: list, extra: dict | None = None,
-             duration: float | None = None) -> dict:
-        res = run_load(server.port, requests, c, duration or self.dur, self.warm)
+             duration: float | None = None, grace: float = 5.0) -> dict:
+        res = run_load(server.port, requests, c, duration or self.dur, self.warm, grace=grace)
         res.update(row=row, c=c, alive=server.alive(), **(extra or {}))
         self.rows.append(res)
         self.log(f"{row:34} c={c:<4} {res['qps']:9.0f} QPS  p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:8.2f} ms"
@@ -238,7 +237,7 @@ class Bench:
                                 env={"REDIS_URL": redis_mt.url, "MVKE_NAIVE_CKPT": str(paths["ck_mvke"])}).start()
             servers.append(naive)
             for c in (1, 32):
-                self.load(naive, f"naive PyTorch ({workers}w)", c, reqs, duration=max(self.dur, 5.0))
+                self.load(naive, f"naive PyTorch ({workers}w)", c, reqs, duration=max(self.dur, 5.0), grace=60.0)
             naive.stop()
 
             # a. in-process ceiling (servers down: the CPU is its own)
@@ -403,13 +402,15 @@ def evaluate(res: dict, t: dict) -> list[dict]:
     return out
 
 
-def write_markdown(path: Path, body: str) -> None:
+def write_markdown(path: Path, body: str, marker: str = "bench") -> None:
+    """Replace the text between `<!-- {marker}:begin -->` and `<!-- {marker}:end -->` (or append it)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     path.parent.mkdir(parents=True, exist_ok=True)
-    block = f"{BEGIN}\n{body}\n{END}"
+    block = f"{begin}\n{body}\n{end}"
     if path.exists():
         text = path.read_text()
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        if begin in text and end in text:
+            text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
     else:

@@ -137,12 +137,13 @@ def make_requests(user_ids: Sequence[str], n: int = 4096, zipf: float = 0.0,
 
 # ---- load runs ---------------------------------------------------------------
 def run_load(port: int, requests: list[list], concurrency: int, duration: float, warmup: float = 1.0,
-             rate: float | None = None, timeline: bool = False, timeout_pad: float = 30.0) -> dict:
-    """One bounded loadgen run in its own process -> its JSON summary."""
+             rate: float | None = None, timeline: bool = False, grace: float = 5.0) -> dict:
+    """One bounded loadgen run in its own process -> its JSON summary (answers still missing
+    `grace` seconds after the end are counted as "unfinished")."""
     spec = {"host": "127.0.0.1", "port": port, "requests": requests, "concurrency": concurrency,
-            "duration": duration, "warmup": warmup, "rate": rate, "timeline": timeline}
+            "duration": duration, "warmup": warmup, "rate": rate, "timeline": timeline, "grace": grace}
     proc = subprocess.run([PY, "-m", "loadtest.loadgen", "-"], input=json.dumps(spec), capture_output=True,
-                          text=True, cwd=ROOT, timeout=warmup + duration + timeout_pad)
+                          text=True, cwd=ROOT, timeout=warmup + duration + grace + 30)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,7 +16,9 @@ Run as a separate process:
     python -m loadtest.loadgen SPEC.json            # prints one JSON result line
 
 SPEC: {"host", "port", "requests": [[method, path, body-or-null], ...],
-       "concurrency", "duration", "warmup", "rate" (optional), "timeline" (optional bool)}
+       "concurrency", "duration", "warmup", "rate" (optional), "timeline" (optional bool),
+       "grace" (seconds to wait for answers in flight at the end, default 5; those still
+       missing then are counted as "unfinished")}
 """
 from __future__ import annotations
 
@@ -125,6 +127,8 @@ class Client:
         self.concurrency = int(spec["concurrency"])
         self.duration, self.warmup = float(spec["duration"]), float(spec.get("warmup", 1.0))
         self.rate = float(spec.get("rate") or 0)
+        self.grace = float(spec.get("grace", 5.0))
+        self.conns: set[Conn] = set()
         self.stats = Stats(bool(spec.get("timeline")))
         self.i = 0
         self.stop_at = 0.0
@@ -162,8 +166,10 @@ class Client:
                 self.stats.error("connect_error")
                 await asyncio.sleep(0.05)
                 continue
+            self.conns.add(conn)
             self.next(conn)
             await conn.done
+            self.conns.discard(conn)
             if time.perf_counter() < self.stop_at - 0.01:
                 self.stats.error("conn_closed")
 
@@ -179,8 +185,19 @@ class Client:
             self.stats.measuring = True
             self.stats.t_start = time.perf_counter()
         await start_measuring()
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - self.stats.t_start
+        self.loop.call_at(self.loop.time() + max(0.0, self.stop_at - time.perf_counter()),
+                          setattr, self.stats, "measuring", False)  # count answers within the duration only
+        done, pending = await asyncio.wait(tasks, timeout=self.duration + self.grace + 1.0)
+        end = time.perf_counter()
+        if pending:  # answers still missing after the grace period: count them and hang up
+            for conn in list(self.conns):
+                if conn.transport is not None and not conn.transport.is_closing():
+                    self.stats.status["unfinished"] = self.stats.status.get("unfinished", 0) + 1  # noqa
+                    conn.transport.abort()
+            await asyncio.wait(pending, timeout=2.0)
+            for t in pending:
+                t.cancel()
+        elapsed = min(end, self.stop_at) - self.stats.t_start
         return summarize(self.stats, elapsed)
 
 

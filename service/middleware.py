@@ -172,6 +172,7 @@ class EdgeMiddleware:
         ct = headers.get(b"content-type")
         if ct is not None and ct.split(b";", 1)[0].strip().lower() != _JSON_CT:
             return []
+        # FastAPI (strict_content_type, its default) parses a body as JSON only under a JSON content type
         messages, size, more = [], 0, True
         while more:
             message = await receive()
@@ -184,6 +185,8 @@ class EdgeMiddleware:
             more = message.get("more_body", False)
         body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
         if body:
+            if ct is None:
+                return [{"type": "http.request", "body": body, "more_body": False}]
             try:
                 req = parse_fast(orjson.loads(body))
             except orjson.JSONDecodeError:

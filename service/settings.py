@@ -43,9 +43,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(512, ge=1, description="queued requests beyond this are shed with 503")
     blas_threads: int = Field(1, ge=1, description="threads of the BLAS behind numpy's scoring GEMMs (OpenBLAS "
                                                    "spins one per core by default, which only contends here)")
-    compute_offload_min_batch: int = Field(16, ge=1, description="batches of at least this many requests "
-                                           "run in a worker thread (the event loop keeps reading requests); "
-                                           "smaller ones run on the loop, which is cheaper")
+    compute_offload_min_batch: int = Field(0, ge=0, description="batches of at least this many requests run "
+                                           "in a worker thread so the event loop keeps reading requests; 0: "
+                                           "never (fastest here: the thread's Python parts fight the loop for "
+                                           "the GIL, which cost 2-4x in throughput on 2 cores)")
     fast_path: bool = Field(True, description="serve well-formed POST /users/{id}/tags requests without "
                                               "FastAPI's per-request validation (same responses; anything "
                                               "unusual still goes through FastAPI)")

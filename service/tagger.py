@@ -63,9 +63,9 @@ class Tagger:
     def __init__(self, registry: ModelRegistry, redis: aioredis.Redis, metrics: ServiceMetrics, keys: Keys):
         self.registry, self.redis, self.metrics, self.keys = registry, redis, metrics, keys
         settings = getattr(registry, "settings", None)
-        # Batches smaller than this run on the event loop; larger ones in a worker thread, so that
-        # the loop keeps reading requests while ONNX Runtime and numpy (which release the GIL) work.
-        self.offload_min_batch = getattr(settings, "compute_offload_min_batch", 16)
+        # Batches of at least this size run in a worker thread (the loop keeps reading requests while
+        # ONNX Runtime and numpy, which release the GIL, work); 0: always on the loop (the default).
+        self.offload_min_batch = getattr(settings, "compute_offload_min_batch", 0) or (1 << 62)
         limit_blas_threads(getattr(settings, "blas_threads", 1))
         step = metrics.step
         self._steps = {name: step.labels(name) for name in ("fetch", "encode", "tower", "score", "rank")}

@@ -77,6 +77,38 @@ def test_loadgen_against_the_service(tiny_service, lt_redis, dataset_dir):
     assert tiny_service.alive() and max(tiny_service.rss_mb()) > 10
 
 
+def test_fast_path_answers_exactly_like_fastapi(tiny_service, lt_redis, dataset_dir):
+    """Status, headers and body bytes of the fast path == the FastAPI route (MVKE_FAST_PATH=false)."""
+    import httpx
+    uid = next(iter(__import__("loadtest.harness", fromlist=["x"]).scan_user_ids(lt_redis.url)))
+    bodies = [None, {}, {"top_k": 5}, {"top_k": 3, "tasks": ["intention"]}, {"top_k": 0}, {"top_k": "5"},
+              {"top_k": True}, {"min_score": 0.5, "top_k": 50}, {"min_score": 1}, {"exclude_tags": ["nope"]},
+              {"topk": 1}, {"top_k": 1000}, {"tasks": []}, {"tasks": ["x"]}, {"features": {"zzz": 1}},
+              {"features": {"age_bucket": "age1"}, "top_k": 2}, {"features": {"age_bucket": ["a"]}},
+              {"features": {"clicked_tags": 17}}, {"features": {"clicked_tags": ["t0001", 3]}, "top_k": 4}]
+    raws = [(b"{bad", "application/json"), (b"null", "application/json"), (b"[]", None), (b'{"top_k": 2}', None),
+            (b'{"top_k": 2}', "text/plain"), (b'{"top_k": 2}', "application/json; charset=utf-8"),
+            (b'{"top_k": 99999999999999999999999}', "application/json"), (b"\xff", "application/json")]
+
+    def answers(url: str) -> list:
+        out = []
+        with httpx.Client(base_url=url, timeout=10) as c:
+            for user in (uid, "nobody-here", "x" * 129):
+                for b in bodies:
+                    out.append(c.post(f"/users/{user}/tags", json=b) if b is not None else c.post(f"/users/{user}/tags"))
+            for raw, ct in raws:
+                out.append(c.post(f"/users/{uid}/tags", content=raw, headers={"content-type": ct} if ct else {}))
+            out.append(c.get(f"/users/{uid}/tags"))
+        return [(r.status_code, r.content, sorted((k, v) for k, v in r.headers.items()
+                                                  if k not in ("date", "x-request-id"))) for r in out]
+    fast = answers(tiny_service.url)
+    with Server.service(lt_redis.url, workers=1, env={"MVKE_FAST_PATH": "false"}) as slow_service:
+        slow = answers(slow_service.url)
+    assert [a[0] for a in fast].count(200) >= 8
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert a == b, (i, a, b)
+
+
 # ---------------------------------------------------------------------------
 # request mixes
 # ---------------------------------------------------------------------------

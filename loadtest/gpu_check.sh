@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU check of the serving maths, one prepared script for a machine with a GPU (well inside 10 minutes).
+#
+#   loadtest/gpu_check.sh [--bundle DIR --ckpt DIR] [--budget S]      (from the repository root)
+#
+# Reports which ONNX Runtime providers really run (session.get_providers()), parity of the user
+# tower and the all-tag scores GPU vs CPU, and users/s of user tower + scoring at batch 1..4096;
+# when onnxruntime has no usable CUDA provider, times the same towers in PyTorch on CUDA and says so.
+# Without --bundle it builds a small model first (synthetic data, 1 epoch, export: about 1-2 min).
+# Output: the log on stdout, the JSON report in $OUT/gpu_check.json (or /tmp/gpu_check.json).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+OUTDIR=${OUT:-/tmp}
+mkdir -p "$OUTDIR"
+echo "== machine"; nproc; (nvidia-smi || echo "no nvidia-smi") 2>&1 | head -20
+echo "== python: $PY"; "$PY" -c "import sys; print(sys.version)"
+for m in numpy onnxruntime torch onnx onnxscript fastapi pyarrow; do
+  "$PY" -c "import $m; print('$m', $m.__version__)" 2>/dev/null || echo "$m: not installed"
+done
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+timeout 540 "$PY" -m loadtest.gpu_check --json "$OUTDIR/gpu_check.json" "$@"
+rc=$?
+[ $rc -eq 124 ] && echo "gpu_check: timed out after 540 s"
+exit $rc
