@@ -146,7 +146,8 @@ class RssSampler(threading.Thread):
 
     Groups: driver (this process); actors (ray::MapWorker..., the job's ORT sessions);
     idle Ray workers (ray::IDLE, pre-started by Ray); Ray's own processes (gcs_server,
-    raylet, agents, log monitor). RSS double-counts shared pages (the object store mapping).
+    raylet, agents, Ray Data's stats/autoscaling actors). RSS double-counts shared pages
+    (the object store mapping).
     """
 
     def __init__(self, every: float = 0.2):
@@ -163,11 +164,11 @@ class RssSampler(threading.Thread):
 
     @staticmethod
     def group(name: str) -> str:
+        if "MapWorker" in name:
+            return "actor"
         if name.startswith("ray::IDLE"):
             return "idle"
-        if name.startswith("ray::") and "Agent" not in name:
-            return "actor"
-        return "system"
+        return "system"          # gcs_server, raylet, agents, Ray Data's own actors (stats, autoscaling)
 
     def sample(self) -> None:
         import psutil
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "users": summary["users"], "rows": summary["rows"], "rejected": summary["rejected"],
         "users_per_s": round(summary["users"] / wall), "users_per_s_excl_ray_init": round(summary["users"] / job_s),
         "actor_busy_s": round(busy, 1), "actor_users_per_s_when_busy": round(summary["users"] / busy * workers),
-        "blas_threads_in_actors": sorted({str(m.get("blas_threads")) for m in markers}),
+        "blas_capped_in_actors": sorted({";".join(m.get("blas_capped") or []) for m in markers}),
         "output_bytes": sum(f.stat().st_size for f in (out / "tags").glob("*.parquet")),
     }
     report["peak_rss"] = sampler.peak
@@ -291,7 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "total_s": round(total_cpu, 1),
                      "us_per_user_in_parts": round(part_cpu / summary["users"] * 1e6, 1),
                      "us_per_user_all_processes": round(total_cpu / summary["users"] * 1e6, 1),
-                     "ray_share_of_cpu": round(1 - part_cpu / total_cpu, 3) if total_cpu else None}
+                     "actor_cpu_outside_parts_s": round(cpu.get("actor", 0.0) - part_cpu, 1),
+                     # driver, Ray's processes, actor start-up (imports, model load): all not tagging users
+                     "share_outside_parts": round(1 - part_cpu / total_cpu, 3) if total_cpu else None}
     report["process_names"] = sorted(sampler.names)
     report["load_after_job"] = _load()
     if "ceiling_n_processes" in report:

@@ -148,10 +148,10 @@ def tmp_name(final: Path) -> Path:
 class AtomicParquetWriter:
     """A Parquet file written batch by batch to a temporary name, renamed on commit()."""
 
-    def __init__(self, final: Path, schema: pa.Schema):
+    def __init__(self, final: Path, schema: pa.Schema, **options):
         self.final = final
         self.tmp = tmp_name(final)
-        self.writer = pq.ParquetWriter(self.tmp, schema, compression="snappy")
+        self.writer = pq.ParquetWriter(self.tmp, schema, **{"compression": "snappy", **options})
 
     def write(self, table: pa.Table) -> None:
         self.writer.write_table(table)

@@ -65,6 +65,14 @@ STOP_EXIT_CODE = 75
 
 OUTPUT_SCHEMA = pa.schema([("user_id", pa.string()), ("task", pa.string()), ("rank", pa.int16()),
                            ("tag", pa.string()), ("score", pa.float32())])
+# What the actor hands the Parquet writer: the string columns as dictionaries (indices into the batch's
+# user ids, the task names, the tag catalogue), written as Parquet dictionary pages without hashing 40
+# strings per user; no Arrow schema is stored, so readers see OUTPUT_SCHEMA's plain strings.
+# Statistics only on the numeric columns (min/max of unsorted ids would not prune anything).
+_WRITE_SCHEMA = pa.schema([("user_id", pa.dictionary(pa.int32(), pa.string())),
+                           ("task", pa.dictionary(pa.int8(), pa.string())), ("rank", pa.int16()),
+                           ("tag", pa.dictionary(pa.int32(), pa.string())), ("score", pa.float32())])
+_WRITE_OPTIONS = {"store_schema": False, "write_statistics": ["rank", "score"]}
 REJECT_SCHEMA = pa.schema([("user_id", pa.string()), ("field", pa.string()), ("reason", pa.string())])
 
 
@@ -125,7 +133,8 @@ class PartWorker:
     def __init__(self, manifest, blobs: dict[str, bytes], job: dict[str, Any]):
         from service.model_loader import build_model, limit_blas_threads
         self.job = job
-        limit_blas_threads(job["ort_threads"])     # numpy's scoring GEMMs: one core per actor as well
+        # numpy's scoring GEMMs: one core per actor as well (OpenBLAS would start a thread per core)
+        self.blas_capped = limit_blas_threads(job["ort_threads"])
         self.model = build_model(manifest, blobs, job["provider"], job["ort_threads"])
         self.encoder = ColumnarEncoder(self.model.schema)
         self.columns = ["user_id"] + self.model.schema.names
@@ -141,16 +150,16 @@ class PartWorker:
                                        job["key_prefix"], job.get("redis_ttl_s"))
 
     def output_table(self, uids: pa.Array, ranked: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
-        """Rows ordered by user, then task, then rank."""
+        """Rows ordered by user, then task, then rank (string columns dictionary-encoded, see _WRITE_SCHEMA)."""
         n, T, k = len(uids), len(ranked), self.k
-        idx = np.stack([r[0] for r in ranked], axis=1).reshape(-1)              # [n, T, k] flattened
+        idx = np.stack([r[0] for r in ranked], axis=1).reshape(-1).astype(np.int32)   # [n, T, k] flattened
         scores = np.stack([r[1] for r in ranked], axis=1).reshape(-1).astype(np.float32)
-        user_rows = np.repeat(np.arange(n), T * k)
-        task_rows = np.tile(np.repeat(np.arange(T), k), n)
+        user_rows = np.repeat(np.arange(n, dtype=np.int32), T * k)
+        task_rows = np.tile(np.repeat(np.arange(T, dtype=np.int8), k), n)
         rank = np.tile(np.arange(1, k + 1, dtype=np.int16), n * T)
-        return pa.Table.from_arrays([uids.take(pa.array(user_rows)), self.task_arr.take(pa.array(task_rows)),
-                                     pa.array(rank), self.tag_arr.take(pa.array(idx)), pa.array(scores)],
-                                    schema=OUTPUT_SCHEMA)
+        dict_ = pa.DictionaryArray.from_arrays
+        return pa.Table.from_arrays([dict_(user_rows, uids), dict_(task_rows, self.task_arr), pa.array(rank),
+                                     dict_(idx, self.tag_arr), pa.array(scores)], schema=_WRITE_SCHEMA)
 
     def tag_batch(self, batch: pa.RecordBatch) -> "BatchResult":
         enc = self.encoder.encode(batch)
@@ -170,7 +179,7 @@ class PartWorker:
 
     def run(self, part: Part) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
-        writer = AtomicParquetWriter(self.dir.tags_file(part), OUTPUT_SCHEMA)
+        writer = AtomicParquetWriter(self.dir.tags_file(part), _WRITE_SCHEMA, **_WRITE_OPTIONS)
         users = rows = 0
         rejects: list[tuple] = []
         try:
@@ -198,7 +207,7 @@ class PartWorker:
                  "redis_users": users if self.redis is not None else 0,
                  "seconds": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - c0, 3),
                  "pid": os.getpid(),
-                 "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "provider": self.model.provider}
+                 "blas_capped": self.blas_capped, "provider": self.model.provider}
         write_json_atomic(self.dir.marker(part), stats)
         return stats
 
@@ -324,13 +333,12 @@ def _run_parts(cfg: TagAllConfig, manifest, blobs, pending: list[Part], total: i
         model_ref = ray.put((manifest, blobs))
         ds = ray.data.from_items([part_to_dict(p) for p in pending], override_num_blocks=len(pending))
         # Ray Data's actor defaults restart a dead actor and retry its part (parts are idempotent).
-        threads = str(cfg.ort_threads)   # numpy's BLAS too: one core per actor, no oversubscription
+        # No runtime_env: the workers Ray pre-starts become the actors (numpy's BLAS threads are capped
+        # in the actor itself, see PartWorker).
         ds = ds.map_batches(PartTagger, batch_size=1, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.ort_threads,
                             num_gpus=1 if cfg.provider == "cuda" else None,
-                            fn_constructor_kwargs={"model_ref": [model_ref], "job": job},
-                            runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-                                                      "MKL_NUM_THREADS": threads}})
+                            fn_constructor_kwargs={"model_ref": [model_ref], "job": job})
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
         finished = 0
         with tqdm(total=total, initial=initial, unit="user", unit_scale=True, desc="tag-all",

@@ -20,7 +20,7 @@ pytest.importorskip("ray")
 pytest.importorskip("onnxruntime")
 
 from batch.encode import ColumnarEncoder  # noqa: E402
-from batch.tag_all import STOP_AFTER_ENV, STOP_EXIT_CODE, TagAllConfig, run  # noqa: E402
+from batch.tag_all import OUTPUT_SCHEMA, STOP_AFTER_ENV, STOP_EXIT_CODE, TagAllConfig, run  # noqa: E402
 from model_export.contract import read_bundle  # noqa: E402
 from mvke.features import FeatureError, FeatureSchema  # noqa: E402
 
@@ -334,6 +334,7 @@ def test_row_counts_and_rejects(job, tiny, users_dir):
     n_in = users.num_rows + 5
     rejected = len(expected)
     table = _read_tags(out)
+    assert table.schema.remove_metadata().equals(OUTPUT_SCHEMA)     # plain strings, not dictionaries
     assert summary["input_rows"] == n_in and summary["rejected"] == rejected
     assert summary["users"] == n_in - rejected
     assert table.num_rows == (n_in - rejected) * len(tasks) * K == summary["rows"]
