@@ -39,6 +39,19 @@ def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
 
+_PARTS: tuple | None = None
+
+
+def _route_parts() -> tuple:
+    """(render, validate_request, ServiceError) of service.app, imported on first use (no import cycle)."""
+    global _PARTS
+    if _PARTS is None:
+        from service.app import render, validate_request
+        from service.tagger import ServiceError
+        _PARTS = (render, validate_request, ServiceError)
+    return _PARTS
+
+
 class FastRequest:
     """The parsed body of a tagging request (the attributes `validate_request` reads from TagRequest)."""
 
@@ -195,8 +208,7 @@ class EdgeMiddleware:
                 return [{"type": "http.request", "body": body, "more_body": False}]
         else:
             req = FastRequest()
-        from service.app import render, validate_request
-        from service.tagger import ServiceError
+        render, validate_request, ServiceError = _route_parts()
         try:
             job = validate_request(svc, user_id, req)
             out = orjson.dumps(render(await svc.tag(job)))
