@@ -78,7 +78,8 @@ def sample_features(redis_url: str, user_ids: Sequence[str], n: int = 50, prefix
         out = []
         for uid in picks:
             row = r.hgetall(f"{prefix}:user:{uid}")
-            out.append({k: (v.split("|") if "|" in v else v) for k, v in row.items()})
+            # hash fields starting with "_" are the loader's bookkeeping (e.g. _loaded_at), not features
+            out.append({k: (v.split("|") if "|" in v else v) for k, v in row.items() if not k.startswith("_")})
         return out
     finally:
         r.close()
