@@ -278,7 +278,11 @@ def run(cfg: TagAllConfig) -> dict:
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     t0 = time.perf_counter()
-    files = list_inputs(cfg.users)
+    out_root = Path(cfg.out).resolve()
+    # an --out inside the --users directory must not read its own results back as users on a rerun
+    files = [f for f in list_inputs(cfg.users) if not f.resolve().is_relative_to(out_root)]
+    if not files:
+        raise FileNotFoundError(f"{cfg.users}: no input .parquet files outside --out")
     parts = plan_parts(files, cfg.part_rows)
     manifest, blobs = load_model_source(cfg)
     jd = JobDir(cfg.out)

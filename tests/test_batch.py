@@ -393,6 +393,19 @@ def test_finished_job_rerun_is_a_no_op_and_other_arguments_are_refused(job):
         run(replace(cfg, top_k=K + 1))
 
 
+def test_output_inside_the_input_directory_is_not_read_back(ray_session, tiny, users_dir, tmp_path):
+    import shutil
+    b, *_ = tiny
+    users = tmp_path / "users"
+    users.mkdir()
+    shutil.copy(users_dir[0] / "b_bad.parquet", users / "b_bad.parquet")
+    cfg = TagAllConfig(users=str(users), out=str(users / "tagged"), bundle=str(b), top_k=K, workers=1,
+                       progress=False)
+    first = run(cfg)
+    again = run(cfg)       # tagged/tags/*.parquet are not users: same input, nothing to do
+    assert (first["users"], first["rejected"], again["parts_this_run"]) == (1, 4, 0)
+
+
 def test_killed_job_restarts_without_duplicates(ray_session, tiny, users_dir, job, tmp_path):
     """Stop the job (in a subprocess) after 2 of 26 parts, rerun: every user exactly K rows per task."""
     from batch.parts import list_inputs, plan_parts
