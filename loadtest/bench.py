@@ -255,6 +255,7 @@ class Bench:
                 "duration_s": self.dur, "warmup_s": self.warm, "quick": a.quick}
 
     def soak(self, svc: Server, reqs: list, peak: float) -> dict:
+        """Paced load at 70% of `peak` for --soak seconds; RSS of every worker sampled every 10 s."""
         rate = 0.7 * peak
         self.log(f"soak: {self.a.soak:.0f}s at {rate:.0f} req/s (70% of peak {peak:.0f})")
         samples: list[tuple[float, list[float]]] = []
@@ -346,7 +347,8 @@ def report(res: dict, targets: dict) -> tuple[str, list[dict]]:
                      f"{fmt_status(sk['result']['status'])}; RSS after 10 s {sk['rss_first_mb']} MB, at the end "
                      f"{sk['rss_last_mb']} MB (growth {sk['growth_mb']} MB); server alive: {sk['alive']}.")
     else:
-        lines.append("Soak: not run in this invocation (`--soak 600`).")
+        lines.append("Soak: not run in this invocation (`--soak 600`, or `--soak-only --soak 600`: "
+                     "see the soak section).")
     lines += ["", "Hot-path steps in process (us per user, from the service's step timers):", "",
               "| batch | " + " | ".join(["fetch", "encode", "tower", "score", "rank"]) + " |", "|---:|---:|---:|---:|---:|---:|"]
     for b, st in res["steps"].items():
@@ -418,11 +420,49 @@ def write_markdown(path: Path, body: str, marker: str = "bench") -> None:
     path.write_text(text)
 
 
+def soak_only(a: argparse.Namespace) -> int:
+    """Service alone: its peak at c32 with a mixed workload, then the soak at 70% of it."""
+    b = Bench(a)
+    started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), loadavg()
+    paths = ensure_data(Path(a.work), b.log)
+    ids = dataset_user_ids(paths["data"])
+    redis = start_redis()
+    try:
+        publish(redis.url, paths["bundle_mvke"])
+        load_features(redis.url, paths["data"])
+        from loadtest.harness import sample_features
+        mix = make_requests(ids, 8192, zipf=1.0, topk_mix="5:0.2,20:0.6,50:0.2", new_share=0.05,
+                            feature_examples=sample_features(redis.url, ids, 50), seed=2)
+        from service.settings import Settings
+        workers = a.workers or Settings().workers
+        with Server.service(redis.url, workers=workers, log=b.logs / "soak-service.log") as svc:
+            peak = b.load(svc, f"service mvke-mt ({workers}w), mixed", 32, mix)["ok_qps"]
+            soak = b.soak(svc, mix, peak)
+    finally:
+        redis.stop()
+    r = soak["result"]
+    text = (f"Soak {started}: `python -m loadtest.bench --soak-only --soak {a.soak:g}`, {workers} worker(s), load "
+            f"average before {load_before}, after {loadavg()}. Mixed workload (users Zipf 1.0, top_k 5/20/50 at "
+            f"20/60/20%, 5% new users with body features). Peak at c32 {peak:,.0f} QPS; soak paced at "
+            f"{soak['rate']:,.0f} req/s (70%) on 32 connections for {soak['seconds']:.0f} s: achieved {r['qps']:,.0f}"
+            f" QPS, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, non-200 {fmt_status(r['status'])}.\n\n"
+            f"RSS per worker (MB) after 10 s {soak['rss_first_mb']}, at the end {soak['rss_last_mb']}: growth "
+            f"{soak['growth_mb']} MB; server alive at the end: {soak['alive']}.\n\n"
+            "| t (s) | RSS per worker (MB) |\n|---:|---|\n"
+            + "\n".join(f"| {t:g} | {', '.join(f'{x:.1f}' for x in v)} |" for t, v in soak["rss_samples"]))
+    print("\n" + text)
+    out = Path(a.out)
+    write_markdown(out, text, marker="soak")
+    out.with_name("soak.json").write_text(json.dumps({"started": started, "peak": peak, **soak}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 s per row instead of 12 s (a smoke run)")
     p.add_argument("--duration", type=float, help="seconds measured per row (overrides --quick)")
     p.add_argument("--soak", type=float, default=0.0, help="also soak the service this many seconds at 70%% of peak")
+    p.add_argument("--soak-only", action="store_true", help="only the soak (service alone; its own section)")
     p.add_argument("--workers", type=int, help="uvicorn workers of the service (default: the service's default)")
     p.add_argument("--work", default="/tmp/lt", help="dataset, checkpoints and bundles (built when missing)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "performance.md"))
@@ -432,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.soak_only:
+        if not a.soak:
+            raise SystemExit("--soak-only needs --soak SECONDS")
+        return soak_only(a)
     res = Bench(a).run()
     targets = yaml.safe_load(Path(a.targets).read_text())["bench"]
     text, checks = report(res, targets)
