@@ -190,6 +190,15 @@ def run(a: argparse.Namespace) -> dict:
                     report.setdefault("cuda_session_providers", {})[f"tf32={tf32}"] = s.get_providers()
                 except Exception as e:  # noqa: BLE001
                     report.setdefault("cuda_session_errors", []).append(f"tf32={tf32}: {e}")
+            if not cuda_sessions:  # an onnxruntime without the use_tf32 option: its defaults
+                try:
+                    s = ort.InferenceSession(blobs["user_tower.onnx"],
+                                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                    report.setdefault("cuda_session_providers", {})["default"] = s.get_providers()
+                    if s.get_providers()[0] == "CUDAExecutionProvider":
+                        cuda_sessions["ort-cuda"] = s
+                except Exception as e:  # noqa: BLE001
+                    report.setdefault("cuda_session_errors", []).append(f"default options: {e}")
         report["ort_cuda_runs"] = bool(cuda_sessions)
         log(f"ONNX Runtime CUDA provider actually runs: {bool(cuda_sessions)}")
 

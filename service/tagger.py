@@ -195,6 +195,7 @@ class Tagger:
         t3 = time.perf_counter()
         steps["score"].observe(t3 - t2)
         tags, version, model_name = model.tags, model.version, model.manifest.model
+        tag_of = tags.__getitem__
         for row, job in enumerate(kept):
             ranked = {}
             for task in job.tasks:
@@ -206,7 +207,7 @@ class Tagger:
                     ranked[task] = [(tags[t], p) for n, (t, p) in enumerate(zip(ii, pp))
                                     if (ok is None or ok[n]) and (lo is None or p >= lo)]
                 else:
-                    ranked[task] = [(tags[t], p) for t, p in zip(ii, pp)]
+                    ranked[task] = list(zip(map(tag_of, ii), pp))
             out[keep[row]] = TagResult(job.user_id, version, model_name, job.source, ranked)
         steps["rank"].observe(time.perf_counter() - t3)
         return out  # type: ignore[return-value]

@@ -254,3 +254,56 @@ def test_bench_report_from_a_canned_result(tmp_path):
     write_markdown(md, text.replace("4,000", "4,001"))
     out = md.read_text()
     assert "hand-written notes" in out and out.count("<!-- bench:begin -->") == 1 and "4,001" in out
+
+
+# ---------------------------------------------------------------------------
+# the batcher (deque + one timer per request)
+# ---------------------------------------------------------------------------
+def test_batcher_coalesces_sheds_and_times_out():
+    import asyncio
+
+    from service.batcher import DynamicBatcher
+    from service.metrics import ServiceMetrics
+    from service.tagger import ServiceError, TagJob
+
+    class SlowTagger:
+        def __init__(self):
+            self.batches: list[int] = []
+            self.gate = asyncio.Event()
+
+        async def process(self, jobs):
+            self.batches.append(len(jobs))
+            await self.gate.wait()
+            return [f"ok:{j.user_id}" for j in jobs]
+
+    def job(uid: str) -> TagJob:
+        return TagJob(uid, None, 5, ["interest"], None, [])
+
+    async def scenario():
+        tagger, metrics = SlowTagger(), ServiceMetrics()
+        b = DynamicBatcher(tagger, metrics, max_batch_size=4, max_wait_ms=0, max_queue=6, timeout_s=0.3)
+        await b.start()
+        first = asyncio.ensure_future(b.submit(job("a")))          # taken alone, then blocks in process
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(b.submit(job(f"u{i}"))) for i in range(6)]  # queued (max_queue 6)
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServiceError) as full:
+            await b.submit(job("over"))
+        assert full.value.status == 503 and "overloaded" in full.value.message
+        rest[0].cancel()                                           # its caller went away
+        tagger.gate.set()
+        assert await first == "ok:a"
+        got = await asyncio.gather(*rest[1:])
+        assert got == [f"ok:u{i}" for i in range(1, 6)]
+        assert tagger.batches[0] == 1 and max(tagger.batches) <= 4 and sum(tagger.batches) == 6
+        # a request stuck longer than timeout_s gets a 503 and the timer is counted
+        tagger.gate.clear()
+        with pytest.raises(ServiceError) as slow:
+            await b.submit(job("slow"))
+        assert slow.value.status == 503 and "timed out" in slow.value.message
+        tagger.gate.set()
+        await b.stop()
+        samples = {(s.name, s.labels.get("reason")): s.value for m in metrics.registry.collect() for s in m.samples}
+        assert samples[("mvke_shed_total", "queue_full")] == 1 and samples[("mvke_shed_total", "timeout")] == 1
+
+    asyncio.run(scenario())
