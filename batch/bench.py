@@ -157,7 +157,8 @@ class RssSampler(threading.Thread):
         self.every = every
         self.stop = threading.Event()
         self.cpu0 = sum(self.me.cpu_times()[:2])
-        self.cpu = {}                 # pid -> (name, user+system seconds), last seen
+        self.cpu = {}                 # pid -> (group, user+system seconds), last seen
+        self.cpu_names = {}           # pid -> (process name, user+system seconds)
         self.names: set[str] = set()
         self.peak = {"driver_plus_actors_mb": 0, "driver_plus_all_workers_mb": 0, "all_processes_mb": 0,
                      "driver_mb": 0, "per_actor_max_mb": 0, "actors": 0, "idle_workers": 0}
@@ -190,6 +191,7 @@ class RssSampler(threading.Thread):
             if g == "actor":
                 amax = max(amax, r)
             self.cpu[c.pid] = (g, cpu)
+            self.cpu_names[c.pid] = (name.split("(")[0].split(".")[0], cpu)
         pk = self.peak
         pk["driver_plus_actors_mb"] = max(pk["driver_plus_actors_mb"], round((driver + rss["actor"]) / mb))
         pk["driver_plus_all_workers_mb"] = max(pk["driver_plus_all_workers_mb"],
@@ -199,6 +201,12 @@ class RssSampler(threading.Thread):
         pk["per_actor_max_mb"] = max(pk["per_actor_max_mb"], round(amax / mb))
         pk["actors"] = max(pk["actors"], count["actor"])
         pk["idle_workers"] = max(pk["idle_workers"], count["idle"])
+
+    def cpu_by_name(self) -> dict:
+        out: dict[str, float] = {}
+        for name, cpu in self.cpu_names.values():
+            out[name] = out.get(name, 0.0) + cpu
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def cpu_by_group(self) -> dict:
         out: dict[str, float] = {}
@@ -295,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "actor_cpu_outside_parts_s": round(cpu.get("actor", 0.0) - part_cpu, 1),
                      # driver, Ray's processes, actor start-up (imports, model load): all not tagging users
                      "share_outside_parts": round(1 - part_cpu / total_cpu, 3) if total_cpu else None}
-    report["process_names"] = sorted(sampler.names)
+    report["cpu_s_by_process_name"] = sampler.cpu_by_name()
     report["load_after_job"] = _load()
     if "ceiling_n_processes" in report:
         ceil = report["ceiling_n_processes"]["users_per_s"]
@@ -303,6 +311,12 @@ def main(argv: list[str] | None = None) -> dict:
         report["ratio_to_ceiling_excl_ray_init"] = round(report["job"]["users_per_s_excl_ray_init"] / ceil, 3)
         report["ratio_to_in_process_with_io"] = round(
             report["job"]["users_per_s_excl_ray_init"] / report["in_process_with_io_n_processes"]["users_per_s"], 3)
+        # load-independent: CPU per user of the compute loop (or of the same work with I/O) over the CPU per
+        # user of the whole Ray job, every process included (1.0 = Ray costs nothing)
+        all_cpu = report["cpu"]["us_per_user_all_processes"]
+        report["cpu_efficiency_vs_ceiling"] = round(report["ceiling_n_processes"]["us_cpu_per_user"] / all_cpu, 3)
+        report["cpu_efficiency_vs_in_process_with_io"] = round(
+            report["in_process_with_io_n_processes"]["us_cpu_per_user"] / all_cpu, 3)
     text = json.dumps(report, indent=1)
     print(text)
     if a.json:
