@@ -4,8 +4,9 @@ The service's hot path (service/tagger.py) is: ONNX tower -> `task_logits`
 (all tags of a task, two GEMMs) -> `top_k_logits` (one argpartition over the
 batch) -> `sigmoid` of the K winners only. `rank_batch` calls exactly those
 functions from model_export/scoring.py; the only difference is that it walks
-a large batch in chunks of `SCORE_CHUNK` users, so the [chunk, T] arrays stay
-in cache (measured: ~20% less CPU per user than scoring 4,096 users at once).
+a large batch in chunks of `SCORE_CHUNK` users (measured on the default model:
+the ONNX tower takes 11.0 instead of 13.5 us of CPU per user at 512 than at
+4,096; the [chunk, T] score arrays stay in cache).
 A chunk is just a smaller batch: the same tags and, up to float rounding of
 the GEMMs, the same scores as a request for the same user.
 """
