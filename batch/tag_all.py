@@ -6,11 +6,11 @@ products per batch of users. This job does that for a whole user table:
 
     users.parquet --plan--> parts (row ranges, numbered)
         ray.data.from_items(pending parts)
-        .map_batches(PartTagger, concurrency=N actors, 1 CPU each)
+        .map_batches(PartTagger, ActorPoolStrategy(size=N actors), 1 CPU each)
             per part: read Parquet in batches -> vectorised encode (batch/encode.py)
                       -> ONNX user tower (one ORT session per actor, 1 thread)
-                      -> task_scores for every tag of every task (model_export/scoring.py)
-                      -> top K per task (batch/rank.py) -> Parquet (+ Redis)
+                      -> logits of every tag of every task, top K, probabilities of the K
+                         (model_export/scoring.py via batch/rank.py) -> Parquet (+ Redis)
         driver: progress bar, markers, summary
 
 The model comes from a bundle directory or from Redis (the active version, read
@@ -21,10 +21,12 @@ code the service uses, so batch and online answers agree.
 Why the actor reads and writes its part itself instead of `ray.data.read_parquet`
 -> map_batches -> `write_parquet`: a part is the unit of resumption, so its rows
 must not be re-blocked across actors; and keeping features and tags inside the
-actor moves only part descriptors and counts through the object store (on one
-machine, Ray's overhead stays a few percent of the in-process rate). Memory is
-bounded by one batch per actor whatever the number of users: a part is read in
-`batch_size` row batches and written row group by row group.
+actor moves only part descriptors and counts through the object store: per user,
+an actor costs the same CPU as the same loop without Ray, and Ray's cost is a
+fixed ~12 CPU-seconds per job (start-up, Ray Data's helper actors; figures in
+docs/results/batch_tagging.md). Memory is bounded by one batch per actor
+whatever the number of users: a part is read in `batch_size` row batches and
+written row group by row group.
 
 Resumable: each finished part writes its Parquet file(s) atomically and then a
 done marker (layout in batch/parts.py); a rerun with the same arguments skips
