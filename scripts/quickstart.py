@@ -11,6 +11,7 @@ MVKE_PRIVATE_REDIS=1 (always start the private redis-server, even if one answers
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+print = functools.partial(print, flush=True)  # noqa: A001  (progress must show up even when piped)
 MVKE = [sys.executable, "-m", "mvke.cli"]
 
 
