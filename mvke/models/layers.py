@@ -45,8 +45,14 @@ class ModelConfig:
         gate: MVKE gate, "projected" (paper eq. 7: Q(E_T).K(VK)/sqrt(d)) or "dot"
             (authors' code: plain E_T . VK).
         gate_value: apply a per-task linear V(.) to the expert outputs in the gate.
-        activation: the sigma of eq. 4.
+        activation: activation of every MLP tower (MVKE's expert towers, the baselines' towers).
+        attn_activation: the sigma of eq. 4 on MVKE's attention projections (Q, K, V of the
+            experts, Q and K of a projected gate); None = same as `activation`.
         init_scale: initial cosine temperature s.
+        kernel_init: std of the normal initialisation of MVKE's virtual kernels (0.01 in the
+            authors' code).
+        field_norm: baselines only: LayerNorm each field embedding before the towers (MVKE's
+            "fields" attention normalises its input this way); off by default, for ablations.
     """
 
     name: str = "mvke-mt"
@@ -67,8 +73,11 @@ class ModelConfig:
     gate: str = "projected"
     gate_value: bool = True
     activation: str = "relu"
+    attn_activation: str | None = None
     dropout: float = 0.0
     init_scale: float = 5.0
+    kernel_init: float = 0.01
+    field_norm: bool = False
 
     @property
     def num_fields(self) -> int:
@@ -246,13 +255,14 @@ class MixedUserTagger(TwoTowerTagger):
         self.embedding = FieldEmbedding(cfg.num_ids, cfg.embed_dim)
         self.tag_tower = TagTower(cfg, self.tasks)
         self.flat_dim = cfg.num_fields * cfg.embed_dim
+        self.field_norm = nn.LayerNorm(cfg.embed_dim) if cfg.field_norm else nn.Identity()
 
     def task_embeddings(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per task user embedding [B, D] from the flattened field embeddings [B, F*d]."""
         raise NotImplementedError
 
     def user_vectors(self, cat_ids, multi_ids):
-        flat = self.embedding(cat_ids, multi_ids).flatten(1)            # [B, F*d]
+        flat = self.field_norm(self.embedding(cat_ids, multi_ids)).flatten(1)  # [B, F*d]
         return [e.unsqueeze(1) for e in self.task_embeddings(flat)]     # per task [B, 1, D]
 
     def tag_vectors(self, tag_ids):

@@ -58,12 +58,12 @@ class VirtualKernelExperts(nn.Module):
         super().__init__()
         d, a, K, F = cfg.embed_dim, cfg.attn_dim, cfg.experts, cfg.num_fields
         self.mode = cfg.attention
-        self.kernels = nn.Parameter(torch.randn(K, cfg.tag_dim if cfg.gate == "dot" else d) * 0.01)
+        self.kernels = nn.Parameter(torch.randn(K, cfg.tag_dim if cfg.gate == "dot" else d) * cfg.kernel_init)
         self.q = nn.Linear(self.kernels.shape[1], a)
         # K and V of all fields in one matmul (one MatMul node instead of two in ONNX).
         v_dim = d
         self.kv = nn.Linear(d, a + v_dim)
-        self.act = ACTIVATIONS[cfg.activation]()
+        self.act = ACTIVATIONS[cfg.attn_activation or cfg.activation]()
         self.attn_dim = a
         if self.mode == "fields":
             self.norm = nn.LayerNorm(d)
@@ -101,7 +101,7 @@ class VirtualKernelGate(nn.Module):
         if self.mode == "projected":
             self.q = nn.Linear(cfg.out_dim, cfg.attn_dim)
             self.k = nn.Linear(kernel_dim, cfg.attn_dim)
-            self.act = ACTIVATIONS[cfg.activation]()
+            self.act = ACTIVATIONS[cfg.attn_activation or cfg.activation]()
         elif self.mode == "dot":
             self.proj = nn.Linear(cfg.out_dim, kernel_dim, bias=False)
         else:
