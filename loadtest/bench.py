@@ -195,7 +195,7 @@ class Bench:
             self.log("published both models and loaded the feature store")
             from service.settings import Settings
             defaults = Settings()
-            workers = a.workers or defaults.workers
+            workers = a.workers or defaults.worker_count()
             info = {"workers": workers, "max_batch_size": defaults.max_batch_size, "max_wait_ms": defaults.max_wait_ms,
                     "ort_threads": defaults.ort_threads(), "redis_pool_size": defaults.redis_pool_size,
                     "compute_offload_min_batch": defaults.compute_offload_min_batch,
@@ -434,7 +434,7 @@ def soak_only(a: argparse.Namespace) -> int:
         mix = make_requests(ids, 8192, zipf=1.0, topk_mix="5:0.2,20:0.6,50:0.2", new_share=0.05,
                             feature_examples=sample_features(redis.url, ids, 50), seed=2)
         from service.settings import Settings
-        workers = a.workers or Settings().workers
+        workers = a.workers or Settings().worker_count()
         with Server.service(redis.url, workers=workers, log=b.logs / "soak-service.log") as svc:
             peak = b.load(svc, f"service mvke-mt ({workers}w), mixed", 32, mix)["ok_qps"]
             soak = b.soak(svc, mix, peak)

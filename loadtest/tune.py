@@ -25,10 +25,10 @@ VARIANTS: list[tuple[str, int, dict[str, str]]] = [
     ("2 workers", 2, {}),
     ("3 workers", 3, {}),
     ("batching off", 0, {"MVKE_BATCHING": "false"}),
-    ("max_batch_size 16", 0, {"MVKE_MAX_BATCH_SIZE": "16"}),
+    ("max_batch_size 8", 0, {"MVKE_MAX_BATCH_SIZE": "8"}),
     ("max_batch_size 32", 0, {"MVKE_MAX_BATCH_SIZE": "32"}),
+    ("max_batch_size 64", 0, {"MVKE_MAX_BATCH_SIZE": "64"}),
     ("max_batch_size 128", 0, {"MVKE_MAX_BATCH_SIZE": "128"}),
-    ("max_batch_size 256", 0, {"MVKE_MAX_BATCH_SIZE": "256"}),
     ("max_wait_ms 1", 0, {"MVKE_MAX_WAIT_MS": "1"}),
     ("max_wait_ms 3", 0, {"MVKE_MAX_WAIT_MS": "3"}),
     ("ORT threads 2", 0, {"MVKE_ORT_INTRA_THREADS": "2"}),
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = dataset_user_ids(paths["data"])
     reqs = make_requests(ids, 8192, topk_mix="20:1", seed=1)
     from service.settings import Settings
-    default_workers = Settings().workers
+    default_workers = Settings().worker_count()
     only = set(a.only.split(",")) if a.only else None
     redis = start_redis()
     results = []

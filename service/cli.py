@@ -12,7 +12,7 @@ def _serve(a: argparse.Namespace) -> None:
     if a.workers:
         os.environ["MVKE_WORKERS"] = str(a.workers)
     settings = Settings()
-    uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=settings.workers,
+    uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=settings.worker_count(),
                 loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower(),
                 timeout_keep_alive=30, backlog=2048)
 
@@ -21,5 +21,5 @@ def register(sub) -> None:
     s = sub.add_parser("serve", help="serve POST /users/{id}/tags (settings from MVKE_* env, REDIS_URL)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--workers", type=int, help="uvicorn worker processes (default MVKE_WORKERS or 1)")
+    s.add_argument("--workers", type=int, help="uvicorn worker processes (default MVKE_WORKERS, else one per CPU)")
     s.set_defaults(func=_serve)
