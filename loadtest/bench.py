@@ -201,7 +201,7 @@ class Bench:
                     "compute_offload_min_batch": defaults.compute_offload_min_batch,
                     "fast_path": defaults.fast_path, "batching": defaults.batching}
 
-            # b. the service (mvke-mt), default settings
+            # b. the service (mvke-mt), default settings, then with the other worker count
             svc = Server.service(redis_mt.url, workers=workers, log=self.logs / "service.log").start()
             servers.append(svc)
             rss_idle = svc.rss_mb()
@@ -214,7 +214,8 @@ class Bench:
             other = 2 if workers == 1 else 1
             svc2 = Server.service(redis_mt.url, workers=other, log=self.logs / "service.log").start()
             servers.append(svc2)
-            self.load(svc2, f"service mvke-mt ({other}w)", 32, reqs)
+            for c in (1, 32, 128, 256):
+                self.load(svc2, f"service mvke-mt ({other}w)", c, reqs)
             svc2.stop()
 
             # e. nomtl in the same service
@@ -225,7 +226,7 @@ class Bench:
             svc3.stop()
 
             # c. the HTTP ceiling
-            for w in sorted({workers, 2}):
+            for w in sorted({1, 2, workers}):
                 empty = Server.asgi("loadtest.empty_app:app", workers=w, log=self.logs / "empty.log").start()
                 servers.append(empty)
                 for c in (1, 32):
@@ -243,7 +244,7 @@ class Bench:
             # a. in-process ceiling (servers down: the CPU is its own)
             self.log("in-process ceiling")
             ceiling = inprocess(redis_mt.url, ids, (1, 256), 2.0 if a.quick else 5.0)
-            steps = {b: step_breakdown(redis_mt.url, ids, b, 200 if b == 1 else 20) for b in (1, 64, 256)}
+            steps = {b: step_breakdown(redis_mt.url, ids, b, 200 if b == 1 else 40) for b in (1, 16, 256)}
         finally:
             for s in servers:
                 s.stop()

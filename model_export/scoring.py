@@ -52,11 +52,10 @@ class TaskTagSide:
         return self.gates.shape[0]
 
 
-def task_logits(values: np.ndarray, side: TaskTagSide) -> np.ndarray:
-    """values [B, K, D] (this task's expert outputs) -> logits [B, T] (a new array the caller may modify).
+def task_cosines(values: np.ndarray, side: TaskTagSide) -> np.ndarray:
+    """values [B, K, D] (this task's expert outputs) -> cos(E_u(t), e_t) [B, T] (a new array).
 
-    The elementwise steps run in place on the two [B, T] products (no temporaries of that size);
-    the arithmetic and its order are those of `scale * (num / max(sqrt(max(norm2, 0)), EPS)) + bias`.
+    The elementwise steps run in place on the two [B, T] products (no temporaries of that size).
     """
     B, K, D = values.shape
     num = values.reshape(B, K * D) @ side.W                                # [B, T]
@@ -66,9 +65,16 @@ def task_logits(values: np.ndarray, side: TaskTagSide) -> np.ndarray:
     np.sqrt(norm, out=norm)
     np.maximum(norm, EPS, out=norm)
     np.divide(num, norm, out=num)
-    num *= side.scale
-    num += side.bias
     return num
+
+
+def task_logits(values: np.ndarray, side: TaskTagSide) -> np.ndarray:
+    """values [B, K, D] (this task's expert outputs) -> logits [B, T] (a new array the caller may modify):
+    `scale * (num / max(sqrt(max(norm2, 0)), EPS)) + bias`, the arithmetic in that order."""
+    cos = task_cosines(values, side)
+    cos *= side.scale
+    cos += side.bias
+    return cos
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

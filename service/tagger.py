@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from model_export.contract import Keys
-from model_export.scoring import sigmoid, task_logits, top_k_logits
+from model_export.scoring import sigmoid, task_cosines, task_logits, top_k_logits
 from mvke.features import FeatureError
 from service.metrics import ServiceMetrics
 from service.model_loader import LoadedModel, limit_blas_threads
@@ -183,13 +183,21 @@ class Tagger:
                     k = job.top_k
             if not k:
                 continue
-            logits = task_logits(values[:, spec.slice[0]:spec.slice[1]], model.sides[name])   # [B, T]
+            side = model.sides[name]
+            # With a positive temperature the cosine ranks like the logit, so the scale and bias
+            # are applied to the k kept values only (same arithmetic as task_logits, fewer passes).
+            by_cos = side.scale > 0
+            fn = task_cosines if by_cos else task_logits
+            ranked_on = fn(values[:, spec.slice[0]:spec.slice[1]], side)                # [B, T]
             excluded = False
             for row, job in enumerate(kept):
                 if job.exclude and name in job.tasks:
-                    logits[row, [model.tag_index[t] for t in job.exclude if t in model.tag_index]] = -np.inf
+                    ranked_on[row, [model.tag_index[t] for t in job.exclude if t in model.tag_index]] = -np.inf
                     excluded = True
-            idx, best = top_k_logits(logits, min(k, T))
+            idx, best = top_k_logits(ranked_on, min(k, T))
+            if by_cos:
+                best *= side.scale
+                best += side.bias
             finite = np.isfinite(best).tolist() if excluded else None
             tops[name] = (idx.tolist(), sigmoid(best).tolist(), finite)
         t3 = time.perf_counter()
