@@ -88,29 +88,36 @@ def read_summary(prefix: Path, seconds: float) -> dict:
             "duration_s": seconds}
 
 
-def plot_timeline(prefix: Path, png: Path) -> None:
+def plot_timeline(prefix: Path, png: Path, title: str = "") -> None:
+    """Throughput (per-second from the request counts, and locust's rolling requests/s) and the
+    p50/p95/p99 locust reports (over its recent window) against time."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    t, qps, fails, p50, p95, p99 = [], [], [], [], [], []
+    t, rolling, total, fails, p50, p95, p99 = [], [], [], [], [], [], []
     with open(f"{prefix}_stats_history.csv", newline="") as f:
         for r in csv.DictReader(f):
             if r.get("Name") != "Aggregated":
                 continue
             t.append(int(r["Timestamp"]))
-            qps.append(_float(r["Requests/s"]))
-            fails.append(_float(r["Failures/s"]))
+            rolling.append(_float(r["Requests/s"]))
+            total.append(_float(r["Total Request Count"]))
+            fails.append(_float(r["Total Failure Count"]))
             p50.append(_float(r["50%"]))
             p95.append(_float(r["95%"]))
             p99.append(_float(r["99%"]))
     t0 = t[0] if t else 0
     x = [v - t0 for v in t]
+
+    def per_second(series):
+        return [0.0] + [(b - a) / max(tb - ta, 1) for a, b, ta, tb in zip(series, series[1:], t, t[1:])]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    a1.plot(x, qps, label="requests/s")
-    a1.plot(x, fails, label="failures/s", color="tab:red")
+    a1.plot(x, per_second(total), label="requests/s")
+    a1.plot(x, rolling, label="requests/s (locust, rolling)", linestyle="--")
+    a1.plot(x, per_second(fails), label="failures/s", color="tab:red")
     a1.set_ylabel("per second")
-    a1.legend(loc="upper left")
-    a1.set_title(f"locust run: {prefix.name}")
+    a1.legend(loc="lower right")
+    a1.set_title(f"locust run {title}".strip())
     for series, label in ((p50, "p50"), (p95, "p95"), (p99, "p99")):
         a2.plot(x, series, label=label)
     a2.set_ylabel("latency (ms)")
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = read_summary(prefix, seconds)
     summary["locust_cpu_cores"] = cpu_cores
     summary["locust_processes"] = a.processes
-    plot_timeline(prefix, png)
+    plot_timeline(prefix, png, f"{a.url}, {a.users} users, {seconds:g} s")
     targets = (yaml.safe_load(Path(a.targets).read_text()) or {}).get(a.profile, {})
     checks = check_targets(summary, targets)
     summary["checks"] = checks
