@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="3 s per point instead of 8 s")
     p.add_argument("--only", help="comma-separated variant labels to run (default all)")
     p.add_argument("--concurrency", default="32,256")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep, interleaved (medians reported)")
     p.add_argument("--work", default="/tmp/lt")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "performance.md"))
     a = p.parse_args(argv)
@@ -62,27 +64,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         publish(redis.url, paths["bundle_mvke"])
         load_features(redis.url, paths["data"])
-        for label, workers, env in VARIANTS:
-            if only and label not in only:
-                continue
-            w = workers or default_workers
-            with Server.service(redis.url, workers=w, env=env, log=Path(a.work) / "tune-service.log") as s:
-                for c in conc:
-                    r = run_load(s.port, reqs, c, dur, 1.0)
-                    r.update(variant=label, workers=w, env=env, c=c, rss_mb=s.rss_mb())
-                    results.append(r)
-                    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {label:28} c={c:<4}"
-                          f" {r['qps']:8.0f} QPS p50 {r['p50_ms']:7.2f} p99 {r['p99_ms']:8.2f} {r['status']}",
-                          flush=True)
+        for rnd in range(a.rounds):  # rounds interleave the variants, so a burst of other load hits all
+            for label, workers, env in VARIANTS:
+                if only and label not in only:
+                    continue
+                w = workers or default_workers
+                with Server.service(redis.url, workers=w, env=env, log=Path(a.work) / "tune-service.log") as s:
+                    for c in conc:
+                        r = run_load(s.port, reqs, c, dur, 1.0)
+                        r.update(variant=label, workers=w, env=env, c=c, rss_mb=s.rss_mb(), round=rnd)
+                        results.append(r)
+                        print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {label:34} c={c:<4}"
+                              f" {r['qps']:8.0f} QPS p50 {r['p50_ms']:7.2f} p99 {r['p99_ms']:8.2f} {r['status']}",
+                              flush=True)
     finally:
         redis.stop()
     lines = [f"Tuning sweep {time.strftime('%Y-%m-%d %H:%M')}: {machine()['nproc']} CPUs, load average before "
-             f"{load_before}, after {loadavg()}; {dur:g} s per point after 1 s warm-up, loadtest/loadgen.py, "
-             f"mvke-mt (2 tasks x 1,780 tags, top 20). Each row changes one setting of the defaults.", "",
-             "| variant | workers | c | QPS | p50 ms | p99 ms | non-200 |", "|---|---:|---:|---:|---:|---:|---|"]
+             f"{load_before}, after {loadavg()}; {dur:g} s per point after 1 s warm-up, {a.rounds} round(s) "
+             "interleaving the variants (medians shown, each round's QPS in brackets), loadtest/loadgen.py, "
+             "mvke-mt (2 tasks x 1,780 tags, top 20). Each row changes one setting of the defaults.", "",
+             "| variant | workers | c | QPS (median) | rounds | p50 ms | p99 ms | non-200 |",
+             "|---|---:|---:|---:|---|---:|---:|---|"]
+    groups: dict[tuple[str, int], list[dict]] = {}
     for r in results:
-        lines.append(f"| {r['variant']} | {r['workers']} | {r['c']} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {fmt_status(r['status'])} |")
+        groups.setdefault((r["variant"], r["c"]), []).append(r)
+    for (label, c), rs in groups.items():
+        med = lambda k: statistics.median(x[k] for x in rs)  # noqa: E731
+        status: dict[str, int] = {}
+        for x in rs:
+            for k, v in x["status"].items():
+                status[k] = status.get(k, 0) + v
+        lines.append(f"| {label} | {rs[0]['workers']} | {c} | {med('qps'):,.0f} | "
+                     f"{', '.join(format(x['qps'], ',.0f') for x in rs)} | {med('p50_ms'):.2f} | {med('p99_ms'):.2f} | "
+                     f"{fmt_status(status)} |")
     text = "\n".join(lines)
     print("\n" + text)
     out = Path(a.out)
