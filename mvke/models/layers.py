@@ -70,8 +70,8 @@ class ModelConfig:
     expert_hidden: list[int] = field(default_factory=lambda: [128])
     attn_dim: int = 16
     attention: str = "fields"
-    gate: str = "projected"
-    gate_value: bool = True
+    gate: str = "dot"          # measured: docs/MODELS.md (was "projected")
+    gate_value: bool = False   # measured: docs/MODELS.md (was True)
     activation: str = "relu"
     attn_activation: str | None = None
     dropout: float = 0.0

@@ -17,10 +17,15 @@ measurements):
   slice. This is what the authors' published code does; it keeps the
   identity of every field for the expert tower (eq. 6's "weighted user field
   embeddings"). attention="sum" is eq. 5 taken literally (sum over fields).
-* gate="projected": eq. 7 with Q/K projections and 1/sqrt(d); gate="dot" the
-  published code's plain E_T . VK.
-* sigma = ReLU on the projections (configurable); kernels initialised N(0, 0.01)
-  as in the published code.
+* gate="dot" (default): the published code's gate, softmax over the task's
+  kernels of E_T^T W VK (W a learned projection of the tag embedding to the
+  kernel size), and with gate_value=False (default) no value transform: the
+  gate mixes the expert outputs themselves. gate="projected" is eq. 7 taken
+  literally (Q/K projections with sigma, 1/sqrt(d), a value transform V).
+  The dot gate without value transform measured +0.36 / +0.57 AUC points
+  (CTR / CVR) over eq. 7 on the synthetic data (docs/results/ablation).
+* sigma = ReLU on the attention projections (attn_activation, configurable);
+  kernels initialised N(0, kernel_init = 0.01) as in the published code.
 """
 from __future__ import annotations
 
