@@ -16,7 +16,7 @@ if [ -z "$PY" ]; then
 fi
 OUTDIR=${OUT:-/tmp}
 mkdir -p "$OUTDIR"
-echo "== machine"; nproc; (nvidia-smi || echo "no nvidia-smi") 2>&1 | head -20
+echo "== machine"; nproc; if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1 | head -20; else echo "no nvidia-smi"; fi
 echo "== python: $PY"; "$PY" -c "import sys; print(sys.version)"
 for m in numpy onnxruntime torch onnx onnxscript fastapi pyarrow; do
   "$PY" -c "import $m; print('$m', $m.__version__)" 2>/dev/null || echo "$m: not installed"
