@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger bodies get 413")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
-    workers: int = Field(0, ge=0, description="uvicorn worker processes (mvke serve); 0: one per CPU this "
-                                              "process may use (cgroup quota or affinity)")
+    workers: int = Field(1, ge=0, description="uvicorn worker processes (mvke serve); 0: one per CPU this "
+                                              "process may use (cgroup quota or affinity). 1 measured best on "
+                                              "the shared 2-core machine; 2 won only when nothing else ran")
 
     def worker_count(self) -> int:
         """Worker processes `mvke serve` starts: `workers`, or one per usable CPU when it is 0."""
