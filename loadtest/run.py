@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if not (a.redis or a.users_file or os.environ.get("MVKE_LT_REDIS_URL") or os.environ.get("REDIS_URL")):
+        print("error: no user ids: pass --redis URL (a private feature store), --users-file, or set REDIS_URL",
+              file=sys.stderr)
+        return 2
     seconds = parse_duration(a.duration)
     out = Path(a.out or HERE / "out" / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
