@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections import deque
 
+from service.background import cancel_and_wait
 from service.metrics import ServiceMetrics
 from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
 
@@ -39,12 +40,7 @@ class DynamicBatcher:
         self._task = asyncio.create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for job in self.queue:  # nobody will serve these any more
             if job.future is not None and not job.future.done():
                 job.future.set_result(unavailable("shutting down"))

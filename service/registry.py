@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from model_export.contract import BundleError, Keys, Manifest, verify_files
+from service.background import cancel_and_wait
 from service.metrics import ServiceMetrics
 from service.model_loader import LoadedModel, build_model
 from service.settings import Settings
@@ -37,12 +38,7 @@ class ModelRegistry:
         self._task = asyncio.create_task(self._poll(), name="model-poller")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _poll(self) -> None:
         while True:
