@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from mvke.features import FeatureSchema
+from mvke.runtime.features import FeatureSchema
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 bundle = Path(os.environ["MVKE_STRAIGHT_BUNDLE"])

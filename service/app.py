@@ -119,7 +119,8 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
             kind = model.schema.fields[model.schema.names.index(name)].kind
             if kind == "cat" and isinstance(value, list):
                 raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
-    return TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags)
+    return TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags,
+                  exact=req.exact)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

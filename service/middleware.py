@@ -28,7 +28,7 @@ from service.metrics import ServiceMetrics
 log = logging.getLogger("mvke.service.access")
 KNOWN_ROUTES = {"/healthz", "/readyz", "/metrics", "/model", "/docs", "/openapi.json"}
 TAG_ROUTE = "/users/{user_id}/tags"
-_FIELDS = frozenset(("top_k", "tasks", "min_score", "exclude_tags", "features"))
+_FIELDS = frozenset(("top_k", "tasks", "min_score", "exclude_tags", "features", "exact"))
 _SCALARS = (str, int, float)
 _JSON_CT = b"application/json"
 
@@ -55,12 +55,12 @@ def _route_parts() -> tuple:
 class FastRequest:
     """The parsed body of a tagging request (the attributes `validate_request` reads from TagRequest)."""
 
-    __slots__ = ("top_k", "tasks", "min_score", "exclude_tags", "features")
+    __slots__ = ("top_k", "tasks", "min_score", "exclude_tags", "features", "exact")
 
-    def __init__(self, top_k=None, tasks=None, min_score=None, exclude_tags=None, features=None):
+    def __init__(self, top_k=None, tasks=None, min_score=None, exclude_tags=None, features=None, exact=False):
         self.top_k, self.tasks, self.min_score = top_k, tasks, min_score
         self.exclude_tags = exclude_tags if exclude_tags is not None else []
-        self.features = features
+        self.features, self.exact = features, exact
 
 
 def parse_fast(doc: Any) -> FastRequest | None:
@@ -100,7 +100,10 @@ def parse_fast(doc: Any) -> FastRequest | None:
                 continue
             if tv is not list or any(type(x) not in _SCALARS for x in v):
                 return None
-    return FastRequest(top_k, tasks, min_score, exclude, features)
+    exact = doc.get("exact", False)
+    if type(exact) is not bool:
+        return None
+    return FastRequest(top_k, tasks, min_score, exclude, features, exact)
 
 
 class EdgeMiddleware:

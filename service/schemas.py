@@ -27,6 +27,8 @@ class TagRequest(BaseModel):
     exclude_tags: list[str] = Field(default_factory=list, max_length=2000, description="tags never returned")
     features: dict[str, FeatureValue] | None = Field(
         None, description="raw feature values: for a user not in the feature store, or overriding stored ones")
+    exact: bool = Field(False, description="score every tag exactly, also where the service ranks a large "
+                                           "catalogue's candidates only (MVKE_ANN)")
 
 
 class TagScore(BaseModel):

@@ -150,6 +150,10 @@ class CandidateIndex:
     def nlist(self) -> int:
         return max(index.nlist for index in self.indexes)
 
+    def nbytes(self) -> int:
+        """Memory of the codes, ids and centroids (what the process holds for this index)."""
+        return sum(ix.ntotal * (ix.code_size + 8) + 2 * ix.nlist * ix.d * 4 for ix in self.indexes)
+
     def search(self, values: np.ndarray, n: int) -> np.ndarray:
         """Candidate tag ids [B, n] (-1 pads), best approximate cosine first."""
         B = len(values)
@@ -254,23 +258,23 @@ def candidate_cosines(values: np.ndarray, ids: np.ndarray, unit_emb: np.ndarray,
 
 def chunk_cosines(values: np.ndarray, unit_emb: np.ndarray, gates: np.ndarray,
                   chunk: int = EXACT_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
-    """Exact cosines of every tag, chunk by chunk, from the factors (no [K*D, T] matrix):
-    yields (first tag id of the chunk, cos [B, chunk])."""
+    """Exact cosines of every tag, chunk by chunk, from the factors: yields (first tag id of the
+    chunk, cos [B, chunk]). Each chunk's W and Q are built on the fly (the dense scoring's two
+    GEMMs on `chunk` tags), so no [K*D, T] matrix is ever held."""
     B, K, D = values.shape
-    flat = values.reshape(B * K, D)
-    gram = np.matmul(values, values.transpose(0, 2, 1)).reshape(B * K, K)   # rows (b, k) of G
+    flat = values.reshape(B, K * D)
+    gram = np.matmul(values, values.transpose(0, 2, 1)).reshape(B, K * K)     # [B, K*K]
     for lo in range(0, len(unit_emb), chunk):
-        e, g = unit_emb[lo:lo + chunk], gates[lo:lo + chunk]
-        gt = np.ascontiguousarray(g.T)                                          # [K, n]
-        n = len(e)
-        ve = (flat @ e.T).reshape(B, K, n)                                      # [B, K, n]
-        num = np.einsum("bkn,kn->bn", ve, gt)
-        ga = (gram @ gt).reshape(B, K, n)                                       # (G a_t)_k
-        norm = np.einsum("bkn,kn->bn", ga, gt)
+        g = gates[lo:lo + chunk]
+        w = tag_vectors(gates, unit_emb, lo, lo + chunk)                      # [n, K*D]
+        q = (g[:, :, None] * g[:, None, :]).reshape(len(g), K * K)            # [n, K*K]
+        num = flat @ w.T                                                      # [B, n]
+        norm = gram @ q.T
         np.maximum(norm, 0.0, out=norm)
         np.sqrt(norm, out=norm)
         np.maximum(norm, EPS, out=norm)
-        yield lo, num / norm
+        np.divide(num, norm, out=num)
+        yield lo, num
 
 
 def _merge_top(a: tuple[np.ndarray, np.ndarray] | None, idx: np.ndarray, val: np.ndarray,
