@@ -112,7 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if m is None:
             return json_response({"detail": state.registry.last_error or "no model loaded"}, 503)
         return json_response({**m.manifest.summary(), "provider": m.provider,
-                              "ort_threads": settings.ort_threads(), "batching": settings.batching})
+                              "ort_threads": settings.ort_threads(), "batching": settings.batching,
+                              "serving": settings.serving_summary()})
 
     @app.get("/metrics")
     async def metrics() -> Response:
