@@ -56,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch.parts import (AtomicParquetWriter, JobDir, JobLock, Part, input_fingerprint, iter_part, list_inputs,
+from batch.parts import (AtomicParquetWriter, JobDir, Part, input_fingerprint, iter_part, job_lock, list_inputs,
                          part_from_dict, part_to_dict, plan_parts, write_json_atomic)
 from mvke.runtime.column_encoder import plain_array
 from mvke.runtime.contract import BundleError, read_bundle
@@ -324,7 +324,7 @@ def run(cfg: TagAllConfig) -> dict:
     manifest, blobs = load_model_source(cfg)
     jd = JobDir(cfg.out)
     jd.create()
-    with JobLock(jd.root):
+    with job_lock(jd.root):
         resumed = jd.check_spec(job_spec(cfg, manifest, files, parts))
         jd.clean_tmp()
         done = jd.finished()

@@ -468,6 +468,7 @@ def _names(report: dict) -> set[str]:
     return {re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower() for i in report["install"]}
 
 
+@pytest.mark.slow
 def test_service_extra_resolves_without_torch(resolutions):
     names = _names(resolutions["service"])
     assert {"mvke", "onnxruntime", "fastapi", "uvicorn", "redis", "numpy"} <= names, sorted(names)
@@ -476,6 +477,7 @@ def test_service_extra_resolves_without_torch(resolutions):
     assert not heavy, f".[service] pulls {sorted(heavy)}"
 
 
+@pytest.mark.slow
 def test_service_gpu_extra_resolves_without_torch(resolutions):
     names = _names(resolutions["service-gpu"])
     assert {"mvke", "onnxruntime-gpu", "fastapi"} <= names, sorted(names)

@@ -15,6 +15,7 @@ import pytest
 from loadtest.harness import Server, scan_user_ids
 
 
+@pytest.mark.integration
 def test_fast_path_answers_exactly_like_fastapi(served):
     """Status, headers and body bytes of the fast path == the FastAPI route (MVKE_FAST_PATH=false)."""
     import httpx

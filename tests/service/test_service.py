@@ -30,6 +30,8 @@ from model_export.publish import publish
 from mvke.localredis import LocalRedis, free_port
 from service.settings import Settings
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 ROUTE = "/users/{}/tags"
 
