@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+EXTRA = "batch"   # the pyproject extra these commands need (named by `mvke` when it is missing)
+
 
 def _tag_all(a: argparse.Namespace) -> None:
     from batch.tag_all import TagAllConfig, run
@@ -49,4 +51,4 @@ def register(sub) -> None:
     t.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
                    help="rank a large catalogue's index candidates (exact rerank): auto from --ann-min-tags tags")
     t.add_argument("--ann-min-tags", type=int, default=50_000)
-    t.set_defaults(func=_tag_all)
+    t.set_defaults(func=_tag_all, extra=EXTRA)
