@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if m is None:
             return json_response({"detail": state.registry.last_error or "no model loaded"}, 503)
         return json_response({**m.manifest.summary(), "provider": m.provider,
+                              "scoring": m.scoring, "approximate": m.approximate,
                               "ort_threads": settings.ort_threads(), "batching": settings.batching,
                               "serving": settings.serving_summary()})
 

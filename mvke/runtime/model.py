@@ -49,6 +49,11 @@ class LoadedModel:
         return self.session.run([m.onnx_output], {cat_name: cat_ids, multi_name: multi_ids})[0]
 
     @property
+    def scoring(self) -> str:
+        """"onnx": tower + scoring + TopK in one ONNX call; "numpy": tower in ONNX, scoring in numpy."""
+        return "onnx" if self.topk_session is not None else "numpy"
+
+    @property
     def approximate(self) -> bool:
         """True when some task is served through its candidate index."""
         return any(side.ann is not None for side in self.sides.values())
