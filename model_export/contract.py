@@ -7,6 +7,8 @@ Redis keys (one model version under one hash tag, so a Redis Cluster keeps a
 version in one slot and a MULTI over it is legal):
 
     mvke:active                         alias: the active version id (flipped atomically)
+    mvke:canary                         `<version>:<percent>`: a second published version served to that
+                                        share of users (set, promoted and dropped atomically with the alias)
     mvke:versions                       sorted set: version id -> publish time (retention, listing);
                                         negated for a version rolled back from (never rolled back to)
     mvke:publish-lock                   publisher mutex (SET NX PX, token-checked release)
@@ -159,12 +161,29 @@ def read_bundle(bundle_dir: str | Path, verify: bool = True) -> tuple[Manifest, 
     return manifest, blobs
 
 
+def parse_canary(spec: str) -> tuple[str, float]:
+    """`<version>:<percent>` (MVKE_CANARY, the `mvke:canary` key) -> (version, percent in (0, 100])."""
+    version, sep, percent = spec.strip().rpartition(":")
+    try:
+        value = float(percent)
+    except ValueError:
+        value = float("nan")
+    if not sep or not version or not 0 < value <= 100:
+        raise ValueError(f"canary {spec!r}: expected <version>:<percent>, percent in (0, 100]")
+    return version, value
+
+
+def format_canary(version: str, percent: float) -> str:
+    return f"{version}:{percent:g}"
+
+
 class Keys:
     """Redis key layout (see module docstring)."""
 
     def __init__(self, prefix: str = "mvke"):
         self.prefix = prefix
         self.active = f"{prefix}:active"
+        self.canary = f"{prefix}:canary"
         self.versions = f"{prefix}:versions"
         self.lock = f"{prefix}:publish-lock"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+HTTP_PROTOCOL = "service.http_protocol:JsonErrorHttpToolsProtocol"  # httptools, JSON answers to parse errors
+
 
 def _serve(a: argparse.Namespace) -> None:
     import uvicorn
@@ -13,7 +15,7 @@ def _serve(a: argparse.Namespace) -> None:
         os.environ["MVKE_WORKERS"] = str(a.workers)
     settings = Settings()
     uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=settings.worker_count(),
-                loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower(),
+                loop="uvloop", http=HTTP_PROTOCOL, access_log=False, log_level=settings.log_level.lower(),
                 timeout_keep_alive=30, backlog=2048)
 
 

@@ -41,6 +41,29 @@ class StoreRowEncoder:
         self.multi = [(f.name, vocab[f.name].__getitem__, f.max_len) for f in schema.multi_fields]
         self.L = schema.multi_len
         self.pad = [0] * self.L
+        self.kinds = {f.name: (vocab[f.name], f.max_len if f.kind == "multi" else 0) for f in schema.fields}
+
+    def unknown_counts(self, features: Mapping[str, Any]) -> dict[str, int]:
+        """Per feature of a request body, how many of the values the model will read are not in
+        its vocabulary (they become the out-of-vocabulary id). Values of the wrong type are
+        left to the encoder, which rejects them naming the field."""
+        counts = {}
+        for name, value in features.items():
+            spec = self.kinds.get(name)
+            if spec is None:
+                continue
+            vocab, max_len = spec
+            if max_len:  # multi-valued: a list, or a `|`-joined string
+                if isinstance(value, str):
+                    value = value.split(MULTI_SEP) if value else []
+                if not isinstance(value, list):
+                    continue
+                n = sum(1 for x in value[:max_len] if not isinstance(x, (list, dict)) and str(x) not in vocab)
+            else:
+                n = int(not isinstance(value, (list, dict)) and str(value) not in vocab)
+            if n:
+                counts[name] = n
+        return counts
 
     @staticmethod
     def accepts(row: Mapping[str, Any]) -> bool:
