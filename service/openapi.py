@@ -73,7 +73,9 @@ def refine(doc: dict, models: list, state) -> dict:
         tag_item = {"$ref": "#/components/schemas/TagName"}
     else:
         tag_item = {"type": "string", "description": "a tag of the served catalogue (GET /model)"}
-    for name in ("TagOptions", "TagRequest", "BatchUser"):
+    # Only the single-user body: in a batch, an option the model refuses is that user's 422 inside
+    # a 200 answer, so there the document keeps the plain types and limits pydantic enforces.
+    for name in ("TagRequest",):
         props = schemas[name]["properties"]
         props["top_k"] = {**_nullable_int(props["top_k"]), "maximum": s.top_k_max}
         if models:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_FEATURE_LIST = 1000   # longest list accepted for one multi-valued feature (the model keeps its max_len)
@@ -46,6 +46,14 @@ def _feature_value(v: Any) -> Any:
 FeatureValue = Annotated[Any, AfterValidator(_feature_value), WithJsonSchema(FEATURE_VALUE_SCHEMA)]
 
 
+def _integral(v: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer; strings and booleans stay refused (strict edge)."""
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
+
+
+
 class TagOptions(BaseModel):
     """Options of one tagging request; every field is optional."""
 
@@ -70,6 +78,8 @@ class TagOptions(BaseModel):
     model_version: str | None = Field(None, min_length=1, max_length=64,
                                       description="serve from this published and loaded version (active or "
                                                   "canary); 404 if not published, 409 if not loaded")
+
+    _whole_top_k = field_validator("top_k", mode="before")(staticmethod(_integral))
 
 
 class TagRequest(TagOptions):
