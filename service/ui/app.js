@@ -28,8 +28,8 @@ async function api(path, options = {}) {
 async function refreshStatus() {
   try {
     const ready = await fetch("readyz").then((r) => r.json());
-    $("service-status").textContent = ready.ready ? `ready, active model ${ready.model_version}`
-                                                  : `not ready: ${ready.reason}`;
+    $("service-status").textContent = !ready.ready ? `not ready: ${ready.reason}` :
+        `ready: active ${ready.model_version}` + (ready.canary_version ? `, canary ${ready.canary_version}` : "");
   } catch (e) {
     $("service-status").textContent = "service unreachable";
   }
@@ -176,7 +176,7 @@ function explain(task, item, row) {
     const c = ex.contributions[k];
     const cBar = `<span class="bar signed"><span class="fill ${c < 0 ? "neg" : ""}" style="width:${(50 * Math.abs(c) / maxAbs).toFixed(1)}%"></span></span>`;
     tr.innerHTML = `<td>#${expert}</td><td class="num">${ex.gates[k].toFixed(4)}</td><td>${gateBar}</td>` +
-                   `<td class="num">${c.toFixed(4)} ${cBar}</td><td class="num">${(100 * ex.shares[k]).toFixed(1)}%</td>`;
+                   `<td class="num">${c.toFixed(4)}</td><td>${cBar}</td><td class="num">${(100 * ex.shares[k]).toFixed(1)}%</td>`;
     tbody.appendChild(tr);
   });
   $("explain-sum").textContent = `cosine ${ex.cosine.toFixed(4)} = sum of contributions; ` +
