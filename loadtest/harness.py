@@ -155,12 +155,13 @@ class Server:
     """A uvicorn server (the service via `mvke serve`, or any ASGI app) on 127.0.0.1:<free port>."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
-                 ready_path: str = "/readyz", log: str | Path | None = None):
+                 ready_path: str = "/readyz", log: str | Path | None = None, cwd: str | Path | None = None):
         self.port = port or free_port()
         self.args = [a.replace("{port}", str(self.port)) for a in args]
         self.env = {**os.environ, **(env or {})}
         self.ready_path = ready_path
         self.log = Path(log) if log else None
+        self.cwd = cwd or ROOT   # another source tree: its packages come first on sys.path
         self.proc: subprocess.Popen | None = None
 
     @classmethod
@@ -182,7 +183,7 @@ class Server:
 
     def start(self, timeout: float = 90.0) -> "Server":
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
