@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 from fastapi import Body, FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
@@ -24,7 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_export.contract import Keys, Manifest
+from mvke.runtime.contract import Manifest
+from mvke.runtime.features import MULTI_SEP, FeatureSchema
+from mvke.runtime.keys import Keys
 from service.auth import ApiKeys
 from service.batcher import DynamicBatcher
 from service.logs import setup_logging
@@ -94,7 +97,8 @@ class ServiceState:
             settings.redis_url, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_wait_s,
             decode_responses=True, **common)
         self.redis = aioredis.Redis(connection_pool=pool)
-        self.redis_models = aioredis.Redis.from_url(settings.redis_url, max_connections=4, **common)
+        # model reads run in a worker thread (mvke.runtime.versions): a small synchronous client
+        self.redis_models = redis.Redis.from_url(settings.redis_url, max_connections=4, **common)
         self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
         self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
@@ -110,7 +114,7 @@ class ServiceState:
             await self.batcher.stop()
         await self.registry.stop()
         await self.redis.aclose()
-        await self.redis_models.aclose()
+        self.redis_models.close()
 
     async def tag(self, job: TagJob) -> TagResult:
         if self.batcher:
@@ -151,7 +155,7 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
             kind = model.schema.fields[model.schema.names.index(name)].kind
             if kind == "cat" and isinstance(value, list):
                 raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
-        unknown_values = model.encoder.unknown_counts(req.features) or None
+        unknown_values = unknown_value_counts(model.schema, req.features) or None
     job = TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags,
                  model=model, unknown_values=unknown_values)
     candidates = getattr(req, "tags", None)
@@ -159,6 +163,29 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
         _candidates(job, model, candidates, req.ignore_unknown, req.top_k, s.max_candidate_tags)
     job.explain = getattr(req, "explain", False)
     return job
+
+
+def unknown_value_counts(schema: FeatureSchema, features: dict) -> dict[str, int]:
+    """Per request feature, how many of the values the model will read are not in its vocabulary
+    (they become the out-of-vocabulary id). Values of the wrong type are left to the encoder,
+    which rejects them naming the field."""
+    counts = {}
+    for name, value in features.items():
+        pos = schema.position.get(name)
+        if pos is None:
+            continue
+        f, known = schema.fields[pos], schema.value_ids[pos]
+        if f.kind == "multi":  # a list, or a `|`-joined string; the first max_len values count
+            if isinstance(value, str):
+                value = value.split(MULTI_SEP) if value else []
+            if not isinstance(value, list):
+                continue
+            n = sum(1 for x in value[:f.max_len] if not isinstance(x, (list, dict)) and str(x) not in known)
+        else:
+            n = int(not isinstance(value, (list, dict)) and str(value) not in known)
+        if n:
+            counts[name] = n
+    return counts
 
 
 def _candidates(job: TagJob, model, tags: list[str], ignore_unknown: bool, top_k: int | None, limit: int) -> None:
@@ -208,15 +235,20 @@ async def tag_batch(state: ServiceState, body: BatchRequest) -> list:
             for u, a in zip(body.users, answers)]
 
 
+def _read_versions(r, keys: Keys) -> tuple:
+    """(active, [(version, score)], manifests) from Redis, synchronously (runs in a worker thread)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.get(keys.active)
+    pipe.zrange(keys.versions, 0, -1, withscores=True)
+    active, scored = pipe.execute()
+    raws = r.mget([keys.manifest(v.decode()) for v, _ in scored]) if scored else []
+    return active, scored, raws
+
+
 async def list_versions(state: ServiceState) -> dict:
-    r, keys, registry = state.redis_models, state.keys, state.registry
+    registry = state.registry
     try:
-        async with r.pipeline(transaction=False) as pipe:
-            pipe.get(keys.active)
-            pipe.zrange(keys.versions, 0, -1, withscores=True)
-            active, scored = await pipe.execute()
-        names = [v.decode() for v, _ in scored]
-        raws = await r.mget([keys.manifest(v) for v in names]) if names else []
+        active, scored, raws = await asyncio.to_thread(_read_versions, state.redis_models, state.keys)
     except RedisError as e:
         raise unavailable(f"redis unavailable: {type(e).__name__}") from None
     canary = registry.canary_setting

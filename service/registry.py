@@ -4,9 +4,11 @@ A background task polls the alias `mvke:active`, the canary setting `mvke:canary
 (`<version>:<percent>`, written by `mvke publish --canary`; `MVKE_CANARY` overrides it)
 and the list of published versions, in one round trip. When the active or canary
 version changes, that version is read (one MULTI: a consistent snapshot), its sha256s
-verified, its ONNX session built and warmed in a worker thread, and only then the
-reference swapped. In-flight requests keep the model they started with; nothing is
-unloaded before its successor is ready.
+verified, its ONNX session built and warmed, and only then the reference swapped.
+In-flight requests keep the model they started with; nothing is unloaded before its
+successor is ready. Polling, reading and building use synchronous redis-py (the
+runtime's reader, mvke/runtime/versions.py, the one batch tagging uses) in a worker
+thread, so the event loop never waits on them.
 
 Routing (`route`): a pinned `model_version` is served when it is loaded (404 when it is
 not published, 409 when published but not loaded); otherwise a user whose id hashes
@@ -21,13 +23,15 @@ import time
 import zlib
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
+import redis
 from redis.exceptions import RedisError
 
-from model_export.contract import BundleError, Keys, Manifest, parse_canary, verify_files
+from mvke.runtime.contract import BundleError
+from mvke.runtime.keys import Keys, parse_canary
+from mvke.runtime.model import LoadedModel, build_model
+from mvke.runtime.versions import read_version
 from service.background import cancel_and_wait
 from service.metrics import ServiceMetrics
-from service.model_loader import LoadedModel, build_model
 from service.settings import Settings
 
 log = logging.getLogger("mvke.service")
@@ -54,8 +58,8 @@ class RoutingError(Exception):
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: ServiceMetrics):
-        self.settings, self.redis, self.metrics = settings, redis, metrics
+    def __init__(self, settings: Settings, r: redis.Redis, metrics: ServiceMetrics):
+        self.settings, self.redis, self.metrics = settings, r, metrics
         self.keys = Keys(settings.key_prefix)
         self.current: LoadedModel | None = None        # the active version
         self.canary: LoadedModel | None = None         # loaded canary version (None: no canary)
@@ -108,11 +112,7 @@ class ModelRegistry:
     async def refresh(self) -> None:
         keys = self.keys
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.get(keys.active)
-                pipe.get(keys.canary)
-                pipe.zrange(keys.versions, 0, -1)
-                active, canary_raw, versions = await pipe.execute()
+            active, canary_raw, versions = await asyncio.to_thread(self._pointers)
         except RedisError as e:
             if self.current is None:
                 self.last_error = f"redis unavailable: {e}"
@@ -186,20 +186,21 @@ class ModelRegistry:
 
     _last_load_error: str | None = None
 
+    def _pointers(self) -> list:
+        """(active, canary setting, published versions) in one round trip."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.active)
+        pipe.get(keys.canary)
+        pipe.zrange(keys.versions, 0, -1)
+        return pipe.execute()
+
     async def _load(self, version: str) -> LoadedModel:
-        raw = await self.redis.get(self.keys.manifest(version))
-        if raw is None:
-            raise BundleError(f"manifest of {version} missing")
-        manifest = Manifest.from_json(raw)
-        names = list(manifest.files)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for name in names:
-                pipe.get(self.keys.file(version, name))
-            values = await pipe.execute()
-        blobs = {n: v for n, v in zip(names, values) if v is not None}
-        verify_files(manifest, blobs)
-        s = self.settings
-        return await asyncio.to_thread(build_model, manifest, blobs, s.ort_provider, s.ort_threads())
+        return await asyncio.to_thread(self._build, version)
+
+    def _build(self, version: str) -> LoadedModel:
+        manifest, blobs = read_version(self.redis, self.keys, version)
+        return build_model(manifest, blobs, self.settings.ort_provider, self.settings.ort_threads())
 
 
 def _text(v: bytes | str) -> str:

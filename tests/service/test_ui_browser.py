@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model_export.contract import Keys
+from mvke.runtime.keys import Keys
 from model_export.feature_store import load_dataset_users
 from model_export.publish import publish
-from tests.test_publish import make_variant
-from tests.test_service import LiveService, make_settings, user_ids
+from tests.export.test_publish import make_variant
+from tests.service.test_service import LiveService, make_settings, user_ids
 
 KEY = "ui-test-key"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

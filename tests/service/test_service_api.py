@@ -14,12 +14,13 @@ import socket
 import numpy as np
 import pytest
 
-from model_export.contract import Keys, decode_array, gates_file, read_bundle
+from mvke.runtime.contract import decode_array, gates_file, read_bundle
+from mvke.runtime.keys import Keys
 from model_export.publish import promote, publish, rollback
 from service.auth import key_digest
 from service.registry import HASH_BUCKETS, user_bucket
-from tests.test_publish import make_variant
-from tests.test_service import (ROUTE, TOL, LiveService, _error, _sample, assert_matches, make_settings,  # noqa: F401
+from tests.export.test_publish import make_variant
+from tests.service.test_service import (ROUTE, TOL, LiveService, _error, _sample, assert_matches, make_settings,  # noqa: F401
                                 published, reference, stored_row, svc, svc_r, svc_redis, synth_user, user_ids)
 
 BASE_KEYS = ["user_id", "model_version", "model", "feature_source", "tasks"]
@@ -90,7 +91,7 @@ def test_explain_gates_and_expert_shares(svc, synth_user, bundle):
     doc = resp.json()
     index = {t: i for i, t in enumerate(json.loads(blobs["tags.json"]))}
     for task, ranked in doc["tasks"].items():
-        spec = manifest.task(task)
+        spec = next(t for t in manifest.tasks if t.name == task)
         gates = decode_array(blobs[gates_file(task)], manifest.files[gates_file(task)])
         assert len(ranked) == 4
         for item in ranked:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_service import LiveService, make_settings, published, svc_r, svc_redis, user_ids  # noqa: F401
+from tests.service.test_service import LiveService, make_settings, published, svc_r, svc_redis, user_ids  # noqa: F401
 
 API_KEY = "contract-test-key"
 
