@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/lt")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "api_bench.json"))
     a = p.parse_args(argv)
-    paths = ensure_data(Path(a.work), print)
+    paths = ensure_data(Path(a.work), print, models=(("mvke-mt", "mvke"),))
     redis = start_redis()
     try:
         publish(redis.url, paths["bundle_mvke"])

@@ -63,8 +63,8 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def ensure_data(work: Path, log) -> dict[str, Path]:
-    """Dataset, checkpoints and bundles under `work` (built when missing)."""
+def ensure_data(work: Path, log, models: tuple = (("mvke-mt", "mvke"), ("nomtl", "nomtl"))) -> dict[str, Path]:
+    """Dataset, checkpoints and bundles under `work` (built when missing); `models`: (name, tag) pairs."""
     work.mkdir(parents=True, exist_ok=True)
     syn, paths = work / "syn", {}
     mvke = [PY, "-m", "mvke.cli"]
@@ -72,7 +72,7 @@ def ensure_data(work: Path, log) -> dict[str, Path]:
         log(f"building the synthetic dataset in {syn}")
         subprocess.run([*mvke, "data", "synth", "--out", str(syn)], check=True, cwd=ROOT)
     paths["data"] = syn
-    for model, tag in (("mvke-mt", "mvke"), ("nomtl", "nomtl")):
+    for model, tag in models:
         ck, bundle = work / f"ck_{tag}", work / f"bundle_{tag}"
         if not (ck / "model.pt").exists():
             log(f"training {model} (1 epoch) into {ck}")
