@@ -55,7 +55,8 @@ def _json_int(i: int) -> int | str:
 def error_doc(e: ServiceError) -> dict:
     doc = {"detail": e.message, "field": e.field}
     if e.status == 422:  # every 422 has the same shape as pydantic's: one entry per problem
-        doc["errors"] = e.errors or [{"loc": (e.field or "body").split("."), "type": "value_error",
+        loc = ["path", "user_id"] if e.field == "user_id" else ["body", *(e.field or "").split(".")]
+        doc["errors"] = e.errors or [{"loc": [p for p in loc if p], "type": "value_error",
                                       "msg": e.message.split(": ", 1)[-1]}]
     return doc
 
@@ -199,7 +200,7 @@ def _candidates(job: TagJob, model, tags: list[str], ignore_unknown: bool, top_k
         shown = ", ".join(repr(t) for t in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
         raise ServiceError(422, f"tags: {len(unknown)} unknown to model {model.version}: {shown} "
                                 "(send ignore_unknown: true to score the others)", field="tags",
-                           errors=[{"loc": ["tags"], "type": "unknown_tag", "msg": f"unknown tag {t!r}"}
+                           errors=[{"loc": ["body", "tags"], "type": "unknown_tag", "msg": f"unknown tag {t!r}"}
                                    for t in unknown[:100]])
     job.candidates = np.array(known, dtype=np.int64)
     job.top_k = top_k if top_k is not None else max(1, len(known))
