@@ -9,8 +9,8 @@
 2. Many users per call: users/s and users per server CPU-second (per core) with
    POST /tags:batch (256 users a call) vs single calls at c=32, in one run.
 
-Both servers read the same private Redis (model + feature store built by
-loadtest/bench.py's `ensure_data`, under --work). Prints a table and writes JSON.
+Both servers read the same private Redis (the mvke-mt model and the users of
+`mvke pipeline` under --work, built once). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import orjson
 
-from loadtest.bench import dataset_user_ids, ensure_data, loadavg, machine
-from loadtest.harness import ROOT, Server, load_features, make_requests, publish, run_load, start_redis
+from loadtest.bench import dataset_user_ids, machine, serve_dataset
+from loadtest.harness import ROOT, Server, make_requests, pipeline, run_load, start_redis
+from mvke.runtime.system import loadavg
 
 
 def cpu_seconds(server: Server) -> float:
@@ -66,15 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/lt")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "api_bench.json"))
     a = p.parse_args(argv)
-    paths = ensure_data(Path(a.work), print, models=(("mvke-mt", "mvke"),))
+    work = Path(a.work)
+    print(f"mvke pipeline: mvke-mt (1 epoch) under {work} (steps whose output exists are skipped)")
+    data = Path(pipeline(work, "mvke-mt", log=work / "pipeline_mvke.log")["data"])
     redis = start_redis()
     try:
-        publish(redis.url, paths["bundle_mvke"])
-        load_features(redis.url, paths["data"])
-        ids = dataset_user_ids(paths["data"])
+        serve_dataset(redis.url, work, "mvke-mt")
+        ids = dataset_user_ids(data)
         singles = make_requests(ids, 8192, topk_mix="20:1", seed=1)
         env = {"MVKE_WORKERS": "1"}
-        before = Server.service(redis.url, env={**env, "PYTHONPATH": a.before}, cwd=a.before)
+        before = Server.service(redis.url, env={**env, "PYTHONPATH": a.before}, root=a.before)
         after = Server.service(redis.url, env=env)
         report = {"machine": machine(), "loadavg_start": loadavg(), "rounds": []}
         with before, after:

@@ -20,7 +20,7 @@ from model_export.publish import promote, publish, rollback
 from service.auth import key_digest
 from service.registry import HASH_BUCKETS, user_bucket
 from tests.export.test_publish import make_variant
-from tests.service.test_service import (ROUTE, TOL, LiveService, _error, _sample, assert_matches, make_settings,  # noqa: F401
+from tests.service.test_service import (ROUTE, LiveService, _error, _sample, assert_matches, make_settings,  # noqa: F401
                                 published, reference, stored_row, svc, svc_r, svc_redis, synth_user, user_ids)
 
 BASE_KEYS = ["user_id", "model_version", "model", "feature_source", "tasks"]
