@@ -78,6 +78,18 @@ def test_service_is_approximate_by_default_and_exact_on_request(large_bundle, re
                 want = {t["tag"] for t in ref}
                 hits += len(want & {t["tag"] for t in served[task]})
                 total += len(want)
+        # candidate scoring and explanations read the factors on a side served through its index:
+        # the same answers as the dense side
+        some = [t["tag"] for t in reference["interest"][:3]] + [t["tag"] for t in served["intention"][-3:]]
+        for uid in users[:5]:
+            body = {"tags": some, "explain": True, "top_k": 4}
+            want, got = exact.tag(uid, body).json(), approx.tag(uid, body).json()
+            for task, ref in want["tasks"].items():
+                assert [t["tag"] for t in got["tasks"][task]] == [t["tag"] for t in ref]
+                np.testing.assert_allclose([t["score"] for t in got["tasks"][task]], [t["score"] for t in ref],
+                                           atol=1e-5)
+                np.testing.assert_allclose([t["explain"]["cosine"] for t in got["tasks"][task]],
+                                           [t["explain"]["cosine"] for t in ref], atol=1e-5)
         bad = approx.tag(users[0], {"exact": [True]})
         assert bad.status_code == 422 and "exact" in json.dumps(bad.json())
     assert hits / total >= 0.95
