@@ -540,14 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak-only", action="store_true", help="only the soak (service alone; its own section)")
     p.add_argument("--workers", type=int, help="uvicorn workers of the service (default: the service's default)")
     p.add_argument("--baseline", help="a checkout of another commit: its service against this tree's (section g)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the --baseline comparison")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the --baseline comparison "
+                                                            "(with --tags: of the c=1 table)")
     p.add_argument("--work", default="/tmp/lt", help="dataset, checkpoints and bundles (built when missing)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "performance.md"))
     p.add_argument("--targets", default=str(HERE / "targets.yaml"))
     p.add_argument("--tags", type=lambda v: [int(x) for x in v.split(",")],
                    help="catalogue-size curve instead (e.g. 1780,20000,100000,1000000): exact vs ANN per size, "
                         "the c=1 before/after table (loadtest/catalogue.py); written to large_catalogues.md")
-    p.add_argument("--rounds", type=int, default=3, help="--tags: interleaved rounds of the c=1 table")
     return p
 
 
