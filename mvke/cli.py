@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--negatives", type=int, default=4)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_data_ml100k)
+    from mvke.data.own_data_cli import register as register_own_data
+    register_own_data(data)
 
     t = sub.add_parser("train", help="train one model")
     t.add_argument("--data", required=True)
