@@ -17,7 +17,7 @@ from mvke.data.dataset import DataError, load_dataset
 from mvke.data.example import ExampleConfig, generate_example
 from mvke.data.split import TimeSplitConfig, split_by_time
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "own-data"
 
 
