@@ -78,10 +78,10 @@ def _log(rng: np.random.Generator, cfg: ExampleConfig, users: pd.DataFrame, clic
                 p_click = 1 / (1 + np.exp(-(-1.6 + 6 * click_like[u, cats].mean())))
                 p_conv = 1 / (1 + np.exp(-(-1.4 + 5 * conv_like[u, cats].mean())))
                 click = int(rng.random() < p_click)
-                rows.append({"time": start + pd.Timedelta(days=day, seconds=int(rng.integers(86_400))),
+                rows.append({"timestamp": start + pd.Timedelta(days=day, seconds=int(rng.integers(86_400))),
                              "user_id": uid, "tags": ad_tags, "click": click,
                              "conversion": int(click and rng.random() < p_conv)})
-    return pd.DataFrame(rows).sort_values(["time", "user_id"], kind="stable").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(["timestamp", "user_id"], kind="stable").reset_index(drop=True)
 
 
 def generate_example(out: str | Path, cfg: ExampleConfig | None = None) -> Path:

@@ -6,7 +6,7 @@ import json
 
 
 def _split(a: argparse.Namespace) -> None:
-    from mvke.data.split import TimeSplitConfig, split_by_time
+    from mvke.data.log_split import TimeSplitConfig, split_by_time
     cfg = TimeSplitConfig(time_column=a.time_column, test_days=a.test_days, train_days=a.train_days,
                           timezone=a.timezone)
     report = split_by_time(a.log, a.out, cfg, meta_path=a.meta, users_path=a.users)
@@ -33,9 +33,9 @@ def register(data_sub) -> None:
                       help="split by calendar day of --time-column (the only mode: test on later days)")
     s.add_argument("log", metavar="LOG", help="Parquet file of impressions")
     s.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write (train/test/users.parquet, meta.json)")
-    s.add_argument("--time-column", default="time", metavar="COLUMN",
+    s.add_argument("--time-column", default="timestamp", metavar="COLUMN",
                    help="column with the event time: Parquet timestamp or date, ISO-8601 string, or Unix "
-                        "seconds (default: time)")
+                        "seconds (default: timestamp); both splits get it as `timestamp`, in Unix seconds")
     s.add_argument("--test-days", type=int, default=1, metavar="N", help="last calendar days that form the test split (default 1)")
     s.add_argument("--train-days", type=int, metavar="N",
                    help="calendar days before the test days kept for training (default: all of them)")

@@ -15,7 +15,7 @@ import pytest
 from mvke.cli import main as mvke_main
 from mvke.data.dataset import DataError, load_dataset
 from mvke.data.example import ExampleConfig, generate_example
-from mvke.data.split import TimeSplitConfig, split_by_time
+from mvke.data.log_split import TimeSplitConfig, split_by_time
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "own-data"
@@ -37,7 +37,8 @@ def test_split_the_example_by_time(tmp_path, capsys):
     ds = load_dataset(tmp_path)
     log = pd.read_parquet(EXAMPLE / "log.parquet")
     assert len(ds.train) + len(ds.test) == len(log) == sum(summary["rows"].values())
-    assert ds.train["time"].max() < ds.test["time"].min()
+    assert ds.train["timestamp"].max() < ds.test["timestamp"].min()
+    assert pd.api.types.is_integer_dtype(ds.train["timestamp"])  # Unix seconds, what the trainer orders by
     assert ds.meta["split"]["test_days"] == ["2024-05-03"]
     assert ds.meta["tags"] == json.loads((EXAMPLE / "meta.json").read_text())["tags"]
 
@@ -64,10 +65,10 @@ def _write_variant(src: Path, dst: Path, change) -> Path:
 
 
 @pytest.mark.parametrize("change, column, message", [
-    (lambda d: d.drop(columns=["time"]), "time", "missing column"),
-    (lambda d: d.assign(time=True), "time", "got booleans"),
-    (lambda d: d.assign(time="yesterday"), "time", "expected timestamps"),
-    (lambda d: d.assign(time=pd.Timestamp("2024-05-01", tz="UTC")), "time", "covers 1 day"),
+    (lambda d: d.drop(columns=["timestamp"]), "timestamp", "missing column"),
+    (lambda d: d.assign(timestamp=True), "timestamp", "got booleans"),
+    (lambda d: d.assign(timestamp="yesterday"), "timestamp", "expected timestamps"),
+    (lambda d: d.assign(timestamp=pd.Timestamp("2024-05-01", tz="UTC")), "timestamp", "covers 1 day"),
     (lambda d: d.drop(columns=["click"]), "click", "missing column"),
     (lambda d: d.assign(conversion=2), "conversion", "expected 0/1 labels"),
     (lambda d: d.assign(tags="sports/tag01"), "tags", "expected lists"),
@@ -86,10 +87,10 @@ def test_split_errors_name_file_and_column(tmp_path, change, column, message):
 
 
 def test_split_errors_from_the_cli(tmp_path, capsys):
-    log_path = _write_variant(EXAMPLE, tmp_path / "src", lambda d: d.drop(columns=["time"]))
+    log_path = _write_variant(EXAMPLE, tmp_path / "src", lambda d: d.drop(columns=["timestamp"]))
     assert mvke_main(["data", "split", "--by-time", str(log_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "log.parquet, column 'time': missing column" in err
+    assert "log.parquet, column 'timestamp': missing column" in err
     assert mvke_main(["data", "split", "--by-time", str(log_path), "--out", str(tmp_path / "o"),
                       "--time-column", "when"]) == 2
     assert "column 'when'" in capsys.readouterr().err
@@ -99,8 +100,21 @@ def test_split_errors_from_the_cli(tmp_path, capsys):
 
 
 def test_unix_seconds_and_iso_strings_are_times(tmp_path):
-    epoch = _write_variant(EXAMPLE, tmp_path / "epoch", lambda d: d.assign(time=(d["time"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)))
-    iso = _write_variant(EXAMPLE, tmp_path / "iso", lambda d: d.assign(time=d["time"].dt.strftime("%Y-%m-%dT%H:%M:%S")))
+    def seconds(d):
+        return (d["timestamp"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    epoch = _write_variant(EXAMPLE, tmp_path / "epoch", lambda d: d.assign(timestamp=seconds(d)))
+    iso = _write_variant(EXAMPLE, tmp_path / "iso", lambda d: d.assign(
+        when=d["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%S")).drop(columns="timestamp"))
     a = split_by_time(epoch, tmp_path / "a")
-    b = split_by_time(iso, tmp_path / "b")
+    b = split_by_time(iso, tmp_path / "b", TimeSplitConfig(time_column="when"))
     assert a.rows == b.rows and a.test_days == b.test_days == ["2024-05-03"]
+    expected = seconds(pd.read_parquet(EXAMPLE / "log.parquet"))
+    for out in (tmp_path / "a", tmp_path / "b"):
+        got = pd.concat([pd.read_parquet(out / "train.parquet"), pd.read_parquet(out / "test.parquet")])
+        assert sorted(got["timestamp"]) == sorted(expected)
+
+
+def test_time_column_must_not_shadow_timestamp(tmp_path):
+    log_path = _write_variant(EXAMPLE, tmp_path / "src", lambda d: d.assign(when=d["timestamp"]))
+    with pytest.raises(DataError, match="rename this column"):
+        split_by_time(log_path, tmp_path / "out", TimeSplitConfig(time_column="when"))

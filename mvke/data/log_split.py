@@ -6,6 +6,8 @@ impression (`user_id`, `tags`, `click`, `conversion` and a time column),
 reads (`train.parquet`, `test.parquet`, `users.parquet`, `meta.json`), the last
 `test_days` calendar days going to test and the days before them to train, as
 the paper's offline evaluation trains on earlier days and tests on a later one.
+Both splits carry the event time as `timestamp` (Unix seconds, int64), the column
+the trainer's validation split orders each user's events by.
 Errors are `DataError`s naming the input file and column, like `load_dataset`'s.
 """
 from __future__ import annotations
@@ -20,14 +22,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mvke.data.dataset import TASK_LABELS, DataError, _read_parquet, _require, load_dataset
+from mvke.data.dataset import DataError, _read_parquet, _require, check_samples, load_dataset, read_meta
 
 
 @dataclass
 class TimeSplitConfig:
     """How to cut the log; `timezone` decides where a calendar day starts."""
 
-    time_column: str = "time"
+    time_column: str = "timestamp"
     test_days: int = 1
     train_days: int | None = None   # None: every day before the test days
     timezone: str = "UTC"
@@ -47,21 +49,11 @@ class SplitReport:
                 "rows": self.rows, "users": self.users, "dropped_rows": self.dropped_rows}
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise DataError(path, None, "file not found")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(path, None, f"invalid JSON ({e})") from e
-    for key in ("fields", "tags"):
-        if key not in meta:
-            raise DataError(path, key, "missing key")
-    return meta
+TIMESTAMP = "timestamp"   # the output column: Unix seconds
 
 
-def event_days(times: pd.Series, path: Path, column: str, timezone: str) -> pd.Series:
-    """The calendar day (YYYY-MM-DD in `timezone`) of each event.
+def event_times(times: pd.Series, path: Path, column: str) -> pd.Series:
+    """Each event's time as a UTC timestamp.
 
     Accepts Parquet timestamps (naive ones are taken as UTC), dates, ISO-8601
     strings and Unix seconds (integers or floats).
@@ -78,6 +70,11 @@ def event_days(times: pd.Series, path: Path, column: str, timezone: str) -> pd.S
     if stamps.isna().any():
         row = int(stamps.isna().to_numpy().argmax())
         raise DataError(path, column, f"missing time in row {row}")
+    return stamps
+
+
+def calendar_days(stamps: pd.Series, timezone: str, path: Path, column: str) -> pd.Series:
+    """The calendar day (YYYY-MM-DD in `timezone`) of each UTC timestamp."""
     try:
         local = stamps.dt.tz_convert(timezone)
     except Exception as e:  # unknown zone names raise several types across pandas versions
@@ -86,19 +83,13 @@ def event_days(times: pd.Series, path: Path, column: str, timezone: str) -> pd.S
 
 
 def _check_log(log: pd.DataFrame, path: Path, meta: dict[str, Any], cfg: TimeSplitConfig) -> None:
-    """The checks `load_dataset` makes on a split, on the log before it is cut."""
-    _require(log, path, "user_id", "cat")
-    _require(log, path, "tags", "list")
-    for label in TASK_LABELS.values():
-        _require(log, path, label, "label")
+    """The checks `load_dataset` makes on a split, on the log before it is cut, and the time column."""
+    check_samples(log, path, meta)
     if cfg.time_column not in log.columns:
         raise DataError(path, cfg.time_column, "missing column (the event time; --time-column names it)")
-    inline = [n for n in meta["fields"] if n in log.columns]
-    if inline and len(inline) != len(meta["fields"]):
-        missing = next(n for n in meta["fields"] if n not in log.columns)
-        raise DataError(path, missing, "missing column (other user fields are inline)")
-    for name in inline:
-        _require(log, path, name, meta["fields"][name])
+    if cfg.time_column != TIMESTAMP and TIMESTAMP in log.columns:
+        raise DataError(path, TIMESTAMP, f"the split writes the event time ({cfg.time_column!r}) as {TIMESTAMP!r}: "
+                                         "rename this column or pass --time-column timestamp")
     known = set(meta["tags"])
     unknown = log["tags"].map(lambda ts: [t for t in (ts if ts is not None else []) if t not in known])
     bad = unknown.map(len) > 0
@@ -141,14 +132,16 @@ def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | 
     log_path = Path(log_path)
     meta_path = Path(meta_path) if meta_path else log_path.parent / "meta.json"
     users_path = Path(users_path) if users_path else log_path.parent / "users.parquet"
-    meta = _read_meta(meta_path)
+    meta = read_meta(meta_path)
     log = _read_parquet(log_path)
     _check_log(log, log_path, meta, cfg)
     users = _read_parquet(users_path)
     _check_users(users, users_path, meta, log, log_path)
 
-    day = event_days(log[cfg.time_column], log_path, cfg.time_column, cfg.timezone)
+    stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
+    day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
     train_days, test_days = pick_days(sorted(day.unique()), cfg, log_path)
+    log = log.assign(**{TIMESTAMP: (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)})
     parts = {"train": log[day.isin(train_days)], "test": log[day.isin(test_days)]}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
