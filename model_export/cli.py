@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import datetime, timezone
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+EXTRA = "export"   # the pyproject extra these commands need (named by `mvke` when it is missing)
 
 
 def _redis(url: str | None):
     import redis
-    return redis.Redis.from_url(url or os.environ.get("REDIS_URL", DEFAULT_REDIS), socket_timeout=30)
+
+    from mvke.runtime.keys import redis_url
+    return redis.Redis.from_url(redis_url(url), socket_timeout=30)
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -62,21 +64,21 @@ def register(sub) -> None:
     e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)")
     e.add_argument("ckpt")
     e.add_argument("--out", required=True)
-    e.set_defaults(func=_export)
+    e.set_defaults(func=_export, extra=EXTRA)
 
     p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")
     p.add_argument("bundle", nargs="?")
-    p.add_argument("--redis", help=f"Redis URL (default $REDIS_URL or {DEFAULT_REDIS})")
+    p.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
     p.add_argument("--keep", type=int, default=3, help="versions to keep")
     p.add_argument("--rollback", action="store_true", help="re-activate the previous version")
-    p.set_defaults(func=_publish)
+    p.set_defaults(func=_publish, extra=EXTRA)
 
     m = sub.add_parser("models", help="list published versions")
     m.add_argument("--redis")
-    m.set_defaults(func=_models)
+    m.set_defaults(func=_models, extra=EXTRA)
 
     f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
     fl = f.add_parser("load", help="load users.parquet into the feature store")
     fl.add_argument("--data", required=True)
     fl.add_argument("--redis")
-    fl.set_defaults(func=_features_load)
+    fl.set_defaults(func=_features_load, extra=EXTRA)

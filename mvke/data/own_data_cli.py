@@ -42,7 +42,7 @@ def register(data_sub) -> None:
     s.add_argument("--timezone", default="UTC", metavar="TZ", help="where a calendar day starts, e.g. Asia/Shanghai (default UTC)")
     s.add_argument("--meta", metavar="FILE", help="meta.json (default: beside LOG)")
     s.add_argument("--users", metavar="FILE", help="users.parquet, one feature row per user (default: beside LOG)")
-    s.set_defaults(func=_split)
+    s.set_defaults(func=_split, extra=None)   # pandas + pyarrow: core dependencies
 
     e = data_sub.add_parser("example", help="write a small own-data example (log, users, meta.json)",
                             description="Write the small example of docs/OWN_DATA.md: log.parquet (impressions over "
@@ -52,4 +52,4 @@ def register(data_sub) -> None:
     e.add_argument("--users", type=int, default=300, metavar="N", help="users (default 300)")
     e.add_argument("--days", type=int, default=3, metavar="N", help="days of impressions (default 3)")
     e.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
-    e.set_defaults(func=_example)
+    e.set_defaults(func=_example, extra=None)

@@ -14,6 +14,7 @@ is legal:
 Feature store (written by `mvke features load`, read by the service):
 
     mvke:user:<user_id>                 hash: field -> raw value; multi-valued fields `|`-joined
+    mvke:features-loaded:<dataset>      which dataset `mvke pipeline` loaded (so a rerun skips it)
 
 Batch output (written by `mvke tag-all --to-redis`):
 
@@ -26,6 +27,15 @@ slot would put every user on one cluster node, and the publisher's orphan collec
 (`mvke:{v*}:*` keys of unknown versions) would delete tags computed from an unpublished bundle.
 """
 from __future__ import annotations
+
+import os
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url(url: str | None = None) -> str:
+    """The Redis of a command: `url` if given, else $REDIS_URL, else DEFAULT_URL."""
+    return url or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
 class Keys:
@@ -58,6 +68,9 @@ class Keys:
     # ---- feature store ---------------------------------------------------
     def user(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
+
+    def features_loaded(self, dataset: str) -> str:
+        return f"{self.prefix}:features-loaded:{dataset}"
 
     # ---- batch output ----------------------------------------------------
     def user_tags(self, version: str, user_id: str) -> str:
