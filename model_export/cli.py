@@ -17,6 +17,11 @@ def _redis(url: str | None):
     return redis.Redis.from_url(redis_url(url), socket_timeout=30)
 
 
+def _keys(a: argparse.Namespace):
+    from mvke.runtime.keys import Keys, key_prefix
+    return Keys(key_prefix(a.key_prefix))
+
+
 def _export(a: argparse.Namespace) -> None:
     from model_export.bundle import export_checkpoint
     manifest, fig = export_checkpoint(a.ckpt, a.out)
@@ -27,13 +32,13 @@ def _export(a: argparse.Namespace) -> None:
 
 def _publish(a: argparse.Namespace) -> None:
     from model_export.publish import publish, rollback
-    r = _redis(a.redis)
+    r, keys = _redis(a.redis), _keys(a)
     if a.rollback:
-        print(json.dumps(rollback(r), indent=1))
+        print(json.dumps(rollback(r, keys), indent=1))
         return
     if not a.bundle:
         raise ValueError("publish needs BUNDLE_DIR (or --rollback)")
-    report = publish(a.bundle, r, keep=a.keep)
+    report = publish(a.bundle, r, keep=a.keep, keys=keys)
     report["publish_seconds"] = round(report["publish_seconds"], 3)
     print(json.dumps(report, indent=1))
 
@@ -41,44 +46,63 @@ def _publish(a: argparse.Namespace) -> None:
 def _models(a: argparse.Namespace) -> None:
     from model_export.publish import list_versions
     from mvke.runtime.versions import active_version
-    r = _redis(a.redis)
-    versions = list_versions(r)
+    r, keys = _redis(a.redis), _keys(a)
+    versions = list_versions(r, keys)
     print(f"{'':2}{'version':18}{'model':14}{'size':>10}  published")
     for v in reversed(versions):
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
               + ("  (rolled back)" if v.rolled_back else ""))
-    print(f"active: {active_version(r) or 'none'}")
+    print(f"active: {active_version(r, keys) or 'none'}   ({keys.active})")
 
 
 def _features_load(a: argparse.Namespace) -> None:
     from model_export.feature_store import load_dataset_users
-    report = load_dataset_users(a.data, _redis(a.redis))
+    report = load_dataset_users(a.data, _redis(a.redis), _keys(a))
     for bad in report.bad_rows[:50]:
         print(f"bad row: user {bad['user_id']}: field {bad['field']}: {bad['reason']}", file=sys.stderr)
     print(json.dumps({"loaded": report.loaded, "bad_rows": len(report.bad_rows),
                       "seconds": round(report.seconds, 2), "users_per_second": round(report.users_per_second)}))
 
 
+REDIS_HELP = "Redis URL (default $REDIS_URL, else redis://127.0.0.1:6379/0; rediss:// for TLS, user:password@ for AUTH)"
+
+
+def _redis_options(parser: argparse.ArgumentParser) -> None:
+    from mvke.runtime.keys import add_key_prefix_option
+    parser.add_argument("--redis", metavar="URL", help=REDIS_HELP)
+    add_key_prefix_option(parser)
+
+
 def register(sub) -> None:
-    e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)")
-    e.add_argument("ckpt")
-    e.add_argument("--out", required=True)
+    e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)",
+                       description="Export a checkpoint of `mvke train` to a bundle directory: the user tower as "
+                                   "ONNX, the tag side as arrays, manifest.json with sha256 of every file. Fails "
+                                   "(and writes nothing) when the bundle's scores differ from PyTorch's.")
+    e.add_argument("ckpt", metavar="CKPT_DIR", help="checkpoint directory written by `mvke train --out`")
+    e.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write (replaced whole)")
     e.set_defaults(func=_export, extra=EXTRA)
 
-    p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")
-    p.add_argument("bundle", nargs="?")
-    p.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
-    p.add_argument("--keep", type=int, default=3, help="versions to keep")
-    p.add_argument("--rollback", action="store_true", help="re-activate the previous version")
+    p = sub.add_parser("publish", help="publish a bundle to Redis and activate it",
+                       description="Write BUNDLE_DIR to Redis as a new version (all or nothing), verify it, then "
+                                   "switch the active alias to it; a running service picks it up within "
+                                   "MVKE_MODEL_POLL_S. With --rollback, re-activate the previous version instead.")
+    p.add_argument("bundle", nargs="?", metavar="BUNDLE_DIR", help="bundle directory written by `mvke export --out`")
+    _redis_options(p)
+    p.add_argument("--keep", type=int, default=3, metavar="N", help="versions to keep (default 3); older ones are deleted")
+    p.add_argument("--rollback", action="store_true", help="re-activate the version published before the active one")
     p.set_defaults(func=_publish, extra=EXTRA)
 
-    m = sub.add_parser("models", help="list published versions")
-    m.add_argument("--redis")
+    m = sub.add_parser("models", help="list published versions",
+                       description="List the versions in Redis (newest first): size, publish time, which is active.")
+    _redis_options(m)
     m.set_defaults(func=_models, extra=EXTRA)
 
     f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
-    fl = f.add_parser("load", help="load users.parquet into the feature store")
-    fl.add_argument("--data", required=True)
-    fl.add_argument("--redis")
+    fl = f.add_parser("load", help="load users.parquet into the feature store",
+                      description="Write each row of DIR/users.parquet (the fields of DIR/meta.json) to Redis as "
+                                  "one hash per user, replacing that user's previous hash; other users are left "
+                                  "alone. Bad rows are reported by user and field, the rest is loaded.")
+    fl.add_argument("--data", required=True, metavar="DIR", help="dataset directory (meta.json + users.parquet)")
+    _redis_options(fl)
     fl.set_defaults(func=_features_load, extra=EXTRA)

@@ -28,9 +28,12 @@ slot would put every user on one cluster node, and the publisher's orphan collec
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PREFIX = "mvke"
+PREFIX_ENV = "MVKE_KEY_PREFIX"   # also the service's setting (service/settings.py `key_prefix`)
 
 
 def redis_url(url: str | None = None) -> str:
@@ -38,10 +41,25 @@ def redis_url(url: str | None = None) -> str:
     return url or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
+def key_prefix(prefix: str | None = None) -> str:
+    """The key prefix of a command: `prefix` if given, else $MVKE_KEY_PREFIX, else `mvke`.
+
+    The service reads the same variable, so writers and reader agree when it is set once.
+    """
+    return prefix or os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+
+
+def add_key_prefix_option(parser: argparse.ArgumentParser) -> None:
+    """`--key-prefix`, the same on every command that reads or writes Redis keys."""
+    parser.add_argument("--key-prefix", metavar="PREFIX",
+                        help=f"prefix of every Redis key (default ${PREFIX_ENV}, else {DEFAULT_PREFIX}); "
+                             f"the service must run with the same {PREFIX_ENV}")
+
+
 class Keys:
     """Redis key layout (see module docstring)."""
 
-    def __init__(self, prefix: str = "mvke"):
+    def __init__(self, prefix: str = DEFAULT_PREFIX):
         self.prefix = prefix
         self.active = f"{prefix}:active"
         self.versions = f"{prefix}:versions"
