@@ -48,12 +48,13 @@ def _models(a: argparse.Namespace) -> None:
     from mvke.runtime.versions import active_version
     r, keys = _redis(a.redis), _keys(a)
     versions = list_versions(r, keys)
+    print(f"key prefix {keys.prefix!r}: versions in {keys.versions}, active alias {keys.active}")
     print(f"{'':2}{'version':18}{'model':14}{'size':>10}  published")
     for v in reversed(versions):
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
               + ("  (rolled back)" if v.rolled_back else ""))
-    print(f"active: {active_version(r, keys) or 'none'}   ({keys.active})")
+    print(f"active: {active_version(r, keys) or 'none'}")   # the last line; docker/trainer-entrypoint.sh reads it
 
 
 def _features_load(a: argparse.Namespace) -> None:

@@ -17,6 +17,8 @@ dataset's users are loaded into the feature store unless `mvke:features-loaded:<
 records that this very dataset (path, size and time of users.parquet) was loaded. Every
 key carries the prefix of --key-prefix / $MVKE_KEY_PREFIX, as the service's keys do.
 Progress goes to stderr; the last line on stdout is a JSON summary (paths, version, steps run).
+With --step-log FILE the steps' own reports (the JSON each command prints) go to FILE instead
+of stderr, so the terminal shows progress only (the main job does this).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class PipelineConfig:
     epochs: int = 5
     seed: int = 0
     key_prefix: str | None = None    # None: $MVKE_KEY_PREFIX, else mvke
+    step_log: str | None = None      # the steps' reports go here instead of stderr
 
 
 @dataclass
@@ -64,13 +67,17 @@ def _say(msg: str) -> None:
     print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
-def _command(argv: list[str]) -> None:
-    """One `mvke` command in this process; its own output goes to stderr (stdout carries the summary)."""
+def _command(argv: list[str], log: str | None = None) -> None:
+    """One `mvke` command in this process; its report goes to stderr or `log` (stdout carries the summary)."""
     from mvke.cli import main
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(log, "a")) if log else sys.stderr
+        if log:
+            print(f"$ mvke {' '.join(argv)}", file=sink, flush=True)
+        stack.enter_context(contextlib.redirect_stdout(sink))
         code = main(argv)
     if code:
-        raise RuntimeError(f"`mvke {' '.join(argv)}` failed (exit {code})")
+        raise RuntimeError(f"`mvke {' '.join(argv)}` failed (exit {code})" + (f"; its report: {log}" if log else ""))
 
 
 def dataset_dir(cfg: PipelineConfig) -> tuple[Path, list[str] | None]:
@@ -114,7 +121,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             skipped.append(name)
             return
         _say(message)
-        _command(argv)
+        t0 = time.perf_counter()
+        _command(argv, cfg.step_log)
+        print(f"    {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         ran.append(name)
 
     step("data", build_data is None or (data / "meta.json").exists(),
@@ -153,7 +162,7 @@ def _serve_from_redis(url: str, prefix: str, data: Path, bundle: Path, version: 
 
 def _pipeline(a: argparse.Namespace) -> None:
     cfg = PipelineConfig(data_source=a.data_source, model=a.model, work=a.work, redis=a.redis, users=a.users,
-                         tags=a.tags, epochs=a.epochs, seed=a.seed, key_prefix=a.key_prefix)
+                         tags=a.tags, epochs=a.epochs, seed=a.seed, key_prefix=a.key_prefix, step_log=a.step_log)
     print(json.dumps(asdict(run_pipeline(cfg))), flush=True)
 
 
@@ -171,4 +180,5 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     add_key_prefix_option(p)
+    p.add_argument("--step-log", metavar="FILE", help="append the steps' reports (JSON) to FILE instead of stderr")
     p.set_defaults(func=_pipeline, extra=EXTRA)
