@@ -35,6 +35,7 @@ if [[ -f $(stamp "$EXTRAS") || -f $(stamp all) ]]; then
 fi
 
 START=$SECONDS
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # no heartbeat outlives an interrupted set-up
 say() { printf 'setup: %s\n' "$*"; }
 step_done() { say "  done in $((SECONDS - $1)) s"; }
 
@@ -50,9 +51,18 @@ PIP_FILTER='
     k = split($0, a, ","); printf "    installing %d packages", k
     if (n) printf " (%d files downloaded, %.0f MB)", n, total
     printf "\n"; fflush() }'
+# pip is silent while it unpacks and installs (a minute for torch on 2 cores): say so every 20 s.
+heartbeat() {
+  local start=$SECONDS
+  while sleep 20; do say "  ... $((SECONDS - start)) s, still at it (details: tail -f $LOG)"; done
+}
 pip_logged() {
   echo "+ pip $*" >>"$LOG"
-  if ! .venv/bin/python -m pip "$@" 2>&1 | tee -a "$LOG" | awk "$PIP_FILTER"; then
+  heartbeat &
+  local beat=$! ok=0
+  .venv/bin/python -m pip "$@" 2>&1 | tee -a "$LOG" | awk "$PIP_FILTER" || ok=$?
+  kill "$beat" 2>/dev/null; wait "$beat" 2>/dev/null || true
+  if [[ $ok != 0 ]]; then
     say "pip failed; the last lines of $LOG:" >&2
     tail -n 25 "$LOG" >&2
     return 1
@@ -104,7 +114,8 @@ install_torch() {
 }
 
 say "installing into .venv (extras: $EXTRAS, torch: $TORCH_VARIANT); full log in $LOG"
-say "  the first set-up downloads and installs a few hundred MB: see README 'How long the first run takes'"
+say "  the first time this downloads about 330 MB (demo) or 560 MB (all) and takes a few minutes:"
+say "  README, 'How long the first run takes'"
 t=$SECONDS
 if [[ ! -x .venv/bin/python ]]; then
   say "[1/4] creating .venv with $("$PY" --version 2>&1)"
