@@ -24,23 +24,36 @@ def _keys(a: argparse.Namespace):
 
 def _export(a: argparse.Namespace) -> None:
     from model_export.bundle import export_checkpoint
-    manifest, fig = export_checkpoint(a.ckpt, a.out)
-    print(json.dumps({"version": manifest.version, "model": manifest.model, "out": a.out,
+    manifest, fig = export_checkpoint(a.ckpt, a.out, ann_mode=a.ann, ann_min_tags=a.ann_min_tags,
+                                      synthetic_tags=a.synthetic_tags)
+    print(json.dumps({"version": manifest.version, "model": manifest.model, "out": a.out, "num_tags": manifest.num_tags,
                       "export_seconds": round(fig["export_seconds"], 2), "bundle_bytes": fig["bundle_bytes"],
-                      "parity": manifest.parity}, indent=1))
+                      "parity": manifest.parity, "ann": manifest.ann.get("tasks", {})}, indent=1))
+    for task, entry in manifest.ann.get("tasks", {}).items():
+        if entry["status"] != "ann":
+            print(f"WARNING: task {task} has no candidate index and is served exactly: {entry['reason']}",
+                  file=sys.stderr)
 
 
 def _publish(a: argparse.Namespace) -> None:
-    from model_export.publish import publish, rollback
+    from model_export.publish import publish, rollback, set_canary_percent
     r, keys = _redis(a.redis), _keys(a)
     if a.rollback:
         print(json.dumps(rollback(r, keys), indent=1))
         return
     if not a.bundle:
-        raise ValueError("publish needs BUNDLE_DIR (or --rollback)")
-    report = publish(a.bundle, r, keep=a.keep, keys=keys)
+        if a.canary is not None:  # ramp the current canary to another share
+            print(json.dumps(set_canary_percent(r, a.canary, keys), indent=1))
+            return
+        raise ValueError("publish needs BUNDLE_DIR (or --rollback, or --canary PERCENT to re-set the canary's share)")
+    report = publish(a.bundle, r, keep=a.keep, canary_percent=a.canary, keys=keys)
     report["publish_seconds"] = round(report["publish_seconds"], 3)
     print(json.dumps(report, indent=1))
+
+
+def _promote(a: argparse.Namespace) -> None:
+    from model_export.publish import promote
+    print(json.dumps(promote(_redis(a.redis), _keys(a)), indent=1))
 
 
 def _models(a: argparse.Namespace) -> None:
@@ -53,7 +66,8 @@ def _models(a: argparse.Namespace) -> None:
     for v in reversed(versions):
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
-              + ("  (rolled back)" if v.rolled_back else ""))
+              + ("  (rolled back)" if v.rolled_back else "")
+              + (f"  (canary, {v.canary_percent:g}% of users)" if v.canary_percent is not None else ""))
     print(f"active: {active_version(r, keys) or 'none'}")   # the last line; docker/trainer-entrypoint.sh reads it
 
 
@@ -82,20 +96,35 @@ def register(sub) -> None:
                                    "(and writes nothing) when the bundle's scores differ from PyTorch's.")
     e.add_argument("ckpt", metavar="CKPT_DIR", help="checkpoint directory written by `mvke train --out`")
     e.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write (replaced whole)")
+    e.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
+                   help="candidate indexes for large catalogues: auto = from --ann-min-tags tags up")
+    e.add_argument("--ann-min-tags", type=int, default=50_000, metavar="N",
+                   help="catalogue size from which --ann auto builds an index (default 50000)")
+    e.add_argument("--synthetic-tags", type=int, default=0, metavar="N",
+                   help="benchmarks: grow the catalogue to N tags with the trained tag tower on synthetic ids")
     e.set_defaults(func=_export, extra=EXTRA)
 
     p = sub.add_parser("publish", help="publish a bundle to Redis and activate it",
                        description="Write BUNDLE_DIR to Redis as a new version (all or nothing), verify it, then "
-                                   "switch the active alias to it; a running service picks it up within "
-                                   "MVKE_MODEL_POLL_S. With --rollback, re-activate the previous version instead.")
+                                   "switch the active alias to it (or serve it as a canary beside it); a running "
+                                   "service picks it up within MVKE_MODEL_POLL_S.")
     p.add_argument("bundle", nargs="?", metavar="BUNDLE_DIR", help="bundle directory written by `mvke export --out`")
     _redis_options(p)
     p.add_argument("--keep", type=int, default=3, metavar="N", help="versions to keep (default 3); older ones are deleted")
-    p.add_argument("--rollback", action="store_true", help="re-activate the version published before the active one")
+    p.add_argument("--rollback", action="store_true",
+                   help="drop the canary if there is one, else re-activate the previous version")
+    p.add_argument("--canary", type=float, metavar="PERCENT",
+                   help="publish BUNDLE as the canary, served to PERCENT of users (by a hash of the user id) "
+                        "beside the active version; without BUNDLE: change the current canary's share")
     p.set_defaults(func=_publish, extra=EXTRA)
 
+    pr = sub.add_parser("promote", help="make the canary the active version")
+    _redis_options(pr)
+    pr.set_defaults(func=_promote, extra=EXTRA)
+
     m = sub.add_parser("models", help="list published versions",
-                       description="List the versions in Redis (newest first): size, publish time, which is active.")
+                       description="List the versions in Redis (newest first): size, publish time, which is active "
+                                   "and which is the canary.")
     _redis_options(m)
     m.set_defaults(func=_models, extra=EXTRA)
 

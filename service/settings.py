@@ -24,6 +24,13 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(0.5, gt=0, description="how often the active alias is checked for a new version")
     ort_intra_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: 1, or the CPU quota / workers for batch-heavy use)")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto: CUDA when it really runs, else CPU")
+    ann: str = Field("auto", pattern="^(auto|on|off)$", description="rank a large catalogue's candidates from its "
+                     "candidate index (exact rerank): auto from ann_min_tags tags up, on whenever the version has "
+                     "an index, off never; a request with \"exact\": true is always scored exactly")
+    ann_min_tags: int = Field(50_000, ge=1, description="catalogue size from which MVKE_ANN=auto uses the index")
+    scoring: str = Field("auto", pattern="^(auto|onnx|numpy)$", description="auto/onnx: tower + scoring + TopK "
+                         "in one ONNX call when the version ships that graph (faster than numpy on the CPU, "
+                         "and on the GPU with the CUDA provider); numpy: tower in ONNX, scoring in numpy")
     batching: bool = Field(True, description="coalesce concurrent requests into one model call")
     max_batch_size: int = Field(16, ge=1, description="most requests per model call (16 measured best on 2 cores: "
                                                        "the batch runs on the event loop, and smaller batches "
@@ -43,12 +50,24 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(2.0, gt=0, description="a request waiting longer gets 503")
     top_k_default: int = Field(20, ge=1)
     top_k_max: int = Field(200, ge=1)
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger bodies get 413")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger bodies get 413 (1 MiB: room for "
+                                                                  "10,000 candidate tags or a batch of 256 users)")
+    max_candidate_tags: int = Field(10_000, ge=1, description="most tags in one request's `tags` (candidate scoring)")
+    max_batch_users: int = Field(256, ge=1, description="most users in one POST /tags:batch")
+    canary: str | None = Field(None, description="`<version>:<percent>`: serve that share of users (by a hash of "
+                                                 "the user id) from a second published version; overrides the "
+                                                 "canary set with `mvke publish --canary`")
+    api_keys: str | None = Field(None, description="comma-separated API keys; when set (or api_keys_file), the "
+                                                   "tag and model routes answer 401 without one")
+    api_keys_file: str | None = Field(None, description="file of API keys' sha256 hex digests, one per line "
+                                                        "(`mvke api-key` makes one); # starts a comment")
+    metrics_need_key: bool = Field(False, description="with API keys on, /metrics asks for one too")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
-    workers: int = Field(1, ge=0, description="uvicorn worker processes (mvke serve); 0: one per CPU this "
-                                              "process may use (cgroup quota or affinity). 1 measured best on "
-                                              "the shared 2-core machine; 2 won only when nothing else ran")
+    workers: int = Field(0, ge=0, description="uvicorn worker processes (mvke serve); 0 (default): one per CPU "
+                                              "this process may use (cgroup quota or affinity), what a serving host "
+                                              "wants (2 workers: +30% QPS over 1 on a dedicated 2-core host). On a "
+                                              "machine shared with other work, set 1")
 
     def worker_count(self) -> int:
         """Worker processes `mvke serve` starts: `workers`, or one per usable CPU when it is 0."""

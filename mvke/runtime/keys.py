@@ -5,6 +5,8 @@ lives under one hash tag, so a Redis Cluster keeps it in one slot and a MULTI ov
 is legal:
 
     mvke:active                         alias: the active version id (flipped atomically)
+    mvke:canary                         `<version>:<percent>`: a second published version served to that
+                                        share of users (set, promoted and dropped atomically with the alias)
     mvke:versions                       sorted set: version id -> publish time (retention, listing);
                                         negated for a version rolled back from (never rolled back to)
     mvke:publish-lock                   publisher mutex (redis-py Lock: token + Lua release)
@@ -56,12 +58,29 @@ def add_key_prefix_option(parser: argparse.ArgumentParser) -> None:
                              f"the service must run with the same {PREFIX_ENV}")
 
 
+def parse_canary(spec: str) -> tuple[str, float]:
+    """`<version>:<percent>` (MVKE_CANARY, the `mvke:canary` key) -> (version, percent in (0, 100])."""
+    version, sep, percent = spec.strip().rpartition(":")
+    try:
+        value = float(percent)
+    except ValueError:
+        value = float("nan")
+    if not sep or not version or not 0 < value <= 100:
+        raise ValueError(f"canary {spec!r}: expected <version>:<percent>, percent in (0, 100]")
+    return version, value
+
+
+def format_canary(version: str, percent: float) -> str:
+    return f"{version}:{percent:g}"
+
+
 class Keys:
     """Redis key layout (see module docstring)."""
 
     def __init__(self, prefix: str = DEFAULT_PREFIX):
         self.prefix = prefix
         self.active = f"{prefix}:active"
+        self.canary = f"{prefix}:canary"
         self.versions = f"{prefix}:versions"
         self.lock = f"{prefix}:publish-lock"
         self.user_tags_latest = f"{prefix}:usertags:latest"

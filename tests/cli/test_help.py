@@ -40,6 +40,6 @@ def test_model_names_are_listed_and_match_the_registry():
 
 def test_commands_that_touch_redis_take_a_key_prefix():
     commands = dict(_subparsers(build_parser()))
-    for path in [("publish",), ("models",), ("features", "load"), ("tag-all",), ("pipeline",)]:
+    for path in [("publish",), ("promote",), ("models",), ("features", "load"), ("tag-all",), ("pipeline",)]:
         options = {o for a in commands[path]._actions for o in a.option_strings}
         assert "--key-prefix" in options, path
