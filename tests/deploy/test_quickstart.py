@@ -43,6 +43,12 @@ def readme_commands() -> list[str]:
     return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
 
 
+def readme_sample_answer() -> dict:
+    """The answer the README shows for its first request of `POST /users/{id}/tags` (top_k 3)."""
+    api = README.split("## The API", 1)[1]
+    return json.loads(re.search(r"```json\n(.*?)```", api, re.S).group(1))
+
+
 def fresh_clone(dest: Path) -> Path:
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True).stdout.decode().split("\0")
@@ -133,6 +139,12 @@ def test_readme_commands_from_a_fresh_clone_never_write_into_a_found_redis(tmp_p
         first = job.stop()
     assert set(body["tasks"]) == {"interest", "intention"} and body["feature_source"] == "store", body
     assert all(len(v) == 3 for v in body["tasks"].values())
+    sample = readme_sample_answer()           # the README shows what the service returns, as it returns it
+    assert list(sample) == list(body), (list(sample), list(body))
+    for task, entries in sample["tasks"].items():
+        assert len(entries) == len(body["tasks"][task]) == 3
+        assert all(list(e) == list(body["tasks"][task][0]) for e in entries)
+        assert all(len(repr(e["score"]).split(".")[1]) > 4 for e in entries), entries   # full floats
     assert f"a Redis answers at {decoy.url}; this job does not write into it" in first, first
     assert "started a private redis-server" in first and "oracle" in first and "ready in" in first, first
     assert (clone / ".mvke-local" / "redis" / "dump.rdb").exists(), "the private Redis was not saved on shutdown"
