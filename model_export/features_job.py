@@ -86,8 +86,8 @@ class FeaturesLoadReport:
 def users_source(path: str | Path) -> tuple[list[Path], Path]:
     """-> (users Parquet files, the directory holding meta.json and the job directory by default)."""
     p = Path(path)
-    if p.is_dir() and (p / "users.parquet").exists():
-        return [p / "users.parquet"], p
+    if p.is_dir() and (p / "users.parquet").exists():   # a dataset: users.parquet is a file or a directory of parts
+        return list_inputs(p / "users.parquet"), p
     files = list_inputs(p)
     return files, (p if p.is_dir() else p.parent)
 
