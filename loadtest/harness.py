@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import httpx
 
 from mvke.localredis import LocalRedis, free_port
+from mvke.runtime.redis_client import connect   # one node or a cluster (redis+cluster://)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -31,10 +32,8 @@ def start_redis() -> LocalRedis:
 
 
 def publish(redis_url: str, bundle: str | Path) -> dict:
-    import redis
-
     from model_export.publish import publish as _publish
-    r = redis.Redis.from_url(redis_url, socket_timeout=30)
+    r = connect(redis_url, socket_timeout=30)
     try:
         return _publish(str(bundle), r)
     finally:
@@ -42,10 +41,8 @@ def publish(redis_url: str, bundle: str | Path) -> dict:
 
 
 def load_features(redis_url: str, data_dir: str | Path) -> int:
-    import redis
-
     from model_export.feature_store import load_dataset_users
-    r = redis.Redis.from_url(redis_url, socket_timeout=30)
+    r = connect(redis_url, socket_timeout=30)
     try:
         return load_dataset_users(data_dir, r, progress=False).loaded
     finally:
@@ -53,8 +50,7 @@ def load_features(redis_url: str, data_dir: str | Path) -> int:
 
 
 def scan_user_ids(redis_url: str, prefix: str = "mvke", limit: int = 1_000_000) -> list[str]:
-    import redis
-    r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
+    r = connect(redis_url, decode_responses=True, socket_timeout=30)
     try:
         head = f"{prefix}:user:"
         out = []
@@ -70,8 +66,7 @@ def scan_user_ids(redis_url: str, prefix: str = "mvke", limit: int = 1_000_000) 
 def sample_features(redis_url: str, user_ids: Sequence[str], n: int = 50, prefix: str = "mvke",
                     seed: int = 0) -> list[dict[str, Any]]:
     """Raw feature dicts of a few stored users (multi fields as lists): bodies for 'new' users."""
-    import redis
-    r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
+    r = connect(redis_url, decode_responses=True, socket_timeout=30)
     try:
         rng = random.Random(seed)
         picks = rng.sample(list(user_ids), min(n, len(user_ids)))

@@ -71,7 +71,7 @@ def build_users(work: Path, users: int) -> Path:
 def per_row_before(data: Path, url: str) -> int:
     """The loader this change replaced (model_export/feature_store.py before it), kept for the comparison."""
     from model_export.feature_store import LOADED_AT_FIELD, validate_row
-    from mvke.redis_client import connect
+    from mvke.runtime.redis_client import connect
     kinds = json.loads((data / "meta.json").read_text())["fields"]
     r = connect(url)
     rows = pq.read_table(data / "users.parquet").to_pylist()

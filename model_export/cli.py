@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import datetime, timezone
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+REDIS_HELP = (f"Redis URL (default $REDIS_URL or {DEFAULT_REDIS}): redis://[user:password@]host:port/db, "
+              "rediss:// for TLS (?ssl_ca_certs=PATH), redis+cluster:// (or MVKE_REDIS_CLUSTER=true) for a Redis Cluster")
 
 
 def _redis(url: str | None):
-    import redis
-    return redis.Redis.from_url(url or os.environ.get("REDIS_URL", DEFAULT_REDIS), socket_timeout=30)
+    from mvke.runtime.redis_client import connect
+    return connect(url, socket_timeout=30, socket_connect_timeout=10)
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -50,12 +51,16 @@ def _models(a: argparse.Namespace) -> None:
 
 
 def _features_load(a: argparse.Namespace) -> None:
-    from model_export.feature_store import load_dataset_users
-    report = load_dataset_users(a.data, _redis(a.redis))
+    from model_export.features_job import FeaturesLoadConfig, load_features
+    if a.ttl is not None and a.ttl < 1:
+        raise ValueError(f"--ttl must be >= 1 second, got {a.ttl}")
+    report = load_features(FeaturesLoadConfig(a.data, redis_url=a.redis, key_prefix=a.key_prefix, workers=a.workers,
+                                              part_rows=a.part_rows, ttl_s=a.ttl, job_dir=a.job_dir))
     for bad in report.bad_rows[:50]:
         print(f"bad row: user {bad['user_id']}: field {bad['field']}: {bad['reason']}", file=sys.stderr)
-    print(json.dumps({"loaded": report.loaded, "bad_rows": len(report.bad_rows),
-                      "seconds": round(report.seconds, 2), "users_per_second": round(report.users_per_second)}))
+    if report.rejected > 50:
+        print(f"... {report.rejected} bad rows in all (every one in the job directory's rejects/)", file=sys.stderr)
+    print(json.dumps({**report.summary(), "bad_rows": report.rejected}))
 
 
 def register(sub) -> None:
@@ -66,17 +71,25 @@ def register(sub) -> None:
 
     p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")
     p.add_argument("bundle", nargs="?")
-    p.add_argument("--redis", help=f"Redis URL (default $REDIS_URL or {DEFAULT_REDIS})")
+    p.add_argument("--redis", help=REDIS_HELP)
     p.add_argument("--keep", type=int, default=3, help="versions to keep")
     p.add_argument("--rollback", action="store_true", help="re-activate the previous version")
     p.set_defaults(func=_publish)
 
     m = sub.add_parser("models", help="list published versions")
-    m.add_argument("--redis")
+    m.add_argument("--redis", help=REDIS_HELP)
     m.set_defaults(func=_models)
 
     f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
-    fl = f.add_parser("load", help="load users.parquet into the feature store")
-    fl.add_argument("--data", required=True)
-    fl.add_argument("--redis")
+    fl = f.add_parser("load", help="load users.parquet into the feature store (parallel, resumable by part)",
+                      description="Every user of DATA's users.parquet (a file or a directory of parts) -> one "
+                                  "Redis hash per user. Resumable: rerun the same command after a failure and "
+                                  "finished parts are skipped. Bad rows are reported and the rest is loaded.")
+    fl.add_argument("--data", required=True, help="dataset directory (meta.json + users.parquet)")
+    fl.add_argument("--redis", help=REDIS_HELP)
+    fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    fl.add_argument("--ttl", type=int, help="expire each user hash this many seconds after its load")
+    fl.add_argument("--part-rows", type=int, default=262_144, help="users per part (the unit of resumption)")
+    fl.add_argument("--job-dir", help="markers and rejects (default DATA/_features_load)")
+    fl.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
     fl.set_defaults(func=_features_load)

@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from mvke.features import MULTI_SEP
-from mvke.redis_client import is_cluster
+from mvke.runtime.features import MULTI_SEP
+from mvke.runtime.redis_client import is_cluster
 
 LOADED_AT_FIELD = "_loaded_at"
 
@@ -281,7 +281,7 @@ _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "EXECABORT")
 class FeatureSink:
     """Writes encoded users to one Redis node or a Redis Cluster, pipelined one batch deep.
 
-    `client` is a sync client from `mvke.redis_client.connect`; `key_prefix` the user
+    `client` is a sync client from `mvke.runtime.redis_client.connect`; `key_prefix` the user
     key without the id (`Keys.user("")`); `stamp` the `_loaded_at` value.
     """
 

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from batch.parts import (Part, input_fingerprint, iter_part, list_inputs, part_from_dict, part_to_dict,
                          plan_parts, write_json_atomic)
 from model_export.feature_writer import FeatureLoadError, FeatureSink, store_columns
-from mvke.redis_client import REDIS_ERRORS, connect, describe_error, resolve
+from mvke.runtime.keys import Keys
+from mvke.runtime.redis_client import REDIS_ERRORS, connect, describe_error, resolve
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS.json"
@@ -162,17 +163,13 @@ def job_spec(cfg: FeaturesLoadConfig, files: list[Path], parts: list[Part], targ
             "redis": target_display, "key_prefix": cfg.key_prefix, "ttl_s": cfg.ttl_s}
 
 
-def _token_key(prefix: str, token: str) -> str:
-    return f"{prefix}:features-load:{token}"
-
-
 def _start_or_resume(root: Path, spec: dict, client) -> tuple[str, bool]:
     """-> (job token, resuming?). Resumes only an unfinished job whose token Redis still holds."""
     path = root / JOB_FILE
     if path.exists() and not (root / SUCCESS_FILE).exists():
         old = json.loads(path.read_text())
         token = old.pop("token", "")
-        if old == spec and token and client.exists(_token_key(spec["key_prefix"], token)):
+        if old == spec and token and client.exists(Keys(spec["key_prefix"]).features_job(token)):
             return token, True
     for sub in ("_parts", "rejects"):
         shutil.rmtree(root / sub, ignore_errors=True)
@@ -180,7 +177,7 @@ def _start_or_resume(root: Path, spec: dict, client) -> tuple[str, bool]:
     for sub in ("_parts", "rejects"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:16]
-    client.set(_token_key(spec["key_prefix"], token), json.dumps(spec))
+    client.set(Keys(spec["key_prefix"]).features_job(token), json.dumps(spec))
     write_json_atomic(path, {**spec, "token": token})
     return token, False
 
@@ -205,7 +202,7 @@ def load_features(cfg: FeaturesLoadConfig) -> FeaturesLoadReport:
         done = {m.stem for m in (root / "_parts").glob("part-*.done")}
         pending = [p for p in parts if p.name not in done]
         workers = max(1, min(cfg.workers or len(os.sched_getaffinity(0)), len(pending) or 1))
-        job = {"redis_url": target.url, "cluster": target.cluster, "key_prefix": _user_prefix(cfg.key_prefix),
+        job = {"redis_url": target.url, "cluster": target.cluster, "key_prefix": Keys(cfg.key_prefix).user(""),
                "stamp": str(int(time.time())), "ttl_s": cfg.ttl_s, "kinds": kinds, "batch_rows": cfg.batch_rows,
                "job_dir": str(root)}
         report = FeaturesLoadReport(parts=len(parts), parts_this_run=len(pending), resumed=resumed, workers=workers)
@@ -228,15 +225,10 @@ def load_features(cfg: FeaturesLoadConfig) -> FeaturesLoadReport:
         report.rejected = sum(m["rejected"] for m in markers)
         report.seconds = time.perf_counter() - t0
         write_json_atomic(root / SUCCESS_FILE, report.summary())
-        client.delete(_token_key(cfg.key_prefix, token))
+        client.delete(Keys(cfg.key_prefix).features_job(token))
         return report
     finally:
         client.close()
-
-
-def _user_prefix(prefix: str) -> str:
-    from model_export.contract import Keys
-    return Keys(prefix).user("")
 
 
 def _run_parts(job: dict[str, Any], parts: list[Part], workers: int):

@@ -37,9 +37,10 @@ def run(args: list[str], env: dict | None = None) -> None:
 
 
 def redis_answers(url: str) -> bool:
+    from mvke.runtime.redis_client import REDIS_ERRORS, connect
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.5).ping())
-    except redis.RedisError:
+        return bool(connect(url, socket_connect_timeout=0.3, socket_timeout=0.5).ping())
+    except REDIS_ERRORS:
         return False
 
 
@@ -105,11 +106,12 @@ def main() -> int:
 
     redis_url, local = choose_redis(work)
     env = {**os.environ, "REDIS_URL": redis_url}
+    from mvke.runtime.redis_client import connect, redact   # one node or a cluster ($MVKE_REDIS_CLUSTER)
     try:
-        step(f"publishing to {redis_url}")
+        step(f"publishing to {redact(redis_url)}")
         run(MVKE + ["publish", str(bundle), "--redis", redis_url], env)
         version = json.loads((bundle / "manifest.json").read_text())["version"]
-        r = redis.Redis.from_url(redis_url)
+        r = connect(redis_url)
         marker = f"mvke:quickstart:features:{data.name}"
         if not r.exists(marker):
             step("loading the feature store")

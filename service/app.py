@@ -12,17 +12,15 @@ import logging
 from contextlib import asynccontextmanager
 
 import orjson
-import redis
-import redis.asyncio as aioredis
 from fastapi import Body, FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mvke.runtime.keys import Keys
+from mvke.runtime.redis_client import REDIS_ERRORS, connect, connect_async, resolve
 from service.batcher import DynamicBatcher
 from service.logs import setup_logging
 from service.metrics import ServiceMetrics
@@ -62,14 +60,15 @@ class ServiceState:
         self.metrics = ServiceMetrics()
         self.keys = Keys(settings.key_prefix)
         common = dict(socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
-        # redis-py's default pool raises once it has handed out max_connections; a blocking pool waits
-        # up to redis_pool_wait_s and then fails with a RedisError, which becomes a 503.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_wait_s,
-            decode_responses=True, **common)
-        self.redis = aioredis.Redis(connection_pool=pool)
+        # One node or a Redis Cluster (redis+cluster:// or MVKE_REDIS_CLUSTER), AUTH and TLS from the URL.
+        self.redis_target = resolve(settings.redis_url, settings.redis_cluster)
+        # One node: a blocking pool waits up to redis_pool_wait_s for a connection, then fails with a
+        # RedisError (503); redis-py's default pool would raise at once. A cluster client keeps
+        # redis_pool_size connections per node.
+        self.redis = connect_async(self.redis_target, pool_size=settings.redis_pool_size,
+                                   pool_wait_s=settings.redis_pool_wait_s, decode_responses=True, **common)
         # model reads run in a worker thread (mvke.runtime.versions): a small synchronous client
-        self.redis_models = redis.Redis.from_url(settings.redis_url, max_connections=4, **common)
+        self.redis_models = connect(self.redis_target, max_connections=4, **common)
         self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
         self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
@@ -84,6 +83,8 @@ class ServiceState:
         if self.batcher:
             await self.batcher.stop()
         await self.registry.stop()
+        if self.tagger.cluster_reader is not None:
+            await self.tagger.cluster_reader.aclose()
         await self.redis.aclose()
         self.redis_models.close()
 
@@ -131,7 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await state.start()
         m = state.registry.current
-        log.info("service started", extra={"redis": settings.redis_url.split("@")[-1],
+        log.info("service started", extra={"redis": state.redis_target.display,
                                            "batching": settings.batching, "ort_threads": settings.ort_threads(),
                                            "version": m.version if m else None,
                                            "provider": m.provider if m else None})
@@ -190,7 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return json_response({"ready": False, "reason": state.registry.last_error or "no model loaded"}, 503)
         try:
             await asyncio.wait_for(state.redis.ping(), settings.redis_timeout_s)
-        except (RedisError, asyncio.TimeoutError, OSError) as e:
+        except (*REDIS_ERRORS, asyncio.TimeoutError, OSError) as e:
             return json_response({"ready": False, "reason": f"redis unavailable: {type(e).__name__}"}, 503,
                                  {"Retry-After": "1"})
         return json_response({"ready": True, "model_version": m.version})

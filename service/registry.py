@@ -1,6 +1,6 @@
 """Which model version serves, and hot swapping to a new one.
 
-A background task polls the alias `mvke:active`. When it names another
+A background task polls the alias `{mvke}:active`. When it names another
 version, that version is read (one MULTI: a consistent snapshot), its sha256s
 verified, its ONNX session built and warmed, and only then the reference
 swapped. In-flight requests keep the model they started with; nothing is
@@ -14,11 +14,10 @@ import asyncio
 import logging
 import time
 
-import redis
-from redis.exceptions import RedisError
 
 from mvke.runtime.contract import BundleError
 from mvke.runtime.keys import Keys
+from mvke.runtime.redis_client import REDIS_ERRORS
 from mvke.runtime.model import LoadedModel, build_model
 from mvke.runtime.versions import active_version, read_version
 from service.background import cancel_and_wait
@@ -29,7 +28,7 @@ log = logging.getLogger("mvke.service")
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, r: redis.Redis, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, r, metrics: ServiceMetrics):
         self.settings, self.redis, self.metrics = settings, r, metrics
         self.keys = Keys(settings.key_prefix)
         self.current: LoadedModel | None = None
@@ -55,13 +54,13 @@ class ModelRegistry:
     async def refresh(self) -> None:
         try:
             version = await asyncio.to_thread(active_version, self.redis, self.keys)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             if self.current is None:
                 self.last_error = f"redis unavailable: {e}"
             return
         if version is None:
             if self.current is None:
-                self.last_error = "no model published (mvke:active is not set)"
+                self.last_error = "no model published ({mvke}:active is not set)"
             return
         if self.current is not None and self.current.version == version:
             return
@@ -70,7 +69,7 @@ class ModelRegistry:
         t0 = time.perf_counter()
         try:
             model = await asyncio.to_thread(self._load, version)
-        except (RedisError, BundleError, ValueError, KeyError) as e:
+        except (*REDIS_ERRORS, BundleError, ValueError, KeyError) as e:
             self._failed_version = version
             self.last_error = f"cannot load version {version}: {e}"
             log.error(self.last_error)

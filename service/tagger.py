@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import LoadedModel
+from mvke.runtime.redis_client import REDIS_ERRORS, describe_error, is_cluster
 from mvke.runtime.scoring import Ranked, rank
 from mvke.runtime.system import limit_blas_threads
+from service.cluster_fetch import ClusterHashReader
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 
@@ -63,7 +63,8 @@ class TagResult:
 
 
 class Tagger:
-    def __init__(self, registry: ModelRegistry, redis: aioredis.Redis, metrics: ServiceMetrics, keys: Keys):
+    def __init__(self, registry: ModelRegistry, redis, metrics: ServiceMetrics, keys: Keys):
+        """`redis`: an asyncio client of mvke.runtime.redis_client (one node or a cluster)."""
         self.registry, self.redis, self.metrics, self.keys = registry, redis, metrics, keys
         settings = getattr(registry, "settings", None)
         # Batches of at least this size run in a worker thread (the loop keeps reading requests while
@@ -74,6 +75,10 @@ class Tagger:
         self._steps = {name: step.labels(name) for name in ("fetch", "encode", "tower", "score", "rank")}
         self._batch_size = metrics.batch_size
         self._shed_redis = metrics.shed.labels("redis")
+        # Redis Cluster: one pipeline per master, a dead master failing only its users (cluster_fetch.py)
+        self.cluster_reader = (ClusterHashReader(redis, getattr(settings, "redis_pool_size", 64),
+                                                 getattr(settings, "redis_pool_wait_s", 0.2))
+                               if is_cluster(redis) else None)
 
     def model(self) -> LoadedModel:
         m = self.registry.current
@@ -90,12 +95,16 @@ class Tagger:
         self._batch_size.observe(len(jobs))
         try:
             rows = await self._fetch(jobs)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             self._shed_redis.inc()
-            return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
+            return [unavailable(f"feature store unavailable: {describe_error(e)}")] * len(jobs)
         results: list[TagResult | ServiceError | None] = [None] * len(jobs)
         ready = []
         for i, (job, stored) in enumerate(zip(jobs, rows)):
+            if isinstance(stored, BaseException):   # this user's cluster node failed; the others' did not
+                self._shed_redis.inc()
+                results[i] = unavailable(f"feature store unavailable: {describe_error(stored)}")
+                continue
             if not job.features:
                 if not stored:
                     results[i] = ServiceError(404, f"user {job.user_id!r} is not in the feature store; "
@@ -116,10 +125,15 @@ class Tagger:
                 results[i] = res
         return results  # type: ignore[return-value]
 
-    async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str]]:
+    async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str] | BaseException]:
         t0 = time.perf_counter()
         user_key = self.keys.user
-        if len(jobs) == 1:
+        if self.cluster_reader is not None:
+            ids = list(dict.fromkeys(j.user_id for j in jobs))
+            values = await self.cluster_reader.hgetall_many([user_key(u) for u in ids])
+            by_id = dict(zip(ids, values))
+            rows = [by_id[j.user_id] for j in jobs]
+        elif len(jobs) == 1:
             rows = [await self.redis.hgetall(user_key(jobs[0].user_id))]
         else:
             ids = list(dict.fromkeys(j.user_id for j in jobs))

@@ -14,7 +14,7 @@ import yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="dev extra kubernetes-validate not installed")
 
-K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 # The oldest Kubernetes release still in wide use and the newest the wheel knows.
 VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 

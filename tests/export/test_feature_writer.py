@@ -10,7 +10,7 @@ import pytest
 from model_export.feature_store import validate_row
 from model_export.feature_writer import (LOADED_AT_FIELD, FeatureSink, encode_commands, store_columns,
                                          wire_bytes)
-from mvke.redis_client import connect
+from mvke.runtime.redis_client import connect
 
 KINDS = {"age": "cat", "score": "cat", "flag": "cat", "clicked": "multi", "counts": "multi", "oops": "multi",
          "nested": "cat", "absent": "cat"}

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import redis
 
-from mvke.redis_client import REDIS_ERRORS, connect, connect_async, is_cluster, redact, resolve
+from mvke.runtime.redis_client import REDIS_ERRORS, connect, connect_async, is_cluster, redact, resolve
 from tests.fixtures.redis_cluster import ACL_PASSWORD, ACL_USER, PASSWORD
 
 
