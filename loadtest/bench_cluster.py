@@ -18,26 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 from loadtest.bench import dataset_user_ids, loadavg, machine
-from loadtest.harness import PY, ROOT, Server, load_features, make_requests, publish, run_load
-
-
-def ensure_bundle(work: Path) -> tuple[Path, Path]:
-    mvke = [PY, "-m", "mvke.cli"]
-    data, ck, bundle = work / "syn", work / "ck_mvke", work / "bundle_mvke"
-    if not (data / "users.parquet").exists():
-        subprocess.run([*mvke, "data", "synth", "--out", str(data)], check=True, cwd=ROOT)
-    if not (ck / "model.pt").exists():
-        subprocess.run([*mvke, "train", "--data", str(data), "--model", "mvke-mt", "--out", str(ck), "--epochs", "1"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not (bundle / "manifest.json").exists():
-        subprocess.run([*mvke, "export", str(ck), "--out", str(bundle)], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
-    return data, bundle
+from loadtest.harness import Server, make_requests, pipeline, run_load
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,18 +38,15 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    data, bundle = ensure_bundle(work)
-    users = dataset_user_ids(data)
-    requests = make_requests(users, n=4096, topk_mix="20:1")
     single, cluster = LocalRedis().start(), LocalRedisCluster(masters=3).start()
     backends = {"single node": single.url, "3-master cluster": cluster.url}
     servers: dict[str, Server] = {}
     rows: dict[str, list[dict]] = {name: [] for name in backends}
     try:
-        for name, url in backends.items():
-            publish(url, bundle)
-            load_features(url, data)
+        for name, url in backends.items():   # data, model and bundle built once; published + loaded into each
+            built = pipeline(work, "mvke-mt", redis_url=url, log=work / "pipeline.log")
             servers[name] = Server.service(url, workers=1, log=work / f"service-{name.split()[0]}.log").start()
+        requests = make_requests(dataset_user_ids(Path(built["data"])), n=4096, topk_mix="20:1")
         print(f"{machine()['cpu']}, load {loadavg()}; c={a.concurrency}, {a.duration:.0f} s per run, "
               f"{a.rounds} rounds", flush=True)
         for r in range(a.rounds):

@@ -6,13 +6,13 @@ import json
 import sys
 from datetime import datetime, timezone
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-REDIS_HELP = (f"Redis URL (default $REDIS_URL or {DEFAULT_REDIS}): redis://[user:password@]host:port/db, "
-              "rediss:// for TLS (?ssl_ca_certs=PATH), redis+cluster:// (or MVKE_REDIS_CLUSTER=true) for a Redis Cluster")
+from mvke.runtime.redis_client import REDIS_URL_HELP
+
+EXTRA = "export"   # the pyproject extra these commands need (named by `mvke` when it is missing)
 
 
 def _redis(url: str | None):
-    from mvke.runtime.redis_client import connect
+    from mvke.runtime.redis_client import connect   # one node or a Redis Cluster, AUTH/TLS from the URL
     return connect(url, socket_timeout=30, socket_connect_timeout=10)
 
 
@@ -67,18 +67,18 @@ def register(sub) -> None:
     e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)")
     e.add_argument("ckpt")
     e.add_argument("--out", required=True)
-    e.set_defaults(func=_export)
+    e.set_defaults(func=_export, extra=EXTRA)
 
     p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")
     p.add_argument("bundle", nargs="?")
-    p.add_argument("--redis", help=REDIS_HELP)
+    p.add_argument("--redis", help=REDIS_URL_HELP)
     p.add_argument("--keep", type=int, default=3, help="versions to keep")
     p.add_argument("--rollback", action="store_true", help="re-activate the previous version")
-    p.set_defaults(func=_publish)
+    p.set_defaults(func=_publish, extra=EXTRA)
 
     m = sub.add_parser("models", help="list published versions")
-    m.add_argument("--redis", help=REDIS_HELP)
-    m.set_defaults(func=_models)
+    m.add_argument("--redis", help=REDIS_URL_HELP)
+    m.set_defaults(func=_models, extra=EXTRA)
 
     f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
     fl = f.add_parser("load", help="load users.parquet into the feature store (parallel, resumable by part)",
@@ -86,10 +86,10 @@ def register(sub) -> None:
                                   "Redis hash per user. Resumable: rerun the same command after a failure and "
                                   "finished parts are skipped. Bad rows are reported and the rest is loaded.")
     fl.add_argument("--data", required=True, help="dataset directory (meta.json + users.parquet)")
-    fl.add_argument("--redis", help=REDIS_HELP)
+    fl.add_argument("--redis", help=REDIS_URL_HELP)
     fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
     fl.add_argument("--ttl", type=int, help="expire each user hash this many seconds after its load")
     fl.add_argument("--part-rows", type=int, default=262_144, help="users per part (the unit of resumption)")
     fl.add_argument("--job-dir", help="markers and rejects (default DATA/_features_load)")
     fl.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
-    fl.set_defaults(func=_features_load)
+    fl.set_defaults(func=_features_load, extra=EXTRA)

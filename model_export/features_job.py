@@ -1,6 +1,6 @@
 """`mvke features load`: users Parquet -> feature store, in parallel, pipelined, resumable by part.
 
-    users Parquet --plan (batch/parts.py: row groups packed into parts)--> parts
+    users Parquet --plan (mvke/runtime/parts.py: row groups packed into parts)--> parts
       N worker processes, each with its own Redis connections (one per master):
         per part: read Parquet in batches -> column-wise checks + RESP (feature_writer.py)
                   -> send batch k while Redis works on batch k-1 -> marker file
@@ -33,8 +33,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.parts import (Part, input_fingerprint, iter_part, list_inputs, part_from_dict, part_to_dict,
-                         plan_parts, write_json_atomic)
+from mvke.runtime.parts import (Part, input_fingerprint, iter_part, list_inputs, part_from_dict, part_to_dict,
+                                plan_parts, write_json_atomic)
 from model_export.feature_writer import FeatureLoadError, FeatureSink, store_columns
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import REDIS_ERRORS, connect, describe_error, resolve

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+EXTRA = "service"   # the pyproject extra these commands need (named by `mvke` when it is missing)
+
 
 def _serve(a: argparse.Namespace) -> None:
     import uvicorn
@@ -22,4 +24,4 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, help="uvicorn worker processes (default MVKE_WORKERS or 1; 0: one per CPU)")
-    s.set_defaults(func=_serve)
+    s.set_defaults(func=_serve, extra=EXTRA)

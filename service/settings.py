@@ -8,13 +8,14 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mvke.runtime.keys import DEFAULT_URL
 from mvke.runtime.system import container_cpus
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MVKE_", extra="ignore")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "MVKE_REDIS_URL"),
+    redis_url: str = Field(DEFAULT_URL, validation_alias=AliasChoices("REDIS_URL", "MVKE_REDIS_URL"),
                            description="Redis holding the published models and the feature store "
                                        "(redis://, rediss:// for TLS, redis+cluster:// for a Redis Cluster)")
     redis_cluster: bool = Field(False, description="treat a redis:// or rediss:// URL as a Redis Cluster "
@@ -55,6 +56,13 @@ class Settings(BaseSettings):
     def worker_count(self) -> int:
         """Worker processes `mvke serve` starts: `workers`, or one per usable CPU when it is 0."""
         return self.workers or max(1, int(container_cpus()))
+
+    def serving_summary(self) -> dict:
+        """The settings that shape throughput (GET /model; the benchmark reports them beside its figures)."""
+        return {"workers": self.worker_count(), "batching": self.batching, "max_batch_size": self.max_batch_size,
+                "max_wait_ms": self.max_wait_ms, "ort_threads": self.ort_threads(),
+                "redis_pool_size": self.redis_pool_size, "compute_offload_min_batch": self.compute_offload_min_batch,
+                "fast_path": self.fast_path}
 
     def ort_threads(self) -> int:
         if self.ort_intra_threads:

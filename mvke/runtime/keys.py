@@ -22,6 +22,7 @@ cluster spreads the users over every slot and master.
     mvke:user:<user_id>                 hash: field -> raw value; multi-valued fields `|`-joined
     mvke:features-load:<token>          an unfinished `mvke features load` job (its markers stay valid
                                         while this key exists; deleted when the job completes)
+    mvke:features-loaded:<dataset>      which dataset `mvke pipeline` loaded (so a rerun skips it)
 
 Batch output (written by `mvke tag-all --to-redis`):
 
@@ -39,6 +40,15 @@ services then find `{mvke}:active`; services of the old release keep reading the
 until they are replaced).
 """
 from __future__ import annotations
+
+import os
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url(url: str | None = None) -> str:
+    """The Redis of a command: `url` if given, else $REDIS_URL, else DEFAULT_URL."""
+    return url or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
 class Keys:
@@ -75,6 +85,9 @@ class Keys:
 
     def features_job(self, token: str) -> str:
         return f"{self.prefix}:features-load:{token}"
+
+    def features_loaded(self, dataset: str) -> str:
+        return f"{self.prefix}:features-loaded:{dataset}"
 
     # ---- batch output ----------------------------------------------------
     def user_tags(self, version: str, user_id: str) -> str:

@@ -30,8 +30,12 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.exceptions import RedisClusterException, RedisError
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
+from mvke.runtime.keys import DEFAULT_URL, redis_url
+
 CLUSTER_ENV = "MVKE_REDIS_CLUSTER"
+REDIS_URL_HELP = (f"Redis URL (default $REDIS_URL or {DEFAULT_URL}): redis://[user:password@]host:port/db, "
+                  "rediss://... for TLS (?ssl_ca_certs=PATH), redis+cluster://host:port (or "
+                  f"{CLUSTER_ENV}=true) for a Redis Cluster")
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 # Everything a Redis call can raise that means "Redis is not answering as it should".
@@ -58,7 +62,7 @@ def _truthy(value: str | None) -> bool:
 
 def resolve(url: str | None = None, cluster: bool | None = None) -> RedisTarget:
     """URL (default `$REDIS_URL`, else redis://127.0.0.1:6379/0) and cluster flag (scheme, argument, env)."""
-    url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+    url = redis_url(url)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in _CLUSTER_SCHEMES:

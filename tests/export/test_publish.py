@@ -25,6 +25,8 @@ from mvke.runtime.keys import Keys
 from mvke.runtime.versions import active_version, read_version
 from tests.fixtures.tcp_proxy import CuttingProxy
 
+pytestmark = pytest.mark.integration
+
 KEYS = Keys()
 
 

@@ -30,6 +30,8 @@ from model_export.publish import publish
 from mvke.localredis import LocalRedis, free_port
 from service.settings import Settings
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 ROUTE = "/users/{}/tags"
 
@@ -550,6 +552,7 @@ def test_metrics_and_model_info(svc, synth_user):
     assert model["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert [t["name"] for t in model["tasks"]] == ["interest", "intention"]
     assert model["num_tags"] > 0 and model["features"] and "test_auc" in model["metrics"]
+    assert model["serving"] == svc.settings.serving_summary() and model["serving"]["batching"] is True
     ready = svc.client.get("/readyz").json()
     assert ready == {"ready": True, "model_version": model["version"]}
     resp = svc.tag(synth_user, {"top_k": 1}, headers={"x-request-id": "req-abc"})
