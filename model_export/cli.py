@@ -25,16 +25,24 @@ def _export(a: argparse.Namespace) -> None:
 
 
 def _publish(a: argparse.Namespace) -> None:
-    from model_export.publish import publish, rollback
+    from model_export.publish import publish, rollback, set_canary_percent
     r = _redis(a.redis)
     if a.rollback:
         print(json.dumps(rollback(r), indent=1))
         return
     if not a.bundle:
-        raise ValueError("publish needs BUNDLE_DIR (or --rollback)")
-    report = publish(a.bundle, r, keep=a.keep)
+        if a.canary is not None:  # ramp the current canary to another share
+            print(json.dumps(set_canary_percent(r, a.canary), indent=1))
+            return
+        raise ValueError("publish needs BUNDLE_DIR (or --rollback, or --canary PERCENT to re-set the canary's share)")
+    report = publish(a.bundle, r, keep=a.keep, canary_percent=a.canary)
     report["publish_seconds"] = round(report["publish_seconds"], 3)
     print(json.dumps(report, indent=1))
+
+
+def _promote(a: argparse.Namespace) -> None:
+    from model_export.publish import promote
+    print(json.dumps(promote(_redis(a.redis)), indent=1))
 
 
 def _models(a: argparse.Namespace) -> None:
@@ -46,7 +54,8 @@ def _models(a: argparse.Namespace) -> None:
     for v in reversed(versions):
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
-              + ("  (rolled back)" if v.rolled_back else ""))
+              + ("  (rolled back)" if v.rolled_back else "")
+              + (f"  (canary, {v.canary_percent:g}% of users)" if v.canary_percent is not None else ""))
     print(f"active: {active_version(r) or 'none'}")
 
 
@@ -73,8 +82,16 @@ def register(sub) -> None:
     p.add_argument("bundle", nargs="?")
     p.add_argument("--redis", help=REDIS_URL_HELP)
     p.add_argument("--keep", type=int, default=3, help="versions to keep")
-    p.add_argument("--rollback", action="store_true", help="re-activate the previous version")
+    p.add_argument("--rollback", action="store_true",
+                   help="drop the canary if there is one, else re-activate the previous version")
+    p.add_argument("--canary", type=float, metavar="PERCENT",
+                   help="publish BUNDLE as the canary, served to PERCENT of users (by a hash of the user id) "
+                        "beside the active version; without BUNDLE: change the current canary's share")
     p.set_defaults(func=_publish, extra=EXTRA)
+
+    pr = sub.add_parser("promote", help="make the canary the active version")
+    pr.add_argument("--redis", help=REDIS_URL_HELP)
+    pr.set_defaults(func=_promote, extra=EXTRA)
 
     m = sub.add_parser("models", help="list published versions")
     m.add_argument("--redis", help=REDIS_URL_HELP)

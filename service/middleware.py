@@ -31,7 +31,7 @@ from service.state import error_response, render, validate_request
 from service.tagger import ServiceError
 
 log = logging.getLogger("mvke.service.access")
-KNOWN_ROUTES = {"/healthz", "/readyz", "/metrics", "/model", "/docs", "/openapi.json"}
+KNOWN_ROUTES = {"/healthz", "/readyz", "/metrics", "/model", "/models", "/docs", "/openapi.json", "/tags:batch", "/ui"}
 TAG_ROUTE = "/users/{user_id}/tags"
 _JSON_CT = b"application/json"
 _NO_BODY = TagRequest()   # the request without a body (shared: nothing mutates a request)
@@ -40,12 +40,31 @@ _NO_BODY = TagRequest()   # the request without a body (shared: nothing mutates 
 def route_label(path: str) -> str:
     if path.startswith("/users/") and path.endswith("/tags"):
         return TAG_ROUTE
+    if path.startswith("/ui/"):
+        return "/ui"
+    if path.startswith("/docs/"):
+        return "/docs"
     return path if path in KNOWN_ROUTES else "other"
 
 
+def is_json_type(ct: bytes | None) -> bool:
+    if ct is None:
+        return False
+    media = ct.split(b";", 1)[0].strip().lower()
+    return media == _JSON_CT or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def has_body(headers: dict) -> bool:
+    length = headers.get(b"content-length")
+    if length is not None:
+        return length.strip() not in (b"0", b"")
+    return b"transfer-encoding" in headers
+
+
 class EdgeMiddleware:
-    def __init__(self, app, metrics: ServiceMetrics, max_body_bytes: int, access_log: bool):
+    def __init__(self, app, metrics: ServiceMetrics, max_body_bytes: int, access_log: bool, api_keys=None):
         self.app, self.metrics, self.max_body, self.access_log = app, metrics, max_body_bytes, access_log
+        self.api_keys = api_keys if api_keys is not None and api_keys.enabled else None
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._svc: Any = None
 
@@ -75,12 +94,25 @@ class EdgeMiddleware:
 
         path = scope.get("path", "")
         try:
+            if self.api_keys is not None and self.api_keys.protects(path) and not self.api_keys.allows(headers):
+                await self._refuse(send_wrapper, 401, "authorization: this route needs an API key "
+                                   "(Authorization: Bearer <key> or X-API-Key: <key>)", "authorization",
+                                   [(b"www-authenticate", b'Bearer realm="mvke"')])
+                return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 await self._too_large(send_wrapper)
                 return
             source = receive
-            if (scope.get("method") == "POST" and path.startswith("/users/") and path.endswith("/tags")
+            method = scope.get("method")
+            if method == "POST":
+                ct = headers.get(b"content-type")
+                if ct != _JSON_CT and not is_json_type(ct) and has_body(headers):
+                    got = ct.decode("latin-1")[:100] if ct else "no Content-Type"
+                    await self._refuse(send_wrapper, 415, f"body: send it as JSON with the header "
+                                       f"Content-Type: application/json (got {got})", "body")
+                    return
+            if (method == "POST" and path.startswith("/users/") and path.endswith("/tags")
                     and not scope.get("root_path")):
                 pending = await self._fast(scope, receive, send_wrapper, path, headers)
                 if pending is None:
@@ -159,7 +191,12 @@ class EdgeMiddleware:
         return None
 
     async def _too_large(self, send) -> None:
-        body = orjson.dumps({"detail": f"request body larger than {self.max_body} bytes", "field": "body"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await self._refuse(send, 413, f"request body larger than {self.max_body} bytes", "body")
+
+    @staticmethod
+    async def _refuse(send, status: int, detail: str, field: str | None, extra: list | None = None) -> None:
+        body = orjson.dumps({"detail": detail, "field": field})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *(extra or [])]})
         await send({"type": "http.response.body", "body": body})

@@ -46,7 +46,18 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(2.0, gt=0, description="a request waiting longer gets 503")
     top_k_default: int = Field(20, ge=1)
     top_k_max: int = Field(200, ge=1)
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger bodies get 413")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger bodies get 413 (1 MiB: room for "
+                                                                  "10,000 candidate tags or a batch of 256 users)")
+    max_candidate_tags: int = Field(10_000, ge=1, description="most tags in one request's `tags` (candidate scoring)")
+    max_batch_users: int = Field(256, ge=1, description="most users in one POST /tags:batch")
+    canary: str | None = Field(None, description="`<version>:<percent>`: serve that share of users (by a hash of "
+                                                 "the user id) from a second published version; overrides the "
+                                                 "canary set with `mvke publish --canary`")
+    api_keys: str | None = Field(None, description="comma-separated API keys; when set (or api_keys_file), the "
+                                                   "tag and model routes answer 401 without one")
+    api_keys_file: str | None = Field(None, description="file of API keys' sha256 hex digests, one per line "
+                                                        "(`mvke api-key` makes one); # starts a comment")
+    metrics_need_key: bool = Field(False, description="with API keys on, /metrics asks for one too")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
     workers: int = Field(1, ge=0, description="uvicorn worker processes (mvke serve); 0: one per CPU this "

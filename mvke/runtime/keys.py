@@ -8,6 +8,8 @@ on a cluster as on a single node). The cost is that the models of a prefix live 
 master: a few MB per version, 3 versions kept, read once per service replica per publish.
 
     {mvke}:active                       alias: the active version id (flipped atomically)
+    {mvke}:canary                       `<version>:<percent>`: a second published version served to that
+                                        share of users (set, promoted and dropped atomically with the alias)
     {mvke}:versions                     sorted set: version id -> publish time (retention, listing);
                                         negated for a version rolled back from (never rolled back to)
     {mvke}:stored                       set: versions whose keys exist (written in the version's MULTI;
@@ -51,6 +53,22 @@ def redis_url(url: str | None = None) -> str:
     return url or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
+def parse_canary(spec: str) -> tuple[str, float]:
+    """`<version>:<percent>` (MVKE_CANARY, the `mvke:canary` key) -> (version, percent in (0, 100])."""
+    version, sep, percent = spec.strip().rpartition(":")
+    try:
+        value = float(percent)
+    except ValueError:
+        value = float("nan")
+    if not sep or not version or not 0 < value <= 100:
+        raise ValueError(f"canary {spec!r}: expected <version>:<percent>, percent in (0, 100]")
+    return version, value
+
+
+def format_canary(version: str, percent: float) -> str:
+    return f"{version}:{percent:g}"
+
+
 class Keys:
     """Redis key layout (see module docstring)."""
 
@@ -60,6 +78,7 @@ class Keys:
         self.prefix = prefix
         self.models = f"{{{prefix}}}"                       # the one hash tag of every model key
         self.active = f"{self.models}:active"
+        self.canary = f"{self.models}:canary"
         self.versions = f"{self.models}:versions"
         self.stored = f"{self.models}:stored"
         self.lock = f"{self.models}:publish-lock"

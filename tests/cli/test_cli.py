@@ -18,8 +18,8 @@ import mvke.cli
 from mvke.cli import COMMANDS_GROUP, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_COMMANDS = {"data", "train", "experiment", "export", "publish", "models", "features", "serve", "tag-all",
-                  "pipeline"}
+STAGE_COMMANDS = {"data", "train", "experiment", "export", "publish", "promote", "models", "features", "serve",
+                  "api-key", "tag-all", "pipeline"}
 
 
 def _commands(parser) -> dict:

@@ -82,11 +82,13 @@ def edge():
 
     model = SimpleNamespace(manifest=SimpleNamespace(task_names=["i", "a", "b"]), sides={"i": 0, "a": 0, "b": 0},
                             tag_index={"t": 0, "x": 1}, schema=SimpleNamespace(names=["a", "b", "c", "d", "g"],
-                                                                               fields=[SimpleNamespace(kind="multi")] * 5))
+                                                                               fields=[SimpleNamespace(kind="multi")] * 5,
+                                                                               position={}))
 
     async def tag(job):
         return TagResult(job.user_id, "v", "m", "store", {t: [(f"k{job.top_k}", job.min_score or 0.0)] for t in job.tasks})
-    svc = SimpleNamespace(settings=Settings(log_level="WARNING"), tagger=SimpleNamespace(model=lambda: model), tag=tag)
+    svc = SimpleNamespace(settings=Settings(log_level="WARNING"), tagger=SimpleNamespace(model=lambda: model), tag=tag,
+                          registry=SimpleNamespace(route=lambda user_id, pinned=None: model, last_error=None))
     downstream = []
 
     async def fastapi_stand_in(scope, receive, send):
