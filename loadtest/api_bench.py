@@ -87,12 +87,20 @@ def main(argv: list[str] | None = None) -> int:
                 row = {}
                 for name, server in ((("before", before), ("after", after)) if r % 2 == 0
                                      else (("after", after), ("before", before))):
-                    row[name] = run_load(server.port, singles, 32, a.duration, warmup=1.0)["qps"]
+                    c0 = cpu_seconds(server)
+                    res = run_load(server.port, singles, 32, a.duration, warmup=1.0)
+                    row[name] = res["qps"]
+                    # server CPU per answered request (warmup included in both): less sensitive to the
+                    # other processes on the machine than the QPS share the server gets
+                    row[f"{name}_cpu_us"] = (cpu_seconds(server) - c0) * 1e6 / max(1, res["requests"] * (
+                        a.duration + 1.0) / a.duration)
                 row["ratio"] = row["after"] / row["before"]
+                row["cpu_ratio"] = row["after_cpu_us"] / row["before_cpu_us"]
                 row["loadavg"] = loadavg()
                 report["rounds"].append(row)
-                print(f"round {r + 1}: before {row['before']:.0f} QPS, after {row['after']:.0f} QPS, "
-                      f"ratio {row['ratio']:.3f}, load {row['loadavg']}")
+                print(f"round {r + 1}: before {row['before']:.0f} QPS {row['before_cpu_us']:.0f} us CPU/request, "
+                      f"after {row['after']:.0f} QPS {row['after_cpu_us']:.0f} us CPU/request, QPS ratio "
+                      f"{row['ratio']:.3f}, CPU ratio {row['cpu_ratio']:.3f}, load {row['loadavg']}")
             before.stop()
             batch_bodies = [["POST", "/tags:batch",
                              orjson.dumps({"users": [{"user_id": u} for u in ids[i * 256:(i + 1) * 256]],
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         report["qps_before_median"] = statistics.median(r["before"] for r in report["rounds"])
         report["qps_after_median"] = statistics.median(r["after"] for r in report["rounds"])
         report["ratio_median"] = statistics.median(ratios)
+        report["cpu_ratio_median"] = statistics.median(r["cpu_ratio"] for r in report["rounds"])
         report["loadavg_end"] = loadavg()
     finally:
         redis.stop()
@@ -113,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['loadavg_end']}")
     print(f"hot path c=32: before {report['qps_before_median']:.0f} QPS, after {report['qps_after_median']:.0f} QPS "
           f"(median of {a.rounds} interleaved rounds; ratio median {report['ratio_median']:.3f}, "
-          f"rounds {', '.join(f'{x:.3f}' for x in ratios)})")
+          f"rounds {', '.join(f'{x:.3f}' for x in ratios)}); server CPU per request after/before: median "
+          f"{report['cpu_ratio_median']:.3f}")
     for label, m in (("single calls, c=32", s1), ("batch of 256, c=4", b), ("single calls again", s2)):
         print(f"{label:20s} {m['users_per_s']:8.0f} users/s  {m['users_per_cpu_s'] or 0:8.0f} users per server "
               f"CPU-second  status {m['status']}")

@@ -18,10 +18,15 @@ def _redis(url: str | None):
 
 def _export(a: argparse.Namespace) -> None:
     from model_export.bundle import export_checkpoint
-    manifest, fig = export_checkpoint(a.ckpt, a.out)
-    print(json.dumps({"version": manifest.version, "model": manifest.model, "out": a.out,
+    manifest, fig = export_checkpoint(a.ckpt, a.out, ann_mode=a.ann, ann_min_tags=a.ann_min_tags,
+                                      synthetic_tags=a.synthetic_tags)
+    print(json.dumps({"version": manifest.version, "model": manifest.model, "out": a.out, "num_tags": manifest.num_tags,
                       "export_seconds": round(fig["export_seconds"], 2), "bundle_bytes": fig["bundle_bytes"],
-                      "parity": manifest.parity}, indent=1))
+                      "parity": manifest.parity, "ann": manifest.ann.get("tasks", {})}, indent=1))
+    for task, entry in manifest.ann.get("tasks", {}).items():
+        if entry["status"] != "ann":
+            print(f"WARNING: task {task} has no candidate index and is served exactly: {entry['reason']}",
+                  file=sys.stderr)
 
 
 def _publish(a: argparse.Namespace) -> None:
@@ -76,6 +81,11 @@ def register(sub) -> None:
     e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)")
     e.add_argument("ckpt")
     e.add_argument("--out", required=True)
+    e.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
+                   help="candidate indexes for large catalogues: auto = from --ann-min-tags tags up")
+    e.add_argument("--ann-min-tags", type=int, default=50_000)
+    e.add_argument("--synthetic-tags", type=int, default=0, metavar="N",
+                   help="benchmarks: grow the catalogue to N tags with the trained tag tower on synthetic ids")
     e.set_defaults(func=_export, extra=EXTRA)
 
     p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")

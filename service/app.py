@@ -175,7 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def errors(*codes: int) -> dict:
         return {c: ERRORS[c] for c in codes if c != 401 or keyed}
 
-    tag_errors = errors(400, 401, 404, 409, 413, 415, 422, 503)
+    tag_errors = errors(400, 401, 404, 409, 413, 414, 415, 422, 503)
 
     @app.post("/users/{user_id}/tags", response_model=TagResponse, responses=tag_errors)
     async def tag_user(user_id: str = Path(min_length=1, max_length=128, examples=["u0000042"],
@@ -225,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if m is None:
             return json_response({"detail": state.registry.last_error or "no model loaded"}, 503)
         return json_response({**m.manifest.summary(), "provider": m.provider,
+                              "scoring": m.scoring, "approximate": m.approximate,
                               "ort_threads": settings.ort_threads(), "batching": settings.batching,
                               "serving": settings.serving_summary()})
 

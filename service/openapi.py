@@ -24,6 +24,8 @@ ERRORS: dict[int, dict[str, Any]] = {
                                                  "`model_version` not published (field `model_version`)"},
     409: {"model": ErrorResponse, "description": "`model_version` is published but not loaded here"},
     413: {"model": ErrorResponse, "description": "body larger than MVKE_MAX_BODY_BYTES"},
+    414: {"model": ErrorResponse, "description": "request path longer than 65,535 bytes (answered by the HTTP "
+                                                 "layer, service/http_protocol.py)"},
     415: {"model": ErrorResponse, "description": "a body that is not sent as application/json"},
     422: {"model": ErrorResponse, "description": "invalid body or option; `field` names it, `errors` lists all"},
     503: {"model": ErrorResponse, "description": "no model loaded, Redis unavailable or overloaded "

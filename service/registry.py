@@ -199,7 +199,9 @@ class ModelRegistry:
 
     def _build(self, version: str) -> LoadedModel:
         manifest, blobs = read_version(self.redis, self.keys, version)
-        return build_model(manifest, blobs, self.settings.ort_provider, self.settings.ort_threads())
+        s = self.settings
+        return build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann, ann_min_tags=s.ann_min_tags,
+                           scoring=s.scoring)
 
 
 def _text(v: bytes | str) -> str:

@@ -135,7 +135,7 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
                 raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
         unknown_values = unknown_value_counts(model.schema, req.features) or None
     job = TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags,
-                 model=model, unknown_values=unknown_values)
+                 exact=req.exact, model=model, unknown_values=unknown_values)
     candidates = getattr(req, "tags", None)
     if candidates is not None:
         _candidates(job, model, candidates, req.ignore_unknown, req.top_k, s.max_candidate_tags)

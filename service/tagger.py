@@ -49,6 +49,7 @@ class TagJob:
     tasks: list[str]
     min_score: float | None
     exclude: list[str]
+    exact: bool = False              # score every tag, also where the model ranks candidates (MVKE_ANN)
     future: asyncio.Future | None = None
     model: LoadedModel | None = None          # the routed version (None: the active one)
     candidates: np.ndarray | None = None      # candidate scoring: tag indices to score (else the catalogue)
@@ -70,6 +71,19 @@ class TagResult:
     explanations: dict[str, list[dict]] | None = None   # per task, aligned with `tasks` (explain: true)
     unknown_values: dict[str, int] | None = None
     unknown_tags: list[str] | None = None
+
+
+def merge_rows(parts: list[tuple[list[int], Ranked]], n: int) -> Ranked:
+    """One task's rankings of disjoint row subsets -> the ranking of all n rows, in row order."""
+    first = parts[0][1]
+    idx = np.empty((n, first.tag_index.shape[1]), dtype=first.tag_index.dtype)
+    scores = np.empty((n, first.scores.shape[1]), dtype=first.scores.dtype)
+    kept = None if all(r.kept is None for _, r in parts) else np.ones(idx.shape, dtype=bool)
+    for rows, r in parts:
+        idx[rows], scores[rows] = r.tag_index, r.scores
+        if kept is not None and r.kept is not None:
+            kept[rows] = r.kept
+    return Ranked(idx, scores, kept)
 
 
 class Tagger:
@@ -208,17 +222,26 @@ class Tagger:
         kept = jobs if len(keep) == len(jobs) else [jobs[i] for i in keep]
         t1 = time.perf_counter()
         steps["encode"].observe(t1 - t0)
-        values = model.run_tower(cat, multi)                                     # [B, sum K, D]
-        t2 = time.perf_counter()
-        steps["tower"].observe(t2 - t1)
-        # Jobs with candidate tags are scored on their candidates only (rank_candidates), the
-        # others on the whole catalogue, one GEMM pair for all of them.
-        full = [row for row, job in enumerate(kept) if job.candidates is None]
-        every = len(full) == len(kept)
-        full_jobs = kept if every else [kept[row] for row in full]
-        ranked = self.score(model, full_jobs, values if every else values[full]) if full else {}
-        t3 = time.perf_counter()
-        steps["score"].observe(t3 - t2)
+        values = None
+        if model.topk_session is not None and not any(job.candidates is not None or job.explain for job in kept):
+            # tower + scores + TopK in one ONNX call (contract.TOWER_TOPK_FILE), timed as "tower";
+            # candidate scoring and explanations need the expert outputs: they take the two calls
+            ranked = model.rank_fused(cat, multi, *self.asked(model, kept))
+            t3 = time.perf_counter()
+            steps["tower"].observe(t3 - t1)
+            full, every, full_jobs = range(len(kept)), True, kept
+        else:
+            values = model.run_tower(cat, multi)                                 # [B, sum K, D]
+            t2 = time.perf_counter()
+            steps["tower"].observe(t2 - t1)
+            # Jobs with candidate tags are scored on their candidates only (rank_candidates), the
+            # others on the whole catalogue, one GEMM pair for all of them.
+            full = [row for row, job in enumerate(kept) if job.candidates is None]
+            every = len(full) == len(kept)
+            full_jobs = kept if every else [kept[row] for row in full]
+            ranked = self.score(model, full_jobs, values if every else values[full]) if full else {}
+            t3 = time.perf_counter()
+            steps["score"].observe(t3 - t2)
         for row, result in zip(full, self.rank(model, full_jobs, ranked)):
             out[keep[row]] = result
         if not every:
@@ -248,8 +271,8 @@ class Tagger:
         return keep, enc.cat_ids[keep], enc.multi_ids[keep]
 
     @staticmethod
-    def score(model: LoadedModel, jobs: list[TagJob], values: np.ndarray) -> dict[str, Ranked]:
-        """Every task some job asks for, scored for the whole batch (one GEMM pair), top k at the largest k asked."""
+    def asked(model: LoadedModel, jobs: list[TagJob]) -> tuple[dict[str, int], list[list[int]] | None]:
+        """The largest k asked per task, and per job the tag indices it excludes (None: none anywhere)."""
         k: dict[str, int] = {}
         for job in jobs:
             for task in job.tasks:
@@ -259,7 +282,22 @@ class Tagger:
         if any(job.exclude for job in jobs):
             index = model.tag_index
             exclude = [[index[t] for t in job.exclude if t in index] for job in jobs]
-        return rank(values, model.sides.values(), k, exclude)
+        return k, exclude
+
+    @classmethod
+    def score(cls, model: LoadedModel, jobs: list[TagJob], values: np.ndarray) -> dict[str, Ranked]:
+        """Every task some job asks for, scored for the whole batch (one GEMM pair, or the candidates of
+        a large catalogue's index), top k at the largest k asked. Jobs asking `exact` on a model served
+        approximately are ranked over every tag, as a second call on their rows."""
+        k, exclude = cls.asked(model, jobs)
+        exact_rows = [i for i, job in enumerate(jobs) if job.exact] if model.approximate else []
+        if not exact_rows or len(exact_rows) == len(jobs):
+            return rank(values, model.sides.values(), k, exclude, approximate=not exact_rows)
+        approx_rows = [i for i, job in enumerate(jobs) if not job.exact]
+        parts = [(rows, rank(values[rows], model.sides.values(), k,
+                             [exclude[i] for i in rows] if exclude else None, approximate=rows is approx_rows))
+                 for rows in (approx_rows, exact_rows)]
+        return {task: merge_rows([(rows, r[task]) for rows, r in parts], len(jobs)) for task in parts[0][1]}
 
     @staticmethod
     def rank(model: LoadedModel, jobs: list[TagJob], ranked: dict[str, Ranked]) -> list[TagResult]:
