@@ -6,15 +6,14 @@ import json
 import sys
 from datetime import datetime, timezone
 
+from mvke.runtime.redis_client import REDIS_URL_HELP
 
 EXTRA = "export"   # the pyproject extra these commands need (named by `mvke` when it is missing)
 
 
 def _redis(url: str | None):
-    import redis
-
-    from mvke.runtime.keys import redis_url
-    return redis.Redis.from_url(redis_url(url), socket_timeout=30)
+    from mvke.runtime.redis_client import connect   # one node or a Redis Cluster, AUTH/TLS from the URL
+    return connect(url, socket_timeout=30, socket_connect_timeout=10)
 
 
 def _keys(a: argparse.Namespace):
@@ -72,20 +71,23 @@ def _models(a: argparse.Namespace) -> None:
 
 
 def _features_load(a: argparse.Namespace) -> None:
-    from model_export.feature_store import load_dataset_users
-    report = load_dataset_users(a.data, _redis(a.redis), _keys(a))
+    from model_export.features_job import FeaturesLoadConfig, load_features
+    from mvke.runtime.keys import key_prefix
+    if a.ttl is not None and a.ttl < 1:
+        raise ValueError(f"--ttl must be >= 1 second, got {a.ttl}")
+    report = load_features(FeaturesLoadConfig(a.data, redis_url=a.redis, key_prefix=key_prefix(a.key_prefix),
+                                              workers=a.workers, part_rows=a.part_rows, ttl_s=a.ttl,
+                                              job_dir=a.job_dir))
     for bad in report.bad_rows[:50]:
         print(f"bad row: user {bad['user_id']}: field {bad['field']}: {bad['reason']}", file=sys.stderr)
-    print(json.dumps({"loaded": report.loaded, "bad_rows": len(report.bad_rows),
-                      "seconds": round(report.seconds, 2), "users_per_second": round(report.users_per_second)}))
-
-
-REDIS_HELP = "Redis URL (default $REDIS_URL, else redis://127.0.0.1:6379/0; rediss:// for TLS, user:password@ for AUTH)"
+    if report.rejected > 50:
+        print(f"... {report.rejected} bad rows in all (every one in the job directory's rejects/)", file=sys.stderr)
+    print(json.dumps({**report.summary(), "bad_rows": report.rejected}))
 
 
 def _redis_options(parser: argparse.ArgumentParser) -> None:
     from mvke.runtime.keys import add_key_prefix_option
-    parser.add_argument("--redis", metavar="URL", help=REDIS_HELP)
+    parser.add_argument("--redis", metavar="URL", help=REDIS_URL_HELP)
     add_key_prefix_option(parser)
 
 
@@ -129,10 +131,15 @@ def register(sub) -> None:
     m.set_defaults(func=_models, extra=EXTRA)
 
     f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
-    fl = f.add_parser("load", help="load users.parquet into the feature store",
-                      description="Write each row of DIR/users.parquet (the fields of DIR/meta.json) to Redis as "
-                                  "one hash per user, replacing that user's previous hash; other users are left "
-                                  "alone. Bad rows are reported by user and field, the rest is loaded.")
+    fl = f.add_parser("load", help="load users.parquet into the feature store (parallel, resumable by part)",
+                      description="Every user of DIR's users.parquet (a file or a directory of parts; the fields of "
+                                  "DIR/meta.json) -> one Redis hash per user, replacing that user's previous hash; "
+                                  "other users are left alone. Resumable: rerun the same command after a failure "
+                                  "and finished parts are skipped. Bad rows are reported and the rest is loaded.")
     fl.add_argument("--data", required=True, metavar="DIR", help="dataset directory (meta.json + users.parquet)")
     _redis_options(fl)
+    fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    fl.add_argument("--ttl", type=int, metavar="SECONDS", help="expire each user hash this many seconds after its load")
+    fl.add_argument("--part-rows", type=int, default=262_144, metavar="N", help="users per part (the unit of resumption)")
+    fl.add_argument("--job-dir", metavar="DIR", help="markers and rejects (default DATA/_features_load)")
     fl.set_defaults(func=_features_load, extra=EXTRA)

@@ -32,7 +32,7 @@ from pathlib import Path
 import redis
 
 from mvke.localredis import LocalRedis
-from mvke.runtime.keys import key_prefix
+from mvke.runtime.keys import Keys, key_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 print = functools.partial(print, flush=True)  # noqa: A001  (progress must show up even when piped)
@@ -75,9 +75,10 @@ def step(msg: str) -> None:
 
 def redis_answers(url: str) -> bool:
     """PING only: never a write."""
+    from mvke.runtime.redis_client import REDIS_ERRORS, connect
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.5).ping())
-    except (redis.RedisError, ValueError):
+        return bool(connect(url, socket_connect_timeout=0.3, socket_timeout=0.5).ping())
+    except (*REDIS_ERRORS, ValueError):
         return False
 
 
@@ -106,7 +107,9 @@ def private_redis(work: Path) -> tuple[str, LocalRedis | None]:
 def choose_redis(work: Path) -> tuple[str, LocalRedis | None]:
     if os.environ.get("REDIS_URL"):
         url = os.environ["REDIS_URL"]
-        print(f"using REDIS_URL={url.split('@')[-1]} (the model and {key_prefix()}:user:* keys go there)")
+        from mvke.runtime.redis_client import resolve
+        print(f"using REDIS_URL={resolve(url).display} (the model's {Keys(key_prefix()).models}:* and the users' "
+              f"{key_prefix()}:user:* keys go there)")
         return url, None
     probe = os.environ.get("MVKE_PROBE_REDIS_URL", PROBE_URL)
     if redis_answers(probe):
