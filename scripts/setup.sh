@@ -114,7 +114,7 @@ install_torch() {
 }
 
 say "installing into .venv (extras: $EXTRAS, torch: $TORCH_VARIANT); full log in $LOG"
-say "  the first time this downloads about 330 MB (demo) or 560 MB (all) and takes a few minutes:"
+say "  the first time this downloads about 370 MB (demo) or 540 MB (all) and takes a few minutes:"
 say "  README, 'How long the first run takes'"
 t=$SECONDS
 if [[ ! -x .venv/bin/python ]]; then
