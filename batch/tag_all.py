@@ -112,20 +112,29 @@ class TagAllConfig:
         return redis_url(self.redis_url)
 
 
+def _redis_display(cfg: TagAllConfig) -> str:
+    from mvke.runtime.redis_client import resolve
+    return resolve(cfg.redis()).display
+
+
+def _redis_cluster(cfg: TagAllConfig) -> bool:
+    from mvke.runtime.redis_client import resolve
+    return resolve(cfg.redis()).cluster
+
+
 # ---- model source --------------------------------------------------------------
 def load_model_source(cfg: TagAllConfig):
     """(manifest, blobs) from --bundle, else the active version in Redis; sha256-verified either way."""
     if cfg.bundle:
         return read_bundle(cfg.bundle, verify=True)
-    import redis
-
+    from mvke.runtime.redis_client import connect, redact
     from mvke.runtime.versions import active_version, read_version
-    r = redis.Redis.from_url(cfg.redis(), socket_timeout=30)
+    r = connect(cfg.redis(), socket_timeout=30)
     try:
         keys = Keys(cfg.key_prefix)
         version = active_version(r, keys)
         if version is None:
-            raise BundleError(f"no active model in {cfg.redis()} ({keys.active} is not set); give --bundle")
+            raise BundleError(f"no active model in {redact(cfg.redis())} ({keys.active} is not set); give --bundle")
         return read_version(r, keys, version, verify=True)
     finally:
         r.close()
@@ -162,7 +171,7 @@ class PartWorker:
         if job.get("to_redis"):
             from batch.redis_out import UserTagWriter
             self.redis = UserTagWriter(job["redis_url"], self.model.version, self.tasks, self.model.tags,
-                                       job["key_prefix"], job.get("redis_ttl_s"))
+                                       job["key_prefix"], job.get("redis_ttl_s"), job.get("redis_cluster"))
 
     def output_table(self, uids: pa.Array, ranked: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
         """Rows ordered by user, then task, then rank (string columns dictionary-encoded, see _WRITE_SCHEMA)."""
@@ -314,7 +323,7 @@ def job_spec(cfg: TagAllConfig, manifest, files: list[Path], parts: list[Part]) 
     return {"input": input_fingerprint(files), "part_rows": cfg.part_rows, "parts": len(parts),
             "model_version": manifest.version, "model": manifest.model, "tasks": manifest.task_names,
             "top_k": min(cfg.top_k, manifest.num_tags), "to_redis": cfg.to_redis,
-            "redis_target": (cfg.redis().split("@")[-1] if cfg.to_redis else None),
+            "redis_target": (_redis_display(cfg) if cfg.to_redis else None),
             "key_prefix": cfg.key_prefix if cfg.to_redis else None, "ann": cfg.ann, "ann_min_tags": cfg.ann_min_tags}
 
 
@@ -381,6 +390,8 @@ def _run_parts(cfg: TagAllConfig, manifest, blobs, pending: list[Part], total: i
                "provider": cfg.provider, "ort_threads": cfg.ort_threads, "to_redis": cfg.to_redis,
                "ann": cfg.ann, "ann_min_tags": cfg.ann_min_tags,
                "redis_url": cfg.redis() if cfg.to_redis else None, "key_prefix": cfg.key_prefix,
+               # resolved here: an actor does not see the driver's MVKE_REDIS_CLUSTER
+               "redis_cluster": _redis_cluster(cfg) if cfg.to_redis else None,
                "redis_ttl_s": cfg.redis_ttl_s}
         model_ref = ray.put((manifest, blobs))
         ds = ray.data.from_items([part_to_dict(p) for p in pending], override_num_blocks=len(pending))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mvke.runtime.keys import DEFAULT_URL
+from mvke.runtime.keys import DEFAULT_PREFIX, DEFAULT_URL
 from mvke.runtime.system import container_cpus
 
 
@@ -16,8 +16,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MVKE_", extra="ignore")
 
     redis_url: str = Field(DEFAULT_URL, validation_alias=AliasChoices("REDIS_URL", "MVKE_REDIS_URL"),
-                           description="Redis holding the published models and the feature store")
-    key_prefix: str = Field("mvke", description="prefix of every Redis key")
+                           description="Redis holding the published models and the feature store "
+                                       "(redis://, rediss:// for TLS, redis+cluster:// for a Redis Cluster)")
+    redis_cluster: bool = Field(False, description="treat a redis:// or rediss:// URL as a Redis Cluster "
+                                                   "(a redis+cluster:// URL is one regardless)")
+    key_prefix: str = Field(DEFAULT_PREFIX, description="prefix of every Redis key (MVKE_KEY_PREFIX, as the commands)")
     redis_pool_size: int = Field(64, ge=1, description="max Redis connections per worker")
     redis_pool_wait_s: float = Field(0.2, ge=0, description="wait for a free pooled connection before a 503")
     redis_timeout_s: float = Field(0.5, gt=0, description="socket timeout of Redis calls")

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import LoadedModel
+from mvke.runtime.redis_client import REDIS_ERRORS, describe_error, is_cluster
 from mvke.runtime.scoring import Ranked, explain_tags, rank, sigmoid, task_cosines_at
 from mvke.runtime.system import limit_blas_threads
+from service.cluster_fetch import ClusterHashReader
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 
@@ -87,7 +87,8 @@ def merge_rows(parts: list[tuple[list[int], Ranked]], n: int) -> Ranked:
 
 
 class Tagger:
-    def __init__(self, registry: ModelRegistry, redis: aioredis.Redis, metrics: ServiceMetrics, keys: Keys):
+    def __init__(self, registry: ModelRegistry, redis, metrics: ServiceMetrics, keys: Keys):
+        """`redis`: an asyncio client of mvke.runtime.redis_client (one node or a cluster)."""
         self.registry, self.redis, self.metrics, self.keys = registry, redis, metrics, keys
         settings = getattr(registry, "settings", None)
         # Batches of at least this size run in a worker thread (the loop keeps reading requests while
@@ -99,6 +100,10 @@ class Tagger:
         self._batch_size = metrics.batch_size
         self._shed_redis = metrics.shed.labels("redis")
         self._per_version: dict[str, Any] = {}
+        # Redis Cluster: one pipeline per master, a dead master failing only its users (cluster_fetch.py)
+        self.cluster_reader = (ClusterHashReader(redis, getattr(settings, "redis_pool_size", 64),
+                                                 getattr(settings, "redis_pool_wait_s", 0.2))
+                               if is_cluster(redis) else None)
 
     def model(self) -> LoadedModel:
         m = self.registry.current
@@ -126,9 +131,9 @@ class Tagger:
             groups.setdefault(id(job.model or active), []).append(i)
         try:
             rows = await self._fetch(jobs)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             self._shed_redis.inc()
-            return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
+            return [unavailable(f"feature store unavailable: {describe_error(e)}")] * len(jobs)
         results: list = [None] * len(jobs)
         for idx in groups.values():
             part = await self._process_one([jobs[i] for i in idx], jobs[idx[0]].model or active,
@@ -143,12 +148,16 @@ class Tagger:
         if rows is None:
             try:
                 rows = await self._fetch(jobs)
-            except RedisError as e:
+            except REDIS_ERRORS as e:
                 self._shed_redis.inc()
-                return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
+                return [unavailable(f"feature store unavailable: {describe_error(e)}")] * len(jobs)
         results: list[TagResult | ServiceError | None] = [None] * len(jobs)
         ready = []
         for i, (job, stored) in enumerate(zip(jobs, rows)):
+            if isinstance(stored, BaseException):   # this user's cluster node failed; the others' did not
+                self._shed_redis.inc()
+                results[i] = unavailable(f"feature store unavailable: {describe_error(stored)}")
+                continue
             if not job.features:
                 if not stored:
                     results[i] = ServiceError(404, f"user {job.user_id!r} is not in the feature store; "
@@ -178,10 +187,15 @@ class Tagger:
             child = self._per_version[version] = self.metrics.version_requests.labels(version)
         return child
 
-    async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str]]:
+    async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str] | BaseException]:
         t0 = time.perf_counter()
         user_key = self.keys.user
-        if len(jobs) == 1:
+        if self.cluster_reader is not None:
+            ids = list(dict.fromkeys(j.user_id for j in jobs))
+            values = await self.cluster_reader.hgetall_many([user_key(u) for u in ids])
+            by_id = dict(zip(ids, values))
+            rows = [by_id[j.user_id] for j in jobs]
+        elif len(jobs) == 1:
             rows = [await self.redis.hgetall(user_key(jobs[0].user_id))]
         else:
             ids = list(dict.fromkeys(j.user_id for j in jobs))
