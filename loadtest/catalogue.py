@@ -24,17 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from loadtest.harness import PY, ROOT, Server, make_requests, run_load, scan_user_ids, start_redis
-
-MVKE = [PY, "-m", "mvke.cli"]
-
-
-def mvke(*args: str) -> str:
-    """One `mvke` command -> its stdout (stderr kept for the error)."""
-    res = subprocess.run([*MVKE, *args], cwd=ROOT, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"mvke {' '.join(args)} failed: {res.stderr[-2000:]}")
-    return res.stdout
+from loadtest.harness import PY, ROOT, Server, make_requests, mvke, run_load, scan_user_ids, start_redis
 
 
 def export(ck: Path, out: Path, tags: int, log) -> dict:

@@ -1,6 +1,9 @@
 """Tower + scoring + TopK on the GPU against catalogue size (run by loadtest/gpu_check.sh).
 
-    python -m loadtest.gpu_catalogue --ckpt CKPT --work DIR [--tags 1780,100000,1000000] [--json OUT]
+    python -m loadtest.gpu_catalogue --work DIR [--ckpt CKPT --data DIR] [--tags 1780,100000,1000000] [--json OUT]
+
+Without --ckpt/--data: the small model of loadtest/gpu_check.py (`mvke pipeline`, 2,000 synthetic
+users, 1 epoch) under --work, built when missing.
 
 For each catalogue size: the checkpoint exported with its trained tag tower run on synthetic tag
 ids (`mvke export --synthetic-tags N --ann off`: exact scoring, no index, no recall gate to wait
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -33,11 +35,10 @@ def per_second(fn, users: int, budget_s: float) -> float:
 
 
 def export(ckpt: str, work: Path, tags: int) -> Path:
-    from loadtest.harness import PY, ROOT
+    from loadtest.harness import mvke
     out = work / f"bundle_gpu{tags}"
     if not (out / "manifest.json").exists():
-        subprocess.run([PY, "-m", "mvke.cli", "export", ckpt, "--out", str(out), "--ann", "off",
-                        "--synthetic-tags", str(tags)], check=True, cwd=ROOT, capture_output=True)
+        mvke("export", ckpt, "--out", str(out), "--ann", "off", "--synthetic-tags", str(tags))
     return out
 
 
@@ -62,13 +63,10 @@ def scoring_rates(bundle: Path, budget_s: float) -> dict:
 
 
 def service_rate(bundle: Path, data: Path, seconds: float) -> dict:
-    from loadtest.bench import dataset_user_ids
-    from loadtest.harness import Server, load_features, make_requests, publish, run_load, start_redis
+    from loadtest.harness import Server, make_requests, run_load, serve_bundle, start_redis
     redis = start_redis()
     try:
-        publish(redis.url, bundle)
-        load_features(redis.url, data)
-        reqs = make_requests(dataset_user_ids(data), 4096, seed=1)
+        reqs = make_requests(serve_bundle(redis.url, bundle, data), 4096, seed=1)
         with Server.service(redis.url, workers=1, env={"MVKE_ORT_PROVIDER": "cuda"}) as svc:
             svc_info = json.loads(__import__("httpx").get(svc.url + "/model", timeout=5).text)
             r = run_load(svc.port, reqs, 32, seconds, 1.0)
@@ -80,8 +78,8 @@ def service_rate(bundle: Path, data: Path, seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True, help="the dataset directory (users for the service rows)")
+    p.add_argument("--ckpt", help="checkpoint (default: gpu_check's small model under --work)")
+    p.add_argument("--data", help="the dataset directory (users for the service rows; default: as --ckpt)")
     p.add_argument("--work", required=True)
     p.add_argument("--tags", default="1780,100000,1000000", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per batch size")
@@ -90,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if not (a.ckpt and a.data):
+        from loadtest.gpu_check import small_model
+        done = small_model(work)
+        a.ckpt, a.data = a.ckpt or done["checkpoint"], a.data or done["data"]
     rows = []
     for n in a.tags:
         t0 = time.perf_counter()

@@ -56,18 +56,24 @@ def environment() -> dict:
     return env
 
 
+def small_model(work: Path) -> dict:
+    """`mvke pipeline` (2,000 synthetic users, mvke-mt, 1 epoch) under `work`, built when missing ->
+    its summary (data, checkpoint, bundle)."""
+    out = subprocess.run([sys.executable, "-m", "mvke.cli", "pipeline", "--data-source", "synth", "--users", "2000",
+                          "--model", "mvke-mt", "--epochs", "1", "--work", str(work)],
+                         check=True, capture_output=True, text=True, timeout=480).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def build_model(work: Path, log) -> tuple[Path | None, Path | None]:
-    """-> (checkpoint, bundle) of `mvke pipeline` (2,000 synthetic users, mvke-mt, 1 epoch) under `work`
-    (both None if this machine cannot build them: no torch or onnxscript)."""
+    """-> (checkpoint, bundle) of `small_model` (both None if this machine cannot build them: no
+    torch or onnxscript)."""
     log("mvke pipeline: synthetic data (2,000 users, 1,780 tags) -> mvke-mt (1 epoch) -> export")
     try:
-        out = subprocess.run([sys.executable, "-m", "mvke.cli", "pipeline", "--data-source", "synth", "--users", "2000",
-                              "--model", "mvke-mt", "--epochs", "1", "--work", str(work)],
-                             check=True, capture_output=True, text=True, timeout=480).stdout
+        summary = small_model(work)
     except Exception as e:  # noqa: BLE001 - report, do not stop
         log(f"cannot build a model here: {getattr(e, 'stderr', '') or e}"[-2000:])
         return None, None
-    summary = json.loads(out.strip().splitlines()[-1])
     return Path(summary["checkpoint"]), Path(summary["bundle"])
 
 

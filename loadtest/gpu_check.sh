@@ -33,7 +33,7 @@ timeout 200 "$PY" -m loadtest.gpu_check --work "$WORK" --budget 0.5 --json "$OUT
 rc=$?
 [ $rc -eq 124 ] && echo "gpu_check: timed out after 200 s"
 echo "== tower + scoring + TopK against catalogue size"
-timeout 360 "$PY" -m loadtest.gpu_catalogue --ckpt "$WORK/ck" --data "$WORK/syn" --work "$WORK" \
+timeout 360 "$PY" -m loadtest.gpu_catalogue --work "$WORK" \
   --tags "${MVKE_GPU_TAGS:-1780,100000,1000000}" --json "$OUTDIR/gpu_catalogue.json" | tee "$OUTDIR/gpu_catalogue.txt"
 rc2=${PIPESTATUS[0]}
 [ "$rc2" -eq 124 ] && echo "gpu_catalogue: timed out after 360 s"

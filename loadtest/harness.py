@@ -44,6 +44,21 @@ def pipeline(work: str | Path, model: str, redis_url: str | None = None, epochs:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def mvke(*args: str) -> str:
+    """One `mvke` command (export, publish, features load, ...) -> its stdout; its stderr in the error."""
+    res = subprocess.run([PY, "-m", "mvke.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"mvke {' '.join(args)} failed: {res.stderr[-2000:]}")
+    return res.stdout
+
+
+def serve_bundle(redis_url: str, bundle: str | Path, data: str | Path) -> list[str]:
+    """Publish `bundle` and load the users of `data` into a (private) Redis -> the stored user ids."""
+    mvke("publish", str(bundle), "--redis", redis_url)
+    mvke("features", "load", "--data", str(data), "--redis", redis_url)
+    return scan_user_ids(redis_url)
+
+
 def scan_user_ids(redis_url: str, prefix: str = "mvke", limit: int = 1_000_000) -> list[str]:
     r = connect(redis_url, decode_responses=True, socket_timeout=30)
     try:

@@ -1,14 +1,16 @@
 """Where a single request's time goes inside the service: the c=1 cost of each serving variant
 without HTTP, the load generator or the kernel's loopback in the figure.
 
-    python scripts/c1_inprocess.py [--work /tmp/lt] [--requests 6000] [--out docs/results/c1_inprocess.json]
+    python scripts/c1_inprocess.py [--work /tmp/lt] [--requests 6000] [--concurrency 1,32] [--out FILE.json]
 
 One process, one event loop, a private redis-server holding the `mvke pipeline` model and its
 users. Each variant is the real ASGI app (service.app.create_app: edge middleware, fast path,
 batcher, tagger, model) with its settings; raw ASGI calls (POST /users/<id>/tags {"top_k": 20}),
 one at a time, variants alternating every --block requests (so a change of the machine's load
-hits them alike). Per variant: wall time per request (p25/p50/p90) and CPU time of this process
-per request (user + system, which includes the Redis client's socket writes). Variants:
+hits them alike). Per variant: wall time per request (p25/p50/p90), requests per second and CPU
+time of this process per request (user + system, which includes the Redis client's socket
+writes); at concurrency c, c requests are in flight at once (the batcher coalesces them).
+Variants:
 
   before         MVKE_SCORING=numpy, MVKE_IDLE_BYPASS=false (tower in ONNX, scoring in numpy,
                  every request handed to the batch worker and back)
@@ -62,33 +64,42 @@ async def call(app, user_id: str) -> int:
     return status[0]
 
 
-async def measure(apps: dict, ids: list[str], n: int, block: int) -> dict:
+async def timed_calls(app, users: list[str], concurrency: int, wall: list[float]) -> None:
+    """`users` as requests, `concurrency` in flight at once; each one's wall time appended to `wall`."""
+    queue = iter(users)
+
+    async def client():
+        for uid in queue:
+            t0 = time.perf_counter()
+            status = await call(app, uid)
+            wall.append(time.perf_counter() - t0)
+            assert status == 200, status
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+async def measure(apps: dict, ids: list[str], n: int, block: int, concurrency: int) -> dict:
     rng = random.Random(0)
     for app in apps.values():                              # warm-up: sessions, pools, code paths
-        for _ in range(200):
-            assert await call(app, rng.choice(ids)) == 200
+        await timed_calls(app, [rng.choice(ids) for _ in range(200)], concurrency, [])
     wall = {name: [] for name in apps}
-    cpu = dict.fromkeys(apps, 0.0)
+    cpu, elapsed = dict.fromkeys(apps, 0.0), dict.fromkeys(apps, 0.0)
     order = list(apps)
     for b in range(max(1, n // block)):
         for name in order if b % 2 == 0 else order[::-1]:
-            app, c0 = apps[name], time.process_time()
-            for _ in range(block):
-                uid = rng.choice(ids)
-                t0 = time.perf_counter()
-                status = await call(app, uid)
-                wall[name].append(time.perf_counter() - t0)
-                assert status == 200, status
+            c0, t0 = time.process_time(), time.perf_counter()
+            await timed_calls(apps[name], [rng.choice(ids) for _ in range(block)], concurrency, wall[name])
             cpu[name] += time.process_time() - c0
+            elapsed[name] += time.perf_counter() - t0
     out = {}
     for name, v in wall.items():
         v.sort()
         out[name] = {"requests": len(v), "p25_us": 1e6 * v[len(v) // 4], "p50_us": 1e6 * v[len(v) // 2],
-                     "p90_us": 1e6 * v[9 * len(v) // 10], "cpu_us_per_request": 1e6 * cpu[name] / len(v)}
+                     "p90_us": 1e6 * v[9 * len(v) // 10], "requests_per_s": len(v) / elapsed[name],
+                     "cpu_us_per_request": 1e6 * cpu[name] / len(v)}
     return out
 
 
-async def run_apps(redis_url: str, ids: list[str], n: int, block: int) -> dict:
+async def run_apps(redis_url: str, ids: list[str], n: int, block: int, concurrency: list[int]) -> dict:
     from contextlib import AsyncExitStack
 
     from service.app import create_app
@@ -106,14 +117,16 @@ async def run_apps(redis_url: str, ids: list[str], n: int, block: int) -> dict:
         for name, app in apps.items():
             m = app.state.svc.registry.current
             assert m.scoring == VARIANTS[name]["scoring"], (name, m.scoring)
-        return await measure(apps, ids, n, block)
+        return {c: await measure(apps, ids, n, block * c, c) for c in concurrency}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="/tmp/lt", help="`mvke pipeline` work folder (built when missing)")
     p.add_argument("--requests", type=int, default=6000, help="requests per variant")
-    p.add_argument("--block", type=int, default=25, help="requests per variant before switching")
+    p.add_argument("--block", type=int, default=25, help="requests per variant before switching (times c)")
+    p.add_argument("--concurrency", default="1,32", type=lambda v: [int(x) for x in v.split(",")],
+                   help="requests in flight at once, one measurement per value")
     p.add_argument("--out", help="also write the figures as JSON here")
     a = p.parse_args(argv)
     import uvloop
@@ -122,15 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipeline(a.work, "mvke-mt", redis.url, log=Path(a.work) / "pipeline_publish.log")
         ids = scan_user_ids(redis.url)
-        res = uvloop.run(run_apps(redis.url, ids, a.requests, a.block))
+        res = uvloop.run(run_apps(redis.url, ids, a.requests, a.block, a.concurrency))
     finally:
         redis.stop()
     doc = {"cpu": cpu_model() or "?", "nproc": os.cpu_count(), "load_before": load_before, "load_after": loadavg(),
            "requests_per_variant": a.requests, "variants": VARIANTS, "results": res}
     print(f"{doc['nproc']} CPUs ({doc['cpu']}), load average before {load_before}, after {doc['load_after']}")
-    print(f"{'variant':8} {'p25 us':>8} {'p50 us':>8} {'p90 us':>8} {'CPU us/request':>15}")
-    for name, r in res.items():
-        print(f"{name:8} {r['p25_us']:8.0f} {r['p50_us']:8.0f} {r['p90_us']:8.0f} {r['cpu_us_per_request']:15.0f}")
+    print(f"{'c':>3} {'variant':8} {'p25 us':>8} {'p50 us':>8} {'p90 us':>8} {'requests/s':>11} {'CPU us/request':>15}")
+    for c, by_variant in res.items():
+        for name, r in by_variant.items():
+            print(f"{c:3} {name:8} {r['p25_us']:8.0f} {r['p50_us']:8.0f} {r['p90_us']:8.0f} {r['requests_per_s']:11.0f} "
+                  f"{r['cpu_us_per_request']:15.0f}")
     if a.out:
         Path(a.out).write_text(json.dumps(doc, indent=1))
     return 0

@@ -224,3 +224,41 @@ def test_batcher_coalesces_sheds_and_times_out():
             await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_idle_bypass_keeps_closed_loop_clients_batched():
+    """Clients that send their next request as soon as they have an answer (a closed loop, as at c=32):
+    the first one back must not find the batcher 'idle' and run alone while the others queue behind it
+    (the bypass is for a request with no other request anywhere in the batcher)."""
+    import asyncio
+
+    from service.batcher import DynamicBatcher
+    from service.metrics import ServiceMetrics
+    from service.tagger import TagJob
+
+    class YieldingTagger:          # like the real one: the feature fetch yields to the event loop
+        def __init__(self):
+            self.batches: list[int] = []
+
+        async def process(self, jobs):
+            self.batches.append(len(jobs))
+            await asyncio.sleep(0)
+            return ["ok"] * len(jobs)
+
+    async def scenario():
+        tagger = YieldingTagger()
+        b = DynamicBatcher(tagger, ServiceMetrics(), max_batch_size=4, max_wait_ms=0, max_queue=100, timeout_s=1)
+        await b.start()
+
+        async def client(k: int):
+            for i in range(5):
+                assert await b.submit(TagJob(f"{k}-{i}", None, 5, ["interest"], None, [])) == "ok"
+        await asyncio.gather(*(client(k) for k in range(4)))
+        alone = asyncio.ensure_future(b.submit(TagJob("alone", None, 5, ["interest"], None, [])))
+        assert await alone == "ok"
+        await b.stop()
+        return tagger.batches
+
+    batches = asyncio.run(scenario())
+    # the first request runs inline (nobody else yet), then full batches; the lone request at the end inline
+    assert batches == [1, 4, 4, 4, 4, 3, 1], batches
