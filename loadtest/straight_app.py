@@ -64,7 +64,7 @@ async def tag_user(user_id: str, body: Body | None = None) -> Response:
     row = await r.hgetall(f"mvke:user:{user_id}")
     if not row:
         return Response(orjson.dumps({"detail": "unknown user"}), 404, media_type="application/json")
-    cat, multi = schema.encode_rows([row])
+    cat, multi = schema.encode([row]).ids()
     values = session.run(None, {"cat_ids": cat, "multi_ids": multi})[0]            # [1, sum K, D]
     out = {}
     for name, (task, W, Q) in sides.items():

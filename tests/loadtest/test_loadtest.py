@@ -65,6 +65,26 @@ def test_loadgen_against_the_service(tiny_service, lt_redis, dataset_dir):
     assert tiny_service.alive() and max(tiny_service.rss_mb()) > 10
 
 
+@pytest.mark.integration
+def test_straightforward_endpoint_answers_like_the_service(tiny_service, lt_redis, bundle):
+    """The bench's reference endpoint (loadtest/straight_app.py) must really tag users: a broken one
+    answers errors fast and would pass for a fast endpoint in the c=1 table."""
+    import httpx
+
+    from loadtest.harness import Server, scan_user_ids
+    ids = scan_user_ids(lt_redis.url)[:5]
+    env = {"REDIS_URL": lt_redis.url, "MVKE_STRAIGHT_BUNDLE": str(bundle("mvke-mt")), "OPENBLAS_NUM_THREADS": "1"}
+    with Server.asgi("loadtest.straight_app:app", env=env) as straight:
+        for uid in ids:
+            want = httpx.post(f"{tiny_service.url}/users/{uid}/tags", json={"top_k": 5}).json()
+            got = httpx.post(f"{straight.url}/users/{uid}/tags", json={"top_k": 5})
+            assert got.status_code == 200, got.text
+            for task, tags in want["tasks"].items():
+                assert [t["tag"] for t in got.json()["tasks"][task]] == [t["tag"] for t in tags]
+                np.testing.assert_allclose([t["score"] for t in got.json()["tasks"][task]],
+                                           [t["score"] for t in tags], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # request mixes
 # ---------------------------------------------------------------------------
@@ -139,3 +159,22 @@ def test_bench_command_lines_parse():
     assert a.tags == [1780, 20000] and a.rounds == 2 and a.duration == 3
     assert p.parse_args(["--quick", "--baseline", "/tmp/base", "--rounds", "3"]).baseline == "/tmp/base"
     assert p.parse_args(["--soak-only", "--soak", "60"]).soak == 60
+
+
+def test_catalogue_report_from_a_canned_result():
+    """`python -m loadtest.bench --tags ...`'s tables, from a canned result (no servers)."""
+    from loadtest.catalogue import AFTER, BEFORE, STRAIGHT, report
+
+    def mode(qps, p50, errors=None):
+        return {"load_s": 1.0, "p50_c1_ms": p50, "p99_c1_ms": 2 * p50, "qps_c32": qps, "p50_c32_ms": 5.0,
+                "p99_c32_ms": 20.0, "errors_c1": {}, "errors_c32": errors or {}, "rss_mb": [120.0],
+                "tag_all_users_s": 1000.0}
+    sizes = [{"tags": 1780, "export_s": 30, "bundle_mb": 4.0, "recall_at_20": 1.0, "publish_s": 1.0,
+              "off": mode(2000, 1.0), "on": mode(100, 3.0, {"503": 7})}]
+    c1 = {name: {"p50_c1": p50, "p99_c1": 5.0, "qps_c32": 1500, "p99_c32": 30.0, "not_200": bad}
+          for name, p50, bad in ((BEFORE, 1.2, 0), (AFTER, 0.8, 0), (STRAIGHT, 1.0, 3))}
+    text = report({"sizes": sizes, "c1": c1}, {"nproc": 2, "cpu": "cpu"}, [1, 2, 3], [4, 5, 6], "now", "--tags 1780", 1)
+    assert "| 1,780 | exact | 2,000 | 1.00 |" in text and "c32 {'503': 7}" in text
+    assert "| 1,780 | ANN / exact | 0.1x | 3.00x |" in text
+    assert f"| {AFTER} | 0.80 | 5.00 | 1,500 | 30.0 | 0.80 | 0 |" in text
+    assert f"| {STRAIGHT} | 1.00 | 5.00 | 1,500 | 30.0 | 1.00 | 3 |" in text
