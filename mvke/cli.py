@@ -13,7 +13,7 @@ from pathlib import Path
 
 def _data_synth(a: argparse.Namespace) -> None:
     from mvke.data.synthetic import SynthConfig, generate
-    cfg = SynthConfig(users=a.users, tags=a.tags, seed=a.seed)
+    cfg = SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets)
     out = generate(cfg, a.out)
     print(f"wrote synthetic dataset to {out}")
 
@@ -46,24 +46,38 @@ def _model_overrides(a: argparse.Namespace) -> dict:
     for key in ("attention", "gate"):
         if getattr(a, key, None):
             over[key] = getattr(a, key)
+    if getattr(a, "config", None):   # a `mvke tune` best.json: its chosen model settings
+        over = {**json.loads(Path(a.config).read_text())["model_overrides"], **over}
     return over
 
 
 def _train(a: argparse.Namespace) -> None:
     from mvke.training.trainer import TrainConfig, model_config_for, prepare, save_checkpoint, train_model
-    cfg = TrainConfig(epochs=a.epochs, seed=a.seed, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
+    tuned = json.loads(Path(a.config).read_text())["train_overrides"] if a.config else {}
+    given = {k: getattr(a, k) for k in ("epochs", "lr", "lr_schedule", "weight_decay") if getattr(a, k) is not None}
+    cfg = TrainConfig(**{"epochs": 5, **tuned, **given, "seed": a.seed, "batch_size": a.batch_size,
+                         "threads": a.threads})
     data = prepare(a.data)
     result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
     save_checkpoint(result, a.out, cfg, a.data)
     m = result.metrics
-    print(json.dumps({"model": a.model, "test_auc": m["test_auc"], "oracle_test_auc": m.get("oracle_test_auc"),
+    print(json.dumps({"model": a.model, "best_epoch": m["best_epoch"], "valid_auc": m["valid_auc"],
+                      "test_auc": m["test_auc"], "test_gauc": m["test_gauc"], "oracle_test_auc": m.get("oracle_test_auc"),
                       "samples_per_second": round(m["samples_per_second"]), "out": str(a.out)}, indent=1))
 
 
 def _experiment(a: argparse.Namespace) -> None:
     from mvke.training.experiment import run_experiment
     models = a.models.split(",") if a.models else None
-    run_experiment(a.data, a.out, seeds=a.seeds, models=models, sweep_experts=a.sweep_experts, epochs=a.epochs)
+    run_experiment(a.data, a.out, seeds=a.seeds, models=models, configs=a.configs, sweep_experts=a.sweep_experts,
+                   reference=not a.no_reference, threads=a.threads)
+
+
+def _tune(a: argparse.Namespace) -> None:
+    from mvke.training.tune import tune
+    best = tune(a.data, a.model, a.trials, a.out, seed=a.seed, threads=a.threads)
+    print(json.dumps({k: best[k] for k in ("model", "trials", "pruned", "valid_mean_auc", "params",
+                                           "model_params", "cpu_seconds")}, indent=1))
 
 
 def _dispatch_lazy(module: str, func: str):
@@ -83,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=20_000)
     s.add_argument("--tags", type=int, default=1_780)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--world", choices=["facets", "flat"], default="facets",
+                   help="facets: per-facet preferences (default); flat: one preference vector per user")
+    s.add_argument("--facets", type=int, default=4, help="latent preference facets per user")
     s.set_defaults(func=_data_synth)
     m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel")
     m.add_argument("--out", required=True)
@@ -95,24 +112,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="mvke-mt")
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--config", help="best.json of `mvke tune`: its chosen settings (flags below override)")
+    t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int, default=1024)
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"])
+    t.add_argument("--weight-decay", type=float)
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     t.add_argument("--experts", type=int)
     t.add_argument("--task-experts", help="e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
-    t.add_argument("--attention", choices=["fields", "sum"])
-    t.add_argument("--gate", choices=["projected", "dot"])
+    t.add_argument("--attention", choices=["fields", "residual", "sum", "uniform"])
+    t.add_argument("--gate", choices=["bilinear", "plain", "projected", "uniform"])
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("experiment", help="train the variants over seeds; tables and figures")
+    e = sub.add_parser("experiment", help="every model over seeds, selected on validation; tables and figures")
     e.add_argument("--data", required=True)
     e.add_argument("--out", required=True)
-    e.add_argument("--seeds", type=int, default=3)
-    e.add_argument("--models")
-    e.add_argument("--epochs", type=int, default=5)
+    e.add_argument("--seeds", type=int, default=5)
+    e.add_argument("--models", help="comma-separated (default: all models and controls)")
+    e.add_argument("--configs", help="output directory of `mvke tune` (each model's best.json)")
     e.add_argument("--sweep-experts", action="store_true")
+    e.add_argument("--no-reference", action="store_true", help="skip the LightGBM reference")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     e.set_defaults(func=_experiment)
+
+    u = sub.add_parser("tune", help="Optuna study of one model on validation AUC (resumable)")
+    u.add_argument("--data", required=True)
+    u.add_argument("--model", required=True)
+    u.add_argument("--trials", type=int, default=12)
+    u.add_argument("--out", required=True)
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial")
+    u.set_defaults(func=_tune)
 
     _add_later_stages(sub)
     return p
