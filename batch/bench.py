@@ -96,9 +96,8 @@ def make_users(src: Path, out: Path, n: int, row_group: int, seed: int = 0) -> P
 # ---- the ceiling: same code, no Ray ----------------------------------------------------
 def _ceiling_proc(bundle: str, part: dict, batch_size: int, k: int, with_io: str | None, q) -> None:
     from batch.parts import iter_part, part_from_dict
-    from batch.rank import rank_batch
-    from batch.tag_all import PartWorker
-    from model_export.contract import read_bundle
+    from batch.tag_all import PartWorker, rank_users
+    from mvke.runtime.contract import read_bundle
     manifest, blobs = read_bundle(bundle)
     job = {"out": with_io or "/nonexistent", "batch_size": batch_size, "top_k": k, "provider": "cpu",
            "ort_threads": 1, "to_redis": False}
@@ -110,13 +109,14 @@ def _ceiling_proc(bundle: str, part: dict, batch_size: int, k: int, with_io: str
         q.put({"users": stats["users"], "seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0})
         return
     batches = list(iter_part(p, w.columns, batch_size))      # read first: the loop is compute only
-    e = w.encoder.encode(batches[0])
-    rank_batch(w.model, e.cat[:64], e.multi[:64], k)          # warm-up
+    schema = w.model.schema
+    e = schema.encode(batches[0])
+    rank_users(w.model, e.cat_ids[:64], e.multi_ids[:64], k)   # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in batches:
-        e = w.encoder.encode(b)
-        rank_batch(w.model, e.cat, e.multi, k)
+        e = schema.encode(b)
+        rank_users(w.model, e.cat_ids, e.multi_ids, k)
         n += b.num_rows
     q.put({"users": n, "seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0})
 

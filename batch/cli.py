@@ -1,4 +1,4 @@
-"""`mvke tag-all`: registered into the `mvke` command line by mvke/cli.py."""
+"""`mvke tag-all`: registered into the `mvke` command line (entry point group `mvke.commands`)."""
 from __future__ import annotations
 
 import argparse
@@ -46,14 +46,3 @@ def register(sub) -> None:
     t.add_argument("--redis-ttl", type=int, help="expire the per-user tag keys after this many seconds")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_tag_all)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m batch.cli ...` == `mvke tag-all ...`."""
-    from mvke.cli import main as mvke_main
-    return mvke_main(["tag-all", *(argv or [])])
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main(sys.argv[1:]))

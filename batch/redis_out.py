@@ -1,6 +1,6 @@
-"""Per-user top tags in Redis (`mvke tag-all --to-redis`).
+"""Per-user top tags in Redis (`mvke tag-all --to-redis`); the keys are in mvke/runtime/keys.py.
 
-Layout (prefix `mvke` by default, `--key-prefix` to change it):
+Values (prefix `mvke` by default, `--key-prefix` to change it):
 
     mvke:usertags:v<version>:<user_id>   hash: one field per task (e.g. `interest`, `intention`),
                                          value = JSON list of [tag, score] pairs, best first,
@@ -11,14 +11,8 @@ Layout (prefix `mvke` by default, `--key-prefix` to change it):
 
 Example: `HGET mvke:usertags:v3a9f83c7f0b52b4d:u0000042 interest` ->
 `[["cat07/tag0123",0.912345],["cat07/tag0456",0.883021],...]`.
-
-Why not under the version's hash tag (`mvke:{v<version>}:...`) like the model's
-files: those are a few keys that must share one cluster slot; a billion user
-keys in one slot would put every user on one Redis Cluster node, and the
-publisher's orphan collection (`mvke:{v*}:*` keys of unknown versions) would
-delete tags computed from a bundle that was never published. Plain keys spread
-over the cluster. Old versions are not deleted by publishing: set `--redis-ttl`
-or delete `mvke:usertags:v<old>:*` when a version retires.
+Old versions are not deleted by publishing: set `--redis-ttl` or delete
+`mvke:usertags:v<old>:*` when a version retires.
 
 Writes are pipelined (one round trip per batch of users, no MULTI) and
 idempotent (HSET of every task field), so a redone part rewrites the same values.
@@ -31,24 +25,14 @@ import time
 import numpy as np
 import redis
 
-
-class UserTagKeys:
-    def __init__(self, prefix: str = "mvke"):
-        self.prefix = prefix
-        self.latest = f"{prefix}:usertags:latest"
-
-    def summary(self, version: str) -> str:
-        return f"{self.prefix}:usertags:v{version}"
-
-    def user(self, version: str, user_id: str) -> str:
-        return f"{self.prefix}:usertags:v{version}:{user_id}"
+from mvke.runtime.keys import Keys
 
 
 class UserTagWriter:
     def __init__(self, url: str, version: str, tasks: list[str], tags: list[str], prefix: str = "mvke",
                  ttl_s: int | None = None):
         self.r = redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
-        self.keys = UserTagKeys(prefix)
+        self.keys = Keys(prefix)
         self.version, self.tasks, self.ttl_s = version, tasks, ttl_s
         # '["<tag>",' per tag, JSON-escaped once
         self.tag_open = [f"[{json.dumps(t)}," for t in tags]
@@ -62,7 +46,7 @@ class UserTagWriter:
             fields = {}
             for task, (idx, sc) in zip(self.tasks, per_task):
                 fields[task] = "[" + ",".join(f"{opens[i]}{s!r}]" for i, s in zip(idx[b], sc[b])) + "]"
-            key = self.keys.user(self.version, uid)
+            key = self.keys.user_tags(self.version, uid)
             pipe.hset(key, mapping=fields)
             if self.ttl_s:
                 pipe.expire(key, self.ttl_s)
@@ -75,23 +59,23 @@ class UserTagWriter:
 
 def write_job_summary(url: str, version: str, summary: dict, prefix: str = "mvke", ttl_s: int | None = None) -> None:
     """The version's summary hash and the `latest` pointer, in one MULTI (once every part is done)."""
-    keys = UserTagKeys(prefix)
+    keys = Keys(prefix)
     doc = {k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in summary.items()}
     doc["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     r = redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=10)
     try:
         pipe = r.pipeline(transaction=True)
-        pipe.hset(keys.summary(version), mapping=doc)
+        pipe.hset(keys.user_tags_summary(version), mapping=doc)
         if ttl_s:
-            pipe.expire(keys.summary(version), ttl_s)
-        pipe.set(keys.latest, version)
+            pipe.expire(keys.user_tags_summary(version), ttl_s)
+        pipe.set(keys.user_tags_latest, version)
         pipe.execute()
     finally:
         r.close()
 
 
 def read_user_tags(r: redis.Redis, version: str, user_id: str, prefix: str = "mvke") -> dict[str, list] | None:
-    raw = r.hgetall(UserTagKeys(prefix).user(version, user_id))
+    raw = r.hgetall(Keys(prefix).user_tags(version, user_id))
     if not raw:
         return None
     return {k.decode(): json.loads(v) for k, v in raw.items()}

@@ -104,13 +104,13 @@ def timeit(fn, budget_s: float = 1.5, max_iter: int = 200) -> float:
 
 
 class TorchScorer:
-    """The service's scoring (model_export/scoring.py) as torch ops on one device, plus top-k."""
+    """The service's scoring (mvke/runtime/scoring.py) as torch ops on one device, plus top-k."""
 
-    def __init__(self, sides, specs, device):
+    def __init__(self, sides, device):
         import torch
         self.torch, self.device = torch, device
-        self.parts = [(s.slice[0], s.slice[1], torch.from_numpy(side.W).to(device), torch.from_numpy(side.Q).to(device),
-                       side.scale, side.bias) for s, side in zip(specs, sides)]
+        self.parts = [(side.slice[0], side.slice[1], torch.from_numpy(side.W).to(device),
+                       torch.from_numpy(side.Q).to(device), side.scale, side.bias) for side in sides]
 
     def __call__(self, values, k: int = 20):
         torch = self.torch
@@ -149,12 +149,11 @@ def run(a: argparse.Namespace) -> dict:
         ck, bundle = build_model(work, log)
     report["checkpoint"], report["bundle"] = str(ck) if ck else None, str(bundle) if bundle else None
 
-    from model_export.contract import read_bundle
-    from model_export.scoring import task_scores, top_k_logits, task_logits, sigmoid
-    from model_export.bundle import bundle_tag_sides
-    from mvke.features import FeatureSchema
-
-    from service.model_loader import limit_blas_threads
+    from mvke.runtime.contract import ONNX_FILE, ONNX_INPUTS, read_bundle
+    from mvke.runtime.features import FeatureSchema
+    from mvke.runtime.model import make_session, tag_sides
+    from mvke.runtime.scoring import rank, task_scores, top_k_logits
+    from mvke.runtime.system import limit_blas_threads
     limit_blas_threads(1)  # as in the service: numpy scoring on one BLAS thread
     torch = None
     try:
@@ -166,23 +165,22 @@ def run(a: argparse.Namespace) -> dict:
     manifest = sides = schema = None
     if bundle:
         manifest, blobs = read_bundle(bundle)
-        sides = bundle_tag_sides(manifest, blobs)
+        sides = list(tag_sides(manifest, blobs).values())
         schema = FeatureSchema.from_dict(manifest.features)
         cat0, multi0 = random_inputs(schema, 4096)
         T = manifest.num_tags
 
         # -- 2. providers: the service's own session factory, then a plain CUDA session
         import onnxruntime as ort
-        from service.model_loader import make_session
-        cpu_sess, _ = make_session(blobs["user_tower.onnx"], "cpu", a.cpu_threads)
-        svc_sess, svc_used = make_session(blobs["user_tower.onnx"], "auto", a.cpu_threads)
+        cpu_sess, _ = make_session(blobs[ONNX_FILE], "cpu", a.cpu_threads)
+        svc_sess, svc_used = make_session(blobs[ONNX_FILE], "auto", a.cpu_threads)
         report["service_session"] = {"provider_chosen": svc_used, "session.get_providers()": svc_sess.get_providers()}
         log(f"service make_session('auto') -> {svc_used}, get_providers() = {svc_sess.get_providers()}")
         cuda_sessions = {}
         if "CUDAExecutionProvider" in ort.get_available_providers():
             for tf32 in (1, 0):
                 try:
-                    s = ort.InferenceSession(blobs["user_tower.onnx"],
+                    s = ort.InferenceSession(blobs[ONNX_FILE],
                                              providers=[("CUDAExecutionProvider", {"use_tf32": str(tf32)}),
                                                         "CPUExecutionProvider"])
                     if s.get_providers()[0] == "CUDAExecutionProvider":
@@ -192,7 +190,7 @@ def run(a: argparse.Namespace) -> dict:
                     report.setdefault("cuda_session_errors", []).append(f"tf32={tf32}: {e}")
             if not cuda_sessions:  # an onnxruntime without the use_tf32 option: its defaults
                 try:
-                    s = ort.InferenceSession(blobs["user_tower.onnx"],
+                    s = ort.InferenceSession(blobs[ONNX_FILE],
                                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
                     report.setdefault("cuda_session_providers", {})["default"] = s.get_providers()
                     if s.get_providers()[0] == "CUDAExecutionProvider":
@@ -203,13 +201,13 @@ def run(a: argparse.Namespace) -> dict:
         log(f"ONNX Runtime CUDA provider actually runs: {bool(cuda_sessions)}")
 
         # -- 3. parity GPU vs CPU (ORT)
-        feed = {"cat_ids": cat0[:1024], "multi_ids": multi0[:1024]}
+        feed = dict(zip(ONNX_INPUTS, (cat0[:1024], multi0[:1024])))
         ref = cpu_sess.run(None, feed)[0]
-        ref_scores = [task_scores(ref[:, s.slice[0]:s.slice[1]], side) for s, side in zip(manifest.tasks, sides)]
+        ref_scores = [task_scores(ref[:, side.slice[0]:side.slice[1]], side) for side in sides]
         parity = {}
         for name, s in cuda_sessions.items():
             got = s.run(None, feed)[0]
-            sc = [task_scores(got[:, t.slice[0]:t.slice[1]], side) for t, side in zip(manifest.tasks, sides)]
+            sc = [task_scores(got[:, side.slice[0]:side.slice[1]], side) for side in sides]
             overlap = []
             for r_, g_ in zip(ref_scores, sc):
                 ri, gi = top_k_logits(r_, 20)[0], top_k_logits(g_, 20)[0]
@@ -233,26 +231,23 @@ def run(a: argparse.Namespace) -> dict:
             log(f"{label}: " + ", ".join(f"B={b}: {v:,.0f}/s" for b, v in timing[label].items()))
 
         def numpy_score(values):
-            for t, side in zip(manifest.tasks, sides):
-                lg = task_logits(values[:, t.slice[0]:t.slice[1]], side)
-                idx, best = top_k_logits(lg, 20)
-                sigmoid(best)
-        bench("CPU: ORT CPU tower + numpy scoring", lambda c, m: cpu_sess.run(None, {"cat_ids": c, "multi_ids": m})[0],
-              numpy_score)
+            rank(values, sides, 20)
+
+        def ort_tower(sess):
+            return lambda c, m: sess.run(None, dict(zip(ONNX_INPUTS, (c, m))))[0]
+        bench("CPU: ORT CPU tower + numpy scoring", ort_tower(cpu_sess), numpy_score)
         for name, s in cuda_sessions.items():
             if "tf32=0" in name and len(cuda_sessions) > 1:
                 continue  # timing once is enough
-            bench(f"GPU: {name} tower + numpy scoring (CPU)",
-                  lambda c, m, s=s: s.run(None, {"cat_ids": c, "multi_ids": m})[0], numpy_score)
+            bench(f"GPU: {name} tower + numpy scoring (CPU)", ort_tower(s), numpy_score)
             if torch is not None:
-                scorer = TorchScorer(sides, manifest.tasks, "cuda")
+                scorer = TorchScorer(sides, "cuda")
 
                 def gpu_score(values, scorer=scorer):
                     out = scorer(torch.from_numpy(values).to("cuda"))
                     torch.cuda.synchronize()
                     return [(p.cpu(), i.cpu()) for p, i in out]
-                bench(f"GPU: {name} tower + torch scoring on GPU", lambda c, m, s=s: s.run(None, {"cat_ids": c, "multi_ids": m})[0],
-                      gpu_score)
+                bench(f"GPU: {name} tower + torch scoring on GPU", ort_tower(s), gpu_score)
         report["users_per_s"] = timing
 
     # -- PyTorch on CUDA (always when available; the fallback when ORT cannot use the GPU)
@@ -271,17 +266,17 @@ def run(a: argparse.Namespace) -> dict:
         tp = {"max_abs_diff_expert_values": float(np.abs(got - ref).max()),
               "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
         if sides is not None:
-            scorer = TorchScorer(sides, manifest.tasks, "cuda")
+            scorer = TorchScorer(sides, "cuda")
             with torch.no_grad():
                 g = [x.cpu().numpy() for x in scorer.scores(torch.from_numpy(got).cuda())]
-            r = [task_scores(ref[:, t.slice[0]:t.slice[1]], side) for t, side in zip(manifest.tasks, sides)]
+            r = [task_scores(ref[:, side.slice[0]:side.slice[1]], side) for side in sides]
             tp["max_abs_diff_scores"] = max(float(np.abs(x - y).max()) for x, y in zip(g, r))
         report["parity_torch_cuda"] = tp
         log(f"parity PyTorch CUDA vs CPU: {tp}")
         timing = report.setdefault("users_per_s", {})
         label = "GPU: PyTorch CUDA tower" + (" + torch scoring on GPU" if sides is not None else " only")
         timing[label] = {}
-        scorer = TorchScorer(sides, manifest.tasks, "cuda") if sides is not None else None
+        scorer = TorchScorer(sides, "cuda") if sides is not None else None
         for B in BATCHES:
             c, m = torch.from_numpy(tile(cat0, B)), torch.from_numpy(tile(multi0, B))
 

@@ -33,7 +33,7 @@ async def tag_user(user_id: str, body: dict | None = Body(None)) -> Response:
     if not row:
         return Response(orjson.dumps({"detail": "unknown user"}), 404, media_type="application/json")
     k = int(body.get("top_k") or 20)
-    cat, multi = schema.encode_rows([row])
+    cat, multi = schema.encode([row]).ids()
     with torch.no_grad():
         T = len(tags)
         logits = model(torch.from_numpy(cat).expand(T, -1), torch.from_numpy(multi).expand(T, -1, -1), all_tags)

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from model_export.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, BundleError, FileEntry, Manifest,
-                                   TaskSpec, content_version, gates_file, read_bundle, sha256_bytes, tag_emb_file)
-from model_export.scoring import TaskTagSide, task_scores
-from mvke.features import FeatureSchema
 from mvke.models import TwoTowerTagger
+from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, ONNX_INPUTS, ONNX_OUTPUT, TAGS_FILE, BundleError,
+                                   FileEntry, Manifest, TaskSpec, content_version, gates_file, read_bundle,
+                                   sha256_bytes, tag_emb_file)
+from mvke.runtime.features import FeatureSchema
+from mvke.runtime.model import build_model
+from mvke.runtime.scoring import task_scores
 from mvke.training.trainer import TrainResult, load_checkpoint
 
 OPSET = 18
@@ -56,8 +57,8 @@ def export_onnx(model: TwoTowerTagger, schema: FeatureSchema) -> bytes:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with torch.no_grad():
         program = torch.onnx.export(
-            tower, (cat, multi), input_names=["cat_ids", "multi_ids"], output_names=["expert_values"],
-            dynamic_shapes={"cat_ids": {0: batch}, "multi_ids": {0: batch}}, opset_version=OPSET,
+            tower, (cat, multi), input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
+            dynamic_shapes={name: {0: batch} for name in ONNX_INPUTS}, opset_version=OPSET,
             dynamo=True, optimize=True, verbose=False)
     proto = program.model_proto
     onnx.checker.check_model(proto)
@@ -70,7 +71,7 @@ def random_users(schema: FeatureSchema, n: int, rng: np.random.Generator) -> tup
     """Random valid ids per field (including OOV ids and empty histories)."""
     cat = np.empty((n, len(schema.cat_fields)), dtype=np.int64)
     multi = np.zeros((n, len(schema.multi_fields), schema.multi_len), dtype=np.int64)
-    pos = {f.name: i for i, f in enumerate(schema.fields)}
+    pos = schema.position
     for j, f in enumerate(schema.cat_fields):
         off = schema.offsets[pos[f.name]]
         cat[:, j] = rng.integers(off, off + 1 + len(f.vocab), n)
@@ -82,16 +83,15 @@ def random_users(schema: FeatureSchema, n: int, rng: np.random.Generator) -> tup
     return cat, multi
 
 
-def real_users(ckpt_cfg: dict, schema: FeatureSchema, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+def real_users(data_dir: str | None, schema: FeatureSchema, n: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Feature rows of real training users, when the checkpoint's data is still on disk."""
     from mvke.data.dataset import load_dataset
-    path = ckpt_cfg.get("data", {}).get("path")
-    if not path or not Path(path).exists():
+    if not data_dir or not Path(data_dir).exists():
         return None
-    ds = load_dataset(path)
+    ds = load_dataset(data_dir)
     rows = ds.train if all(n_ in ds.train.columns for n_ in schema.names) else ds.users
     rows = rows.sample(min(n, len(rows)), random_state=0)
-    return schema.encode_rows(rows[schema.names].to_dict("records"))
+    return schema.encode(rows[schema.names].to_dict("records")).ids()
 
 
 def tag_side_arrays(model: TwoTowerTagger) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -104,14 +104,14 @@ def check_parity(model: TwoTowerTagger, manifest: Manifest, blobs: dict[str, byt
                  seed: int = 0) -> dict:
     """ONNX vs PyTorch expert outputs (1e-5) and bundle scores vs model.forward (1e-4).
 
+    The bundle is loaded exactly as the service and batch tagging load it (`build_model`).
     Raises ParityError naming the check, the user set and the worst difference.
     """
-    sess = ort.InferenceSession(blobs[ONNX_FILE], providers=["CPUExecutionProvider"])
-    sides = bundle_tag_sides(manifest, blobs)
+    loaded = build_model(manifest, blobs, "cpu")
     rng = np.random.default_rng(seed)
     report = {}
     for label, cat, multi in users:
-        onnx_out = sess.run(None, {"cat_ids": cat, "multi_ids": multi})[0]
+        onnx_out = loaded.run_tower(cat, multi)
         with torch.no_grad():
             torch_out = UserTower(model)(torch.from_numpy(cat), torch.from_numpy(multi)).numpy()
         d_onnx = float(np.abs(onnx_out - torch_out).max())
@@ -126,8 +126,8 @@ def check_parity(model: TwoTowerTagger, manifest: Manifest, blobs: dict[str, byt
             ct, mt = torch.from_numpy(cat), torch.from_numpy(multi)
             rep = lambda x: x.repeat_interleave(tags_per_user, 0)  # noqa: E731
             ref = torch.sigmoid(model(rep(ct), rep(mt), torch.from_numpy(tag_ids.reshape(-1, 1)))).numpy()
-        for ti, (spec, side) in enumerate(zip(manifest.tasks, sides)):
-            scores = task_scores(onnx_out[:, spec.slice[0]:spec.slice[1]], side)   # [n, T]
+        for ti, side in enumerate(loaded.sides.values()):
+            scores = task_scores(onnx_out[:, side.slice[0]:side.slice[1]], side)   # [n, T]
             mine = np.take_along_axis(scores, tag_ids - 1, axis=1).reshape(-1)
             worst = max(worst, float(np.abs(mine - ref[:, ti]).max()))
         if not worst <= SCORE_TOLERANCE:
@@ -137,14 +137,7 @@ def check_parity(model: TwoTowerTagger, manifest: Manifest, blobs: dict[str, byt
     return report
 
 
-def bundle_tag_sides(manifest: Manifest, blobs: dict[str, bytes]) -> list[TaskTagSide]:
-    from model_export.contract import decode_array
-    return [TaskTagSide.build(t, decode_array(blobs[gates_file(t.name)], manifest.files[gates_file(t.name)]),
-                              decode_array(blobs[tag_emb_file(t.name)], manifest.files[tag_emb_file(t.name)]))
-            for t in manifest.tasks]
-
-
-def build_bundle(result: TrainResult, ckpt_cfg: dict) -> tuple[Manifest, dict[str, bytes]]:
+def build_bundle(result: TrainResult) -> tuple[Manifest, dict[str, bytes]]:
     model, schema = result.model.eval(), result.schema
     blobs: dict[str, bytes] = {ONNX_FILE: export_onnx(model, schema),
                                TAGS_FILE: json.dumps(result.tags).encode()}
@@ -192,10 +185,9 @@ def export_checkpoint(ckpt_dir: str | Path, out: str | Path, parity_users: int =
     """Checkpoint -> verified bundle. Returns the manifest and timing/size figures."""
     t0 = time.perf_counter()
     result = load_checkpoint(ckpt_dir)
-    ckpt_cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
-    manifest, blobs = build_bundle(result, ckpt_cfg)
+    manifest, blobs = build_bundle(result)
     users = [("random", *random_users(result.schema, parity_users, np.random.default_rng(0)))]
-    real = real_users(ckpt_cfg, result.schema, parity_users)
+    real = real_users(result.data_dir, result.schema, parity_users)
     if real is not None:
         users.append(("training-data", *real))
     manifest.parity = check_parity(result.model, manifest, blobs, users)

@@ -37,7 +37,8 @@ def _publish(a: argparse.Namespace) -> None:
 
 
 def _models(a: argparse.Namespace) -> None:
-    from model_export.publish import active_version, list_versions
+    from model_export.publish import list_versions
+    from mvke.runtime.versions import active_version
     r = _redis(a.redis)
     versions = list_versions(r)
     print(f"{'':2}{'version':18}{'model':14}{'size':>10}  published")

@@ -15,8 +15,8 @@ import numpy as np
 import redis
 from tqdm.auto import tqdm
 
-from model_export.contract import Keys
-from mvke.features import MULTI_SEP, to_store_value
+from mvke.runtime.features import MULTI_SEP, to_store_value
+from mvke.runtime.keys import Keys
 
 
 LOADED_AT_FIELD = "_loaded_at"

@@ -15,14 +15,16 @@ see a manifest and arrays of different versions.
 from __future__ import annotations
 
 import time
-import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import redis
 
-from model_export.contract import (MANIFEST_FILE, BundleError, Keys, Manifest, read_bundle, sha256_bytes,
-                                   verify_files)
+from mvke.runtime.contract import MANIFEST_FILE, BundleError, Manifest, read_bundle
+from mvke.runtime.keys import Keys
+from mvke.runtime.versions import read_version
 
 DEFAULT_KEEP = 3
 
@@ -37,11 +39,6 @@ if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 end
 return previous
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 
@@ -60,26 +57,19 @@ class VersionInfo:
     rolled_back: bool = False     # rolled back from: a rollback never re-activates it
 
 
-class PublisherLock:
-    """A Redis mutex with a random token, released only by its holder."""
-
-    def __init__(self, r: redis.Redis, key: str, ttl_ms: int = 120_000, wait_s: float = 60.0):
-        self.r, self.key, self.ttl_ms, self.wait_s = r, key, ttl_ms, wait_s
-        self.token = uuid.uuid4().hex
-
-    def __enter__(self) -> "PublisherLock":
-        deadline = time.monotonic() + self.wait_s
-        while not self.r.set(self.key, self.token, nx=True, px=self.ttl_ms):
-            if time.monotonic() > deadline:
-                raise PublishError(f"another publisher holds {self.key} (waited {self.wait_s:.0f}s)")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
+@contextmanager
+def publisher_lock(r: redis.Redis, keys: Keys, ttl_s: float = 120.0, wait_s: float = 60.0) -> Iterator[None]:
+    """The publishers' mutex: redis-py's Lock (random token; released by a Lua script only by its holder)."""
+    lock = r.lock(keys.lock, timeout=ttl_s, sleep=0.05, blocking_timeout=wait_s)
+    if not lock.acquire():
+        raise PublishError(f"another publisher holds {keys.lock} (waited {wait_s:.0f}s)")
+    try:
+        yield
+    finally:
         try:
-            self.r.eval(_RELEASE, 1, self.key, self.token)
+            lock.release()
         except redis.RedisError:
-            pass  # the TTL frees it
+            pass  # expired, or Redis is gone: the TTL frees it
 
 
 def _version_keys(r: redis.Redis, keys: Keys, version: str) -> list[str]:
@@ -107,29 +97,12 @@ def collect_orphans(r: redis.Redis, keys: Keys) -> list[str]:
         known.add(active.decode())
     orphans = set()
     for k in r.scan_iter(match=keys.version_pattern(), count=500):
-        k = k.decode()
-        version = k[len(keys.prefix) + 3: k.index("}")]
+        version = keys.version_of(k.decode())
         if version not in known:
             orphans.add(version)
     for v in orphans:
         _delete_version(r, keys, v)
     return sorted(orphans)
-
-
-def read_version(r: redis.Redis, keys: Keys, version: str, verify: bool = True) -> tuple[Manifest, dict[str, bytes]]:
-    """One version's manifest and files, read in one MULTI (a consistent snapshot)."""
-    raw = r.get(keys.manifest(version))
-    if raw is None:
-        raise BundleError(f"version {version} is not in Redis")
-    manifest = Manifest.from_json(raw)
-    names = list(manifest.files)
-    pipe = r.pipeline(transaction=True)
-    for name in names:
-        pipe.get(keys.file(version, name))
-    blobs = {n: b for n, b in zip(names, pipe.execute()) if b is not None}
-    if verify:
-        verify_files(manifest, blobs)
-    return manifest, blobs
 
 
 def _trim(r: redis.Redis, keys: Keys, keep: int) -> list[str]:
@@ -152,7 +125,7 @@ def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, ke
     manifest, blobs = read_bundle(bundle_dir, verify=True)   # refuses a bundle that does not match
     manifest_json = Path(bundle_dir, MANIFEST_FILE).read_text()
     v = manifest.version
-    with PublisherLock(r, keys.lock):
+    with publisher_lock(r, keys):
         orphans = collect_orphans(r, keys)
         already = r.exists(keys.manifest(v)) and v in _known_versions(r, keys)
         if not already:
@@ -200,7 +173,7 @@ def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
     first, so retention drops them first. Publishing a marked version again unmarks it.
     """
     keys = keys or Keys()
-    with PublisherLock(r, keys.lock):
+    with publisher_lock(r, keys):
         scores = {v.decode(): s for v, s in r.zrange(keys.versions, 0, -1, withscores=True)}
         active = (r.get(keys.active) or b"").decode()
         if active not in scores:
@@ -229,11 +202,5 @@ def list_versions(r: redis.Redis, keys: Keys | None = None) -> list[VersionInfo]
     return out
 
 
-def active_version(r: redis.Redis, keys: Keys | None = None) -> str | None:
-    keys = keys or Keys()
-    v = r.get(keys.active)
-    return v.decode() if v else None
-
-
-__all__ = ["publish", "rollback", "list_versions", "active_version", "read_version", "collect_orphans",
-           "PublishError", "PublisherLock", "VersionInfo", "DEFAULT_KEEP", "sha256_bytes"]
+__all__ = ["publish", "rollback", "list_versions", "collect_orphans", "publisher_lock", "PublishError",
+           "VersionInfo", "DEFAULT_KEEP"]

@@ -12,6 +12,7 @@ import logging
 from contextlib import asynccontextmanager
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 from fastapi import Body, FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
@@ -21,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_export.contract import Keys
+from mvke.runtime.keys import Keys
 from service.batcher import DynamicBatcher
 from service.logs import setup_logging
 from service.metrics import ServiceMetrics
@@ -67,7 +68,8 @@ class ServiceState:
             settings.redis_url, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_wait_s,
             decode_responses=True, **common)
         self.redis = aioredis.Redis(connection_pool=pool)
-        self.redis_models = aioredis.Redis.from_url(settings.redis_url, max_connections=4, **common)
+        # model reads run in a worker thread (mvke.runtime.versions): a small synchronous client
+        self.redis_models = redis.Redis.from_url(settings.redis_url, max_connections=4, **common)
         self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
         self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
@@ -83,7 +85,7 @@ class ServiceState:
             await self.batcher.stop()
         await self.registry.stop()
         await self.redis.aclose()
-        await self.redis_models.aclose()
+        self.redis_models.close()
 
     async def tag(self, job: TagJob) -> TagResult:
         if self.batcher:

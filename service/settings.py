@@ -5,24 +5,10 @@ Redis URL, which is also read from the conventional `REDIS_URL`.
 """
 from __future__ import annotations
 
-import os
-
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def container_cpus() -> float:
-    """CPUs this process may use: the cgroup quota if one is set, else the affinity mask."""
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            return max(1.0, int(quota) / int(period))
-    except (OSError, ValueError):
-        pass
-    try:
-        return float(len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return float(os.cpu_count() or 1)
+from mvke.runtime.system import container_cpus
 
 
 class Settings(BaseSettings):

@@ -2,8 +2,11 @@
 
 Requests become `TagJob`s. `Tagger.process` handles a list of jobs at once (one
 job when batching is off, many when the batcher coalesced them): one Redis
-round trip for all their feature hashes, one ONNX call, one scoring GEMM per
-task, then a top-k per job. Each step is timed in `mvke_step_seconds`.
+round trip for all their feature hashes (fetch), then `compute`, in KServe's
+pre/predict/post shape: `encode` (the schema's encoder), `tower` (one ONNX
+call), `score` (every tag of every asked task and the top k, mvke.runtime's
+`rank`, the one batch tagging uses) and `rank` (each request's own top k,
+task subset, exclusions and min_score). Each step is timed in `mvke_step_seconds`.
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from model_export.contract import Keys
-from model_export.scoring import sigmoid, task_cosines, task_logits, top_k_logits
-from mvke.features import FeatureError
+from mvke.runtime.keys import Keys
+from mvke.runtime.model import LoadedModel
+from mvke.runtime.scoring import Ranked, rank
+from mvke.runtime.system import limit_blas_threads
 from service.metrics import ServiceMetrics
-from service.model_loader import LoadedModel, limit_blas_threads
 from service.registry import ModelRegistry
 
 
@@ -106,9 +109,9 @@ class Tagger:
         if ready:
             todo = jobs if len(ready) == len(jobs) else [jobs[i] for i in ready]
             if len(todo) >= self.offload_min_batch:
-                computed = await asyncio.to_thread(self._compute, model, todo)
+                computed = await asyncio.to_thread(self.compute, model, todo)
             else:
-                computed = self._compute(model, todo)
+                computed = self.compute(model, todo)
             for i, res in zip(ready, computed):
                 results[i] = res
         return results  # type: ignore[return-value]
@@ -132,90 +135,72 @@ class Tagger:
         self._steps["fetch"].observe(time.perf_counter() - t0)
         return rows
 
-    def _encode(self, model: LoadedModel, jobs: list[TagJob],
-                out: list) -> tuple[list[int], np.ndarray | None, np.ndarray | None]:
-        """-> (indices of the jobs that encoded, cat ids, multi ids); encoding errors go to `out`."""
-        encoder = model.encoder
-        accepts = encoder.accepts
-        fast = [i for i, j in enumerate(jobs) if j.features is None or accepts(j.row)]
-        if len(fast) == len(jobs):
-            cat, multi = encoder.encode([j.row for j in jobs])
-            return fast, cat, multi
-        cats: list = [None] * len(jobs)
-        multis: list = [None] * len(jobs)
-        if fast:
-            c, m = encoder.encode([jobs[i].row for i in fast])
-            for pos, i in enumerate(fast):
-                cats[i], multis[i] = c[pos:pos + 1], m[pos:pos + 1]
-        for i, job in enumerate(jobs):
-            if cats[i] is None:
-                try:  # the reference encoder: any raw value, type errors naming the field
-                    cats[i], multis[i] = model.schema.encode_rows([job.row])
-                except FeatureError as e:
-                    out[i] = ServiceError(422, f"features.{e.field}: {e.reason}", field=f"features.{e.field}")
-        keep = [i for i in range(len(jobs)) if cats[i] is not None]
-        if not keep:
-            return keep, None, None
-        return keep, np.concatenate([cats[i] for i in keep]), np.concatenate([multis[i] for i in keep])
-
-    def _compute(self, model: LoadedModel, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
+    def compute(self, model: LoadedModel, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
+        """encode -> tower -> score -> rank for jobs whose rows are set; per-job errors are returned."""
         steps = self._steps
-        t0 = time.perf_counter()
         out: list[TagResult | ServiceError | None] = [None] * len(jobs)
-        keep, cat, multi = self._encode(model, jobs, out)
+        t0 = time.perf_counter()
+        keep, cat, multi = self.encode(model, jobs, out)
         if not keep:
             return out  # type: ignore[return-value]
-        kept = [jobs[i] for i in keep]
+        kept = jobs if len(keep) == len(jobs) else [jobs[i] for i in keep]
         t1 = time.perf_counter()
         steps["encode"].observe(t1 - t0)
         values = model.run_tower(cat, multi)                                     # [B, sum K, D]
         t2 = time.perf_counter()
         steps["tower"].observe(t2 - t1)
-        # Every wanted task is scored for the whole batch (one GEMM pair), then each row keeps its
-        # own top k: one argpartition over the batch at the largest k asked for that task.
-        T = len(model.tags)
-        tops: dict[str, tuple[list, list, list | None]] = {}
-        for spec in model.manifest.tasks:
-            name = spec.name
-            k = 0
-            for job in kept:
-                if name in job.tasks and job.top_k > k:
-                    k = job.top_k
-            if not k:
-                continue
-            side = model.sides[name]
-            # With a positive temperature the cosine ranks like the logit, so the scale and bias
-            # are applied to the k kept values only (same arithmetic as task_logits, fewer passes).
-            by_cos = side.scale > 0
-            fn = task_cosines if by_cos else task_logits
-            ranked_on = fn(values[:, spec.slice[0]:spec.slice[1]], side)                # [B, T]
-            excluded = False
-            for row, job in enumerate(kept):
-                if job.exclude and name in job.tasks:
-                    ranked_on[row, [model.tag_index[t] for t in job.exclude if t in model.tag_index]] = -np.inf
-                    excluded = True
-            idx, best = top_k_logits(ranked_on, min(k, T))
-            if by_cos:
-                best *= side.scale
-                best += side.bias
-            finite = np.isfinite(best).tolist() if excluded else None
-            tops[name] = (idx.tolist(), sigmoid(best).tolist(), finite)
+        ranked = self.score(model, kept, values)
         t3 = time.perf_counter()
         steps["score"].observe(t3 - t2)
-        tags, version, model_name = model.tags, model.version, model.manifest.model
-        tag_of = tags.__getitem__
-        for row, job in enumerate(kept):
-            ranked = {}
-            for task in job.tasks:
-                idx_rows, prob_rows, finite = tops[task]
-                ii, pp = idx_rows[row][:job.top_k], prob_rows[row][:job.top_k]
-                if finite is not None or job.min_score is not None:
-                    ok = finite[row] if finite is not None else None
-                    lo = job.min_score
-                    ranked[task] = [(tags[t], p) for n, (t, p) in enumerate(zip(ii, pp))
-                                    if (ok is None or ok[n]) and (lo is None or p >= lo)]
-                else:
-                    ranked[task] = list(zip(map(tag_of, ii), pp))
-            out[keep[row]] = TagResult(job.user_id, version, model_name, job.source, ranked)
+        for i, result in zip(keep, self.rank(model, kept, ranked)):
+            out[i] = result
         steps["rank"].observe(time.perf_counter() - t3)
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def encode(model: LoadedModel, jobs: list[TagJob], out: list) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """-> (indices of the jobs that encoded, cat ids, multi ids); a bad feature value is a 422 in `out`."""
+        enc = model.schema.encode([j.row for j in jobs])
+        if not enc.errors:
+            return list(range(len(jobs))), enc.cat_ids, enc.multi_ids
+        for i, e in enc.errors.items():
+            out[i] = ServiceError(422, f"features.{e.field}: {e.reason}", field=f"features.{e.field}")
+        keep = [i for i in range(len(jobs)) if i not in enc.errors]
+        return keep, enc.cat_ids[keep], enc.multi_ids[keep]
+
+    @staticmethod
+    def score(model: LoadedModel, jobs: list[TagJob], values: np.ndarray) -> dict[str, Ranked]:
+        """Every task some job asks for, scored for the whole batch (one GEMM pair), top k at the largest k asked."""
+        k: dict[str, int] = {}
+        for job in jobs:
+            for task in job.tasks:
+                if job.top_k > k.get(task, 0):
+                    k[task] = job.top_k
+        exclude = None
+        if any(job.exclude for job in jobs):
+            index = model.tag_index
+            exclude = [[index[t] for t in job.exclude if t in index] for job in jobs]
+        return rank(values, model.sides.values(), k, exclude)
+
+    @staticmethod
+    def rank(model: LoadedModel, jobs: list[TagJob], ranked: dict[str, Ranked]) -> list[TagResult]:
+        """Each job's own answer: its tasks, its top k of the batch's ranking, excluded and weak tags dropped."""
+        tops = {task: (r.tag_index.tolist(), r.scores.tolist(), None if r.kept is None else r.kept.tolist())
+                for task, r in ranked.items()}
+        tags, version, model_name = model.tags, model.version, model.manifest.model
+        tag_of = tags.__getitem__
+        results = []
+        for row, job in enumerate(jobs):
+            answer = {}
+            for task in job.tasks:
+                idx_rows, prob_rows, kept = tops[task]
+                ii, pp = idx_rows[row][:job.top_k], prob_rows[row][:job.top_k]
+                if kept is not None or job.min_score is not None:
+                    ok = kept[row] if kept is not None else None
+                    lo = job.min_score
+                    answer[task] = [(tags[t], p) for n, (t, p) in enumerate(zip(ii, pp))
+                                    if (ok is None or ok[n]) and (lo is None or p >= lo)]
+                else:
+                    answer[task] = list(zip(map(tag_of, ii), pp))
+            results.append(TagResult(job.user_id, version, model_name, job.source, answer))
+        return results

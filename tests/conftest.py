@@ -50,3 +50,24 @@ def ml100k_dir(tmp_path_factory, ml100k_source) -> Path:
 def tiny_model_sizes() -> dict:
     """ModelConfig overrides for tiny, fast models."""
     return dict(TINY_MODEL)
+
+
+# --- a served tiny model ---
+@pytest.fixture(scope="session")
+def served(bundle, dataset_dir):
+    """(Server, LocalRedis): `mvke serve` (a subprocess, 1 worker) of the tiny mvke-mt bundle with the
+    synthetic users in the feature store of a private redis-server. Read-only for the tests that share it."""
+    from loadtest.harness import Server
+    from model_export.feature_store import load_dataset_users
+    from model_export.publish import publish
+    from mvke.localredis import LocalRedis
+    server = LocalRedis().start()
+    r = server.client()
+    publish(bundle("mvke-mt"), r)
+    assert load_dataset_users(dataset_dir("synthetic"), r, progress=False).loaded > 0
+    r.close()
+    try:
+        with Server.service(server.url, workers=1, env={"MVKE_MODEL_POLL_S": "5"}) as service:
+            yield service, server
+    finally:
+        server.stop()

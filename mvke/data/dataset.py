@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mvke.features import FeatureSchema
+from mvke.runtime.features import FeatureSchema
 
 TASKS = ("interest", "intention")
 TASK_LABELS = {"interest": "click", "intention": "conversion"}
@@ -168,11 +168,11 @@ def tag_index(tags: list[str]) -> dict[str, int]:
 def encode_split(ds: RawDataset, df: pd.DataFrame, schema: FeatureSchema) -> EncodedSplit:
     names = schema.names
     if all(n in df.columns for n in names):
-        cat, multi = schema.encode_rows(df[names].to_dict("records"))
+        cat, multi = schema.encode(df[names].to_dict("records")).ids()
     else:
         # Encode each user once, then gather per sample.
         users = ds.users.drop_duplicates("user_id", keep="last")
-        ucat, umulti = schema.encode_rows(users[names].to_dict("records"))
+        ucat, umulti = schema.encode(users[names].to_dict("records")).ids()
         pos = pd.Index(users["user_id"]).get_indexer(df["user_id"])
         if (pos < 0).any():
             missing = df["user_id"][pos < 0].iloc[0]

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from mvke.data.dataset import TASKS, EncodedSplit, RawDataset, build_schema, encode_split, load_dataset
 from mvke.data.split import time_validation_mask
-from mvke.features import FeatureSchema
 from mvke.models import ModelConfig, TwoTowerTagger, build_model
+from mvke.runtime.features import FeatureSchema
 from mvke.training.metrics import auc, gauc, ranking_metrics
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "schema.json", "metrics.json")
@@ -60,6 +60,7 @@ class TrainResult:
     schema: FeatureSchema
     tags: list[str]
     metrics: dict = field(default_factory=dict)
+    data_dir: str | None = None     # the dataset it was trained on (set by load_checkpoint)
 
 
 @dataclass
@@ -289,4 +290,4 @@ def load_checkpoint(ckpt: str | Path) -> TrainResult:
     model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
     model.eval()
     return TrainResult(model, FeatureSchema.from_dict(schema["features"]), schema["tags"],
-                       json.loads((ckpt / "metrics.json").read_text()))
+                       json.loads((ckpt / "metrics.json").read_text()), cfg.get("data", {}).get("path"))

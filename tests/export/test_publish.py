@@ -18,10 +18,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from model_export.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, BundleError, FileEntry, Keys, Manifest,
+from model_export.publish import PublishError, list_versions, publish, rollback
+from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, BundleError, FileEntry, Manifest,
                                    content_version, decode_array, read_bundle, sha256_bytes)
-from model_export.publish import (PublishError, active_version, list_versions, publish, read_version,
-                                  rollback)
+from mvke.runtime.keys import Keys
+from mvke.runtime.versions import active_version, read_version
 from tests.fixtures.tcp_proxy import CuttingProxy
 
 KEYS = Keys()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_export.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, Manifest, content_version, decode_array,
+from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, Manifest, content_version, decode_array,
                                    gates_file, read_bundle, sha256_bytes, tag_emb_file)
 
 MODELS = ["mvke-mt", "nomtl"]
@@ -74,7 +74,7 @@ def test_bundle_manifest_lists_every_file(model, bundle, checkpoint):
 def test_onnx_output_shape_for_dynamic_batch(model, bundle):
     import onnxruntime as ort
 
-    from mvke.features import FeatureSchema
+    from mvke.runtime.features import FeatureSchema
     from model_export.bundle import random_users
     manifest, blobs = read_bundle(bundle(model))
     schema = FeatureSchema.from_dict(manifest.features)

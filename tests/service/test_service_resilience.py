@@ -12,11 +12,11 @@ import time
 import httpx
 import pytest
 
-from model_export.contract import Keys
+from mvke.runtime.keys import Keys
 from model_export.feature_store import load_dataset_users
 from model_export.publish import publish
 from mvke.localredis import LocalRedis
-from tests.test_service import (ROUTE, LiveService, Reference, _sample, assert_matches, make_settings,
+from tests.service.test_service import (ROUTE, LiveService, Reference, _sample, assert_matches, make_settings,
                                 publish_dataset, stored_row, user_ids)
 
 

@@ -1,51 +1,40 @@
-"""Columnar, vectorised feature encoding for Arrow batches (batch tagging).
+"""Arrow columns -> ids: the column half of `FeatureSchema.encode` (mvke/runtime/features.py).
 
-`FeatureSchema.encode_rows` (mvke/features.py) encodes one Python dict per
-row: right for a request, far too slow for millions of users. `ColumnarEncoder`
-gives exactly the same ids from Arrow columns, with the hashing done by
-Arrow's C++ kernels:
+Encoding one Python dict per row (mvke/runtime/row_encoder.py) is right for a
+request, far too slow for millions of users. `ColumnEncoder` gives exactly the
+same ids and errors from Arrow columns, with the hashing done by Arrow's C++
+kernels:
 
 * string columns (the normal case) are looked up with `pyarrow.compute.index_in`
   against the field's vocabulary;
 * other scalar columns (ints, floats, bools, ...) are dictionary-encoded first and
-  only their distinct values go through Python (`str(value)`, as encode_rows does:
+  only their distinct values go through Python (`str(value)`, as the row encoder does:
   `5.0` stays "5.0", `True` stays "True");
 * list columns are flattened once; each item gets its position in its row, the
   first `max_len` are scattered into the [B, F_multi, L] array in one step;
 * `|`-joined strings (the feature-store form of a multi field) are split by Arrow.
 
-Rows that encode_rows would refuse with a FeatureError (a list in a
-single-valued field, a scalar where a list is expected, a list of lists) are
-reported per row instead of raising, so a batch job keeps going. Column types
-that have no vectorised path (unions, lists of structs, invalid UTF-8 binary)
-fall back to encode_rows semantics value by value, so the result never depends
-on which path ran. tests/test_batch.py checks equality with encode_rows.
+Rows with a value of the wrong type (a list in a single-valued field, a scalar
+where a list is expected, a list of lists) are reported per row, the first
+failing field in the row encoder's order (cat fields, then multi fields), so a
+batch job keeps going. Column types that have no vectorised path (unions, lists
+of structs, invalid UTF-8 binary) fall back to the row encoder's rule value by
+value, so the result never depends on which path ran.
+tests/runtime/test_features.py checks equality with the row encoder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mvke.features import MULTI_SEP, FeatureError, FeatureSchema
+from mvke.runtime.features import MULTI_SEP, EncodedBatch, FeatureError
+from mvke.runtime.row_encoder import RowEncoder
 
-_NOT_SCALAR = (list, tuple, dict, set, np.ndarray)
-
-
-@dataclass
-class EncodedBatch:
-    user_ids: pa.Array          # string, one per input row (null where missing)
-    cat: np.ndarray             # [B, F_cat] int64
-    multi: np.ndarray           # [B, F_multi, L] int64
-    ok: np.ndarray              # [B] bool: rows that encoded (and have a user id)
-    reasons: dict[int, str]     # row -> "field: reason" for rows that did not
-
-    @property
-    def rejected(self) -> int:
-        return len(self.reasons)
+if TYPE_CHECKING:
+    from mvke.runtime.features import FeatureSchema
 
 
 def _is_list_type(t: pa.DataType) -> bool:
@@ -64,7 +53,7 @@ def _is_scalar_type(t: pa.DataType) -> bool:
                 or pa.types.is_dictionary(t))
 
 
-def _plain(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+def plain_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
     """One contiguous array, dictionary columns decoded."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
@@ -80,7 +69,7 @@ class _Field:
         f = schema.fields[pos]
         self.name, self.kind, self.max_len = f.name, f.kind, f.max_len
         self.oov = schema.offsets[pos]
-        self.lookup = {v: self.oov + 1 + i for i, v in enumerate(f.vocab)}
+        self.lookup = schema.value_ids[pos]
         self.vocab = pa.array(f.vocab, type=pa.string())
         # index in vocab -> global id; index len(vocab) (our stand-in for "not found") -> OOV
         self.ids = np.append(np.arange(self.oov + 1, self.oov + 1 + len(f.vocab), dtype=np.int64), self.oov)
@@ -93,15 +82,11 @@ class _Field:
         idx = pc.fill_null(idx, len(self.vocab)).to_numpy(zero_copy_only=False)
         return self.ids[idx]
 
-    def py_id(self, value: Any) -> int:
-        """encode_rows' rule for one scalar value (None -> OOV)."""
-        return self.oov if value is None else self.lookup.get(str(value), self.oov)
-
     def scalar_ids(self, values: pa.Array, item: bool = False) -> np.ndarray:
         """Ids of scalar values of any type: strings in C++, others via their distinct values.
 
-        For cat fields a null is "missing" -> OOV; for list items (`item=True`) encode_rows
-        does `str(None)` -> "None", looked up like any other value.
+        For cat fields a null is "missing" -> OOV; for list items (`item=True`) the row
+        encoder does `str(None)` -> "None", looked up like any other value.
         """
         if _is_string_type(values.type) and not item:
             return self.str_ids(values)
@@ -113,67 +98,46 @@ class _Field:
         return table[idx]
 
 
-class ColumnarEncoder:
-    """Arrow batch -> (user ids, cat ids, multi ids, per-row rejects), equal to encode_rows."""
+class ColumnEncoder:
+    """Arrow batch -> EncodedBatch, equal to the row encoder on the same values."""
 
-    def __init__(self, schema: FeatureSchema, user_id_column: str = "user_id"):
-        self.schema = schema
-        self.user_id_column = user_id_column
-        pos = {f.name: i for i, f in enumerate(schema.fields)}
+    def __init__(self, schema: FeatureSchema):
+        pos = schema.position
         self.cat = [_Field(schema, pos[f.name]) for f in schema.cat_fields]
         self.multi = [_Field(schema, pos[f.name]) for f in schema.multi_fields]
         self.multi_len = schema.multi_len
+        self.rows = RowEncoder(schema)   # the rule value by value, for column types without a vectorised path
 
-    # ---- public -----------------------------------------------------------
     def encode(self, batch: pa.RecordBatch | pa.Table) -> EncodedBatch:
         B = batch.num_rows
         names = set(batch.schema.names)
         cat = np.empty((B, len(self.cat)), dtype=np.int64)
         multi = np.zeros((B, len(self.multi), self.multi_len), dtype=np.int64)
-        reasons: dict[int, str] = {}
+        errors: dict[int, FeatureError] = {}
 
         def reject(rows: np.ndarray, field: str, why: str | list[str]) -> None:
             for n, r in enumerate(rows.tolist()):
-                if r not in reasons:   # first failing field wins, in encode_rows' order
-                    reasons[r] = f"{field}: {why if isinstance(why, str) else why[n]}"
+                if r not in errors:   # first failing field wins, in the row encoder's order
+                    errors[r] = FeatureError(field, why if isinstance(why, str) else why[n])
 
-        uids, missing = self._user_ids(batch, B)
-        reject(np.flatnonzero(missing), self.user_id_column, "missing user id")
         for j, f in enumerate(self.cat):
             if f.name not in names:
                 cat[:, j] = f.oov
                 continue
-            bad, why = self._encode_cat(_plain(batch.column(f.name)), f, cat[:, j])
+            bad, why = self._encode_cat(plain_array(batch.column(f.name)), j, cat[:, j])
             if bad is not None:
                 reject(bad, f.name, why)
         for j, f in enumerate(self.multi):
             if f.name not in names:
                 continue
-            bad, why = self._encode_multi(_plain(batch.column(f.name)), f, multi[:, j])
+            bad, why = self._encode_multi(plain_array(batch.column(f.name)), j, multi[:, j])
             if bad is not None:
                 reject(bad, f.name, why)
-        ok = np.ones(B, dtype=bool)
-        if reasons:
-            ok[list(reasons)] = False
-        return EncodedBatch(uids, cat, multi, ok, reasons)
-
-    # ---- user id ----------------------------------------------------------
-    def _user_ids(self, batch, B: int) -> tuple[pa.Array, np.ndarray]:
-        if self.user_id_column not in batch.schema.names:
-            raise ValueError(f"input has no {self.user_id_column!r} column")
-        col = _plain(batch.column(self.user_id_column))
-        if not _is_string_type(col.type):
-            # str() as the feature store loader does (an int id 42 -> "42"); NaN counts as missing
-            col = pa.array([None if v is None or (isinstance(v, float) and v != v) else str(v)
-                            for v in col.to_pylist()], type=pa.string())
-        elif not pa.types.is_string(col.type):
-            col = col.cast(pa.string())
-        missing = pc.fill_null(pc.equal(col, ""), True).to_numpy(zero_copy_only=False)
-        return col, missing
+        return EncodedBatch(cat, multi, errors)
 
     # ---- single-valued fields ---------------------------------------------
-    def _encode_cat(self, col: pa.Array, f: _Field, out: np.ndarray):
-        t = col.type
+    def _encode_cat(self, col: pa.Array, j: int, out: np.ndarray):
+        f, t = self.cat[j], col.type
         if pa.types.is_null(t):
             out[:] = f.oov
             return None, None
@@ -185,22 +149,11 @@ class ColumnarEncoder:
             out[:] = f.oov
             kind = "dict" if pa.types.is_struct(t) else "list"
             return np.flatnonzero(valid), f"expected one value, got {kind}"
-        return self._cat_fallback(col, f, out)
-
-    def _cat_fallback(self, col: pa.Array, f: _Field, out: np.ndarray):
-        bad, why = [], []
-        for r, v in enumerate(col.to_pylist()):
-            if isinstance(v, _NOT_SCALAR):
-                out[r] = f.oov
-                bad.append(r)
-                why.append(f"expected one value, got {type(v).__name__}")
-            else:
-                out[r] = f.py_id(v)
-        return (np.array(bad, dtype=np.int64), why) if bad else (None, None)
+        return self._fallback(col, lambda v: self.rows.cat_id(j, v), f.oov, out)
 
     # ---- multi-valued fields ----------------------------------------------
-    def _encode_multi(self, col: pa.Array, f: _Field, out: np.ndarray):
-        t = col.type
+    def _encode_multi(self, col: pa.Array, j: int, out: np.ndarray):
+        f, t = self.multi[j], col.type
         if pa.types.is_null(t):
             return None, None
         if pa.types.is_dictionary(t):
@@ -209,7 +162,7 @@ class ColumnarEncoder:
         if _is_string_type(t):
             if not pa.types.is_string(t):
                 col = col.cast(pa.string())
-            # "" means an empty list (encode_rows skips it); otherwise split on MULTI_SEP
+            # "" means an empty list (as in the row encoder); otherwise split on MULTI_SEP
             col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
             self._scatter(pc.split_pattern(col, MULTI_SEP), f, out, strings=True)
             return None, None
@@ -217,8 +170,8 @@ class ColumnarEncoder:
             try:
                 as_str = col.cast(pa.string())
             except pa.ArrowInvalid:
-                return self._multi_fallback(col, f, out)
-            return self._encode_multi(as_str, f, out)
+                return self._fallback(col, lambda v: self.rows.multi_ids(j, v), 0, out)
+            return self._encode_multi(as_str, j, out)
         if _is_list_type(t) and _is_scalar_type(t.value_type):
             self._scatter(col, f, out, strings=pa.types.is_string(t.value_type))
             return None, None
@@ -229,14 +182,14 @@ class ColumnarEncoder:
                 return None, None
             py_type = "dict" if pa.types.is_struct(t) else type(col[int(rows[0])].as_py()).__name__
             return rows, f"expected a list of values, got {py_type}"
-        return self._multi_fallback(col, f, out)
+        return self._fallback(col, lambda v: self.rows.multi_ids(j, v), 0, out)
 
     def _scatter(self, lists: pa.Array, f: _Field, out: np.ndarray, strings: bool) -> None:
         """The first max_len items of every row's list -> out[row, :n] (null rows: empty)."""
         if len(lists) == 0:
             return
         if isinstance(lists, pa.ChunkedArray):
-            lists = _plain(lists)
+            lists = plain_array(lists)
         lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         total = int(lengths.sum())
         if total == 0:
@@ -250,39 +203,21 @@ class ColumnarEncoder:
             rows, pos = rows[keep], pos[keep]
             items = items.filter(pa.array(keep))
         if strings:
-            # a null item is str(None) == "None" in encode_rows
+            # a null item is str(None) == "None" in the row encoder
             ids = f.str_ids(pc.fill_null(items, "None")) if items.null_count else f.str_ids(items)
         else:
             ids = f.scalar_ids(items, item=True)
         out[rows, pos] = ids
 
-    def _multi_fallback(self, col: pa.Array, f: _Field, out: np.ndarray):
-        """encode_rows' multi-field rule, value by value (unusual column types only)."""
+    @staticmethod
+    def _fallback(col: pa.Array, rule, placeholder: int, out: np.ndarray):
+        """The row encoder's rule value by value (column types without a vectorised path only)."""
         bad, why = [], []
         for r, v in enumerate(col.to_pylist()):
             try:
-                out[r] = self._multi_one(v, f)
+                out[r] = rule(v)
             except FeatureError as e:
-                out[r] = 0
+                out[r] = placeholder
                 bad.append(r)
                 why.append(e.reason)
         return (np.array(bad, dtype=np.int64), why) if bad else (None, None)
-
-    def _multi_one(self, v: Any, f: _Field) -> np.ndarray:
-        row = np.zeros(self.multi_len, dtype=np.int64)
-        if v is None or (isinstance(v, (str, bytes)) and len(v) == 0):
-            return row
-        if isinstance(v, (str, bytes)):
-            try:
-                v = (v.decode() if isinstance(v, bytes) else v).split(MULTI_SEP)
-            except UnicodeDecodeError as e:
-                raise FeatureError(f.name, "invalid UTF-8") from e
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
-        elif not isinstance(v, (list, tuple)):
-            raise FeatureError(f.name, f"expected a list of values, got {type(v).__name__}")
-        for i, x in enumerate(v[: f.max_len]):
-            if isinstance(x, _NOT_SCALAR):
-                raise FeatureError(f.name, "list items must be scalar values")
-            row[i] = f.lookup.get(str(x), f.oov)
-        return row

@@ -9,7 +9,7 @@ is called with httpx. Models come from `tests/fixtures/model_fixtures.py`
 key prefix in the module's Redis, so services for different models share it.
 
 The resilience tests (hot swap under load, Redis restart, pool exhaustion)
-live in `test_service_resilience.py` and reuse the helpers defined here.
+live in `tests/service/test_service_resilience.py` and reuse the helpers defined here.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from model_export.contract import Keys
+from mvke.runtime.keys import Keys
 from model_export.feature_store import load_dataset_users, read_user
 from model_export.publish import publish
 from mvke.localredis import LocalRedis, free_port
@@ -121,7 +121,7 @@ class Reference:
     def scores(self, rows: list[dict]) -> dict[str, np.ndarray]:
         """Raw feature rows -> per task [len(rows), T] probabilities (column j = tag id j+1)."""
         import torch
-        cat, multi = self.schema.encode_rows(rows)
+        cat, multi = self.schema.encode(rows).ids()
         n, T = len(rows), len(self.tags)
         tag_ids = torch.arange(1, T + 1).repeat(n).unsqueeze(1)                  # [n*T, 1]
         with torch.no_grad():

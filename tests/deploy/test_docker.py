@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = ROOT / "docker"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENTRYPOINT = DOCKER_DIR / "trainer-entrypoint.sh"
@@ -293,7 +293,7 @@ def test_dockerignore_keeps_the_context_small_but_complete():
         return hit
 
     for heavy in (".venv/bin/python", "data/x.parquet", "runs/a/model.pt", ".git/HEAD", "docs/results/a.png",
-                  "mvke/__pycache__/cli.cpython-311.pyc", "tests/test_docker.py"):
+                  "mvke/__pycache__/cli.cpython-311.pyc", "tests/deploy/test_docker.py"):
         assert ignored(heavy), heavy
     copied = set()
     for name in EXPECTED_DOCKERFILES:
@@ -401,7 +401,7 @@ SERVICE_WITHOUT_TORCH = textwrap.dedent("""
     class NotInServiceImage(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{{name}} is not installed in the service image (blocked by tests/test_docker.py)")
+                raise ImportError(f"{{name}} is not installed in the service image (blocked by tests/deploy/test_docker.py)")
             return None
 
     sys.meta_path.insert(0, NotInServiceImage())

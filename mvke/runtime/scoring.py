@@ -11,15 +11,17 @@ Precomputing, per tag, `W_t = vec(a_t (x) e_t / ||e_t||)` [K*D] and
 `Q_t = vec(a_t a_t^T)` [K*K] turns all tags into two GEMMs per batch:
 `num = vec(V) @ W` and `norm2 = vec(G) @ Q`: no per-tag loop, and a batch of
 users costs one matrix product per task. The same code serves requests,
-batch tagging and the export parity gate.
+batch tagging and the export parity gate; `rank` (top k per user and task)
+is the one ranker of the service and of batch tagging.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from model_export.contract import TaskSpec
+from mvke.runtime.contract import TaskSpec
 
 EPS = 1e-8
 
@@ -30,6 +32,7 @@ class TaskTagSide:
 
     name: str
     k: int
+    slice: tuple[int, int]   # [start, stop) of this task's experts on axis 1 of the tower output
     gates: np.ndarray        # [T, K]
     tag_emb: np.ndarray      # [T, D]
     W: np.ndarray            # [K*D, T]  gate (x) unit tag embedding
@@ -43,7 +46,7 @@ class TaskTagSide:
         unit = tag_emb / np.maximum(np.linalg.norm(tag_emb, axis=1, keepdims=True), EPS)
         W = np.einsum("tk,td->kdt", gates, unit).reshape(K * tag_emb.shape[1], T)
         Q = np.einsum("tk,tl->klt", gates, gates).reshape(K * K, T)
-        return cls(spec.name, K, gates.astype(np.float32), tag_emb.astype(np.float32),
+        return cls(spec.name, K, (spec.slice[0], spec.slice[1]), gates.astype(np.float32), tag_emb.astype(np.float32),
                    np.ascontiguousarray(W, dtype=np.float32), np.ascontiguousarray(Q, dtype=np.float32),
                    float(spec.scale), float(spec.bias))
 
@@ -105,25 +108,40 @@ def top_k_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(part, order, axis=1)
 
 
-def top_k(scores: np.ndarray, k: int, mask: np.ndarray | None = None,
-          min_score: float | None = None) -> list[list[tuple[int, float]]]:
-    """Per row, the k best (tag index, score) pairs, best first.
+@dataclass
+class Ranked:
+    """One task's top k tags for a batch of users, best first."""
 
-    `mask` [T] bool marks tags to exclude; `min_score` drops weaker tags.
-    argpartition keeps this O(T) per row rather than a full sort.
+    tag_index: np.ndarray        # [B, k] int64: row of tags.json (tag id - 1)
+    scores: np.ndarray           # [B, k] float32 probabilities
+    kept: np.ndarray | None      # [B, k] bool: False where only excluded tags were left (None: none excluded)
+
+
+def rank(values: np.ndarray, sides: Iterable[TaskTagSide], k: int | Mapping[str, int],
+         exclude: Sequence[Sequence[int] | None] | None = None) -> dict[str, Ranked]:
+    """Tower outputs [B, sum K, D] -> per task, the k best tags of each user (paper section 4.3).
+
+    `k`: one k for every task, or task -> k (a task missing or at 0 is not scored).
+    `exclude`: per user, tag indices never returned (they rank last, with kept=False).
+    With a positive temperature the cosine ranks like the logit, so the scale, bias and
+    sigmoid are applied to the k kept values only (the same arithmetic as `task_logits`,
+    in the same order, so the probabilities are those of `task_scores`).
     """
-    s = scores if mask is None else np.where(mask, -np.inf, scores)
-    T = s.shape[1]
-    k = min(k, T)
-    idx = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < T else np.tile(np.arange(T), (len(s), 1))
-    part = np.take_along_axis(s, idx, axis=1)
-    order = np.argsort(-part, axis=1, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=1)
-    part = np.take_along_axis(part, order, axis=1)
-    out = []
-    for row_idx, row_s in zip(idx, part):
-        keep = np.isfinite(row_s)
-        if min_score is not None:
-            keep &= row_s >= min_score
-        out.append([(int(i), float(v)) for i, v in zip(row_idx[keep], row_s[keep])])
+    out = {}
+    for side in sides:
+        kk = k if isinstance(k, int) else k.get(side.name, 0)
+        if kk <= 0:
+            continue
+        by_cos = side.scale > 0
+        ranked_on = (task_cosines if by_cos else task_logits)(values[:, side.slice[0]:side.slice[1]], side)  # [B, T]
+        excluded = False
+        for row, tags in enumerate(exclude or ()):
+            if tags:
+                ranked_on[row, tags] = -np.inf
+                excluded = True
+        idx, best = top_k_logits(ranked_on, min(kk, side.num_tags))
+        if by_cos:
+            best *= side.scale
+            best += side.bias
+        out[side.name] = Ranked(idx, sigmoid(best), np.isfinite(best) if excluded else None)
     return out

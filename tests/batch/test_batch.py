@@ -19,12 +19,12 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("onnxruntime")
 
-from batch.encode import ColumnarEncoder  # noqa: E402
 from batch.tag_all import OUTPUT_SCHEMA, STOP_AFTER_ENV, STOP_EXIT_CODE, TagAllConfig, run  # noqa: E402
-from model_export.contract import read_bundle  # noqa: E402
-from mvke.features import FeatureError, FeatureSchema  # noqa: E402
+from mvke.runtime.contract import read_bundle  # noqa: E402
+from mvke.runtime.features import FeatureSchema  # noqa: E402
+from tests.runtime.test_features import bad_rows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K = 5
 TIE = 1e-5          # scores this close may swap places between batch sizes (BLAS/ORT blocking)
 GOOD_ROW_GROUP = 64
@@ -73,36 +73,6 @@ def tiny(request, tmp_path_factory):
     return b, d, manifest, blobs, FeatureSchema.from_dict(manifest.features)
 
 
-def _bad_rows(users: pa.Table) -> tuple[pa.Table, dict[str | None, str]]:
-    """A second input file with one bad row per kind (+ one good row) and the expected rejects."""
-    base = users.slice(0, 5).to_pylist()
-    rows = []
-    for i, r in enumerate(base):
-        r = dict(r)
-        r["user_id"] = f"bad{i}"
-        rows.append(r)
-    rows[0]["user_id"] = None                      # missing user id
-    rows[1]["user_id"] = ""                        # empty user id
-    rows[2]["age_bucket"] = ["age1", "age2"]       # a list in a single-valued field
-    rows[3]["clicked_tags"] = 7                    # a scalar where a list is expected
-    rows[4]["user_id"] = "fine0"                   # good (age_bucket null -> OOV, clicked_tags null -> empty)
-    for r in rows:
-        if r is not rows[2]:
-            r["age_bucket"] = None
-        if r is not rows[3]:
-            r["clicked_tags"] = None
-    fields = []
-    for f in users.schema:
-        if f.name == "age_bucket":
-            f = pa.field("age_bucket", pa.list_(pa.string()))
-        elif f.name == "clicked_tags":
-            f = pa.field("clicked_tags", pa.int64())
-        fields.append(f)
-    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
-    expected = {None: "user_id", "": "user_id", "bad2": "age_bucket", "bad3": "clicked_tags"}
-    return table, expected
-
-
 @pytest.fixture(scope="session")
 def users_dir(tiny, tmp_path_factory):
     """Input directory: the dataset's users (row groups of 64) + a file of bad rows."""
@@ -110,7 +80,7 @@ def users_dir(tiny, tmp_path_factory):
     users = pq.read_table(d / "users.parquet")
     out = tmp_path_factory.mktemp("users")
     pq.write_table(users, out / "a_users.parquet", row_group_size=GOOD_ROW_GROUP)
-    bad, expected = _bad_rows(users)
+    bad, expected = bad_rows(users)
     pq.write_table(bad, out / "b_bad.parquet")
     return out, users, expected
 
@@ -148,12 +118,12 @@ def _assert_same_ranking(batch: list[tuple[str, float]], service: list[tuple[str
 
 
 def _service_answer(manifest, blobs, rows: list[dict], k: int) -> dict[tuple[str, str], list[tuple[str, float]]]:
-    """The service's own Tagger._compute, one request per user with the row as request features."""
+    """The service's own Tagger.compute, one request per user with the row as request features."""
     from types import SimpleNamespace
 
-    from model_export.contract import Keys
+    from mvke.runtime.keys import Keys
+    from mvke.runtime.model import build_model
     from service.metrics import ServiceMetrics
-    from service.model_loader import build_model
     from service.tagger import Tagger, TagJob
     model = build_model(manifest, blobs, "cpu", 1)
     tagger = Tagger(SimpleNamespace(current=model), None, ServiceMetrics(), Keys())
@@ -162,152 +132,10 @@ def _service_answer(manifest, blobs, rows: list[dict], k: int) -> dict[tuple[str
         features = {n: row[n] for n in model.schema.names}
         job = TagJob(row["user_id"], features, k, model.manifest.task_names, None, [])
         job.row, job.source = features, "request"
-        (result,) = tagger._compute(model, [job])
+        (result,) = tagger.compute(model, [job])
         for task, ranked in result.tasks.items():
             out[(row["user_id"], task)] = ranked
     return out
-
-
-# ---------------------------------------------------------------- the columnar encoder (no Ray)
-
-
-def _reference(schema: FeatureSchema, table: pa.Table):
-    """encode_rows one row at a time: ids and the FeatureError text per row."""
-    cats, multis, reasons = [], [], {}
-    for i, row in enumerate(table.to_pylist()):
-        try:
-            c, m = schema.encode_rows([row])
-        except FeatureError as e:
-            reasons[i] = str(e)
-            c = m = None
-        cats.append(c)
-        multis.append(m)
-    return cats, multis, reasons
-
-
-def _assert_encoder_equal(schema: FeatureSchema, table: pa.Table) -> None:
-    got = ColumnarEncoder(schema).encode(table)
-    cats, multis, reasons = _reference(schema, table)
-    uid_missing = {i for i, u in enumerate(table.column("user_id").to_pylist()) if u is None or u == ""}
-    want = {i: r for i, r in reasons.items() if i not in uid_missing}
-    got_feature = {i: r for i, r in got.reasons.items() if not r.startswith("user_id:")}
-    assert got_feature == want
-    assert {i for i, r in got.reasons.items() if r.startswith("user_id:")} == uid_missing
-    for i in range(table.num_rows):
-        if cats[i] is not None:
-            np.testing.assert_array_equal(got.cat[i], cats[i][0], err_msg=f"row {i} cat")
-            np.testing.assert_array_equal(got.multi[i], multis[i][0], err_msg=f"row {i} multi")
-
-
-def test_columnar_encoder_matches_encode_rows(tiny, users_dir):
-    """Vectorised encoding == FeatureSchema.encode_rows, id for id, on every column form."""
-    *_, schema = tiny
-    _, users, _ = users_dir
-    _assert_encoder_equal(schema, users)                     # the dataset as written (large_string, list<string>)
-    bad, _ = _bad_rows(users)
-    _assert_encoder_equal(schema, bad)                       # list in a cat field, int in a multi field
-
-    rng = np.random.default_rng(0)
-    n = 60
-    cat_names = [f.name for f in schema.cat_fields]
-    multi_names = [f.name for f in schema.multi_fields]
-    vocab = {f.name: f.vocab for f in schema.fields}
-
-    def known(name, i):
-        v = vocab[name]
-        return v[i % len(v)] if v else "x"
-
-    cols = {"user_id": pa.array([f"u{i}" if i % 17 else None for i in range(n)])}
-    # cat fields in every scalar form: strings with nulls/unknowns, dictionary, ints, floats (NaN), bools
-    forms = ["str", "dict", "int", "float", "bool", "large"]
-    for j, name in enumerate(cat_names):
-        form = forms[j % len(forms)]
-        vals = [None if i % 7 == 0 else (known(name, i) if i % 3 else "unknown-value") for i in range(n)]
-        if form == "str":
-            cols[name] = pa.array(vals, pa.string())
-        elif form == "large":
-            cols[name] = pa.array(vals, pa.large_string())
-        elif form == "dict":
-            cols[name] = pa.array(vals, pa.string()).dictionary_encode()
-        elif form == "int":
-            cols[name] = pa.array([None if i % 7 == 0 else i % 5 for i in range(n)], pa.int64())
-        elif form == "float":
-            cols[name] = pa.array([None if i % 7 == 0 else (float("nan") if i % 5 == 0 else i % 4 / 2)
-                                   for i in range(n)], pa.float64())
-        else:
-            cols[name] = pa.array([None if i % 7 == 0 else bool(i % 2) for i in range(n)], pa.bool_())
-    # multi fields: list<string> (null items, too long, empty), '|'-joined strings, list<int>, large_list
-    mforms = ["list", "joined", "ints", "large_list", "list"]
-    for j, name in enumerate(multi_names):
-        form = mforms[j % len(mforms)]
-        f = schema.fields[schema.names.index(name)]
-        lists = []
-        for i in range(n):
-            if i % 11 == 0:
-                lists.append(None)
-                continue
-            length = int(rng.integers(0, f.max_len + 4))
-            items = [known(name, int(x)) if x % 4 else "nope" for x in rng.integers(0, 1000, length)]
-            if form == "list" and length and i % 5 == 0:
-                items[0] = None
-            lists.append(items)
-        if form == "joined":
-            cols[name] = pa.array([None if v is None else "|".join(x for x in v) for v in lists], pa.string())
-        elif form == "ints":
-            cols[name] = pa.array([None if v is None else [int(x) for x in rng.integers(0, 9, len(v))]
-                                   for v in lists], pa.list_(pa.int64()))
-        elif form == "large_list":
-            cols[name] = pa.array(lists, pa.large_list(pa.string()))
-        else:
-            cols[name] = pa.array(lists, pa.list_(pa.string()))
-    table = pa.table(cols)
-    _assert_encoder_equal(schema, table)
-    _assert_encoder_equal(schema, table.slice(13, 30))           # offsets of sliced arrays
-
-    # types without a vectorised path (value-by-value fallback) and bad nesting
-    m0, c0 = multi_names[0], cat_names[0]
-    odd = pa.table({
-        "user_id": pa.array([f"o{i}" for i in range(6)]),
-        m0: pa.array([[["a"]], [], None, [[]], [["x", "y"]], [[known(m0, 1)]]], pa.list_(pa.list_(pa.string()))),
-        c0: pa.UnionArray.from_sparse(pa.array([0, 1, 0, 1, 0, 0], pa.int8()),
-                                      [pa.array([known(c0, 1), None, "zz", None, None, known(c0, 2)]),
-                                       pa.array([None, 3, None, None, 1, None], pa.int64())]),
-    })
-    _assert_encoder_equal(schema, odd)
-
-
-def test_columnar_encoder_str_semantics_of_non_string_values():
-    """Vocabularies holding '1', '0.5', 'nan', 'True', 'None': ids follow str(value) exactly as encode_rows."""
-    from mvke.features import FieldSpec
-    schema = FeatureSchema([
-        FieldSpec("c_int", "cat", vocab=["1", "2", "3"]), FieldSpec("c_float", "cat", vocab=["0.5", "1.0", "1", "nan"]),
-        FieldSpec("c_bool", "cat", vocab=["True", "true"]), FieldSpec("c_str", "cat", vocab=["", "a", "b"]),
-        FieldSpec("m_str", "multi", 3, ["", "None", "x", "y"]), FieldSpec("m_int", "multi", 2, ["1", "2"]),
-        FieldSpec("m_float", "multi", 4, ["1.5", "2.0", "nan", "None"]), FieldSpec("m_joined", "multi", 3, ["", "p", "q"]),
-    ])
-    rng = np.random.default_rng(2)
-    n = 80
-    pick = lambda seq: [seq[i] for i in rng.integers(0, len(seq), n)]  # noqa: E731
-    table = pa.table({
-        "user_id": pa.array([f"u{i}" for i in range(n)]),
-        "c_int": pa.array(pick([1, 2, 3, 4, None]), pa.int32()),
-        "c_float": pa.array(pick([0.5, 1.0, float("nan"), 2.25, None]), pa.float32()),
-        "c_bool": pa.array(pick([True, False, None]), pa.bool_()),
-        "c_str": pa.array(pick(["", "a", "b", "c", None]), pa.string()),
-        "m_str": pa.array([None if i % 9 == 0 else pick(["x", "y", "", None, "z"])[: i % 6] for i in range(n)],
-                          pa.list_(pa.string())),
-        "m_int": pa.array([pick([1, 2, 3, None])[: i % 4] for i in range(n)], pa.list_(pa.int64())),
-        "m_float": pa.array([pick([1.5, 2.0, float("nan"), None])[: i % 6] for i in range(n)],
-                            pa.list_(pa.float64())),
-        "m_joined": pa.array(pick(["p|q", "", "p||q", "|", "q|p|p|q", None, "r"]), pa.string()),
-    })
-    _assert_encoder_equal(schema, table)
-    # the same values as a fixed-size list and a dictionary-encoded column
-    fixed = table.set_column(table.schema.get_field_index("m_int"), "m_int",
-                             pa.array([[1, 2]] * n, pa.list_(pa.int64(), 2)))
-    fixed = fixed.set_column(fixed.schema.get_field_index("c_str"), "c_str",
-                             table.column("c_str").combine_chunks().dictionary_encode())
-    _assert_encoder_equal(schema, fixed)
 
 
 # ---------------------------------------------------------------- the job
@@ -415,7 +243,7 @@ def test_killed_job_restarts_without_duplicates(ray_session, tiny, users_dir, jo
     small = 20                  # row groups of 64 -> 4 parts each: 6 x 4 + 1 (16 rows) + 1 (the bad rows) parts
     n_parts = len(plan_parts(list_inputs(users_path), small))
     assert n_parts == 26
-    args = [sys.executable, "-m", "batch.cli", "--bundle", str(b), "--users", str(users_path), "--out", str(out),
+    args = [sys.executable, "-m", "mvke.cli", "tag-all", "--bundle", str(b), "--users", str(users_path), "--out", str(out),
             "--top-k", str(K), "--part-rows", str(small), "--batch-size", "16", "--workers", "1",
             "--no-progress"]
     env = {**os.environ, STOP_AFTER_ENV: "2", "PYTHONPATH": str(ROOT)}
@@ -444,7 +272,8 @@ def test_killed_job_restarts_without_duplicates(ray_session, tiny, users_dir, jo
 
 def test_to_redis_with_the_model_from_redis(ray_session, tiny, users_dir, redis_client, tmp_path):
     """Model = the active version in Redis; tags per user under mvke:usertags:v<version>:<user_id>."""
-    from batch.redis_out import UserTagKeys, read_user_tags
+    from batch.redis_out import read_user_tags
+    from mvke.runtime.keys import Keys
     from model_export.publish import publish
     b, _, manifest, *_ = tiny
     _, users, expected = users_dir
@@ -456,7 +285,7 @@ def test_to_redis_with_the_model_from_redis(ray_session, tiny, users_dir, redis_
     v = manifest.version
     assert summary["model_version"] == v
     got = _by_user(_read_tags(tmp_path / "out"))
-    keys = UserTagKeys()
+    keys = Keys()
     user_keys = list(redis_client.scan_iter(match=f"mvke:usertags:v{v}:*", count=1000))
     assert len(user_keys) == summary["users"]
     for uid in [u for u, _ in got][:: 2 * len(manifest.task_names)]:
@@ -469,13 +298,14 @@ def test_to_redis_with_the_model_from_redis(ray_session, tiny, users_dir, redis_
     for bad in expected:
         if bad:
             assert read_user_tags(redis_client, v, bad) is None
-    meta = {k.decode(): x.decode() for k, x in redis_client.hgetall(keys.summary(v)).items()}
+    meta = {k.decode(): x.decode() for k, x in redis_client.hgetall(keys.user_tags_summary(v)).items()}
     assert int(meta["users"]) == summary["users"] and int(meta["top_k"]) == K
-    assert redis_client.get(keys.latest).decode() == v
+    assert redis_client.get(keys.user_tags_latest).decode() == v
 
 
 def test_a_corrupt_model_in_redis_is_refused(tiny, users_dir, redis_client, tmp_path):
-    from model_export.contract import ONNX_FILE, BundleError, Keys
+    from mvke.runtime.contract import ONNX_FILE, BundleError
+    from mvke.runtime.keys import Keys
     from model_export.publish import publish
     b, _, manifest, *_ = tiny
     publish(b, redis_client)

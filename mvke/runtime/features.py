@@ -1,8 +1,13 @@
-"""User feature schema, vocabularies and id encoding.
+"""User feature schema, vocabularies and the one encoder of raw values into ids.
 
 The contract every stage shares: training builds a `FeatureSchema` from the
 training split, export writes it into the manifest, the service and the batch
-tagger rebuild it from there. numpy only (the service never imports torch).
+tagger rebuild it from there. `FeatureSchema.encode` is the only way any stage
+turns raw values into ids: rows (training samples, request bodies, feature-store
+hashes) go through mvke/runtime/row_encoder.py, Arrow tables (batch tagging)
+through mvke/runtime/column_encoder.py; both give the same ids and the same
+errors for the same values (tests/runtime/test_features.py). numpy only here
+(pyarrow is imported only when an Arrow table is encoded).
 
 Id layout (one embedding table for all fields, so the user tower is a single
 Gather in ONNX): global id 0 is padding; field f owns ids
@@ -13,9 +18,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 PAD_ID = 0
 MULTI_SEP = "|"  # separator of multi-valued fields in the feature store
@@ -29,6 +37,36 @@ class FeatureError(ValueError):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
         self.reason = message
+
+
+@dataclass
+class EncodedBatch:
+    """Ids of a batch of users, aligned with the input rows.
+
+    A row in `errors` did not encode (a value of the wrong type); its ids are
+    placeholders (OOV / padding) that must not be scored.
+    """
+
+    cat_ids: np.ndarray                                            # [B, F_cat] int64
+    multi_ids: np.ndarray                                          # [B, F_multi, L] int64
+    errors: dict[int, FeatureError] = field(default_factory=dict)  # row -> why it did not encode
+
+    def __len__(self) -> int:
+        return len(self.cat_ids)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """[B] bool: rows that encoded."""
+        mask = np.ones(len(self.cat_ids), dtype=bool)
+        if self.errors:
+            mask[list(self.errors)] = False
+        return mask
+
+    def ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cat_ids, multi_ids); raises the first failing row's FeatureError (for inputs that must be clean)."""
+        if self.errors:
+            raise self.errors[min(self.errors)]
+        return self.cat_ids, self.multi_ids
 
 
 @dataclass
@@ -59,21 +97,22 @@ class FeatureSchema:
     fields: list[FieldSpec]
 
     def __post_init__(self) -> None:
-        self._index: dict[str, int] = {}
-        self._lookup: list[dict[str, int]] = []
+        # per field (schema order): its OOV id, and known value -> global id
         self.offsets: list[int] = []
+        self.value_ids: list[dict[str, int]] = []
         offset = 1
         for f in self.fields:
             self.offsets.append(offset)
-            self._lookup.append({v: offset + 1 + i for i, v in enumerate(f.vocab)})
+            self.value_ids.append({v: offset + 1 + i for i, v in enumerate(f.vocab)})
             offset += 1 + len(f.vocab)
         self.num_ids = offset
         self.cat_fields = [f for f in self.fields if f.kind == "cat"]
         self.multi_fields = [f for f in self.fields if f.kind == "multi"]
         # Model order: single-valued fields first, then multi-valued ones.
         self.model_order = self.cat_fields + self.multi_fields
-        self._pos = {f.name: i for i, f in enumerate(self.fields)}
+        self.position = {f.name: i for i, f in enumerate(self.fields)}
         self.multi_len = max([f.max_len for f in self.multi_fields], default=1)
+        self._encoders: dict[str, Any] = {}
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -104,54 +143,26 @@ class FeatureSchema:
         return [f.name for f in self.fields]
 
     # ---- encoding -----------------------------------------------------
-    def _id(self, field_pos: int, value: Any) -> int:
-        return self._lookup[field_pos].get(str(value), self.offsets[field_pos])
+    def encode(self, data: "Sequence[Mapping[str, Any]] | pa.Table | pa.RecordBatch") -> EncodedBatch:
+        """Raw feature values -> ids (global id layout in the module docstring).
 
-    def encode_rows(self, rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw rows -> (cat_ids [B, F_cat], multi_ids [B, F_multi, L]) int64.
-
-        A missing field maps to its OOV id (cat) or an empty list (multi).
-        Multi values may be lists or `MULTI_SEP`-joined strings (feature store).
-        Raises FeatureError naming the field for values of the wrong type.
+        `data`: a sequence of rows (mappings field -> raw value: training samples,
+        request features, feature-store hashes), or an Arrow table / record batch with
+        one column per field (batch tagging). A missing field maps to its OOV id (cat)
+        or an empty list (multi); multi values may be lists or `MULTI_SEP`-joined strings;
+        unknown values map to the field's OOV id; fields not in the schema are ignored.
+        A value of the wrong type (a list in a single-valued field, a scalar where a list
+        is expected, a list of lists) is reported per row in `errors`, naming the field.
         """
-        B = len(rows)
-        cat = np.empty((B, len(self.cat_fields)), dtype=np.int64)
-        multi = np.zeros((B, len(self.multi_fields), self.multi_len), dtype=np.int64)
-        for b, row in enumerate(rows):
-            for j, f in enumerate(self.cat_fields):
-                pos = self._pos[f.name]
-                v = row.get(f.name)
-                if v is None:
-                    cat[b, j] = self.offsets[pos]
-                    continue
-                if isinstance(v, (list, tuple, dict, set, np.ndarray)):
-                    raise FeatureError(f.name, f"expected one value, got {type(v).__name__}")
-                cat[b, j] = self._id(pos, v)
-            for j, f in enumerate(self.multi_fields):
-                pos = self._pos[f.name]
-                v = row.get(f.name)
-                if v is None or (isinstance(v, (str, bytes)) and len(v) == 0):
-                    continue
-                if isinstance(v, (str, bytes)):
-                    v = (v.decode() if isinstance(v, bytes) else v).split(MULTI_SEP)
-                elif isinstance(v, np.ndarray):
-                    v = v.tolist()
-                elif not isinstance(v, (list, tuple)):
-                    raise FeatureError(f.name, f"expected a list of values, got {type(v).__name__}")
-                lookup, oov = self._lookup[pos], self.offsets[pos]
-                for i, x in enumerate(v[: f.max_len]):
-                    if isinstance(x, (list, tuple, dict, set, np.ndarray)):
-                        raise FeatureError(f.name, "list items must be scalar values")
-                    multi[b, j, i] = lookup.get(str(x), oov)
-        return cat, multi
-
-    def field_of_id(self) -> np.ndarray:
-        """For each global id, the index of its field in model order (-1 for padding)."""
-        out = np.full(self.num_ids, -1, dtype=np.int64)
-        order = {f.name: i for i, f in enumerate(self.model_order)}
-        for pos, f in enumerate(self.fields):
-            out[self.offsets[pos]: self.offsets[pos] + 1 + len(f.vocab)] = order[f.name]
-        return out
+        kind = "rows" if isinstance(data, (list, tuple)) else "columns"
+        encoder = self._encoders.get(kind)
+        if encoder is None:
+            if kind == "rows":
+                from mvke.runtime.row_encoder import RowEncoder as cls
+            else:
+                from mvke.runtime.column_encoder import ColumnEncoder as cls
+            encoder = self._encoders[kind] = cls(self)
+        return encoder.encode(data)
 
 
 def to_store_value(value: Any) -> str:

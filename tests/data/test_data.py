@@ -1,4 +1,4 @@
-"""Data stage: synthetic generator, MovieLens-100K loader, sample format checks, FeatureSchema."""
+"""Data stage: synthetic generator, MovieLens-100K loader, sample format checks, vocabularies and encoding of splits."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,6 @@ from mvke.data.dataset import DataError, build_schema, encode_split, load_datase
 from mvke.data.movielens import build as build_ml100k
 from mvke.data.synthetic import (BASIC_FIELDS, DAY_SECONDS, HISTORY_FIELDS, STAT_FIELDS, USER_BLOCK, SynthConfig,
                                  World, generate)
-from mvke.features import PAD_ID, FeatureError, FeatureSchema, FieldSpec
 
 SMALL = dict(users=300, tags=50, ads=200, categories=10)
 
@@ -421,28 +420,6 @@ def test_ml100k_source_bad_values_and_missing_file(ml100k_source, tmp_path):
         build_ml100k(tmp_path / "out", source=src)
 
 
-# ---------------------------------------------------------------- FeatureSchema
-def _toy_schema() -> FeatureSchema:
-    return FeatureSchema.build({"g": ["a", "b", "a", None], "h": [["x", "y"], ["y"], [], None]},
-                               {"g": "cat", "h": "multi"}, {"h": 3})
-
-
-def test_unseen_values_map_to_the_field_oov_id():
-    s = _toy_schema()
-    g, h = s.offsets
-    assert s.fields[0].vocab == ["a", "b"] and s.fields[1].vocab == ["x", "y"]
-    cat, multi = s.encode_rows([{"g": "a", "h": ["y", "new", "x", "x"]}, {"g": "zzz", "h": "y|new"}, {}])
-    ida, idy, idx_ = cat[0, 0], multi[0, 0, 0], multi[0, 0, 2]
-    assert g < ida <= g + 2 and h < idy <= h + 2 and idx_ != idy
-    assert multi[0, 0].tolist() == [idy, h, idx_]          # max_len 3 keeps the first three
-    assert cat[1, 0] == g                                  # unseen -> OOV of that field
-    assert multi[1, 0].tolist() == [idy, h, PAD_ID]        # "|"-joined string == list
-    assert cat[2, 0] == g and multi[2, 0].tolist() == [PAD_ID] * 3  # missing field
-    assert s.num_ids == 1 + 3 + 3
-    fid = s.field_of_id()
-    assert fid[PAD_ID] == -1 and fid[g] == 0 and fid[idy] == 1
-
-
 def _tiny_raw(tmp_path: Path, inline: bool) -> Path:
     users = pd.DataFrame({"user_id": ["u1", "u2", "u3"], "gender": ["m", "f", "only_test"],
                           "hist": [["a"], ["a", "b"], ["only_test_item", "a"]]})
@@ -474,26 +451,3 @@ def test_vocabularies_come_from_the_training_split_only(tmp_path, inline):
     assert enc.cat_ids[1, 0] == s.offsets[0] + 2                 # u1's "m"
     assert enc.labels.tolist() == [[1, 1], [0, 0]]
     assert enc.tag_ids.tolist() == [[2, 0, 0], [1, 0, 0]]
-
-
-@pytest.mark.parametrize("row, field", [
-    ({"g": ["a"]}, "g"), ({"g": ("a", "b")}, "g"), ({"g": {"a": 1}}, "g"), ({"g": np.array(["a"])}, "g"),
-    ({"h": 5}, "h"), ({"h": {"x": 1}}, "h"), ({"h": [["x"]]}, "h"), ({"h": [np.array(["x"])]}, "h"),
-])
-def test_encode_rows_wrong_type_names_the_field(row, field):
-    with pytest.raises(FeatureError) as err:
-        _toy_schema().encode_rows([row])
-    assert err.value.field == field
-    assert str(err.value).startswith(f"{field}: ")
-
-
-def test_schema_round_trip():
-    s = _toy_schema()
-    again = FeatureSchema.from_dict(json.loads(json.dumps(s.to_dict())))
-    assert again.to_dict() == s.to_dict()
-    assert again.offsets == s.offsets and again.num_ids == s.num_ids and again.multi_len == s.multi_len
-    rows = [{"g": "b", "h": ["x", "q"]}, {"g": "?", "h": "y"}]
-    for a, b in zip(s.encode_rows(rows), again.encode_rows(rows)):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="kind"):
-        FieldSpec("bad", "dense")

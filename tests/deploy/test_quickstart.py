@@ -15,7 +15,7 @@ import pytest
 
 from mvke.localredis import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Output:

@@ -1,18 +1,8 @@
-"""The contract between model_export and its readers (service, batch tagging).
+"""The bundle contract: the files of an exported model and its manifest.
 
-Bundle files, the manifest format and the Redis key layout live here and only
-here; both sides import this module. numpy only: the service never imports torch.
-
-Redis keys (one model version under one hash tag, so a Redis Cluster keeps a
-version in one slot and a MULTI over it is legal):
-
-    mvke:active                         alias: the active version id (flipped atomically)
-    mvke:versions                       sorted set: version id -> publish time (retention, listing);
-                                        negated for a version rolled back from (never rolled back to)
-    mvke:publish-lock                   publisher mutex (SET NX PX, token-checked release)
-    mvke:{v<id>}:manifest               manifest JSON (written in the same MULTI as the arrays)
-    mvke:{v<id>}:file:<name>            raw bytes of each bundle file (ONNX, float32 arrays, tags)
-    mvke:user:<user_id>                 feature store: hash of raw feature values
+`model_export` writes bundles and publishes them; the service and batch tagging read
+them (from a directory or from Redis, keys in mvke/runtime/keys.py). Both sides import
+this module, so the format lives here only. numpy only: no reader imports torch.
 """
 from __future__ import annotations
 
@@ -28,6 +18,9 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "user_tower.onnx"
 TAGS_FILE = "tags.json"
 FORMAT_VERSION = 1
+# The user tower's graph inputs and output (written into every manifest; readers feed these names).
+ONNX_INPUTS = ("cat_ids", "multi_ids")      # [B, F_cat] int64, [B, F_multi, L] int64
+ONNX_OUTPUT = "expert_values"               # [B, sum K_task, D] float32
 
 
 def gates_file(task: str) -> str:
@@ -79,8 +72,8 @@ class Manifest:
     features: dict[str, Any]         # FeatureSchema.to_dict(): fields, kinds, vocabularies
     files: dict[str, FileEntry]
     opset: int
-    onnx_inputs: list[str] = field(default_factory=lambda: ["cat_ids", "multi_ids"])
-    onnx_output: str = "expert_values"
+    onnx_inputs: list[str] = field(default_factory=lambda: list(ONNX_INPUTS))
+    onnx_output: str = ONNX_OUTPUT
     created_at: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     model_config: dict[str, Any] = field(default_factory=dict)
@@ -96,12 +89,6 @@ class Manifest:
         d["tasks"] = [TaskSpec(**t) for t in d["tasks"]]
         d["files"] = {k: FileEntry(**v) for k, v in d["files"].items()}
         return cls(**d)
-
-    def task(self, name: str) -> TaskSpec:
-        for t in self.tasks:
-            if t.name == name:
-                return t
-        raise KeyError(name)
 
     @property
     def task_names(self) -> list[str]:
@@ -157,28 +144,3 @@ def read_bundle(bundle_dir: str | Path, verify: bool = True) -> tuple[Manifest, 
     if verify:
         verify_files(manifest, blobs)
     return manifest, blobs
-
-
-class Keys:
-    """Redis key layout (see module docstring)."""
-
-    def __init__(self, prefix: str = "mvke"):
-        self.prefix = prefix
-        self.active = f"{prefix}:active"
-        self.versions = f"{prefix}:versions"
-        self.lock = f"{prefix}:publish-lock"
-
-    def version_prefix(self, version: str) -> str:
-        return f"{self.prefix}:{{v{version}}}"
-
-    def manifest(self, version: str) -> str:
-        return f"{self.version_prefix(version)}:manifest"
-
-    def file(self, version: str, name: str) -> str:
-        return f"{self.version_prefix(version)}:file:{name}"
-
-    def version_pattern(self) -> str:
-        return f"{self.prefix}:{{v*}}:*"
-
-    def user(self, user_id: str) -> str:
-        return f"{self.prefix}:user:{user_id}"

@@ -1,0 +1,129 @@
+"""Load-test tooling.
+
+* `loadtest.run` (locust, headless) for ~3 s against a real tiny service
+  (`mvke serve` in a subprocess, a private redis-server, the tiny bundle of
+  tests/fixtures/model_fixtures.py): CSV, HTML and PNG written, summary parses.
+* `loadtest.loadgen` (the bench's client) against the same service.
+* `loadtest.bench`'s report from a canned result (no servers).
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from loadtest.harness import UserSampler, make_requests, parse_mix, run_load
+
+
+# ---------------------------------------------------------------------------
+# a real tiny service
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_service(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def lt_redis(served):
+    return served[1]
+
+
+def test_locust_run_writes_reports(tiny_service, lt_redis, tmp_path):
+    from loadtest.run import main
+    out = tmp_path / "run"
+    code = main(["--url", tiny_service.url, "--users", "4", "--duration", "3s", "--out", str(out),
+                 "--redis", lt_redis.url, "--profile", "smoke", "--new-share", "0.2", "--zipf", "1.1"])
+    assert code == 0, (out / "locust.log").read_text()[-3000:]
+    for name in ("locust_stats.csv", "locust_stats_history.csv", "report.html", "timeline.png", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<html" in (out / "report.html").read_text()[:5000].lower()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requests"] > 0 and summary["qps"] > 0 and summary["pass"] is True
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["error_rate"] == 0.0, summary["failures_by_error"]
+    assert "/users/[new]/tags" in summary["by_name"], "no request for a user outside the store"
+    rows = list(csv.DictReader(open(out / "locust_stats.csv")))
+    assert any(r["Name"] == "Aggregated" for r in rows)
+
+
+def test_loadgen_against_the_service(tiny_service, lt_redis, dataset_dir):
+    from loadtest.harness import sample_features, scan_user_ids
+    ids = scan_user_ids(lt_redis.url)
+    assert len(ids) > 100
+    reqs = make_requests(ids, 256, zipf=1.0, topk_mix="5:1,20:2", new_share=0.1,
+                         feature_examples=sample_features(lt_redis.url, ids, 5))
+    reqs.append(["POST", "/users/nobody-at-all/tags", None])  # a 404 in the mix
+    res = run_load(tiny_service.port, reqs, concurrency=4, duration=1.0, warmup=0.3)
+    assert res["requests"] > 20 and res["qps"] > 0
+    assert set(res["status"]) <= {"200", "404"} and res["status"]["200"] > 0
+    assert res["p50_ms"] <= res["p99_ms"] <= res["max_ms"]
+    assert tiny_service.alive() and max(tiny_service.rss_mb()) > 10
+
+
+# ---------------------------------------------------------------------------
+# request mixes
+# ---------------------------------------------------------------------------
+def test_request_mix_skew_and_shares():
+    ids = [f"u{i:04d}" for i in range(1000)]
+    uniform, skewed = UserSampler(ids, 0.0, seed=1), UserSampler(ids, 1.2, seed=1)
+    top = lambda s: max(np.unique([s.draw() for _ in range(5000)], return_counts=True)[1])  # noqa: E731
+    assert top(skewed) > 5 * top(uniform)
+    assert parse_mix("5:0.2,20:0.6,50") == [(5, 0.2), (20, 0.6), (50, 1.0)]
+    reqs = make_requests(ids, 2000, topk_mix="5:1,50:1", new_share=0.25, feature_examples=[{"gender": "g1"}])
+    bodies = [json.loads(b) for _, _, b in reqs]
+    new = [b for b in bodies if "features" in b]
+    assert 0.2 < len(new) / len(reqs) < 0.3
+    assert {b["top_k"] for b in bodies} == {5, 50}
+    assert all(p.startswith("/users/new-") for (_, p, b), d in zip(reqs, bodies) if "features" in d)
+
+
+def test_duration_parsing():
+    from loadtest.run import parse_duration
+    assert parse_duration("60s") == 60 and parse_duration("2m") == 120 and parse_duration("1m30s") == 90
+    assert parse_duration("3") == 3 and parse_duration("1h") == 3600
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+# ---------------------------------------------------------------------------
+# the bench's report
+# ---------------------------------------------------------------------------
+def test_bench_report_from_a_canned_result(tmp_path):
+    import yaml
+
+    from loadtest.bench import HERE, report, write_markdown
+
+    def row(name, c, qps, p50, p99, status=None, alive=True):
+        return {"row": name, "c": c, "qps": qps, "ok_qps": qps, "p50_ms": p50, "p99_ms": p99,
+                "status": status or {"200": int(qps)}, "alive": alive}
+    res = {"started": "now", "quick": True, "machine": {"nproc": 2, "cpu": "cpu", "python": "3", "onnxruntime": "1",
+                                                        "fastapi": "0", "uvicorn": "0"},
+           "load_before": [0.1, 0.2, 0.3], "load_after": [0.4, 0.5, 0.6], "duration_s": 3, "warmup_s": 1,
+           "settings": {"workers": 2, "batching": True, "max_batch_size": 64, "max_wait_ms": 0, "ort_threads": 1,
+                        "redis_pool_size": 64, "compute_offload_min_batch": 16, "fast_path": True},
+           "rows": [row("service mvke-mt (2w)", 1, 1500, 0.6, 1.2), row("service mvke-mt (2w)", 32, 4000, 7, 20),
+                    row("service mvke-mt (2w)", 256, 3500, 60, 240, {"200": 3000, "503": 500}),
+                    row("service nomtl (2w)", 32, 4200, 7, 19), row("empty FastAPI (2w)", 32, 9000, 3, 8),
+                    row("naive PyTorch (2w)", 32, 40, 700, 900)],
+           "inprocess": {1: {"users_per_s": 3000, "ms_per_call_p50": 0.3}, 256: {"users_per_s": 20000,
+                                                                                 "ms_per_call_p50": 12}},
+           "steps": {1: {"fetch": 100, "encode": 20, "tower": 40, "score": 30, "rank": 10}},
+           "rss_mb": {"idle": [150, 151], "after_load": [160, 161]}, "soak": None}
+    targets = yaml.safe_load((HERE / "targets.yaml").read_text())["bench"]
+    text, checks = report(res, targets)
+    assert "| b. service mvke-mt (2w) | 32 | 4,000 |" in text
+    assert "503: 500" in text and "load average before [0.1, 0.2, 0.3]" in text
+    met = {c["target"].split(" ")[0]: c["ok"] for c in checks}
+    assert all(c["ok"] for c in checks), checks
+    assert len(checks) == 6 and met
+    md = tmp_path / "perf.md"
+    md.write_text("# Title\n\nhand-written notes\n")
+    write_markdown(md, text)
+    write_markdown(md, text.replace("4,000", "4,001"))
+    out = md.read_text()
+    assert "hand-written notes" in out and out.count("<!-- bench:begin -->") == 1 and "4,001" in out
+
+
