@@ -188,6 +188,8 @@ def summarise(cells: list[dict]) -> dict:
     out["params"] = cells[0]["params"]
     out["train_seconds"] = float(np.mean([c["train_seconds"] for c in cells]))
     out["samples_per_second"] = float(np.mean([c["samples_per_second"] for c in cells]))
+    out["samples_per_cpu_second"] = float(np.mean([c.get("samples_per_cpu_second", float("nan")) for c in cells]))
+    out["cpu_seconds"] = float(np.sum([c.get("cpu_seconds", float("nan")) for c in cells]))
     out["seeds"] = len(cells)
     out["config"] = {**cells[0]["config"], "full": cells[0]["model_config"]}
     out["best_epoch_per_seed"] = [c["best_epoch"] for c in cells]
@@ -315,6 +317,8 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
     res["command"] = experiment_command(data_dir, out_dir, seeds, models if models != [*MAIN_MODELS, *CONTROLS] else None,
                                         configs, sweep_experts, reference)
     res["wall_seconds_this_call"] = time.perf_counter() - t_start
+    if configs:
+        res["tune_commands"], res["cpu_hours"] = tuning_record(configs, res)
     res["machine"] = machine_info(threads)
     write_results(out, res)
     return res
@@ -364,6 +368,19 @@ def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, 
                                      "ctr_auc": c["test_auc"]["interest"], "cvr_auc": c["test_auc"]["intention"],
                                      "params": c["params"], "train_seconds": c["train_seconds"]})
     return res
+
+
+def tuning_record(configs, res: dict) -> tuple[list[str], dict]:
+    """The `mvke tune` commands behind the configs and the CPU hours of tuning and of these runs."""
+    commands, tuning = [], 0.0
+    for label in {base_name(k) for k in (*res["models"], *res["controls"])}:
+        tuned = load_tuned(configs, label)
+        if tuned:
+            commands.append(shlex.join(["mvke", "tune", "--data", str(tuned.get("data")), "--model", label,
+                                        "--trials", str(tuned["trials"]), "--out", str(configs)]))
+            tuning += tuned.get("cpu_seconds", 0.0)
+    runs = sum(m.get("cpu_seconds", 0.0) for m in (*res["models"].values(), *res["controls"].values()))
+    return sorted(commands), {"tuning": round(tuning / 3600, 2), "runs": round(runs / 3600, 2)}
 
 
 def write_results(out: Path, res: dict) -> None:

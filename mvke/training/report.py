@@ -63,6 +63,10 @@ def render_markdown(res: dict) -> str:
         lines.append(f"| oracle (true probabilities) | {o['ctr_auc']:.4f} | {o['cvr_auc']:.4f} | {o['ctr_gauc']:.4f} "
                      f"| {o['cvr_gauc']:.4f} | | | | | | | |")
     lines.append("")
+    if "mvke-mt" in res["models"]:
+        m = res["models"]["mvke-mt"]
+        lines += [f"MVKE-mt training speed: {m.get('samples_per_cpu_second', float('nan')):,.0f} samples per CPU-second (one torch "
+                  f"thread; {m['samples_per_second']:,.0f} samples/s of wall time on the shared machine).", ""]
     if res.get("controls"):
         lines += ["## Controls of the virtual kernels", "",
                   "mvke-uniform-gate: every gate weight exactly 1/K; mvke-no-kernel-attention: every field weight "
@@ -133,7 +137,9 @@ def _reproduce_section(res: dict) -> list[str]:
     load = ", ".join(f"{x:.1f}" for x in mach.get("loadavg_at_end", []))
     lines = ["## Reproduce", "", "```", res["data_command"], *res.get("tune_commands", []), res["command"], "```", ""]
     if res.get("cpu_hours"):
-        lines += [f"CPU hours: {res['cpu_hours']}", ""]
+        h = res["cpu_hours"]
+        lines += [f"CPU time (process CPU, not wall): tuning the models shown {h['tuning']} h (on the dataset "
+                  f"named in the tune commands), the runs of this table {h['runs']} h.", ""]
     lines += [f"Machine: {mach['cpu_cores']} CPU cores ({mach['processor']}), no GPU, torch {mach['torch']} with "
               f"{mach['torch_threads']} intra-op thread per run, Python {mach['python']}; shared with other work "
               f"(load average at the end of the last call: {load}), so seconds are indicative.", "",

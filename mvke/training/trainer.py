@@ -174,7 +174,7 @@ def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_
     opt, sched = make_optimizer(model, cfg, steps)
     rng = np.random.default_rng(cfg.seed)
     best, best_epoch, best_state, history = float("-inf"), 0, None, []
-    t0, seen = time.perf_counter(), 0
+    t0, cpu0, seen = time.perf_counter(), time.process_time(), 0
     for epoch in range(1, cfg.epochs + 1):
         loss, n = train_epoch(model, opt, batches(data.train, cfg.batch_size, rng), sched,
                               f"{model_cfg.name} epoch {epoch}", cfg.progress)
@@ -192,7 +192,7 @@ def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_
             on_epoch(epoch, mean_auc)
         if epoch - best_epoch > cfg.patience:
             break
-    train_seconds = time.perf_counter() - t0
+    train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     model.load_state_dict(best_state)
     model.eval()
     metrics = {
@@ -200,6 +200,8 @@ def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_
         "best_valid_mean_auc": best, "best_epoch": best_epoch, "history": history,
         "valid_auc": {k.split("_")[1]: v for k, v in history[best_epoch - 1].items() if k.startswith("valid_")},
         "train_seconds": train_seconds, "samples_per_second": seen / train_seconds,
+        # CPU time of this process: on a shared machine wall-clock speed mostly measures the neighbours.
+        "cpu_seconds": cpu_seconds, "samples_per_cpu_second": seen / max(cpu_seconds, 1e-9),
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test),
     }

@@ -14,7 +14,7 @@ The shared space (every model, `suggest`):
 * hidden width 64 | 128 | 256 and depth 1 | 2: each expert's tower (MVKE, MoE, MMoE, CGC),
   noMTL's tower and Hard Sharing's shared bottom are [width] * depth, Hard Sharing's heads
   [width // 2];
-* epochs 2..6 (the most a trial trains; early stopping with patience 1 inside it).
+* epochs 2..5 (the most a trial trains; early stopping with patience 1 inside it).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, prepare, train_model
 
-EPOCH_RANGE = (2, 6)
+EPOCH_RANGE = (2, 5)
 
 
 def suggest(trial) -> tuple[dict, dict]:
@@ -98,8 +98,10 @@ def tune(data_dir: str | Path, model: str, trials: int, out: str | Path, seed: i
     logging.getLogger("optuna").propagate = False
     data = data if data is not None else prepare(data_dir)
     d, storage = study_paths(out, model)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(6, trials // 2)))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    # The same sampler seed for every model: the random start-up trials try the same configurations
+    # for every model (a paired search), then TPE follows each model's own results.
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(6, trials - 2)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     study = optuna.create_study(study_name=model, storage=storage, direction="maximize", sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]

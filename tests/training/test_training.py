@@ -16,7 +16,7 @@ from mvke.training.trainer import (CHECKPOINT_FILES, EncodedData, TrainConfig, e
                                    model_config_for, predict, prepare, train_model)
 
 FAST = dict(batch_size=256, lr=1e-2, progress=False, threads=1)
-TIMING_KEYS = {"train_seconds", "samples_per_second"}
+TIMING_KEYS = {"train_seconds", "samples_per_second", "cpu_seconds", "samples_per_cpu_second"}
 
 
 def _brute_auc(labels: np.ndarray, scores: np.ndarray) -> float:
