@@ -1,7 +1,7 @@
 """Benchmark of `mvke tag-all` (not a test): `python -m batch.bench --users 1000000`.
 
-1. Model: `--bundle DIR`, else a default mvke-mt bundle under `--work`, built once
-   (synthetic data -> 1 epoch of training -> export) and reused afterwards.
+1. Model: `--bundle DIR`, else a default mvke-mt bundle under `--work`, built once by
+   `mvke pipeline --data-source synth --epochs 1` and reused afterwards.
 2. Users: the synthetic dataset's users.parquet resampled column by column to
    `--users` rows (every value from the real vocabularies, new combinations),
    written with row groups of `--part-rows` (one part each); reused when present.
@@ -37,41 +37,17 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 # ---- inputs -------------------------------------------------------------------------
-def ensure_bundle(work: Path) -> Path:
-    bundle = work / "bundle"
-    if (bundle / "manifest.json").exists():
-        return bundle
+def default_model(work: Path) -> tuple[Path, Path]:
+    """(bundle, its dataset) of `mvke pipeline --data-source synth --epochs 1` under `work` (built once)."""
     work.mkdir(parents=True, exist_ok=True)
-    mvke = [sys.executable, "-m", "mvke.cli"]
-    steps = [mvke + ["data", "synth", "--out", str(work / "syn")],
-             mvke + ["train", "--data", str(work / "syn"), "--model", "mvke-mt", "--out", str(work / "ck"),
-                     "--epochs", "1"],
-             mvke + ["export", str(work / "ck"), "--out", str(bundle)]]
+    print("bench: mvke pipeline --data-source synth --model mvke-mt --epochs 1", file=sys.stderr, flush=True)
     with open(work / "prepare.log", "a") as log:
-        for cmd in steps:
-            print("bench: " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    return bundle
-
-
-def source_users(bundle: Path, work: Path) -> Path:
-    """users.parquet of the dataset the bundle was trained on (else the default synthetic one)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    cands = [work / "syn" / "users.parquet"]
-    ds = (manifest.get("metrics") or {}).get("dataset")
-    if isinstance(ds, str):
-        cands.insert(0, Path(ds) / "users.parquet")
-    for c in cands:
-        if c.exists():
-            return c
-    subprocess.run([sys.executable, "-m", "mvke.cli", "data", "synth", "--out", str(work / "syn")], check=True,
-                   stdout=subprocess.DEVNULL)
-    return work / "syn" / "users.parquet"
+        out = subprocess.run([sys.executable, "-m", "mvke.cli", "pipeline", "--data-source", "synth", "--model",
+                              "mvke-mt", "--epochs", "1", "--work", str(work)], check=True, stdout=subprocess.PIPE,
+                             stderr=log, text=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    return Path(summary["bundle"]), Path(summary["data"])
 
 
 def make_users(src: Path, out: Path, n: int, row_group: int, seed: int = 0) -> Path:
@@ -227,7 +203,9 @@ class RssSampler(threading.Thread):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m batch.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, default=1_000_000)
-    ap.add_argument("--bundle", help="bundle directory (default: build/reuse WORK/bundle)")
+    ap.add_argument("--bundle", help="bundle directory (default: build/reuse one with `mvke pipeline` under WORK)")
+    ap.add_argument("--users-source", help="dataset directory whose users.parquet is resampled (default: the "
+                                           "pipeline's synthetic dataset); only when WORK/users_N.parquet is missing")
     ap.add_argument("--work", default="/tmp/mvke-batch-bench", help="inputs, outputs and the default bundle")
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4096)
@@ -239,11 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from batch.parts import list_inputs, plan_parts
     from batch.tag_all import TagAllConfig, _cpus, _init_ray, run
+    from mvke.runtime.system import loadavg
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    bundle = Path(a.bundle) if a.bundle else ensure_bundle(work)
+    users = work / f"users_{a.users}.parquet"
+    bundle, data = (Path(a.bundle), None) if a.bundle else default_model(work)
+    if not (users.exists() and pq.ParquetFile(users).metadata.num_rows == a.users):
+        data = data or Path(a.users_source or default_model(work)[1])
+        make_users(data / "users.parquet", users, a.users, a.part_rows)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    users = make_users(source_users(bundle, work), work / f"users_{a.users}.parquet", a.users, a.part_rows)
     parts = plan_parts(list_inputs(users), a.part_rows)
     workers = a.workers or _cpus()
     report: dict = {"users": a.users, "tasks": [t["name"] for t in manifest["tasks"]], "tags": manifest["num_tags"],
@@ -252,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "model_version": manifest["version"]}
 
     if not a.skip_ceiling:
-        print(f"bench: ceiling (no Ray), load {_load()}", file=sys.stderr, flush=True)
-        report["load_before_ceiling"] = _load()
+        print(f"bench: ceiling (no Ray), load {loadavg()}", file=sys.stderr, flush=True)
+        report["load_before_ceiling"] = loadavg()
         report["ceiling_1_process"] = ceiling(bundle, parts, 1, a.batch_size, a.top_k)
         report["ceiling_n_processes"] = ceiling(bundle, parts, workers, a.batch_size, a.top_k)
         io_dir = work / "ceiling_io"
@@ -265,8 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = work / f"out_{a.users}"
     shutil.rmtree(out, ignore_errors=True)
-    print(f"bench: tag-all on {a.users:,} users, load {_load()}", file=sys.stderr, flush=True)
-    report["load_before_job"] = _load()
+    print(f"bench: tag-all on {a.users:,} users, load {loadavg()}", file=sys.stderr, flush=True)
+    report["load_before_job"] = loadavg()
     sampler = RssSampler()
     sampler.start()
     t0 = time.perf_counter()
@@ -304,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
                      # driver, Ray's processes, actor start-up (imports, model load): all not tagging users
                      "share_outside_parts": round(1 - part_cpu / total_cpu, 3) if total_cpu else None}
     report["cpu_s_by_process_name"] = sampler.cpu_by_name()
-    report["load_after_job"] = _load()
+    report["load_after_job"] = loadavg()
     if "ceiling_n_processes" in report:
         ceil = report["ceiling_n_processes"]["users_per_s"]
         report["ratio_to_ceiling"] = round(report["job"]["users_per_s"] / ceil, 3)

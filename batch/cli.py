@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+EXTRA = "batch"   # the pyproject extra these commands need (named by `mvke` when it is missing)
+
 
 def _tag_all(a: argparse.Namespace) -> None:
     from batch.tag_all import TagAllConfig, run
@@ -45,4 +47,4 @@ def register(sub) -> None:
     t.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
     t.add_argument("--redis-ttl", type=int, help="expire the per-user tag keys after this many seconds")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=_tag_all)
+    t.set_defaults(func=_tag_all, extra=EXTRA)

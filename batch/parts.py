@@ -15,6 +15,7 @@ Output directory:
     rejects/part-00042.parquet    user_id, field, reason of its bad rows (only if any)
     _parts/part-00042.done        JSON counts; written last, after the files above
     _SUCCESS.json                 summary, once every part is done
+    _lock                         the driver's file lock (one job per output directory)
 
 Every file is written to a dot-prefixed temporary name in its directory and
 renamed into place (readers such as `pyarrow.dataset` skip dot- and underscore-
@@ -26,14 +27,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS.json"
@@ -234,48 +236,19 @@ class JobDir:
         (self.root / SUCCESS_FILE).unlink(missing_ok=True)
 
 
-class JobLock:
-    """One tag-all driver per output directory. A lock left by a dead process on this host is taken over."""
-
-    def __init__(self, root: Path):
-        self.path = root / LOCK_FILE
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-
-    def __enter__(self) -> "JobLock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and holder.get("host") == self.me["host"] and not _alive(holder.get("pid", -1)):
-                    self.path.unlink(missing_ok=True)   # stale: its driver was killed
-                    continue
-                raise ValueError(f"{self.path}: another tag-all job runs on this output ({holder}); "
-                                 f"delete the file if it is not running") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.me, fh)
-            return self
-        raise ValueError(f"{self.path}: could not take the job lock")
-
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def __exit__(self, *exc) -> None:
-        if self._holder() == self.me:
-            self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
+@contextmanager
+def job_lock(root: Path) -> Iterator[None]:
+    """One tag-all driver per output directory: an OS file lock (filelock) on `_lock`, which the OS
+    releases when its holder dies, however it dies (the file itself stays; only the lock matters)."""
+    lock = FileLock(root / LOCK_FILE, timeout=0)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock.acquire()
+    except Timeout:
+        raise ValueError(f"{root / LOCK_FILE}: another tag-all job runs on this output") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def part_to_dict(p: Part) -> dict:

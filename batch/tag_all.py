@@ -56,18 +56,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch.parts import (AtomicParquetWriter, JobDir, JobLock, Part, input_fingerprint, iter_part, list_inputs,
+from batch.parts import (AtomicParquetWriter, JobDir, Part, input_fingerprint, iter_part, job_lock, list_inputs,
                          part_from_dict, part_to_dict, plan_parts, write_json_atomic)
 from mvke.runtime.column_encoder import plain_array
 from mvke.runtime.contract import BundleError, read_bundle
-from mvke.runtime.keys import Keys
+from mvke.runtime.keys import Keys, redis_url
 from mvke.runtime.model import LoadedModel
 from mvke.runtime.scoring import rank
 from mvke.runtime.system import container_cpus
 
 log = logging.getLogger("mvke.batch")
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 STOP_AFTER_ENV = "MVKE_TAG_ALL_STOP_AFTER_PARTS"   # testing hook: exit after N parts, like a killed job
 STOP_EXIT_CODE = 75
 
@@ -108,7 +107,7 @@ class TagAllConfig:
     progress: bool = True
 
     def redis(self) -> str:
-        return self.redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS)
+        return redis_url(self.redis_url)
 
 
 # ---- model source --------------------------------------------------------------
@@ -325,7 +324,7 @@ def run(cfg: TagAllConfig) -> dict:
     manifest, blobs = load_model_source(cfg)
     jd = JobDir(cfg.out)
     jd.create()
-    with JobLock(jd.root):
+    with job_lock(jd.root):
         resumed = jd.check_spec(job_spec(cfg, manifest, files, parts))
         jd.clean_tmp()
         done = jd.finished()

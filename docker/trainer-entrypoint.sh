@@ -2,8 +2,8 @@
 # One-shot demo pipeline of the trainer image (docker-compose service `trainer`).
 #
 # If Redis already has an active model version, print it and exit 0 (nothing to do:
-# a second `docker compose up` is fast and keeps the published model). Otherwise:
-#   mvke data synth -> mvke train (mvke-mt) -> mvke export -> mvke publish -> mvke features load
+# a second `docker compose up` is fast and keeps the published model). Otherwise
+# `mvke pipeline` (mvke/pipeline.py): data synth -> train -> export -> publish -> features load
 #
 # With arguments, runs them instead (e.g. `docker compose run --rm trainer mvke models`).
 #
@@ -48,19 +48,9 @@ fi
 RUN_DIR="${WORK_DIR:?}/demo"
 rm -rf "$RUN_DIR"
 mkdir -p "$RUN_DIR"
-DATA="$RUN_DIR/data"
-CKPT="$RUN_DIR/ckpt"
-BUNDLE="$RUN_DIR/bundle"
 
-log "1/5 synthetic data: $USERS users -> $DATA"
-mvke data synth --out "$DATA" --users "$USERS" --seed "$SEED"
-log "2/5 training $MODEL for $EPOCHS epochs -> $CKPT"
-mvke train --data "$DATA" --model "$MODEL" --out "$CKPT" --epochs "$EPOCHS" --seed "$SEED"
-log "3/5 export -> $BUNDLE"
-mvke export "$CKPT" --out "$BUNDLE"
-log "4/5 publish -> ${REDIS_URL##*@}"
-mvke publish "$BUNDLE" --redis "$REDIS_URL"
-log "5/5 feature store <- $DATA"
-mvke features load --data "$DATA" --redis "$REDIS_URL"
+log "mvke pipeline: $USERS synthetic users -> $MODEL ($EPOCHS epochs) -> export -> publish ${REDIS_URL##*@} -> features"
+mvke pipeline --data-source synth --users "$USERS" --model "$MODEL" --epochs "$EPOCHS" --seed "$SEED" \
+    --work "$RUN_DIR" --redis "$REDIS_URL"
 log "done"
 mvke models --redis "$REDIS_URL"

@@ -3,26 +3,30 @@
 One run, one load generator (loadtest/loadgen.py: asyncio + uvloop, raw HTTP/1.1
 keep-alive sockets, pre-rendered requests, in its own process), one table:
 
-  a. in-process ceiling: feature lookup -> encode -> ONNX -> scores -> top-k
-     (`Tagger.process`, no HTTP), users/s at batch 1 and 256;
+  a. in-process ceiling: feature lookup -> encode -> ONNX -> scores -> top-k with
+     mvke.runtime (the code the service runs, no HTTP, no event loop), users/s at
+     batch 1 and 256, and the cost of each step at batch 1, 16 and 256;
   b. the service over HTTP (`mvke serve`, default settings) at concurrency 1, 32, 128, 256:
      QPS, p50, p99, errors by status;
   c. an empty FastAPI POST endpoint (loadtest/empty_app.py) with the service's server
      settings, and with 2 uvicorn workers: the HTTP ceiling;
   d. the naive reference (loadtest/naive_app.py: PyTorch forward over all tags per request);
   e. nomtl served by the same service (vs mvke-mt);
-  f. memory: service RSS per worker; with --soak S, its growth over S seconds at 70% of peak QPS.
+  f. memory: service RSS per worker; with --soak S, its growth over S seconds at 70% of peak QPS;
+  g. with --baseline DIR (a checkout of another commit, e.g. `git worktree add /tmp/base <rev>`):
+     that commit's service and this tree's, same Redis, same requests, at c=1 and c=32 in
+     --rounds interleaved rounds (the order alternates per round), medians and ratios.
 
 Data: the default synthetic dataset, mvke-mt and nomtl trained 1 epoch each, exported,
-published to private redis-servers (one per model) with every user's features loaded.
-Missing pieces are built (`mvke data synth / train / export`) under --work (default /tmp/lt).
+published to private redis-servers (one per model) with every user's features loaded, all
+by `mvke pipeline` (built once under --work, default /tmp/lt; later runs only publish).
+The service is queried over HTTP only; the settings it runs with come from its GET /model.
 The table and the machine description go to docs/results/performance.md between the
 `bench` markers (text outside them is kept) and to a JSON file beside it.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -35,7 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from loadtest.harness import PY, ROOT, Server, load_features, make_requests, publish, run_load, start_redis
+from loadtest.harness import ROOT, Server, make_requests, pipeline, run_load, start_redis
+from mvke.runtime.system import loadavg
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,32 +64,20 @@ def machine() -> dict:
             "uvicorn": uvicorn.__version__, "kernel": platform.release()}
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def ensure_data(work: Path, log) -> dict[str, Path]:
-    """Dataset, checkpoints and bundles under `work` (built when missing)."""
-    work.mkdir(parents=True, exist_ok=True)
-    syn, paths = work / "syn", {}
-    mvke = [PY, "-m", "mvke.cli"]
-    if not (syn / "users.parquet").exists():
-        log(f"building the synthetic dataset in {syn}")
-        subprocess.run([*mvke, "data", "synth", "--out", str(syn)], check=True, cwd=ROOT)
-    paths["data"] = syn
+    """Dataset, checkpoints and bundles of mvke-mt and nomtl under `work` (`mvke pipeline`, built once)."""
+    paths: dict[str, Path] = {}
     for model, tag in (("mvke-mt", "mvke"), ("nomtl", "nomtl")):
-        ck, bundle = work / f"ck_{tag}", work / f"bundle_{tag}"
-        if not (ck / "model.pt").exists():
-            log(f"training {model} (1 epoch) into {ck}")
-            with open(work / f"train_{tag}.log", "w") as f:
-                subprocess.run([*mvke, "train", "--data", str(syn), "--model", model, "--out", str(ck), "--epochs", "1"],
-                               check=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        if not (bundle / "manifest.json").exists():
-            log(f"exporting {model} to {bundle}")
-            subprocess.run([*mvke, "export", str(ck), "--out", str(bundle)], check=True, cwd=ROOT,
-                           stdout=subprocess.DEVNULL)
-        paths[f"ck_{tag}"], paths[f"bundle_{tag}"] = ck, bundle
+        log(f"mvke pipeline: {model} (1 epoch) under {work} (steps whose output exists are skipped)")
+        done = pipeline(work, model, log=Path(work) / f"pipeline_{tag}.log")
+        paths["data"], paths[f"ck_{tag}"], paths[f"bundle_{tag}"] = (Path(done[k]) for k in
+                                                                       ("data", "checkpoint", "bundle"))
     return paths
+
+
+def serve_dataset(redis_url: str, work: Path, model: str) -> None:
+    """Publish `model` and load the users into a (private) Redis: the pipeline's last two steps."""
+    pipeline(work, model, redis_url, log=Path(work) / "pipeline_publish.log")
 
 
 def dataset_user_ids(data: Path) -> list[str]:
@@ -92,68 +85,65 @@ def dataset_user_ids(data: Path) -> list[str]:
     return [str(u) for u in pq.read_table(data / "users.parquet", columns=["user_id"])["user_id"].to_pylist()]
 
 
+def serving_settings(server: Server) -> dict:
+    """The settings a running service reports (GET /model)."""
+    import httpx
+    return httpx.get(server.url + "/model", timeout=10).json()["serving"]
+
+
 # ---- a. in-process ceiling ----------------------------------------------------------------
-def inprocess(redis_url: str, user_ids: list[str], batches: tuple[int, ...], seconds: float) -> dict[int, dict]:
-    """users/s of `Tagger.process` (fetch -> encode -> tower -> score -> rank) at each batch size."""
-    from service.app import ServiceState
-    from service.settings import Settings
-    from service.tagger import TagJob
-
-    async def go() -> dict[int, dict]:
-        state = ServiceState(Settings(redis_url=redis_url, log_level="WARNING"))
-        await state.registry.start()
-        try:
-            model = state.registry.current
-            tasks = model.manifest.task_names
-            out = {}
-            for b in batches:
-                i, n, t_end, lat = 0, 0, time.perf_counter() + seconds, []
-                while time.perf_counter() < t_end or n == 0:
-                    jobs = [TagJob(user_ids[(i + j) % len(user_ids)], None, 20, tasks, None, [])
-                            for j in range(b)]
-                    i += b
-                    t0 = time.perf_counter()
-                    res = await state.tagger.process(jobs)
-                    lat.append(time.perf_counter() - t0)
-                    n += b
-                    assert not any(isinstance(r, Exception) for r in res), res[0]
-                total = sum(lat)
-                out[b] = {"users_per_s": n / total, "ms_per_call_p50": statistics.median(lat) * 1e3,
-                          "us_per_user": total / n * 1e6}
-            return out
-        finally:
-            await state.registry.stop()
-            await state.redis.aclose()
-            await state.redis_models.aclose()
-    return asyncio.run(go())
+STEPS = ("fetch", "encode", "tower", "score", "rank")
 
 
-def step_breakdown(redis_url: str, user_ids: list[str], batch: int, calls: int) -> dict[str, float]:
-    """us per user of each hot-path step at one batch size (from the service's own step timers)."""
-    from service.app import ServiceState
-    from service.settings import Settings
-    from service.tagger import TagJob
+def inprocess(redis_url: str, user_ids: list[str], batch: int, seconds: float, top_k: int = 20) -> dict:
+    """users/s of fetch -> encode -> tower -> score -> rank at one batch size, with mvke.runtime (the
+    service's code without HTTP or the event loop), and microseconds per user of each step."""
+    import redis
 
-    async def go() -> dict[str, float]:
-        state = ServiceState(Settings(redis_url=redis_url, log_level="WARNING", compute_offload_min_batch=1 << 30))
-        await state.registry.start()
-        try:
-            tasks = state.registry.current.manifest.task_names
-            for c in range(calls):
-                await state.tagger.process([TagJob(user_ids[(c * batch + j) % len(user_ids)], None, 20, tasks, None,
-                                                   []) for j in range(batch)])
-            out = {}
-            for metric in state.metrics.registry.collect():
-                if metric.name == "mvke_step_seconds":
-                    for s in metric.samples:
-                        if s.name.endswith("_sum"):
-                            out[s.labels["step"]] = s.value / (calls * batch) * 1e6
-            return out
-        finally:
-            await state.registry.stop()
-            await state.redis.aclose()
-            await state.redis_models.aclose()
-    return asyncio.run(go())
+    from mvke.runtime.keys import Keys
+    from mvke.runtime.model import build_model
+    from mvke.runtime.scoring import rank
+    from mvke.runtime.system import limit_blas_threads
+    from mvke.runtime.versions import active_version, read_version
+    keys = Keys()
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    models = redis.Redis.from_url(redis_url)
+    model = build_model(*read_version(models, keys, active_version(models, keys)), "cpu", 1)
+    limit_blas_threads(1)                                      # as the service does
+    tags, sides = model.tags, model.sides.values()
+    spent = dict.fromkeys(STEPS, 0.0)
+    i = n = 0
+    lat = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or n == 0:
+        ids = [user_ids[(i + j) % len(user_ids)] for j in range(batch)]
+        i += batch
+        t0 = time.perf_counter()
+        pipe = r.pipeline(transaction=False)
+        for uid in ids:
+            pipe.hgetall(keys.user(uid))
+        rows = pipe.execute()
+        t1 = time.perf_counter()
+        enc = model.schema.encode(rows)
+        t2 = time.perf_counter()
+        values = model.run_tower(enc.cat_ids, enc.multi_ids)
+        t3 = time.perf_counter()
+        ranked = rank(values, sides, top_k)
+        t4 = time.perf_counter()
+        answers = [{task: list(zip(map(tags.__getitem__, ix), sc)) for task, (ix, sc) in
+                    ((t, (x.tag_index[u].tolist(), x.scores[u].tolist())) for t, x in ranked.items())}
+                   for u in range(batch)]
+        t5 = time.perf_counter()
+        assert len(answers) == batch and not enc.errors
+        for step, dt in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            spent[step] += dt
+        lat.append(t5 - t0)
+        n += batch
+    r.close()
+    models.close()
+    total = sum(lat)
+    return {"users_per_s": n / total, "ms_per_call_p50": statistics.median(lat) * 1e3, "us_per_user": total / n * 1e6,
+            "steps_us_per_user": {k: v / n * 1e6 for k, v in spent.items()}}
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -188,22 +178,17 @@ class Bench:
         reqs = make_requests(ids, 8192, zipf=0.0, topk_mix="20:1", seed=1)
         redis_mt, redis_nomtl = start_redis(), start_redis()
         servers: list[Server] = []
+        ab = None
         try:
-            for r, bundle in ((redis_mt, paths["bundle_mvke"]), (redis_nomtl, paths["bundle_nomtl"])):
-                publish(r.url, bundle)
-                load_features(r.url, paths["data"])
+            serve_dataset(redis_mt.url, Path(a.work), "mvke-mt")
+            serve_dataset(redis_nomtl.url, Path(a.work), "nomtl")
             self.log("published both models and loaded the feature store")
-            from service.settings import Settings
-            defaults = Settings()
-            workers = a.workers or defaults.worker_count()
-            info = {"workers": workers, "max_batch_size": defaults.max_batch_size, "max_wait_ms": defaults.max_wait_ms,
-                    "ort_threads": defaults.ort_threads(), "redis_pool_size": defaults.redis_pool_size,
-                    "compute_offload_min_batch": defaults.compute_offload_min_batch,
-                    "fast_path": defaults.fast_path, "batching": defaults.batching}
 
             # b. the service (mvke-mt), default settings, then with the other worker count
-            svc = Server.service(redis_mt.url, workers=workers, log=self.logs / "service.log").start()
+            svc = Server.service(redis_mt.url, workers=a.workers, log=self.logs / "service.log").start()
             servers.append(svc)
+            info = serving_settings(svc)
+            workers = info["workers"]
             rss_idle = svc.rss_mb()
             for c in (1, 32, 128, 256):
                 self.load(svc, f"service mvke-mt ({workers}w)", c, reqs)
@@ -241,10 +226,15 @@ class Bench:
                 self.load(naive, f"naive PyTorch ({workers}w)", c, reqs, duration=max(self.dur, 5.0), grace=60.0)
             naive.stop()
 
+            # g. this tree against another commit, interleaved
+            if a.baseline:
+                ab = self.ab(redis_mt.url, reqs, workers)
+
             # a. in-process ceiling (servers down: the CPU is its own)
             self.log("in-process ceiling")
-            ceiling = inprocess(redis_mt.url, ids, (1, 256), 2.0 if a.quick else 5.0)
-            steps = {b: step_breakdown(redis_mt.url, ids, b, 200 if b == 1 else 40) for b in (1, 16, 256)}
+            measured = {b: inprocess(redis_mt.url, ids, b, 2.0 if a.quick else 5.0) for b in (1, 16, 256)}
+            ceiling = {b: measured[b] for b in (1, 256)}
+            steps = {b: m["steps_us_per_user"] for b, m in measured.items()}
         finally:
             for s in servers:
                 s.stop()
@@ -252,8 +242,39 @@ class Bench:
             redis_nomtl.stop()
         return {"started": started, "machine": machine(), "load_before": load_before, "load_after": loadavg(),
                 "settings": info, "rows": self.rows, "inprocess": ceiling, "steps": steps,
-                "rss_mb": {"idle": rss_idle, "after_load": rss_loaded}, "soak": soak,
+                "rss_mb": {"idle": rss_idle, "after_load": rss_loaded}, "soak": soak, "ab": ab,
                 "duration_s": self.dur, "warmup_s": self.warm, "quick": a.quick}
+
+    def ab(self, redis_url: str, reqs: list, workers: int) -> dict:
+        """The service of --baseline (another checkout) and of this tree, both up on the same Redis, loaded in
+        turn at c=1 and c=32 for --rounds rounds (who goes first alternates): medians per side."""
+        a = self.a
+        sides = {"baseline": Path(a.baseline).resolve(), "this tree": ROOT}
+        revs = {name: git_rev(root) for name, root in sides.items()}
+        self.log(f"A/B: baseline {revs['baseline']} ({sides['baseline']}) vs this tree {revs['this tree']}, "
+                 f"{a.rounds} rounds")
+        servers = {name: Server.service(redis_url, workers=workers, root=root,
+                                        log=self.logs / f"ab-{name.replace(' ', '-')}.log").start()
+                   for name, root in sides.items()}
+        rows = []
+        try:
+            for rnd in range(a.rounds):
+                for name in (list(sides) if rnd % 2 == 0 else list(sides)[::-1]):
+                    for c in (1, 32):
+                        res = run_load(servers[name].port, reqs, c, self.dur, self.warm)
+                        res.update(side=name, c=c, round=rnd, load=loadavg())
+                        rows.append(res)
+                        self.log(f"A/B round {rnd} {name:10} c={c:<3} {res['qps']:8.0f} QPS p50 {res['p50_ms']:6.2f} ms"
+                                 f" p99 {res['p99_ms']:7.2f} ms status {res['status']}")
+        finally:
+            for srv in servers.values():
+                srv.stop()
+        med = {name: {"c32_qps": statistics.median(r["qps"] for r in rows if r["side"] == name and r["c"] == 32),
+                      "c1_p50_ms": statistics.median(r["p50_ms"] for r in rows if r["side"] == name and r["c"] == 1)}
+               for name in sides}
+        ratio = {"c32_qps": med["this tree"]["c32_qps"] / med["baseline"]["c32_qps"],
+                 "c1_p50_ms": med["this tree"]["c1_p50_ms"] / med["baseline"]["c1_p50_ms"]}
+        return {"revs": revs, "workers": workers, "rounds": a.rounds, "rows": rows, "median": med, "ratio": ratio}
 
     def soak(self, svc: Server, reqs: list, peak: float) -> dict:
         """Paced load at 70% of `peak` for --soak seconds; RSS of every worker sampled every 10 s."""
@@ -281,6 +302,13 @@ class Bench:
         return {"seconds": self.a.soak, "rate": rate, "result": res, "rss_samples": samples,
                 "rss_first_mb": first, "rss_last_mb": last,
                 "growth_mb": [round(b - a_, 1) for a_, b in zip(first, last)], "alive": svc.alive()}
+
+
+def git_rev(root: Path) -> str:
+    """Short commit of a checkout, marked when its tree has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain") else "")
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -350,16 +378,38 @@ def report(res: dict, targets: dict) -> tuple[str, list[dict]]:
     else:
         lines.append("Soak: not run in this invocation (`--soak 600`, or `--soak-only --soak 600`: "
                      "see the soak section).")
-    lines += ["", "Hot-path steps in process (us per user, from the service's step timers):", "",
+    lines += ["", "Hot-path steps in process (us per user; mvke.runtime's fetch -> encode -> tower -> score -> "
+                  "rank, the steps the service times in mvke_step_seconds):", "",
               "| batch | " + " | ".join(["fetch", "encode", "tower", "score", "rank"]) + " |", "|---:|---:|---:|---:|---:|---:|"]
     for b, st in res["steps"].items():
         lines.append(f"| {b} | " + " | ".join(f"{st.get(k, float('nan')):.1f}" for k in
                                               ("fetch", "encode", "tower", "score", "rank")) + " |")
+    if res.get("ab"):
+        lines += ["", *ab_table(res["ab"], res["duration_s"])]
     checks = evaluate(res, targets)
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for c in checks:
         lines.append(f"| {c['target']} | {c['measured']} | {'yes' if c['ok'] else 'NO'} |")
     return "\n".join(lines), checks
+
+
+def ab_table(ab: dict, duration: float) -> list[str]:
+    """Section g: baseline commit vs this tree, round by round, then medians and ratios."""
+    revs = ab["revs"]
+    lines = [f"g. Baseline {revs['baseline']} against this tree {revs['this tree']}: both services up on the same "
+             f"Redis ({ab['workers']} worker(s) each), loaded in turn, {ab['rounds']} rounds, who goes first "
+             f"alternating; {duration:g} s per row. Load average at each row in the last column.", "",
+             "| round | side | c | QPS | p50 ms | p99 ms | non-200 | load |", "|---:|---|---:|---:|---:|---:|---|---|"]
+    for r in ab["rows"]:
+        lines.append(f"| {r['round']} | {r['side']} | {r['c']} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {fmt_status(r['status'])} | {r['load']} |")
+    m, q = ab["median"], ab["ratio"]
+    lines += ["", "| median | baseline | this tree | this tree / baseline |", "|---|---:|---:|---:|",
+              f"| QPS at c=32 | {m['baseline']['c32_qps']:,.0f} | {m['this tree']['c32_qps']:,.0f} | "
+              f"{q['c32_qps']:.3f} |",
+              f"| p50 ms at c=1 | {m['baseline']['c1_p50_ms']:.3f} | {m['this tree']['c1_p50_ms']:.3f} | "
+              f"{q['c1_p50_ms']:.3f} |"]
+    return lines
 
 
 def evaluate(res: dict, t: dict) -> list[dict]:
@@ -429,14 +479,12 @@ def soak_only(a: argparse.Namespace) -> int:
     ids = dataset_user_ids(paths["data"])
     redis = start_redis()
     try:
-        publish(redis.url, paths["bundle_mvke"])
-        load_features(redis.url, paths["data"])
+        serve_dataset(redis.url, Path(a.work), "mvke-mt")
         from loadtest.harness import sample_features
         mix = make_requests(ids, 8192, zipf=1.0, topk_mix="5:0.2,20:0.6,50:0.2", new_share=0.05,
                             feature_examples=sample_features(redis.url, ids, 50), seed=2)
-        from service.settings import Settings
-        workers = a.workers or Settings().worker_count()
-        with Server.service(redis.url, workers=workers, log=b.logs / "soak-service.log") as svc:
+        with Server.service(redis.url, workers=a.workers, log=b.logs / "soak-service.log") as svc:
+            workers = serving_settings(svc)["workers"]
             peak = b.load(svc, f"service mvke-mt ({workers}w), mixed", 32, mix)["ok_qps"]
             soak = b.soak(svc, mix, peak)
     finally:
@@ -465,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak", type=float, default=0.0, help="also soak the service this many seconds at 70%% of peak")
     p.add_argument("--soak-only", action="store_true", help="only the soak (service alone; its own section)")
     p.add_argument("--workers", type=int, help="uvicorn workers of the service (default: the service's default)")
+    p.add_argument("--baseline", help="a checkout of another commit: its service against this tree's (section g)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the --baseline comparison")
     p.add_argument("--work", default="/tmp/lt", help="dataset, checkpoints and bundles (built when missing)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "performance.md"))
     p.add_argument("--targets", default=str(HERE / "targets.yaml"))

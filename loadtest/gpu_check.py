@@ -13,8 +13,8 @@ Reports, as text and as JSON (--json):
    onnxruntime has no usable CUDA provider, the same towers are timed in PyTorch on CUDA, and
    the report says so.
 
-Model: --bundle and --ckpt if given; else a small synthetic dataset (2,000 users, 1,780 tags)
-is generated, mvke-mt trained one epoch and exported into --work (needs torch + onnxscript).
+Model: --bundle and --ckpt if given; else `mvke pipeline` builds one in --work: a small synthetic
+dataset (2,000 users, 1,780 tags), mvke-mt trained one epoch, exported (needs torch + onnxscript).
 """
 from __future__ import annotations
 
@@ -57,29 +57,18 @@ def environment() -> dict:
 
 
 def build_model(work: Path, log) -> tuple[Path | None, Path | None]:
-    """-> (checkpoint, bundle) built under `work` (either may be None if this machine cannot)."""
-    py = [sys.executable, "-m", "mvke.cli"]
-    data, ck, bundle = work / "syn", work / "ck", work / "bundle"
+    """-> (checkpoint, bundle) of `mvke pipeline` (2,000 synthetic users, mvke-mt, 1 epoch) under `work`
+    (both None if this machine cannot build them: no torch or onnxscript)."""
+    log("mvke pipeline: synthetic data (2,000 users, 1,780 tags) -> mvke-mt (1 epoch) -> export")
     try:
-        if not (data / "users.parquet").exists():
-            log("generating a synthetic dataset (2,000 users, 1,780 tags)")
-            from mvke.data.synthetic import SynthConfig, generate
-            generate(SynthConfig(users=2000, ads=2000), data, progress=False)
-        if not (ck / "model.pt").exists():
-            log("training mvke-mt for 1 epoch")
-            subprocess.run([*py, "train", "--data", str(data), "--model", "mvke-mt", "--out", str(ck), "--epochs", "1"],
-                           check=True, capture_output=True, timeout=240)
+        out = subprocess.run([sys.executable, "-m", "mvke.cli", "pipeline", "--data-source", "synth", "--users", "2000",
+                              "--model", "mvke-mt", "--epochs", "1", "--work", str(work)],
+                             check=True, capture_output=True, text=True, timeout=480).stdout
     except Exception as e:  # noqa: BLE001 - report, do not stop
-        log(f"cannot build a checkpoint here: {e}")
+        log(f"cannot build a model here: {getattr(e, 'stderr', '') or e}"[-2000:])
         return None, None
-    if not (bundle / "manifest.json").exists():
-        try:
-            log("exporting to ONNX")
-            subprocess.run([*py, "export", str(ck), "--out", str(bundle)], check=True, capture_output=True, timeout=240)
-        except Exception as e:  # noqa: BLE001
-            log(f"cannot export here: {e}")
-            return ck, None
-    return ck, bundle
+    summary = json.loads(out.strip().splitlines()[-1])
+    return Path(summary["checkpoint"]), Path(summary["bundle"])
 
 
 def random_inputs(schema, n: int, seed: int = 0):

@@ -30,26 +30,17 @@ def start_redis() -> LocalRedis:
     return LocalRedis().start()
 
 
-def publish(redis_url: str, bundle: str | Path) -> dict:
-    import redis
+def pipeline(work: str | Path, model: str, redis_url: str | None = None, epochs: int = 1,
+             log: str | Path | None = None) -> dict:
+    """`mvke pipeline --data-source synth --model MODEL --epochs 1 --work WORK [--redis URL]` -> its summary.
 
-    from model_export.publish import publish as _publish
-    r = redis.Redis.from_url(redis_url, socket_timeout=30)
-    try:
-        return _publish(str(bundle), r)
-    finally:
-        r.close()
-
-
-def load_features(redis_url: str, data_dir: str | Path) -> int:
-    import redis
-
-    from model_export.feature_store import load_dataset_users
-    r = redis.Redis.from_url(redis_url, socket_timeout=30)
-    try:
-        return load_dataset_users(data_dir, r, progress=False).loaded
-    finally:
-        r.close()
+    Steps whose output exists are skipped: the first call builds data, checkpoint and bundle; a call
+    with a (fresh, private) Redis then only publishes and loads the feature store."""
+    cmd = [PY, "-m", "mvke.cli", "pipeline", "--data-source", "synth", "--model", model, "--epochs", str(epochs),
+           "--work", str(work)] + (["--redis", redis_url] if redis_url else [])
+    with open(log or os.devnull, "a") as err:
+        out = subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def scan_user_ids(redis_url: str, prefix: str = "mvke", limit: int = 1_000_000) -> list[str]:
@@ -155,8 +146,9 @@ class Server:
     """A uvicorn server (the service via `mvke serve`, or any ASGI app) on 127.0.0.1:<free port>."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
-                 ready_path: str = "/readyz", log: str | Path | None = None):
+                 ready_path: str = "/readyz", log: str | Path | None = None, root: str | Path = ROOT):
         self.port = port or free_port()
+        self.root = Path(root)   # the checkout whose code runs (`python -m` imports from its working directory)
         self.args = [a.replace("{port}", str(self.port)) for a in args]
         self.env = {**os.environ, **(env or {})}
         self.ready_path = ready_path
@@ -164,10 +156,11 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     @classmethod
-    def service(cls, redis_url: str, workers: int = 1, env: dict[str, str] | None = None, **kw) -> "Server":
-        return cls([PY, "-m", "mvke.cli", "serve", "--host", "127.0.0.1", "--port", "{port}",
-                    "--workers", str(workers)], {"REDIS_URL": redis_url, "MVKE_LOG_LEVEL": "WARNING",
-                                                 **(env or {})}, **kw)
+    def service(cls, redis_url: str, workers: int | None = 1, env: dict[str, str] | None = None, **kw) -> "Server":
+        """`mvke serve`; workers None: the service's own default (MVKE_WORKERS)."""
+        return cls([PY, "-m", "mvke.cli", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+                   + (["--workers", str(workers)] if workers is not None else []),
+                   {"REDIS_URL": redis_url, "MVKE_LOG_LEVEL": "WARNING", **(env or {})}, **kw)
 
     @classmethod
     def asgi(cls, app: str, workers: int = 1, env: dict[str, str] | None = None, **kw) -> "Server":
@@ -182,7 +175,7 @@ class Server:
 
     def start(self, timeout: float = 90.0) -> "Server":
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from loadtest.bench import dataset_user_ids, ensure_data, fmt_status, loadavg, machine, write_markdown
-from loadtest.harness import ROOT, Server, load_features, make_requests, publish, run_load, start_redis
+from loadtest.bench import (dataset_user_ids, ensure_data, fmt_status, machine, serve_dataset, serving_settings,
+                            write_markdown)
+from loadtest.harness import ROOT, Server, make_requests, run_load, start_redis
+from mvke.runtime.system import loadavg
 
 # (label, workers, env overrides); the first is the baseline every other row changes one thing of
 VARIANTS: list[tuple[str, int, dict[str, str]]] = [
@@ -55,21 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     paths = ensure_data(Path(a.work), print)
     ids = dataset_user_ids(paths["data"])
     reqs = make_requests(ids, 8192, topk_mix="20:1", seed=1)
-    from service.settings import Settings
-    default_workers = Settings().worker_count()
     only = set(a.only.split(",")) if a.only else None
     redis = start_redis()
     results = []
     load_before = loadavg()
     try:
-        publish(redis.url, paths["bundle_mvke"])
-        load_features(redis.url, paths["data"])
+        serve_dataset(redis.url, Path(a.work), "mvke-mt")
         for rnd in range(a.rounds):  # rounds interleave the variants, so a burst of other load hits all
             for label, workers, env in VARIANTS:
                 if only and label not in only:
                     continue
-                w = workers or default_workers
-                with Server.service(redis.url, workers=w, env=env, log=Path(a.work) / "tune-service.log") as s:
+                with Server.service(redis.url, workers=workers or None, env=env,
+                                    log=Path(a.work) / "tune-service.log") as s:
+                    w = serving_settings(s)["workers"]   # 0 in VARIANTS: the service's own default
                     for c in conc:
                         r = run_load(s.port, reqs, c, dur, 1.0)
                         r.update(variant=label, workers=w, env=env, c=c, rss_mb=s.rss_mb(), round=rnd)

@@ -11,6 +11,12 @@ A publish:
    is missing, records the version in `mvke:versions`, and trims to the newest N.
 Readers resolve the alias, then read one version's immutable keys: they never
 see a manifest and arrays of different versions.
+
+Canary: `publish(..., canary_percent=P)` does steps 1-5 and then, instead of the alias
+flip, sets `mvke:canary` to `<version>:<P>` with a Lua script (refusing a version without
+a manifest or the active one). `promote` flips the alias to the canary and deletes the
+canary key in one script; `rollback` with a canary set deletes it (and marks the version
+rolled back from). Retention never trims the active version or the canary.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ from typing import Iterator
 import redis
 
 from mvke.runtime.contract import MANIFEST_FILE, BundleError, Manifest, read_bundle
-from mvke.runtime.keys import Keys
-from mvke.runtime.versions import read_version
+from mvke.runtime.keys import Keys, format_canary, parse_canary
+from mvke.runtime.versions import active_version, read_version
 
 DEFAULT_KEEP = 3
 
@@ -41,6 +47,44 @@ end
 return previous
 """
 
+# KEYS: active, versions, canary, version manifest ; ARGV: version, percent spec, score
+_SET_CANARY = """
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return redis.error_reply('version ' .. ARGV[1] .. ' is not fully published')
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.error_reply('version ' .. ARGV[1] .. ' is the active version; a canary must be another one')
+end
+redis.call('SET', KEYS[3], ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+end
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: active, canary ; ARGV: expected canary spec ('' = any). The canary becomes the active version.
+_PROMOTE = """
+local spec = redis.call('GET', KEYS[2])
+if not spec then return redis.error_reply('no canary to promote') end
+if ARGV[1] ~= '' and spec ~= ARGV[1] then return redis.error_reply('the canary changed meanwhile') end
+local version = string.match(spec, '^(.*):[^:]*$')
+local previous = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], version)
+redis.call('DEL', KEYS[2])
+return {version, previous or ''}
+"""
+
+# KEYS: versions, canary ; ARGV: canary spec read under the lock. Drops the canary, marks it rolled back from.
+_DROP_CANARY = """
+local spec = redis.call('GET', KEYS[2])
+if spec ~= ARGV[1] then return redis.error_reply('the canary changed meanwhile') end
+local version = string.match(spec, '^(.*):[^:]*$')
+redis.call('DEL', KEYS[2])
+local score = redis.call('ZSCORE', KEYS[1], version)
+if score and tonumber(score) > 0 then redis.call('ZADD', KEYS[1], -tonumber(score), version) end
+return version
+"""
+
 
 class PublishError(RuntimeError):
     pass
@@ -55,6 +99,7 @@ class VersionInfo:
     bytes: int
     active: bool
     rolled_back: bool = False     # rolled back from: a rollback never re-activates it
+    canary_percent: float | None = None   # the canary, serving this share of users
 
 
 @contextmanager
@@ -92,9 +137,9 @@ def collect_orphans(r: redis.Redis, keys: Keys) -> list[str]:
     Only called under the publisher lock, so no publish is in flight.
     """
     known = _known_versions(r, keys)
-    active = r.get(keys.active)
-    if active:
-        known.add(active.decode())
+    for pointer in (active_version(r, keys), canary_of(r, keys)):
+        if pointer:
+            known.add(pointer if isinstance(pointer, str) else pointer[0])
     orphans = set()
     for k in r.scan_iter(match=keys.version_pattern(), count=500):
         version = keys.version_of(k.decode())
@@ -108,9 +153,10 @@ def collect_orphans(r: redis.Redis, keys: Keys) -> list[str]:
 def _trim(r: redis.Redis, keys: Keys, keep: int) -> list[str]:
     versions = [v.decode() for v in r.zrange(keys.versions, 0, -1)]  # oldest first
     active = (r.get(keys.active) or b"").decode()
+    canary = (canary_of(r, keys) or ("",))[0]
     removed = []
     for v in versions[: max(0, len(versions) - keep)]:
-        if v == active:
+        if v in (active, canary):
             continue
         r.zrem(keys.versions, v)
         _delete_version(r, keys, v)
@@ -119,8 +165,14 @@ def _trim(r: redis.Redis, keys: Keys, keep: int) -> list[str]:
 
 
 def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, keys: Keys | None = None,
-            activate: bool = True) -> dict:
+            activate: bool = True, canary_percent: float | None = None) -> dict:
+    """Write, verify and activate a bundle; with `canary_percent`, make it the canary instead
+    (served to that share of users beside the active version, which stays as it is)."""
     keys = keys or Keys()
+    if canary_percent is not None:
+        if not 0 < canary_percent <= 100:
+            raise PublishError(f"canary percent must be in (0, 100], got {canary_percent:g}")
+        activate = False
     t0 = time.perf_counter()
     manifest, blobs = read_bundle(bundle_dir, verify=True)   # refuses a bundle that does not match
     manifest_json = Path(bundle_dir, MANIFEST_FILE).read_text()
@@ -147,12 +199,22 @@ def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, ke
         if activate:
             previous = r.eval(_ACTIVATE, 3, keys.active, keys.versions, keys.manifest(v), v, repr(time.time()), keep, "")
             previous = previous.decode() if previous else None
+        elif canary_percent is not None:
+            try:
+                previous = r.eval(_SET_CANARY, 4, keys.active, keys.versions, keys.canary, keys.manifest(v), v,
+                                  format_canary(v, canary_percent), repr(time.time()))
+            except redis.ResponseError as e:
+                raise PublishError(str(e)) from e
+            previous = previous.decode() if previous else None
         else:
             r.zadd(keys.versions, {v: time.time()})
         removed = _trim(r, keys, keep)
-    return {"version": v, "previous": previous, "reused": bool(already), "removed": removed,
-            "orphans_collected": orphans, "publish_seconds": time.perf_counter() - t0,
-            "bytes": sum(len(b) for b in blobs.values())}
+    report = {"version": v, "previous": previous, "reused": bool(already), "removed": removed,
+              "orphans_collected": orphans, "publish_seconds": time.perf_counter() - t0,
+              "bytes": sum(len(b) for b in blobs.values())}
+    if canary_percent is not None:
+        report.update(canary_percent=canary_percent, active=previous, previous=None)
+    return report
 
 
 def _cleanup_after_failure(r: redis.Redis, keys: Keys, version: str) -> None:
@@ -164,8 +226,41 @@ def _cleanup_after_failure(r: redis.Redis, keys: Keys, version: str) -> None:
         pass
 
 
+def canary_of(r: redis.Redis, keys: Keys) -> tuple[str, float] | None:
+    raw = r.get(keys.canary)
+    return parse_canary(raw.decode()) if raw else None
+
+
+def set_canary_percent(r: redis.Redis, percent: float, keys: Keys | None = None) -> dict:
+    """Change the share of users the current canary serves (1% -> 10% -> 50% ...)."""
+    keys = keys or Keys()
+    with publisher_lock(r, keys):
+        current = canary_of(r, keys)
+        if current is None:
+            raise PublishError("no canary: publish one with `mvke publish BUNDLE --canary PERCENT`")
+        version = current[0]
+        try:
+            r.eval(_SET_CANARY, 4, keys.active, keys.versions, keys.canary, keys.manifest(version), version,
+                   format_canary(version, percent), "")
+        except redis.ResponseError as e:
+            raise PublishError(str(e)) from e
+    return {"canary": version, "percent": percent, "previous_percent": current[1]}
+
+
+def promote(r: redis.Redis, keys: Keys | None = None) -> dict:
+    """The canary becomes the active version (alias flip and canary removal in one script)."""
+    keys = keys or Keys()
+    with publisher_lock(r, keys):
+        try:
+            version, previous = r.eval(_PROMOTE, 2, keys.active, keys.canary, "")
+        except redis.ResponseError as e:
+            raise PublishError(str(e)) from e
+    return {"active": version.decode(), "previous": previous.decode() or None}
+
+
 def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
-    """Re-activate the newest version published before the active one.
+    """With a canary: drop it (the active version keeps serving everyone; the canary is marked
+    rolled back from). Without one: re-activate the newest version published before the active one.
 
     The version rolled back from is marked in `mvke:versions` by negating its score
     (-publish time): a rollback never re-activates a marked version (a second rollback
@@ -174,6 +269,13 @@ def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
     """
     keys = keys or Keys()
     with publisher_lock(r, keys):
+        spec = r.get(keys.canary)
+        if spec:
+            try:
+                dropped = r.eval(_DROP_CANARY, 2, keys.versions, keys.canary, spec)
+            except redis.ResponseError as e:
+                raise PublishError(str(e)) from e
+            return {"active": active_version(r, keys), "canary_dropped": dropped.decode()}
         scores = {v.decode(): s for v, s in r.zrange(keys.versions, 0, -1, withscores=True)}
         active = (r.get(keys.active) or b"").decode()
         if active not in scores:
@@ -190,6 +292,7 @@ def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
 def list_versions(r: redis.Redis, keys: Keys | None = None) -> list[VersionInfo]:
     keys = keys or Keys()
     active = (r.get(keys.active) or b"").decode()
+    canary = canary_of(r, keys)
     out = []
     for v, score in r.zrange(keys.versions, 0, -1, withscores=True):
         v = v.decode()
@@ -198,9 +301,9 @@ def list_versions(r: redis.Redis, keys: Keys | None = None) -> list[VersionInfo]
             continue
         m = Manifest.from_json(raw)
         out.append(VersionInfo(v, m.model, m.created_at, abs(score), sum(f.bytes for f in m.files.values()),
-                               v == active, score < 0))
+                               v == active, score < 0, canary[1] if canary and canary[0] == v else None))
     return out
 
 
-__all__ = ["publish", "rollback", "list_versions", "collect_orphans", "publisher_lock", "PublishError",
-           "VersionInfo", "DEFAULT_KEEP"]
+__all__ = ["publish", "rollback", "promote", "set_canary_percent", "canary_of", "list_versions",
+           "collect_orphans", "publisher_lock", "PublishError", "VersionInfo", "DEFAULT_KEEP"]

@@ -1,177 +1,78 @@
-"""`mvke` command line: one subcommand per pipeline stage.
+"""`mvke` command line: the subcommands of every stage, found through entry points.
 
-Heavy imports (torch, onnxruntime, fastapi, ray) happen inside the handlers so
-that each stage only needs its own extra installed.
+Each stage declares a `register(subparsers)` function in pyproject.toml under
+`[project.entry-points."mvke.commands"]` (data, train, export, serve, tag-all,
+pipeline); this module imports none of them, so the ground floor depends on no
+stage. A stage's command module imports only the standard library at import
+time; its handlers import the heavy packages (torch, onnxruntime, fastapi, ray)
+when they run, and each subcommand names the pyproject extra it needs
+(`set_defaults(extra=...)`). Running a command whose extra is not installed
+prints a one-line hint naming that extra; a stage whose command module cannot
+be loaded at all still shows up, as a command that says why.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-
-def _data_synth(a: argparse.Namespace) -> None:
-    from mvke.data.synthetic import SynthConfig, generate
-    cfg = SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets)
-    out = generate(cfg, a.out)
-    print(f"wrote synthetic dataset to {out}")
+COMMANDS_GROUP = "mvke.commands"
+HELP_ORDER = ("data", "train", "export", "serve", "tag-all", "pipeline")   # stages in pipeline order
+PROJECT_PACKAGES = {"mvke", "model_export", "service", "batch", "loadtest"}
 
 
-def _data_ml100k(a: argparse.Namespace) -> None:
-    from mvke.data.movielens import build
-    out = build(a.out, negatives=a.negatives, seed=a.seed)
-    print(f"wrote MovieLens-100K dataset to {out}")
+def _unavailable(sub, ep: EntryPoint, error: Exception) -> None:
+    """A stand-in for a stage whose command module failed to load: the command exists and says why."""
+    why = f"{type(error).__name__}: {error}"
+    p = sub.add_parser(ep.name, help=f"(unavailable: {why})", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def explain(a: argparse.Namespace) -> None:
+        raise RuntimeError(f"the `{ep.name}` commands ({ep.value}) could not be loaded: {why}")
+    p.set_defaults(func=explain, extra=None)
 
 
-def _parse_task_experts(spec: str | None) -> dict | None:
-    """'interest=1-3,intention=2-5' (1-based, inclusive, as in the paper) -> 0-based lists."""
-    if not spec:
-        return None
-    out = {}
-    for part in spec.split(","):
-        task, rng = part.split("=")
-        lo, _, hi = rng.partition("-")
-        out[task.strip()] = list(range(int(lo) - 1, int(hi or lo)))
-    return out
-
-
-def _model_overrides(a: argparse.Namespace) -> dict:
-    over = {}
-    if getattr(a, "experts", None):
-        over["experts"] = a.experts
-    te = _parse_task_experts(getattr(a, "task_experts", None))
-    if te:
-        over["task_experts"] = te
-    for key in ("attention", "gate"):
-        if getattr(a, key, None):
-            over[key] = getattr(a, key)
-    if getattr(a, "config", None):   # a `mvke tune` best.json: its chosen model settings
-        over = {**json.loads(Path(a.config).read_text())["model_overrides"], **over}
-    return over
-
-
-def _train(a: argparse.Namespace) -> None:
-    from mvke.training.trainer import TrainConfig, model_config_for, prepare, save_checkpoint, train_model
-    tuned = json.loads(Path(a.config).read_text())["train_overrides"] if a.config else {}
-    given = {k: getattr(a, k) for k in ("epochs", "lr", "lr_schedule", "weight_decay") if getattr(a, k) is not None}
-    cfg = TrainConfig(**{"epochs": 5, **tuned, **given, "seed": a.seed, "batch_size": a.batch_size,
-                         "threads": a.threads})
-    data = prepare(a.data)
-    result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
-    save_checkpoint(result, a.out, cfg, a.data)
-    m = result.metrics
-    print(json.dumps({"model": a.model, "best_epoch": m["best_epoch"], "valid_auc": m["valid_auc"],
-                      "test_auc": m["test_auc"], "test_gauc": m["test_gauc"], "oracle_test_auc": m.get("oracle_test_auc"),
-                      "samples_per_second": round(m["samples_per_second"]), "out": str(a.out)}, indent=1))
-
-
-def _experiment(a: argparse.Namespace) -> None:
-    from mvke.training.experiment import run_experiment
-    models = a.models.split(",") if a.models else None
-    run_experiment(a.data, a.out, seeds=a.seeds, models=models, configs=a.configs, sweep_experts=a.sweep_experts,
-                   reference=not a.no_reference, threads=a.threads)
-
-
-def _tune(a: argparse.Namespace) -> None:
-    from mvke.training.tune import tune
-    best = tune(a.data, a.model, a.trials, a.out, seed=a.seed, threads=a.threads)
-    print(json.dumps({k: best[k] for k in ("model", "trials", "pruned", "valid_mean_auc", "params",
-                                           "model_params", "cpu_seconds")}, indent=1))
-
-
-def _dispatch_lazy(module: str, func: str):
-    def run(a: argparse.Namespace) -> None:
-        import importlib
-        getattr(importlib.import_module(module), func)(a)
-    return run
+def stage_entry_points() -> list[EntryPoint]:
+    """The `mvke.commands` entry points of the installed distribution; from a source tree that is not
+    installed (`PYTHONPATH=.`), the same declarations read from its pyproject.toml."""
+    found = list(entry_points(group=COMMANDS_GROUP))
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not found and pyproject.exists():
+        import tomllib
+        table = tomllib.loads(pyproject.read_text())["project"].get("entry-points", {}).get(COMMANDS_GROUP, {})
+        found = [EntryPoint(name, value, COMMANDS_GROUP) for name, value in table.items()]
+    order = {name: i for i, name in enumerate(HELP_ORDER)}
+    return sorted(found, key=lambda e: (order.get(e.name, len(order)), e.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mvke", description="MVKE user tagging: data, training, export, serving")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="build a dataset").add_subparsers(dest="source", required=True)
-    s = data.add_parser("synth", help="synthetic ad logs (paper schema)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=20_000)
-    s.add_argument("--tags", type=int, default=1_780)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--world", choices=["facets", "flat"], default="facets",
-                   help="facets: per-facet preferences (default); flat: one preference vector per user")
-    s.add_argument("--facets", type=int, default=4, help="latent preference facets per user")
-    s.set_defaults(func=_data_synth)
-    m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel")
-    m.add_argument("--out", required=True)
-    m.add_argument("--negatives", type=int, default=4)
-    m.add_argument("--seed", type=int, default=0)
-    m.set_defaults(func=_data_ml100k)
-
-    t = sub.add_parser("train", help="train one model")
-    t.add_argument("--data", required=True)
-    t.add_argument("--model", default="mvke-mt")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--config", help="best.json of `mvke tune`: its chosen settings (flags below override)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int, default=1024)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"])
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    t.add_argument("--experts", type=int)
-    t.add_argument("--task-experts", help="e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
-    t.add_argument("--attention", choices=["fields", "residual", "sum", "uniform"])
-    t.add_argument("--gate", choices=["bilinear", "plain", "projected", "uniform"])
-    t.set_defaults(func=_train)
-
-    e = sub.add_parser("experiment", help="every model over seeds, selected on validation; tables and figures")
-    e.add_argument("--data", required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--seeds", type=int, default=5)
-    e.add_argument("--models", help="comma-separated (default: all models and controls)")
-    e.add_argument("--configs", help="output directory of `mvke tune` (each model's best.json)")
-    e.add_argument("--sweep-experts", action="store_true")
-    e.add_argument("--no-reference", action="store_true", help="skip the LightGBM reference")
-    e.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
-    e.set_defaults(func=_experiment)
-
-    u = sub.add_parser("tune", help="Optuna study of one model on validation AUC (resumable)")
-    u.add_argument("--data", required=True)
-    u.add_argument("--model", required=True)
-    u.add_argument("--trials", type=int, default=12)
-    u.add_argument("--out", required=True)
-    u.add_argument("--seed", type=int, default=0)
-    u.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial")
-    u.set_defaults(func=_tune)
-
-    _add_later_stages(sub)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for ep in stage_entry_points():
+        try:
+            register = ep.load()
+        except Exception as e:  # never drop a stage silently
+            _unavailable(sub, ep, e)
+            continue
+        register(sub)
     return p
 
 
-def _add_later_stages(sub) -> None:
-    """export / publish / models / features / serve / tag-all: registered by their stages."""
-    try:
-        from model_export.cli import register as register_export
-        register_export(sub)
-    except ImportError:
-        pass
-    try:
-        from service.cli import register as register_service
-        register_service(sub)
-    except ImportError:
-        pass
-    try:
-        from batch.cli import register as register_batch
-        register_batch(sub)
-    except ImportError:
-        pass
+def missing_extra_hint(command: str, extra: str | None, error: ModuleNotFoundError) -> str:
+    install = f"pip install 'mvke[{extra}]'" if extra else "reinstall mvke"
+    return f"error: `mvke {command}` needs the package {error.name!r}, which is not installed: {install}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in PROJECT_PACKAGES:
+            raise   # our own module is missing: a bug, not an extra to install
+        print(missing_extra_hint(args.command, getattr(args, "extra", None), e), file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

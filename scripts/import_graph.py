@@ -57,7 +57,7 @@ def imports_of(path: Path, module: str, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = set()
-    for node in ast.walk(tree):
+    for node in _walk_runtime(tree):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -74,6 +74,19 @@ def imports_of(path: Path, module: str, known: set[str]) -> set[str]:
             if n and n != module:
                 out.add(n)
     return out
+
+
+def _walk_runtime(tree: ast.AST):
+    """ast.walk, minus `if TYPE_CHECKING:` blocks (annotations only; nothing is imported at run time)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
 
 
 def graph(root: Path) -> dict[str, set[str]]:

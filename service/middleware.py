@@ -2,14 +2,15 @@
 request id, body size limit (413), request metrics, the optional access log,
 and the fast path of POST /users/{user_id}/tags.
 
-The fast path: a well-formed tagging request (JSON object body whose fields all
-have exactly the types the schema asks for, or no body) is served here, calling
-the same `validate_request`, `ServiceState.tag`, `render` and `ServiceError`
-handler as the FastAPI route, but without FastAPI's per-request machinery
-(routing, dependency solving, stdlib JSON, pydantic validation of the body).
-Anything else (a body that is not JSON, a field of another type, a value out
-of range, an extra key, ...) is passed to FastAPI unchanged, with the body
-replayed, so errors keep their exact messages. Responses are byte-identical;
+The fast path: a tagging request whose body `TagRequest` accepts (validated by
+pydantic straight from the JSON bytes, `TagRequest.model_validate_json`: the one
+request schema, no second copy of its rules) or that has no body is served here,
+calling the same `validate_request`, `ServiceState.tag`, `render` and
+`error_response` as the FastAPI route (service/state.py), but without FastAPI's
+per-request machinery (routing, dependency solving, stdlib JSON). Anything else
+(a body that is not JSON, that the schema refuses, a non-JSON content type, ...)
+is passed to FastAPI unchanged, with the body replayed, so errors keep their
+exact messages. Responses are byte-identical (tests/service/test_hot_path.py);
 `MVKE_FAST_PATH=false` turns it off.
 """
 from __future__ import annotations
@@ -20,92 +21,50 @@ import time
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from service.logs import request_id
 from service.metrics import ServiceMetrics
+from service.schemas import TagRequest
+from service.state import error_response, render, validate_request
+from service.tagger import ServiceError
 
 log = logging.getLogger("mvke.service.access")
-KNOWN_ROUTES = {"/healthz", "/readyz", "/metrics", "/model", "/docs", "/openapi.json"}
+KNOWN_ROUTES = {"/healthz", "/readyz", "/metrics", "/model", "/models", "/docs", "/openapi.json", "/tags:batch", "/ui"}
 TAG_ROUTE = "/users/{user_id}/tags"
-_FIELDS = frozenset(("top_k", "tasks", "min_score", "exclude_tags", "features"))
-_SCALARS = (str, int, float)
 _JSON_CT = b"application/json"
+_NO_BODY = TagRequest()   # the request without a body (shared: nothing mutates a request)
 
 
 def route_label(path: str) -> str:
     if path.startswith("/users/") and path.endswith("/tags"):
         return TAG_ROUTE
+    if path.startswith("/ui/"):
+        return "/ui"
+    if path.startswith("/docs/"):
+        return "/docs"
     return path if path in KNOWN_ROUTES else "other"
 
 
-_PARTS: tuple | None = None
+def is_json_type(ct: bytes | None) -> bool:
+    if ct is None:
+        return False
+    media = ct.split(b";", 1)[0].strip().lower()
+    return media == _JSON_CT or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
-def _route_parts() -> tuple:
-    """(render, validate_request, ServiceError) of service.app, imported on first use (no import cycle)."""
-    global _PARTS
-    if _PARTS is None:
-        from service.app import render, validate_request
-        from service.tagger import ServiceError
-        _PARTS = (render, validate_request, ServiceError)
-    return _PARTS
-
-
-class FastRequest:
-    """The parsed body of a tagging request (the attributes `validate_request` reads from TagRequest)."""
-
-    __slots__ = ("top_k", "tasks", "min_score", "exclude_tags", "features")
-
-    def __init__(self, top_k=None, tasks=None, min_score=None, exclude_tags=None, features=None):
-        self.top_k, self.tasks, self.min_score = top_k, tasks, min_score
-        self.exclude_tags = exclude_tags if exclude_tags is not None else []
-        self.features = features
-
-
-def parse_fast(doc: Any) -> FastRequest | None:
-    """A decoded JSON body -> FastRequest when pydantic would accept it as-is (same values), else None.
-
-    Deliberately narrower than TagRequest: exact JSON types only (no bools for numbers, no
-    strings for numbers, no nulls inside lists); everything else is left to FastAPI/pydantic.
-    """
-    if type(doc) is not dict or not doc.keys() <= _FIELDS:
-        return None
-    top_k = doc.get("top_k")
-    if top_k is not None and (type(top_k) is not int or top_k < 1):
-        return None
-    tasks = doc.get("tasks")
-    if tasks is not None and (type(tasks) is not list or not tasks or any(type(t) is not str for t in tasks)):
-        return None
-    min_score = doc.get("min_score")
-    if min_score is not None:
-        if type(min_score) is int:
-            min_score = float(min_score)
-        elif type(min_score) is not float:
-            return None
-        if not 0.0 <= min_score <= 1.0:
-            return None
-    exclude = None
-    if "exclude_tags" in doc:
-        exclude = doc["exclude_tags"]
-        if type(exclude) is not list or len(exclude) > 2000 or any(type(t) is not str for t in exclude):
-            return None
-    features = doc.get("features")
-    if features is not None:
-        if type(features) is not dict:
-            return None
-        for v in features.values():
-            tv = type(v)
-            if tv in _SCALARS:
-                continue
-            if tv is not list or any(type(x) not in _SCALARS for x in v):
-                return None
-    return FastRequest(top_k, tasks, min_score, exclude, features)
+def has_body(headers: dict) -> bool:
+    length = headers.get(b"content-length")
+    if length is not None:
+        return length.strip() not in (b"0", b"")
+    return b"transfer-encoding" in headers
 
 
 class EdgeMiddleware:
-    def __init__(self, app, metrics: ServiceMetrics, max_body_bytes: int, access_log: bool):
+    def __init__(self, app, metrics: ServiceMetrics, max_body_bytes: int, access_log: bool, api_keys=None):
         self.app, self.metrics, self.max_body, self.access_log = app, metrics, max_body_bytes, access_log
+        self.api_keys = api_keys if api_keys is not None and api_keys.enabled else None
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._svc: Any = None
 
@@ -135,12 +94,25 @@ class EdgeMiddleware:
 
         path = scope.get("path", "")
         try:
+            if self.api_keys is not None and self.api_keys.protects(path) and not self.api_keys.allows(headers):
+                await self._refuse(send_wrapper, 401, "authorization: this route needs an API key "
+                                   "(Authorization: Bearer <key> or X-API-Key: <key>)", "authorization",
+                                   [(b"www-authenticate", b'Bearer realm="mvke"')])
+                return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 await self._too_large(send_wrapper)
                 return
             source = receive
-            if (scope.get("method") == "POST" and path.startswith("/users/") and path.endswith("/tags")
+            method = scope.get("method")
+            if method == "POST":
+                ct = headers.get(b"content-type")
+                if ct != _JSON_CT and not is_json_type(ct) and has_body(headers):
+                    got = ct.decode("latin-1")[:100] if ct else "no Content-Type"
+                    await self._refuse(send_wrapper, 415, f"body: send it as JSON with the header "
+                                       f"Content-Type: application/json (got {got})", "body")
+                    return
+            if (method == "POST" and path.startswith("/users/") and path.endswith("/tags")
                     and not scope.get("root_path")):
                 pending = await self._fast(scope, receive, send_wrapper, path, headers)
                 if pending is None:
@@ -201,23 +173,17 @@ class EdgeMiddleware:
             if ct is None:
                 return [{"type": "http.request", "body": body, "more_body": False}]
             try:
-                req = parse_fast(orjson.loads(body))
-            except orjson.JSONDecodeError:
-                req = None
-            if req is None:
+                req = TagRequest.model_validate_json(body)
+            except ValidationError:
                 return [{"type": "http.request", "body": body, "more_body": False}]
         else:
-            req = FastRequest()
-        render, validate_request, ServiceError = _route_parts()
+            req = _NO_BODY
         try:
             job = validate_request(svc, user_id, req)
             out = orjson.dumps(render(await svc.tag(job)))
         except ServiceError as e:
-            # the app's own handler for ServiceError, exactly as when FastAPI raises it from the route
-            from starlette.requests import Request
-            handler = scope["app"].exception_handlers[ServiceError]
-            response = await handler(Request(scope), e)
-            await response(scope, receive, send)
+            # the response of the app's ServiceError handler, as when the route raises it
+            await error_response(e)(scope, receive, send)
             return None
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(out)).encode()), (b"content-type", _JSON_CT)]})
@@ -225,7 +191,12 @@ class EdgeMiddleware:
         return None
 
     async def _too_large(self, send) -> None:
-        body = orjson.dumps({"detail": f"request body larger than {self.max_body} bytes", "field": "body"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await self._refuse(send, 413, f"request body larger than {self.max_body} bytes", "body")
+
+    @staticmethod
+    async def _refuse(send, status: int, detail: str, field: str | None, extra: list | None = None) -> None:
+        body = orjson.dumps({"detail": detail, "field": field})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *(extra or [])]})
         await send({"type": "http.response.body", "body": body})

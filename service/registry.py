@@ -1,41 +1,76 @@
-"""Which model version serves, and hot swapping to a new one.
+"""Which model versions serve, and hot swapping to new ones.
 
-A background task polls the alias `mvke:active`. When it names another
-version, that version is read (one MULTI: a consistent snapshot), its sha256s
-verified, its ONNX session built and warmed, and only then the reference
-swapped. In-flight requests keep the model they started with; nothing is
-unloaded before its successor is ready. Reading and building use the runtime's
-synchronous reader (mvke/runtime/versions.py, the one batch tagging uses) in a
-worker thread, so the event loop never waits on them.
+A background task polls the alias `mvke:active`, the canary setting `mvke:canary`
+(`<version>:<percent>`, written by `mvke publish --canary`; `MVKE_CANARY` overrides it)
+and the list of published versions, in one round trip. When the active or canary
+version changes, that version is read (one MULTI: a consistent snapshot), its sha256s
+verified, its ONNX session built and warmed, and only then the reference swapped.
+In-flight requests keep the model they started with; nothing is unloaded before its
+successor is ready. Polling, reading and building use synchronous redis-py (the
+runtime's reader, mvke/runtime/versions.py, the one batch tagging uses) in a worker
+thread, so the event loop never waits on them.
+
+Routing (`route`): a pinned `model_version` is served when it is loaded (404 when it is
+not published, 409 when published but not loaded); otherwise a user whose id hashes
+below the canary percentage gets the canary, everyone else the active version. The hash
+(crc32 of the user id) is fixed, so a user stays on the canary while its share grows.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import zlib
+from dataclasses import dataclass
 
 import redis
 from redis.exceptions import RedisError
 
 from mvke.runtime.contract import BundleError
-from mvke.runtime.keys import Keys
+from mvke.runtime.keys import Keys, parse_canary
 from mvke.runtime.model import LoadedModel, build_model
-from mvke.runtime.versions import active_version, read_version
+from mvke.runtime.versions import read_version
 from service.background import cancel_and_wait
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger("mvke.service")
 
+HASH_BUCKETS = 10_000   # canary shares in steps of 0.01%
+
+
+def user_bucket(user_id: str) -> int:
+    """A user's fixed place in [0, HASH_BUCKETS): the canary serves buckets below percent * 100."""
+    return zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % HASH_BUCKETS
+
+
+@dataclass(frozen=True)
+class Canary:
+    version: str
+    percent: float
+    source: str            # "redis" or "env"
+
+
+class RoutingError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
 
 class ModelRegistry:
     def __init__(self, settings: Settings, r: redis.Redis, metrics: ServiceMetrics):
         self.settings, self.redis, self.metrics = settings, r, metrics
         self.keys = Keys(settings.key_prefix)
-        self.current: LoadedModel | None = None
+        self.current: LoadedModel | None = None        # the active version
+        self.canary: LoadedModel | None = None         # loaded canary version (None: no canary)
+        self.canary_setting: Canary | None = None      # what Redis / MVKE_CANARY ask for
+        self._canary_cut = 0                           # buckets below this go to the canary
+        self.published: frozenset[str] = frozenset()
         self.last_error: str | None = "no model loaded yet"
-        self._failed_version: str | None = None
+        self.canary_error: str | None = None
+        self._failed: set[str] = set()
         self._task: asyncio.Task | None = None
+        self._env_canary = Canary(*parse_canary(settings.canary), "env") if settings.canary else None
 
     async def start(self) -> None:
         await self.refresh()
@@ -52,39 +87,132 @@ class ModelRegistry:
             except Exception:  # the poller must survive anything
                 log.exception("model refresh failed")
 
+    # ---- routing (hot path: no I/O) ----------------------------------------------------
+    def route(self, user_id: str, pinned: str | None = None) -> LoadedModel | None:
+        """The model that answers this user (None: nothing loaded). Raises RoutingError for a bad pin."""
+        if pinned is None:
+            canary = self.canary
+            if canary is not None and user_bucket(user_id) < self._canary_cut:
+                return canary
+            return self.current
+        for m in (self.current, self.canary):
+            if m is not None and m.version == pinned:
+                return m
+        if pinned in self.published:
+            loaded = [f"{m.version} ({role})" for m, role in ((self.current, "active"), (self.canary, "canary"))
+                      if m is not None]
+            raise RoutingError(409, f"model_version: {pinned} is published but not loaded by this service "
+                                    f"(loaded: {', '.join(loaded) or 'none'}); activate it or make it the canary")
+        raise RoutingError(404, f"model_version: {pinned} is not a published version (see GET /models)")
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        return {m.version: m for m in (self.current, self.canary) if m is not None}
+
+    # ---- polling -------------------------------------------------------------------------
     async def refresh(self) -> None:
+        keys = self.keys
         try:
-            version = await asyncio.to_thread(active_version, self.redis, self.keys)
+            active, canary_raw, versions = await asyncio.to_thread(self._pointers)
         except RedisError as e:
             if self.current is None:
                 self.last_error = f"redis unavailable: {e}"
             return
-        if version is None:
+        self.published = frozenset(_text(v) for v in versions)
+        if active is None:
             if self.current is None:
-                self.last_error = "no model published (mvke:active is not set)"
+                self.last_error = f"no model published ({keys.active} is not set)"
+        else:
+            version = _text(active)
+            if self.current is None or self.current.version != version:
+                model = await self._try_load(version, "active")
+                if model is not None:
+                    self._swap_active(model)
+        await self._refresh_canary(self._env_canary or _redis_canary(canary_raw))
+
+    async def _refresh_canary(self, want: Canary | None) -> None:
+        self.canary_setting = want
+        if want is None or (self.current is not None and want.version == self.current.version):
+            self._set_canary(None, 0)
+            self.canary_error = None
             return
-        if self.current is not None and self.current.version == version:
-            return
-        if version == self._failed_version:
-            return  # do not rebuild a broken version every poll; a new publish clears this
-        t0 = time.perf_counter()
-        try:
-            model = await asyncio.to_thread(self._load, version)
-        except (RedisError, BundleError, ValueError, KeyError) as e:
-            self._failed_version = version
-            self.last_error = f"cannot load version {version}: {e}"
-            log.error(self.last_error)
-            return
+        model = self.canary if self.canary is not None and self.canary.version == want.version else None
+        if model is None:
+            model = await self._try_load(want.version, "canary")
+            if model is None:
+                self.canary_error = self.last_error if self.current is None else self._last_load_error
+                self._set_canary(None, 0)
+                return
+        self.canary_error = None
+        self._set_canary(model, round(want.percent * HASH_BUCKETS / 100))
+
+    def _set_canary(self, model: LoadedModel | None, cut: int) -> None:
+        old = self.canary
+        self._canary_cut = cut        # set before the model so no user sees the canary at a stale share
+        self.canary = model
+        if model is not None and (old is None or old.version != model.version):
+            log.info("canary loaded", extra={"version": model.version, "percent": cut * 100 / HASH_BUCKETS})
+        self._publish_info()
+
+    def _swap_active(self, model: LoadedModel) -> None:
         old = self.current
         self.current = model  # the swap: one reference assignment
-        self._failed_version = None
         self.last_error = None
-        self.metrics.set_model(model.version, model.manifest.model, model.provider)
+        self._failed.clear()  # a version that failed before may be asked for again after this one
         self.metrics.model_swaps.inc()
-        log.info("model loaded", extra={"version": version, "model": model.manifest.model,
-                                         "provider": model.provider, "previous": old.version if old else None,
-                                         "load_seconds": round(time.perf_counter() - t0, 3)})
+        self._publish_info()
+        log.info("model loaded", extra={"version": model.version, "model": model.manifest.model,
+                                         "provider": model.provider, "previous": old.version if old else None})
 
-    def _load(self, version: str) -> LoadedModel:
+    def _publish_info(self) -> None:
+        self.metrics.set_models([(m, "active") for m in [self.current] if m is not None]
+                                + [(m, "canary") for m in [self.canary] if m is not None])
+
+    async def _try_load(self, version: str, role: str) -> LoadedModel | None:
+        if version in self._failed:
+            return None  # do not rebuild a broken version every poll; a new publish clears this
+        t0 = time.perf_counter()
+        try:
+            model = await self._load(version)
+        except (RedisError, BundleError, ValueError, KeyError) as e:
+            self._failed.add(version)
+            self._last_load_error = f"cannot load {role} version {version}: {e}"
+            if self.current is None or role == "active":
+                self.last_error = self._last_load_error
+            log.error(self._last_load_error)
+            return None
+        log.info("version built", extra={"version": version, "role": role,
+                                          "load_seconds": round(time.perf_counter() - t0, 3)})
+        return model
+
+    _last_load_error: str | None = None
+
+    def _pointers(self) -> list:
+        """(active, canary setting, published versions) in one round trip."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.active)
+        pipe.get(keys.canary)
+        pipe.zrange(keys.versions, 0, -1)
+        return pipe.execute()
+
+    async def _load(self, version: str) -> LoadedModel:
+        return await asyncio.to_thread(self._build, version)
+
+    def _build(self, version: str) -> LoadedModel:
         manifest, blobs = read_version(self.redis, self.keys, version)
         return build_model(manifest, blobs, self.settings.ort_provider, self.settings.ort_threads())
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _redis_canary(raw: bytes | str | None) -> Canary | None:
+    if raw is None:
+        return None
+    try:
+        version, percent = parse_canary(_text(raw))
+    except ValueError as e:
+        log.error("ignoring the canary setting in Redis: %s", e)
+        return None
+    return Canary(version, percent, "redis")

@@ -8,13 +8,14 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mvke.runtime.keys import DEFAULT_URL
 from mvke.runtime.system import container_cpus
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MVKE_", extra="ignore")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "MVKE_REDIS_URL"),
+    redis_url: str = Field(DEFAULT_URL, validation_alias=AliasChoices("REDIS_URL", "MVKE_REDIS_URL"),
                            description="Redis holding the published models and the feature store")
     key_prefix: str = Field("mvke", description="prefix of every Redis key")
     redis_pool_size: int = Field(64, ge=1, description="max Redis connections per worker")
@@ -42,7 +43,18 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(2.0, gt=0, description="a request waiting longer gets 503")
     top_k_default: int = Field(20, ge=1)
     top_k_max: int = Field(200, ge=1)
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger bodies get 413")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger bodies get 413 (1 MiB: room for "
+                                                                  "10,000 candidate tags or a batch of 256 users)")
+    max_candidate_tags: int = Field(10_000, ge=1, description="most tags in one request's `tags` (candidate scoring)")
+    max_batch_users: int = Field(256, ge=1, description="most users in one POST /tags:batch")
+    canary: str | None = Field(None, description="`<version>:<percent>`: serve that share of users (by a hash of "
+                                                 "the user id) from a second published version; overrides the "
+                                                 "canary set with `mvke publish --canary`")
+    api_keys: str | None = Field(None, description="comma-separated API keys; when set (or api_keys_file), the "
+                                                   "tag and model routes answer 401 without one")
+    api_keys_file: str | None = Field(None, description="file of API keys' sha256 hex digests, one per line "
+                                                        "(`mvke api-key` makes one); # starts a comment")
+    metrics_need_key: bool = Field(False, description="with API keys on, /metrics asks for one too")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
     workers: int = Field(1, ge=0, description="uvicorn worker processes (mvke serve); 0: one per CPU this "
@@ -52,6 +64,13 @@ class Settings(BaseSettings):
     def worker_count(self) -> int:
         """Worker processes `mvke serve` starts: `workers`, or one per usable CPU when it is 0."""
         return self.workers or max(1, int(container_cpus()))
+
+    def serving_summary(self) -> dict:
+        """The settings that shape throughput (GET /model; the benchmark reports them beside its figures)."""
+        return {"workers": self.worker_count(), "batching": self.batching, "max_batch_size": self.max_batch_size,
+                "max_wait_ms": self.max_wait_ms, "ort_threads": self.ort_threads(),
+                "redis_pool_size": self.redis_pool_size, "compute_offload_min_batch": self.compute_offload_min_batch,
+                "fast_path": self.fast_path}
 
     def ort_threads(self) -> int:
         if self.ort_intra_threads:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import LoadedModel
-from mvke.runtime.scoring import Ranked, rank
+from mvke.runtime.scoring import Ranked, explain_tags, rank, sigmoid, task_cosines_at
 from mvke.runtime.system import limit_blas_threads
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
@@ -30,9 +30,11 @@ from service.registry import ModelRegistry
 class ServiceError(Exception):
     """An error with its HTTP status; `field` names the offending input for 4xx."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, retry_after: int | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, retry_after: int | None = None,
+                 errors: list[dict] | None = None):
         super().__init__(message)
         self.status, self.message, self.field, self.retry_after = status, message, field, retry_after
+        self.errors = errors
 
 
 def unavailable(message: str) -> ServiceError:
@@ -48,6 +50,11 @@ class TagJob:
     min_score: float | None
     exclude: list[str]
     future: asyncio.Future | None = None
+    model: LoadedModel | None = None          # the routed version (None: the active one)
+    candidates: np.ndarray | None = None      # candidate scoring: tag indices to score (else the catalogue)
+    explain: bool = False
+    unknown_values: dict[str, int] | None = None
+    unknown_tags: list[str] | None = None
     # filled by the pipeline
     row: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -60,6 +67,9 @@ class TagResult:
     model: str
     feature_source: str
     tasks: dict[str, list[tuple[str, float]]]
+    explanations: dict[str, list[dict]] | None = None   # per task, aligned with `tasks` (explain: true)
+    unknown_values: dict[str, int] | None = None
+    unknown_tags: list[str] | None = None
 
 
 class Tagger:
@@ -74,6 +84,7 @@ class Tagger:
         self._steps = {name: step.labels(name) for name in ("fetch", "encode", "tower", "score", "rank")}
         self._batch_size = metrics.batch_size
         self._shed_redis = metrics.shed.labels("redis")
+        self._per_version: dict[str, Any] = {}
 
     def model(self) -> LoadedModel:
         m = self.registry.current
@@ -82,17 +93,45 @@ class Tagger:
         return m
 
     async def process(self, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
-        """Results aligned with `jobs`; per-job errors are returned, not raised."""
+        """Results aligned with `jobs`; per-job errors are returned, not raised.
+
+        Jobs routed to another version (canary, pinned) are computed per version, after one
+        feature fetch for all of them."""
         try:
             model = self.model()
         except ServiceError as e:
             return [e] * len(jobs)
-        self._batch_size.observe(len(jobs))
+        for job in jobs:
+            if job.model is not None and job.model is not model:
+                return await self._process_versions(jobs, model)
+        return await self._process_one(jobs, model)
+
+    async def _process_versions(self, jobs: list[TagJob], active: LoadedModel) -> list[TagResult | ServiceError]:
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(id(job.model or active), []).append(i)
         try:
             rows = await self._fetch(jobs)
         except RedisError as e:
             self._shed_redis.inc()
             return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
+        results: list = [None] * len(jobs)
+        for idx in groups.values():
+            part = await self._process_one([jobs[i] for i in idx], jobs[idx[0]].model or active,
+                                           [rows[i] for i in idx])
+            for i, res in zip(idx, part):
+                results[i] = res
+        return results
+
+    async def _process_one(self, jobs: list[TagJob], model: LoadedModel,
+                           rows: list | None = None) -> list[TagResult | ServiceError]:
+        self._batch_size.observe(len(jobs))
+        if rows is None:
+            try:
+                rows = await self._fetch(jobs)
+            except RedisError as e:
+                self._shed_redis.inc()
+                return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
         results: list[TagResult | ServiceError | None] = [None] * len(jobs)
         ready = []
         for i, (job, stored) in enumerate(zip(jobs, rows)):
@@ -112,9 +151,18 @@ class Tagger:
                 computed = await asyncio.to_thread(self.compute, model, todo)
             else:
                 computed = self.compute(model, todo)
+            answered = 0
             for i, res in zip(ready, computed):
                 results[i] = res
+                answered += type(res) is TagResult
+            self._answered(model.version).inc(answered)
         return results  # type: ignore[return-value]
+
+    def _answered(self, version: str):
+        child = self._per_version.get(version)
+        if child is None:
+            child = self._per_version[version] = self.metrics.version_requests.labels(version)
+        return child
 
     async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str]]:
         t0 = time.perf_counter()
@@ -149,11 +197,28 @@ class Tagger:
         values = model.run_tower(cat, multi)                                     # [B, sum K, D]
         t2 = time.perf_counter()
         steps["tower"].observe(t2 - t1)
-        ranked = self.score(model, kept, values)
+        # Jobs with candidate tags are scored on their candidates only (rank_candidates), the
+        # others on the whole catalogue, one GEMM pair for all of them.
+        full = [row for row, job in enumerate(kept) if job.candidates is None]
+        every = len(full) == len(kept)
+        full_jobs = kept if every else [kept[row] for row in full]
+        ranked = self.score(model, full_jobs, values if every else values[full]) if full else {}
         t3 = time.perf_counter()
         steps["score"].observe(t3 - t2)
-        for i, result in zip(keep, self.rank(model, kept, ranked)):
-            out[i] = result
+        for row, result in zip(full, self.rank(model, full_jobs, ranked)):
+            out[keep[row]] = result
+        if not every:
+            version, model_name = model.version, model.manifest.model
+            for row, job in enumerate(kept):
+                if job.candidates is not None:
+                    out[keep[row]] = TagResult(job.user_id, version, model_name, job.source,
+                                               rank_candidates(model, values[row], job))
+        for row, job in enumerate(kept):
+            if job.explain or job.unknown_values or job.unknown_tags is not None:
+                res = out[keep[row]]
+                if job.explain:
+                    res.explanations = explain_ranked(model, values[row], res.tasks)
+                res.unknown_values, res.unknown_tags = job.unknown_values, job.unknown_tags
         steps["rank"].observe(time.perf_counter() - t3)
         return out  # type: ignore[return-value]
 
@@ -204,3 +269,53 @@ class Tagger:
                     answer[task] = list(zip(map(tag_of, ii), pp))
             results.append(TagResult(job.user_id, version, model_name, job.source, answer))
         return results
+
+
+def rank_candidates(model: LoadedModel, values: np.ndarray, job: TagJob) -> dict[str, list[tuple[str, float]]]:
+    """Candidate scoring for one user: exact scores of `job.candidates` per task, ranked,
+    without the excluded tags, at least `min_score`, the best `top_k`.
+
+    values [sum K, D]: the user's expert outputs of every task."""
+    tags = model.tags
+    excluded = {model.tag_index[t] for t in job.exclude if t in model.tag_index}
+    cand = job.candidates if not excluded else np.array([i for i in job.candidates if i not in excluded],
+                                                          dtype=np.int64)
+    ranked = {}
+    for task in job.tasks:
+        side = model.sides[task]
+        if not len(cand):
+            ranked[task] = []
+            continue
+        logits = task_cosines_at(values[side.slice[0]:side.slice[1]], side, cand) * side.scale + side.bias
+        order = np.argsort(-logits, kind="stable")[:job.top_k]
+        probs = sigmoid(logits[order]).tolist()
+        lo = job.min_score
+        ranked[task] = [(tags[t], p) for t, p in zip(cand[order].tolist(), probs) if lo is None or p >= lo]
+    return ranked
+
+
+def explain_ranked(model: LoadedModel, values: np.ndarray, ranked: dict[str, list[tuple[str, float]]]
+                   ) -> dict[str, list[dict]]:
+    """Per task, for each returned tag: gate weights over the task's experts and each expert's
+    part of the score (mvke.runtime.scoring.explain_tags). values [sum K, D]: one user's."""
+    out = {}
+    for task, items in ranked.items():
+        side = model.sides[task]
+        if not items:
+            out[task] = []
+            continue
+        idx = np.array([model.tag_index[t] for t, _ in items], dtype=np.int64)
+        gates, parts, cos = explain_tags(values[side.slice[0]:side.slice[1]], side, idx)
+        shares = parts / np.where(np.abs(cos) > 1e-12, cos, 1e-12)[:, None]
+        experts = _experts(model, task)
+        out[task] = [{"experts": experts, "gates": g, "contributions": c, "shares": sh, "cosine": cs,
+                      "scale": side.scale, "bias": side.bias}
+                     for g, c, sh, cs in zip(gates.tolist(), parts.tolist(), shares.tolist(), cos.tolist())]
+    return out
+
+
+def _experts(model: LoadedModel, task: str) -> list[int]:
+    for spec in model.manifest.tasks:
+        if spec.name == task:
+            return list(spec.experts)
+    raise KeyError(task)

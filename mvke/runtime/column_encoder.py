@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mvke.runtime.features import MULTI_SEP, EncodedBatch, FeatureError
+from mvke.runtime.encoded import MULTI_SEP, EncodedBatch, FeatureError
 from mvke.runtime.row_encoder import RowEncoder
 
 if TYPE_CHECKING:

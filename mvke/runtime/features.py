@@ -22,51 +22,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mvke.runtime.encoded import MULTI_SEP, PAD_ID, EncodedBatch, FeatureError
+from mvke.runtime.row_encoder import RowEncoder
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
-PAD_ID = 0
-MULTI_SEP = "|"  # separator of multi-valued fields in the feature store
+__all__ = ["FIELD_KINDS", "MULTI_SEP", "PAD_ID", "EncodedBatch", "FeatureError", "FeatureSchema", "FieldSpec",
+           "to_store_value"]
+
 FIELD_KINDS = ("cat", "multi")
-
-
-class FeatureError(ValueError):
-    """A raw feature value that cannot be encoded; `field` names the culprit."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.reason = message
-
-
-@dataclass
-class EncodedBatch:
-    """Ids of a batch of users, aligned with the input rows.
-
-    A row in `errors` did not encode (a value of the wrong type); its ids are
-    placeholders (OOV / padding) that must not be scored.
-    """
-
-    cat_ids: np.ndarray                                            # [B, F_cat] int64
-    multi_ids: np.ndarray                                          # [B, F_multi, L] int64
-    errors: dict[int, FeatureError] = field(default_factory=dict)  # row -> why it did not encode
-
-    def __len__(self) -> int:
-        return len(self.cat_ids)
-
-    @property
-    def ok(self) -> np.ndarray:
-        """[B] bool: rows that encoded."""
-        mask = np.ones(len(self.cat_ids), dtype=bool)
-        if self.errors:
-            mask[list(self.errors)] = False
-        return mask
-
-    def ids(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cat_ids, multi_ids); raises the first failing row's FeatureError (for inputs that must be clean)."""
-        if self.errors:
-            raise self.errors[min(self.errors)]
-        return self.cat_ids, self.multi_ids
 
 
 @dataclass
@@ -158,10 +123,11 @@ class FeatureSchema:
         encoder = self._encoders.get(kind)
         if encoder is None:
             if kind == "rows":
-                from mvke.runtime.row_encoder import RowEncoder as cls
+                encoder = RowEncoder(self)
             else:
-                from mvke.runtime.column_encoder import ColumnEncoder as cls
-            encoder = self._encoders[kind] = cls(self)
+                from mvke.runtime.column_encoder import ColumnEncoder   # pyarrow: batch tagging only
+                encoder = ColumnEncoder(self)
+            self._encoders[kind] = encoder
         return encoder.encode(data)
 
 

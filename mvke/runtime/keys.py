@@ -5,6 +5,8 @@ lives under one hash tag, so a Redis Cluster keeps it in one slot and a MULTI ov
 is legal:
 
     mvke:active                         alias: the active version id (flipped atomically)
+    mvke:canary                         `<version>:<percent>`: a second published version served to that
+                                        share of users (set, promoted and dropped atomically with the alias)
     mvke:versions                       sorted set: version id -> publish time (retention, listing);
                                         negated for a version rolled back from (never rolled back to)
     mvke:publish-lock                   publisher mutex (redis-py Lock: token + Lua release)
@@ -14,6 +16,7 @@ is legal:
 Feature store (written by `mvke features load`, read by the service):
 
     mvke:user:<user_id>                 hash: field -> raw value; multi-valued fields `|`-joined
+    mvke:features-loaded:<dataset>      which dataset `mvke pipeline` loaded (so a rerun skips it)
 
 Batch output (written by `mvke tag-all --to-redis`):
 
@@ -27,6 +30,31 @@ slot would put every user on one cluster node, and the publisher's orphan collec
 """
 from __future__ import annotations
 
+import os
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url(url: str | None = None) -> str:
+    """The Redis of a command: `url` if given, else $REDIS_URL, else DEFAULT_URL."""
+    return url or os.environ.get("REDIS_URL") or DEFAULT_URL
+
+
+def parse_canary(spec: str) -> tuple[str, float]:
+    """`<version>:<percent>` (MVKE_CANARY, the `mvke:canary` key) -> (version, percent in (0, 100])."""
+    version, sep, percent = spec.strip().rpartition(":")
+    try:
+        value = float(percent)
+    except ValueError:
+        value = float("nan")
+    if not sep or not version or not 0 < value <= 100:
+        raise ValueError(f"canary {spec!r}: expected <version>:<percent>, percent in (0, 100]")
+    return version, value
+
+
+def format_canary(version: str, percent: float) -> str:
+    return f"{version}:{percent:g}"
+
 
 class Keys:
     """Redis key layout (see module docstring)."""
@@ -34,6 +62,7 @@ class Keys:
     def __init__(self, prefix: str = "mvke"):
         self.prefix = prefix
         self.active = f"{prefix}:active"
+        self.canary = f"{prefix}:canary"
         self.versions = f"{prefix}:versions"
         self.lock = f"{prefix}:publish-lock"
         self.user_tags_latest = f"{prefix}:usertags:latest"
@@ -58,6 +87,9 @@ class Keys:
     # ---- feature store ---------------------------------------------------
     def user(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
+
+    def features_loaded(self, dataset: str) -> str:
+        return f"{self.prefix}:features-loaded:{dataset}"
 
     # ---- batch output ----------------------------------------------------
     def user_tags(self, version: str, user_id: str) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from mvke.runtime.features import MULTI_SEP, EncodedBatch, FeatureError
+from mvke.runtime.encoded import MULTI_SEP, EncodedBatch, FeatureError
 
 if TYPE_CHECKING:
     from mvke.runtime.features import FeatureSchema

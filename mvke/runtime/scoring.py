@@ -145,3 +145,36 @@ def rank(values: np.ndarray, sides: Iterable[TaskTagSide], k: int | Mapping[str,
             best += side.bias
         out[side.name] = Ranked(idx, sigmoid(best), np.isfinite(best) if excluded else None)
     return out
+
+
+def task_cosines_at(values: np.ndarray, side: TaskTagSide, idx: np.ndarray) -> np.ndarray:
+    """values [K, D] (one user's expert outputs for this task), tag indices [n] -> cos [n].
+
+    The same two products as `task_cosines`, on the n chosen columns of W and Q only
+    (candidate scoring: exact scores for given tags without scoring the whole catalogue).
+    """
+    K, D = values.shape
+    num = values.reshape(1, K * D) @ side.W[:, idx]                     # [1, n]
+    norm = (values @ values.T).reshape(1, K * K) @ side.Q[:, idx]       # [1, n]
+    np.maximum(norm, 0.0, out=norm)
+    np.sqrt(norm, out=norm)
+    np.maximum(norm, EPS, out=norm)
+    return (num / norm)[0]
+
+
+def explain_tags(values: np.ndarray, side: TaskTagSide, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Why one user scores these tags (section 4.3; the paper's Fig. 8 per user and tag).
+
+    values [K, D] (the user's expert outputs for the task), tag indices [n] ->
+    (gates [n, K], contributions [n, K], cosines [n]). With E_u(t) = sum_k a_tk V_k,
+    cos = sum_k a_tk (V_k . e_t) / (|e_t| |E_u(t)|): the cosine is a sum over experts, and
+    `contributions[:, k]` is expert k's term of it (their sum is the cosine the score used).
+    """
+    gates = side.gates[idx]                                             # [n, K]
+    emb = side.tag_emb[idx]                                             # [n, D]
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), EPS)
+    along = unit @ values.T                                             # [n, K]  V_k . e_t / |e_t|
+    user_t = gates @ values                                             # [n, D]  E_u(t)
+    norm = np.maximum(np.linalg.norm(user_t, axis=1, keepdims=True), EPS)
+    contributions = gates * along / norm                                # [n, K]
+    return gates, contributions, contributions.sum(axis=1)

@@ -362,11 +362,8 @@ def test_entrypoint_runs_the_pipeline_when_none_is_active(tmp_path):
     run = tmp_path / "work" / "demo"
     assert calls == [
         "models --redis redis://redis:6379/0",
-        f"data synth --out {run}/data --users 123 --seed 0",
-        f"train --data {run}/data --model mvke-mt --out {run}/ckpt --epochs 2 --seed 0",
-        f"export {run}/ckpt --out {run}/bundle",
-        f"publish {run}/bundle --redis redis://redis:6379/0",
-        f"features load --data {run}/data --redis redis://redis:6379/0",
+        f"pipeline --data-source synth --users 123 --model mvke-mt --epochs 2 --seed 0 --work {run} "
+        "--redis redis://redis:6379/0",
         "models --redis redis://redis:6379/0",
     ]
 
@@ -374,7 +371,7 @@ def test_entrypoint_runs_the_pipeline_when_none_is_active(tmp_path):
 def test_entrypoint_force_retrains(tmp_path):
     out, calls = _run_entrypoint(tmp_path, "v1", MVKE_FORCE_TRAIN="1")
     assert out.returncode == 0, out.stderr
-    assert any(c.startswith("train ") for c in calls) and any(c.startswith("publish ") for c in calls)
+    assert any(c.startswith("pipeline ") for c in calls)
 
 
 def test_entrypoint_fails_when_redis_cannot_be_asked(tmp_path):
@@ -471,6 +468,7 @@ def _names(report: dict) -> set[str]:
     return {re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower() for i in report["install"]}
 
 
+@pytest.mark.slow
 def test_service_extra_resolves_without_torch(resolutions):
     names = _names(resolutions["service"])
     assert {"mvke", "onnxruntime", "fastapi", "uvicorn", "redis", "numpy"} <= names, sorted(names)
@@ -479,6 +477,7 @@ def test_service_extra_resolves_without_torch(resolutions):
     assert not heavy, f".[service] pulls {sorted(heavy)}"
 
 
+@pytest.mark.slow
 def test_service_gpu_extra_resolves_without_torch(resolutions):
     names = _names(resolutions["service-gpu"])
     assert {"mvke", "onnxruntime-gpu", "fastapi"} <= names, sorted(names)

@@ -15,6 +15,8 @@ import pytest
 
 from mvke.localredis import free_port
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -18,12 +18,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from model_export.publish import PublishError, list_versions, publish, rollback
+from model_export.publish import (PublishError, canary_of, list_versions, promote, publish, rollback,
+                                  set_canary_percent)
 from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, BundleError, FileEntry, Manifest,
                                    content_version, decode_array, read_bundle, sha256_bytes)
 from mvke.runtime.keys import Keys
 from mvke.runtime.versions import active_version, read_version
 from tests.fixtures.tcp_proxy import CuttingProxy
+
+pytestmark = pytest.mark.integration
 
 KEYS = Keys()
 
@@ -156,6 +159,46 @@ def test_cli_publish_models_rollback(redis_server, redis_client, variants, capsy
     assert main(["publish", "--rollback", *url]) == 2
     assert "nothing to roll back to" in capsys.readouterr().err
     assert active_version(redis_client) == v0
+
+
+def test_canary_publish_ramp_promote_and_rollback(redis_server, redis_client, variants, capsys, monkeypatch):
+    """`mvke publish B --canary 10` leaves A active and sets the canary in one script; --canary 50
+    ramps it; promote makes it active; --rollback with a canary drops it. Retention keeps the canary."""
+    from mvke.cli import main
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    url = ["--redis", redis_server.url]
+    v0, v1, v2 = (version_of(b) for b in variants[:3])
+    assert main(["publish", str(variants[0]), *url]) == 0
+    capsys.readouterr()
+    assert main(["publish", str(variants[1]), *url, "--canary", "10"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["version"], report["canary_percent"], report["active"]) == (v1, 10.0, v0)
+    assert active_version(redis_client) == v0 and canary_of(redis_client, KEYS) == (v1, 10.0)
+    assert redis_client.get(KEYS.canary) == f"{v1}:10".encode()
+    assert main(["models", *url]) == 0
+    assert [ln for ln in capsys.readouterr().out.splitlines() if v1 in ln][0].endswith("(canary, 10% of users)")
+    # the active version cannot be its own canary; a percent out of range is refused before any write
+    with pytest.raises(PublishError, match="active version"):
+        publish(variants[0], redis_client, canary_percent=5)
+    with pytest.raises(PublishError, match="percent"):
+        publish(variants[2], redis_client, canary_percent=0)
+    assert main(["publish", "--canary", "50", *url]) == 0
+    assert json.loads(capsys.readouterr().out) == {"canary": v1, "percent": 50.0, "previous_percent": 10.0}
+    # retention (keep 1) trims neither the active version nor the canary
+    publish(variants[2], redis_client, keep=1, activate=False)
+    assert {v0, v1} <= set(versions_set(redis_client)) and keys_of(redis_client, v1)
+    assert main(["promote", *url]) == 0
+    assert json.loads(capsys.readouterr().out) == {"active": v1, "previous": v0}
+    assert active_version(redis_client) == v1 and canary_of(redis_client, KEYS) is None
+    assert main(["promote", *url]) == 2 and "no canary" in capsys.readouterr().err
+    # a new canary, rolled back: dropped and marked, the active version untouched
+    publish(variants[2], redis_client, canary_percent=1)
+    assert rollback(redis_client) == {"active": v1, "canary_dropped": v2}
+    assert canary_of(redis_client, KEYS) is None and active_version(redis_client) == v1
+    assert [v.rolled_back for v in list_versions(redis_client) if v.version == v2] == [True]
+    with pytest.raises(PublishError, match="no canary"):
+        set_canary_percent(redis_client, 20)
+    assert not redis_client.exists(KEYS.lock)
 
 
 def test_republish_is_idempotent(redis_client, variants):

@@ -30,6 +30,7 @@ def lt_redis(served):
     return served[1]
 
 
+@pytest.mark.integration
 def test_locust_run_writes_reports(tiny_service, lt_redis, tmp_path):
     from loadtest.run import main
     out = tmp_path / "run"
@@ -49,6 +50,7 @@ def test_locust_run_writes_reports(tiny_service, lt_redis, tmp_path):
     assert any(r["Name"] == "Aggregated" for r in rows)
 
 
+@pytest.mark.integration
 def test_loadgen_against_the_service(tiny_service, lt_redis, dataset_dir):
     from loadtest.harness import sample_features, scan_user_ids
     ids = scan_user_ids(lt_redis.url)

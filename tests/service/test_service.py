@@ -30,6 +30,8 @@ from model_export.publish import publish
 from mvke.localredis import LocalRedis, free_port
 from service.settings import Settings
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 ROUTE = "/users/{}/tags"
 
@@ -47,8 +49,9 @@ class LiveService:
         self.settings = settings
         self.port = port or free_port()
         self.app = create_app(settings)
+        from service.cli import HTTP_PROTOCOL
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=2))
+                                                    lifespan="on", timeout_graceful_shutdown=2, http=HTTP_PROTOCOL))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client: httpx.Client | None = None
@@ -403,9 +406,9 @@ def test_malformed_json_is_422(svc, synth_user, raw):
 def test_body_that_is_not_utf8_is_4xx(svc, synth_user):
     resp = svc.client.post(ROUTE.format(synth_user), content=b'{"top_k": \xff}', headers={"content-type": "application/json"})
     _error(resp, 400, "body", "parsing the body")
-    # the same bytes without a JSON content type reach validation as raw bytes (was a 500)
+    # the same bytes without a JSON content type: 415, saying what to send (was a 500, then a 422)
     resp = svc.client.post(ROUTE.format(synth_user), content=b"\x9c\xe8\xba", headers={"content-type": "text/plain"})
-    _error(resp, 422, "body", "valid dictionary")
+    _error(resp, 415, "body", "application/json", "text/plain")
 
 
 def test_oversized_body_is_413_with_and_without_content_length(svc, synth_user):
@@ -550,6 +553,7 @@ def test_metrics_and_model_info(svc, synth_user):
     assert model["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert [t["name"] for t in model["tasks"]] == ["interest", "intention"]
     assert model["num_tags"] > 0 and model["features"] and "test_auc" in model["metrics"]
+    assert model["serving"] == svc.settings.serving_summary() and model["serving"]["batching"] is True
     ready = svc.client.get("/readyz").json()
     assert ready == {"ready": True, "model_version": model["version"]}
     resp = svc.tag(synth_user, {"top_k": 1}, headers={"x-request-id": "req-abc"})

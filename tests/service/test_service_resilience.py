@@ -19,6 +19,8 @@ from mvke.localredis import LocalRedis
 from tests.service.test_service import (ROUTE, LiveService, Reference, _sample, assert_matches, make_settings,
                                 publish_dataset, stored_row, user_ids)
 
+pytestmark = pytest.mark.integration
+
 
 class Hammer:
     """`n` client threads posting to the service until stopped; every outcome is recorded."""

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mvke.cli import _parse_task_experts, main
+from mvke.cli import main
 from mvke.data.dataset import TASKS
 from mvke.training import trainer
+from mvke.training.cli import parse_task_experts as _parse_task_experts
 from mvke.training.metrics import auc, gauc, normalised_entropy, ranking_metrics
 from mvke.training.trainer import (CHECKPOINT_FILES, EncodedData, TrainConfig, evaluate, load_checkpoint,
                                    model_config_for, predict, prepare, train_model)

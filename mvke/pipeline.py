@@ -1,0 +1,165 @@
+"""`mvke pipeline`: data -> train -> export -> publish -> features, each step skipped when its output exists.
+
+The one recipe of the demo, the docker trainer and the benchmarks (scripts/quickstart.py,
+docker/trainer-entrypoint.sh, loadtest/bench.py, batch/bench.py and loadtest/gpu_check.py
+call it). Each step is the stage's own command (`mvke data synth`, `mvke train`,
+`mvke export`, `mvke publish`, `mvke features load`), run in this process through the
+`mvke` entry points, so this module imports no stage. Layout under --work:
+
+    data/synth-<users>u-s<seed>/, data/ml100k-s<seed>/   (a --data-source DIR is used as it is)
+    ckpt/<model>-<dataset>-e<epochs>-s<seed>/
+    bundle/<model>-<dataset>-e<epochs>-s<seed>/
+
+A step's output exists when the file its command writes last is there (meta.json,
+metrics.json, manifest.json: the bundle directory is renamed into place whole). With
+--redis, the bundle is published unless its version is already the active one, and the
+dataset's users are loaded into the feature store unless `mvke:features-loaded:<dataset>`
+records that this very dataset (path, size and time of users.parquet) was loaded.
+Progress goes to stderr; the last line on stdout is a JSON summary (paths, version, steps run).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+EXTRA = "train,export"
+
+
+@dataclass
+class PipelineConfig:
+    data_source: str                 # synth | ml100k | a dataset directory
+    model: str = "mvke-mt"
+    work: str = ".mvke-local"
+    redis: str | None = None         # publish + feature store; None: stop after export
+    users: int = 20_000              # synth only
+    epochs: int = 5
+    seed: int = 0
+
+
+@dataclass
+class PipelineResult:
+    data: str
+    checkpoint: str
+    bundle: str
+    version: str
+    model: str
+    test_auc: dict | None
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _say(msg: str) -> None:
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+def _command(argv: list[str]) -> None:
+    """One `mvke` command in this process; its own output goes to stderr (stdout carries the summary)."""
+    from mvke.cli import main
+    with contextlib.redirect_stdout(sys.stderr):
+        code = main(argv)
+    if code:
+        raise RuntimeError(f"`mvke {' '.join(argv)}` failed (exit {code})")
+
+
+def dataset_dir(cfg: PipelineConfig) -> tuple[Path, list[str] | None]:
+    """-> (directory, the `mvke data` arguments that build it, or None for a directory given as is)."""
+    work = Path(cfg.work)
+    if cfg.data_source == "synth":
+        d = work / "data" / f"synth-{cfg.users}u-s{cfg.seed}"
+        return d, ["data", "synth", "--out", str(d), "--users", str(cfg.users), "--seed", str(cfg.seed)]
+    if cfg.data_source == "ml100k":
+        d = work / "data" / f"ml100k-s{cfg.seed}"
+        return d, ["data", "ml100k", "--out", str(d), "--seed", str(cfg.seed)]
+    d = Path(cfg.data_source)
+    if not (d / "meta.json").exists():
+        raise FileNotFoundError(f"{d}: not a dataset directory (no meta.json); use synth, ml100k or a directory "
+                                "written by `mvke data`")
+    return d, None
+
+
+def dataset_id(data: Path) -> str:
+    """Which dataset this is, for the feature-store marker: its place and its users file's size and time."""
+    users = data / "users.parquet"
+    st = users.stat()
+    key = f"{users.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{data.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def run_dirs(cfg: PipelineConfig, data: Path) -> tuple[Path, Path]:
+    """(checkpoint, bundle) directories of this model, dataset, epochs and seed under --work."""
+    run_name = f"{cfg.model}-{data.name}-e{cfg.epochs}-s{cfg.seed}"
+    return Path(cfg.work) / "ckpt" / run_name, Path(cfg.work) / "bundle" / run_name
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    data, build_data = dataset_dir(cfg)
+    ckpt, bundle = run_dirs(cfg, data)
+    ran, skipped = [], []
+
+    def step(name: str, done: bool, message: str, argv: list[str]) -> None:
+        if done:
+            skipped.append(name)
+            return
+        _say(message)
+        _command(argv)
+        ran.append(name)
+
+    step("data", build_data is None or (data / "meta.json").exists(),
+         f"generating the {cfg.data_source} dataset -> {data}", build_data or [])
+    step("train", (ckpt / "metrics.json").exists(), f"training {cfg.model} ({cfg.epochs} epochs) -> {ckpt}",
+         ["train", "--data", str(data), "--model", cfg.model, "--out", str(ckpt), "--epochs", str(cfg.epochs),
+          "--seed", str(cfg.seed)])
+    step("export", (bundle / "manifest.json").exists(), f"exporting the ONNX bundle -> {bundle}",
+         ["export", str(ckpt), "--out", str(bundle)])
+    version = json.loads((bundle / "manifest.json").read_text())["version"]
+    if cfg.redis:
+        _serve_from_redis(cfg.redis, data, bundle, version, step)
+    metrics = json.loads((ckpt / "metrics.json").read_text())
+    return PipelineResult(str(data), str(ckpt), str(bundle), version, cfg.model, metrics.get("test_auc"), ran, skipped)
+
+
+def _serve_from_redis(url: str, data: Path, bundle: Path, version: str, step) -> None:
+    import redis
+
+    from mvke.runtime.keys import Keys
+    from mvke.runtime.versions import active_version
+    keys, where = Keys(), url.split("@")[-1]
+    r = redis.Redis.from_url(url, socket_timeout=30)
+    try:
+        step("publish", active_version(r, keys) == version, f"publishing version {version} to {where}",
+             ["publish", str(bundle), "--redis", url])
+        marker = keys.features_loaded(dataset_id(data))
+        loaded = bool(r.exists(marker))
+        step("features", loaded, f"loading the feature store from {data}",
+             ["features", "load", "--data", str(data), "--redis", url])
+        if not loaded:
+            r.set(marker, json.dumps({"data": str(data.resolve()), "loaded_at": time.time()}))
+    finally:
+        r.close()
+
+
+def _pipeline(a: argparse.Namespace) -> None:
+    cfg = PipelineConfig(data_source=a.data_source, model=a.model, work=a.work, redis=a.redis, users=a.users,
+                         epochs=a.epochs, seed=a.seed)
+    print(json.dumps(asdict(run_pipeline(cfg))), flush=True)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pipeline", help="data -> train -> export -> publish -> features (skips what exists)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-source", required=True, help="synth | ml100k | a dataset directory")
+    p.add_argument("--model", default="mvke-mt", help="model to train (default mvke-mt)")
+    p.add_argument("--redis", help="Redis URL: publish and load the feature store there (without: stop after export)")
+    p.add_argument("--work", default=os.environ.get("MVKE_WORK_DIR", ".mvke-local"),
+                   help="where data, checkpoints and bundles go (default $MVKE_WORK_DIR or .mvke-local)")
+    p.add_argument("--users", type=int, default=20_000, help="synthetic users (synth only; default 20000)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
+    p.set_defaults(func=_pipeline, extra=EXTRA)

@@ -1,0 +1,52 @@
+"""What encoding produces: the ids of a batch of users and the rows that did not encode.
+
+The leaf under the feature schema (features.py) and its two encoder paths
+(row_encoder.py, column_encoder.py), so that they import it and not each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PAD_ID = 0
+MULTI_SEP = "|"  # separator of multi-valued fields in the feature store
+
+
+class FeatureError(ValueError):
+    """A raw feature value that cannot be encoded; `field` names the culprit."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.reason = message
+
+
+@dataclass
+class EncodedBatch:
+    """Ids of a batch of users, aligned with the input rows.
+
+    A row in `errors` did not encode (a value of the wrong type); its ids are
+    placeholders (OOV / padding) that must not be scored.
+    """
+
+    cat_ids: np.ndarray                                            # [B, F_cat] int64
+    multi_ids: np.ndarray                                          # [B, F_multi, L] int64
+    errors: dict[int, FeatureError] = field(default_factory=dict)  # row -> why it did not encode
+
+    def __len__(self) -> int:
+        return len(self.cat_ids)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """[B] bool: rows that encoded."""
+        mask = np.ones(len(self.cat_ids), dtype=bool)
+        if self.errors:
+            mask[list(self.errors)] = False
+        return mask
+
+    def ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cat_ids, multi_ids); raises the first failing row's FeatureError (for inputs that must be clean)."""
+        if self.errors:
+            raise self.errors[min(self.errors)]
+        return self.cat_ids, self.multi_ids

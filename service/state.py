@@ -1,0 +1,184 @@
+"""What a tagging request needs, shared by the FastAPI routes (service/app.py) and the fast path
+(service/middleware.py): the service's state, request validation against the version that will
+answer (routing: active, canary or pinned), and the JSON rendering of answers and errors. Both
+import it; it imports neither.
+"""
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import redis
+import redis.asyncio as aioredis
+from fastapi.responses import Response
+
+from mvke.runtime.features import MULTI_SEP, FeatureSchema
+from mvke.runtime.keys import Keys
+from mvke.runtime.model import LoadedModel
+from service.auth import ApiKeys
+from service.batcher import DynamicBatcher
+from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry, RoutingError
+from service.schemas import TagRequest
+from service.settings import Settings
+from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
+
+
+def json_response(doc, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_doc(e: ServiceError) -> dict:
+    doc = {"detail": e.message, "field": e.field}
+    if e.status == 422:  # every 422 has the same shape as pydantic's: one entry per problem
+        loc = ["path", "user_id"] if e.field == "user_id" else ["body", *(e.field or "").split(".")]
+        doc["errors"] = e.errors or [{"loc": [p for p in loc if p], "type": "value_error",
+                                      "msg": e.message.split(": ", 1)[-1]}]
+    return doc
+
+
+def error_response(e: ServiceError) -> Response:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+    return json_response(error_doc(e), e.status, headers)
+
+
+def render(result: TagResult) -> dict:
+    """The answer for one user; keys beyond the first five appear only when asked for."""
+    if result.explanations is None:
+        tasks = {t: [{"tag": tag, "score": s} for tag, s in ranked] for t, ranked in result.tasks.items()}
+    else:
+        ex = result.explanations
+        tasks = {t: [{"tag": tag, "score": s, "explain": e} for (tag, s), e in zip(ranked, ex[t])]
+                 for t, ranked in result.tasks.items()}
+    doc = {"user_id": result.user_id, "model_version": result.model_version, "model": result.model,
+           "feature_source": result.feature_source, "tasks": tasks}
+    if result.unknown_values:
+        doc["unknown_values"] = result.unknown_values
+    if result.unknown_tags is not None:
+        doc["unknown_tags"] = result.unknown_tags
+    return doc
+
+
+class ServiceState:
+    """Everything the routes need, created in the lifespan."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.keys = Keys(settings.key_prefix)
+        self.api_keys = ApiKeys(settings.api_keys, settings.api_keys_file, settings.metrics_need_key)
+        common = dict(socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
+        # redis-py's default pool raises once it has handed out max_connections; a blocking pool waits
+        # up to redis_pool_wait_s and then fails with a RedisError, which becomes a 503.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_wait_s,
+            decode_responses=True, **common)
+        self.redis = aioredis.Redis(connection_pool=pool)
+        # model reads run in a worker thread (mvke.runtime.versions): a small synchronous client
+        self.redis_models = redis.Redis.from_url(settings.redis_url, max_connections=4, **common)
+        self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
+        self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
+        self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
+                                      settings.max_queue, settings.request_timeout_s) if settings.batching else None
+
+    async def start(self) -> None:
+        await self.registry.start()
+        if self.batcher:
+            await self.batcher.start()
+
+    async def stop(self) -> None:
+        if self.batcher:
+            await self.batcher.stop()
+        await self.registry.stop()
+        await self.redis.aclose()
+        self.redis_models.close()
+
+    async def tag(self, job: TagJob) -> TagResult:
+        if self.batcher:
+            return await self.batcher.submit(job)
+        (result,) = await self.tagger.process([job])
+        if isinstance(result, ServiceError):
+            raise result
+        return result
+
+
+def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJob:
+    """Check a request against the version that will answer it -> TagJob (else ServiceError naming the field)."""
+    s = state.settings
+    try:
+        model = state.registry.route(user_id, getattr(req, "model_version", None))
+    except RoutingError as e:
+        raise ServiceError(e.status, e.message, field="model_version") from None
+    if model is None:
+        raise unavailable(state.registry.last_error or "no model loaded")
+    top_k = req.top_k if req.top_k is not None else s.top_k_default
+    if top_k > s.top_k_max:
+        raise ServiceError(422, f"top_k: must be <= {s.top_k_max}, got {top_k}", field="top_k")
+    tasks = req.tasks or model.manifest.task_names
+    for t in tasks:
+        if t not in model.sides:
+            raise ServiceError(422, f"tasks: unknown task {t!r}; this model has {model.manifest.task_names}",
+                               field="tasks")
+    for t in req.exclude_tags:
+        if t not in model.tag_index:
+            raise ServiceError(422, f"exclude_tags: unknown tag {t!r}", field="exclude_tags")
+    unknown_values = None
+    if req.features:
+        names = set(model.schema.names)
+        for name, value in req.features.items():
+            if name not in names:
+                raise ServiceError(422, f"features.{name}: unknown feature (known: {sorted(names)})",
+                                   field=f"features.{name}")
+            kind = model.schema.fields[model.schema.names.index(name)].kind
+            if kind == "cat" and isinstance(value, list):
+                raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
+        unknown_values = unknown_value_counts(model.schema, req.features) or None
+    job = TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags,
+                 model=model, unknown_values=unknown_values)
+    candidates = getattr(req, "tags", None)
+    if candidates is not None:
+        _candidates(job, model, candidates, req.ignore_unknown, req.top_k, s.max_candidate_tags)
+    job.explain = getattr(req, "explain", False)
+    return job
+
+
+def unknown_value_counts(schema: FeatureSchema, features: dict) -> dict[str, int]:
+    """Per request feature, how many of the values the model will read are not in its vocabulary
+    (they become the out-of-vocabulary id). Values of the wrong type are left to the encoder,
+    which rejects them naming the field."""
+    counts = {}
+    for name, value in features.items():
+        pos = schema.position.get(name)
+        if pos is None:
+            continue
+        f, known = schema.fields[pos], schema.value_ids[pos]
+        if f.kind == "multi":  # a list, or a `|`-joined string; the first max_len values count
+            if isinstance(value, str):
+                value = value.split(MULTI_SEP) if value else []
+            if not isinstance(value, list):
+                continue
+            n = sum(1 for x in value[:f.max_len] if not isinstance(x, (list, dict)) and str(x) not in known)
+        else:
+            n = int(not isinstance(value, (list, dict)) and str(value) not in known)
+        if n:
+            counts[name] = n
+    return counts
+
+
+def _candidates(job: TagJob, model: LoadedModel, tags: list[str], ignore_unknown: bool, top_k: int | None,
+                limit: int) -> None:
+    """Candidate scoring: the tags' indices on the job (unknown ones: 422, or listed with ignore_unknown)."""
+    if len(tags) > limit:
+        raise ServiceError(422, f"tags: at most {limit} candidate tags per request, got {len(tags)}", field="tags")
+    index = model.tag_index
+    known = [index[t] for t in dict.fromkeys(tags) if t in index]
+    unknown = [t for t in dict.fromkeys(tags) if t not in index]
+    if unknown and not ignore_unknown:
+        shown = ", ".join(repr(t) for t in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise ServiceError(422, f"tags: {len(unknown)} unknown to model {model.version}: {shown} "
+                                "(send ignore_unknown: true to score the others)", field="tags",
+                           errors=[{"loc": ["body", "tags"], "type": "unknown_tag", "msg": f"unknown tag {t!r}"}
+                                   for t in unknown[:100]])
+    job.candidates = np.array(known, dtype=np.int64)
+    job.top_k = top_k if top_k is not None else max(1, len(known))
+    if ignore_unknown:
+        job.unknown_tags = unknown
