@@ -18,7 +18,8 @@ def _tag_all(a: argparse.Namespace) -> None:
     cfg = TagAllConfig(users=a.users, out=a.out, bundle=a.bundle, redis_url=a.redis, top_k=a.top_k,
                        address=a.address, to_redis=a.to_redis, batch_size=a.batch_size, part_rows=a.part_rows,
                        workers=a.workers, provider=a.provider, ort_threads=a.ort_threads,
-                       key_prefix=a.key_prefix, redis_ttl_s=a.redis_ttl, progress=not a.no_progress)
+                       key_prefix=a.key_prefix, redis_ttl_s=a.redis_ttl, progress=not a.no_progress,
+                       ann=a.ann, ann_min_tags=a.ann_min_tags)
     summary = run(cfg)
     print(json.dumps(summary, indent=1))
 
@@ -47,4 +48,7 @@ def register(sub) -> None:
     t.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
     t.add_argument("--redis-ttl", type=int, help="expire the per-user tag keys after this many seconds")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
+                   help="rank a large catalogue's index candidates (exact rerank): auto from --ann-min-tags tags")
+    t.add_argument("--ann-min-tags", type=int, default=50_000)
     t.set_defaults(func=_tag_all, extra=EXTRA)

@@ -105,9 +105,21 @@ class TagAllConfig:
     key_prefix: str = "mvke"
     redis_ttl_s: int | None = None
     progress: bool = True
+    ann: str = "auto"                  # candidate indexes: auto (from ann_min_tags tags) | on | off
+    ann_min_tags: int = 50_000
 
     def redis(self) -> str:
         return redis_url(self.redis_url)
+
+
+def _redis_display(cfg: TagAllConfig) -> str:
+    from mvke.runtime.redis_client import resolve
+    return resolve(cfg.redis()).display
+
+
+def _redis_cluster(cfg: TagAllConfig) -> bool:
+    from mvke.runtime.redis_client import resolve
+    return resolve(cfg.redis()).cluster
 
 
 # ---- model source --------------------------------------------------------------
@@ -115,15 +127,14 @@ def load_model_source(cfg: TagAllConfig):
     """(manifest, blobs) from --bundle, else the active version in Redis; sha256-verified either way."""
     if cfg.bundle:
         return read_bundle(cfg.bundle, verify=True)
-    import redis
-
+    from mvke.runtime.redis_client import connect, redact
     from mvke.runtime.versions import active_version, read_version
-    r = redis.Redis.from_url(cfg.redis(), socket_timeout=30)
+    r = connect(cfg.redis(), socket_timeout=30)
     try:
         keys = Keys(cfg.key_prefix)
         version = active_version(r, keys)
         if version is None:
-            raise BundleError(f"no active model in {cfg.redis()} ({keys.active} is not set); give --bundle")
+            raise BundleError(f"no active model in {redact(cfg.redis())} ({keys.active} is not set); give --bundle")
         return read_version(r, keys, version, verify=True)
     finally:
         r.close()
@@ -146,7 +157,10 @@ class PartWorker:
         self.job = job
         # numpy's scoring GEMMs: one core per actor as well (OpenBLAS would start a thread per core)
         self.blas_capped = limit_blas_threads(job["ort_threads"])
-        self.model = build_model(manifest, blobs, job["provider"], job["ort_threads"])
+        from mvke.runtime.ann import limit_faiss_threads
+        limit_faiss_threads(job["ort_threads"])
+        self.model = build_model(manifest, blobs, job["provider"], job["ort_threads"], ann_mode=job.get("ann", "auto"),
+                                 ann_min_tags=job.get("ann_min_tags", 50_000))
         self.columns = ["user_id"] + self.model.schema.names
         self.tasks = self.model.manifest.task_names
         self.task_arr = pa.array(self.tasks, type=pa.string())
@@ -157,7 +171,7 @@ class PartWorker:
         if job.get("to_redis"):
             from batch.redis_out import UserTagWriter
             self.redis = UserTagWriter(job["redis_url"], self.model.version, self.tasks, self.model.tags,
-                                       job["key_prefix"], job.get("redis_ttl_s"))
+                                       job["key_prefix"], job.get("redis_ttl_s"), job.get("redis_cluster"))
 
     def output_table(self, uids: pa.Array, ranked: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
         """Rows ordered by user, then task, then rank (string columns dictionary-encoded, see _WRITE_SCHEMA)."""
@@ -258,7 +272,12 @@ def rank_users(model: LoadedModel, cat: np.ndarray, multi: np.ndarray, k: int, c
     out = [(np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.float32)) for _ in model.sides]
     for lo in range(0, B, chunk):
         hi = min(lo + chunk, B)
-        ranked = rank(model.run_tower(cat[lo:hi], multi[lo:hi]), model.sides.values(), k)   # tower: [chunk, sum K, D]
+        # tower + scores + TopK in one ONNX call on the GPU; on the CPU at tag-all's batch sizes numpy's
+        # GEMMs measured faster (4,848 vs 10,109 users/s at batch 256, loadtest/gpu_catalogue.py, load 25)
+        if model.topk_session is not None and model.provider == "CUDAExecutionProvider":
+            ranked = model.rank_fused(cat[lo:hi], multi[lo:hi], {t: k for t in model.sides})
+        else:
+            ranked = rank(model.run_tower(cat[lo:hi], multi[lo:hi]), model.sides.values(), k)   # [chunk, sum K, D]
         for (idx, prob), r in zip(out, ranked.values()):
             idx[lo:hi] = r.tag_index
             prob[lo:hi] = r.scores
@@ -304,8 +323,8 @@ def job_spec(cfg: TagAllConfig, manifest, files: list[Path], parts: list[Part]) 
     return {"input": input_fingerprint(files), "part_rows": cfg.part_rows, "parts": len(parts),
             "model_version": manifest.version, "model": manifest.model, "tasks": manifest.task_names,
             "top_k": min(cfg.top_k, manifest.num_tags), "to_redis": cfg.to_redis,
-            "redis_target": (cfg.redis().split("@")[-1] if cfg.to_redis else None),
-            "key_prefix": cfg.key_prefix if cfg.to_redis else None}
+            "redis_target": (_redis_display(cfg) if cfg.to_redis else None),
+            "key_prefix": cfg.key_prefix if cfg.to_redis else None, "ann": cfg.ann, "ann_min_tags": cfg.ann_min_tags}
 
 
 def run(cfg: TagAllConfig) -> dict:
@@ -369,7 +388,10 @@ def _run_parts(cfg: TagAllConfig, manifest, blobs, pending: list[Part], total: i
         workers = min(workers, len(pending))
         job = {"out": str(Path(cfg.out).resolve()), "batch_size": cfg.batch_size, "top_k": cfg.top_k,
                "provider": cfg.provider, "ort_threads": cfg.ort_threads, "to_redis": cfg.to_redis,
+               "ann": cfg.ann, "ann_min_tags": cfg.ann_min_tags,
                "redis_url": cfg.redis() if cfg.to_redis else None, "key_prefix": cfg.key_prefix,
+               # resolved here: an actor does not see the driver's MVKE_REDIS_CLUSTER
+               "redis_cluster": _redis_cluster(cfg) if cfg.to_redis else None,
                "redis_ttl_s": cfg.redis_ttl_s}
         model_ref = ray.put((manifest, blobs))
         ds = ray.data.from_items([part_to_dict(p) for p in pending], override_num_blocks=len(pending))

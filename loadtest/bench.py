@@ -506,6 +506,32 @@ def soak_only(a: argparse.Namespace) -> int:
     return 0
 
 
+def catalogue_curve(a: argparse.Namespace) -> int:
+    from loadtest import catalogue
+    b = Bench(a)
+    started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), loadavg()
+    work = Path(a.work)
+    syn, ck = work / "syn", work / "ck_mvke"
+    mvke = [PY, "-m", "mvke.cli"]
+    if not (syn / "users.parquet").exists():
+        subprocess.run([*mvke, "data", "synth", "--out", str(syn)], check=True, cwd=ROOT)
+    if not (ck / "model.pt").exists():
+        b.log(f"training mvke-mt (1 epoch) into {ck}")
+        subprocess.run([*mvke, "train", "--data", str(syn), "--model", "mvke-mt", "--out", str(ck), "--epochs", "1"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    workers = a.workers or 1
+    res = catalogue.run(a.tags, work, ck, syn, dataset_user_ids(syn), b.dur, workers, a.rounds, b.log)
+    args = f"--tags {','.join(map(str, a.tags))}" + (" --quick" if a.quick else "") + \
+        (f" --duration {a.duration:g}" if a.duration else "")
+    text = catalogue.report(res, machine(), load_before, loadavg(), started, args, workers)
+    print("\n" + text)
+    out = Path(a.out).with_name("large_catalogues.md")
+    write_markdown(out, text, marker="catalogue")
+    out.with_suffix(".json").write_text(json.dumps({"started": started, "machine": machine(), **res}, indent=1,
+                                                   default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 s per row instead of 12 s (a smoke run)")
@@ -514,15 +540,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak-only", action="store_true", help="only the soak (service alone; its own section)")
     p.add_argument("--workers", type=int, help="uvicorn workers of the service (default: the service's default)")
     p.add_argument("--baseline", help="a checkout of another commit: its service against this tree's (section g)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the --baseline comparison")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the --baseline comparison "
+                                                            "(with --tags: of the c=1 table)")
     p.add_argument("--work", default="/tmp/lt", help="dataset, checkpoints and bundles (built when missing)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "performance.md"))
     p.add_argument("--targets", default=str(HERE / "targets.yaml"))
+    p.add_argument("--tags", type=lambda v: [int(x) for x in v.split(",")],
+                   help="catalogue-size curve instead (e.g. 1780,20000,100000,1000000): exact vs ANN per size, "
+                        "the c=1 before/after table (loadtest/catalogue.py); written to large_catalogues.md")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.tags:
+        return catalogue_curve(a)
     if a.soak_only:
         if not a.soak:
             raise SystemExit("--soak-only needs --soak SECONDS")

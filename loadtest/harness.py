@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import httpx
 
 from mvke.localredis import LocalRedis, free_port
+from mvke.runtime.redis_client import connect   # one node or a cluster (redis+cluster://)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -44,8 +45,7 @@ def pipeline(work: str | Path, model: str, redis_url: str | None = None, epochs:
 
 
 def scan_user_ids(redis_url: str, prefix: str = "mvke", limit: int = 1_000_000) -> list[str]:
-    import redis
-    r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
+    r = connect(redis_url, decode_responses=True, socket_timeout=30)
     try:
         head = f"{prefix}:user:"
         out = []
@@ -61,8 +61,7 @@ def scan_user_ids(redis_url: str, prefix: str = "mvke", limit: int = 1_000_000) 
 def sample_features(redis_url: str, user_ids: Sequence[str], n: int = 50, prefix: str = "mvke",
                     seed: int = 0) -> list[dict[str, Any]]:
     """Raw feature dicts of a few stored users (multi fields as lists): bodies for 'new' users."""
-    import redis
-    r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
+    r = connect(redis_url, decode_responses=True, socket_timeout=30)
     try:
         rng = random.Random(seed)
         picks = rng.sample(list(user_ids), min(n, len(user_ids)))

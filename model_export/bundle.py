@@ -24,15 +24,20 @@ from torch import nn
 from mvke.models import TwoTowerTagger
 from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, ONNX_INPUTS, ONNX_OUTPUT, TAGS_FILE, BundleError,
                                    FileEntry, Manifest, TaskSpec, content_version, gates_file, read_bundle,
-                                   sha256_bytes, tag_emb_file)
+                                   TOWER_TOPK_FILE, sha256_bytes, tag_emb_file)
+from mvke.runtime import ann
 from mvke.runtime.features import FeatureSchema
-from mvke.runtime.model import build_model
-from mvke.runtime.scoring import task_scores
+from mvke.runtime.model import ANN_MIN_TAGS, build_model
+from mvke.runtime.scoring import rank, task_scores
 from mvke.training.trainer import TrainResult, load_checkpoint
+from model_export.candidates import add_candidate_indexes, wants_index
+from model_export.scoring_graph import fuse_with_tower
 
 OPSET = 18
 ONNX_TOLERANCE = 1e-5
 SCORE_TOLERANCE = 1e-4
+FUSED_TOLERANCE = 1e-5
+PARITY_CHUNK = 32
 
 
 class ParityError(BundleError):
@@ -127,14 +132,38 @@ def check_parity(model: TwoTowerTagger, manifest: Manifest, blobs: dict[str, byt
             rep = lambda x: x.repeat_interleave(tags_per_user, 0)  # noqa: E731
             ref = torch.sigmoid(model(rep(ct), rep(mt), torch.from_numpy(tag_ids.reshape(-1, 1)))).numpy()
         for ti, side in enumerate(loaded.sides.values()):
-            scores = task_scores(onnx_out[:, side.slice[0]:side.slice[1]], side)   # [n, T]
-            mine = np.take_along_axis(scores, tag_ids - 1, axis=1).reshape(-1)
-            worst = max(worst, float(np.abs(mine - ref[:, ti]).max()))
+            for lo in range(0, n, PARITY_CHUNK):   # [chunk, T] at a time: a million tags fit
+                scores = task_scores(onnx_out[lo:lo + PARITY_CHUNK, side.slice[0]:side.slice[1]], side)  # [c, T]
+                mine = np.take_along_axis(scores, tag_ids[lo:lo + PARITY_CHUNK] - 1, axis=1).reshape(-1)
+                theirs = ref.reshape(n, tags_per_user, -1)[lo:lo + PARITY_CHUNK, :, ti].reshape(-1)
+                worst = max(worst, float(np.abs(mine - theirs).max()))
         if not worst <= SCORE_TOLERANCE:
             raise ParityError(f"parity: bundle scores differ from the model's forward pass by {worst:.2e} "
                               f"(> {SCORE_TOLERANCE}) on {label} users")
+        fused = check_fused(loaded, cat, multi, onnx_out) if loaded.topk_session is not None else None
         report[label] = {"users": n, "max_abs_diff_expert_values": d_onnx, "max_abs_diff_scores": worst}
+        if fused is not None:
+            report[label]["max_abs_diff_fused_topk"] = fused
     return report
+
+
+def check_fused(loaded, cat: np.ndarray, multi: np.ndarray, values: np.ndarray, k: int = 20) -> float:
+    """The fused tower + TopK graph against numpy's `rank` on the same users: the same tags in the
+    same order (ties aside) and probabilities within FUSED_TOLERANCE; ParityError otherwise."""
+    ks = {t.name: k for t in loaded.manifest.tasks}
+    worst = 0.0
+    for lo in range(0, len(cat), PARITY_CHUNK):
+        sl = slice(lo, lo + PARITY_CHUNK)
+        want = rank(values[sl], loaded.sides.values(), ks)
+        got = loaded.rank_fused(cat[sl], multi[sl], ks)
+        for name, r in want.items():
+            diff = float(np.abs(got[name].scores - r.scores).max())
+            same = (got[name].tag_index == r.tag_index).mean()
+            if diff > FUSED_TOLERANCE or same < 0.99:
+                raise ParityError(f"parity: the fused tower + TopK graph differs from numpy scoring on task {name} "
+                                  f"({same:.1%} same tags, scores {diff:.2e} apart)")
+            worst = max(worst, diff)
+    return worst
 
 
 def build_bundle(result: TrainResult) -> tuple[Manifest, dict[str, bytes]]:
@@ -153,7 +182,9 @@ def build_bundle(result: TrainResult) -> tuple[Manifest, dict[str, bytes]]:
         for name, arr in ((gates_file(task), gates), (tag_emb_file(task), emb)):
             blobs[name] = np.ascontiguousarray(arr, dtype="<f4").tobytes()
             entries[name] = FileEntry(sha256_bytes(blobs[name]), len(blobs[name]), list(arr.shape), "float32")
-    for name in (ONNX_FILE, TAGS_FILE):
+    blobs[TOWER_TOPK_FILE] = fuse_with_tower(blobs[ONNX_FILE], [(t.name, t.slice[0], t.slice[1], t.scale, t.bias)
+                                                                for t in specs], model.cfg.out_dim)
+    for name in (ONNX_FILE, TAGS_FILE, TOWER_TOPK_FILE):
         entries[name] = FileEntry(sha256_bytes(blobs[name]), len(blobs[name]))
     version = content_version({k: v.sha256 for k, v in entries.items()}, model.cfg.name)
     from dataclasses import asdict
@@ -181,20 +212,39 @@ def write_bundle(manifest: Manifest, blobs: dict[str, bytes], out: str | Path) -
     return out
 
 
-def export_checkpoint(ckpt_dir: str | Path, out: str | Path, parity_users: int = 256) -> tuple[Manifest, dict]:
-    """Checkpoint -> verified bundle. Returns the manifest and timing/size figures."""
+def export_checkpoint(ckpt_dir: str | Path, out: str | Path, parity_users: int = 256, ann_mode: str = "auto",
+                      ann_min_tags: int = ANN_MIN_TAGS, synthetic_tags: int = 0) -> tuple[Manifest, dict]:
+    """Checkpoint -> verified bundle. Returns the manifest and timing/size figures.
+
+    ann_mode auto|on|off: build candidate indexes (model_export/candidates.py) for a catalogue of
+    `ann_min_tags` tags or more (auto), always (on) or never (off).
+    synthetic_tags: grow the catalogue to this many tags first (benchmarks only:
+    model_export/synthetic_tags.py)."""
     t0 = time.perf_counter()
     result = load_checkpoint(ckpt_dir)
+    if synthetic_tags:
+        from model_export.synthetic_tags import grow_tag_catalogue
+        result = grow_tag_catalogue(result, synthetic_tags)
     manifest, blobs = build_bundle(result)
     users = [("random", *random_users(result.schema, parity_users, np.random.default_rng(0)))]
     real = real_users(result.data_dir, result.schema, parity_users)
     if real is not None:
         users.append(("training-data", *real))
     manifest.parity = check_parity(result.model, manifest, blobs, users)
+    figures: dict = {}
+    if wants_index(ann_mode, manifest.num_tags, ann_min_tags):
+        t1 = time.perf_counter()
+        gate_users = ann.AnnConfig().gate_users
+        cat, multi = real_users(result.data_dir, result.schema, gate_users) or \
+            random_users(result.schema, gate_users, np.random.default_rng(2))
+        tower = build_model(manifest, blobs, "cpu", scoring="numpy")
+        values = np.concatenate([tower.run_tower(cat[lo:lo + 256], multi[lo:lo + 256]) for lo in range(0, len(cat), 256)])
+        add_candidate_indexes(manifest, blobs, values, min_tags=ann_min_tags)
+        figures["ann_seconds"] = time.perf_counter() - t1
     write_bundle(manifest, blobs, out)
     read_bundle(out)  # re-read and verify every checksum from disk
-    figures = {"export_seconds": time.perf_counter() - t0,
-               "bundle_bytes": sum(len(b) for b in blobs.values()) + len(manifest.to_json())}
+    figures.update(export_seconds=time.perf_counter() - t0,
+                   bundle_bytes=sum(len(b) for b in blobs.values()) + len(manifest.to_json()))
     return manifest, figures
 
 

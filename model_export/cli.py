@@ -6,23 +6,27 @@ import json
 import sys
 from datetime import datetime, timezone
 
+from mvke.runtime.redis_client import REDIS_URL_HELP
 
 EXTRA = "export"   # the pyproject extra these commands need (named by `mvke` when it is missing)
 
 
 def _redis(url: str | None):
-    import redis
-
-    from mvke.runtime.keys import redis_url
-    return redis.Redis.from_url(redis_url(url), socket_timeout=30)
+    from mvke.runtime.redis_client import connect   # one node or a Redis Cluster, AUTH/TLS from the URL
+    return connect(url, socket_timeout=30, socket_connect_timeout=10)
 
 
 def _export(a: argparse.Namespace) -> None:
     from model_export.bundle import export_checkpoint
-    manifest, fig = export_checkpoint(a.ckpt, a.out)
-    print(json.dumps({"version": manifest.version, "model": manifest.model, "out": a.out,
+    manifest, fig = export_checkpoint(a.ckpt, a.out, ann_mode=a.ann, ann_min_tags=a.ann_min_tags,
+                                      synthetic_tags=a.synthetic_tags)
+    print(json.dumps({"version": manifest.version, "model": manifest.model, "out": a.out, "num_tags": manifest.num_tags,
                       "export_seconds": round(fig["export_seconds"], 2), "bundle_bytes": fig["bundle_bytes"],
-                      "parity": manifest.parity}, indent=1))
+                      "parity": manifest.parity, "ann": manifest.ann.get("tasks", {})}, indent=1))
+    for task, entry in manifest.ann.get("tasks", {}).items():
+        if entry["status"] != "ann":
+            print(f"WARNING: task {task} has no candidate index and is served exactly: {entry['reason']}",
+                  file=sys.stderr)
 
 
 def _publish(a: argparse.Namespace) -> None:
@@ -61,23 +65,32 @@ def _models(a: argparse.Namespace) -> None:
 
 
 def _features_load(a: argparse.Namespace) -> None:
-    from model_export.feature_store import load_dataset_users
-    report = load_dataset_users(a.data, _redis(a.redis))
+    from model_export.features_job import FeaturesLoadConfig, load_features
+    if a.ttl is not None and a.ttl < 1:
+        raise ValueError(f"--ttl must be >= 1 second, got {a.ttl}")
+    report = load_features(FeaturesLoadConfig(a.data, redis_url=a.redis, key_prefix=a.key_prefix, workers=a.workers,
+                                              part_rows=a.part_rows, ttl_s=a.ttl, job_dir=a.job_dir))
     for bad in report.bad_rows[:50]:
         print(f"bad row: user {bad['user_id']}: field {bad['field']}: {bad['reason']}", file=sys.stderr)
-    print(json.dumps({"loaded": report.loaded, "bad_rows": len(report.bad_rows),
-                      "seconds": round(report.seconds, 2), "users_per_second": round(report.users_per_second)}))
+    if report.rejected > 50:
+        print(f"... {report.rejected} bad rows in all (every one in the job directory's rejects/)", file=sys.stderr)
+    print(json.dumps({**report.summary(), "bad_rows": report.rejected}))
 
 
 def register(sub) -> None:
     e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)")
     e.add_argument("ckpt")
     e.add_argument("--out", required=True)
+    e.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
+                   help="candidate indexes for large catalogues: auto = from --ann-min-tags tags up")
+    e.add_argument("--ann-min-tags", type=int, default=50_000)
+    e.add_argument("--synthetic-tags", type=int, default=0, metavar="N",
+                   help="benchmarks: grow the catalogue to N tags with the trained tag tower on synthetic ids")
     e.set_defaults(func=_export, extra=EXTRA)
 
     p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")
     p.add_argument("bundle", nargs="?")
-    p.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
+    p.add_argument("--redis", help=REDIS_URL_HELP)
     p.add_argument("--keep", type=int, default=3, help="versions to keep")
     p.add_argument("--rollback", action="store_true",
                    help="drop the canary if there is one, else re-activate the previous version")
@@ -87,15 +100,23 @@ def register(sub) -> None:
     p.set_defaults(func=_publish, extra=EXTRA)
 
     pr = sub.add_parser("promote", help="make the canary the active version")
-    pr.add_argument("--redis", help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)")
+    pr.add_argument("--redis", help=REDIS_URL_HELP)
     pr.set_defaults(func=_promote, extra=EXTRA)
 
     m = sub.add_parser("models", help="list published versions")
-    m.add_argument("--redis")
+    m.add_argument("--redis", help=REDIS_URL_HELP)
     m.set_defaults(func=_models, extra=EXTRA)
 
     f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
-    fl = f.add_parser("load", help="load users.parquet into the feature store")
-    fl.add_argument("--data", required=True)
-    fl.add_argument("--redis")
+    fl = f.add_parser("load", help="load users.parquet into the feature store (parallel, resumable by part)",
+                      description="Every user of DATA's users.parquet (a file or a directory of parts) -> one "
+                                  "Redis hash per user. Resumable: rerun the same command after a failure and "
+                                  "finished parts are skipped. Bad rows are reported and the rest is loaded.")
+    fl.add_argument("--data", required=True, help="dataset directory (meta.json + users.parquet)")
+    fl.add_argument("--redis", help=REDIS_URL_HELP)
+    fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    fl.add_argument("--ttl", type=int, help="expire each user hash this many seconds after its load")
+    fl.add_argument("--part-rows", type=int, default=262_144, help="users per part (the unit of resumption)")
+    fl.add_argument("--job-dir", help="markers and rejects (default DATA/_features_load)")
+    fl.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
     fl.set_defaults(func=_features_load, extra=EXTRA)

@@ -1,8 +1,12 @@
-"""`mvke features load`: raw user feature rows -> one Redis hash per user.
+"""The feature store: raw user feature rows -> one Redis hash per user.
 
 The service reads these hashes (`mvke:user:<id>`) and maps raw values to ids
 with the active manifest's vocabularies, so the store is model-independent and
 survives model versions. Multi-valued fields are stored `|`-joined.
+
+`validate_row` is the per-row rule (the column-wise checks of feature_writer.py
+follow it); `load_rows` / `load_dataset_users` load in this process;
+`mvke features load` is features_job.py (processes, resumable by part).
 """
 from __future__ import annotations
 
@@ -12,14 +16,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import redis
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from model_export.feature_writer import LOADED_AT_FIELD, FeatureSink, StoreColumns, store_columns
 from mvke.runtime.features import MULTI_SEP, to_store_value
 from mvke.runtime.keys import Keys
-
-
-LOADED_AT_FIELD = "_loaded_at"
 
 
 @dataclass
@@ -56,55 +59,77 @@ def validate_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> tuple[dict
     return mapping, None, None
 
 
-def load_rows(rows: Iterable[Mapping[str, Any]], kinds: Mapping[str, str], r: redis.Redis,
-              keys: Keys | None = None, batch_size: int = 1000, total: int | None = None,
-              progress: bool = True) -> LoadReport:
+def _write(sink: FeatureSink, uids: list[str], mappings: list[dict[str, str]], names: list[str]) -> None:
+    columns = [(n, pa.array([m.get(n) for m in mappings], pa.string())) for n in names]
+    sink.write(StoreColumns(pa.array(uids, pa.string()), columns))
+
+
+def load_rows(rows: Iterable[Mapping[str, Any]], kinds: Mapping[str, str], r, keys: Keys | None = None,
+              batch_size: int = 1000, total: int | None = None, progress: bool = True,
+              ttl_s: int | None = None) -> LoadReport:
+    """Python rows (checked one by one with `validate_row`) -> the feature store, on one node or a cluster.
+
+    Each user's hash is replaced atomically (MULTI/DEL/HSET/EXEC per user, one key: legal on a
+    cluster): a reader never sees a user between the DEL and the HSET of a re-load.
+    """
     keys = keys or Keys()
     report = LoadReport()
     t0 = time.perf_counter()
-    stamp = str(int(time.time()))
-    # MULTI per batch: a reader never sees a user between the DEL and the HSET of a re-load.
-    pipe = r.pipeline(transaction=True)
-    pending = 0
-    with tqdm(total=total, unit="user", desc="features", disable=not progress) as bar:
-        for row in rows:
-            mapping, bad_field, reason = validate_row(row, kinds)
-            if mapping is None:
-                report.bad_rows.append({"user_id": str(row.get("user_id")), "field": bad_field, "reason": reason})
-                continue
-            key = keys.user(str(row["user_id"]))
-            # Replace the whole hash so a re-load leaves no stale field behind.
-            pipe.delete(key)
-            # `_loaded_at` keeps the hash alive for a user whose every feature is empty
-            # (still a known user, all fields OOV); the encoder ignores unknown fields.
-            pipe.hset(key, mapping={**mapping, LOADED_AT_FIELD: stamp})
-            pending += 1
-            if pending >= batch_size:
-                pipe.execute()
-                report.loaded += pending
-                bar.update(pending)
-                pending = 0
-        if pending:
-            pipe.execute()
-            report.loaded += pending
-            bar.update(pending)
+    sink = FeatureSink(r, keys.user(""), str(int(time.time())), ttl_s)
+    names = list(kinds)
+    uids: list[str] = []
+    mappings: list[dict[str, str]] = []
+    try:
+        with tqdm(total=total, unit="user", desc="features", disable=not progress) as bar:
+            for row in rows:
+                mapping, bad_field, reason = validate_row(row, kinds)
+                if mapping is None:
+                    report.bad_rows.append({"user_id": str(row.get("user_id")), "field": bad_field, "reason": reason})
+                    continue
+                uids.append(str(row["user_id"]))
+                mappings.append(mapping)
+                if len(uids) >= batch_size:
+                    _write(sink, uids, mappings, names)
+                    report.loaded += len(uids)
+                    bar.update(len(uids))
+                    uids, mappings = [], []
+            if uids:
+                _write(sink, uids, mappings, names)
+                report.loaded += len(uids)
+                bar.update(len(uids))
+            sink.flush()
+    finally:
+        sink.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def load_dataset_users(data_dir: str | Path, r: redis.Redis, keys: Keys | None = None,
-                       progress: bool = True) -> LoadReport:
-    import json
+def load_dataset_users(data_dir: str | Path, r, keys: Keys | None = None, progress: bool = True,
+                       ttl_s: int | None = None) -> LoadReport:
+    """A dataset's users.parquet into the feature store, in this process (`mvke features load` runs
+    features_job.load_features: several processes, resumable by part)."""
+    from model_export.features_job import read_kinds, users_source
+    keys = keys or Keys()
+    files, home = users_source(data_dir)
+    kinds = read_kinds(home)
+    report = LoadReport()
+    t0 = time.perf_counter()
+    sink = FeatureSink(r, keys.user(""), str(int(time.time())), ttl_s)
+    try:
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=None, use_threads=False):
+                cols = store_columns(batch, kinds)
+                report.bad_rows += [dict(zip(("user_id", "field", "reason"), b)) for b in cols.rejects]
+                sink.write(cols)
+                report.loaded += len(cols.user_ids)
+        sink.flush()
+    finally:
+        sink.close()
+    report.seconds = time.perf_counter() - t0
+    return report
 
-    import pyarrow.parquet as pq
-    data_dir = Path(data_dir)
-    meta = json.loads((data_dir / "meta.json").read_text())
-    table = pq.read_table(data_dir / "users.parquet")
-    rows = table.to_pylist()
-    return load_rows(rows, meta["fields"], r, keys, total=len(rows), progress=progress)
 
-
-def read_user(r: redis.Redis, user_id: str, keys: Keys | None = None) -> dict[str, str] | None:
+def read_user(r, user_id: str, keys: Keys | None = None) -> dict[str, str] | None:
     keys = keys or Keys()
     raw = r.hgetall(keys.user(user_id))
     if not raw:

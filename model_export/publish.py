@@ -3,20 +3,28 @@
 A publish:
 1. verifies the bundle's files against its manifest (refuses a mismatch);
 2. takes the publisher lock (two publishers run one after the other);
-3. removes orphans of earlier failed publishes (version keys no version list knows);
-4. writes the whole version (manifest + every file) in ONE MULTI/EXEC: Redis
-   applies all of it or none of it, so a dropped connection leaves nothing half-written;
+3. removes orphans of earlier failed publishes (versions in `{mvke}:stored` that neither
+   the version list nor the alias owns);
+4. writes the whole version (manifest + every file + its `{mvke}:stored` entry) in ONE
+   MULTI/EXEC: Redis applies all of it or none of it, so a dropped connection leaves
+   nothing half-written;
 5. reads it back and checks every sha256; on a mismatch deletes it and fails;
-6. flips `mvke:active` with a Lua script that refuses a version whose manifest
-   is missing, records the version in `mvke:versions`, and trims to the newest N.
-Readers resolve the alias, then read one version's immutable keys: they never
-see a manifest and arrays of different versions.
+6. flips `{mvke}:active` with a Lua script that refuses a version whose manifest is
+   missing and records the version in `{mvke}:versions`, then trims to the newest N
+   (each removal one MULTI: list entry, stored entry and keys together).
+Readers resolve the alias, then read one version's immutable keys: they never see a
+manifest and arrays of different versions.
 
 Canary: `publish(..., canary_percent=P)` does steps 1-5 and then, instead of the alias
-flip, sets `mvke:canary` to `<version>:<P>` with a Lua script (refusing a version without
+flip, sets `{mvke}:canary` to `<version>:<P>` with a Lua script (refusing a version without
 a manifest or the active one). `promote` flips the alias to the canary and deletes the
 canary key in one script; `rollback` with a canary set deletes it (and marks the version
 rolled back from). Retention never trims the active version or the canary.
+
+Every key a MULTI or a script touches here carries the hash tag `{mvke}`
+(mvke/runtime/keys.py): on a Redis Cluster they share one slot, so each step is as
+atomic there as on a single node. `r` may be a `redis.Redis` or a
+`redis.cluster.RedisCluster` (mvke.runtime.redis_client.connect).
 """
 from __future__ import annotations
 
@@ -30,11 +38,12 @@ import redis
 
 from mvke.runtime.contract import MANIFEST_FILE, BundleError, Manifest, read_bundle
 from mvke.runtime.keys import Keys, format_canary, parse_canary
+from mvke.runtime.redis_client import REDIS_ERRORS
 from mvke.runtime.versions import active_version, read_version
 
 DEFAULT_KEEP = 3
 
-# KEYS: active, versions, new manifest ; ARGV: version, score, keep, version key prefix root
+# KEYS: active, versions, manifest of ARGV[1] ; ARGV: version, score ('' keeps the score)
 _ACTIVATE = """
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return redis.error_reply('version ' .. ARGV[1] .. ' is not fully published')
@@ -45,6 +54,23 @@ if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 end
 return previous
+"""
+
+# KEYS: active, versions, manifest of the target ; ARGV: target, version rolled back from.
+# One script: the alias moves back and the version left is marked (negated score) together.
+_ROLLBACK = """
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return redis.error_reply('version ' .. ARGV[1] .. ' is not in Redis')
+end
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then
+  return redis.error_reply('the active version changed meanwhile')
+end
+redis.call('SET', KEYS[1], ARGV[1])
+local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
+if score and score > 0 then
+  redis.call('ZADD', KEYS[2], -score, ARGV[2])
+end
+return ARGV[2]
 """
 
 # KEYS: active, versions, canary, version manifest ; ARGV: version, percent spec, score
@@ -113,52 +139,53 @@ def publisher_lock(r: redis.Redis, keys: Keys, ttl_s: float = 120.0, wait_s: flo
     finally:
         try:
             lock.release()
-        except redis.RedisError:
+        except (*REDIS_ERRORS, redis.exceptions.LockError):
             pass  # expired, or Redis is gone: the TTL frees it
 
 
-def _version_keys(r: redis.Redis, keys: Keys, version: str) -> list[str]:
-    return [k.decode() if isinstance(k, bytes) else k
-            for k in r.scan_iter(match=f"{keys.version_prefix(version)}:*", count=500)]
+def _decode(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
 
 
-def _delete_version(r: redis.Redis, keys: Keys, version: str) -> int:
-    found = _version_keys(r, keys, version)
-    return r.delete(*found) if found else 0
+def _delete_version(r, keys: Keys, version: str) -> int:
+    """Drop a version: its keys (named by its manifest), its list and stored entries, in one MULTI."""
+    raw = r.get(keys.manifest(version))
+    names = list(Manifest.from_json(raw).files) if raw is not None else []
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(*keys.version_keys(version, names))
+    pipe.zrem(keys.versions, version)
+    pipe.srem(keys.stored, version)
+    return pipe.execute()[0]
 
 
-def _known_versions(r: redis.Redis, keys: Keys) -> set[str]:
-    return {v.decode() for v in r.zrange(keys.versions, 0, -1)}
+def _known_versions(r, keys: Keys) -> set[str]:
+    return {_decode(v) for v in r.zrange(keys.versions, 0, -1)}
 
 
-def collect_orphans(r: redis.Redis, keys: Keys) -> list[str]:
-    """Delete version keys that no version list entry owns (leftovers of failed publishes).
+def collect_orphans(r, keys: Keys) -> list[str]:
+    """Delete versions that were written but never listed nor activated (leftovers of failed publishes).
 
-    Only called under the publisher lock, so no publish is in flight.
+    Only called under the publisher lock, so no publish is in flight. Reads `{mvke}:stored`,
+    not the keyspace: no SCAN over a billion user keys.
     """
     known = _known_versions(r, keys)
     for pointer in (active_version(r, keys), canary_of(r, keys)):
         if pointer:
             known.add(pointer if isinstance(pointer, str) else pointer[0])
-    orphans = set()
-    for k in r.scan_iter(match=keys.version_pattern(), count=500):
-        version = keys.version_of(k.decode())
-        if version not in known:
-            orphans.add(version)
+    orphans = sorted({_decode(v) for v in r.smembers(keys.stored)} - known)
     for v in orphans:
         _delete_version(r, keys, v)
-    return sorted(orphans)
+    return orphans
 
 
-def _trim(r: redis.Redis, keys: Keys, keep: int) -> list[str]:
-    versions = [v.decode() for v in r.zrange(keys.versions, 0, -1)]  # oldest first
-    active = (r.get(keys.active) or b"").decode()
+def _trim(r, keys: Keys, keep: int) -> list[str]:
+    versions = [_decode(v) for v in r.zrange(keys.versions, 0, -1)]  # oldest first (rolled back from: first)
+    active = _decode(r.get(keys.active) or b"")
     canary = (canary_of(r, keys) or ("",))[0]
     removed = []
     for v in versions[: max(0, len(versions) - keep)]:
         if v in (active, canary):
             continue
-        r.zrem(keys.versions, v)
         _delete_version(r, keys, v)
         removed.append(v)
     return removed
@@ -185,9 +212,10 @@ def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, ke
             for name, data in blobs.items():
                 pipe.set(keys.file(v, name), data)
             pipe.set(keys.manifest(v), manifest_json)
+            pipe.sadd(keys.stored, v)
             try:
                 pipe.execute()
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 _cleanup_after_failure(r, keys, v)
                 raise PublishError(f"writing version {v} failed, nothing activated: {e}") from e
             try:
@@ -197,15 +225,15 @@ def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, ke
                 raise PublishError(f"read-back of version {v} failed its checksums, deleted: {e}") from e
         previous = None
         if activate:
-            previous = r.eval(_ACTIVATE, 3, keys.active, keys.versions, keys.manifest(v), v, repr(time.time()), keep, "")
-            previous = previous.decode() if previous else None
+            previous = r.eval(_ACTIVATE, 3, keys.active, keys.versions, keys.manifest(v), v, repr(time.time()))
+            previous = _decode(previous) if previous else None
         elif canary_percent is not None:
             try:
                 previous = r.eval(_SET_CANARY, 4, keys.active, keys.versions, keys.canary, keys.manifest(v), v,
                                   format_canary(v, canary_percent), repr(time.time()))
             except redis.ResponseError as e:
                 raise PublishError(str(e)) from e
-            previous = previous.decode() if previous else None
+            previous = _decode(previous) if previous else None
         else:
             r.zadd(keys.versions, {v: time.time()})
         removed = _trim(r, keys, keep)
@@ -220,15 +248,17 @@ def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, ke
 def _cleanup_after_failure(r: redis.Redis, keys: Keys, version: str) -> None:
     """Best effort; if Redis is gone, the next publish collects the orphans."""
     try:
-        if version not in _known_versions(r, keys):
+        # A refused MULTI wrote nothing (not in `stored`): no MULTI needed then, which matters
+        # when Redis is out of memory (it refuses every MULTI until memory is freed).
+        if r.sismember(keys.stored, version) and version not in _known_versions(r, keys):
             _delete_version(r, keys, version)
-    except redis.RedisError:
+    except REDIS_ERRORS:
         pass
 
 
 def canary_of(r: redis.Redis, keys: Keys) -> tuple[str, float] | None:
     raw = r.get(keys.canary)
-    return parse_canary(raw.decode()) if raw else None
+    return parse_canary(_decode(raw)) if raw else None
 
 
 def set_canary_percent(r: redis.Redis, percent: float, keys: Keys | None = None) -> dict:
@@ -255,14 +285,14 @@ def promote(r: redis.Redis, keys: Keys | None = None) -> dict:
             version, previous = r.eval(_PROMOTE, 2, keys.active, keys.canary, "")
         except redis.ResponseError as e:
             raise PublishError(str(e)) from e
-    return {"active": version.decode(), "previous": previous.decode() or None}
+    return {"active": _decode(version), "previous": _decode(previous) or None}
 
 
 def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
     """With a canary: drop it (the active version keeps serving everyone; the canary is marked
     rolled back from). Without one: re-activate the newest version published before the active one.
 
-    The version rolled back from is marked in `mvke:versions` by negating its score
+    The version rolled back from is marked in `{mvke}:versions` by negating its score
     (-publish time): a rollback never re-activates a marked version (a second rollback
     goes further back instead of toggling to the bad one), and marked versions sort
     first, so retention drops them first. Publishing a marked version again unmarks it.
@@ -275,27 +305,27 @@ def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
                 dropped = r.eval(_DROP_CANARY, 2, keys.versions, keys.canary, spec)
             except redis.ResponseError as e:
                 raise PublishError(str(e)) from e
-            return {"active": active_version(r, keys), "canary_dropped": dropped.decode()}
-        scores = {v.decode(): s for v, s in r.zrange(keys.versions, 0, -1, withscores=True)}
-        active = (r.get(keys.active) or b"").decode()
+            return {"active": active_version(r, keys), "canary_dropped": _decode(dropped)}
+        scores = {_decode(v): s for v, s in r.zrange(keys.versions, 0, -1, withscores=True)}
+        active = _decode(r.get(keys.active) or b"")
         if active not in scores:
             raise PublishError("no active version to roll back from")
         candidates = sorted((s, v) for v, s in scores.items() if s >= 0 and s < scores[active])
         if not candidates:
             raise PublishError(f"{active} is the oldest kept version not rolled back from: nothing to roll back to")
         target = candidates[-1][1]
-        r.eval(_ACTIVATE, 3, keys.active, keys.versions, keys.manifest(target), target, "", 0, "")
-        r.zadd(keys.versions, {active: -abs(scores[active])})
+        # one script: the alias moves back and the version left is marked, together
+        r.eval(_ROLLBACK, 3, keys.active, keys.versions, keys.manifest(target), target, active)
     return {"active": target, "previous": active}
 
 
 def list_versions(r: redis.Redis, keys: Keys | None = None) -> list[VersionInfo]:
     keys = keys or Keys()
-    active = (r.get(keys.active) or b"").decode()
+    active = _decode(r.get(keys.active) or b"")
     canary = canary_of(r, keys)
     out = []
     for v, score in r.zrange(keys.versions, 0, -1, withscores=True):
-        v = v.decode()
+        v = _decode(v)
         raw = r.get(keys.manifest(v))
         if raw is None:
             continue

@@ -126,12 +126,11 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
 
 def _serve_from_redis(url: str, data: Path, bundle: Path, version: str, step) -> None:
-    import redis
-
     from mvke.runtime.keys import Keys
+    from mvke.runtime.redis_client import connect, resolve
     from mvke.runtime.versions import active_version
-    keys, where = Keys(), url.split("@")[-1]
-    r = redis.Redis.from_url(url, socket_timeout=30)
+    keys, where = Keys(), resolve(url).display
+    r = connect(url, socket_timeout=30)     # one node or a Redis Cluster, AUTH/TLS from the URL
     try:
         step("publish", active_version(r, keys) == version, f"publishing version {version} to {where}",
              ["publish", str(bundle), "--redis", url])
@@ -156,7 +155,8 @@ def register(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--data-source", required=True, help="synth | ml100k | a dataset directory")
     p.add_argument("--model", default="mvke-mt", help="model to train (default mvke-mt)")
-    p.add_argument("--redis", help="Redis URL: publish and load the feature store there (without: stop after export)")
+    p.add_argument("--redis", help="Redis URL: publish and load the feature store there (without: stop after export); "
+                                   "redis+cluster:// for a Redis Cluster, rediss:// for TLS")
     p.add_argument("--work", default=os.environ.get("MVKE_WORK_DIR", ".mvke-local"),
                    help="where data, checkpoints and bundles go (default $MVKE_WORK_DIR or .mvke-local)")
     p.add_argument("--users", type=int, default=20_000, help="synthetic users (synth only; default 20000)")

@@ -33,9 +33,10 @@ def step(msg: str) -> None:
 
 
 def redis_answers(url: str) -> bool:
+    from mvke.runtime.redis_client import REDIS_ERRORS, connect
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.5).ping())
-    except redis.RedisError:
+        return bool(connect(url, socket_connect_timeout=0.3, socket_timeout=0.5).ping())
+    except REDIS_ERRORS:
         return False
 
 

@@ -19,11 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mvke.runtime.contract import Manifest
 from mvke.runtime.keys import Keys
+from mvke.runtime.redis_client import REDIS_ERRORS
 from service.logs import setup_logging
 from service.middleware import EdgeMiddleware
 from service.openapi import ERRORS, ServedOpenAPI
@@ -83,7 +83,7 @@ async def list_versions(state: ServiceState) -> dict:
     registry = state.registry
     try:
         active, scored, raws = await asyncio.to_thread(_read_versions, state.redis_models, state.keys)
-    except RedisError as e:
+    except REDIS_ERRORS as e:
         raise unavailable(f"redis unavailable: {type(e).__name__}") from None
     canary = registry.canary_setting
     loaded = registry.loaded()
@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await state.start()
         m = state.registry.current
-        log.info("service started", extra={"redis": settings.redis_url.split("@")[-1],
+        log.info("service started", extra={"redis": state.redis_target.display,
                                            "batching": settings.batching, "ort_threads": settings.ort_threads(),
                                            "version": m.version if m else None,
                                            "provider": m.provider if m else None,
@@ -210,7 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return json_response({"ready": False, "reason": state.registry.last_error or "no model loaded"}, 503)
         try:
             await asyncio.wait_for(state.redis.ping(), settings.redis_timeout_s)
-        except (RedisError, asyncio.TimeoutError, OSError) as e:
+        except (*REDIS_ERRORS, asyncio.TimeoutError, OSError) as e:
             return json_response({"ready": False, "reason": f"redis unavailable: {type(e).__name__}"}, 503,
                                  {"Retry-After": "1"})
         doc = {"ready": True, "model_version": m.version}
@@ -225,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if m is None:
             return json_response({"detail": state.registry.last_error or "no model loaded"}, 503)
         return json_response({**m.manifest.summary(), "provider": m.provider,
+                              "scoring": m.scoring, "approximate": m.approximate,
                               "ort_threads": settings.ort_threads(), "batching": settings.batching,
                               "serving": settings.serving_summary()})
 

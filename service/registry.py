@@ -1,6 +1,6 @@
 """Which model versions serve, and hot swapping to new ones.
 
-A background task polls the alias `mvke:active`, the canary setting `mvke:canary`
+A background task polls the alias `{mvke}:active`, the canary setting `{mvke}:canary`
 (`<version>:<percent>`, written by `mvke publish --canary`; `MVKE_CANARY` overrides it)
 and the list of published versions, in one round trip. When the active or canary
 version changes, that version is read (one MULTI: a consistent snapshot), its sha256s
@@ -23,11 +23,9 @@ import time
 import zlib
 from dataclasses import dataclass
 
-import redis
-from redis.exceptions import RedisError
-
 from mvke.runtime.contract import BundleError
 from mvke.runtime.keys import Keys, parse_canary
+from mvke.runtime.redis_client import REDIS_ERRORS
 from mvke.runtime.model import LoadedModel, build_model
 from mvke.runtime.versions import read_version
 from service.background import cancel_and_wait
@@ -58,7 +56,8 @@ class RoutingError(Exception):
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, r: redis.Redis, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, r, metrics: ServiceMetrics):
+        """`r`: a sync client of mvke.runtime.redis_client (one node or a cluster; model keys share one slot)."""
         self.settings, self.redis, self.metrics = settings, r, metrics
         self.keys = Keys(settings.key_prefix)
         self.current: LoadedModel | None = None        # the active version
@@ -113,7 +112,7 @@ class ModelRegistry:
         keys = self.keys
         try:
             active, canary_raw, versions = await asyncio.to_thread(self._pointers)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             if self.current is None:
                 self.last_error = f"redis unavailable: {e}"
             return
@@ -173,7 +172,7 @@ class ModelRegistry:
         t0 = time.perf_counter()
         try:
             model = await self._load(version)
-        except (RedisError, BundleError, ValueError, KeyError) as e:
+        except (*REDIS_ERRORS, BundleError, ValueError, KeyError) as e:
             self._failed.add(version)
             self._last_load_error = f"cannot load {role} version {version}: {e}"
             if self.current is None or role == "active":
@@ -200,7 +199,9 @@ class ModelRegistry:
 
     def _build(self, version: str) -> LoadedModel:
         manifest, blobs = read_version(self.redis, self.keys, version)
-        return build_model(manifest, blobs, self.settings.ort_provider, self.settings.ort_threads())
+        s = self.settings
+        return build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann, ann_min_tags=s.ann_min_tags,
+                           scoring=s.scoring)
 
 
 def _text(v: bytes | str) -> str:

@@ -69,6 +69,8 @@ class TagOptions(BaseModel):
                           "Values use the raw value vocabulary of the training data (e.g. clicked_tags "
                           "`t0012`), not the catalogue tag names of the answers (`cat28/tag0362`); values "
                           "the model never saw are counted in the answer's `unknown_values`")
+    exact: bool = Field(False, description="score every tag exactly, also where the service ranks a large "
+                                           "catalogue's candidates only (MVKE_ANN)")
     tags: list[str] | None = Field(None, min_length=1, description="candidate scoring: score exactly these tags "
                                    "(per task, ranked; top_k and min_score still apply; max MVKE_MAX_CANDIDATE_TAGS)")
     ignore_unknown: bool = Field(False, description="with `tags`: list tags the model does not know under "

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
-import redis
-import redis.asyncio as aioredis
 from fastapi.responses import Response
 
 from mvke.runtime.features import MULTI_SEP, FeatureSchema
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import LoadedModel
+from mvke.runtime.redis_client import connect, connect_async, resolve
 from service.auth import ApiKeys
 from service.batcher import DynamicBatcher
 from service.metrics import ServiceMetrics
@@ -67,14 +66,15 @@ class ServiceState:
         self.keys = Keys(settings.key_prefix)
         self.api_keys = ApiKeys(settings.api_keys, settings.api_keys_file, settings.metrics_need_key)
         common = dict(socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
-        # redis-py's default pool raises once it has handed out max_connections; a blocking pool waits
-        # up to redis_pool_wait_s and then fails with a RedisError, which becomes a 503.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_pool_size, timeout=settings.redis_pool_wait_s,
-            decode_responses=True, **common)
-        self.redis = aioredis.Redis(connection_pool=pool)
+        # One node or a Redis Cluster (redis+cluster:// or MVKE_REDIS_CLUSTER), AUTH and TLS from the URL.
+        self.redis_target = resolve(settings.redis_url, settings.redis_cluster)
+        # One node: a blocking pool waits up to redis_pool_wait_s for a connection, then fails with a
+        # RedisError (503); redis-py's default pool would raise at once. A cluster: redis_pool_size
+        # connections per master (the batched fetch: service/cluster_fetch.py).
+        self.redis = connect_async(self.redis_target, pool_size=settings.redis_pool_size,
+                                   pool_wait_s=settings.redis_pool_wait_s, decode_responses=True, **common)
         # model reads run in a worker thread (mvke.runtime.versions): a small synchronous client
-        self.redis_models = redis.Redis.from_url(settings.redis_url, max_connections=4, **common)
+        self.redis_models = connect(self.redis_target, max_connections=4, **common)
         self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
         self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
@@ -89,6 +89,8 @@ class ServiceState:
         if self.batcher:
             await self.batcher.stop()
         await self.registry.stop()
+        if self.tagger.cluster_reader is not None:
+            await self.tagger.cluster_reader.aclose()
         await self.redis.aclose()
         self.redis_models.close()
 
@@ -133,7 +135,7 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
                 raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
         unknown_values = unknown_value_counts(model.schema, req.features) or None
     job = TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags,
-                 model=model, unknown_values=unknown_values)
+                 exact=req.exact, model=model, unknown_values=unknown_values)
     candidates = getattr(req, "tags", None)
     if candidates is not None:
         _candidates(job, model, candidates, req.ignore_unknown, req.top_k, s.max_candidate_tags)

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import LoadedModel
+from mvke.runtime.redis_client import REDIS_ERRORS, describe_error, is_cluster
 from mvke.runtime.scoring import Ranked, explain_tags, rank, sigmoid, task_cosines_at
 from mvke.runtime.system import limit_blas_threads
+from service.cluster_fetch import ClusterHashReader
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 
@@ -49,6 +49,7 @@ class TagJob:
     tasks: list[str]
     min_score: float | None
     exclude: list[str]
+    exact: bool = False              # score every tag, also where the model ranks candidates (MVKE_ANN)
     future: asyncio.Future | None = None
     model: LoadedModel | None = None          # the routed version (None: the active one)
     candidates: np.ndarray | None = None      # candidate scoring: tag indices to score (else the catalogue)
@@ -72,8 +73,22 @@ class TagResult:
     unknown_tags: list[str] | None = None
 
 
+def merge_rows(parts: list[tuple[list[int], Ranked]], n: int) -> Ranked:
+    """One task's rankings of disjoint row subsets -> the ranking of all n rows, in row order."""
+    first = parts[0][1]
+    idx = np.empty((n, first.tag_index.shape[1]), dtype=first.tag_index.dtype)
+    scores = np.empty((n, first.scores.shape[1]), dtype=first.scores.dtype)
+    kept = None if all(r.kept is None for _, r in parts) else np.ones(idx.shape, dtype=bool)
+    for rows, r in parts:
+        idx[rows], scores[rows] = r.tag_index, r.scores
+        if kept is not None and r.kept is not None:
+            kept[rows] = r.kept
+    return Ranked(idx, scores, kept)
+
+
 class Tagger:
-    def __init__(self, registry: ModelRegistry, redis: aioredis.Redis, metrics: ServiceMetrics, keys: Keys):
+    def __init__(self, registry: ModelRegistry, redis, metrics: ServiceMetrics, keys: Keys):
+        """`redis`: an asyncio client of mvke.runtime.redis_client (one node or a cluster)."""
         self.registry, self.redis, self.metrics, self.keys = registry, redis, metrics, keys
         settings = getattr(registry, "settings", None)
         # Batches of at least this size run in a worker thread (the loop keeps reading requests while
@@ -85,6 +100,10 @@ class Tagger:
         self._batch_size = metrics.batch_size
         self._shed_redis = metrics.shed.labels("redis")
         self._per_version: dict[str, Any] = {}
+        # Redis Cluster: one pipeline per master, a dead master failing only its users (cluster_fetch.py)
+        self.cluster_reader = (ClusterHashReader(redis, getattr(settings, "redis_pool_size", 64),
+                                                 getattr(settings, "redis_pool_wait_s", 0.2))
+                               if is_cluster(redis) else None)
 
     def model(self) -> LoadedModel:
         m = self.registry.current
@@ -112,9 +131,9 @@ class Tagger:
             groups.setdefault(id(job.model or active), []).append(i)
         try:
             rows = await self._fetch(jobs)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             self._shed_redis.inc()
-            return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
+            return [unavailable(f"feature store unavailable: {describe_error(e)}")] * len(jobs)
         results: list = [None] * len(jobs)
         for idx in groups.values():
             part = await self._process_one([jobs[i] for i in idx], jobs[idx[0]].model or active,
@@ -129,12 +148,16 @@ class Tagger:
         if rows is None:
             try:
                 rows = await self._fetch(jobs)
-            except RedisError as e:
+            except REDIS_ERRORS as e:
                 self._shed_redis.inc()
-                return [unavailable(f"feature store unavailable: {type(e).__name__}: {e}")] * len(jobs)
+                return [unavailable(f"feature store unavailable: {describe_error(e)}")] * len(jobs)
         results: list[TagResult | ServiceError | None] = [None] * len(jobs)
         ready = []
         for i, (job, stored) in enumerate(zip(jobs, rows)):
+            if isinstance(stored, BaseException):   # this user's cluster node failed; the others' did not
+                self._shed_redis.inc()
+                results[i] = unavailable(f"feature store unavailable: {describe_error(stored)}")
+                continue
             if not job.features:
                 if not stored:
                     results[i] = ServiceError(404, f"user {job.user_id!r} is not in the feature store; "
@@ -164,10 +187,15 @@ class Tagger:
             child = self._per_version[version] = self.metrics.version_requests.labels(version)
         return child
 
-    async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str]]:
+    async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str] | BaseException]:
         t0 = time.perf_counter()
         user_key = self.keys.user
-        if len(jobs) == 1:
+        if self.cluster_reader is not None:
+            ids = list(dict.fromkeys(j.user_id for j in jobs))
+            values = await self.cluster_reader.hgetall_many([user_key(u) for u in ids])
+            by_id = dict(zip(ids, values))
+            rows = [by_id[j.user_id] for j in jobs]
+        elif len(jobs) == 1:
             rows = [await self.redis.hgetall(user_key(jobs[0].user_id))]
         else:
             ids = list(dict.fromkeys(j.user_id for j in jobs))
@@ -194,17 +222,26 @@ class Tagger:
         kept = jobs if len(keep) == len(jobs) else [jobs[i] for i in keep]
         t1 = time.perf_counter()
         steps["encode"].observe(t1 - t0)
-        values = model.run_tower(cat, multi)                                     # [B, sum K, D]
-        t2 = time.perf_counter()
-        steps["tower"].observe(t2 - t1)
-        # Jobs with candidate tags are scored on their candidates only (rank_candidates), the
-        # others on the whole catalogue, one GEMM pair for all of them.
-        full = [row for row, job in enumerate(kept) if job.candidates is None]
-        every = len(full) == len(kept)
-        full_jobs = kept if every else [kept[row] for row in full]
-        ranked = self.score(model, full_jobs, values if every else values[full]) if full else {}
-        t3 = time.perf_counter()
-        steps["score"].observe(t3 - t2)
+        values = None
+        if model.topk_session is not None and not any(job.candidates is not None or job.explain for job in kept):
+            # tower + scores + TopK in one ONNX call (contract.TOWER_TOPK_FILE), timed as "tower";
+            # candidate scoring and explanations need the expert outputs: they take the two calls
+            ranked = model.rank_fused(cat, multi, *self.asked(model, kept))
+            t3 = time.perf_counter()
+            steps["tower"].observe(t3 - t1)
+            full, every, full_jobs = range(len(kept)), True, kept
+        else:
+            values = model.run_tower(cat, multi)                                 # [B, sum K, D]
+            t2 = time.perf_counter()
+            steps["tower"].observe(t2 - t1)
+            # Jobs with candidate tags are scored on their candidates only (rank_candidates), the
+            # others on the whole catalogue, one GEMM pair for all of them.
+            full = [row for row, job in enumerate(kept) if job.candidates is None]
+            every = len(full) == len(kept)
+            full_jobs = kept if every else [kept[row] for row in full]
+            ranked = self.score(model, full_jobs, values if every else values[full]) if full else {}
+            t3 = time.perf_counter()
+            steps["score"].observe(t3 - t2)
         for row, result in zip(full, self.rank(model, full_jobs, ranked)):
             out[keep[row]] = result
         if not every:
@@ -234,8 +271,8 @@ class Tagger:
         return keep, enc.cat_ids[keep], enc.multi_ids[keep]
 
     @staticmethod
-    def score(model: LoadedModel, jobs: list[TagJob], values: np.ndarray) -> dict[str, Ranked]:
-        """Every task some job asks for, scored for the whole batch (one GEMM pair), top k at the largest k asked."""
+    def asked(model: LoadedModel, jobs: list[TagJob]) -> tuple[dict[str, int], list[list[int]] | None]:
+        """The largest k asked per task, and per job the tag indices it excludes (None: none anywhere)."""
         k: dict[str, int] = {}
         for job in jobs:
             for task in job.tasks:
@@ -245,7 +282,22 @@ class Tagger:
         if any(job.exclude for job in jobs):
             index = model.tag_index
             exclude = [[index[t] for t in job.exclude if t in index] for job in jobs]
-        return rank(values, model.sides.values(), k, exclude)
+        return k, exclude
+
+    @classmethod
+    def score(cls, model: LoadedModel, jobs: list[TagJob], values: np.ndarray) -> dict[str, Ranked]:
+        """Every task some job asks for, scored for the whole batch (one GEMM pair, or the candidates of
+        a large catalogue's index), top k at the largest k asked. Jobs asking `exact` on a model served
+        approximately are ranked over every tag, as a second call on their rows."""
+        k, exclude = cls.asked(model, jobs)
+        exact_rows = [i for i, job in enumerate(jobs) if job.exact] if model.approximate else []
+        if not exact_rows or len(exact_rows) == len(jobs):
+            return rank(values, model.sides.values(), k, exclude, approximate=not exact_rows)
+        approx_rows = [i for i, job in enumerate(jobs) if not job.exact]
+        parts = [(rows, rank(values[rows], model.sides.values(), k,
+                             [exclude[i] for i in rows] if exclude else None, approximate=rows is approx_rows))
+                 for rows in (approx_rows, exact_rows)]
+        return {task: merge_rows([(rows, r[task]) for rows, r in parts], len(jobs)) for task in parts[0][1]}
 
     @staticmethod
     def rank(model: LoadedModel, jobs: list[TagJob], ranked: dict[str, Ranked]) -> list[TagResult]:

@@ -17,6 +17,9 @@ import numpy as np
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "user_tower.onnx"
 TAGS_FILE = "tags.json"
+# The user tower with the scoring and TopK appended (model_export/scoring_graph.py): one ONNX call
+# from feature ids to each task's top-k; the tag-side matrices are its inputs, not weights.
+TOWER_TOPK_FILE = "tower_topk.onnx"
 FORMAT_VERSION = 1
 # The user tower's graph inputs and output (written into every manifest; readers feed these names).
 ONNX_INPUTS = ("cat_ids", "multi_ids")      # [B, F_cat] int64, [B, F_multi, L] int64
@@ -25,6 +28,11 @@ ONNX_OUTPUT = "expert_values"               # [B, sum K_task, D] float32
 
 def gates_file(task: str) -> str:
     return f"task_{task}_gates.f32"
+
+
+def ann_index_file(task: str) -> str:
+    """The task's candidate index (mvke/runtime/ann.py), present when the export's recall gate passed."""
+    return f"task_{task}_candidates.faiss"
 
 
 def tag_emb_file(task: str) -> str:
@@ -78,6 +86,9 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     model_config: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    # Candidate indexes for large catalogues: scheme, gate settings and per task its file, nprobe,
+    # candidates, recall@k and status ("ann", or "exact" when the gate failed); {} = none built.
+    ann: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -1,32 +1,45 @@
 """Every Redis key of the system, in one place (prefix `mvke` unless configured).
 
-Models (written by `mvke publish`, read by the service and `mvke tag-all`); one version
-lives under one hash tag, so a Redis Cluster keeps it in one slot and a MULTI over it
-is legal:
+Models (written by `mvke publish`, read by the service and `mvke tag-all`). Every model key
+of a prefix carries the hash tag `{mvke}`, so a Redis Cluster keeps all of them in ONE slot:
+a version's files, the alias that activates it and the version list can be written by one
+MULTI or one Lua script (publish, activate, rollback, trim and orphan collection are atomic
+on a cluster as on a single node). The cost is that the models of a prefix live on one
+master: a few MB per version, 3 versions kept, read once per service replica per publish.
 
-    mvke:active                         alias: the active version id (flipped atomically)
-    mvke:canary                         `<version>:<percent>`: a second published version served to that
+    {mvke}:active                       alias: the active version id (flipped atomically)
+    {mvke}:canary                       `<version>:<percent>`: a second published version served to that
                                         share of users (set, promoted and dropped atomically with the alias)
-    mvke:versions                       sorted set: version id -> publish time (retention, listing);
+    {mvke}:versions                     sorted set: version id -> publish time (retention, listing);
                                         negated for a version rolled back from (never rolled back to)
-    mvke:publish-lock                   publisher mutex (redis-py Lock: token + Lua release)
-    mvke:{v<id>}:manifest               manifest JSON (written in the same MULTI as the files)
-    mvke:{v<id>}:file:<name>            raw bytes of each bundle file (ONNX, float32 arrays, tags)
+    {mvke}:stored                       set: versions whose keys exist (written in the version's MULTI;
+                                        orphan collection reads it instead of scanning the keyspace)
+    {mvke}:publish-lock                 publisher mutex (redis-py Lock: token + Lua release)
+    {mvke}:v<id>:manifest               manifest JSON (written in the same MULTI as the files)
+    {mvke}:v<id>:file:<name>            raw bytes of each bundle file (ONNX, float32 arrays, tags)
 
-Feature store (written by `mvke features load`, read by the service):
+Feature store (written by `mvke features load`, read by the service). No hash tag: a
+cluster spreads the users over every slot and master.
 
     mvke:user:<user_id>                 hash: field -> raw value; multi-valued fields `|`-joined
+    mvke:features-load:<token>          an unfinished `mvke features load` job (its markers stay valid
+                                        while this key exists; deleted when the job completes)
     mvke:features-loaded:<dataset>      which dataset `mvke pipeline` loaded (so a rerun skips it)
 
 Batch output (written by `mvke tag-all --to-redis`):
 
-    mvke:usertags:v<id>:<user_id>       hash: task -> JSON [[tag, score], ...], best first
-    mvke:usertags:v<id>                 hash: the job's summary, written when every part is done
-    mvke:usertags:latest                the version of the last completed job
+    mvke:usertags:v<id>:<user_id>       hash: task -> JSON [[tag, score], ...], best first (spread)
+    {mvke:usertags}:v<id>               hash: the job's summary, written when every part is done
+    {mvke:usertags}:latest              the version of the last completed job
 
-The batch keys are deliberately NOT under the version's hash tag: a billion user keys in one
-slot would put every user on one cluster node, and the publisher's orphan collection
-(`mvke:{v*}:*` keys of unknown versions) would delete tags computed from an unpublished bundle.
+The per-user batch keys are deliberately NOT under a hash tag (a billion keys in one slot
+would put every user on one cluster node); the summary and the `latest` pointer share
+their own tag, so the MULTI that writes them is legal on a cluster.
+
+Layout version 2 (Redis Cluster support). Version 1 (`mvke:active`, `mvke:{v<id>}:...`)
+is not read any more: publish once with this release before its services start (its
+services then find `{mvke}:active`; services of the old release keep reading the old keys
+until they are replaced).
 """
 from __future__ import annotations
 
@@ -60,16 +73,20 @@ class Keys:
     """Redis key layout (see module docstring)."""
 
     def __init__(self, prefix: str = "mvke"):
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"key prefix must be non-empty and free of braces (hash tags), got {prefix!r}")
         self.prefix = prefix
-        self.active = f"{prefix}:active"
-        self.canary = f"{prefix}:canary"
-        self.versions = f"{prefix}:versions"
-        self.lock = f"{prefix}:publish-lock"
-        self.user_tags_latest = f"{prefix}:usertags:latest"
+        self.models = f"{{{prefix}}}"                       # the one hash tag of every model key
+        self.active = f"{self.models}:active"
+        self.canary = f"{self.models}:canary"
+        self.versions = f"{self.models}:versions"
+        self.stored = f"{self.models}:stored"
+        self.lock = f"{self.models}:publish-lock"
+        self.user_tags_latest = f"{{{prefix}:usertags}}:latest"
 
     # ---- models ----------------------------------------------------------
     def version_prefix(self, version: str) -> str:
-        return f"{self.prefix}:{{v{version}}}"
+        return f"{self.models}:v{version}"
 
     def manifest(self, version: str) -> str:
         return f"{self.version_prefix(version)}:manifest"
@@ -77,16 +94,16 @@ class Keys:
     def file(self, version: str, name: str) -> str:
         return f"{self.version_prefix(version)}:file:{name}"
 
-    def version_pattern(self) -> str:
-        return f"{self.prefix}:{{v*}}:*"
-
-    def version_of(self, key: str) -> str:
-        """The version id of a key matching `version_pattern()`."""
-        return key[len(self.prefix) + 3: key.index("}")]
+    def version_keys(self, version: str, file_names) -> list[str]:
+        """Every key of one version: its manifest and its files (names from the manifest)."""
+        return [self.manifest(version), *(self.file(version, n) for n in file_names)]
 
     # ---- feature store ---------------------------------------------------
     def user(self, user_id: str) -> str:
         return f"{self.prefix}:user:{user_id}"
+
+    def features_job(self, token: str) -> str:
+        return f"{self.prefix}:features-load:{token}"
 
     def features_loaded(self, dataset: str) -> str:
         return f"{self.prefix}:features-loaded:{dataset}"
@@ -96,4 +113,4 @@ class Keys:
         return f"{self.prefix}:usertags:v{version}:{user_id}"
 
     def user_tags_summary(self, version: str) -> str:
-        return f"{self.prefix}:usertags:v{version}"
+        return f"{{{self.prefix}:usertags}}:v{version}"

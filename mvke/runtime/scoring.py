@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mvke.runtime.ann import TaskAnn, exact_top_k
 from mvke.runtime.contract import TaskSpec
 
 EPS = 1e-8
@@ -28,31 +29,44 @@ EPS = 1e-8
 
 @dataclass
 class TaskTagSide:
-    """Tag-side arrays of one task, prepared for scoring."""
+    """Tag-side arrays of one task, prepared for scoring.
+
+    Dense (the default): W and Q, all tags in two GEMMs. A side served through a candidate index
+    (`ann`, mvke/runtime/ann.py) keeps only the factors (gates and unit embeddings: K + D floats
+    per tag instead of K*D + K*K) and scores exactly-asked requests from them in chunks."""
 
     name: str
     k: int
     slice: tuple[int, int]   # [start, stop) of this task's experts on axis 1 of the tower output
     gates: np.ndarray        # [T, K]
     tag_emb: np.ndarray      # [T, D]
-    W: np.ndarray            # [K*D, T]  gate (x) unit tag embedding
-    Q: np.ndarray            # [K*K, T]  gate outer products
+    W: np.ndarray | None     # [K*D, T]  gate (x) unit tag embedding (None: factors only)
+    Q: np.ndarray | None     # [K*K, T]  gate outer products
     scale: float
     bias: float
+    unit: np.ndarray | None = None   # [T, D] unit tag embeddings (factor scoring and the rerank)
+    ann: TaskAnn | None = None       # candidate index, when this side is served approximately
 
     @classmethod
-    def build(cls, spec: TaskSpec, gates: np.ndarray, tag_emb: np.ndarray) -> "TaskTagSide":
+    def build(cls, spec: TaskSpec, gates: np.ndarray, tag_emb: np.ndarray, dense: bool = True) -> "TaskTagSide":
         T, K = gates.shape
-        unit = tag_emb / np.maximum(np.linalg.norm(tag_emb, axis=1, keepdims=True), EPS)
-        W = np.einsum("tk,td->kdt", gates, unit).reshape(K * tag_emb.shape[1], T)
-        Q = np.einsum("tk,tl->klt", gates, gates).reshape(K * K, T)
-        return cls(spec.name, K, (spec.slice[0], spec.slice[1]), gates.astype(np.float32), tag_emb.astype(np.float32),
-                   np.ascontiguousarray(W, dtype=np.float32), np.ascontiguousarray(Q, dtype=np.float32),
-                   float(spec.scale), float(spec.bias))
+        unit = (tag_emb / np.maximum(np.linalg.norm(tag_emb, axis=1, keepdims=True), EPS)).astype(np.float32)
+        W = Q = None
+        if dense:
+            W = np.ascontiguousarray(np.einsum("tk,td->kdt", gates, unit).reshape(K * tag_emb.shape[1], T),
+                                     dtype=np.float32)
+            Q = np.ascontiguousarray(np.einsum("tk,tl->klt", gates, gates).reshape(K * K, T), dtype=np.float32)
+        return cls(spec.name, K, (spec.slice[0], spec.slice[1]), gates.astype(np.float32, copy=False),
+                   tag_emb.astype(np.float32, copy=False), W, Q, float(spec.scale), float(spec.bias), unit)
 
     @property
     def num_tags(self) -> int:
         return self.gates.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays this side holds (the index included)."""
+        arrays = (self.gates, self.tag_emb, self.W, self.Q, self.unit)
+        return sum(a.nbytes for a in arrays if a is not None) + (self.ann.index.nbytes() if self.ann else 0)
 
 
 def task_cosines(values: np.ndarray, side: TaskTagSide) -> np.ndarray:
@@ -118,11 +132,13 @@ class Ranked:
 
 
 def rank(values: np.ndarray, sides: Iterable[TaskTagSide], k: int | Mapping[str, int],
-         exclude: Sequence[Sequence[int] | None] | None = None) -> dict[str, Ranked]:
+         exclude: Sequence[Sequence[int] | None] | None = None, approximate: bool = True) -> dict[str, Ranked]:
     """Tower outputs [B, sum K, D] -> per task, the k best tags of each user (paper section 4.3).
 
     `k`: one k for every task, or task -> k (a task missing or at 0 is not scored).
     `exclude`: per user, tag indices never returned (they rank last, with kept=False).
+    `approximate`: a side with a candidate index ranks its candidates only (exact cosines of
+    the index's candidates); False ranks every tag exactly.
     With a positive temperature the cosine ranks like the logit, so the scale, bias and
     sigmoid are applied to the k kept values only (the same arithmetic as `task_logits`,
     in the same order, so the probabilities are those of `task_scores`).
@@ -132,27 +148,58 @@ def rank(values: np.ndarray, sides: Iterable[TaskTagSide], k: int | Mapping[str,
         kk = k if isinstance(k, int) else k.get(side.name, 0)
         if kk <= 0:
             continue
-        by_cos = side.scale > 0
-        ranked_on = (task_cosines if by_cos else task_logits)(values[:, side.slice[0]:side.slice[1]], side)  # [B, T]
-        excluded = False
-        for row, tags in enumerate(exclude or ()):
-            if tags:
-                ranked_on[row, tags] = -np.inf
-                excluded = True
-        idx, best = top_k_logits(ranked_on, min(kk, side.num_tags))
-        if by_cos:
-            best *= side.scale
-            best += side.bias
+        kk = min(kk, side.num_tags)
+        task_values = values[:, side.slice[0]:side.slice[1]]                       # [B, K, D]
+        if side.W is None or (approximate and side.ann is not None):
+            idx, best = _factor_top_k(task_values, side, kk, exclude, approximate)
+            excluded = exclude is not None and any(exclude)
+        else:
+            by_cos = side.scale > 0
+            ranked_on = (task_cosines if by_cos else task_logits)(task_values, side)  # [B, T]
+            excluded = False
+            for row, tags in enumerate(exclude or ()):
+                if tags:
+                    ranked_on[row, tags] = -np.inf
+                    excluded = True
+            idx, best = top_k_logits(ranked_on, kk)
+            if not by_cos:
+                out[side.name] = Ranked(idx, sigmoid(best), np.isfinite(best) if excluded else None)
+                continue
+        best *= side.scale
+        best += side.bias
         out[side.name] = Ranked(idx, sigmoid(best), np.isfinite(best) if excluded else None)
     return out
+
+
+def _factor_top_k(values: np.ndarray, side: TaskTagSide, k: int, exclude: Sequence[Sequence[int] | None] | None,
+                  approximate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Top k by cosine from the factors: the index's candidates (approximate), else every tag in chunks."""
+    if side.scale <= 0:  # the export builds indexes only for a positive temperature (cosine ranks as the logit)
+        raise ValueError(f"task {side.name}: factor scoring needs a positive score temperature")
+    if approximate and side.ann is not None:
+        ex = [np.asarray(e or (), dtype=np.int64) for e in exclude] if exclude else None
+        return side.ann.top_k(values, k, ex)
+    mask = None
+    if exclude is not None and any(exclude):
+        mask = np.zeros((len(values), side.num_tags), dtype=bool)
+        for row, tags in enumerate(exclude):
+            if tags:
+                mask[row, tags] = True
+    return exact_top_k(values, side.unit, side.gates, k, exclude=mask)
 
 
 def task_cosines_at(values: np.ndarray, side: TaskTagSide, idx: np.ndarray) -> np.ndarray:
     """values [K, D] (one user's expert outputs for this task), tag indices [n] -> cos [n].
 
     The same two products as `task_cosines`, on the n chosen columns of W and Q only
-    (candidate scoring: exact scores for given tags without scoring the whole catalogue).
+    (candidate scoring: exact scores for given tags without scoring the whole catalogue). A side
+    served through its candidate index has no W, Q: the same cosine from its factors.
     """
+    if side.W is None:
+        gates = side.gates[idx]                                         # [n, K]
+        num = (gates * (side.unit[idx] @ values.T)).sum(axis=1)         # [n]
+        norm = np.linalg.norm(gates @ values, axis=1)                   # [n]  |E_u(t)|
+        return num / np.maximum(norm, EPS)
     K, D = values.shape
     num = values.reshape(1, K * D) @ side.W[:, idx]                     # [1, n]
     norm = (values @ values.T).reshape(1, K * K) @ side.Q[:, idx]       # [1, n]

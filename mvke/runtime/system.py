@@ -5,17 +5,26 @@ import os
 
 
 def container_cpus() -> float:
-    """CPUs this process may use: the cgroup quota if one is set, else the affinity mask."""
+    """CPUs this process may use: the smallest of the cgroup quota (v2 cpu.max, or v1
+    cfs_quota/cfs_period) and the affinity mask (taskset, cpusets), at least 1."""
+    limits = []
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            if parse is not None:
+                quota, period = parse(open(path).read())
+            else:
+                quota = open(path).read().strip()
+                period = open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()
+            if quota not in ("max", "-1"):
+                limits.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            pass
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            return max(1.0, int(quota) / int(period))
-    except (OSError, ValueError):
-        pass
-    try:
-        return float(len(os.sched_getaffinity(0)))
+        limits.append(float(len(os.sched_getaffinity(0))))
     except AttributeError:
-        return float(os.cpu_count() or 1)
+        limits.append(float(os.cpu_count() or 1))
+    return max(1.0, min(limits))
 
 
 def limit_blas_threads(n: int) -> list[str]:

@@ -3,7 +3,7 @@
 Synchronous (redis-py): batch tagging and the publisher's read-back call it
 directly; the service calls the same functions in a worker thread
 (`asyncio.to_thread`), so the event loop never waits on a model read.
-Versions are immutable: a reader resolves the alias `mvke:active`, then reads that
+Versions are immutable: a reader resolves the alias `{mvke}:active`, then reads that
 version's manifest and files (files in one MULTI: a consistent snapshot) and checks
 every sha256 against the manifest, so it never sees a mix of two versions.
 """
@@ -16,7 +16,7 @@ from mvke.runtime.keys import Keys
 
 
 def active_version(r: redis.Redis, keys: Keys | None = None) -> str | None:
-    """The version `mvke:active` names, or None when nothing is published."""
+    """The version `{mvke}:active` names, or None when nothing is published."""
     v = r.get((keys or Keys()).active)
     return v.decode() if isinstance(v, bytes) else v
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, Manifest, content_version, decode_array,
+from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, TOWER_TOPK_FILE, Manifest, content_version, decode_array,
                                    gates_file, read_bundle, sha256_bytes, tag_emb_file)
 
 MODELS = ["mvke-mt", "nomtl"]
@@ -29,7 +29,7 @@ def test_bundle_manifest_lists_every_file(model, bundle, checkpoint):
 
     # Every file on disk is in the manifest with its size and sha256, and nothing else is there.
     tasks = ["interest", "intention"]
-    expected = {ONNX_FILE, TAGS_FILE} | {gates_file(t) for t in tasks} | {tag_emb_file(t) for t in tasks}
+    expected = {ONNX_FILE, TAGS_FILE, TOWER_TOPK_FILE} | {gates_file(t) for t in tasks} | {tag_emb_file(t) for t in tasks}
     assert set(manifest.files) == expected
     assert {p.name for p in out.iterdir()} == expected | {MANIFEST_FILE}
     for name, entry in manifest.files.items():

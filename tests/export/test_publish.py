@@ -68,7 +68,7 @@ def keys_of(r: redis.Redis, version: str) -> set[str]:
 
 
 def all_version_keys(r: redis.Redis) -> set[str]:
-    return {k.decode() for k in r.scan_iter(match=KEYS.version_pattern(), count=1000)}
+    return {k.decode() for k in r.scan_iter(match=f"{KEYS.models}:v*:*", count=1000)}
 
 
 def expected_keys(bundle_dir: Path) -> set[str]:
@@ -91,6 +91,7 @@ def assert_consistent(r: redis.Redis) -> None:
         assert manifest.version == v and set(blobs) == set(manifest.files)
         want |= {KEYS.manifest(v)} | {KEYS.file(v, n) for n in manifest.files}
     assert all_version_keys(r) == want
+    assert {v.decode() for v in r.smembers(KEYS.stored)} == set(listed)   # what orphan collection reads
     assert not r.exists(KEYS.lock)
 
 
@@ -124,7 +125,8 @@ def test_publish_then_read_back_equals_bundle(redis_client, variants):
     assert got_blobs == blobs
     assert redis_client.get(KEYS.manifest(manifest.version)).decode() == (src / MANIFEST_FILE).read_text()
     # Exactly the documented keys, and the lock is released.
-    assert {k.decode() for k in redis_client.keys("*")} == expected_keys(src) | {KEYS.active, KEYS.versions}
+    assert {k.decode() for k in redis_client.keys("*")} == expected_keys(src) | {KEYS.active, KEYS.versions,
+                                                                                  KEYS.stored}
     assert_consistent(redis_client)
 
     [info] = list_versions(redis_client)
@@ -474,10 +476,11 @@ def test_redis_write_failure_leaves_old_version_active(private_redis, variants):
             publish(new, r)
         assert active_version(r) == version_of(old)
         assert keys_of(r, version_of(new)) == set()
-        assert_consistent(r)
     finally:
         r.config_set("maxmemory", saved["maxmemory"])
         r.config_set("maxmemory-policy", saved["maxmemory-policy"])
+    # checked with memory back: while Redis is over maxmemory it refuses every MULTI, readers' included
+    assert_consistent(r)
     assert publish(new, r)["orphans_collected"] == []
     assert active_version(r) == version_of(new)
     assert_consistent(r)

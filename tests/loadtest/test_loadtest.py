@@ -129,3 +129,13 @@ def test_bench_report_from_a_canned_result(tmp_path):
     assert "hand-written notes" in out and out.count("<!-- bench:begin -->") == 1 and "4,001" in out
 
 
+
+
+def test_bench_command_lines_parse():
+    """Every documented bench command line parses (one parser for the table, the curve and the soak)."""
+    from loadtest.bench import build_parser
+    p = build_parser()
+    a = p.parse_args(["--tags", "1780,20000", "--rounds", "2", "--duration", "3"])
+    assert a.tags == [1780, 20000] and a.rounds == 2 and a.duration == 3
+    assert p.parse_args(["--quick", "--baseline", "/tmp/base", "--rounds", "3"]).baseline == "/tmp/base"
+    assert p.parse_args(["--soak-only", "--soak", "60"]).soak == 60

@@ -1,0 +1,109 @@
+"""The ANN candidate step and its exact rerank against the dense scoring (mvke/runtime/ann.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss", reason="faiss-cpu is installed by the service extra")
+
+from mvke.runtime import ann  # noqa: E402
+
+
+def dense_cosines(values: np.ndarray, gates: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    """The reference: build every tag's user vector E_u(t) = sum_k a_tk V_k and take its cosine with e_t."""
+    eu = np.einsum("tk,bkd->btd", gates.astype(np.float64), values.astype(np.float64))      # [B, T, D]
+    e = emb.astype(np.float64)
+    return np.einsum("btd,td->bt", eu, e) / (np.linalg.norm(eu, axis=2) * np.linalg.norm(e, axis=1))
+
+
+def tag_side(T: int, K: int, D: int, seed: int = 0, sharpen: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((32, D))
+    emb = (centres[rng.integers(0, 32, T)] + 0.5 * rng.standard_normal((T, D))).astype(np.float32)
+    logits = sharpen * rng.standard_normal((T, K))
+    gates = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return gates.astype(np.float32), emb
+
+
+def users(n: int, K: int, D: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 1, D))
+    return (base + 0.7 * rng.standard_normal((n, K, D))).astype(np.float32)   # correlated experts
+
+
+def test_candidate_cosines_equal_the_dense_formula():
+    gates, emb = tag_side(500, 3, 16)
+    values = users(7, 3, 16)
+    ids = np.random.default_rng(2).integers(0, 500, (7, 40))
+    ref = np.take_along_axis(dense_cosines(values, gates, emb), ids, 1)
+    got = ann.candidate_cosines(values, ids, ann.unit_rows(emb), gates)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_exact_top_k_in_chunks_equals_a_full_sort():
+    gates, emb = tag_side(1000, 4, 8)
+    values = users(5, 4, 8)
+    ref = dense_cosines(values, gates, emb)
+    exclude = np.zeros_like(ref, dtype=bool)
+    exclude[:, ref.argmax(1)] = True                     # each row's best tag (and others') excluded
+    idx, cos = ann.exact_top_k(values, ann.unit_rows(emb), gates, 10, exclude=exclude, chunk=128)
+    masked = np.where(exclude, -np.inf, ref)
+    want = np.argsort(-masked, 1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_allclose(cos, np.take_along_axis(masked, want, 1), atol=1e-5)
+
+
+def test_tag_vectors_make_the_numerator_an_inner_product():
+    gates, emb = tag_side(50, 3, 8)
+    values = users(4, 3, 8)
+    w = ann.tag_vectors(gates, ann.unit_rows(emb))                                   # [T, K*D]
+    num = values.reshape(4, -1) @ w.T
+    eu = np.einsum("tk,bkd->btd", gates, values)
+    ref = np.einsum("btd,td->bt", eu, ann.unit_rows(emb))
+    np.testing.assert_allclose(num, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("sharpen", [1.0, 4.0])
+def test_index_recall_and_gate(sharpen):
+    gates, emb = tag_side(6000, 3, 16, sharpen=sharpen)
+    values = users(200, 3, 16)
+    cfg = ann.AnnConfig(nprobe=2, candidates=60, gate_users=200)
+    index = ann.build_task_index(gates, emb, cfg)
+    task = ann.TaskAnn(ann.index_from_bytes(ann.index_to_bytes(index), cfg.nprobe), ann.unit_rows(emb), gates,
+                       cfg.candidates)
+    report = ann.tune_nprobe(task, values, cfg)
+    assert report.passed and report.recall >= 0.95, report
+    assert task.index.nprobe == report.nprobe
+    # the reranked candidates carry their exact cosines
+    idx, cos = task.top_k(values[:8], 20)
+    ref = dense_cosines(values[:8], gates, emb)
+    np.testing.assert_allclose(cos, np.take_along_axis(ref, idx, 1), atol=1e-5)
+    assert (np.diff(cos, axis=1) <= 1e-7).all()
+
+
+def test_gate_reports_failure_when_recall_cannot_be_reached():
+    gates, emb = tag_side(4000, 3, 16)
+    values = users(100, 3, 16)
+    cfg = ann.AnnConfig(nlist=64, nprobe=1, max_nprobe=2, candidates=20, min_recall=0.999)
+    task = ann.TaskAnn(ann.build_task_index(gates, emb, cfg), ann.unit_rows(emb), gates, cfg.candidates)
+    report = ann.tune_nprobe(task, values, cfg)
+    assert not report.passed
+    assert set(report.tried) == {1, 2} and report.recall == report.tried[2] < 0.999
+
+
+def test_excluded_tags_never_come_back_from_the_index():
+    gates, emb = tag_side(3000, 3, 16)
+    values = users(4, 3, 16)
+    task = ann.TaskAnn(ann.build_task_index(gates, emb, ann.AnnConfig(nprobe=8)), ann.unit_rows(emb), gates)
+    first, _ = task.top_k(values, 5)
+    again, _ = task.top_k(values, 5, exclude=[row[:3] for row in first])
+    for row, ex in zip(again, first):
+        assert not set(row) & set(ex[:3])
+        assert set(ex[3:]) <= set(row)
+
+
+def test_index_bytes_are_deterministic():
+    gates, emb = tag_side(3000, 3, 16)
+    a = ann.index_to_bytes(ann.build_task_index(gates, emb))
+    b = ann.index_to_bytes(ann.build_task_index(gates, emb))
+    assert a == b
