@@ -64,41 +64,65 @@ def _tune(a: argparse.Namespace) -> None:
                                            "model_params", "cpu_seconds")}, indent=1))
 
 
+# The keys of mvke.models.MODELS, written out so that `--help` needs no torch import
+# (tests/cli/test_help.py keeps the two equal).
+MODEL_NAMES = ("mvke-mt", "mvke-st", "nomtl", "hard-sharing", "moe", "mmoe", "cgc",
+               "mvke-uniform-gate", "mvke-no-kernel-attention", "mvke-plain-gate")
+MODEL_HELP = (f"model to train: {', '.join(MODEL_NAMES)} (default mvke-mt; docs/MODELS.md says what each is)")
+
+
 def register(sub) -> None:
-    t = sub.add_parser("train", help="train one model")
-    t.add_argument("--data", required=True)
-    t.add_argument("--model", default="mvke-mt")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--config", help="best.json of `mvke tune`: its chosen settings (flags below override)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int, default=1024)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"])
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    t.add_argument("--experts", type=int)
-    t.add_argument("--task-experts", help="e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
-    t.add_argument("--attention", choices=["values", "fields", "residual", "uniform"])
-    t.add_argument("--gate", choices=["bilinear", "plain", "projected", "uniform"])
+    t = sub.add_parser("train", help="train one model",
+                       description="Train one model on a dataset directory (`mvke data ...`), early-stopped on the "
+                                   "validation rows, then score the test split once. Writes a checkpoint "
+                                   "(model.pt, config.json, schema.json, metrics.json with test and oracle AUC).")
+    t.add_argument("--data", required=True, metavar="DIR", help="dataset directory (meta.json, train/test/users.parquet)")
+    t.add_argument("--model", default="mvke-mt", metavar="NAME", help=MODEL_HELP)
+    t.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write (input of `mvke export`)")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    t.add_argument("--config", metavar="JSON",
+                   help="best.json of `mvke tune`: its chosen model and training settings (the flags below override)")
+    t.add_argument("--epochs", type=int, help="most epochs; early stopping may end sooner (default 5)")
+    t.add_argument("--batch-size", type=int, default=1024, help="samples per step (default 1024)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (default 0.002)")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
+    t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    t.add_argument("--experts", type=int, metavar="K", help="experts per task (MVKE: virtual kernels); model default if unset")
+    t.add_argument("--task-experts", metavar="SPEC",
+                   help="MVKE-mt: the experts each task reads, e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
+    t.add_argument("--attention", choices=["values", "fields", "residual", "uniform"],
+                   help="MVKE expert attention over the fields: values (default: field value maps shared by the "
+                        "experts, weighted per expert), fields, residual (the published code's form) or uniform; "
+                        "docs/MODELS.md")
+    t.add_argument("--gate", choices=["bilinear", "plain", "projected", "uniform"],
+                   help="MVKE tag gate: bilinear (default, ours), plain (the published code's E_T . VK), projected "
+                        "(eq. 7) or uniform; docs/MODELS.md")
     t.set_defaults(func=_train, extra=EXTRA)
 
-    e = sub.add_parser("experiment", help="every model over seeds, selected on validation; tables and figures")
-    e.add_argument("--data", required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--seeds", type=int, default=5)
-    e.add_argument("--models", help="comma-separated (default: all models and controls)")
-    e.add_argument("--configs", help="output directory of `mvke tune` (each model's best.json)")
-    e.add_argument("--sweep-experts", action="store_true")
+    e = sub.add_parser("experiment", help="every model over seeds, selected on validation; tables and figures",
+                       description="Train each model for each seed with its tuned configuration (--configs), "
+                                   "early-stopped on validation, the test day scored once per run; synthetic data "
+                                   "is regenerated per seed. Resumable: finished (model, seed) runs are kept under "
+                                   "--out/cells. Writes results.json/md and the paper's figures under --out.")
+    e.add_argument("--data", required=True, metavar="DIR", help="dataset directory")
+    e.add_argument("--out", required=True, metavar="DIR", help="results directory")
+    e.add_argument("--seeds", type=int, default=5, help="seeds per model (default 5)")
+    e.add_argument("--models", metavar="NAMES", help=f"comma-separated subset of: {', '.join(MODEL_NAMES)} (default all)")
+    e.add_argument("--configs", metavar="DIR", help="output directory of `mvke tune` (each model's best.json)")
+    e.add_argument("--sweep-experts", action="store_true", help="also train MVKE with 4..10 experts (Fig. 7)")
     e.add_argument("--no-reference", action="store_true", help="skip the LightGBM reference")
-    e.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     e.set_defaults(func=_experiment, extra=EXTRA)
 
-    u = sub.add_parser("tune", help="Optuna study of one model on validation AUC (resumable)")
-    u.add_argument("--data", required=True)
-    u.add_argument("--model", required=True)
-    u.add_argument("--trials", type=int, default=12)
-    u.add_argument("--out", required=True)
-    u.add_argument("--seed", type=int, default=0)
-    u.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial")
+    u = sub.add_parser("tune", help="Optuna study of one model on validation AUC (resumable)",
+                       description="One Optuna study (SQLite under --out/MODEL) over the search space shared by "
+                                   "every model; objective = mean validation AUC of both tasks; the test split is "
+                                   "never read. Writes --out/MODEL/best.json for `mvke experiment --configs`.")
+    u.add_argument("--data", required=True, metavar="DIR", help="dataset directory")
+    u.add_argument("--model", required=True, metavar="NAME", help=MODEL_HELP)
+    u.add_argument("--trials", type=int, default=12, help="finished trials the study should hold (default 12)")
+    u.add_argument("--out", required=True, metavar="DIR", help="studies directory")
+    u.add_argument("--seed", type=int, default=0, help="sampler and training seed (default 0)")
+    u.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
     u.set_defaults(func=_tune, extra=EXTRA)
