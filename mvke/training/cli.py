@@ -35,8 +35,17 @@ def _model_overrides(a: argparse.Namespace) -> dict:
 def _train(a: argparse.Namespace) -> None:
     from mvke.training.trainer import TrainConfig, model_config_for, prepare, save_checkpoint, train_model
     cfg = TrainConfig(epochs=a.epochs, seed=a.seed, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
-    data = prepare(a.data)
-    result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
+    if a.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    if a.workers > 1 or a.address:
+        # Ray Train (DDP), the data streamed part by part (mvke/training/distributed.py); same checkpoint format
+        from mvke.training.distributed import DistributedConfig, train_distributed
+        result = train_distributed(a.data, a.model, cfg, DistributedConfig(workers=a.workers, use_gpu=a.gpu,
+                                                                           address=a.address, max_steps=a.max_steps),
+                                   **_model_overrides(a))
+    else:
+        data = prepare(a.data)
+        result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
     save_checkpoint(result, a.out, cfg, a.data)
     m = result.metrics
     print(json.dumps({"model": a.model, "test_auc": m["test_auc"], "oracle_test_auc": m.get("oracle_test_auc"),
@@ -58,7 +67,14 @@ def register(sub) -> None:
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=1024)
     t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (split among --workers)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray. "
+                        "--batch-size stays the global batch: each worker takes batch-size/workers, so the "
+                        "learning rate needs no scaling (docs/SCALING.md)")
+    t.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
+    t.add_argument("--max-steps", type=int, default=0, help="stop each worker after this many steps (0: epochs)")
     t.add_argument("--experts", type=int)
     t.add_argument("--task-experts", help="e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
     t.add_argument("--attention", choices=["fields", "sum"])
