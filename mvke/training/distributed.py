@@ -140,10 +140,12 @@ def _dataset(parts: list[DataPart], meta: dict, schema: FeatureSchema, valid_fra
     import ray
     items = [{"part": json.dumps(asdict(p))} for p in parts]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # num_cpus=0: the encoders reserve no CPU, so N workers fit a Ray of N CPUs (a reservation beyond the
+    # cluster's CPUs would leave the trainer waiting for resources forever)
     return ds.map_batches(PartEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=encoders),
                           fn_constructor_kwargs={"meta": meta, "schema": schema.to_dict(),
                                                  "valid_fraction": valid_fraction, "split": split},
-                          num_cpus=0.5)
+                          num_cpus=0)
 
 
 # ---- the worker loop (runs inside each Ray Train worker) ----------------------------------------
@@ -267,6 +269,10 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
                             num_tags=len(meta["tags"]), **model_overrides)
     owned = _init_ray(dist_cfg)
     try:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if not dist_cfg.use_gpu and cpus < dist_cfg.workers:
+            raise ValueError(f"--workers {dist_cfg.workers} needs {dist_cfg.workers} CPUs in the Ray cluster, "
+                             f"it has {cpus:g}")
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False   # progress: the workers' reports
         datasets = {split: _dataset(parts, meta, schema, train_cfg.valid_fraction, split, dist_cfg.encoders)
@@ -328,6 +334,6 @@ def _init_ray(cfg: DistributedConfig) -> bool:
     if cfg.address:
         ray.init(address=cfg.address, **common)
     else:
-        ray.init(address="local", num_cpus=max(cfg.workers + cfg.encoders, len(os.sched_getaffinity(0))),
+        ray.init(address="local", num_cpus=max(cfg.workers, len(os.sched_getaffinity(0))),
                  include_dashboard=False, object_store_memory=512 * 1024 * 1024, **common)
     return True
