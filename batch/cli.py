@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from mvke.runtime.keys import add_key_prefix_option
+
 EXTRA = "batch"   # the pyproject extra these commands need (named by `mvke` when it is missing)
 
 
 def _tag_all(a: argparse.Namespace) -> None:
     from batch.tag_all import TagAllConfig, run
+    from mvke.runtime.keys import key_prefix
     if not a.bundle and not a.redis:
         # the model comes from --bundle or the active version in --redis ($REDIS_URL as a default is too
         # easy to aim at the wrong store for a billion-row job)
@@ -18,7 +21,7 @@ def _tag_all(a: argparse.Namespace) -> None:
     cfg = TagAllConfig(users=a.users, out=a.out, bundle=a.bundle, redis_url=a.redis, top_k=a.top_k,
                        address=a.address, to_redis=a.to_redis, batch_size=a.batch_size, part_rows=a.part_rows,
                        workers=a.workers, provider=a.provider, ort_threads=a.ort_threads,
-                       key_prefix=a.key_prefix, redis_ttl_s=a.redis_ttl, progress=not a.no_progress,
+                       key_prefix=key_prefix(a.key_prefix), redis_ttl_s=a.redis_ttl, progress=not a.no_progress,
                        ann=a.ann, ann_min_tags=a.ann_min_tags)
     summary = run(cfg)
     print(json.dumps(summary, indent=1))
@@ -45,10 +48,11 @@ def register(sub) -> None:
     t.add_argument("--workers", type=int, help="actors, one ORT session each (default: one per CPU)")
     t.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"], help="ONNX Runtime provider")
     t.add_argument("--ort-threads", type=int, default=1, help="ORT intra-op threads per actor (default 1)")
-    t.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
+    add_key_prefix_option(t)
     t.add_argument("--redis-ttl", type=int, help="expire the per-user tag keys after this many seconds")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
                    help="rank a large catalogue's index candidates (exact rerank): auto from --ann-min-tags tags")
-    t.add_argument("--ann-min-tags", type=int, default=50_000)
+    t.add_argument("--ann-min-tags", type=int, default=50_000, metavar="N",
+                   help="catalogue size from which --ann auto uses the index (default 50000)")
     t.set_defaults(func=_tag_all, extra=EXTRA)

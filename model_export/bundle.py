@@ -8,11 +8,14 @@ as final; a failing gate fails the export.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import shutil
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,12 +58,30 @@ class UserTower(nn.Module):
         return torch.cat(self.model.user_vectors(cat_ids, multi_ids), 1)   # [B, sum K_t, D]
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence what torch's exporter prints on every export of this model and that needs no action:
+    "torchvision is not installed. Skipping torchvision::nms" (it registers vision ops it cannot
+    find), a FutureWarning from torch's own pytree code, and the UserWarning that the two inputs'
+    batch axes share one name (they do, on purpose: one `Dim`). Errors still surface."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used", category=UserWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_onnx(model: TwoTowerTagger, schema: FeatureSchema) -> bytes:
     tower = UserTower(model).eval()
     cat = torch.ones(2, len(schema.cat_fields), dtype=torch.long)
     multi = torch.ones(2, len(schema.multi_fields), schema.multi_len, dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             tower, (cat, multi), input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
             dynamic_shapes={name: {0: batch} for name in ONNX_INPUTS}, opset_version=OPSET,

@@ -16,6 +16,11 @@ def _redis(url: str | None):
     return connect(url, socket_timeout=30, socket_connect_timeout=10)
 
 
+def _keys(a: argparse.Namespace):
+    from mvke.runtime.keys import Keys, key_prefix
+    return Keys(key_prefix(a.key_prefix))
+
+
 def _export(a: argparse.Namespace) -> None:
     from model_export.bundle import export_checkpoint
     manifest, fig = export_checkpoint(a.ckpt, a.out, ann_mode=a.ann, ann_min_tags=a.ann_min_tags,
@@ -31,45 +36,48 @@ def _export(a: argparse.Namespace) -> None:
 
 def _publish(a: argparse.Namespace) -> None:
     from model_export.publish import publish, rollback, set_canary_percent
-    r = _redis(a.redis)
+    r, keys = _redis(a.redis), _keys(a)
     if a.rollback:
-        print(json.dumps(rollback(r), indent=1))
+        print(json.dumps(rollback(r, keys), indent=1))
         return
     if not a.bundle:
         if a.canary is not None:  # ramp the current canary to another share
-            print(json.dumps(set_canary_percent(r, a.canary), indent=1))
+            print(json.dumps(set_canary_percent(r, a.canary, keys), indent=1))
             return
         raise ValueError("publish needs BUNDLE_DIR (or --rollback, or --canary PERCENT to re-set the canary's share)")
-    report = publish(a.bundle, r, keep=a.keep, canary_percent=a.canary)
+    report = publish(a.bundle, r, keep=a.keep, canary_percent=a.canary, keys=keys)
     report["publish_seconds"] = round(report["publish_seconds"], 3)
     print(json.dumps(report, indent=1))
 
 
 def _promote(a: argparse.Namespace) -> None:
     from model_export.publish import promote
-    print(json.dumps(promote(_redis(a.redis)), indent=1))
+    print(json.dumps(promote(_redis(a.redis), _keys(a)), indent=1))
 
 
 def _models(a: argparse.Namespace) -> None:
     from model_export.publish import list_versions
     from mvke.runtime.versions import active_version
-    r = _redis(a.redis)
-    versions = list_versions(r)
+    r, keys = _redis(a.redis), _keys(a)
+    versions = list_versions(r, keys)
+    print(f"key prefix {keys.prefix!r}: versions in {keys.versions}, active alias {keys.active}")
     print(f"{'':2}{'version':18}{'model':14}{'size':>10}  published")
     for v in reversed(versions):
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
               + ("  (rolled back)" if v.rolled_back else "")
               + (f"  (canary, {v.canary_percent:g}% of users)" if v.canary_percent is not None else ""))
-    print(f"active: {active_version(r) or 'none'}")
+    print(f"active: {active_version(r, keys) or 'none'}")   # the last line; docker/trainer-entrypoint.sh reads it
 
 
 def _features_load(a: argparse.Namespace) -> None:
     from model_export.features_job import FeaturesLoadConfig, load_features
+    from mvke.runtime.keys import key_prefix
     if a.ttl is not None and a.ttl < 1:
         raise ValueError(f"--ttl must be >= 1 second, got {a.ttl}")
-    report = load_features(FeaturesLoadConfig(a.data, redis_url=a.redis, key_prefix=a.key_prefix, workers=a.workers,
-                                              part_rows=a.part_rows, ttl_s=a.ttl, job_dir=a.job_dir))
+    report = load_features(FeaturesLoadConfig(a.data, redis_url=a.redis, key_prefix=key_prefix(a.key_prefix),
+                                              workers=a.workers, part_rows=a.part_rows, ttl_s=a.ttl,
+                                              job_dir=a.job_dir))
     for bad in report.bad_rows[:50]:
         print(f"bad row: user {bad['user_id']}: field {bad['field']}: {bad['reason']}", file=sys.stderr)
     if report.rejected > 50:
@@ -77,21 +85,34 @@ def _features_load(a: argparse.Namespace) -> None:
     print(json.dumps({**report.summary(), "bad_rows": report.rejected}))
 
 
+def _redis_options(parser: argparse.ArgumentParser) -> None:
+    from mvke.runtime.keys import add_key_prefix_option
+    parser.add_argument("--redis", metavar="URL", help=REDIS_URL_HELP)
+    add_key_prefix_option(parser)
+
+
 def register(sub) -> None:
-    e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)")
-    e.add_argument("ckpt")
-    e.add_argument("--out", required=True)
+    e = sub.add_parser("export", help="checkpoint -> ONNX bundle (with a parity gate)",
+                       description="Export a checkpoint of `mvke train` to a bundle directory: the user tower as "
+                                   "ONNX, the tag side as arrays, manifest.json with sha256 of every file. Fails "
+                                   "(and writes nothing) when the bundle's scores differ from PyTorch's.")
+    e.add_argument("ckpt", metavar="CKPT_DIR", help="checkpoint directory written by `mvke train --out`")
+    e.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write (replaced whole)")
     e.add_argument("--ann", choices=("auto", "on", "off"), default="auto",
                    help="candidate indexes for large catalogues: auto = from --ann-min-tags tags up")
-    e.add_argument("--ann-min-tags", type=int, default=50_000)
+    e.add_argument("--ann-min-tags", type=int, default=50_000, metavar="N",
+                   help="catalogue size from which --ann auto builds an index (default 50000)")
     e.add_argument("--synthetic-tags", type=int, default=0, metavar="N",
                    help="benchmarks: grow the catalogue to N tags with the trained tag tower on synthetic ids")
     e.set_defaults(func=_export, extra=EXTRA)
 
-    p = sub.add_parser("publish", help="publish a bundle to Redis and activate it")
-    p.add_argument("bundle", nargs="?")
-    p.add_argument("--redis", help=REDIS_URL_HELP)
-    p.add_argument("--keep", type=int, default=3, help="versions to keep")
+    p = sub.add_parser("publish", help="publish a bundle to Redis and activate it",
+                       description="Write BUNDLE_DIR to Redis as a new version (all or nothing), verify it, then "
+                                   "switch the active alias to it (or serve it as a canary beside it); a running "
+                                   "service picks it up within MVKE_MODEL_POLL_S.")
+    p.add_argument("bundle", nargs="?", metavar="BUNDLE_DIR", help="bundle directory written by `mvke export --out`")
+    _redis_options(p)
+    p.add_argument("--keep", type=int, default=3, metavar="N", help="versions to keep (default 3); older ones are deleted")
     p.add_argument("--rollback", action="store_true",
                    help="drop the canary if there is one, else re-activate the previous version")
     p.add_argument("--canary", type=float, metavar="PERCENT",
@@ -100,23 +121,25 @@ def register(sub) -> None:
     p.set_defaults(func=_publish, extra=EXTRA)
 
     pr = sub.add_parser("promote", help="make the canary the active version")
-    pr.add_argument("--redis", help=REDIS_URL_HELP)
+    _redis_options(pr)
     pr.set_defaults(func=_promote, extra=EXTRA)
 
-    m = sub.add_parser("models", help="list published versions")
-    m.add_argument("--redis", help=REDIS_URL_HELP)
+    m = sub.add_parser("models", help="list published versions",
+                       description="List the versions in Redis (newest first): size, publish time, which is active "
+                                   "and which is the canary.")
+    _redis_options(m)
     m.set_defaults(func=_models, extra=EXTRA)
 
     f = sub.add_parser("features", help="feature store").add_subparsers(dest="action", required=True)
     fl = f.add_parser("load", help="load users.parquet into the feature store (parallel, resumable by part)",
-                      description="Every user of DATA's users.parquet (a file or a directory of parts) -> one "
-                                  "Redis hash per user. Resumable: rerun the same command after a failure and "
-                                  "finished parts are skipped. Bad rows are reported and the rest is loaded.")
-    fl.add_argument("--data", required=True, help="dataset directory (meta.json + users.parquet)")
-    fl.add_argument("--redis", help=REDIS_URL_HELP)
+                      description="Every user of DIR's users.parquet (a file or a directory of parts; the fields of "
+                                  "DIR/meta.json) -> one Redis hash per user, replacing that user's previous hash; "
+                                  "other users are left alone. Resumable: rerun the same command after a failure "
+                                  "and finished parts are skipped. Bad rows are reported and the rest is loaded.")
+    fl.add_argument("--data", required=True, metavar="DIR", help="dataset directory (meta.json + users.parquet)")
+    _redis_options(fl)
     fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
-    fl.add_argument("--ttl", type=int, help="expire each user hash this many seconds after its load")
-    fl.add_argument("--part-rows", type=int, default=262_144, help="users per part (the unit of resumption)")
-    fl.add_argument("--job-dir", help="markers and rejects (default DATA/_features_load)")
-    fl.add_argument("--key-prefix", default="mvke", help="Redis key prefix (default mvke)")
+    fl.add_argument("--ttl", type=int, metavar="SECONDS", help="expire each user hash this many seconds after its load")
+    fl.add_argument("--part-rows", type=int, default=262_144, metavar="N", help="users per part (the unit of resumption)")
+    fl.add_argument("--job-dir", metavar="DIR", help="markers and rejects (default DATA/_features_load)")
     fl.set_defaults(func=_features_load, extra=EXTRA)

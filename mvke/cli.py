@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from mvke.runtime.redis_client import REDIS_ERRORS, describe_error
+        if not isinstance(e, REDIS_ERRORS):
+            raise
+        # Redis down, full (maxmemory), wrong password...: one line, not a traceback
+        print(f"error: Redis: {describe_error(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

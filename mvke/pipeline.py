@@ -14,8 +14,11 @@ A step's output exists when the file its command writes last is there (meta.json
 metrics.json, manifest.json: the bundle directory is renamed into place whole). With
 --redis, the bundle is published unless its version is already the active one, and the
 dataset's users are loaded into the feature store unless `mvke:features-loaded:<dataset>`
-records that this very dataset (path, size and time of users.parquet) was loaded.
+records that this very dataset (path, size and time of users.parquet) was loaded. Every
+key carries the prefix of --key-prefix / $MVKE_KEY_PREFIX, as the service's keys do.
 Progress goes to stderr; the last line on stdout is a JSON summary (paths, version, steps run).
+With --step-log FILE the steps' own reports (the JSON each command prints) go to FILE instead
+of stderr, so the terminal shows progress only (the main job does this).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mvke.runtime.keys import add_key_prefix_option, key_prefix
+
 EXTRA = "train,export"
 
 
@@ -39,8 +44,11 @@ class PipelineConfig:
     work: str = ".mvke-local"
     redis: str | None = None         # publish + feature store; None: stop after export
     users: int = 20_000              # synth only
+    tags: int = 1_780                # synth only: the tag catalogue
     epochs: int = 5
     seed: int = 0
+    key_prefix: str | None = None    # None: $MVKE_KEY_PREFIX, else mvke
+    step_log: str | None = None      # the steps' reports go here instead of stderr
 
 
 @dataclass
@@ -59,21 +67,26 @@ def _say(msg: str) -> None:
     print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
-def _command(argv: list[str]) -> None:
-    """One `mvke` command in this process; its own output goes to stderr (stdout carries the summary)."""
+def _command(argv: list[str], log: str | None = None) -> None:
+    """One `mvke` command in this process; its report goes to stderr or `log` (stdout carries the summary)."""
     from mvke.cli import main
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(log, "a")) if log else sys.stderr
+        if log:
+            print(f"$ mvke {' '.join(argv)}", file=sink, flush=True)
+        stack.enter_context(contextlib.redirect_stdout(sink))
         code = main(argv)
     if code:
-        raise RuntimeError(f"`mvke {' '.join(argv)}` failed (exit {code})")
+        raise RuntimeError(f"`mvke {' '.join(argv)}` failed (exit {code})" + (f"; its report: {log}" if log else ""))
 
 
 def dataset_dir(cfg: PipelineConfig) -> tuple[Path, list[str] | None]:
     """-> (directory, the `mvke data` arguments that build it, or None for a directory given as is)."""
     work = Path(cfg.work)
     if cfg.data_source == "synth":
-        d = work / "data" / f"synth-{cfg.users}u-s{cfg.seed}"
-        return d, ["data", "synth", "--out", str(d), "--users", str(cfg.users), "--seed", str(cfg.seed)]
+        d = work / "data" / (f"synth-{cfg.users}u-s{cfg.seed}" + (f"-t{cfg.tags}" if cfg.tags != 1_780 else ""))
+        return d, ["data", "synth", "--out", str(d), "--users", str(cfg.users), "--tags", str(cfg.tags),
+                   "--seed", str(cfg.seed)]
     if cfg.data_source == "ml100k":
         d = work / "data" / f"ml100k-s{cfg.seed}"
         return d, ["data", "ml100k", "--out", str(d), "--seed", str(cfg.seed)]
@@ -108,7 +121,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             skipped.append(name)
             return
         _say(message)
-        _command(argv)
+        t0 = time.perf_counter()
+        _command(argv, cfg.step_log)
+        print(f"    {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         ran.append(name)
 
     step("data", build_data is None or (data / "meta.json").exists(),
@@ -120,24 +135,24 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
          ["export", str(ckpt), "--out", str(bundle)])
     version = json.loads((bundle / "manifest.json").read_text())["version"]
     if cfg.redis:
-        _serve_from_redis(cfg.redis, data, bundle, version, step)
+        _serve_from_redis(cfg.redis, key_prefix(cfg.key_prefix), data, bundle, version, step)
     metrics = json.loads((ckpt / "metrics.json").read_text())
     return PipelineResult(str(data), str(ckpt), str(bundle), version, cfg.model, metrics.get("test_auc"), ran, skipped)
 
 
-def _serve_from_redis(url: str, data: Path, bundle: Path, version: str, step) -> None:
+def _serve_from_redis(url: str, prefix: str, data: Path, bundle: Path, version: str, step) -> None:
     from mvke.runtime.keys import Keys
     from mvke.runtime.redis_client import connect, resolve
     from mvke.runtime.versions import active_version
-    keys, where = Keys(), resolve(url).display
+    keys, where = Keys(prefix), resolve(url).display
     r = connect(url, socket_timeout=30)     # one node or a Redis Cluster, AUTH/TLS from the URL
     try:
-        step("publish", active_version(r, keys) == version, f"publishing version {version} to {where}",
-             ["publish", str(bundle), "--redis", url])
+        step("publish", active_version(r, keys) == version, f"publishing version {version} to {where} ({keys.active})",
+             ["publish", str(bundle), "--redis", url, "--key-prefix", prefix])
         marker = keys.features_loaded(dataset_id(data))
         loaded = bool(r.exists(marker))
         step("features", loaded, f"loading the feature store from {data}",
-             ["features", "load", "--data", str(data), "--redis", url])
+             ["features", "load", "--data", str(data), "--redis", url, "--key-prefix", prefix])
         if not loaded:
             r.set(marker, json.dumps({"data": str(data.resolve()), "loaded_at": time.time()}))
     finally:
@@ -146,7 +161,7 @@ def _serve_from_redis(url: str, data: Path, bundle: Path, version: str, step) ->
 
 def _pipeline(a: argparse.Namespace) -> None:
     cfg = PipelineConfig(data_source=a.data_source, model=a.model, work=a.work, redis=a.redis, users=a.users,
-                         epochs=a.epochs, seed=a.seed)
+                         tags=a.tags, epochs=a.epochs, seed=a.seed, key_prefix=a.key_prefix, step_log=a.step_log)
     print(json.dumps(asdict(run_pipeline(cfg))), flush=True)
 
 
@@ -154,12 +169,16 @@ def register(sub) -> None:
     p = sub.add_parser("pipeline", help="data -> train -> export -> publish -> features (skips what exists)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--data-source", required=True, help="synth | ml100k | a dataset directory")
-    p.add_argument("--model", default="mvke-mt", help="model to train (default mvke-mt)")
+    p.add_argument("--model", default="mvke-mt", metavar="NAME",
+                   help="model to train (default mvke-mt; the names: `mvke train --help`)")
     p.add_argument("--redis", help="Redis URL: publish and load the feature store there (without: stop after export); "
                                    "redis+cluster:// for a Redis Cluster, rediss:// for TLS")
     p.add_argument("--work", default=os.environ.get("MVKE_WORK_DIR", ".mvke-local"),
                    help="where data, checkpoints and bundles go (default $MVKE_WORK_DIR or .mvke-local)")
     p.add_argument("--users", type=int, default=20_000, help="synthetic users (synth only; default 20000)")
+    p.add_argument("--tags", type=int, default=1_780, help="tags in the catalogue (synth only; default 1780)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
+    add_key_prefix_option(p)
+    p.add_argument("--step-log", metavar="FILE", help="append the steps' reports (JSON) to FILE instead of stderr")
     p.set_defaults(func=_pipeline, extra=EXTRA)

@@ -32,7 +32,7 @@ def register(sub) -> None:
     k.set_defaults(func=_api_key, extra=EXTRA)
 
     s = sub.add_parser("serve", help="serve POST /users/{id}/tags (settings from MVKE_* env, REDIS_URL)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--workers", type=int, help="uvicorn worker processes (default MVKE_WORKERS, else 0: one per usable CPU; 1 on a shared machine)")
     s.set_defaults(func=_serve, extra=EXTRA)

@@ -173,11 +173,16 @@ class ModelRegistry:
         try:
             model = await self._load(version)
         except (*REDIS_ERRORS, BundleError, ValueError, KeyError) as e:
-            self._failed.add(version)
-            self._last_load_error = f"cannot load {role} version {version}: {e}"
+            if not isinstance(e, REDIS_ERRORS):
+                # a broken bundle stays broken; Redis failing to hand it over (down, full: a version is
+                # read in one MULTI, refused above maxmemory) passes, so that is retried next poll
+                self._failed.add(version)
+            error = f"cannot load {role} version {version}: {e}"
+            repeated, self._last_load_error = error == self._last_load_error, error
             if self.current is None or role == "active":
                 self.last_error = self._last_load_error
-            log.error(self._last_load_error)
+            if not repeated:   # a Redis failure is retried every poll: log it once, not twice a second
+                log.error(self._last_load_error)
             return None
         log.info("version built", extra={"version": version, "role": role,
                                           "load_seconds": round(time.perf_counter() - t0, 3)})

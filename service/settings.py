@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mvke.runtime.keys import DEFAULT_URL
+from mvke.runtime.keys import DEFAULT_PREFIX, DEFAULT_URL
 from mvke.runtime.system import container_cpus
 
 
@@ -20,7 +20,7 @@ class Settings(BaseSettings):
                                        "(redis://, rediss:// for TLS, redis+cluster:// for a Redis Cluster)")
     redis_cluster: bool = Field(False, description="treat a redis:// or rediss:// URL as a Redis Cluster "
                                                    "(a redis+cluster:// URL is one regardless)")
-    key_prefix: str = Field("mvke", description="prefix of every Redis key")
+    key_prefix: str = Field(DEFAULT_PREFIX, description="prefix of every Redis key (MVKE_KEY_PREFIX, as the commands)")
     redis_pool_size: int = Field(64, ge=1, description="max Redis connections per worker")
     redis_pool_wait_s: float = Field(0.2, ge=0, description="wait for a free pooled connection before a 503")
     redis_timeout_s: float = Field(0.5, gt=0, description="socket timeout of Redis calls")
@@ -40,6 +40,9 @@ class Settings(BaseSettings):
                                                        "interleave with reading requests; per-user cost is flat "
                                                        "from about 16 up)")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait to fill a batch (0: take what is queued)")
+    idle_bypass: bool = Field(True, description="with max_wait_ms 0: a request that finds the model idle and "
+                                                "nobody queued runs its batch of one itself (no hand-over to the "
+                                                "batch worker and back); measured in docs/results/performance.md")
     max_queue: int = Field(512, ge=1, description="queued requests beyond this are shed with 503")
     blas_threads: int = Field(1, ge=1, description="threads of the BLAS behind numpy's scoring GEMMs (OpenBLAS "
                                                    "spins one per core by default, which only contends here)")
@@ -79,7 +82,8 @@ class Settings(BaseSettings):
     def serving_summary(self) -> dict:
         """The settings that shape throughput (GET /model; the benchmark reports them beside its figures)."""
         return {"workers": self.worker_count(), "batching": self.batching, "max_batch_size": self.max_batch_size,
-                "max_wait_ms": self.max_wait_ms, "ort_threads": self.ort_threads(),
+                "max_wait_ms": self.max_wait_ms,
+                "idle_bypass": self.idle_bypass, "ort_threads": self.ort_threads(),
                 "redis_pool_size": self.redis_pool_size, "compute_offload_min_batch": self.compute_offload_min_batch,
                 "fast_path": self.fast_path}
 

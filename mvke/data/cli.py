@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mvke.data.own_data_cli import register as register_own_data
+
 EXTRA = "train"
 
 
@@ -19,15 +21,23 @@ def _ml100k(a: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    data = sub.add_parser("data", help="build a dataset").add_subparsers(dest="source", required=True)
-    s = data.add_parser("synth", help="synthetic ad logs (paper schema)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=20_000)
-    s.add_argument("--tags", type=int, default=1_780)
-    s.add_argument("--seed", type=int, default=0)
+    data = sub.add_parser("data", help="build a dataset (synthetic, MovieLens-100K, or your own log)",
+                          description="Write a dataset directory (meta.json, train/test/users.parquet) that "
+                                      "`mvke train` reads: docs/DATA.md, docs/OWN_DATA.md."
+                          ).add_subparsers(dest="source", required=True, metavar="SOURCE")
+    s = data.add_parser("synth", help="synthetic ad logs (paper schema)",
+                        description="Synthetic ad logs with the paper's user fields (Table 2), a training and a test "
+                                    "day, and the true click/conversion probabilities (oracle AUC): docs/DATA.md.")
+    s.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
+    s.add_argument("--users", type=int, default=20_000, help="users (default 20000; about 16 training impressions each)")
+    s.add_argument("--tags", type=int, default=1_780, help="tags in the catalogue (default 1780, as in the paper)")
+    s.add_argument("--seed", type=int, default=0, help="seed; one seed fixes the whole dataset (default 0)")
     s.set_defaults(func=_synth, extra=EXTRA)
-    m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel")
-    m.add_argument("--out", required=True)
-    m.add_argument("--negatives", type=int, default=4)
-    m.add_argument("--seed", type=int, default=0)
+    m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel",
+                        description="MovieLens-100K (shipped inside the recbole wheel) as a two-task dataset: tags "
+                                    "are genres, interest = rated, intention = rated >= 4, sampled negatives.")
+    m.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
+    m.add_argument("--negatives", type=int, default=4, help="sampled negatives per rating (default 4)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the negative sampling (default 0)")
     m.set_defaults(func=_ml100k, extra=EXTRA)
+    register_own_data(data)

@@ -95,10 +95,8 @@ class RawDataset:
         return list(self.meta["tags"])
 
 
-def load_dataset(path: str | Path) -> RawDataset:
-    """Read and validate a dataset directory (errors name file and column)."""
-    path = Path(path)
-    meta_path = path / "meta.json"
+def read_meta(meta_path: Path) -> dict[str, Any]:
+    """meta.json, checked for the keys every reader needs."""
     if not meta_path.exists():
         raise DataError(meta_path, None, "file not found")
     try:
@@ -108,6 +106,27 @@ def load_dataset(path: str | Path) -> RawDataset:
     for key in ("fields", "tags"):
         if key not in meta:
             raise DataError(meta_path, key, "missing key")
+    return meta
+
+
+def check_samples(df: pd.DataFrame, path: Path, meta: dict[str, Any]) -> None:
+    """The columns of a file of impressions (a split, or the log `mvke data split` cuts)."""
+    _require(df, path, "user_id", "cat")
+    _require(df, path, "tags", "list")
+    for label in TASK_LABELS.values():
+        _require(df, path, label, "label")
+    inline = [n for n in meta["fields"] if n in df.columns]
+    if inline and len(inline) != len(meta["fields"]):
+        missing = next(n for n in meta["fields"] if n not in df.columns)
+        raise DataError(path, missing, "missing column (other user fields are inline)")
+    for name in inline:
+        _require(df, path, name, meta["fields"][name])
+
+
+def load_dataset(path: str | Path) -> RawDataset:
+    """Read and validate a dataset directory (errors name file and column)."""
+    path = Path(path)
+    meta = read_meta(path / "meta.json")
     users_path = path / "users.parquet"
     users = _read_parquet(users_path)
     _require(users, users_path, "user_id", "cat")
@@ -117,16 +136,7 @@ def load_dataset(path: str | Path) -> RawDataset:
     for split in ("train", "test"):
         p = path / f"{split}.parquet"
         df = _read_parquet(p)
-        _require(df, p, "user_id", "cat")
-        _require(df, p, "tags", "list")
-        for label in TASK_LABELS.values():
-            _require(df, p, label, "label")
-        inline = [n for n in meta["fields"] if n in df.columns]
-        if inline and len(inline) != len(meta["fields"]):
-            missing = next(n for n in meta["fields"] if n not in df.columns)
-            raise DataError(p, missing, "missing column (other user fields are inline)")
-        for name in inline:
-            _require(df, p, name, meta["fields"][name])
+        check_samples(df, p, meta)
         splits[split] = df
     return RawDataset(path, meta, splits["train"], splits["test"], users)
 

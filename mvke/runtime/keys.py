@@ -43,14 +43,32 @@ until they are replaced).
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PREFIX = "mvke"
+PREFIX_ENV = "MVKE_KEY_PREFIX"   # also the service's setting (service/settings.py `key_prefix`)
 
 
 def redis_url(url: str | None = None) -> str:
     """The Redis of a command: `url` if given, else $REDIS_URL, else DEFAULT_URL."""
     return url or os.environ.get("REDIS_URL") or DEFAULT_URL
+
+
+def key_prefix(prefix: str | None = None) -> str:
+    """The key prefix of a command: `prefix` if given, else $MVKE_KEY_PREFIX, else `mvke`.
+
+    The service reads the same variable, so writers and reader agree when it is set once.
+    """
+    return prefix or os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+
+
+def add_key_prefix_option(parser: argparse.ArgumentParser) -> None:
+    """`--key-prefix`, the same on every command that reads or writes Redis keys."""
+    parser.add_argument("--key-prefix", metavar="PREFIX",
+                        help=f"prefix of every Redis key (default ${PREFIX_ENV}, else {DEFAULT_PREFIX}); "
+                             f"the service must run with the same {PREFIX_ENV}")
 
 
 def parse_canary(spec: str) -> tuple[str, float]:
@@ -72,7 +90,7 @@ def format_canary(version: str, percent: float) -> str:
 class Keys:
     """Redis key layout (see module docstring)."""
 
-    def __init__(self, prefix: str = "mvke"):
+    def __init__(self, prefix: str = DEFAULT_PREFIX):
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"key prefix must be non-empty and free of braces (hash tags), got {prefix!r}")
         self.prefix = prefix

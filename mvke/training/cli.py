@@ -58,34 +58,49 @@ def _experiment(a: argparse.Namespace) -> None:
     run_experiment(a.data, a.out, seeds=a.seeds, models=models, sweep_experts=a.sweep_experts, epochs=a.epochs)
 
 
+# The keys of mvke.models.MODELS, written out so that `--help` needs no torch import
+# (tests/cli/test_help.py keeps the two equal).
+MODEL_NAMES = ("mvke-mt", "mvke-st", "nomtl", "hard-sharing", "moe", "mmoe", "cgc")
+MODEL_HELP = (f"model to train: {', '.join(MODEL_NAMES)} (default mvke-mt; docs/MODELS.md says what each is)")
+
+
 def register(sub) -> None:
-    t = sub.add_parser("train", help="train one model")
-    t.add_argument("--data", required=True)
-    t.add_argument("--model", default="mvke-mt")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=1024)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (split among --workers)")
+    t = sub.add_parser("train", help="train one model",
+                       description="Train one model on a dataset directory (`mvke data ...`), early-stopped on the "
+                                   "validation rows, then score the test split once. Writes a checkpoint "
+                                   "(model.pt, config.json, schema.json, metrics.json with test and oracle AUC).")
+    t.add_argument("--data", required=True, metavar="DIR", help="dataset directory (meta.json, train/test/users.parquet)")
+    t.add_argument("--model", default="mvke-mt", metavar="NAME", help=MODEL_HELP)
+    t.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write (input of `mvke export`)")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    t.add_argument("--epochs", type=int, default=5, help="most epochs; early stopping may end sooner (default 5)")
+    t.add_argument("--batch-size", type=int, default=1024, help="samples per step (default 1024)")
+    t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 0.002)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; split among --workers)")
     t.add_argument("--workers", type=int, default=1,
-                   help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray. "
-                        "--batch-size stays the global batch: each worker takes batch-size/workers, so the "
-                        "learning rate needs no scaling (docs/SCALING.md)")
-    t.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    t.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
-    t.add_argument("--max-steps", type=int, default=0, help="stop each worker after this many steps (0: epochs)")
-    t.add_argument("--experts", type=int)
-    t.add_argument("--task-experts", help="e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
-    t.add_argument("--attention", choices=["fields", "sum"])
-    t.add_argument("--gate", choices=["projected", "dot"])
+                   help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray "
+                        "(default). --batch-size stays the global batch: each worker takes batch-size/workers, so "
+                        "the learning rate needs no scaling (docs/SCALING.md)")
+    t.add_argument("--address", help="Ray cluster address for --workers (default: a local Ray)")
+    t.add_argument("--gpu", action="store_true", help="--workers: one GPU per worker, NCCL (default: CPU, gloo)")
+    t.add_argument("--max-steps", type=int, default=0, help="--workers: stop each worker after this many steps "
+                                                             "(default 0: whole epochs)")
+    t.add_argument("--experts", type=int, metavar="K", help="experts per task (MVKE: virtual kernels); model default if unset")
+    t.add_argument("--task-experts", metavar="SPEC",
+                   help="MVKE-mt: the experts each task reads, e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
+    t.add_argument("--attention", choices=["fields", "sum"],
+                   help="MVKE expert input: kernel attention keeping each weighted field (default, as the authors' code) "
+                        "or their plain sum (eq. 5)")
+    t.add_argument("--gate", choices=["projected", "dot"], help="MVKE tag gate: projected (eq. 7) or dot (default); docs/MODELS.md")
     t.set_defaults(func=_train, extra=EXTRA)
 
-    e = sub.add_parser("experiment", help="train the variants over seeds; tables and figures")
-    e.add_argument("--data", required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--seeds", type=int, default=3)
-    e.add_argument("--models")
-    e.add_argument("--epochs", type=int, default=5)
-    e.add_argument("--sweep-experts", action="store_true")
+    e = sub.add_parser("experiment", help="train the variants over seeds; tables and figures",
+                       description="Train each model for each seed on one dataset; write results.json/md and the "
+                                   "paper's figures (AUC bars, expert sweep, gate weights) under --out.")
+    e.add_argument("--data", required=True, metavar="DIR", help="dataset directory")
+    e.add_argument("--out", required=True, metavar="DIR", help="results directory")
+    e.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
+    e.add_argument("--models", metavar="NAMES", help=f"comma-separated subset of: {', '.join(MODEL_NAMES)} (default all)")
+    e.add_argument("--epochs", type=int, default=5, help="most epochs per run (default 5)")
+    e.add_argument("--sweep-experts", action="store_true", help="also train MVKE with 4..10 experts (Fig. 7)")
     e.set_defaults(func=_experiment, extra=EXTRA)

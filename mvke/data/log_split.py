@@ -1,0 +1,159 @@
+"""`mvke data split --by-time`: cut one impression log into a dataset directory.
+
+Input (docs/OWN_DATA.md has the full contract): a Parquet log with one row per
+impression (`user_id`, `tags`, `click`, `conversion` and a time column),
+`meta.json` and `users.parquet`. Output: the dataset directory every trainer
+reads (`train.parquet`, `test.parquet`, `users.parquet`, `meta.json`), the last
+`test_days` calendar days going to test and the days before them to train, as
+the paper's offline evaluation trains on earlier days and tests on a later one.
+Both splits carry the event time as `timestamp` (Unix seconds, int64), the column
+the trainer's validation split orders each user's events by.
+Errors are `DataError`s naming the input file and column, like `load_dataset`'s.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mvke.data.dataset import DataError, _read_parquet, _require, check_samples, load_dataset, read_meta
+
+
+@dataclass
+class TimeSplitConfig:
+    """How to cut the log; `timezone` decides where a calendar day starts."""
+
+    time_column: str = "timestamp"
+    test_days: int = 1
+    train_days: int | None = None   # None: every day before the test days
+    timezone: str = "UTC"
+
+
+@dataclass
+class SplitReport:
+    out: Path
+    train_days: list[str]
+    test_days: list[str]
+    rows: dict[str, int] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)
+    dropped_rows: int = 0           # rows older than the train window (`train_days`)
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": str(self.out), "train_days": self.train_days, "test_days": self.test_days,
+                "rows": self.rows, "users": self.users, "dropped_rows": self.dropped_rows}
+
+
+TIMESTAMP = "timestamp"   # the output column: Unix seconds
+
+
+def event_times(times: pd.Series, path: Path, column: str) -> pd.Series:
+    """Each event's time as a UTC timestamp.
+
+    Accepts Parquet timestamps (naive ones are taken as UTC), dates, ISO-8601
+    strings and Unix seconds (integers or floats).
+    """
+    if pd.api.types.is_bool_dtype(times):
+        raise DataError(path, column, "expected timestamps, dates or Unix seconds, got booleans")
+    try:
+        if pd.api.types.is_numeric_dtype(times):
+            stamps = pd.to_datetime(times, unit="s", utc=True)
+        else:
+            stamps = pd.to_datetime(times, utc=True, format="ISO8601")
+    except (ValueError, TypeError, OverflowError) as e:
+        raise DataError(path, column, f"expected timestamps, dates or Unix seconds ({e})") from e
+    if stamps.isna().any():
+        row = int(stamps.isna().to_numpy().argmax())
+        raise DataError(path, column, f"missing time in row {row}")
+    return stamps
+
+
+def calendar_days(stamps: pd.Series, timezone: str, path: Path, column: str) -> pd.Series:
+    """The calendar day (YYYY-MM-DD in `timezone`) of each UTC timestamp."""
+    try:
+        local = stamps.dt.tz_convert(timezone)
+    except Exception as e:  # unknown zone names raise several types across pandas versions
+        raise DataError(path, column, f"unknown timezone {timezone!r} ({e})") from e
+    return local.dt.strftime("%Y-%m-%d")
+
+
+def _check_log(log: pd.DataFrame, path: Path, meta: dict[str, Any], cfg: TimeSplitConfig) -> None:
+    """The checks `load_dataset` makes on a split, on the log before it is cut, and the time column."""
+    check_samples(log, path, meta)
+    if cfg.time_column not in log.columns:
+        raise DataError(path, cfg.time_column, "missing column (the event time; --time-column names it)")
+    if cfg.time_column != TIMESTAMP and TIMESTAMP in log.columns:
+        raise DataError(path, TIMESTAMP, f"the split writes the event time ({cfg.time_column!r}) as {TIMESTAMP!r}: "
+                                         "rename this column or pass --time-column timestamp")
+    known = set(meta["tags"])
+    unknown = log["tags"].map(lambda ts: [t for t in (ts if ts is not None else []) if t not in known])
+    bad = unknown.map(len) > 0
+    if bad.any():
+        raise DataError(path, "tags", f"tag {unknown[bad].iloc[0][0]!r} is not in meta.json's tags "
+                                      f"({int(bad.sum())} rows have unknown tags)")
+
+
+def _check_users(users: pd.DataFrame, path: Path, meta: dict[str, Any], log: pd.DataFrame,
+                 log_path: Path) -> None:
+    _require(users, path, "user_id", "cat")
+    for name, kind in meta["fields"].items():
+        _require(users, path, name, kind)
+    if not all(n in log.columns for n in meta["fields"]):
+        missing = ~log["user_id"].isin(set(users["user_id"]))
+        if missing.any():
+            raise DataError(path, "user_id", f"no feature row for user {log['user_id'][missing].iloc[0]!r} "
+                                             f"(of {log_path.name}; {int(missing.sum())} rows)")
+
+
+def pick_days(days: list[str], cfg: TimeSplitConfig, path: Path) -> tuple[list[str], list[str]]:
+    """Sorted distinct days -> (train days, test days)."""
+    if cfg.test_days < 1:
+        raise ValueError(f"test_days must be >= 1, got {cfg.test_days}")
+    if cfg.train_days is not None and cfg.train_days < 1:
+        raise ValueError(f"train_days must be >= 1, got {cfg.train_days}")
+    if len(days) <= cfg.test_days:
+        raise DataError(path, cfg.time_column, f"the log covers {len(days)} day(s) ({', '.join(days)}); "
+                                               f"a split by time needs more than --test-days={cfg.test_days}")
+    test, train = days[-cfg.test_days:], days[: -cfg.test_days]
+    if cfg.train_days is not None:
+        train = train[-cfg.train_days:]
+    return train, test
+
+
+def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
+                  meta_path: str | Path | None = None, users_path: str | Path | None = None) -> SplitReport:
+    """Log (+ meta.json, users.parquet beside it unless given) -> dataset directory `out`."""
+    cfg = cfg or TimeSplitConfig()
+    log_path = Path(log_path)
+    meta_path = Path(meta_path) if meta_path else log_path.parent / "meta.json"
+    users_path = Path(users_path) if users_path else log_path.parent / "users.parquet"
+    meta = read_meta(meta_path)
+    log = _read_parquet(log_path)
+    _check_log(log, log_path, meta, cfg)
+    users = _read_parquet(users_path)
+    _check_users(users, users_path, meta, log, log_path)
+
+    stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
+    day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
+    train_days, test_days = pick_days(sorted(day.unique()), cfg, log_path)
+    log = log.assign(**{TIMESTAMP: (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)})
+    parts = {"train": log[day.isin(train_days)], "test": log[day.isin(test_days)]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in parts.items():
+        pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), out / f"{name}.parquet")
+    if users_path.resolve() != (out / "users.parquet").resolve():
+        shutil.copyfile(users_path, out / "users.parquet")
+    split = {"by": "time", "source": log_path.name, "time_column": cfg.time_column, "timezone": cfg.timezone,
+             "train_days": train_days, "test_days": test_days}
+    (out / "meta.json").write_text(json.dumps({**meta, "split": split}, indent=1))
+    load_dataset(out)  # the trainer's own checks, on what was written
+    return SplitReport(out, train_days, test_days,
+                       rows={k: len(v) for k, v in parts.items()},
+                       users={k: int(v["user_id"].nunique()) for k, v in parts.items()},
+                       dropped_rows=int(len(log) - sum(len(v) for v in parts.values())))
