@@ -40,21 +40,14 @@ from pathlib import Path
 import yaml
 
 from loadtest.harness import ROOT, Server, make_requests, pipeline, run_load, start_redis
-from mvke.runtime.system import loadavg
+from mvke.runtime.system import cpu_model, loadavg
 
 HERE = Path(__file__).resolve().parent
 
 
 # ---- machine and data ------------------------------------------------------------------
 def machine() -> dict:
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     import fastapi
     import numpy
     import onnxruntime
@@ -511,24 +504,19 @@ def catalogue_curve(a: argparse.Namespace) -> int:
     b = Bench(a)
     started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), loadavg()
     work = Path(a.work)
-    syn, ck = work / "syn", work / "ck_mvke"
-    mvke = [PY, "-m", "mvke.cli"]
-    if not (syn / "users.parquet").exists():
-        subprocess.run([*mvke, "data", "synth", "--out", str(syn)], check=True, cwd=ROOT)
-    if not (ck / "model.pt").exists():
-        b.log(f"training mvke-mt (1 epoch) into {ck}")
-        subprocess.run([*mvke, "train", "--data", str(syn), "--model", "mvke-mt", "--out", str(ck), "--epochs", "1"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    b.log(f"mvke pipeline: mvke-mt (1 epoch) under {work} (steps whose output exists are skipped)")
+    done = pipeline(work, "mvke-mt", log=work / "pipeline_mvke.log")
     workers = a.workers or 1
-    res = catalogue.run(a.tags, work, ck, syn, dataset_user_ids(syn), b.dur, workers, a.rounds, b.log)
+    res = catalogue.run(a.tags, work, Path(done["checkpoint"]), Path(done["data"]), b.dur, workers, a.rounds, b.log)
     args = f"--tags {','.join(map(str, a.tags))}" + (" --quick" if a.quick else "") + \
-        (f" --duration {a.duration:g}" if a.duration else "")
+        (f" --duration {a.duration:g}" if a.duration else "") + f" --rounds {a.rounds}"
     text = catalogue.report(res, machine(), load_before, loadavg(), started, args, workers)
     print("\n" + text)
     out = Path(a.out).with_name("large_catalogues.md")
     write_markdown(out, text, marker="catalogue")
     out.with_suffix(".json").write_text(json.dumps({"started": started, "machine": machine(), **res}, indent=1,
                                                    default=str))
+    print(f"\nwrote {out} and {out.with_suffix('.json')}")
     return 0
 
 

@@ -9,10 +9,11 @@ At the smallest size it also serves, interleaved over rounds, the service with n
 (the path before the fused ONNX graph), the fused path and the straightforward FastAPI + ORT +
 redis-py endpoint (loadtest/straight_app.py): the c=1 latency table.
 
-Catalogues: the mvke-mt checkpoint under --work (trained 1 epoch on the default synthetic data,
-1,780 tags) exported with `mvke export --synthetic-tags N --ann on`: its trained tag tower run
-on synthetic tag ids (model_export/synthetic_tags.py). Output: docs/results/large_catalogues.md
-(+ .json).
+Catalogues: the mvke-mt checkpoint of `mvke pipeline` under --work (trained 1 epoch on the
+default synthetic data, 1,780 tags) exported with `mvke export --synthetic-tags N --ann on`: its
+trained tag tower run on synthetic tag ids (model_export/synthetic_tags.py). Everything goes
+through the `mvke` command and HTTP (export, publish, features load, serve). Output:
+docs/results/large_catalogues.md (+ .json).
 """
 from __future__ import annotations
 
@@ -23,16 +24,25 @@ import subprocess
 import time
 from pathlib import Path
 
-from loadtest.harness import PY, ROOT, Server, load_features, make_requests, publish, run_load, start_redis
+from loadtest.harness import PY, ROOT, Server, make_requests, run_load, scan_user_ids, start_redis
+
+MVKE = [PY, "-m", "mvke.cli"]
+
+
+def mvke(*args: str) -> str:
+    """One `mvke` command -> its stdout (stderr kept for the error)."""
+    res = subprocess.run([*MVKE, *args], cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"mvke {' '.join(args)} failed: {res.stderr[-2000:]}")
+    return res.stdout
 
 
 def export(ck: Path, out: Path, tags: int, log) -> dict:
     if not (out / "manifest.json").exists():
         log(f"exporting {tags:,} tags to {out}")
         t0 = time.perf_counter()
-        res = subprocess.run([PY, "-m", "mvke.cli", "export", str(ck), "--out", str(out), "--ann", "on",
-                              "--synthetic-tags", str(tags)], check=True, cwd=ROOT, capture_output=True, text=True)
-        doc = json.loads(res.stdout[res.stdout.index("{"):res.stdout.rindex("}") + 1])
+        stdout = mvke("export", str(ck), "--out", str(out), "--ann", "on", "--synthetic-tags", str(tags))
+        doc = json.loads(stdout[stdout.index("{"):stdout.rindex("}") + 1])
         (out.parent / f"{out.name}.export.json").write_text(json.dumps({**doc, "wall_s": time.perf_counter() - t0}))
     info = json.loads((out.parent / f"{out.name}.export.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
@@ -44,21 +54,23 @@ def export(ck: Path, out: Path, tags: int, log) -> dict:
 
 
 def tag_all_users_per_s(bundle: Path, mode: str, users: int = 512) -> float:
-    """Users/s of tag-all's ranking step (tower + scoring + top 20 per task), one thread, in process."""
+    """Users/s of tag-all's ranking step on the CPU (tower, then mvke.runtime's `rank`, top 20 per task,
+    one batch of `users`: what batch.tag_all.rank_users runs per chunk), one thread, in a subprocess."""
     code = f"""
 import time, numpy as np
 from mvke.runtime.contract import read_bundle
 from mvke.runtime.model import build_model
 from mvke.runtime.ann import limit_faiss_threads
+from mvke.runtime.scoring import rank
 from mvke.runtime.system import limit_blas_threads
-from batch.tag_all import rank_users
 from model_export.bundle import random_users
 limit_blas_threads(1); limit_faiss_threads(1)
 m, b = read_bundle("{bundle}", verify=False)
-model = build_model(m, b, "cpu", ann_mode="{mode}")
+model = build_model(m, b, "cpu", ann_mode="{mode}", scoring="numpy")
 cat, multi = random_users(model.schema, {users}, np.random.default_rng(0))
-rank_users(model, cat[:64], multi[:64], 20)
-t0 = time.perf_counter(); rank_users(model, cat, multi, 20); print({users} / (time.perf_counter() - t0))
+rank(model.run_tower(cat[:64], multi[:64]), model.sides.values(), 20)
+t0 = time.perf_counter(); rank(model.run_tower(cat, multi), model.sides.values(), 20)
+print({users} / (time.perf_counter() - t0))
 """
     res = subprocess.run([PY, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
@@ -72,9 +84,7 @@ def serve(redis_url: str, env: dict, log_dir: Path, workers: int) -> tuple[Serve
     return svc, time.perf_counter() - t0
 
 
-def run(tags: list[int], work: Path, ck: Path, data: Path, ids: list[str], duration: float, workers: int,
-        rounds: int, log) -> dict:
-    reqs = make_requests(ids, 8192, zipf=0.0, topk_mix="20:1", seed=1)
+def run(tags: list[int], work: Path, ck: Path, data: Path, duration: float, workers: int, rounds: int, log) -> dict:
     logs = work / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
     sizes, c1 = [], {}
@@ -84,9 +94,10 @@ def run(tags: list[int], work: Path, ck: Path, data: Path, ids: list[str], durat
         redis = start_redis()
         try:
             t0 = time.perf_counter()
-            publish(redis.url, bundle)
+            mvke("publish", str(bundle), "--redis", redis.url)
             row["publish_s"] = time.perf_counter() - t0
-            load_features(redis.url, data)
+            mvke("features", "load", "--data", str(data), "--redis", redis.url)
+            reqs = make_requests(scan_user_ids(redis.url), 8192, zipf=0.0, topk_mix="20:1", seed=1)
             for mode in ("off", "on"):
                 svc, load_s = serve(redis.url, {"MVKE_ANN": mode}, logs, workers)
                 try:
@@ -110,14 +121,22 @@ def run(tags: list[int], work: Path, ck: Path, data: Path, ids: list[str], durat
     return {"sizes": sizes, "c1": c1}
 
 
+BEFORE = "service before: numpy scoring, via the batch worker"
+AFTER = "service after: fused ONNX + idle bypass (defaults)"
+STRAIGHT = "straightforward FastAPI + ORT + redis-py"
+
+
 def latency_rounds(redis_url: str, bundle: Path, reqs: list, duration: float, rounds: int, logs: Path, log) -> dict:
-    """c=1 and c=32 of: service with numpy scoring (before), service fused (after), straightforward."""
+    """c=1 and c=32, interleaved rounds, of: the service as it was (numpy scoring, every request through
+    the batch worker), with the fused ONNX graph only, with the fused graph and the idle bypass (the
+    defaults), and the straightforward endpoint."""
+    def service(env: dict) -> Server:
+        return Server.service(redis_url, workers=1, env=env, log=logs / "c1.log")
     servers = {
-        "service, numpy scoring (before)": lambda: Server.service(redis_url, workers=1, env={"MVKE_SCORING": "numpy"},
-                                                                  log=logs / "c1.log"),
-        "service, fused ONNX (after)": lambda: Server.service(redis_url, workers=1, env={"MVKE_SCORING": "onnx"},
-                                                              log=logs / "c1.log"),
-        "straightforward FastAPI + ORT + redis-py": lambda: Server.asgi(
+        BEFORE: lambda: service({"MVKE_SCORING": "numpy", "MVKE_IDLE_BYPASS": "false"}),
+        "service, fused ONNX, no idle bypass": lambda: service({"MVKE_SCORING": "onnx", "MVKE_IDLE_BYPASS": "false"}),
+        AFTER: lambda: service({"MVKE_SCORING": "onnx", "MVKE_IDLE_BYPASS": "true"}),
+        STRAIGHT: lambda: Server.asgi(
             "loadtest.straight_app:app", env={"REDIS_URL": redis_url, "MVKE_STRAIGHT_BUNDLE": str(bundle),
                                              "OPENBLAS_NUM_THREADS": "1"}, log=logs / "c1.log"),
     }
@@ -131,7 +150,7 @@ def latency_rounds(redis_url: str, bundle: Path, reqs: list, duration: float, ro
             out[name]["p99_c1"].append(r1["p99_ms"])
             out[name]["qps_c32"].append(r32["qps"])
             out[name]["p99_c32"].append(r32["p99_ms"])
-            log(f"round {rnd + 1}: {name:42} p50 c1 {r1['p50_ms']:.2f} ms, c32 {r32['qps']:.0f} QPS")
+            log(f"round {rnd + 1}: {name:52} p50 c1 {r1['p50_ms']:.2f} ms, c32 {r32['qps']:.0f} QPS")
     return {name: {k: statistics.median(v) for k, v in d.items()} | {"rounds": d} for name, d in out.items()}
 
 
@@ -160,7 +179,7 @@ def report(res: dict, machine: dict, load_before, load_after, started: str, args
                          f"{row['on']['p50_c1_ms'] / row['off']['p50_c1_ms']:.2f}x | | | | "
                          f"{row['on']['tag_all_users_s'] / row['off']['tag_all_users_s']:.1f}x | | | | |")
     if res.get("c1"):
-        straight = res["c1"]["straightforward FastAPI + ORT + redis-py"]["p50_c1"]
+        straight = res["c1"][STRAIGHT]["p50_c1"]
         lines += ["", f"c=1 latency at {res['sizes'][0]['tags']:,} tags, medians of interleaved rounds "
                       f"(same run, same Redis, 1 worker each):", "",
                   "| endpoint | p50 c1 ms | p99 c1 ms | QPS c32 | p99 c32 ms | p50 / straightforward |",

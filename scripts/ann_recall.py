@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvke.runtime import ann  # noqa: E402
+from mvke.runtime.system import cpu_model  # noqa: E402
 
 
 def sharpened(gates: np.ndarray, power: float) -> np.ndarray:
@@ -104,13 +105,12 @@ def run(a: argparse.Namespace) -> list[dict]:
 
 def users(a: argparse.Namespace, base) -> tuple[np.ndarray, np.ndarray]:
     from model_export.bundle import random_users, real_users
-    cfg = json.loads((Path(a.ckpt) / "config.json").read_text())
-    real = real_users(cfg, base.schema, a.users)
+    real = real_users(base.data_dir, base.schema, a.users)
     return real if real is not None else random_users(base.schema, a.users, np.random.default_rng(0))
 
 
 def report(rows: list[dict], a: argparse.Namespace, started: str, load: list[float]) -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model() or "?"
     lines = [f"Run {started}: `python scripts/ann_recall.py --ckpt {a.ckpt} --tags {','.join(map(str, a.tags))} "
              f"--users {a.users}`; {os.cpu_count()} CPUs ({cpu}), load average before {load}, after "
              f"{[round(x, 2) for x in os.getloadavg()]} (a shared, busy machine: times are upper bounds). "

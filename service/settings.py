@@ -40,6 +40,9 @@ class Settings(BaseSettings):
                                                        "interleave with reading requests; per-user cost is flat "
                                                        "from about 16 up)")
     max_wait_ms: float = Field(0.0, ge=0, description="extra wait to fill a batch (0: take what is queued)")
+    idle_bypass: bool = Field(True, description="with max_wait_ms 0: a request that finds the model idle and "
+                                                "nobody queued runs its batch of one itself (no hand-over to the "
+                                                "batch worker and back); measured in docs/results/performance.md")
     max_queue: int = Field(512, ge=1, description="queued requests beyond this are shed with 503")
     blas_threads: int = Field(1, ge=1, description="threads of the BLAS behind numpy's scoring GEMMs (OpenBLAS "
                                                    "spins one per core by default, which only contends here)")
@@ -79,7 +82,8 @@ class Settings(BaseSettings):
     def serving_summary(self) -> dict:
         """The settings that shape throughput (GET /model; the benchmark reports them beside its figures)."""
         return {"workers": self.worker_count(), "batching": self.batching, "max_batch_size": self.max_batch_size,
-                "max_wait_ms": self.max_wait_ms, "ort_threads": self.ort_threads(),
+                "max_wait_ms": self.max_wait_ms,
+                "idle_bypass": self.idle_bypass, "ort_threads": self.ort_threads(),
                 "redis_pool_size": self.redis_pool_size, "compute_offload_min_batch": self.compute_offload_min_batch,
                 "fast_path": self.fast_path}
 

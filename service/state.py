@@ -78,7 +78,8 @@ class ServiceState:
         self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
         self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
-                                      settings.max_queue, settings.request_timeout_s) if settings.batching else None
+                                      settings.max_queue, settings.request_timeout_s,
+                                      settings.idle_bypass) if settings.batching else None
 
     async def start(self) -> None:
         await self.registry.start()

@@ -43,3 +43,15 @@ def limit_blas_threads(n: int) -> list[str]:
 def loadavg() -> list[float]:
     """1, 5 and 15 minute load averages, rounded (printed beside every benchmark figure)."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (printed beside every benchmark figure); "" when /proc/cpuinfo is absent."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

@@ -166,10 +166,12 @@ def test_batcher_coalesces_sheds_and_times_out():
     class SlowTagger:
         def __init__(self):
             self.batches: list[int] = []
+            self.tasks: list = []
             self.gate = asyncio.Event()
 
         async def process(self, jobs):
             self.batches.append(len(jobs))
+            self.tasks.append(asyncio.current_task())
             await self.gate.wait()
             return [f"ok:{j.user_id}" for j in jobs]
 
@@ -180,10 +182,12 @@ def test_batcher_coalesces_sheds_and_times_out():
         tagger, metrics = SlowTagger(), ServiceMetrics()
         b = DynamicBatcher(tagger, metrics, max_batch_size=4, max_wait_ms=0, max_queue=6, timeout_s=0.3)
         await b.start()
-        first = asyncio.ensure_future(b.submit(job("a")))          # taken alone, then blocks in process
+        first = asyncio.ensure_future(b.submit(job("a")))          # model idle: runs inline, blocks in process
         await asyncio.sleep(0.01)
+        assert tagger.tasks == [first]                              # in the request's own task, not the worker's
         rest = [asyncio.ensure_future(b.submit(job(f"u{i}"))) for i in range(6)]  # queued (max_queue 6)
         await asyncio.sleep(0.01)
+        assert tagger.batches == [1]                                # the worker waits for the inline batch
         with pytest.raises(ServiceError) as full:
             await b.submit(job("over"))
         assert full.value.status == 503 and "overloaded" in full.value.message
@@ -193,14 +197,30 @@ def test_batcher_coalesces_sheds_and_times_out():
         got = await asyncio.gather(*rest[1:])
         assert got == [f"ok:u{i}" for i in range(1, 6)]
         assert tagger.batches[0] == 1 and max(tagger.batches) <= 4 and sum(tagger.batches) == 6
+        assert tagger.batches[1] == 4 and all(t is not first for t in tagger.tasks[1:])   # queued ones: batched
         # a request stuck longer than timeout_s gets a 503 and the timer is counted
         tagger.gate.clear()
         with pytest.raises(ServiceError) as slow:
             await b.submit(job("slow"))
-        assert slow.value.status == 503 and "timed out" in slow.value.message
+        assert slow.value.status == 503 and "timed out" in slow.value.message   # inline: the watchdog's 503
+        gone = asyncio.ensure_future(b.submit(job("gone")))        # inline, then its caller goes away:
+        await asyncio.sleep(0.01)
+        gone.cancel()                                              # a cancellation, not a timeout
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert not b._running                                      # the model is free again
         tagger.gate.set()
         await b.stop()
         samples = {(s.name, s.labels.get("reason")): s.value for m in metrics.registry.collect() for s in m.samples}
         assert samples[("mvke_shed_total", "queue_full")] == 1 and samples[("mvke_shed_total", "timeout")] == 1
+        # MVKE_IDLE_BYPASS=false (or a max_wait_ms): even a lone request goes through the worker
+        for kw in ({"max_wait_ms": 0, "idle_bypass": False}, {"max_wait_ms": 1, "idle_bypass": True}):
+            tagger = SlowTagger()
+            tagger.gate.set()
+            b = DynamicBatcher(tagger, ServiceMetrics(), max_batch_size=4, max_queue=6, timeout_s=0.3, **kw)
+            await b.start()
+            lone = asyncio.ensure_future(b.submit(job("z")))
+            assert await lone == "ok:z" and tagger.tasks == [b._task]
+            await b.stop()
 
     asyncio.run(scenario())
