@@ -41,12 +41,21 @@ def _train(a: argparse.Namespace) -> None:
     given = {k: getattr(a, k) for k in ("epochs", "lr", "lr_schedule", "weight_decay") if getattr(a, k) is not None}
     cfg = TrainConfig(**{"epochs": 5, **tuned, **given, "seed": a.seed, "batch_size": a.batch_size,
                          "threads": a.threads})
-    data = prepare(a.data)
-    result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
+    if a.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    if a.workers > 1 or a.address:
+        # Ray Train (DDP), the data streamed part by part (mvke/training/distributed.py); same checkpoint format
+        from mvke.training.distributed import DistributedConfig, train_distributed
+        result = train_distributed(a.data, a.model, cfg, DistributedConfig(workers=a.workers, use_gpu=a.gpu,
+                                                                           address=a.address, max_steps=a.max_steps),
+                                   **_model_overrides(a))
+    else:
+        data = prepare(a.data)
+        result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
     save_checkpoint(result, a.out, cfg, a.data)
     m = result.metrics
-    print(json.dumps({"model": a.model, "best_epoch": m["best_epoch"], "valid_auc": m["valid_auc"],
-                      "test_auc": m["test_auc"], "test_gauc": m["test_gauc"], "oracle_test_auc": m.get("oracle_test_auc"),
+    print(json.dumps({"model": a.model, "best_epoch": m.get("best_epoch"), "valid_auc": m.get("valid_auc"),
+                      "test_auc": m["test_auc"], "test_gauc": m.get("test_gauc"), "oracle_test_auc": m.get("oracle_test_auc"),
                       "samples_per_second": round(m["samples_per_second"]), "out": str(a.out)}, indent=1))
 
 
@@ -87,7 +96,15 @@ def register(sub) -> None:
     t.add_argument("--lr", type=float, help="AdamW learning rate (default 0.002)")
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
     t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; split among --workers)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray "
+                        "(default). --batch-size stays the global batch: each worker takes batch-size/workers, so "
+                        "the learning rate needs no scaling (docs/SCALING.md)")
+    t.add_argument("--address", help="Ray cluster address for --workers (default: a local Ray)")
+    t.add_argument("--gpu", action="store_true", help="--workers: one GPU per worker, NCCL (default: CPU, gloo)")
+    t.add_argument("--max-steps", type=int, default=0, help="--workers: stop each worker after this many steps "
+                                                             "(default 0: whole epochs)")
     t.add_argument("--experts", type=int, metavar="K", help="experts per task (MVKE: virtual kernels); model default if unset")
     t.add_argument("--task-experts", metavar="SPEC",
                    help="MVKE-mt: the experts each task reads, e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
