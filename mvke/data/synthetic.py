@@ -14,6 +14,15 @@ The generative story (docs/DATA.md tells it in prose):
   8 bucketised statistics (from the user's click/conversion propensities);
 * features are a snapshot at the end of the training day; on the test day the
   latent state and ad popularity drift.
+
+Two worlds (`SynthConfig.world`): "facets" (the above) and "flat" (one preference
+vector per user, shared by every facet and by both tasks: nothing for experts to
+specialise on).
+
+Generation is split into the world (`World`: everything shared by all users,
+drawn from `seed` alone) and blocks of `USER_BLOCK` users (`generate_block`),
+each from its own random stream, so a dataset can be written in parts with
+bounded memory and any block can be regenerated on its own.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from mvke.data.dataset import TASK_LABELS, write_dataset
 
@@ -29,7 +39,8 @@ BASIC_FIELDS = {  # name -> number of distinct values
     "age_bucket": 8, "gender": 3, "education": 6, "city_tier": 5,
     "device_os": 4, "device_price_bucket": 6, "marital_status": 4, "occupation": 20,
 }
-# name -> (latent space, facet or -1 for "all facets, tag-specific", item kind, max_len)
+# name -> (latent space, facet slot 0-3 or -1 for "all facets, tag-specific" / -2 "one random
+# facet per user", item kind, max_len). Slot j reads facet j * M // 4 (M >= 4) or j mod M (M < 4).
 HISTORY_FIELDS = {
     "read_categories": ("click", 0, "cat", 10),
     "video_categories": ("click", 1, "cat", 10),
@@ -44,6 +55,11 @@ HISTORY_FIELDS = {
 }
 STAT_FIELDS = ["avg_ctr_bucket", "avg_cvr_bucket", "active_days_bucket", "impressions_bucket",
                "clicks_bucket", "conversions_bucket", "session_length_bucket", "spend_bucket"]
+WORLDS = ("facets", "flat")
+USER_BLOCK = 4096          # users per independently seeded block
+CALIBRATION_USERS = 8192   # population the intercepts and statistic deciles are fitted on
+DAY_SECONDS = 86_400
+ACTIVITY_MEAN = 2.0        # mean of Gamma(2, 1)
 
 
 @dataclass
@@ -64,6 +80,7 @@ class SynthConfig:
     affinity_scale: float = 1.6
     drift: float = 0.25               # test-day change of the latent state
     history_noise: float = 0.2        # share of history entries drawn at random
+    world: str = "facets"             # "facets" | "flat" (module docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +96,12 @@ class SynthConfig:
         for name in ("users", "ads", "facets", "segments", "latent_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.world not in WORLDS:
+            raise ValueError(f"world must be one of {WORLDS}, got {self.world!r}")
+
+    def facet_of_slot(self, slot: int) -> int:
+        """The facet a history's fixed slot (0-3) reads: spread over M >= 4 facets, wrapped below."""
+        return slot * self.facets // 4 if self.facets >= 4 else slot % self.facets
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -105,31 +128,48 @@ def _gumbel_topk(rng: np.random.Generator, logits: np.ndarray, k: int) -> np.nda
     return np.take_along_axis(idx, order, axis=1)
 
 
-class _World:
-    """The latent state: users, tags, ads and how they interact."""
+@dataclass
+class Users:
+    """The latent state of a range of users (one block)."""
 
-    def __init__(self, cfg: SynthConfig, rng: np.random.Generator):
-        self.cfg, self.rng = cfg, rng
-        U, M, D, C, T = cfg.users, cfg.facets, cfg.latent_dim, cfg.categories, cfg.tags
-        self.segment = rng.integers(0, cfg.segments, U)
-        seg_mu = rng.normal(0, 1, (cfg.segments, M, D))
-        self.z_click = seg_mu[self.segment] + 0.8 * rng.normal(0, 1, (U, M, D))      # [U, M, D]
-        self.z_conv = cfg.rho * self.z_click + np.sqrt(1 - cfg.rho ** 2) * rng.normal(0, 1, (U, M, D))
-        prop = rng.multivariate_normal([0, 0], [[0.25, 0.1], [0.1, 0.25]], U)
-        self.beta, self.gamma = prop[:, 0], prop[:, 1]                                  # click / conv propensity
-        self.activity = rng.gamma(2.0, 1.0, U)
-        self.centroids = rng.normal(0, 1, (C, D))                                        # [C, D]
+    ids: np.ndarray          # [U] global user index
+    segment: np.ndarray      # [U]
+    z_click: np.ndarray      # [U, M, D]
+    z_conv: np.ndarray       # [U, M, D]
+    beta: np.ndarray         # [U] click propensity
+    gamma: np.ndarray        # [U] conversion propensity
+    activity: np.ndarray     # [U]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class World:
+    """Everything shared by all users: segments, tags, ads, facet maps, intercepts, statistic deciles.
+
+    Drawn from `default_rng([seed, 0])`; users come later, block by block (`generate_block`).
+    """
+
+    def __init__(self, cfg: SynthConfig):
+        self.cfg = cfg
+        rng = np.random.default_rng([cfg.seed, 0])
+        M, D, C, T, S = cfg.facets, cfg.latent_dim, cfg.categories, cfg.tags, cfg.segments
+        self.seg_mu = rng.normal(0, 1, (S, M, D))                                  # [S, M, D]
+        self.attr_logits = {n: rng.normal(0, 1.2, (S, k)) for n, k in BASIC_FIELDS.items()}
+        self.centroids = rng.normal(0, 1, (C, D))                                  # [C, D]
         self.tag_cat = rng.integers(0, C, T)
         self.tag_cat[:C] = np.arange(C)  # no empty category
-        self.w = self.centroids[self.tag_cat] + 0.6 * rng.normal(0, 1, (T, D))           # [T, D]
+        self.w = self.centroids[self.tag_cat] + 0.6 * rng.normal(0, 1, (T, D))     # [T, D]
         self.facet_click = rng.integers(0, M, C)
         other = rng.integers(0, M, C)
         self.facet_conv = np.where(rng.random(C) < cfg.same_facet_prob, self.facet_click, other)
         self.tags_of_cat = [np.flatnonzero(self.tag_cat == c) for c in range(C)]
-        self._make_ads()
+        self._make_ads(rng)
+        self.tag_names = np.array([f"cat{self.tag_cat[t]:02d}/tag{t:04d}" for t in range(T)])
+        self._calibrate()
 
-    def _make_ads(self) -> None:
-        cfg, rng = self.cfg, self.rng
+    def _make_ads(self, rng: np.random.Generator) -> None:
+        cfg = self.cfg
         A, C = cfg.ads, cfg.categories
         cat_pop = 1.0 / np.arange(1, C + 1) ** 0.7
         cat_pop = rng.permutation(cat_pop / cat_pop.sum())
@@ -142,136 +182,193 @@ class _World:
                 pool = self.tags_of_cat[c]
                 self.ad_tags[a, j] = pool[rng.integers(0, len(pool))]
         pop = 1.0 / np.arange(1, A + 1) ** 0.8
-        self.ad_pop = rng.permutation(pop / pop.sum())
+        self.ad_pop = {"train": rng.permutation(pop / pop.sum())}
+        # Test-day drift of the ads: 30% of them swap their popularity with another ad.
+        test = self.ad_pop["train"].copy()
+        idx = np.flatnonzero(rng.random(A) < 0.3)
+        test[idx] = test[rng.permutation(idx)]
+        self.ad_pop["test"] = test / test.sum()
 
-    def drift(self) -> None:
-        cfg, rng = self.cfg, self.rng
-        self.z_click = self.z_click + cfg.drift * rng.normal(0, 1, self.z_click.shape)
-        self.z_conv = self.z_conv + cfg.drift * rng.normal(0, 1, self.z_conv.shape)
-        # 30% of ads swap their popularity with another ad.
-        idx = np.flatnonzero(rng.random(cfg.ads) < 0.3)
-        self.ad_pop[idx] = self.ad_pop[rng.permutation(idx)]
-        self.ad_pop /= self.ad_pop.sum()
+    # -- users -----------------------------------------------------------------
+    def draw_users(self, ids: np.ndarray, rng: np.random.Generator) -> Users:
+        cfg = self.cfg
+        U, M, D = len(ids), cfg.facets, cfg.latent_dim
+        segment = rng.integers(0, cfg.segments, U)
+        if cfg.world == "flat":   # one vector for every facet and both tasks
+            z = self.seg_mu[segment, :1] + 0.8 * rng.normal(0, 1, (U, 1, D))
+            z_click = z_conv = np.repeat(z, M, axis=1)
+        else:
+            z_click = self.seg_mu[segment] + 0.8 * rng.normal(0, 1, (U, M, D))                   # [U, M, D]
+            z_conv = cfg.rho * z_click + np.sqrt(1 - cfg.rho ** 2) * rng.normal(0, 1, (U, M, D))
+        prop = rng.multivariate_normal([0, 0], [[0.25, 0.1], [0.1, 0.25]], U)
+        return Users(ids, segment, z_click, z_conv, prop[:, 0], prop[:, 1], rng.gamma(2.0, 1.0, U))
 
-    def affinity(self, users: np.ndarray, tags: np.ndarray, space: str) -> np.ndarray:
-        """<z_{u, facet(tag)}, w_tag> / sqrt(D), scaled; tags == -1 give 0."""
-        z = self.z_click if space == "click" else self.z_conv
+    def drifted(self, users: Users, rng: np.random.Generator) -> Users:
+        """The test-day state: every facet vector moves by drift * N(0, I)."""
+        d = self.cfg.drift
+        if self.cfg.world == "flat":
+            step = d * rng.normal(0, 1, (len(users), 1, self.cfg.latent_dim))
+            z_click = z_conv = users.z_click + step
+        else:
+            z_click = users.z_click + d * rng.normal(0, 1, users.z_click.shape)
+            z_conv = users.z_conv + d * rng.normal(0, 1, users.z_conv.shape)
+        return Users(users.ids, users.segment, z_click, z_conv, users.beta, users.gamma, users.activity)
+
+    def affinity(self, users: Users, rows: np.ndarray, tags: np.ndarray, space: str) -> np.ndarray:
+        """<z_{u, facet(tag)}, w_tag> / sqrt(D), scaled; tags == -1 give 0. rows index into `users`."""
+        z = users.z_click if space == "click" else users.z_conv
         facet_of_cat = self.facet_click if space == "click" else self.facet_conv
         t = np.maximum(tags, 0)
         facet = facet_of_cat[self.tag_cat[t]]
-        a = np.einsum("nd,nd->n", z[users, facet], self.w[t]) / np.sqrt(self.cfg.latent_dim)
+        a = np.einsum("nd,nd->n", z[rows, facet], self.w[t]) / np.sqrt(self.cfg.latent_dim)
         return np.where(tags >= 0, self.cfg.affinity_scale * a, 0.0)
 
-    def impressions(self, per_user: float) -> dict[str, np.ndarray]:
-        cfg, rng = self.cfg, self.rng
-        n = rng.poisson(per_user * self.activity / self.activity.mean()) + 1
-        users = np.repeat(np.arange(cfg.users), n)
-        ads = rng.choice(cfg.ads, len(users), p=self.ad_pop)
-        tags = self.ad_tags[ads]                                                         # [N, 3]
+    def impressions(self, users: Users, per_user: float, day: str, rng: np.random.Generator) -> dict:
+        """Ads shown to `users` on one day, with timestamps and the logits before the intercepts."""
+        n = rng.poisson(per_user * users.activity / ACTIVITY_MEAN) + 1
+        rows = np.repeat(np.arange(len(users)), n)
+        ads = rng.choice(self.cfg.ads, len(rows), p=self.ad_pop[day])
+        tags = self.ad_tags[ads]                                                          # [N, 3]
         n_tags = (tags >= 0).sum(1)
-        aff_c = sum(self.affinity(users, tags[:, j], "click") for j in range(3)) / n_tags
-        aff_v = sum(self.affinity(users, tags[:, j], "conv") for j in range(3)) / n_tags
-        return {"users": users, "tags": tags, "logit_click": self.beta[users] + aff_c,
-                "logit_conv": self.gamma[users] + aff_v}
+        aff_c = sum(self.affinity(users, rows, tags[:, j], "click") for j in range(3)) / n_tags
+        aff_v = sum(self.affinity(users, rows, tags[:, j], "conv") for j in range(3)) / n_tags
+        # Seconds since the start of the log, sorted within each user (lexsort: user, then time).
+        start = 0 if day == "train" else DAY_SECONDS
+        ts = start + rng.integers(0, DAY_SECONDS, len(rows))
+        order = np.lexsort((ts, rows))
+        return {"rows": rows[order], "tags": tags[order], "timestamp": ts[order],
+                "logit_click": (users.beta[rows] + aff_c)[order], "logit_conv": (users.gamma[rows] + aff_v)[order]}
 
+    def _raw_statistics(self, users: Users, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        U = len(users)
+        act = np.log(users.activity)
+        return {
+            "avg_ctr_bucket": users.beta + 0.3 * rng.normal(0, 1, U),
+            "avg_cvr_bucket": users.gamma + 0.3 * rng.normal(0, 1, U),
+            "active_days_bucket": act + 0.5 * rng.normal(0, 1, U),
+            "impressions_bucket": act + 0.2 * rng.normal(0, 1, U),
+            "clicks_bucket": act + users.beta + 0.3 * rng.normal(0, 1, U),
+            "conversions_bucket": act + users.beta + users.gamma + 0.4 * rng.normal(0, 1, U),
+            "session_length_bucket": rng.normal(0, 1, U),
+            "spend_bucket": users.gamma + 0.8 * rng.normal(0, 1, U),
+        }
 
-def _basic_attributes(world: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    out = {}
-    for name, n in BASIC_FIELDS.items():
-        seg_logits = rng.normal(0, 1.2, (world.cfg.segments, n))
-        g = -np.log(-np.log(rng.random((world.cfg.users, n))))
-        out[name] = np.array([f"{name[:3]}{v}" for v in np.argmax(seg_logits[world.segment] + g, 1)])
-    return out
+    def _calibrate(self) -> None:
+        """Intercepts and statistic deciles from a calibration population (its own random stream).
 
+        b_click makes the mean p_click of its training-day impressions ctr_target; b_conv makes
+        the p_click-weighted mean p(conversion | click) cvr_target. Fitting them on a fixed
+        population instead of the generated users keeps every block independent of the others.
+        """
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 2])
+        users = self.draw_users(np.arange(CALIBRATION_USERS), rng)
+        imp = self.impressions(users, cfg.train_impressions_per_user, "train", rng)
+        self.b_click = _calibrate_intercept(imp["logit_click"], cfg.ctr_target)
+        self.b_conv = _calibrate_intercept(imp["logit_conv"], cfg.cvr_target,
+                                           _sigmoid(imp["logit_click"] + self.b_click))
+        self.stat_edges = {k: np.quantile(v, np.linspace(0, 1, 11)[1:-1])
+                           for k, v in self._raw_statistics(users, rng).items()}
 
-def _histories(world: _World, rng: np.random.Generator) -> dict[str, list[list[str]]]:
-    cfg = world.cfg
-    U = cfg.users
-    out = {}
-    for name, (space, facet, kind, max_len) in HISTORY_FIELDS.items():
-        z = world.z_click if space == "click" else world.z_conv
-        if kind == "cat":
-            if facet == -2:   # search: a random facet per user
-                zf = z[np.arange(U), rng.integers(0, cfg.facets, U)]
+    # -- user fields -------------------------------------------------------------
+    def basic_attributes(self, users: Users, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {}
+        for name, n in BASIC_FIELDS.items():
+            g = -np.log(-np.log(rng.random((len(users), n))))
+            out[name] = np.array([f"{name[:3]}{v}" for v in np.argmax(self.attr_logits[name][users.segment] + g, 1)])
+        return out
+
+    def histories(self, users: Users, rng: np.random.Generator) -> dict[str, list[list[str]]]:
+        cfg = self.cfg
+        U = len(users)
+        out = {}
+        for name, (space, slot, kind, max_len) in HISTORY_FIELDS.items():
+            z = users.z_click if space == "click" else users.z_conv
+            if kind == "cat":
+                if slot == -2:   # search: a random facet per user
+                    zf = z[np.arange(U), rng.integers(0, cfg.facets, U)]
+                else:
+                    zf = z[:, cfg.facet_of_slot(slot)]
+                logits = 1.5 * zf @ self.centroids.T / np.sqrt(cfg.latent_dim)                  # [U, C]
+                prefix = "c"
             else:
-                zf = z[:, facet % cfg.facets]  # fewer than 4 facets: histories share facets
-            logits = 1.5 * zf @ world.centroids.T / np.sqrt(cfg.latent_dim)                  # [U, C]
-            prefix = "c"
-        else:
-            facet_of_cat = world.facet_click if space == "click" else world.facet_conv
-            tag_facet = facet_of_cat[world.tag_cat]                                            # [T]
-            logits = np.einsum("umd,td->umt", z, world.w)[:, tag_facet, np.arange(cfg.tags)]   # [U, T]
-            logits = 1.5 * logits / np.sqrt(cfg.latent_dim)
-            prefix = "t"
-        picks = _gumbel_topk(rng, logits, max_len)
-        noise = rng.random(picks.shape) < cfg.history_noise
-        picks = np.where(noise, rng.integers(0, logits.shape[1], picks.shape), picks)
-        lengths = np.minimum(max_len, rng.poisson(world.activity * max_len / 3) + 1)
-        out[name] = [[f"{prefix}{v:04d}" for v in picks[u, : lengths[u]]] for u in range(U)]
-    return out
+                facet_of_cat = self.facet_click if space == "click" else self.facet_conv
+                tag_facet = facet_of_cat[self.tag_cat]                                             # [T]
+                logits = np.einsum("umd,td->umt", z, self.w)[:, tag_facet, np.arange(cfg.tags)]    # [U, T]
+                logits = 1.5 * logits / np.sqrt(cfg.latent_dim)
+                prefix = "t"
+            picks = _gumbel_topk(rng, logits, max_len)
+            noise = rng.random(picks.shape) < cfg.history_noise
+            picks = np.where(noise, rng.integers(0, logits.shape[1], picks.shape), picks)
+            lengths = np.minimum(max_len, rng.poisson(users.activity * max_len / 3) + 1)
+            out[name] = [[f"{prefix}{v:04d}" for v in picks[u, : lengths[u]]] for u in range(U)]
+        return out
 
+    def statistics(self, users: Users, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {k: np.array([f"b{b}" for b in np.searchsorted(self.stat_edges[k], v)])
+                for k, v in self._raw_statistics(users, rng).items()}
 
-def _bucket(x: np.ndarray, n: int = 10) -> np.ndarray:
-    edges = np.quantile(x, np.linspace(0, 1, n + 1)[1:-1])
-    return np.searchsorted(edges, x)
-
-
-def _statistics(world: _World, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    U = world.cfg.users
-    act = np.log(world.activity)
-    raw = {
-        "avg_ctr_bucket": world.beta + 0.3 * rng.normal(0, 1, U),
-        "avg_cvr_bucket": world.gamma + 0.3 * rng.normal(0, 1, U),
-        "active_days_bucket": act + 0.5 * rng.normal(0, 1, U),
-        "impressions_bucket": act + 0.2 * rng.normal(0, 1, U),
-        "clicks_bucket": act + world.beta + 0.3 * rng.normal(0, 1, U),
-        "conversions_bucket": act + world.beta + world.gamma + 0.4 * rng.normal(0, 1, U),
-        "session_length_bucket": rng.normal(0, 1, U),
-        "spend_bucket": world.gamma + 0.8 * rng.normal(0, 1, U),
-    }
-    return {k: np.array([f"b{b}" for b in _bucket(v)]) for k, v in raw.items()}
-
-
-def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> Path:
-    """Write a synthetic dataset (Parquet + meta.json) to `out`."""
-    rng = np.random.default_rng(cfg.seed)
-    world = _World(cfg, rng)
-    users = {"user_id": np.array([f"u{u:07d}" for u in range(cfg.users)])}
-    users |= _basic_attributes(world, rng)
-    users |= _histories(world, rng)
-    users |= _statistics(world, rng)
-    users_df = pd.DataFrame(users)
-
-    tag_names = np.array([f"cat{world.tag_cat[t]:02d}/tag{t:04d}" for t in range(cfg.tags)])
-    train = world.impressions(cfg.train_impressions_per_user)
-    b_click = _calibrate_intercept(train["logit_click"], cfg.ctr_target)
-    # Conversion rate is per click: weight each impression by its click probability.
-    b_conv = _calibrate_intercept(train["logit_conv"], cfg.cvr_target, _sigmoid(train["logit_click"] + b_click))
-    frames = []
-    for day in ("train", "test"):
-        if day == "test":
-            world.drift()
-            imp = world.impressions(cfg.test_impressions_per_user)
-        else:
-            imp = train
-        p_click = _sigmoid(imp["logit_click"] + b_click)
-        p_conv_given_click = _sigmoid(imp["logit_conv"] + b_conv)
+    # -- labels ------------------------------------------------------------------
+    def labelled(self, users: Users, imp: dict, rng: np.random.Generator) -> pd.DataFrame:
+        p_click = _sigmoid(imp["logit_click"] + self.b_click)
+        p_conv_given_click = _sigmoid(imp["logit_conv"] + self.b_conv)
         click = rng.random(len(p_click)) < p_click
         conversion = click & (rng.random(len(p_click)) < p_conv_given_click)
-        tags = [[tag_names[t] for t in row if t >= 0] for row in imp["tags"]]
-        frames.append(pd.DataFrame({
-            "user_id": users["user_id"][imp["users"]], "tags": tags,
+        return pd.DataFrame({
+            "user_id": user_names(users.ids[imp["rows"]]),
+            "timestamp": imp["timestamp"].astype(np.int64),
+            "tags": [[self.tag_names[t] for t in row if t >= 0] for row in imp["tags"]],
             TASK_LABELS["interest"]: click.astype(np.int8),
             TASK_LABELS["intention"]: conversion.astype(np.int8),
             "p_click": p_click.astype(np.float32),
             "p_conversion": (p_click * p_conv_given_click).astype(np.float32),
-        }))
+        })
+
+
+def user_names(ids: np.ndarray) -> np.ndarray:
+    return np.array([f"u{u:07d}" for u in ids])
+
+
+def blocks(cfg: SynthConfig) -> range:
+    return range((cfg.users + USER_BLOCK - 1) // USER_BLOCK)
+
+
+def generate_block(world: World, block: int) -> dict[str, pd.DataFrame]:
+    """Users `block * USER_BLOCK ..` (at most USER_BLOCK): their feature rows and both days' samples."""
+    cfg = world.cfg
+    rng = np.random.default_rng([cfg.seed, 1, block])
+    lo = block * USER_BLOCK
+    users = world.draw_users(np.arange(lo, min(cfg.users, lo + USER_BLOCK)), rng)
+    fields = {"user_id": user_names(users.ids)}
+    fields |= world.basic_attributes(users, rng)
+    fields |= world.histories(users, rng)
+    fields |= world.statistics(users, rng)
+    train = world.labelled(users, world.impressions(users, cfg.train_impressions_per_user, "train", rng), rng)
+    test_users = world.drifted(users, rng)
+    test = world.labelled(test_users, world.impressions(test_users, cfg.test_impressions_per_user, "test", rng), rng)
+    return {"users": pd.DataFrame(fields), "train": train, "test": test}
+
+
+def dataset_meta(world: World) -> dict:
+    cfg = world.cfg
     kinds = {n: "cat" for n in BASIC_FIELDS} | {n: "multi" for n in HISTORY_FIELDS} | {n: "cat" for n in STAT_FIELDS}
-    max_lens = {n: spec[3] for n, spec in HISTORY_FIELDS.items()}
-    meta = {
-        "name": "synthetic", "generator": asdict(cfg), "fields": kinds, "max_lens": max_lens,
-        "tags": tag_names.tolist(),
+    return {
+        "name": "synthetic" if cfg.world == "facets" else f"synthetic-{cfg.world}",
+        "generator": asdict(cfg), "fields": kinds,
+        "max_lens": {n: spec[3] for n, spec in HISTORY_FIELDS.items()},
+        "tags": world.tag_names.tolist(),
         "tag_facets": {"click": world.facet_click[world.tag_cat].tolist(),
                        "conversion": world.facet_conv[world.tag_cat].tolist()},
+        "history_facets": {n: (cfg.facet_of_slot(s) if s >= 0 else s) for n, (_, s, _, _) in HISTORY_FIELDS.items()},
     }
-    return write_dataset(out, frames[0], frames[1], users_df, meta)
+
+
+def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> Path:
+    """Write a synthetic dataset (Parquet + meta.json) to `out`."""
+    world = World(cfg)
+    parts: dict[str, list[pd.DataFrame]] = {"train": [], "test": [], "users": []}
+    for b in tqdm(blocks(cfg), desc="synthetic users", unit="block", disable=not progress):
+        for name, df in generate_block(world, b).items():
+            parts[name].append(df)
+    frames = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
+    return write_dataset(out, frames["train"], frames["test"], frames["users"], dataset_meta(world))

@@ -7,6 +7,7 @@ from mvke.models.layers import ModelConfig, TwoTowerTagger
 from mvke.models.mmoe import MMoE
 from mvke.models.moe import MoE
 from mvke.models.mvke import MVKE
+from mvke.models.mvke_controls import MVKENoKernelAttention, MVKEPlainGate, MVKEUniformGate
 from mvke.models.mvke_st import MVKESingleTask
 from mvke.models.nomtl import NoMTL
 
@@ -18,6 +19,10 @@ MODELS: dict[str, type[TwoTowerTagger]] = {
     "moe": MoE,
     "mmoe": MMoE,
     "cgc": CGC,
+    # Controls of the virtual kernels (mvke/models/mvke_controls.py).
+    "mvke-uniform-gate": MVKEUniformGate,
+    "mvke-no-kernel-attention": MVKENoKernelAttention,
+    "mvke-plain-gate": MVKEPlainGate,
 }
 
 

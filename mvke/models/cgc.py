@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mvke.models.layers import BatchedMLP, MixedUserTagger, ModelConfig, gated_mixture, mlp
+from mvke.models.layers import MixedUserTagger, ModelConfig, expert_pool, gated_mixture, mlp
 from mvke.models.mvke import validate_task_experts
 
 
@@ -18,7 +18,7 @@ class CGC(MixedUserTagger):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         validate_task_experts(cfg)
-        self.experts = BatchedMLP(cfg.experts, self.flat_dim, cfg.expert_hidden, cfg.out_dim, cfg.activation)
+        self.experts = expert_pool(cfg, self.flat_dim)
         self.gates = nn.ModuleList(nn.Linear(self.flat_dim, len(cfg.task_experts[t])) for t in self.tasks)
         self.heads = nn.ModuleList(mlp(cfg.out_dim, [], cfg.out_dim) for _ in self.tasks)
         for i, t in enumerate(self.tasks):

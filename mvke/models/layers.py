@@ -38,21 +38,26 @@ class ModelConfig:
         out_dim: user/tag vector size D (cosine space).
         experts: number of experts / virtual kernels.
         task_experts: task -> expert indices (0-based) that serve it.
-        expert_hidden: hidden sizes of each expert tower.
-        attention: MVKE expert attention, "fields" (weighted field embeddings kept per
-            field + residual + LayerNorm, as in the authors' code) or "sum" (paper eq. 5:
-            weighted sum over fields).
-        gate: MVKE gate, "projected" (paper eq. 7: Q(E_T).K(VK)/sqrt(d)) or "dot"
-            (authors' code: plain E_T . VK).
-        gate_value: apply a per-task linear V(.) to the expert outputs in the gate.
+        expert_hidden: hidden sizes of each expert tower (MVKE, MoE, MMoE, CGC).
+        tower_hidden: hidden sizes of noMTL's tower and of Hard Sharing's shared bottom (its
+            last entry is the bottom's output).
+        head_hidden: hidden sizes of Hard Sharing's per-task heads.
+        attn_dim: size of MVKE's attention keys and queries.
+        attention: MVKE expert attention over the fields (mvke/models/mvke.py): "values"
+            (field value maps shared by the experts, weighted sum per expert), "fields" (each
+            field scaled by F * its weight before per-expert towers), "residual" (the published
+            code's form) or "uniform" (control: every weight exactly 1/F).
+        gate: MVKE gate: "bilinear" (softmax over the task's kernels of E_T^T W VK; ours),
+            "plain" (softmax of E_T . VK: the published code's vkg_layer), "projected" (paper
+            eq. 7: Q(E_T).K(VK)/sqrt(d) with sigma) or "uniform" (control: exactly 1/K_task).
+        gate_value: apply a per-task linear V(.) to the expert outputs in the gate (eq. 7).
         activation: activation of every MLP tower (MVKE's expert towers, the baselines' towers).
-        attn_activation: the sigma of eq. 4 on MVKE's attention projections (Q, K, V of the
-            experts, Q and K of a projected gate); None = same as `activation`.
+        attn_activation: the sigma of eq. 4 on MVKE's attention projections; None = same as
+            `activation`. The published code uses linear projections ("identity").
+        dropout: dropout after every hidden layer of every tower.
         init_scale: initial cosine temperature s.
-        kernel_init: std of the normal initialisation of MVKE's virtual kernels (0.01 in the
-            authors' code).
-        field_norm: baselines only: LayerNorm each field embedding before the towers (MVKE's
-            "fields" attention normalises its input this way); off by default, for ablations.
+        kernel_init: std of the normal initialisation of MVKE's virtual kernels.
+        field_norm: LayerNorm each (pooled) field embedding before the towers, every model.
     """
 
     name: str = "mvke-mt"
@@ -68,16 +73,22 @@ class ModelConfig:
     task_experts: dict[str, list[int]] = field(
         default_factory=lambda: {"interest": [0, 1, 2], "intention": [1, 2, 3, 4]})
     expert_hidden: list[int] = field(default_factory=lambda: [128])
+    tower_hidden: list[int] = field(default_factory=lambda: [256, 128])
+    head_hidden: list[int] = field(default_factory=lambda: [64])
     attn_dim: int = 16
-    attention: str = "fields"
-    gate: str = "dot"          # measured: docs/MODELS.md (was "projected")
-    gate_value: bool = False   # measured: docs/MODELS.md (was True)
+    attention: str = "values"
+    gate: str = "bilinear"
+    gate_value: bool = False
     activation: str = "relu"
-    attn_activation: str | None = None
+    attn_activation: str | None = "identity"
     dropout: float = 0.0
     init_scale: float = 5.0
-    kernel_init: float = 0.01
-    field_norm: bool = False
+    kernel_init: float = 1.0
+    field_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gate == "dot":   # the name this gate had before the published code was checked
+            self.gate = "bilinear"
 
     @property
     def num_fields(self) -> int:
@@ -101,28 +112,31 @@ class FieldEmbedding(nn.Module):
     """One table for every user field; multi-valued fields are masked-mean pooled.
 
     Mean pooling (not sum) keeps a field's scale independent of how long the
-    user's history is; an empty history gives a zero vector.
+    user's history is; an empty history gives a zero vector. With `norm`, each
+    pooled field embedding is LayerNorm'ed (one LayerNorm(d) shared by the fields).
     """
 
-    def __init__(self, num_ids: int, dim: int):
+    def __init__(self, num_ids: int, dim: int, norm: bool = False):
         super().__init__()
         self.table = nn.Embedding(num_ids, dim, padding_idx=0)
         nn.init.normal_(self.table.weight, 0, 0.05)
         with torch.no_grad():
             self.table.weight[0].zero_()
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
     def forward(self, cat_ids: torch.Tensor, multi_ids: torch.Tensor) -> torch.Tensor:
         cat = self.table(cat_ids)                                    # [B, Fc, d]
         multi = self.table(multi_ids)                                # [B, Fm, L, d]
         count = (multi_ids > 0).sum(-1, keepdim=True).clamp(min=1)  # [B, Fm, 1]
         pooled = multi.sum(2) / count.to(multi.dtype)                # [B, Fm, d]
-        return torch.cat([cat, pooled], 1)                           # [B, F, d]
+        return self.norm(torch.cat([cat, pooled], 1))                # [B, F, d]
 
 
 class BatchedMLP(nn.Module):
     """K independent MLPs applied as batched matmuls (one MatMul per layer in ONNX)."""
 
-    def __init__(self, k: int, in_dim: int, hidden: list[int], out_dim: int, activation: str = "relu"):
+    def __init__(self, k: int, in_dim: int, hidden: list[int], out_dim: int, activation: str = "relu",
+                 dropout: float = 0.0):
         super().__init__()
         dims = [in_dim, *hidden, out_dim]
         self.weights = nn.ParameterList()
@@ -134,6 +148,7 @@ class BatchedMLP(nn.Module):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(k, 1, b)))
         self.act = ACTIVATIONS[activation]()
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [K, B, in]
@@ -141,7 +156,7 @@ class BatchedMLP(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.matmul(x, w) + b                               # [K, B, h]
             if i < n - 1:
-                x = self.act(x)
+                x = self.drop(self.act(x))
         return x
 
 
@@ -252,17 +267,16 @@ class MixedUserTagger(TwoTowerTagger):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.embedding = FieldEmbedding(cfg.num_ids, cfg.embed_dim)
+        self.embedding = FieldEmbedding(cfg.num_ids, cfg.embed_dim, cfg.field_norm)
         self.tag_tower = TagTower(cfg, self.tasks)
         self.flat_dim = cfg.num_fields * cfg.embed_dim
-        self.field_norm = nn.LayerNorm(cfg.embed_dim) if cfg.field_norm else nn.Identity()
 
     def task_embeddings(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per task user embedding [B, D] from the flattened field embeddings [B, F*d]."""
         raise NotImplementedError
 
     def user_vectors(self, cat_ids, multi_ids):
-        flat = self.field_norm(self.embedding(cat_ids, multi_ids)).flatten(1)  # [B, F*d]
+        flat = self.embedding(cat_ids, multi_ids).flatten(1)            # [B, F*d]
         return [e.unsqueeze(1) for e in self.task_embeddings(flat)]     # per task [B, 1, D]
 
     def tag_vectors(self, tag_ids):
@@ -273,6 +287,11 @@ class MixedUserTagger(TwoTowerTagger):
 
     def experts_per_task(self):
         return [1] * len(self.tasks)
+
+
+def expert_pool(cfg: ModelConfig, in_dim: int) -> BatchedMLP:
+    """The K expert towers of MoE, MMoE and CGC: the same size as MVKE's."""
+    return BatchedMLP(cfg.experts, in_dim, cfg.expert_hidden, cfg.out_dim, cfg.activation, cfg.dropout)
 
 
 def gated_mixture(experts: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:

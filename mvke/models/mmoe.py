@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from mvke.models.layers import BatchedMLP, MixedUserTagger, ModelConfig, gated_mixture, mlp
+from mvke.models.layers import MixedUserTagger, ModelConfig, expert_pool, gated_mixture, mlp
 
 
 class MMoE(MixedUserTagger):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.experts = BatchedMLP(cfg.experts, self.flat_dim, cfg.expert_hidden, cfg.out_dim, cfg.activation)
+        self.experts = expert_pool(cfg, self.flat_dim)
         self.gates = nn.ModuleList(nn.Linear(self.flat_dim, cfg.experts) for _ in self.tasks)
         self.heads = nn.ModuleList(mlp(cfg.out_dim, [], cfg.out_dim) for _ in self.tasks)
 

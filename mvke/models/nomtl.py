@@ -9,11 +9,11 @@ from mvke.models.layers import MixedUserTagger, ModelConfig, PerTaskModel, mlp
 
 
 class SingleTaskTwoTower(MixedUserTagger):
-    """Two-tower for one task: E_u = MLP(concat field embeddings)."""
+    """Two-tower for one task: E_u = MLP(concat field embeddings), hidden sizes `tower_hidden`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.tower = mlp(self.flat_dim, [256, 128], cfg.out_dim, cfg.activation, cfg.dropout)
+        self.tower = mlp(self.flat_dim, cfg.tower_hidden, cfg.out_dim, cfg.activation, cfg.dropout)
 
     def task_embeddings(self, flat):
         return [self.tower(flat)]                                        # [B, D]

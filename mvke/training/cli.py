@@ -1,8 +1,9 @@
-"""`mvke train | experiment`: registered into the `mvke` command line (entry point group `mvke.commands`)."""
+"""`mvke train | experiment | tune`: registered into the `mvke` command line (entry point group `mvke.commands`)."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 EXTRA = "train"
 
@@ -29,29 +30,53 @@ def _model_overrides(a: argparse.Namespace) -> dict:
     for key in ("attention", "gate"):
         if getattr(a, key, None):
             over[key] = getattr(a, key)
+    if getattr(a, "config", None):   # a `mvke tune` best.json: its chosen model settings
+        over = {**json.loads(Path(a.config).read_text())["model_overrides"], **over}
     return over
 
 
 def _train(a: argparse.Namespace) -> None:
     from mvke.training.trainer import TrainConfig, model_config_for, prepare, save_checkpoint, train_model
-    cfg = TrainConfig(epochs=a.epochs, seed=a.seed, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
-    data = prepare(a.data)
-    result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
+    tuned = json.loads(Path(a.config).read_text())["train_overrides"] if a.config else {}
+    given = {k: getattr(a, k) for k in ("epochs", "lr", "lr_schedule", "weight_decay") if getattr(a, k) is not None}
+    cfg = TrainConfig(**{"epochs": 5, **tuned, **given, "seed": a.seed, "batch_size": a.batch_size,
+                         "threads": a.threads})
+    if a.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    if a.workers > 1 or a.address:
+        # Ray Train (DDP), the data streamed part by part (mvke/training/distributed.py); same checkpoint format
+        from mvke.training.distributed import DistributedConfig, train_distributed
+        result = train_distributed(a.data, a.model, cfg, DistributedConfig(workers=a.workers, use_gpu=a.gpu,
+                                                                           address=a.address, max_steps=a.max_steps),
+                                   **_model_overrides(a))
+    else:
+        data = prepare(a.data)
+        result = train_model(data, model_config_for(a.model, data, **_model_overrides(a)), cfg)
     save_checkpoint(result, a.out, cfg, a.data)
     m = result.metrics
-    print(json.dumps({"model": a.model, "test_auc": m["test_auc"], "oracle_test_auc": m.get("oracle_test_auc"),
+    print(json.dumps({"model": a.model, "best_epoch": m.get("best_epoch"), "valid_auc": m.get("valid_auc"),
+                      "test_auc": m["test_auc"], "test_gauc": m.get("test_gauc"), "oracle_test_auc": m.get("oracle_test_auc"),
                       "samples_per_second": round(m["samples_per_second"]), "out": str(a.out)}, indent=1))
 
 
 def _experiment(a: argparse.Namespace) -> None:
     from mvke.training.experiment import run_experiment
     models = a.models.split(",") if a.models else None
-    run_experiment(a.data, a.out, seeds=a.seeds, models=models, sweep_experts=a.sweep_experts, epochs=a.epochs)
+    run_experiment(a.data, a.out, seeds=a.seeds, models=models, configs=a.configs, sweep_experts=a.sweep_experts,
+                   reference=not a.no_reference, threads=a.threads)
+
+
+def _tune(a: argparse.Namespace) -> None:
+    from mvke.training.tune import tune
+    best = tune(a.data, a.model, a.trials, a.out, seed=a.seed, threads=a.threads)
+    print(json.dumps({k: best[k] for k in ("model", "trials", "pruned", "valid_mean_auc", "params",
+                                           "model_params", "cpu_seconds")}, indent=1))
 
 
 # The keys of mvke.models.MODELS, written out so that `--help` needs no torch import
 # (tests/cli/test_help.py keeps the two equal).
-MODEL_NAMES = ("mvke-mt", "mvke-st", "nomtl", "hard-sharing", "moe", "mmoe", "cgc")
+MODEL_NAMES = ("mvke-mt", "mvke-st", "nomtl", "hard-sharing", "moe", "mmoe", "cgc",
+               "mvke-uniform-gate", "mvke-no-kernel-attention", "mvke-plain-gate")
 MODEL_HELP = (f"model to train: {', '.join(MODEL_NAMES)} (default mvke-mt; docs/MODELS.md says what each is)")
 
 
@@ -64,26 +89,57 @@ def register(sub) -> None:
     t.add_argument("--model", default="mvke-mt", metavar="NAME", help=MODEL_HELP)
     t.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write (input of `mvke export`)")
     t.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
-    t.add_argument("--epochs", type=int, default=5, help="most epochs; early stopping may end sooner (default 5)")
+    t.add_argument("--config", metavar="JSON",
+                   help="best.json of `mvke tune`: its chosen model and training settings (the flags below override)")
+    t.add_argument("--epochs", type=int, help="most epochs; early stopping may end sooner (default 5)")
     t.add_argument("--batch-size", type=int, default=1024, help="samples per step (default 1024)")
-    t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 0.002)")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (default 0.002)")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
+    t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; split among --workers)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray "
+                        "(default). --batch-size stays the global batch: each worker takes batch-size/workers, so "
+                        "the learning rate needs no scaling (docs/SCALING.md)")
+    t.add_argument("--address", help="Ray cluster address for --workers (default: a local Ray)")
+    t.add_argument("--gpu", action="store_true", help="--workers: one GPU per worker, NCCL (default: CPU, gloo)")
+    t.add_argument("--max-steps", type=int, default=0, help="--workers: stop each worker after this many steps "
+                                                             "(default 0: whole epochs)")
     t.add_argument("--experts", type=int, metavar="K", help="experts per task (MVKE: virtual kernels); model default if unset")
     t.add_argument("--task-experts", metavar="SPEC",
                    help="MVKE-mt: the experts each task reads, e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
-    t.add_argument("--attention", choices=["fields", "sum"],
-                   help="MVKE expert input: kernel attention keeping each weighted field (default, as the authors' code) "
-                        "or their plain sum (eq. 5)")
-    t.add_argument("--gate", choices=["projected", "dot"], help="MVKE tag gate: projected (eq. 7) or dot (default); docs/MODELS.md")
+    t.add_argument("--attention", choices=["values", "fields", "residual", "uniform"],
+                   help="MVKE expert attention over the fields: values (default: field value maps shared by the "
+                        "experts, weighted per expert), fields, residual (the published code's form) or uniform; "
+                        "docs/MODELS.md")
+    t.add_argument("--gate", choices=["bilinear", "plain", "projected", "uniform"],
+                   help="MVKE tag gate: bilinear (default, ours), plain (the published code's E_T . VK), projected "
+                        "(eq. 7) or uniform; docs/MODELS.md")
     t.set_defaults(func=_train, extra=EXTRA)
 
-    e = sub.add_parser("experiment", help="train the variants over seeds; tables and figures",
-                       description="Train each model for each seed on one dataset; write results.json/md and the "
-                                   "paper's figures (AUC bars, expert sweep, gate weights) under --out.")
+    e = sub.add_parser("experiment", help="every model over seeds, selected on validation; tables and figures",
+                       description="Train each model for each seed with its tuned configuration (--configs), "
+                                   "early-stopped on validation, the test day scored once per run; synthetic data "
+                                   "is regenerated per seed. Resumable: finished (model, seed) runs are kept under "
+                                   "--out/cells. Writes results.json/md and the paper's figures under --out.")
     e.add_argument("--data", required=True, metavar="DIR", help="dataset directory")
     e.add_argument("--out", required=True, metavar="DIR", help="results directory")
-    e.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
+    e.add_argument("--seeds", type=int, default=5, help="seeds per model (default 5)")
     e.add_argument("--models", metavar="NAMES", help=f"comma-separated subset of: {', '.join(MODEL_NAMES)} (default all)")
-    e.add_argument("--epochs", type=int, default=5, help="most epochs per run (default 5)")
+    e.add_argument("--configs", metavar="DIR", help="output directory of `mvke tune` (each model's best.json)")
     e.add_argument("--sweep-experts", action="store_true", help="also train MVKE with 4..10 experts (Fig. 7)")
+    e.add_argument("--no-reference", action="store_true", help="skip the LightGBM reference")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     e.set_defaults(func=_experiment, extra=EXTRA)
+
+    u = sub.add_parser("tune", help="Optuna study of one model on validation AUC (resumable)",
+                       description="One Optuna study (SQLite under --out/MODEL) over the search space shared by "
+                                   "every model; objective = mean validation AUC of both tasks; the test split is "
+                                   "never read. Writes --out/MODEL/best.json for `mvke experiment --configs`.")
+    u.add_argument("--data", required=True, metavar="DIR", help="dataset directory")
+    u.add_argument("--model", required=True, metavar="NAME", help=MODEL_HELP)
+    u.add_argument("--trials", type=int, default=12, help="finished trials the study should hold (default 12)")
+    u.add_argument("--out", required=True, metavar="DIR", help="studies directory")
+    u.add_argument("--seed", type=int, default=0, help="sampler and training seed (default 0)")
+    u.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
+    u.set_defaults(func=_tune, extra=EXTRA)

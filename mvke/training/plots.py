@@ -22,11 +22,13 @@ def _zoomed_ylim(ax, lows: list[float], highs: list[float], pad: float = 0.25) -
     ax.set_ylim(lo - pad * span, hi + pad * span)
 
 
-def auc_bar(models: dict[str, dict], out: str | Path, dataset: str, oracle: dict | None = None) -> Path:
+def auc_bar(models: dict[str, dict], out: str | Path, dataset: str, oracle: dict | None = None,
+            reference: dict | None = None) -> Path:
     """Fig. 6: test AUC per model and task, mean over seeds with +-1 std error bars.
 
     The y axis is zoomed to the models' range (differences are fractions of a
-    point); the oracle AUC, far above, is given in the panel title instead.
+    point); the oracle AUC, far above, is given in the panel title instead, and the
+    LightGBM reference is a dashed line (or in the title when it is off the scale).
     """
     names = list(models)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -43,6 +45,14 @@ def auc_bar(models: dict[str, dict], out: str | Path, dataset: str, oracle: dict
         title = TASK_TITLES[task]
         if oracle:
             title += f"\noracle (true probabilities): {oracle[f'{task}_auc']:.4f}"
+        if reference:
+            ref = reference[f"{task}_auc"]["mean"]
+            lo, hi = ax.get_ylim()
+            if lo <= ref <= hi:
+                ax.axhline(ref, ls="--", lw=1, color="#1f77b4", label=f"LightGBM {ref:.4f}")
+                ax.legend(fontsize=7, loc="lower right")
+            else:
+                title += f"; LightGBM: {ref:.4f}"
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("test AUC")
         ax.grid(axis="y", alpha=0.3)
@@ -107,6 +117,24 @@ def gate_heatmap(gates: dict[str, dict], out: str | Path, experts: int, dataset:
         ax.set_yticks(range(len(g["tags"])), g["tags"], fontsize=8)
         ax.set_title(f"{task} gate", fontsize=10)
     fig.suptitle(f"MVKE-mt gate weights per tag ({dataset})", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def attention_heatmap(attention: dict, out: str | Path, dataset: str) -> Path:
+    """Mean attention weight of each expert (rows) over the fields (columns); uniform = 1/F."""
+    w = np.asarray(attention["mean_weights"])                          # [K, F]
+    names = attention["fields"]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.38 * len(names), 1.6 + 0.45 * len(w)))
+    im = ax.imshow(w, cmap="Reds", aspect="auto", vmin=0)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(w)), [f"VKE-{k + 1} (H={h:.2f})" for k, h in
+                                  enumerate(attention["entropy_per_expert"])], fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.02, label=f"mean weight (uniform {1 / len(names):.3f})")
+    ax.set_title(f"MVKE-mt field attention per expert ({dataset}); H = normalised entropy", fontsize=10)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)

@@ -1,8 +1,13 @@
 """Training and evaluation loop shared by every model.
 
 Loss = sum over tasks of BCE(task label, sigmoid(logit)) (paper eq. 8).
-Validation: a fixed 10% of the training day; early stopping on the mean
-validation AUC over tasks; the test day is scored once with the best weights.
+Validation: the last ~10% of each user's training events, by time
+(`mvke.data.split`); early stopping and every choice read the validation
+metrics only. The test day is scored once, with the best weights, and only
+when `TrainConfig.score_test` is set (tuning never sets it).
+
+The loop is small functions (`batches`, `train_step`, `train_epoch`,
+`evaluate`) so that another driver (a DDP worker) can reuse them.
 """
 from __future__ import annotations
 
@@ -10,18 +15,22 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mvke.data.dataset import TASKS, EncodedSplit, build_schema, encode_split, load_dataset, RawDataset
+from mvke.data.dataset import TASKS, EncodedSplit, RawDataset, build_schema, encode_split, load_dataset
+from mvke.data.split import time_validation_mask
 from mvke.models import ModelConfig, TwoTowerTagger, build_model
 from mvke.runtime.features import FeatureSchema
-from mvke.training.metrics import roc_auc
+from mvke.training.metrics import auc, gauc, ranking_metrics
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "schema.json", "metrics.json")
+LR_SCHEDULES = ("constant", "cosine")
+TOP_K = 20
 
 
 @dataclass
@@ -29,12 +38,20 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 1024
     lr: float = 2e-3
-    weight_decay: float = 0.0
+    lr_schedule: str = "constant"   # "constant" | "cosine" (per step, to 0 at the last planned epoch)
+    weight_decay: float = 0.0       # decoupled (AdamW)
     patience: int = 1
     valid_fraction: float = 0.1
     seed: int = 0
     threads: int = 2
     progress: bool = True
+    score_test: bool = True         # False: the test split is never read (tuning)
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
 
 @dataclass
@@ -56,14 +73,13 @@ class EncodedData:
 
 
 def prepare(data_dir: str | Path, valid_fraction: float = 0.1) -> EncodedData:
-    """Load, build vocabularies on the training split, encode all splits."""
+    """Load, split validation off by time, build vocabularies on the training part, encode all splits."""
     ds = load_dataset(data_dir)
-    schema = build_schema(ds)
+    is_valid = time_validation_mask(ds.train, valid_fraction, str(Path(data_dir) / "train.parquet"))
+    fit = RawDataset(ds.path, ds.meta, ds.train[~is_valid].reset_index(drop=True), ds.test, ds.users)
+    schema = build_schema(fit)
     full = encode_split(ds, ds.train, schema)
-    # The validation rows are fixed (seed 0) so every model and seed sees the same split.
-    perm = np.random.default_rng(0).permutation(len(full))
-    n_valid = int(len(full) * valid_fraction)
-    return EncodedData(ds, schema, full.subset(np.sort(perm[n_valid:])), full.subset(np.sort(perm[:n_valid])),
+    return EncodedData(ds, schema, full.subset(np.flatnonzero(~is_valid)), full.subset(np.flatnonzero(is_valid)),
                        encode_split(ds, ds.test, schema))
 
 
@@ -73,9 +89,54 @@ def model_config_for(name: str, data: EncodedData, **overrides) -> ModelConfig:
                        num_multi_fields=len(s.multi_fields), num_tags=len(data.dataset.tags), **overrides)
 
 
+# -- the loop ------------------------------------------------------------------------
 def _tensors(split: EncodedSplit, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
     return (torch.from_numpy(split.cat_ids[idx]), torch.from_numpy(split.multi_ids[idx]),
             torch.from_numpy(split.tag_ids[idx]), torch.from_numpy(split.labels[idx]))
+
+
+def batches(split: EncodedSplit, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One shuffled pass over a split: (cat_ids, multi_ids, tag_ids, labels) per batch."""
+    perm = rng.permutation(len(split))
+    for start in range(0, len(perm), batch_size):
+        yield _tensors(split, perm[start:start + batch_size])
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = None
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    return opt, sched
+
+
+def train_step(model: TwoTowerTagger, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
+               sched=None) -> float:
+    cat, multi, tags, labels = batch
+    logits = model(cat, multi, tags)
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss.item())
+
+
+def train_epoch(model: TwoTowerTagger, opt, batch_iter, sched=None, desc: str = "", progress: bool = False) -> tuple[float, int]:
+    """Train over an iterator of batches; returns (mean loss per sample, samples seen)."""
+    model.train()
+    total, seen = 0.0, 0
+    bar = tqdm(batch_iter, desc=desc, disable=not progress, leave=False, unit="batch")
+    for batch in bar:
+        loss = train_step(model, opt, batch, sched)
+        n = len(batch[3])
+        total += loss * n
+        seen += n
+        if progress:
+            bar.set_postfix(loss=f"{loss:.4f}")
+    return total / max(seen, 1), seen
 
 
 @torch.no_grad()
@@ -91,72 +152,123 @@ def predict(model: TwoTowerTagger, split: EncodedSplit, batch_size: int = 8192) 
 
 
 def evaluate(model: TwoTowerTagger, split: EncodedSplit) -> dict[str, float]:
+    """AUC per task (nan where a task has one class only)."""
     probs = predict(model, split)
-    return {t: roc_auc(split.labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)}
+    return {t: auc(split.labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)}
 
 
-def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig) -> TrainResult:
+def mean_finite(values) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("-inf")
+
+
+def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_epoch=None) -> TrainResult:
+    """Train with early stopping on the mean validation AUC; restore the best epoch's weights.
+
+    on_epoch(epoch, valid_mean_auc) is called after each epoch (Optuna pruning); it may raise to stop.
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model = build_model(model_cfg)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                           weight_decay=cfg.weight_decay)
+    steps = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
+    opt, sched = make_optimizer(model, cfg, steps)
     rng = np.random.default_rng(cfg.seed)
-    best, best_state, bad_epochs, history = -1.0, None, 0, []
-    n = len(data.train)
-    t0 = time.perf_counter()
-    seen = 0
+    best, best_epoch, best_state, history = float("-inf"), 0, None, []
+    t0, cpu0, seen = time.perf_counter(), time.process_time(), 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = rng.permutation(n)
-        bar = tqdm(range(0, n, cfg.batch_size), desc=f"{model_cfg.name} epoch {epoch}", disable=not cfg.progress,
-                   leave=False, unit="batch")
-        total = 0.0
-        for start in bar:
-            cat, multi, tags, labels = _tensors(data.train, perm[start:start + cfg.batch_size])
-            logits = model(cat, multi, tags)
-            loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(labels)
-            seen += len(labels)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        loss, n = train_epoch(model, opt, batches(data.train, cfg.batch_size, rng), sched,
+                              f"{model_cfg.name} epoch {epoch}", cfg.progress)
+        seen += n
         valid = evaluate(model, data.valid)
-        # A task whose validation rows hold one class only has no AUC (nan): leave it out.
-        finite = [v for v in valid.values() if np.isfinite(v)]
-        mean_auc = float(np.mean(finite)) if finite else float("-inf")
-        history.append({"epoch": epoch, "train_loss": total / n, **{f"valid_{k}_auc": v for k, v in valid.items()}})
+        mean_auc = mean_finite(valid.values())   # a task with one class in validation has no AUC
+        history.append({"epoch": epoch, "train_loss": loss, **{f"valid_{k}_auc": v for k, v in valid.items()}})
         if cfg.progress:
-            tqdm.write(f"[{model_cfg.name}] epoch {epoch}: loss {total / n:.4f} "
+            tqdm.write(f"[{model_cfg.name}] epoch {epoch}: loss {loss:.4f} "
                        + " ".join(f"valid {k} AUC {v:.4f}" for k, v in valid.items()))
         if best_state is None or mean_auc > best:
-            best, bad_epochs = mean_auc, 0
+            best, best_epoch = mean_auc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs > cfg.patience:
-                break
-    train_seconds = time.perf_counter() - t0
+        if on_epoch is not None:
+            on_epoch(epoch, mean_auc)
+        if epoch - best_epoch > cfg.patience:
+            break
+    train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     model.load_state_dict(best_state)
-    test = evaluate(model, data.test)
+    model.eval()
     metrics = {
         "model": model_cfg.name, "dataset": data.dataset.name, "seed": cfg.seed,
-        "test_auc": test, "best_valid_mean_auc": best, "history": history,
+        "best_valid_mean_auc": best, "best_epoch": best_epoch, "history": history,
+        "valid_auc": {k.split("_")[1]: v for k, v in history[best_epoch - 1].items() if k.startswith("valid_")},
         "train_seconds": train_seconds, "samples_per_second": seen / train_seconds,
+        # CPU time of this process: on a shared machine wall-clock speed mostly measures the neighbours.
+        "cpu_seconds": cpu_seconds, "samples_per_cpu_second": seen / max(cpu_seconds, 1e-9),
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "n_train": len(data.train), "n_test": len(data.test),
+        "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test),
     }
-    if data.test.true_probs is not None:
-        metrics["oracle_test_auc"] = oracle_auc(data.test)
+    if cfg.score_test:
+        metrics.update(test_metrics(model, data))
     return TrainResult(model, data.schema, data.dataset.tags, metrics)
+
+
+# -- test-day evaluation ------------------------------------------------------------
+def test_metrics(model: TwoTowerTagger, data: EncodedData) -> dict:
+    """Everything reported on the test day: AUC and gAUC per task, Recall/NDCG@20, the oracle AUC."""
+    split = data.test
+    probs = predict(model, split)
+    out = {"test_auc": {t: auc(split.labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)},
+           "test_gauc": {t: gauc(split.user_ids, split.labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)},
+           "test_ranking": ranking_quality(model, split, TOP_K)}
+    if split.true_probs is not None:
+        out["oracle_test_auc"] = oracle_auc(split)
+        out["oracle_test_gauc"] = {t: gauc(split.user_ids, split.labels[:, i], split.true_probs[:, i])
+                                   for i, t in enumerate(TASKS)}
+    return out
+
+
+def test_users(split: EncodedSplit) -> tuple[np.ndarray, list[list[set[int]]]]:
+    """Each test user's first row (the features the service would hold at the start of the test
+    period) and, per task, the tags of the ads the user clicked / converted on that day."""
+    users, first = np.unique(split.user_ids, return_index=True)
+    pos = np.searchsorted(users, split.user_ids)
+    relevant: list[list[set[int]]] = []
+    for i in range(len(TASKS)):
+        rel: list[set[int]] = [set() for _ in users]
+        for row in np.flatnonzero(split.labels[:, i] > 0):
+            rel[pos[row]].update(int(t) for t in split.tag_ids[row] if t > 0)
+        relevant.append(rel)
+    return first, relevant
+
+
+@torch.no_grad()
+def top_tags(model: TwoTowerTagger, cat: torch.Tensor, multi: torch.Tensor, k: int,
+             batch_size: int = 512) -> list[np.ndarray]:
+    """Per task, [U, k] tag ids (1-based) ranked by score over the whole catalogue, as the service ranks."""
+    model.eval()
+    tag_side = model.all_tag_vectors()                                   # per task ([T, D], [T, K])
+    k = min(k, model.cfg.num_tags)
+    out: list[list[np.ndarray]] = [[] for _ in tag_side]
+    for start in range(0, len(cat), batch_size):
+        users = model.user_vectors(cat[start:start + batch_size], multi[start:start + batch_size])
+        for i, (v, (e_t, gate)) in enumerate(zip(users, tag_side)):
+            e_u = torch.einsum("tk,bkd->btd", gate, v)                   # [B, T, D]
+            cos = F.cosine_similarity(e_u, e_t.unsqueeze(0), dim=-1, eps=1e-8)  # [B, T]
+            out[i].append(torch.topk(cos, k, dim=1).indices.numpy() + 1)
+    return [np.concatenate(o) for o in out]
+
+
+def ranking_quality(model: TwoTowerTagger, split: EncodedSplit, k: int = TOP_K) -> dict[str, dict]:
+    first, relevant = test_users(split)
+    cat, multi = torch.from_numpy(split.cat_ids[first]), torch.from_numpy(split.multi_ids[first])
+    tops = top_tags(model, cat, multi, k)
+    return {t: ranking_metrics(tops[i], relevant[i], k) for i, t in enumerate(TASKS)}
 
 
 def oracle_auc(split: EncodedSplit) -> dict[str, float]:
     """AUC of the true probabilities: the ceiling any model can reach."""
-    return {t: roc_auc(split.labels[:, i], split.true_probs[:, i]) for i, t in enumerate(TASKS)}
+    return {t: auc(split.labels[:, i], split.true_probs[:, i]) for i, t in enumerate(TASKS)}
 
 
+# -- checkpoints -------------------------------------------------------------------
 def save_checkpoint(result: TrainResult, out: str | Path, train_cfg: TrainConfig, data_dir: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import mvke.cli
 from mvke.cli import COMMANDS_GROUP, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_COMMANDS = {"data", "train", "experiment", "export", "publish", "promote", "models", "features", "serve",
+STAGE_COMMANDS = {"data", "train", "experiment", "tune", "export", "publish", "promote", "models", "features", "serve",
                   "api-key", "tag-all", "pipeline"}
 
 
@@ -32,6 +32,7 @@ def test_every_stage_registers_its_commands_with_its_extra():
     assert set(commands) == STAGE_COMMANDS
     extras = {name: p.get_default("extra") for name, p in commands.items() if p.get_default("extra")}
     assert extras["serve"] == "service" and extras["tag-all"] == "batch" and extras["train"] == "train"
+    assert extras["tune"] == "train"
     assert extras["publish"] == "export" and extras["pipeline"] == "train,export"
     assert build_parser().parse_args(["serve", "--port", "9"]).func.__module__ == "service.cli"
 

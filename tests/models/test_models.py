@@ -84,8 +84,8 @@ def test_experts_per_task_follow_the_assignment(name, make, batch):
         assert [g.shape[1] for _, g in model.tag_vectors(tags)] == want
 
 
-@pytest.mark.parametrize("gate", ["projected", "dot"])
-@pytest.mark.parametrize("attention", ["fields", "sum"])
+@pytest.mark.parametrize("gate", ["projected", "bilinear", "plain"])
+@pytest.mark.parametrize("attention", ["values", "fields", "residual"])
 def test_mvke_gate_and_field_attention_are_distributions(make, batch, gate, attention):
     model = make("mvke-mt", gate=gate, attention=attention).eval()
     cat, multi, tags, _ = batch
@@ -102,11 +102,12 @@ def test_mvke_gate_and_field_attention_are_distributions(make, batch, gate, atte
 def _expert_grads(model: MVKE, k: int) -> list[torch.Tensor]:
     """Gradients of everything that belongs to expert k alone: its kernel and its tower."""
     ex = model.experts
-    return [ex.kernels.grad[k]] + [w.grad[k] for w in ex.towers.weights] + [b.grad[k] for b in ex.towers.biases]
+    own = [ex.kernels.grad[k]] + [w.grad[k] for w in ex.towers.weights] + [b.grad[k] for b in ex.towers.biases]
+    return own + ([ex.value_bias.grad[k]] if hasattr(ex, "value_bias") else [])
 
 
-@pytest.mark.parametrize("gate", ["projected", "dot"])
-@pytest.mark.parametrize("attention", ["fields", "sum"])
+@pytest.mark.parametrize("gate", ["projected", "bilinear", "plain"])
+@pytest.mark.parametrize("attention", ["values", "fields", "residual"])
 def test_task_loss_reaches_only_the_task_experts(make, batch, gate, attention):
     model = make("mvke-mt", gate=gate, attention=attention).train()
     assert model.cfg.task_experts == DEFAULT_ASSIGNMENT and model.cfg.experts == 5
@@ -154,3 +155,52 @@ def test_bad_expert_assignment_fails_at_construction(make, name, case):
 def test_unknown_model_name(make):
     with pytest.raises(ValueError, match="unknown model 'nope'; choose from mvke-mt"):
         make("nope")
+
+
+# ---------------------------------------------------------------- controls of the virtual kernels
+def test_uniform_gate_control_is_exactly_one_over_k(make, batch):
+    model = make("mvke-uniform-gate").eval()
+    assert model.cfg.gate == "uniform"
+    for (_, g), k in zip(model.all_tag_vectors(), model.experts_per_task()):
+        assert torch.equal(g, torch.full_like(g, 1.0 / k))
+    # Its kernels still steer the experts' attention (not uniform over the fields).
+    w = model.field_attention(batch[0], batch[1])
+    assert (w - 1.0 / w.shape[1]).abs().max() > 1e-3
+
+
+def test_no_kernel_attention_control_is_exactly_uniform_over_fields(make, batch):
+    model = make("mvke-no-kernel-attention").eval()
+    cat, multi, tags, _ = batch
+    w = model.field_attention(cat, multi)
+    assert torch.equal(w, torch.full_like(w, 1.0 / model.cfg.num_fields))
+    # Uniform weights make the value maps one shared linear layer over the concatenated fields.
+    ex = model.experts
+    F, d, h = ex.values.shape
+    shared = model.embedding(cat, multi).flatten(1) @ ex.values.reshape(F * d, h)      # [B, h]
+    want = ex.towers(ex.value_act(shared.unsqueeze(0) + ex.value_bias)).transpose(0, 1)
+    torch.testing.assert_close(model.expert_outputs(cat, multi), want)
+    assert not any("field_keys" in n or ".q." in n for n, _ in model.named_parameters())
+
+
+def test_plain_gate_is_the_published_vkg_layer(make, batch):
+    """softmax(tag_emb . VK^T) over the task's kernels, no projection (core/mvke_ops.py, vkg_layer)."""
+    model = make("mvke-plain-gate").eval()
+    tags = batch[2]
+    e_ts = model.tag_tower(tags)
+    for i, (e_t, g) in enumerate(model.tag_vectors(tags)):
+        vk = model.experts.kernels[model.cfg.task_experts[model.tasks[i]]]
+        torch.testing.assert_close(g, torch.softmax(e_ts[i] @ vk.T, -1))
+    assert not any(n.startswith("gates.") for n, _ in model.named_parameters())
+
+
+def test_bilinear_gate_has_its_projection(make, batch):
+    model = make("mvke-mt").eval()
+    assert model.cfg.gate == "bilinear"
+    e_ts = model.tag_tower(batch[2])
+    for i, (_, g) in enumerate(model.tag_vectors(batch[2])):
+        vk = model.experts.kernels[model.cfg.task_experts[model.tasks[i]]]
+        torch.testing.assert_close(g, torch.softmax(model.gates[i].proj(e_ts[i]) @ vk.T, -1))
+
+
+def test_legacy_gate_name_maps_to_bilinear(make):
+    assert make("mvke-mt", gate="dot").cfg.gate == "bilinear"

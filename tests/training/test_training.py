@@ -1,4 +1,4 @@
-"""Training: AUC metric, seeded reproducibility, learning on a tiny dataset, CLI and checkpoints."""
+"""Training: metrics, seeded reproducibility, learning on a tiny dataset, CLI and checkpoints."""
 from __future__ import annotations
 
 import functools
@@ -12,22 +12,23 @@ from mvke.cli import main
 from mvke.data.dataset import TASKS
 from mvke.training import trainer
 from mvke.training.cli import parse_task_experts as _parse_task_experts
-from mvke.training.metrics import roc_auc
+from mvke.training.metrics import auc, gauc, normalised_entropy, ranking_metrics
 from mvke.training.trainer import (CHECKPOINT_FILES, EncodedData, TrainConfig, evaluate, load_checkpoint,
                                    model_config_for, predict, prepare, train_model)
 
 FAST = dict(batch_size=256, lr=1e-2, progress=False, threads=1)
-TIMING_KEYS = {"train_seconds", "samples_per_second"}
+TIMING_KEYS = {"train_seconds", "samples_per_second", "cpu_seconds", "samples_per_cpu_second"}
 
 
 def _brute_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The test oracle: the share of (positive, negative) pairs ranked right, ties half."""
     pos, neg = scores[labels == 1], scores[labels == 0]
     diff = pos[:, None] - neg[None, :]
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / (len(pos) * len(neg)))
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_roc_auc_matches_pairwise_count_with_ties(seed):
+def test_auc_matches_pairwise_count_with_ties(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 400))
     labels = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(int)
@@ -35,16 +36,42 @@ def test_roc_auc_matches_pairwise_count_with_ties(seed):
     # Few distinct scores -> many ties; half the seeds add an informative signal.
     scores = rng.integers(0, int(rng.integers(2, 12)), n).astype(float) + (seed % 2) * labels * rng.random(n)
     assert np.unique(scores).size < n
-    assert roc_auc(labels, scores) == pytest.approx(_brute_auc(labels, scores), abs=1e-12)
-    assert roc_auc(labels.astype(bool), scores.astype(np.float32)) == pytest.approx(_brute_auc(labels, scores))
+    assert auc(labels, scores) == pytest.approx(_brute_auc(labels, scores), abs=1e-12)
+    assert auc(labels.astype(bool), scores.astype(np.float32)) == pytest.approx(_brute_auc(labels, scores))
 
 
-def test_roc_auc_edge_cases():
-    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
-    assert roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 0.0
-    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
-    assert np.isnan(roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
-    assert np.isnan(roc_auc([0, 0], [0.1, 0.2]))
+def test_auc_edge_cases():
+    assert auc(np.array([0, 0, 1, 1]), [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert auc(np.array([1, 1, 0, 0]), [0.1, 0.2, 0.3, 0.4]) == 0.0
+    assert auc(np.array([0, 1, 0, 1]), [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert np.isnan(auc(np.array([1, 1, 1]), [0.1, 0.2, 0.3]))
+    assert np.isnan(auc(np.array([0, 0]), [0.1, 0.2]))
+
+
+def test_gauc_is_the_mean_of_per_user_aucs():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 30, 600).astype(str)
+    labels = (rng.random(600) < 0.3).astype(int)
+    scores = rng.integers(0, 5, 600) + labels * rng.random(600)    # ties and signal
+    per_user = [_brute_auc(labels[users == u], scores[users == u]) for u in np.unique(users)
+                if 0 < labels[users == u].sum() < (users == u).sum()]
+    assert gauc(users, labels, scores) == pytest.approx(np.mean(per_user), abs=1e-12)
+    assert np.isnan(gauc(np.array(["a", "a", "b"]), np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3])))
+
+
+def test_ranking_metrics_on_a_worked_example():
+    top = np.array([[5, 3, 9], [1, 2, 4], [7, 8, 6]])
+    relevant = [{3, 4}, {9}, set()]                   # the third user has nothing relevant: left out
+    got = ranking_metrics(top, relevant, k=3)
+    d = 1 / np.log2(np.arange(2, 5))
+    assert got["users"] == 2
+    assert got["recall_at_3"] == pytest.approx((1 / 2 + 0) / 2)
+    assert got["ndcg_at_3"] == pytest.approx((d[1] / (d[0] + d[1]) + 0) / 2)
+
+
+def test_normalised_entropy_bounds():
+    assert normalised_entropy(np.full((2, 4), 0.25)) == pytest.approx([1.0, 1.0])
+    assert normalised_entropy(np.array([[1.0, 0, 0]]))[0] == pytest.approx(0.0, abs=1e-9)
 
 
 def _without_timing(metrics: dict) -> dict:
@@ -86,7 +113,13 @@ def test_tiny_dataset_trains_above_chance(trained, tiny_synth_data):
         assert 0.6 < m["oracle_test_auc"][task] <= 1.0
     # The reported numbers are what the returned (best) model scores.
     assert evaluate(trained.model, tiny_synth_data.test) == m["test_auc"]
+    assert evaluate(trained.model, tiny_synth_data.valid) == m["valid_auc"]
     assert len(m["history"]) == 2 and m["history"][-1]["train_loss"] < m["history"][0]["train_loss"] + 0.05
+    assert m["best_epoch"] in (1, 2)
+    for task in TASKS:
+        assert 0.5 < m["test_gauc"][task] < 1.0
+        r = m["test_ranking"][task]
+        assert r["users"] > 0 and 0 < r["recall_at_20"] <= 1 and 0 < r["ndcg_at_20"] <= 1
     assert m["n_train"] == len(tiny_synth_data.train) and m["n_test"] == len(tiny_synth_data.test)
 
 
@@ -131,7 +164,7 @@ def test_cli_synth_train_and_checkpoint_round_trip(tmp_path, monkeypatch, capsys
                  "--batch-size", "512", "--task-experts", "interest=1-3,intention=2-5"]) == 0
     out = capsys.readouterr().out
     printed = json.loads(out[out.index("\n{") + 1:])
-    assert printed["model"] == "mvke-mt" and set(printed["test_auc"]) == set(TASKS)
+    assert printed["model"] == "mvke-mt" and set(printed["test_auc"]) == set(TASKS) == set(printed["valid_auc"])
 
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(CHECKPOINT_FILES)
     config = json.loads((ckpt / "config.json").read_text())
@@ -153,3 +186,19 @@ def test_load_checkpoint_names_a_missing_file(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.json: checkpoint file missing"):
         load_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------- the virtual kernels learn
+def test_field_attention_is_not_uniform_after_a_few_hundred_steps(tmp_path, tiny_model_sizes):
+    """On a facets world, the default experts attend to different fields after 300 steps, and their
+    attention moved during training; the published form (residual + LayerNorm, kernels N(0, 0.01),
+    ReLU'd projections) stays exactly uniform (the bug this design fixes)."""
+    from mvke.data.synthetic import SynthConfig, generate
+    from mvke.training.attention_probe import DESIGNS, probe
+    data = prepare(generate(SynthConfig(users=1500, tags=60, categories=10, ads=300, seed=2), tmp_path, progress=False))
+    after = probe(data, {**tiny_model_sizes, **DESIGNS["values (default)"]}, steps=300, batch_size=64)
+    first, last = after["log"][0]["attention"], after["log"][-1]["attention"]
+    assert max(last) < 0.99 and np.mean(last) < 0.98, last
+    assert np.abs(np.subtract(first, last)).max() > 1e-3, (first, last)      # training moved it
+    before = probe(data, {**tiny_model_sizes, **DESIGNS[next(iter(DESIGNS))]}, steps=300, batch_size=64)
+    assert min(before["log"][-1]["attention"]) > 0.999, before["log"]

@@ -1,0 +1,339 @@
+"""`mvke train --workers N`: data-parallel training on Ray Train (TorchTrainer, DDP), data streamed.
+
+    dataset dir -> parts: (train, users) Parquet pairs; users never straddle parts
+      1. vocabularies: one streamed pass over the parts (users of each part's training rows)
+      2. Ray Data: part list -> map_batches(PartEncoder actors): read the part's Parquet row groups,
+         split validation off per part, join the users, encode -> id arrays (batch by batch)
+         -> streaming_split into N equal shards (Ray Train's default DataConfig)
+      3. N TorchTrainer workers (DDP: gloo on CPU, nccl on GPU): the same model, optimiser, loss and
+         early stopping as mvke/training/trainer.py; rank 0 keeps the best weights
+      4. the driver writes the checkpoint with `save_checkpoint`: same format as `--workers 1`, so
+         `mvke export` works on either
+
+Memory per process is bounded by one part plus the shuffle buffer, whatever the dataset size:
+a dataset larger than one machine's memory trains (write it in parts: `mvke data synth`
+does for large --users; any `train.parquet/part-*.parquet` + `users.parquet/part-*.parquet`
+directory pair with the same part names and each user in one part works).
+
+Batch size and learning rate: `--batch-size B` is the effective (global) batch. Each of
+the N workers takes B/N samples per step and DDP averages the gradients, so a step sees
+the same B samples' mean gradient as one worker would, and the learning rate stays the
+1-worker one (no linear scaling is needed because the effective batch does not change).
+Samples per epoch, steps per epoch and the number of epochs are therefore the same.
+`--workers 1` never starts Ray (trainer.train_model on in-memory arrays).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mvke.data.dataset import TASKS, RawDataset, encode_split
+from mvke.runtime.features import FeatureSchema, FieldSpec
+
+SHUFFLE_BUFFER_ROWS = 65_536
+
+
+@dataclass
+class DataPart:
+    """One unit of streaming: a training file and the users it refers to (test optional)."""
+    train: str
+    users: str
+    test: str | None = None
+
+
+def find_parts(data_dir: str | Path) -> list[DataPart]:
+    """`train.parquet` a file: one part. A directory of `part-*.parquet`: one part per file, paired by name."""
+    root = Path(data_dir)
+    train, users, test = root / "train.parquet", root / "users.parquet", root / "test.parquet"
+    if train.is_file():
+        return [DataPart(str(train), str(users), str(test) if test.exists() else None)]
+    if not train.is_dir():
+        raise FileNotFoundError(f"{train}: no such file or directory")
+    parts = []
+    for f in sorted(train.glob("*.parquet")):
+        u = users / f.name if users.is_dir() else users
+        if not u.exists():
+            raise FileNotFoundError(f"{u}: the users of {f} (parts are paired by file name)")
+        t = test / f.name if test.is_dir() else None
+        parts.append(DataPart(str(f), str(u), str(t) if t and t.exists() else None))
+    if not parts:
+        raise FileNotFoundError(f"{train}: no part files")
+    return parts
+
+
+def validation_mask(train: pd.DataFrame, valid_fraction: float) -> np.ndarray:
+    """Which rows of a part are validation rows: the trainer's rule, applied to one part.
+
+    The rule must only look at each user's own rows (users never straddle parts), so
+    applying it part by part gives the same split as applying it to the whole table.
+    """
+    # The last `valid_fraction` of each user's rows in file order (the training day's end).
+    pos = train.groupby("user_id", sort=False).cumcount().to_numpy()
+    size = train.groupby("user_id", sort=False)["user_id"].transform("size").to_numpy()
+    return pos >= np.ceil(size * (1.0 - valid_fraction))
+
+
+def _part_frames(part: DataPart, kinds: dict[str, str], valid_fraction: float,
+                 split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows of the split, users table) of one part; split in {train, valid, test}."""
+    if split == "test":
+        rows = pq.read_table(part.test).to_pandas()
+    else:
+        rows = pq.read_table(part.train).to_pandas()
+        is_valid = validation_mask(rows, valid_fraction)
+        rows = rows[is_valid if split == "valid" else ~is_valid].reset_index(drop=True)
+    users = pq.read_table(part.users, columns=["user_id", *kinds]).to_pandas()
+    return rows, users
+
+
+def stream_schema(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float) -> FeatureSchema:
+    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1)."""
+    kinds, max_lens = meta["fields"], meta.get("max_lens", {})
+    seen: dict[str, set[str]] = {name: set() for name in kinds}
+    for part in parts:
+        rows, users = _part_frames(part, kinds, valid_fraction, "train")
+        source = rows if all(n in rows.columns for n in kinds) else users[users["user_id"].isin(set(rows["user_id"]))]
+        table = pa.Table.from_pandas(source[list(kinds)], preserve_index=False)
+        for name, kind in kinds.items():
+            col = table.column(name)
+            values = pc.list_flatten(col) if kind == "multi" else col
+            seen[name].update(str(v) for v in pc.unique(values.drop_null()).to_pylist())
+    return FeatureSchema([FieldSpec(name, kind, max_lens.get(name, 1) if kind == "multi" else 1, sorted(seen[name]))
+                          for name, kind in kinds.items()])
+
+
+def encode_part(part: DataPart, meta: dict[str, Any], schema: FeatureSchema, valid_fraction: float,
+                split: str) -> dict[str, np.ndarray]:
+    """One part's rows of `split` as model-ready arrays (trainer's encode_split on the part)."""
+    rows, users = _part_frames(part, meta["fields"], valid_fraction, split)
+    raw = RawDataset(Path(part.train).parent, meta, rows, rows, users)
+    enc = encode_split(raw, rows, schema)
+    return {"cat_ids": enc.cat_ids, "multi_ids": enc.multi_ids, "tag_ids": enc.tag_ids, "labels": enc.labels}
+
+
+class PartEncoder:
+    """Ray Data callable class: part descriptors in, encoded sample rows out (one part at a time)."""
+
+    def __init__(self, meta: dict[str, Any], schema: dict, valid_fraction: float, split: str):
+        self.meta, self.schema = meta, FeatureSchema.from_dict(schema)
+        self.valid_fraction, self.split = valid_fraction, split
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for d in batch["part"]:
+            part = DataPart(**json.loads(d))
+            yield encode_part(part, self.meta, self.schema, self.valid_fraction, self.split)
+
+
+def _dataset(parts: list[DataPart], meta: dict, schema: FeatureSchema, valid_fraction: float, split: str,
+             encoders: int):
+    import ray
+    items = [{"part": json.dumps(asdict(p))} for p in parts]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # num_cpus=0: the encoders reserve no CPU, so N workers fit a Ray of N CPUs (a reservation beyond the
+    # cluster's CPUs would leave the trainer waiting for resources forever)
+    return ds.map_batches(PartEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=encoders),
+                          fn_constructor_kwargs={"meta": meta, "schema": schema.to_dict(),
+                                                 "valid_fraction": valid_fraction, "split": split},
+                          num_cpus=0)
+
+
+# ---- the worker loop (runs inside each Ray Train worker) ----------------------------------------
+def _worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from mvke.models import ModelConfig, build_model
+    from mvke.training.metrics import auc as roc_auc   # scikit-learn's AUC, nan for one class
+
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model = ray.train.torch.prepare_model(build_model(ModelConfig(**config["model"])))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+                           weight_decay=config["weight_decay"])
+    per_worker = max(1, config["batch_size"] // world)
+    train_shard, valid_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("valid")
+    dtypes = {"cat_ids": torch.int64, "multi_ids": torch.int64, "tag_ids": torch.int64, "labels": torch.float32}
+    best, best_epoch, best_state, history = float("-inf"), 0, None, []
+    steps, samples, train_seconds = 0, 0, 0.0
+    for epoch in range(1, config["epochs"] + 1):
+        model.train()
+        t0, loss_sum, n = time.perf_counter(), 0.0, 0
+        for b in train_shard.iter_torch_batches(batch_size=per_worker, dtypes=dtypes,
+                                                 local_shuffle_buffer_size=config["shuffle_rows"],
+                                                 local_shuffle_seed=config["seed"] + epoch):
+            logits = model(b["cat_ids"], b["multi_ids"], b["tag_ids"])
+            loss = F.binary_cross_entropy_with_logits(logits, b["labels"], reduction="none").mean(0).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.item()) * len(b["labels"])
+            n += len(b["labels"])
+            steps += 1
+            if config["max_steps"] and steps >= config["max_steps"]:
+                break
+        train_seconds += time.perf_counter() - t0
+        samples += n
+        valid = _validate(model, valid_shard, dtypes, rank, world, roc_auc)
+        finite = [v for v in valid.values() if np.isfinite(v)]
+        mean_auc = float(np.mean(finite)) if finite else float("-inf")
+        history.append({"epoch": epoch, "train_loss": loss_sum / max(n, 1),
+                        **{f"valid_{k}_auc": v for k, v in valid.items()}})
+        if best_state is None or mean_auc > best:
+            best, best_epoch = mean_auc, epoch
+            best_state = {k: v.detach().clone() for k, v in model.module.state_dict().items()} \
+                if hasattr(model, "module") else {k: v.detach().clone() for k, v in model.state_dict().items()}
+        stop = epoch - best_epoch > config["patience"] or bool(config["max_steps"] and steps >= config["max_steps"])
+        if stop:
+            break
+    totals = torch.tensor([samples, train_seconds], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)       # samples of all workers; seconds summed (divided by world below)
+    metrics = {"best_valid_mean_auc": best, "best_epoch": best_epoch, "history": history, "steps": steps,
+               "samples": float(totals[0]), "train_seconds": float(totals[1]) / world,
+               "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9), "workers": world}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(best_state, os.path.join(tmp, "model.pt"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def _validate(model, shard, dtypes, rank: int, world: int, roc_auc) -> dict[str, float]:
+    """AUC per task over every worker's share of the validation rows (gathered on all ranks)."""
+    import torch
+    import torch.distributed as dist
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for b in shard.iter_torch_batches(batch_size=8192, dtypes=dtypes):
+            probs.append(torch.sigmoid(model(b["cat_ids"], b["multi_ids"], b["tag_ids"])).numpy())
+            labels.append(b["labels"].numpy())
+    mine = (np.concatenate(probs) if probs else np.zeros((0, len(TASKS)), np.float32),
+            np.concatenate(labels) if labels else np.zeros((0, len(TASKS)), np.float32))
+    everyone = [mine]
+    if dist.is_initialized() and world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    p = np.concatenate([e[0] for e in everyone])
+    y = np.concatenate([e[1] for e in everyone])
+    return {t: roc_auc(y[:, i], p[:, i]) for i, t in enumerate(TASKS)}
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+@dataclass
+class DistributedConfig:
+    workers: int = 2
+    use_gpu: bool = False
+    address: str | None = None        # a Ray cluster; None: a local Ray on this machine
+    encoders: int = 1                 # PartEncoder actors feeding the workers
+    max_steps: int = 0                # stop after this many steps per worker (0: whole epochs)
+    shuffle_rows: int = SHUFFLE_BUFFER_ROWS
+    score_test: bool = True
+    storage: str | None = None        # Ray Train's run directory (default: a temporary one)
+
+
+def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg: DistributedConfig,
+                      **model_overrides):
+    """Train on Ray Train; returns a trainer.TrainResult (save it with `save_checkpoint`)."""
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mvke.models import ModelConfig, build_model
+    from mvke.training.trainer import TrainResult
+
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    parts = find_parts(data_dir)
+    t0 = time.perf_counter()
+    schema = stream_schema(parts, meta, train_cfg.valid_fraction)
+    model_cfg = ModelConfig(name=model_name, tasks=list(TASKS), num_ids=schema.num_ids,
+                            num_cat_fields=len(schema.cat_fields), num_multi_fields=len(schema.multi_fields),
+                            num_tags=len(meta["tags"]), **model_overrides)
+    owned = _init_ray(dist_cfg)
+    try:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if not dist_cfg.use_gpu and cpus < dist_cfg.workers:
+            raise ValueError(f"--workers {dist_cfg.workers} needs {dist_cfg.workers} CPUs in the Ray cluster, "
+                             f"it has {cpus:g}")
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False   # progress: the workers' reports
+        datasets = {split: _dataset(parts, meta, schema, train_cfg.valid_fraction, split, dist_cfg.encoders)
+                    for split in ("train", "valid")}
+        loop_cfg = {"model": asdict(model_cfg), "epochs": train_cfg.epochs, "batch_size": train_cfg.batch_size,
+                    "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "patience": train_cfg.patience,
+                    "seed": train_cfg.seed, "threads": max(1, train_cfg.threads // dist_cfg.workers),
+                    "max_steps": dist_cfg.max_steps, "shuffle_rows": dist_cfg.shuffle_rows}
+        storage = dist_cfg.storage or tempfile.mkdtemp(prefix="mvke-raytrain-")
+        trainer = TorchTrainer(
+            _worker_loop, train_loop_config=loop_cfg,
+            torch_config=TorchConfig(backend="nccl" if dist_cfg.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=dist_cfg.workers, use_gpu=dist_cfg.use_gpu,
+                                         resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=storage, name="mvke-train"),
+            datasets=datasets)
+        result = trainer.fit()
+    finally:
+        if owned:
+            ray.shutdown()
+    model = build_model(model_cfg)
+    with result.checkpoint.as_directory() as d:
+        model.load_state_dict(torch.load(Path(d) / "model.pt", weights_only=True))
+    model.eval()
+    metrics = {"model": model_name, "dataset": meta.get("name", Path(data_dir).name), "seed": train_cfg.seed,
+               **{k: v for k, v in result.metrics.items() if not k.startswith("_")},
+               "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "wall_seconds": time.perf_counter() - t0}
+    if dist_cfg.score_test and all(p.test for p in parts):
+        metrics.update(test_auc_streamed(model, parts, meta, schema))
+    return TrainResult(model, schema, list(meta["tags"]), metrics)
+
+
+def test_auc_streamed(model, parts: list[DataPart], meta: dict, schema: FeatureSchema) -> dict:
+    """Test AUC per task, the test rows encoded and scored part by part (only scores and labels kept)."""
+    import torch
+
+    from mvke.training.metrics import auc as roc_auc   # scikit-learn's AUC, nan for one class
+    probs, labels, oracle = [], [], []
+    with torch.no_grad():
+        for part in parts:
+            enc = encode_part(part, meta, schema, 0.0, "test")
+            for s in range(0, len(enc["labels"]), 8192):
+                sl = slice(s, s + 8192)
+                logits = model(*(torch.from_numpy(enc[k][sl]) for k in ("cat_ids", "multi_ids", "tag_ids")))
+                probs.append(torch.sigmoid(logits).numpy())
+            labels.append(enc["labels"])
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    return {"test_auc": {t: roc_auc(y[:, i], p[:, i]) for i, t in enumerate(TASKS)}, "n_test": len(y)}
+
+
+def _init_ray(cfg: DistributedConfig) -> bool:
+    import logging
+
+    import ray
+    if ray.is_initialized():
+        return False
+    common = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if cfg.address:
+        ray.init(address=cfg.address, **common)
+    else:
+        ray.init(address="local", num_cpus=max(cfg.workers, len(os.sched_getaffinity(0))),
+                 include_dashboard=False, object_store_memory=512 * 1024 * 1024, **common)
+    return True

@@ -1,0 +1,102 @@
+"""mvke/training/distributed.py: streamed parts, the same schema and rows as one file, Ray Train DDP."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mvke.training.distributed import (DataPart, DistributedConfig, encode_part, find_parts, stream_schema,
+                                       validation_mask)
+
+
+def split_into_parts(src: Path, out: Path, parts: int) -> Path:
+    """The same dataset as `train.parquet/part-*.parquet` etc., users split by id range."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "meta.json", out / "meta.json")
+    users = pq.read_table(src / "users.parquet")
+    ids = sorted(users.column("user_id").to_pylist())
+    bounds = [ids[int(len(ids) * k / parts)] for k in range(1, parts)]
+    for name in ("train", "test", "users"):
+        table = pq.read_table(src / f"{name}.parquet")
+        uid = np.array(table.column("user_id").to_pylist())
+        which = np.searchsorted(bounds, uid, side="right")
+        (out / f"{name}.parquet").mkdir()
+        for k in range(parts):
+            pq.write_table(table.filter(which == k), out / f"{name}.parquet" / f"part-{k:05d}.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def parted(dataset_dir, tmp_path_factory) -> tuple[Path, Path]:
+    src = dataset_dir("synthetic")
+    return src, split_into_parts(src, tmp_path_factory.mktemp("parted"), 3)
+
+
+def test_find_parts_pairs_files_by_name(parted):
+    single, multi = parted
+    assert [Path(p.train).name for p in find_parts(single)] == ["train.parquet"]
+    parts = find_parts(multi)
+    assert len(parts) == 3 and all(Path(p.train).name == Path(p.users).name == Path(p.test).name for p in parts)
+    (Path(parts[1].users)).rename(Path(parts[1].users).with_suffix(".moved"))
+    try:
+        with pytest.raises(FileNotFoundError, match="paired by file name"):
+            find_parts(multi)
+    finally:
+        Path(parts[1].users).with_suffix(".moved").rename(parts[1].users)
+
+
+def test_validation_rows_are_the_last_of_each_user():
+    import pandas as pd
+    df = pd.DataFrame({"user_id": ["a"] * 10 + ["b"] * 3 + ["c"]})
+    mask = validation_mask(df, 0.1)
+    assert mask.tolist() == [False] * 9 + [True] + [False] * 3 + [False]   # 3 rows: none is the last 10%
+
+
+def test_parts_give_the_schema_and_rows_of_the_whole(parted):
+    single, multi = parted
+    meta = json.loads((single / "meta.json").read_text())
+    whole = stream_schema(find_parts(single), meta, 0.1)
+    assert stream_schema(find_parts(multi), meta, 0.1).to_dict() == whole.to_dict()
+
+    def rows(parts: list[DataPart], split: str) -> set[tuple]:
+        out = set()
+        for p in parts:
+            enc = encode_part(p, meta, whole, 0.1, split)
+            for i in range(len(enc["labels"])):
+                out.add((enc["cat_ids"][i].tobytes(), enc["multi_ids"][i].tobytes(), enc["tag_ids"][i].tobytes(),
+                         enc["labels"][i].tobytes()))
+        return out
+    for split in ("train", "valid", "test"):
+        assert rows(find_parts(multi), split) == rows(find_parts(single), split), split
+
+
+def test_train_workers_must_be_positive(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "mvke.cli", "train", "--data", str(tmp_path), "--out",
+                          str(tmp_path / "ck"), "--workers", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--workers must be >= 1" in out.stderr
+
+
+@pytest.mark.integration
+def test_two_ray_train_workers_write_a_checkpoint_export_reads(parted, tmp_path, tiny_model_sizes):
+    """2 DDP workers (gloo) on the parted data; the checkpoint has the 1-worker format."""
+    pytest.importorskip("ray.train.torch")
+    from mvke.training.distributed import train_distributed
+    from mvke.training.trainer import TrainConfig, load_checkpoint, save_checkpoint
+    _, multi = parted
+    cfg = TrainConfig(epochs=1, batch_size=256, threads=2, progress=False)
+    result = train_distributed(multi, "mvke-mt", cfg, DistributedConfig(workers=2, storage=str(tmp_path / "ray")),
+                               **tiny_model_sizes)
+    m = result.metrics
+    assert m["workers"] == 2 and m["samples"] > 0 and m["samples_per_second"] > 0
+    assert set(m["test_auc"]) == {"interest", "intention"} and all(0 <= v <= 1 for v in m["test_auc"].values())
+    ckpt = save_checkpoint(result, tmp_path / "ckpt", cfg, multi)
+    back = load_checkpoint(ckpt)
+    for k, v in result.model.state_dict().items():
+        assert np.array_equal(back.model.state_dict()[k].numpy(), v.numpy()), k
+    assert back.schema.to_dict() == result.schema.to_dict()
