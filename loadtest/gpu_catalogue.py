@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
               ", ".join(f"b{b} {row[f'cpu_numpy_b{b}']:,.0f}" for b in BATCHES) +
               f" | service c32 {row['service']['qps_c32']:,.0f} QPS p99 {row['service']['p99_ms']:.1f} ms "
               f"({row['service']['provider']}) | export {row['export_s']:.0f} s", flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        if a.json:   # after every size: a timeout at 1M keeps the rows before it
+            Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
