@@ -23,11 +23,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, SlotNotCoveredError, TryAgainError
 
 from mvke.runtime.redis_client import REDIS_ERRORS
 
 _REDIRECTED = (MovedError, AskError, TryAgainError)
+# Retried through the cluster client: redirections, and a slot map that is briefly incomplete mid-reshard.
+_RETRIED = (*_REDIRECTED, ClusterDownError, SlotNotCoveredError)
+_REDIRECT_PAUSES_S = (0.0, 0.005, 0.02, 0.05)
 
 
 class ClusterHashReader:
@@ -65,14 +68,31 @@ class ClusterHashReader:
                 continue
             groups.setdefault(node.name, (node, []))[1].append(i)
         await asyncio.gather(*(self._node_batch(node, idx, keys, results) for node, idx in groups.values()))
-        redo = [i for i, r in enumerate(results) if isinstance(r, _REDIRECTED)]
-        if redo:
+        redirected = await self._follow_redirections(keys, results)
+        if redirected or any(isinstance(r, BaseException) for r in results):
+            self._refresh_soon()
+        return results
+
+    async def _follow_redirections(self, keys: list[str], results: list) -> bool:
+        """Fetch again, through the cluster client, the keys whose slot was moving; True if there were any.
+
+        A slot can be redirected twice in a row while `redis-cli --cluster reshard` finishes it (ASK from
+        the source, then MOVED or TRYAGAIN while the slot map settles), so this tries a few rounds, the
+        later ones after a short pause, before a redirection counts as this user's failure (503).
+        """
+        redo = [i for i, r in enumerate(results) if isinstance(r, _RETRIED)]
+        if not redo:
+            return False
+        for pause_s in _REDIRECT_PAUSES_S:
+            if pause_s:
+                await asyncio.sleep(pause_s)
             again = await asyncio.gather(*(self.cluster.hgetall(keys[i]) for i in redo), return_exceptions=True)
             for i, r in zip(redo, again):
                 results[i] = r
-        if redo or any(isinstance(r, BaseException) for r in results):
-            self._refresh_soon()
-        return results
+            redo = [i for i in redo if isinstance(results[i], _RETRIED)]
+            if not redo:
+                break
+        return True
 
     async def _node_batch(self, node: Any, idx: list[int], keys: list[str], results: list) -> None:
         try:
