@@ -53,7 +53,7 @@ from mvke.runtime.model import build_model
 from mvke.runtime.ann import limit_faiss_threads
 from mvke.runtime.scoring import rank
 from mvke.runtime.system import limit_blas_threads
-from model_export.bundle import random_users
+from mvke.runtime.features import random_users
 limit_blas_threads(1); limit_faiss_threads(1)
 m, b = read_bundle("{bundle}", verify=False)
 model = build_model(m, b, "cpu", ann_mode="{mode}", scoring="numpy")

@@ -78,7 +78,7 @@ def build_model(work: Path, log) -> tuple[Path | None, Path | None]:
 
 
 def random_inputs(schema, n: int, seed: int = 0):
-    from model_export.bundle import random_users
+    from mvke.runtime.features import random_users
     return random_users(schema, n, np.random.default_rng(seed))
 
 
@@ -247,17 +247,15 @@ def run(a: argparse.Namespace) -> dict:
 
     # -- PyTorch on CUDA (always when available; the fallback when ORT cannot use the GPU)
     if torch is not None and ck is not None:
-        from model_export.bundle import UserTower
         from mvke.training.trainer import load_checkpoint
         res = load_checkpoint(ck)
         schema = schema or res.schema
         cat0, multi0 = random_inputs(schema, 4096)
-        tower_cpu = UserTower(res.model.eval())
-        tower_gpu = UserTower(load_checkpoint(ck).model.eval().to("cuda"))
-        with torch.no_grad():
+        model_cpu, model_gpu = res.model.eval(), load_checkpoint(ck).model.eval().to("cuda")
+        with torch.no_grad():   # the exported graph's output: every task's expert values on axis 1
             c_t, m_t = torch.from_numpy(cat0[:1024]), torch.from_numpy(multi0[:1024])
-            ref = tower_cpu(c_t, m_t).numpy()
-            got = tower_gpu(c_t.cuda(), m_t.cuda()).cpu().numpy()
+            ref = torch.cat(model_cpu.user_vectors(c_t, m_t), 1).numpy()
+            got = torch.cat(model_gpu.user_vectors(c_t.cuda(), m_t.cuda()), 1).cpu().numpy()
         tp = {"max_abs_diff_expert_values": float(np.abs(got - ref).max()),
               "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
         if sides is not None:

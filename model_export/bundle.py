@@ -29,7 +29,7 @@ from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, ONNX_INPUTS, ONNX_O
                                    FileEntry, Manifest, TaskSpec, content_version, gates_file, read_bundle,
                                    TOWER_TOPK_FILE, sha256_bytes, tag_emb_file)
 from mvke.runtime import ann
-from mvke.runtime.features import FeatureSchema
+from mvke.runtime.features import FeatureSchema, random_users  # noqa: F401  (random_users: re-exported for callers of the bundle)
 from mvke.runtime.model import ANN_MIN_TAGS, build_model
 from mvke.runtime.scoring import rank, task_scores
 from mvke.training.trainer import TrainResult, load_checkpoint
@@ -91,22 +91,6 @@ def export_onnx(model: TwoTowerTagger, schema: FeatureSchema) -> bytes:
     buf = io.BytesIO()
     onnx.save_model(proto, buf)  # weights inlined: one file to ship and hash
     return buf.getvalue()
-
-
-def random_users(schema: FeatureSchema, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random valid ids per field (including OOV ids and empty histories)."""
-    cat = np.empty((n, len(schema.cat_fields)), dtype=np.int64)
-    multi = np.zeros((n, len(schema.multi_fields), schema.multi_len), dtype=np.int64)
-    pos = schema.position
-    for j, f in enumerate(schema.cat_fields):
-        off = schema.offsets[pos[f.name]]
-        cat[:, j] = rng.integers(off, off + 1 + len(f.vocab), n)
-    for j, f in enumerate(schema.multi_fields):
-        off = schema.offsets[pos[f.name]]
-        lengths = rng.integers(0, f.max_len + 1, n)
-        for i in range(n):
-            multi[i, j, : lengths[i]] = rng.integers(off, off + 1 + len(f.vocab), lengths[i])
-    return cat, multi
 
 
 def real_users(data_dir: str | None, schema: FeatureSchema, n: int) -> tuple[np.ndarray, np.ndarray] | None:

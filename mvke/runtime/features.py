@@ -138,3 +138,19 @@ def to_store_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return MULTI_SEP.join(str(x) for x in value)
     return "" if value is None else str(value)
+
+
+def random_users(schema: FeatureSchema, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random valid ids per field (including OOV ids and empty histories)."""
+    cat = np.empty((n, len(schema.cat_fields)), dtype=np.int64)
+    multi = np.zeros((n, len(schema.multi_fields), schema.multi_len), dtype=np.int64)
+    pos = schema.position
+    for j, f in enumerate(schema.cat_fields):
+        off = schema.offsets[pos[f.name]]
+        cat[:, j] = rng.integers(off, off + 1 + len(f.vocab), n)
+    for j, f in enumerate(schema.multi_fields):
+        off = schema.offsets[pos[f.name]]
+        lengths = rng.integers(0, f.max_len + 1, n)
+        for i in range(n):
+            multi[i, j, : lengths[i]] = rng.integers(off, off + 1 + len(f.vocab), lengths[i])
+    return cat, multi
