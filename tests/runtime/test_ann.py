@@ -107,3 +107,59 @@ def test_index_bytes_are_deterministic():
     a = ann.index_to_bytes(ann.build_task_index(gates, emb))
     b = ann.index_to_bytes(ann.build_task_index(gates, emb))
     assert a == b
+
+
+def side_with_index(gates: np.ndarray, emb: np.ndarray, cfg: "ann.AnnConfig"):
+    """A TaskTagSide served through a candidate index (factors only, as the service builds it)."""
+    from mvke.runtime.contract import TaskSpec
+    from mvke.runtime.scoring import TaskTagSide
+    K = gates.shape[1]
+    side = TaskTagSide.build(TaskSpec("interest", list(range(K)), [0, K], 5.0, -1.0), gates, emb, dense=False)
+    side.ann = ann.TaskAnn(ann.build_task_index(gates, emb, cfg), side.unit, side.gates, cfg.candidates)
+    side.ann.index.nprobe = side.ann.index.nlist          # every list probed: recall must be 1.0
+    return side
+
+
+def test_batched_index_path_with_every_list_probed_ranks_like_exact():
+    from mvke.runtime.scoring import rank
+    gates, emb = tag_side(2000, 3, 16)
+    values = users(32, 3, 16)
+    side = side_with_index(gates, emb, ann.AnnConfig(nlist=16, gate_clusters=1, candidates=100))
+    calls = []
+    search = side.ann.search
+    side.ann.search = lambda v, n: calls.append(len(v)) or search(v, n)
+    approx = rank(values, [side], 20)["interest"]                # the whole batch in one call
+    exact = rank(values, [side], 20, approximate=False)["interest"]
+    assert calls == [32]                                         # one candidate search for all 32 users
+    np.testing.assert_array_equal(approx.tag_index, exact.tag_index)
+    np.testing.assert_allclose(approx.scores, exact.scores, atol=1e-6)
+    ref = np.argsort(-dense_cosines(values, gates, emb), 1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(exact.tag_index, ref)
+
+
+def test_exact_request_bypasses_the_index():
+    """`"exact": true` ranks every tag from the factors: the index is not searched, so a broken index
+    (every candidate list empty) changes nothing; the approximate path does read it."""
+    from mvke.runtime.scoring import rank
+    gates, emb = tag_side(2000, 3, 16)
+    values = users(8, 3, 16)
+    side = side_with_index(gates, emb, ann.AnnConfig(nlist=16, candidates=60))
+    want = rank(values, [side], 10, approximate=False)["interest"]
+    side.ann.search = lambda v, n: np.full((len(v), n), -1, dtype=np.int64)
+    got = rank(values, [side], 10, approximate=False)["interest"]
+    np.testing.assert_array_equal(got.tag_index, want.tag_index)
+    np.testing.assert_allclose(got.scores, want.scores)
+    broken = rank(values, [side], 10)["interest"]
+    assert not np.array_equal(broken.tag_index, want.tag_index)
+
+
+def test_faiss_runs_on_the_threads_it_is_given():
+    from threadpoolctl import threadpool_info
+    try:
+        ann.limit_faiss_threads(1)
+        assert faiss.omp_get_max_threads() == 1
+        assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["prefix"] == "libopenblas")
+        ann.limit_faiss_threads(2)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        ann.limit_faiss_threads(1)
