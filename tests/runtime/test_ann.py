@@ -63,11 +63,13 @@ def test_tag_vectors_make_the_numerator_an_inner_product():
     np.testing.assert_allclose(num, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("sharpen", [1.0, 4.0])
-def test_index_recall_and_gate(sharpen):
+@pytest.mark.parametrize("sharpen,clusters", [(1.0, 1), (4.0, 8)])
+def test_index_recall_and_gate(sharpen, clusters):
+    """Peaked gates uncorrelated with the experts (sharpen 4) need the gate clusters (the export's
+    second scheme when the numerator alone fails the gate)."""
     gates, emb = tag_side(6000, 3, 16, sharpen=sharpen)
     values = users(200, 3, 16)
-    cfg = ann.AnnConfig(nprobe=2, candidates=60, gate_users=200)
+    cfg = ann.AnnConfig(nprobe=2, candidates=60, gate_users=200, gate_clusters=clusters)
     index = ann.build_task_index(gates, emb, cfg)
     task = ann.TaskAnn(ann.index_from_bytes(ann.index_to_bytes(index), cfg.nprobe), ann.unit_rows(emb), gates,
                        cfg.candidates)
@@ -163,3 +165,16 @@ def test_faiss_runs_on_the_threads_it_is_given():
         assert faiss.omp_get_max_threads() == 2
     finally:
         ann.limit_faiss_threads(1)
+
+
+def test_export_falls_back_to_gate_clusters_when_the_numerator_alone_fails_the_gate():
+    from model_export.candidates import FALLBACK_CLUSTERS, build_and_gate
+    gates, emb = tag_side(6000, 3, 16, sharpen=4.0)
+    side = side_with_index(gates, emb, ann.AnnConfig(nlist=16))
+    entry: dict = {}
+    index, gate = build_and_gate(side, users(200, 3, 16), ann.AnnConfig(nprobe=2, candidates=60, gate_users=200),
+                                 entry)
+    first, second = entry["schemes_tried"]
+    assert first["gate_clusters"] == 1 and first["recall_at_k"] < 0.95
+    assert second["gate_clusters"] == len(index.indexes) == FALLBACK_CLUSTERS and gate.passed
+    assert entry["gate_clusters"] == FALLBACK_CLUSTERS and entry["recall_at_k"] >= 0.95
