@@ -13,10 +13,16 @@ through its gate a_t (a softmax over K kernels), so it varies much less across t
 the numerator. The candidate step therefore searches the numerator exactly as written
 (FAISS IVF, inner-product metric, 8-bit scalar-quantised w_t) for C >> k candidates, and
 the exact cosine of those C tags (numerator AND denominator, in float32) ranks them.
-Measured on a trained mvke-mt's tag side grown to 100k and 1M tags (docs/ARCHITECTURE.md,
-docs/results/ann.md): the numerator's top 100 held the exact top 20 in >= 99.9% of cases
-even with the gates sharpened to near one-hot, and IVF with nprobe 4-8 of 1,024 lists kept
-recall@20 >= 0.998.
+Measured on a trained mvke-mt's tag side grown to 20k, 100k and 1M tags (docs/ARCHITECTURE.md,
+docs/results/ann.md): the numerator's top 100 held the exact top 20 in >= 99.9% of cases, so
+recall is set by how many IVF lists are probed (the gate's nprobe), not by C; one index over
+the numerator (one FAISS search per task for a whole batch of users) reached the recall of the
+8-gate-cluster variant at a fifth of its search time. The gate clusters stay as the export's
+second attempt for tag sides where the numerator alone fails the gate.
+
+Hot-path rules (scripts/ann_profile.py): FAISS runs on one thread per process (OpenMP and its
+bundled OpenBLAS: `limit_faiss_threads`, applied on import), a batch of users is one search
+per task, and the rerank is a handful of batched numpy products over [B, C] gathers.
 
 Nothing here is tuned at run time: the index is built at export (`build_task_index`),
 shipped in the bundle with its sha256, and its nprobe set by the export's quality gate
@@ -181,11 +187,11 @@ class CandidateIndex:
     def search(self, values: np.ndarray, n: int) -> np.ndarray:
         """Candidate tag ids [B, n] (-1 pads), best approximate cosine first."""
         B = len(values)
-        gram = np.matmul(values, values.transpose(0, 2, 1))                               # [B, K, K]
-        den = np.sqrt(np.maximum(np.einsum("ck,bkl,cl->bc", self.centroids, gram, self.centroids), EPS))
-        flat = values.reshape(B, -1).astype(np.float32)
-        if len(self.indexes) == 1:
-            return self.indexes[0].search(np.ascontiguousarray(flat), n)[1]
+        flat = np.ascontiguousarray(values.reshape(B, -1), dtype=np.float32)
+        if len(self.indexes) == 1:                       # one search for the whole batch
+            return self.indexes[0].search(flat, n)[1]
+        mixed = np.matmul(self.centroids, values)                                         # [B, C, D]
+        den = np.sqrt(np.maximum(np.einsum("bcd,bcd->bc", mixed, mixed), EPS))            # ||sum_k abar_ck V_k||
         dist, ids = [], []
         for c, index in enumerate(self.indexes):
             d, i = index.search(np.ascontiguousarray(flat / den[:, c:c + 1], dtype=np.float32), n)
