@@ -79,7 +79,7 @@ def build_and_gate(side, values: np.ndarray, cfg: ann.AnnConfig, entry: dict) ->
     for clusters in schemes:
         c = replace(cfg, gate_clusters=clusters)
         t0 = time.perf_counter()
-        index = ann.build_task_index(side.gates, side.tag_emb, c)
+        index = ann.build_task_index(side.gates, side.unit, c)
         build_s = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         gate = ann.tune_nprobe(ann.TaskAnn(index, side.unit, side.gates, c.candidates), values, c)

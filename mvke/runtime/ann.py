@@ -34,6 +34,7 @@ the service without the extra still loads dense models.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -50,10 +51,19 @@ _THREADS = [1]                 # FAISS threads of this process (limit_faiss_thre
 
 def _faiss():
     first = "faiss" not in sys.modules
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if first:   # FAISS's private libgomp reads this once, when it loads: the default of every thread
+        os.environ["OMP_NUM_THREADS"] = str(_THREADS[0])
     try:
         import faiss
     except ImportError as e:  # the message names the extra that installs it
         raise ImportError("FAISS is needed for ANN candidates: pip install 'mvke[service]' (faiss-cpu)") from e
+    finally:
+        if first:         # child processes and libraries loaded later see the environment as it was
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
     if first:
         _apply_threads(faiss, _THREADS[0])
     return faiss
@@ -61,7 +71,11 @@ def _faiss():
 
 def _apply_threads(faiss: Any, n: int) -> None:
     """FAISS's OpenMP team and the OpenBLAS it bundles (a second copy, beside numpy's, that
-    `limit_blas_threads` cannot reach before FAISS is imported) to `n` threads."""
+    `limit_blas_threads` cannot reach before FAISS is imported) to `n` threads.
+
+    omp_set_num_threads sets the CALLING thread's team size only (an OpenMP ICV per thread):
+    the service loads a model, and so imports FAISS, in a worker thread and searches on its
+    event loop, so `CandidateIndex.search` sets it again in the thread that searches."""
     faiss.omp_set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
@@ -187,6 +201,7 @@ class CandidateIndex:
     def search(self, values: np.ndarray, n: int) -> np.ndarray:
         """Candidate tag ids [B, n] (-1 pads), best approximate cosine first."""
         B = len(values)
+        _faiss_module().omp_set_num_threads(_THREADS[0])   # this thread's team (see _apply_threads)
         flat = np.ascontiguousarray(values.reshape(B, -1), dtype=np.float32)
         if len(self.indexes) == 1:                       # one search for the whole batch
             return self.indexes[0].search(flat, n)[1]
@@ -257,6 +272,10 @@ def index_to_bytes(index: CandidateIndex) -> bytes:
 
 def index_from_bytes(data: bytes, nprobe: int) -> CandidateIndex:
     return CandidateIndex.from_bytes(data, nprobe)
+
+
+def _faiss_module() -> Any:
+    return sys.modules.get("faiss") or _faiss()
 
 
 def limit_faiss_threads(n: int) -> None:

@@ -178,3 +178,23 @@ def test_export_falls_back_to_gate_clusters_when_the_numerator_alone_fails_the_g
     assert first["gate_clusters"] == 1 and first["recall_at_k"] < 0.95
     assert second["gate_clusters"] == len(index.indexes) == FALLBACK_CLUSTERS and gate.passed
     assert entry["gate_clusters"] == FALLBACK_CLUSTERS and entry["recall_at_k"] >= 0.95
+
+
+def test_search_runs_on_one_faiss_thread_in_whichever_thread_calls_it():
+    """omp_set_num_threads sets the calling thread's team only: the service imports FAISS in the
+    thread that loads the model and searches on its event loop (on 2 busy cores a search with
+    FAISS's default team ran ~19x slower in the service than with one thread)."""
+    import threading
+    gates, emb = tag_side(2000, 3, 16)
+    index = ann.build_task_index(gates, emb, ann.AnnConfig(nlist=16))
+    ann.limit_faiss_threads(1)
+    seen = {}
+
+    def search():
+        seen["before"] = faiss.omp_get_max_threads()      # a new thread: the library's default team
+        index.search(users(4, 3, 16), 10)
+        seen["after"] = faiss.omp_get_max_threads()
+    t = threading.Thread(target=search)
+    t.start()
+    t.join()
+    assert seen["after"] == 1, seen
