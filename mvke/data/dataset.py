@@ -10,10 +10,16 @@ A dataset directory holds:
   inline (when they change per event, as histories do in MovieLens);
 * `users.parquet`: the latest raw feature row per user (what the feature store
   holds; samples without inline fields are joined to it by `user_id`).
+
+Each of the three tables is either one Parquet file or a directory of part files
+(`train.parquet/part-00000.parquet`, ...: `mvke data synth` writes large datasets
+so, `DatasetWriter`); parts with the same name hold the same users, and a user
+never straddles two parts (mvke/training/distributed.py streams them part by part).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mvke.runtime.features import FeatureSchema
+from mvke.runtime.parts import list_inputs
 
 TASKS = ("interest", "intention")
 TASK_LABELS = {"interest": "click", "intention": "conversion"}
@@ -49,11 +56,69 @@ def write_dataset(out: str | Path, train: pd.DataFrame, test: pd.DataFrame,
     return out
 
 
+SPLITS = ("train", "test", "users")
+
+
+class DatasetWriter:
+    """Writes a dataset table by table, a block of rows at a time, with bounded memory.
+
+    `parted=False`: one Parquet file per table, each `add` appending row groups to it.
+    `parted=True`: a directory of part files per table; `add(name, df, part=k)` appends to
+    `NAME.parquet/part-{k:05d}.parquet` (parts must come in order: a new part closes the last).
+    meta.json is written last (`close`), so a directory without it is an unfinished dataset.
+    The schema of each table is the first block's; later blocks are converted to it.
+    """
+
+    def __init__(self, out: str | Path, parted: bool = False):
+        self.out, self.parted = Path(out), parted
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in SPLITS:   # whatever an earlier run left (a file or a directory of parts)
+            old = self.out / f"{name}.parquet"
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        (self.out / "meta.json").unlink(missing_ok=True)
+        self._schemas: dict[str, pa.Schema] = {}
+        self._writers: dict[str, tuple[int, pq.ParquetWriter]] = {}
+
+    def add(self, name: str, df: pd.DataFrame, part: int = 0) -> None:
+        schema = self._schemas.get(name)
+        table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+        self._schemas.setdefault(name, table.schema)
+        current = self._writers.get(name)
+        if current is None or current[0] != part:
+            if current is not None:
+                current[1].close()
+            if self.parted:
+                (self.out / f"{name}.parquet").mkdir(exist_ok=True)
+                path = self.out / f"{name}.parquet" / f"part-{part:05d}.parquet"
+            else:
+                path = self.out / f"{name}.parquet"
+            current = self._writers[name] = (part, pq.ParquetWriter(path, self._schemas[name]))
+        current[1].write_table(table)
+
+    def close(self, meta: dict[str, Any]) -> Path:
+        for _, writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+        (self.out / "meta.json").write_text(json.dumps(meta, indent=1))
+        return self.out
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """A Parquet file, or the part files of a directory (sorted by name) as one table."""
+    path = Path(path)
+    if not path.is_dir():
+        return pq.read_table(path)
+    return pa.concat_tables([pq.read_table(f) for f in list_inputs(path)])
+
+
 def _read_parquet(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(path, None, "file not found")
     try:
-        df = pq.read_table(path).to_pandas()
+        df = read_table(path).to_pandas()
     except Exception as e:  # pyarrow raises many types for a corrupt file
         raise DataError(path, None, f"not a readable Parquet file ({e})") from e
     if len(df) == 0:
