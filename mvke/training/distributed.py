@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mvke.data.dataset import TASKS, RawDataset, encode_split
+from mvke.data.split import SplitError, time_validation_mask
 from mvke.runtime.features import FeatureSchema, FieldSpec
 
 SHUFFLE_BUFFER_ROWS = 65_536
@@ -72,43 +73,57 @@ def find_parts(data_dir: str | Path) -> list[DataPart]:
     return parts
 
 
-def validation_mask(train: pd.DataFrame, valid_fraction: float) -> np.ndarray:
-    """Which rows of a part are validation rows: the trainer's rule, applied to one part.
+def validation_mask(train: pd.DataFrame, valid_fraction: float, source: str = "train.parquet") -> np.ndarray:
+    """Which rows of a part are validation rows: the trainer's time split (mvke/data/split.py), on one part.
 
-    The rule must only look at each user's own rows (users never straddle parts), so
-    applying it part by part gives the same split as applying it to the whole table.
+    The rule only looks at each user's own rows (users never straddle parts), so applying it
+    part by part gives the same split as the trainer's on the whole table. A part may have no
+    validation row; `stream_schema` checks that the whole dataset has some.
     """
-    # The last `valid_fraction` of each user's rows in file order (the training day's end).
-    pos = train.groupby("user_id", sort=False).cumcount().to_numpy()
-    size = train.groupby("user_id", sort=False)["user_id"].transform("size").to_numpy()
-    return pos >= np.ceil(size * (1.0 - valid_fraction))
+    return time_validation_mask(train, valid_fraction, source, allow_empty=True)
 
 
 def _part_frames(part: DataPart, kinds: dict[str, str], valid_fraction: float,
                  split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows of the split, users table) of one part; split in {train, valid, test}."""
+    rows, users, _ = _part_split(part, kinds, valid_fraction, split)
+    return rows, users
+
+
+def _part_split(part: DataPart, kinds: dict[str, str], valid_fraction: float,
+                split: str) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """`_part_frames` and the number of validation rows of the part (0 for the test split)."""
+    n_valid = 0
     if split == "test":
         rows = pq.read_table(part.test).to_pandas()
     else:
         rows = pq.read_table(part.train).to_pandas()
-        is_valid = validation_mask(rows, valid_fraction)
+        is_valid = validation_mask(rows, valid_fraction, part.train)
+        n_valid = int(is_valid.sum())
         rows = rows[is_valid if split == "valid" else ~is_valid].reset_index(drop=True)
     users = pq.read_table(part.users, columns=["user_id", *kinds]).to_pandas()
-    return rows, users
+    return rows, users, n_valid
 
 
 def stream_schema(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float) -> FeatureSchema:
-    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1)."""
+    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1).
+
+    Raises SplitError, as the trainer does, when no part has a validation row."""
     kinds, max_lens = meta["fields"], meta.get("max_lens", {})
     seen: dict[str, set[str]] = {name: set() for name in kinds}
+    valid_rows = 0
     for part in parts:
-        rows, users = _part_frames(part, kinds, valid_fraction, "train")
+        rows, users, n_valid = _part_split(part, kinds, valid_fraction, "train")
+        valid_rows += n_valid
         source = rows if all(n in rows.columns for n in kinds) else users[users["user_id"].isin(set(rows["user_id"]))]
         table = pa.Table.from_pandas(source[list(kinds)], preserve_index=False)
         for name, kind in kinds.items():
             col = table.column(name)
             values = pc.list_flatten(col) if kind == "multi" else col
             seen[name].update(str(v) for v in pc.unique(values.drop_null()).to_pylist())
+    if not valid_rows:
+        raise SplitError(f"validation fraction {valid_fraction} gives an empty validation set: no user has "
+                         f"{int(np.ceil(0.5 / valid_fraction))} or more distinct training timestamps")
     return FeatureSchema([FieldSpec(name, kind, max_lens.get(name, 1) if kind == "multi" else 1, sorted(seen[name]))
                           for name, kind in kinds.items()])
 
