@@ -5,8 +5,9 @@
 Every --interval seconds one JSON line: elapsed seconds, the tree's summed RSS and PSS (PSS
 shares a page between the processes that map it, so Ray's shared object store is not counted
 twice), the largest single process's RSS and its VmHWM (the kernel's own peak of that
-process), the number of processes and the load average. At the end one line with the peaks
-of all of them and the command's exit status; the exit status is the command's.
+process), the number of processes, the load average and the 6 largest processes by PSS. At the
+end one line with the peaks of all of them, the largest processes at the tree's PSS peak and the
+command's exit status; the exit status is the command's.
 The peak of a sum is only as fine as the interval; VmHWM of each process is exact.
 """
 from __future__ import annotations
@@ -49,9 +50,21 @@ def _kib(text: str, key: str) -> int:
     return 0
 
 
+def _name(pid: int) -> str:
+    """A short name: the Ray process title or the command's first words."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [w.decode(errors="replace") for w in cmd if w]
+    short = [os.path.basename(w) if i == 0 else w for i, w in enumerate(words[:4])]
+    return " ".join(short)[:60]
+
+
 def sample(pid: int) -> dict:
     rss = pss = 0
     top_rss = top_hwm = n = 0
+    procs = []
     for p in tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
@@ -62,12 +75,14 @@ def sample(pid: int) -> dict:
         r = _kib(status, "VmRSS")
         rss += r
         pss += _kib(rollup, "Pss")
+        procs.append((_kib(rollup, "Pss"), _name(p)))
         top_rss = max(top_rss, r)
         top_hwm = max(top_hwm, _kib(status, "VmHWM"))
     mib = 1024
     return {"tree_rss_mib": round(rss / mib, 1), "tree_pss_mib": round(pss / mib, 1),
             "max_proc_rss_mib": round(top_rss / mib, 1), "max_proc_hwm_mib": round(top_hwm / mib, 1),
-            "procs": n, "loadavg": os.getloadavg()[0]}
+            "procs": n, "loadavg": os.getloadavg()[0],
+            "top_pss_mib": [[name, round(k / mib)] for k, name in sorted(procs, reverse=True)[:6]]}
 
 
 def main() -> int:
@@ -84,15 +99,18 @@ def main() -> int:
     peaks: dict[str, float] = {}
     with open(a.log, "a") as log:
         log.write(json.dumps({"command": cmd, "pid": proc.pid, "start": t0}) + "\n")
+        at_peak: list = []
         while proc.poll() is None:
             s = sample(proc.pid)
+            if s["tree_pss_mib"] >= peaks.get("tree_pss_mib", 0):
+                at_peak = s["top_pss_mib"]
             for k in ("tree_rss_mib", "tree_pss_mib", "max_proc_rss_mib", "max_proc_hwm_mib", "procs"):
                 peaks[k] = max(peaks.get(k, 0), s[k])
             log.write(json.dumps({"t": round(time.time() - t0, 1), **s}) + "\n")
             log.flush()
             time.sleep(a.interval)
         log.write(json.dumps({"done": True, "rc": proc.returncode, "seconds": round(time.time() - t0, 1),
-                              "peak": peaks, "loadavg": os.getloadavg()}) + "\n")
+                              "peak": peaks, "top_pss_at_peak_mib": at_peak, "loadavg": os.getloadavg()}) + "\n")
     print(json.dumps({"rc": proc.returncode, "seconds": round(time.time() - t0, 1), "peak": peaks}),
           file=sys.stderr)
     return proc.returncode
