@@ -3,7 +3,7 @@
     dataset dir -> parts: (train, users) Parquet pairs; users never straddle parts
       1. vocabularies: one streamed pass over the parts (users of each part's training rows)
       2. Ray Data: part list -> map_batches(PartEncoder actors): read the part's Parquet row groups,
-         split validation off per part, join the users, encode -> id arrays (batch by batch)
+         split validation off per part (the trainer's time split), join the users, encode -> id arrays
          -> streaming_split into N equal shards (Ray Train's default DataConfig)
       3. N TorchTrainer workers (DDP: gloo on CPU, nccl on GPU): the same model, optimiser, loss and
          early stopping as mvke/training/trainer.py; rank 0 keeps the best weights
@@ -12,7 +12,7 @@
 
 Memory per process is bounded by one part plus the shuffle buffer, whatever the dataset size:
 a dataset larger than one machine's memory trains (write it in parts: `mvke data synth`
-does for large --users; any `train.parquet/part-*.parquet` + `users.parquet/part-*.parquet`
+does above 65,536 users, parts of 4,096 users; any `train.parquet/part-*.parquet` + `users.parquet/part-*.parquet`
 directory pair with the same part names and each user in one part works).
 
 Batch size and learning rate: `--batch-size B` is the effective (global) batch. Each of
@@ -20,7 +20,9 @@ the N workers takes B/N samples per step and DDP averages the gradients, so a st
 the same B samples' mean gradient as one worker would, and the learning rate stays the
 1-worker one (no linear scaling is needed because the effective batch does not change).
 Samples per epoch, steps per epoch and the number of epochs are therefore the same.
-`--workers 1` never starts Ray (trainer.train_model on in-memory arrays).
+`--workers 1` never starts Ray (trainer.train_model on in-memory arrays) unless `--stream`
+asks for this path with one worker. Validation is the trainer's time split
+(mvke/data/split.py), applied part by part.
 """
 from __future__ import annotations
 

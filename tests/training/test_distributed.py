@@ -148,3 +148,38 @@ def test_two_ray_train_workers_write_a_checkpoint_export_reads(parted, tmp_path,
     for k, v in result.model.state_dict().items():
         assert np.array_equal(back.model.state_dict()[k].numpy(), v.numpy()), k
     assert back.schema.to_dict() == result.schema.to_dict()
+
+
+def test_test_auc_streamed_stops_at_max_rows(parted, tiny_model_sizes):
+    from mvke.data.dataset import TASKS
+    from mvke.models import ModelConfig, build_model
+    from mvke.training.distributed import test_auc_streamed
+    _, multi = parted
+    meta = json.loads((multi / "meta.json").read_text())
+    parts = find_parts(multi)
+    schema = stream_schema(parts, meta, 0.1)
+    model = build_model(ModelConfig(name="mvke-mt", tasks=list(TASKS), num_ids=schema.num_ids,
+                                    num_cat_fields=len(schema.cat_fields), num_multi_fields=len(schema.multi_fields),
+                                    num_tags=len(meta["tags"]), **tiny_model_sizes)).eval()
+    first = pq.read_metadata(parts[0].test).num_rows
+    assert test_auc_streamed(model, parts, meta, schema, max_rows=1)["n_test"] == first
+    assert test_auc_streamed(model, parts, meta, schema)["n_test"] == sum(pq.read_metadata(p.test).num_rows
+                                                                          for p in parts) > first
+
+
+@pytest.mark.integration
+def test_stream_trains_one_ray_worker_on_synth_parts(tmp_path):
+    """`mvke train --workers 1 --stream` on the part layout `mvke data synth` writes: Ray Train, a checkpoint."""
+    pytest.importorskip("ray.train.torch")
+    import subprocess
+    import sys
+
+    from mvke.data.synthetic import USER_BLOCK, SynthConfig, generate
+    data = generate(SynthConfig(users=USER_BLOCK + 100, tags=30, ads=40, categories=10, seed=1), tmp_path / "d",
+                    progress=False, part_users=USER_BLOCK)
+    out = subprocess.run([sys.executable, "-m", "mvke.cli", "train", "--data", str(data), "--out", str(tmp_path / "ck"),
+                          "--model", "mvke-mt", "--workers", "1", "--stream", "--max-steps", "5", "--max-eval-rows",
+                          "2000", "--epochs", "1", "--batch-size", "256", "--experts", "2"],
+                         capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "ck").is_dir() and '"test_auc"' in out.stdout
