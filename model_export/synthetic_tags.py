@@ -48,7 +48,14 @@ def grow_tag_catalogue(result: TrainResult, num_tags: int, seed: int = 0) -> Tra
     rng = np.random.default_rng(seed)
     for owner, attr, table in _tag_tables(model):
         with torch.no_grad():
-            old = table.weight.detach().numpy()                              # [T + 1, t], row 0 padding
+            old = table.weight.detach().clone()                              # [T + 1, t], row 0 padding
+            if getattr(owner, "group", None) is not None:
+                # Fold each trained tag's parent embedding into its row: the grown tags, which have no
+                # parent, are then drawn from the distribution of the trained tags' full embeddings.
+                old += owner.group(owner.group_of)
+                old[0] = 0
+                owner.group = None
+            old = old.numpy()
             new = nn.Embedding(num_tags + 1, old.shape[1], padding_idx=0)
             new.weight.zero_()
             new.weight[: trained + 1] = torch.from_numpy(old)
@@ -59,6 +66,7 @@ def grow_tag_catalogue(result: TrainResult, num_tags: int, seed: int = 0) -> Tra
         cfg = getattr(module, "cfg", None)
         if cfg is not None and hasattr(cfg, "num_tags"):
             cfg.num_tags = num_tags
+            cfg.tag_groups = []
     width = len(str(num_tags))
     tags = list(result.tags) + [f"{SYNTHETIC_PREFIX}{i:0{width}d}" for i in range(trained + 1, num_tags + 1)]
     metrics = {**result.metrics, "synthetic_tags": {"trained": trained, "total": num_tags, "seed": seed}}

@@ -70,9 +70,6 @@ class DynamicBatcher:
                 job.future.set_result(unavailable("shutting down"))
         self.queue.clear()
 
-    def qsize(self) -> int:
-        return len(self.queue)
-
     def _expire(self, job: TagJob) -> None:
         fut = job.future
         if fut is not None and not fut.done():

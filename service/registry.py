@@ -56,9 +56,12 @@ class RoutingError(Exception):
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, r, metrics: ServiceMetrics):
-        """`r`: a sync client of mvke.runtime.redis_client (one node or a cluster; model keys share one slot)."""
+    def __init__(self, settings: Settings, r, metrics: ServiceMetrics, bundle_redis=None):
+        """`r`: a sync client of mvke.runtime.redis_client (one node or a cluster; model keys share one slot);
+        `bundle_redis`: the client that reads a version's files (default `r`; the service's has a longer
+        socket timeout: MVKE_MODEL_READ_TIMEOUT_S)."""
         self.settings, self.redis, self.metrics = settings, r, metrics
+        self.bundle_redis = bundle_redis if bundle_redis is not None else r
         self.keys = Keys(settings.key_prefix)
         self.current: LoadedModel | None = None        # the active version
         self.canary: LoadedModel | None = None         # loaded canary version (None: no canary)
@@ -203,7 +206,7 @@ class ModelRegistry:
         return await asyncio.to_thread(self._build, version)
 
     def _build(self, version: str) -> LoadedModel:
-        manifest, blobs = read_version(self.redis, self.keys, version)
+        manifest, blobs = read_version(self.bundle_redis, self.keys, version)
         s = self.settings
         return build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann, ann_min_tags=s.ann_min_tags,
                            scoring=s.scoring)

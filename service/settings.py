@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     redis_pool_size: int = Field(64, ge=1, description="max Redis connections per worker")
     redis_pool_wait_s: float = Field(0.2, ge=0, description="wait for a free pooled connection before a 503")
     redis_timeout_s: float = Field(0.5, gt=0, description="socket timeout of Redis calls")
+    model_read_timeout_s: float = Field(60.0, gt=0, description="socket timeout of reading a version's files "
+                                        "(a worker thread, off the hot path; a 1M-tag bundle is about 0.5 GB)")
     model_poll_s: float = Field(0.5, gt=0, description="how often the active alias is checked for a new version")
     ort_intra_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: 1, or the CPU quota / workers for batch-heavy use)")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto: CUDA when it really runs, else CPU")

@@ -75,7 +75,11 @@ class ServiceState:
                                    pool_wait_s=settings.redis_pool_wait_s, decode_responses=True, **common)
         # model reads run in a worker thread (mvke.runtime.versions): a small synchronous client
         self.redis_models = connect(self.redis_target, max_connections=4, **common)
-        self.registry = ModelRegistry(settings, self.redis_models, self.metrics)
+        # reading a version's files: one large reply (0.5 GB at 1M tags) that a busy Redis can take longer
+        # than redis_timeout_s to send; a client of its own with a longer socket timeout
+        self.redis_bundles = connect(self.redis_target, max_connections=2, socket_timeout=settings.model_read_timeout_s,
+                                     socket_connect_timeout=settings.redis_timeout_s)
+        self.registry = ModelRegistry(settings, self.redis_models, self.metrics, self.redis_bundles)
         self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
                                       settings.max_queue, settings.request_timeout_s,
@@ -94,6 +98,7 @@ class ServiceState:
             await self.tagger.cluster_reader.aclose()
         await self.redis.aclose()
         self.redis_models.close()
+        self.redis_bundles.close()
 
     async def tag(self, job: TagJob) -> TagResult:
         if self.batcher:

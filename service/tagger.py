@@ -21,6 +21,7 @@ from mvke.runtime.keys import Keys
 from mvke.runtime.model import LoadedModel
 from mvke.runtime.redis_client import REDIS_ERRORS, describe_error, is_cluster
 from mvke.runtime.scoring import Ranked, explain_tags, rank, sigmoid, task_cosines_at
+from mvke.runtime.ann import limit_faiss_threads
 from mvke.runtime.system import limit_blas_threads
 from service.cluster_fetch import ClusterHashReader
 from service.metrics import ServiceMetrics
@@ -95,6 +96,7 @@ class Tagger:
         # ONNX Runtime and numpy, which release the GIL, work); 0: always on the loop (the default).
         self.offload_min_batch = getattr(settings, "compute_offload_min_batch", 0) or (1 << 62)
         limit_blas_threads(getattr(settings, "blas_threads", 1))
+        limit_faiss_threads(getattr(settings, "blas_threads", 1))    # FAISS's OpenMP + OpenBLAS (candidate search)
         step = metrics.step
         self._steps = {name: step.labels(name) for name in ("fetch", "encode", "tower", "score", "rank")}
         self._batch_size = metrics.batch_size

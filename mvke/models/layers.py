@@ -56,6 +56,10 @@ class ModelConfig:
             `activation`. The published code uses linear projections ("identity").
         dropout: dropout after every hidden layer of every tower.
         init_scale: initial cosine temperature s.
+        tag_groups: per tag id (index 0 = padding) the id of its parent in the tag taxonomy
+            (1-based; 0 = none), from the catalogue names `parent/tag` (`tag_groups_of`). The tag
+            tower adds the parent's embedding to the tag's own, so a rare tag starts from what its
+            siblings learned. Empty: tag ids only (the paper's tag tower).
         kernel_init: std of the normal initialisation of MVKE's virtual kernels.
         field_norm: LayerNorm each (pooled) field embedding before the towers, every model.
     """
@@ -85,6 +89,7 @@ class ModelConfig:
     init_scale: float = 5.0
     kernel_init: float = 1.0
     field_norm: bool = True
+    tag_groups: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.gate == "dot":   # the name this gate had before the published code was checked
@@ -93,6 +98,18 @@ class ModelConfig:
     @property
     def num_fields(self) -> int:
         return self.num_cat_fields + self.num_multi_fields
+
+
+def tag_groups_of(tags: list[str], sep: str = "/") -> list[int]:
+    """Per tag id (0 = padding) the 1-based id of its parent `parent` in a name `parent/tag`, 0 if none.
+
+    Returns [] when no tag has a parent (MovieLens genres), so such models are the plain id tower."""
+    parents = [t.rsplit(sep, 1)[0] if sep in t else None for t in tags]
+    names = sorted({p for p in parents if p is not None})
+    if not names:
+        return []
+    index = {n: i + 1 for i, n in enumerate(names)}
+    return [0] + [index[p] if p is not None else 0 for p in parents]
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int | None, activation: str = "relu",
@@ -167,10 +184,20 @@ class TagTower(nn.Module):
         super().__init__()
         self.table = nn.Embedding(cfg.num_tags + 1, cfg.tag_dim, padding_idx=0)
         nn.init.normal_(self.table.weight, 0, 0.05)
+        self.group = None
+        if cfg.tag_groups:
+            if len(cfg.tag_groups) != cfg.num_tags + 1:
+                raise ValueError(f"tag_groups has {len(cfg.tag_groups)} entries, expected num_tags + 1 = "
+                                 f"{cfg.num_tags + 1}")
+            self.register_buffer("group_of", torch.tensor(cfg.tag_groups, dtype=torch.long), persistent=False)
+            self.group = nn.Embedding(max(cfg.tag_groups) + 1, cfg.tag_dim, padding_idx=0)
+            nn.init.normal_(self.group.weight, 0, 0.05)
         self.towers = nn.ModuleList(mlp(cfg.tag_dim, [cfg.tag_dim * 2], cfg.out_dim, "relu") for _ in tasks)
 
     def pooled(self, tag_ids: torch.Tensor) -> torch.Tensor:
         emb = self.table(tag_ids)                                    # [B, L, t]
+        if self.group is not None:                                   # + the parent's embedding
+            emb = emb + self.group(self.group_of[tag_ids])           # [B, L, t]
         count = (tag_ids > 0).sum(-1, keepdim=True).clamp(min=1)
         return emb.sum(1) / count.to(emb.dtype)                      # [B, t]
 

@@ -13,10 +13,16 @@ through its gate a_t (a softmax over K kernels), so it varies much less across t
 the numerator. The candidate step therefore searches the numerator exactly as written
 (FAISS IVF, inner-product metric, 8-bit scalar-quantised w_t) for C >> k candidates, and
 the exact cosine of those C tags (numerator AND denominator, in float32) ranks them.
-Measured on a trained mvke-mt's tag side grown to 100k and 1M tags (docs/ARCHITECTURE.md,
-docs/results/ann.md): the numerator's top 100 held the exact top 20 in >= 99.9% of cases
-even with the gates sharpened to near one-hot, and IVF with nprobe 4-8 of 1,024 lists kept
-recall@20 >= 0.998.
+Measured on a trained mvke-mt's tag side grown to 20k, 100k and 1M tags (docs/ARCHITECTURE.md,
+docs/results/ann.md): the numerator's top 100 held the exact top 20 in >= 99.9% of cases, so
+recall is set by how many IVF lists are probed (the gate's nprobe), not by C; one index over
+the numerator (one FAISS search per task for a whole batch of users) reached the recall of the
+8-gate-cluster variant at a fifth of its search time. The gate clusters stay as the export's
+second attempt for tag sides where the numerator alone fails the gate.
+
+Hot-path rules (scripts/ann_profile.py): FAISS runs on one thread per process (OpenMP and its
+bundled OpenBLAS: `limit_faiss_threads`, applied on import), a batch of users is one search
+per task, and the rerank is a handful of batched numpy products over [B, C] gathers.
 
 Nothing here is tuned at run time: the index is built at export (`build_task_index`),
 shipped in the bundle with its sha256, and its nprobe set by the export's quality gate
@@ -28,6 +34,8 @@ the service without the extra still loads dense models.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -38,12 +46,42 @@ SCHEME = "ivf-sq8-ip(vec(V) . a_t (x) e_t/||e_t||) + exact cosine rerank"
 EXACT_CHUNK = 65536            # tags per chunk of the factorised exact path ([B, K, chunk] temporaries)
 
 
+_THREADS = [1]                 # FAISS threads of this process (limit_faiss_threads); applied on import
+
+
 def _faiss():
+    first = "faiss" not in sys.modules
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if first:   # FAISS's private libgomp reads this once, when it loads: the default of every thread
+        os.environ["OMP_NUM_THREADS"] = str(_THREADS[0])
     try:
         import faiss
     except ImportError as e:  # the message names the extra that installs it
         raise ImportError("FAISS is needed for ANN candidates: pip install 'mvke[service]' (faiss-cpu)") from e
+    finally:
+        if first:         # child processes and libraries loaded later see the environment as it was
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+    if first:
+        _apply_threads(faiss, _THREADS[0])
     return faiss
+
+
+def _apply_threads(faiss: Any, n: int) -> None:
+    """FAISS's OpenMP team and the OpenBLAS it bundles (a second copy, beside numpy's, that
+    `limit_blas_threads` cannot reach before FAISS is imported) to `n` threads.
+
+    omp_set_num_threads sets the CALLING thread's team size only (an OpenMP ICV per thread):
+    the service loads a model, and so imports FAISS, in a worker thread and searches on its
+    event loop, so `CandidateIndex.search` sets it again in the thread that searches."""
+    faiss.omp_set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits={"libopenblas": n})   # FAISS's copy; numpy's is libscipy_openblas
+    except ImportError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -51,8 +89,9 @@ class AnnConfig:
     """Index and search parameters (one place; the export's CLI and the service settings feed it).
 
     Args:
-        nlist: IVF lists; 0 picks `default_nlist(T)` (about sqrt(T), a power of two).
-        nprobe: lists searched per query (the quality gate may raise it).
+        nlist: IVF lists; 0 picks `default_nlist(T)` (about 4 sqrt(T), a power of two).
+        nprobe: lists searched per query, where the quality gate starts (it doubles it until
+            recall passes: the export ships the smallest passing power of two).
         candidates: tags reranked exactly per user and task (at least 2 * top_k is used).
         min_recall: the export's gate on recall@`gate_k` against exact scoring.
         gate_users: users the gate scores both ways.
@@ -60,26 +99,31 @@ class AnnConfig:
         max_nprobe: the gate raises nprobe up to this before it gives up.
         train_per_list: k-means training points per list (a sample of the catalogue).
         gate_clusters: tags grouped by gate vector; each group is searched with the user's
-            query over that group's approximate denominator (1: the numerator alone).
+            query over that group's approximate denominator (1, the default: the numerator
+            alone, one FAISS search per batch; 8 measured 5-8x slower at the same recall on a
+            trained tag side: docs/results/ann.md).
         seed: k-means and sampling seed (the same tag side gives the same index bytes).
     """
 
     nlist: int = 0
-    nprobe: int = 8
+    nprobe: int = 1
     candidates: int = 100
     min_recall: float = 0.95
     gate_users: int = 1000
     gate_k: int = 20
     max_nprobe: int = 128
     train_per_list: int = 64
-    gate_clusters: int = 8
+    gate_clusters: int = 1
     seed: int = 0
 
 
 def default_nlist(num_tags: int) -> int:
-    """About sqrt(T) lists as a power of two (1M tags -> 1,024: 11 s of k-means on 2 busy cores,
-    against 90 s for 4,096 with the same recall at nprobe 8)."""
-    return max(16, 1 << round(math.log2(max(1.0, math.sqrt(num_tags)))))
+    """About 4 sqrt(T) lists as a power of two (1M tags -> 4,096, 100k -> 1,024, 20k -> 512).
+    Measured at 1M tags (trained tag side, the harder task, docs/results/ann.md): 4,096 lists
+    reach recall@20 0.978 at nprobe 64 in 336 us per user, 1,024 lists 0.969 at nprobe 32 in
+    657 us: half the search time for the same recall, for 130 s of k-means instead of 12 s at
+    export on 2 busy cores."""
+    return max(16, 1 << round(math.log2(max(1.0, 4 * math.sqrt(num_tags)))))
 
 
 def unit_rows(tag_emb: np.ndarray) -> np.ndarray:
@@ -157,11 +201,12 @@ class CandidateIndex:
     def search(self, values: np.ndarray, n: int) -> np.ndarray:
         """Candidate tag ids [B, n] (-1 pads), best approximate cosine first."""
         B = len(values)
-        gram = np.matmul(values, values.transpose(0, 2, 1))                               # [B, K, K]
-        den = np.sqrt(np.maximum(np.einsum("ck,bkl,cl->bc", self.centroids, gram, self.centroids), EPS))
-        flat = values.reshape(B, -1).astype(np.float32)
-        if len(self.indexes) == 1:
-            return self.indexes[0].search(np.ascontiguousarray(flat), n)[1]
+        _faiss_module().omp_set_num_threads(_THREADS[0])   # this thread's team (see _apply_threads)
+        flat = np.ascontiguousarray(values.reshape(B, -1), dtype=np.float32)
+        if len(self.indexes) == 1:                       # one search for the whole batch
+            return self.indexes[0].search(flat, n)[1]
+        mixed = np.matmul(self.centroids, values)                                         # [B, C, D]
+        den = np.sqrt(np.maximum(np.einsum("bcd,bcd->bc", mixed, mixed), EPS))            # ||sum_k abar_ck V_k||
         dist, ids = [], []
         for c, index in enumerate(self.indexes):
             d, i = index.search(np.ascontiguousarray(flat / den[:, c:c + 1], dtype=np.float32), n)
@@ -229,31 +274,40 @@ def index_from_bytes(data: bytes, nprobe: int) -> CandidateIndex:
     return CandidateIndex.from_bytes(data, nprobe)
 
 
+def _faiss_module() -> Any:
+    return sys.modules.get("faiss") or _faiss()
+
+
 def limit_faiss_threads(n: int) -> None:
-    """FAISS parallelises a batch of queries with OpenMP; beside an event loop and other worker
-    processes one thread per process is what the machine has (like the BLAS limit)."""
-    try:
-        _faiss().omp_set_num_threads(n)
-    except ImportError:
-        pass
+    """FAISS threads of this process: now if FAISS is loaded, else when it is (FAISS is imported on
+    first use only). The default is 1: FAISS parallelises a batch of queries with OpenMP (threads
+    that spin while they wait) and its own OpenBLAS; beside an event loop, ONNX Runtime and other
+    worker processes, that team only contends. Measured on 2 busy cores (docs/results/ann.md):
+    one batch of 32 users searched in 0.7 ms with 1 thread and 8 ms with 2. Offline jobs (the
+    export's index build) raise it to the CPUs they own."""
+    _THREADS[0] = max(1, int(n))
+    if "faiss" in sys.modules:
+        _apply_threads(sys.modules["faiss"], _THREADS[0])
 
 
 # ---- scoring on a subset of tags (candidates) and exact top-k in chunks ------------------------
 def candidate_cosines(values: np.ndarray, ids: np.ndarray, unit_emb: np.ndarray, gates: np.ndarray) -> np.ndarray:
     """The exact cosine of each row's candidate tags: values [B, K, D], ids [B, C] -> [B, C] float32.
 
-    Same formula as the dense scoring, per candidate: a_t . (V e_t) / (||e_t|| sqrt(a_t^T G a_t))."""
-    e = unit_emb[ids]                                             # [B, C, D]
-    g = gates[ids]                                                # [B, C, K]
-    ve = np.matmul(e, values.transpose(0, 2, 1))                  # [B, C, K]  (V e_t)_k
-    num = np.einsum("bck,bck->bc", ve, g)                         # [B, C]
-    gram = np.matmul(values, values.transpose(0, 2, 1))           # [B, K, K]
-    ga = np.matmul(g, gram)                                       # [B, C, K]  G a_t
-    norm = np.einsum("bck,bck->bc", ga, g)                        # [B, C]     a_t^T G a_t
-    np.maximum(norm, 0.0, out=norm)
+    The cosine of the paper's definition, per candidate: E_u(t) = sum_k a_tk V_k is built for the
+    C candidates only (one batched [C, K] @ [K, D] product per user), then cos = E_u(t) . e_t /
+    ||E_u(t)|| (e_t unit). Equal to the dense scoring's a_t . (V e_t) / sqrt(a_t^T G a_t) to
+    float32 rounding, in one product and two reductions instead of three products and two
+    einsums (1.3-1.5x less time at B = 16-32, C = 100, measured on 2 busy cores)."""
+    e = np.take(unit_emb, ids, axis=0)                            # [B, C, D]
+    g = np.take(gates, ids, axis=0)                               # [B, C, K]
+    u = np.matmul(g, np.ascontiguousarray(values, dtype=np.float32))   # [B, C, D]  E_u(t)
+    num = np.einsum("bcd,bcd->bc", u, e)                          # [B, C]
+    norm = np.einsum("bcd,bcd->bc", u, u)                         # [B, C]  ||E_u(t)||^2
     np.sqrt(norm, out=norm)
     np.maximum(norm, EPS, out=norm)
-    return (num / norm).astype(np.float32, copy=False)
+    np.divide(num, norm, out=num)
+    return num
 
 
 def chunk_cosines(values: np.ndarray, unit_emb: np.ndarray, gates: np.ndarray,

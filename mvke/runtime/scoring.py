@@ -39,7 +39,7 @@ class TaskTagSide:
     k: int
     slice: tuple[int, int]   # [start, stop) of this task's experts on axis 1 of the tower output
     gates: np.ndarray        # [T, K]
-    tag_emb: np.ndarray      # [T, D]
+    tag_emb: np.ndarray | None   # [T, D] (None on a side served through its index: `unit` is what it reads)
     W: np.ndarray | None     # [K*D, T]  gate (x) unit tag embedding (None: factors only)
     Q: np.ndarray | None     # [K*K, T]  gate outer products
     scale: float
@@ -57,7 +57,8 @@ class TaskTagSide:
                                      dtype=np.float32)
             Q = np.ascontiguousarray(np.einsum("tk,tl->klt", gates, gates).reshape(K * K, T), dtype=np.float32)
         return cls(spec.name, K, (spec.slice[0], spec.slice[1]), gates.astype(np.float32, copy=False),
-                   tag_emb.astype(np.float32, copy=False), W, Q, float(spec.scale), float(spec.bias), unit)
+                   tag_emb.astype(np.float32, copy=False) if dense else None, W, Q, float(spec.scale),
+                   float(spec.bias), unit)
 
     @property
     def num_tags(self) -> int:
@@ -218,8 +219,7 @@ def explain_tags(values: np.ndarray, side: TaskTagSide, idx: np.ndarray) -> tupl
     `contributions[:, k]` is expert k's term of it (their sum is the cosine the score used).
     """
     gates = side.gates[idx]                                             # [n, K]
-    emb = side.tag_emb[idx]                                             # [n, D]
-    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), EPS)
+    unit = side.unit[idx]                                               # [n, D]  e_t / |e_t|
     along = unit @ values.T                                             # [n, K]  V_k . e_t / |e_t|
     user_t = gates @ values                                             # [n, D]  E_u(t)
     norm = np.maximum(np.linalg.norm(user_t, axis=1, keepdims=True), EPS)

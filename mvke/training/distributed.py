@@ -285,6 +285,7 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mvke.models import ModelConfig, build_model
+    from mvke.models.layers import tag_groups_of
     from mvke.training.trainer import TrainResult
 
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
@@ -293,7 +294,8 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
     schema = stream_schema(parts, meta, train_cfg.valid_fraction)
     model_cfg = ModelConfig(name=model_name, tasks=list(TASKS), num_ids=schema.num_ids,
                             num_cat_fields=len(schema.cat_fields), num_multi_fields=len(schema.multi_fields),
-                            num_tags=len(meta["tags"]), **model_overrides)
+                            num_tags=len(meta["tags"]),
+                            **{"tag_groups": tag_groups_of(meta["tags"]), **model_overrides})
     owned = _init_ray(dist_cfg)
     try:
         cpus = ray.cluster_resources().get("CPU", 0)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from mvke.data.dataset import TASKS, EncodedSplit, RawDataset, build_schema, encode_split, load_dataset
 from mvke.data.split import time_validation_mask
 from mvke.models import ModelConfig, TwoTowerTagger, build_model
+from mvke.models.layers import tag_groups_of
 from mvke.runtime.features import FeatureSchema
 from mvke.training.metrics import auc, gauc, ranking_metrics
 
@@ -85,6 +86,7 @@ def prepare(data_dir: str | Path, valid_fraction: float = 0.1) -> EncodedData:
 
 def model_config_for(name: str, data: EncodedData, **overrides) -> ModelConfig:
     s = data.schema
+    overrides.setdefault("tag_groups", tag_groups_of(data.dataset.tags))
     return ModelConfig(name=name, tasks=list(TASKS), num_ids=s.num_ids, num_cat_fields=len(s.cat_fields),
                        num_multi_fields=len(s.multi_fields), num_tags=len(data.dataset.tags), **overrides)
 

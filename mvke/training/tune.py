@@ -14,7 +14,7 @@ The shared space (every model, `suggest`):
 * hidden width 64 | 128 | 256 and depth 1 | 2: each expert's tower (MVKE, MoE, MMoE, CGC),
   noMTL's tower and Hard Sharing's shared bottom are [width] * depth, Hard Sharing's heads
   [width // 2];
-* epochs 3..10 (the most a trial trains; early stopping with patience 1 inside it).
+* epochs 3..10 (the most a trial trains; early stopping with patience 1 inside it), batch size 256 | 1024.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def suggest(trial) -> tuple[dict, dict]:
         "lr_schedule": trial.suggest_categorical("lr_schedule", ["constant", "cosine"]),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
         "epochs": trial.suggest_int("epochs", *EPOCH_RANGE),
+        "batch_size": trial.suggest_categorical("batch_size", [256, 1024]),
     }
     return model, train
 

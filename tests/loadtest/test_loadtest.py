@@ -178,3 +178,25 @@ def test_catalogue_report_from_a_canned_result():
     assert "| 1,780 | ANN / exact | 0.1x | 3.00x |" in text
     assert f"| {AFTER} | 0.80 | 5.00 | 1,500 | 30.0 | 0.80 | 0 |" in text
     assert f"| {STRAIGHT} | 1.00 | 5.00 | 1,500 | 30.0 | 1.00 | 3 |" in text
+
+
+def test_ab_baseline_bundle_keeps_only_the_fields_the_baseline_knows(tmp_path):
+    """loadtest.ab serves one bundle to an older checkout: fields it does not know are dropped only when empty."""
+    import json
+
+    from loadtest.ab import baseline_bundle
+    old = tmp_path / "old"
+    (old / "model_export").mkdir(parents=True)
+    (old / "model_export" / "__init__.py").write_text("")
+    (old / "model_export" / "contract.py").write_text(
+        "from dataclasses import dataclass\n@dataclass\nclass Manifest:\n    version: str\n    files: dict\n")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "blob.f32").write_bytes(b"\0" * 8)
+    (bundle / "manifest.json").write_text(json.dumps({"version": "v1", "files": {"blob.f32": "x"}, "ann": None}))
+    out = baseline_bundle(bundle, old, tmp_path / "copy")
+    assert json.loads((out / "manifest.json").read_text()) == {"version": "v1", "files": {"blob.f32": "x"}}
+    assert (out / "blob.f32").read_bytes() == b"\0" * 8
+    (bundle / "manifest.json").write_text(json.dumps({"version": "v1", "files": {}, "ann": {"index": "faiss"}}))
+    with pytest.raises(SystemExit, match="ann"):
+        baseline_bundle(bundle, old, tmp_path / "copy")

@@ -204,3 +204,28 @@ def test_bilinear_gate_has_its_projection(make, batch):
 
 def test_legacy_gate_name_maps_to_bilinear(make):
     assert make("mvke-mt", gate="dot").cfg.gate == "bilinear"
+
+
+def test_tag_groups_from_catalogue_names():
+    from mvke.models.layers import tag_groups_of
+    assert tag_groups_of(["cat1/tag1", "cat0/tag2", "cat1/tag3"]) == [0, 2, 1, 2]
+    assert tag_groups_of(["Action", "Comedy"]) == []          # no taxonomy: the plain id tower
+    assert tag_groups_of(["a/b/x", "plain"]) == [0, 1, 0]      # the parent is everything before the last '/'
+
+
+def test_tag_tower_adds_the_parent_embedding_shared_by_siblings():
+    import torch
+    from mvke.models import ModelConfig, build_model
+    cfg = ModelConfig(name="mvke-mt", num_ids=50, num_cat_fields=2, num_multi_fields=1, num_tags=3,
+                      tag_groups=[0, 1, 1, 2])
+    model = build_model(cfg)
+    tower = model.tag_tower
+    with torch.no_grad():
+        before = tower.pooled(torch.tensor([[1], [2], [3]]))
+        tower.group.weight[1] += 1.0                              # move parent 1 only
+        after = tower.pooled(torch.tensor([[1], [2], [3]]))
+    moved = (after - before).abs().sum(1)
+    assert moved[0] > 0 and moved[1] > 0 and moved[2] == 0      # tags 1 and 2 share parent 1, tag 3 does not
+    with pytest.raises(ValueError, match="tag_groups"):
+        build_model(ModelConfig(name="mvke-mt", num_ids=50, num_cat_fields=2, num_multi_fields=1, num_tags=3,
+                                tag_groups=[0, 1]))

@@ -63,11 +63,13 @@ def test_tag_vectors_make_the_numerator_an_inner_product():
     np.testing.assert_allclose(num, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("sharpen", [1.0, 4.0])
-def test_index_recall_and_gate(sharpen):
+@pytest.mark.parametrize("sharpen,clusters", [(1.0, 1), (4.0, 8)])
+def test_index_recall_and_gate(sharpen, clusters):
+    """Peaked gates uncorrelated with the experts (sharpen 4) need the gate clusters (the export's
+    second scheme when the numerator alone fails the gate)."""
     gates, emb = tag_side(6000, 3, 16, sharpen=sharpen)
     values = users(200, 3, 16)
-    cfg = ann.AnnConfig(nprobe=2, candidates=60, gate_users=200)
+    cfg = ann.AnnConfig(nprobe=2, candidates=60, gate_users=200, gate_clusters=clusters)
     index = ann.build_task_index(gates, emb, cfg)
     task = ann.TaskAnn(ann.index_from_bytes(ann.index_to_bytes(index), cfg.nprobe), ann.unit_rows(emb), gates,
                        cfg.candidates)
@@ -107,3 +109,92 @@ def test_index_bytes_are_deterministic():
     a = ann.index_to_bytes(ann.build_task_index(gates, emb))
     b = ann.index_to_bytes(ann.build_task_index(gates, emb))
     assert a == b
+
+
+def side_with_index(gates: np.ndarray, emb: np.ndarray, cfg: "ann.AnnConfig"):
+    """A TaskTagSide served through a candidate index (factors only, as the service builds it)."""
+    from mvke.runtime.contract import TaskSpec
+    from mvke.runtime.scoring import TaskTagSide
+    K = gates.shape[1]
+    side = TaskTagSide.build(TaskSpec("interest", list(range(K)), [0, K], 5.0, -1.0), gates, emb, dense=False)
+    side.ann = ann.TaskAnn(ann.build_task_index(gates, emb, cfg), side.unit, side.gates, cfg.candidates)
+    side.ann.index.nprobe = side.ann.index.nlist          # every list probed: recall must be 1.0
+    return side
+
+
+def test_batched_index_path_with_every_list_probed_ranks_like_exact():
+    from mvke.runtime.scoring import rank
+    gates, emb = tag_side(2000, 3, 16)
+    values = users(32, 3, 16)
+    side = side_with_index(gates, emb, ann.AnnConfig(nlist=16, gate_clusters=1, candidates=100))
+    calls = []
+    search = side.ann.search
+    side.ann.search = lambda v, n: calls.append(len(v)) or search(v, n)
+    approx = rank(values, [side], 20)["interest"]                # the whole batch in one call
+    exact = rank(values, [side], 20, approximate=False)["interest"]
+    assert calls == [32]                                         # one candidate search for all 32 users
+    np.testing.assert_array_equal(approx.tag_index, exact.tag_index)
+    np.testing.assert_allclose(approx.scores, exact.scores, atol=1e-6)
+    ref = np.argsort(-dense_cosines(values, gates, emb), 1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(exact.tag_index, ref)
+
+
+def test_exact_request_bypasses_the_index():
+    """`"exact": true` ranks every tag from the factors: the index is not searched, so a broken index
+    (every candidate list empty) changes nothing; the approximate path does read it."""
+    from mvke.runtime.scoring import rank
+    gates, emb = tag_side(2000, 3, 16)
+    values = users(8, 3, 16)
+    side = side_with_index(gates, emb, ann.AnnConfig(nlist=16, candidates=60))
+    want = rank(values, [side], 10, approximate=False)["interest"]
+    side.ann.search = lambda v, n: np.full((len(v), n), -1, dtype=np.int64)
+    got = rank(values, [side], 10, approximate=False)["interest"]
+    np.testing.assert_array_equal(got.tag_index, want.tag_index)
+    np.testing.assert_allclose(got.scores, want.scores)
+    broken = rank(values, [side], 10)["interest"]
+    assert not np.array_equal(broken.tag_index, want.tag_index)
+
+
+def test_faiss_runs_on_the_threads_it_is_given():
+    from threadpoolctl import threadpool_info
+    try:
+        ann.limit_faiss_threads(1)
+        assert faiss.omp_get_max_threads() == 1
+        assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["prefix"] == "libopenblas")
+        ann.limit_faiss_threads(2)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        ann.limit_faiss_threads(1)
+
+
+def test_export_falls_back_to_gate_clusters_when_the_numerator_alone_fails_the_gate():
+    from model_export.candidates import FALLBACK_CLUSTERS, build_and_gate
+    gates, emb = tag_side(6000, 3, 16, sharpen=4.0)
+    side = side_with_index(gates, emb, ann.AnnConfig(nlist=16))
+    entry: dict = {}
+    index, gate = build_and_gate(side, users(200, 3, 16), ann.AnnConfig(nprobe=2, candidates=60, gate_users=200),
+                                 entry)
+    first, second = entry["schemes_tried"]
+    assert first["gate_clusters"] == 1 and first["recall_at_k"] < 0.95
+    assert second["gate_clusters"] == len(index.indexes) == FALLBACK_CLUSTERS and gate.passed
+    assert entry["gate_clusters"] == FALLBACK_CLUSTERS and entry["recall_at_k"] >= 0.95
+
+
+def test_search_runs_on_one_faiss_thread_in_whichever_thread_calls_it():
+    """omp_set_num_threads sets the calling thread's team only: the service imports FAISS in the
+    thread that loads the model and searches on its event loop (on 2 busy cores a search with
+    FAISS's default team ran ~19x slower in the service than with one thread)."""
+    import threading
+    gates, emb = tag_side(2000, 3, 16)
+    index = ann.build_task_index(gates, emb, ann.AnnConfig(nlist=16))
+    ann.limit_faiss_threads(1)
+    seen = {}
+
+    def search():
+        seen["before"] = faiss.omp_get_max_threads()      # a new thread: the library's default team
+        index.search(users(4, 3, 16), 10)
+        seen["after"] = faiss.omp_get_max_threads()
+    t = threading.Thread(target=search)
+    t.start()
+    t.join()
+    assert seen["after"] == 1, seen
