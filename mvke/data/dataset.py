@@ -69,18 +69,41 @@ class DatasetWriter:
     The schema of each table is the first block's; later blocks are converted to it.
     """
 
-    def __init__(self, out: str | Path, parted: bool = False):
+    def __init__(self, out: str | Path, parted: bool = False, keep_parts: int = 0):
+        """`keep_parts` > 0 (parted only): keep parts 0 .. keep_parts-1 an earlier run finished and write
+        the rest (`resume_point`); their schema is the schema of what is added."""
         self.out, self.parted = Path(out), parted
         self.out.mkdir(parents=True, exist_ok=True)
+        self._schemas: dict[str, pa.Schema] = {}
+        self._writers: dict[str, tuple[int, pq.ParquetWriter]] = {}
+        (self.out / "meta.json").unlink(missing_ok=True)
         for name in SPLITS:   # whatever an earlier run left (a file or a directory of parts)
             old = self.out / f"{name}.parquet"
-            if old.is_dir():
+            if keep_parts and parted and old.is_dir():
+                self._schemas[name] = pq.read_schema(old / "part-00000.parquet")
+                for f in old.glob("*.parquet"):
+                    if f.name >= f"part-{keep_parts:05d}.parquet":
+                        f.unlink()
+            elif old.is_dir():
                 shutil.rmtree(old)
             elif old.exists():
                 old.unlink()
-        (self.out / "meta.json").unlink(missing_ok=True)
-        self._schemas: dict[str, pa.Schema] = {}
-        self._writers: dict[str, tuple[int, pq.ParquetWriter]] = {}
+
+    @staticmethod
+    def resume_point(out: str | Path) -> int:
+        """How many leading parts an earlier parted run finished: every table has the part and its
+        Parquet footer reads (a part cut off mid-write has none). 0 when there is nothing to keep."""
+        out = Path(out)
+        if not all((out / f"{name}.parquet").is_dir() for name in SPLITS):
+            return 0
+        k = 0
+        while True:
+            for name in SPLITS:
+                try:
+                    pq.read_metadata(out / f"{name}.parquet" / f"part-{k:05d}.parquet")
+                except Exception:   # missing or cut off: this part is not finished
+                    return k
+            k += 1
 
     def add(self, name: str, df: pd.DataFrame, part: int = 0) -> None:
         schema = self._schemas.get(name)

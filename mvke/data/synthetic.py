@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from mvke.data.dataset import TASK_LABELS, DatasetWriter
@@ -381,17 +383,37 @@ def part_blocks(cfg: SynthConfig, part_users: int | None) -> int:
     return part_users // USER_BLOCK
 
 
-def generate(cfg: SynthConfig, out: str | Path, progress: bool = True, part_users: int | None = None) -> Path:
+def generate(cfg: SynthConfig, out: str | Path, progress: bool = True, part_users: int | None = None,
+             resume: bool = False) -> Path:
     """Write a synthetic dataset (Parquet + meta.json) to `out`, block by block (bounded memory).
 
     `part_users` (a multiple of USER_BLOCK, `part_blocks`): users per part file, 0 for one file
     per table. The rows are the same whatever the layout: blocks are written in order.
+    `resume` (parts only): keep the parts an interrupted run with the same config finished and
+    write the rest; the first block is drawn again and compared, so another config is refused.
     """
     world = World(cfg)
     per_part = part_blocks(cfg, part_users)
-    writer = DatasetWriter(out, parted=per_part > 0)
-    for b in tqdm(blocks(cfg), desc="synthetic users", unit="block", disable=not progress,
-                  mininterval=1.0 if progress else 0.1):
+    keep = 0
+    if resume:
+        if not per_part:
+            raise ValueError("resume needs a dataset written in parts (part_users > 0)")
+        keep = DatasetWriter.resume_point(out)
+        size = per_part * USER_BLOCK
+        for k in range(keep):   # a finished part of another --users may hold fewer users: write it again
+            rows = pq.read_metadata(Path(out) / "users.parquet" / f"part-{k:05d}.parquet").num_rows
+            if rows != min(size, cfg.users - k * size):
+                keep = k
+                break
+        if keep:
+            again = pa.Table.from_pandas(generate_block(world, 0)["users"], preserve_index=False)
+            first = pq.read_table(Path(out) / "users.parquet" / "part-00000.parquet").slice(0, len(again))
+            if not first.equals(again):
+                raise ValueError(f"{out}: its parts were written with another config or seed; "
+                                 "resume needs the same --users/--tags/--seed/--world/--facets/--part-users")
+    writer = DatasetWriter(out, parted=per_part > 0, keep_parts=keep)
+    for b in tqdm(blocks(cfg)[keep * per_part:], desc="synthetic users", unit="block", disable=not progress,
+                  mininterval=1.0 if progress else 0.1, initial=keep * per_part, total=len(blocks(cfg))):
         for name, df in generate_block(world, b).items():
             writer.add(name, df, part=b // per_part if per_part else 0)
     return writer.close(dataset_meta(world))

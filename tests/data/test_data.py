@@ -197,6 +197,34 @@ def test_synthetic_rewrite_replaces_the_other_layout(tmp_path):
         generate(cfg, tmp_path / "bad", progress=False, part_users=1000)
 
 
+def test_synthetic_resume_keeps_finished_parts_and_gives_the_same_tables(tmp_path):
+    """An interrupted parted run (a part cut off mid-write, no meta.json) resumed gives the one-shot tables;
+    another config is refused; the finished parts are not rewritten."""
+    cfg = SynthConfig(users=3 * USER_BLOCK + 50, tags=50, ads=200, categories=10, seed=6)
+    whole = generate(cfg, tmp_path / "whole", progress=False, part_users=USER_BLOCK)
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    (cut / "meta.json").unlink()
+    for name in ("train", "users"):   # part 2 cut off mid-write in two tables, part 3 never started
+        f = cut / f"{name}.parquet" / "part-00002.parquet"
+        f.write_bytes(f.read_bytes()[:1000])
+    for name in ("train", "test", "users"):
+        (cut / f"{name}.parquet" / "part-00003.parquet").unlink()
+    from mvke.data.dataset import DatasetWriter
+    assert DatasetWriter.resume_point(cut) == 2
+    kept = (cut / "train.parquet" / "part-00001.parquet").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="another config or seed"):
+        generate(SynthConfig(users=cfg.users, tags=50, ads=200, categories=10, seed=7), cut, progress=False,
+                 part_users=USER_BLOCK, resume=True)
+    generate(cfg, cut, progress=False, part_users=USER_BLOCK, resume=True)
+    assert (cut / "train.parquet" / "part-00001.parquet").stat().st_mtime_ns == kept
+    for name in ("train", "test", "users"):
+        assert read_table(cut / f"{name}.parquet").equals(read_table(whole / f"{name}.parquet")), name
+    assert json.loads((cut / "meta.json").read_text()) == json.loads((whole / "meta.json").read_text())
+    with pytest.raises(ValueError, match="in parts"):
+        generate(cfg, tmp_path / "flat", progress=False, part_users=0, resume=True)
+
+
 _PEAK_RSS = """
 import resource, sys, tempfile
 from mvke.data.synthetic import SynthConfig, generate
