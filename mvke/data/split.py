@@ -19,11 +19,14 @@ class SplitError(ValueError):
     """A validation split that cannot be made; the message says why."""
 
 
-def time_validation_mask(train: pd.DataFrame, fraction: float, source: str = "train.parquet") -> np.ndarray:
+def time_validation_mask(train: pd.DataFrame, fraction: float, source: str = "train.parquet",
+                         allow_empty: bool = False) -> np.ndarray:
     """Boolean mask over the rows of `train`: True = validation row.
 
     Raises SplitError for a fraction outside (0, 0.5], a missing or non-numeric
-    timestamp column, a user left without a training event, or an empty validation set.
+    timestamp column, a user left without a training event, or an empty validation set
+    (unless `allow_empty`: a part of a dataset, whose other parts may hold the validation rows;
+    the rule looks at each user's own rows only, so part by part it splits as on the whole).
     """
     if not 0.0 < fraction <= 0.5:
         raise SplitError(f"validation fraction must be in (0, 0.5], got {fraction}")
@@ -45,7 +48,7 @@ def time_validation_mask(train: pd.DataFrame, fraction: float, source: str = "tr
     key = pd.MultiIndex.from_frame(groups[["user", "ts"]])
     rows = pd.MultiIndex.from_arrays([train["user_id"].to_numpy(), ts.to_numpy()])
     mask = groups["valid"].to_numpy()[key.get_indexer(rows)]
-    if not mask.any():
+    if not mask.any() and not allow_empty:
         raise SplitError(f"validation fraction {fraction} gives an empty validation set: no user has "
                          f"{int(np.ceil(0.5 / fraction))} or more distinct training timestamps")
     return mask

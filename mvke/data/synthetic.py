@@ -31,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mvke.data.dataset import TASK_LABELS, write_dataset
+from mvke.data.dataset import TASK_LABELS, DatasetWriter
 
 BASIC_FIELDS = {  # name -> number of distinct values
     "age_bucket": 8, "gender": 3, "education": 6, "city_tier": 5,
@@ -60,6 +62,8 @@ USER_BLOCK = 4096          # users per independently seeded block
 CALIBRATION_USERS = 8192   # population the intercepts and statistic deciles are fitted on
 DAY_SECONDS = 86_400
 ACTIVITY_MEAN = 2.0        # mean of Gamma(2, 1)
+SINGLE_FILE_USERS = 16 * USER_BLOCK  # up to this many users one file per table, above it parts (`generate`)
+PART_USERS = USER_BLOCK    # users per part file of a parted dataset (about 65k training rows)
 
 
 @dataclass
@@ -166,6 +170,7 @@ class World:
         self.tags_of_cat = [np.flatnonzero(self.tag_cat == c) for c in range(C)]
         self._make_ads(rng)
         self.tag_names = np.array([f"cat{self.tag_cat[t]:02d}/tag{t:04d}" for t in range(T)])
+        self._tag_names_obj = self.tag_names.astype(object)
         self._calibrate()
 
     def _make_ads(self, rng: np.random.Generator) -> None:
@@ -294,14 +299,18 @@ class World:
             else:
                 facet_of_cat = self.facet_click if space == "click" else self.facet_conv
                 tag_facet = facet_of_cat[self.tag_cat]                                             # [T]
-                logits = np.einsum("umd,td->umt", z, self.w)[:, tag_facet, np.arange(cfg.tags)]    # [U, T]
+                logits = np.empty((U, cfg.tags))                                                   # [U, T]
+                for m in range(cfg.facets):   # <z[u, facet(t)], w[t]>: each tag against its own facet only
+                    sel = np.flatnonzero(tag_facet == m)
+                    logits[:, sel] = np.einsum("ud,td->ut", z[:, m], self.w[sel])
                 logits = 1.5 * logits / np.sqrt(cfg.latent_dim)
                 prefix = "t"
             picks = _gumbel_topk(rng, logits, max_len)
             noise = rng.random(picks.shape) < cfg.history_noise
             picks = np.where(noise, rng.integers(0, logits.shape[1], picks.shape), picks)
             lengths = np.minimum(max_len, rng.poisson(users.activity * max_len / 3) + 1)
-            out[name] = [[f"{prefix}{v:04d}" for v in picks[u, : lengths[u]]] for u in range(U)]
+            names = np.array([f"{prefix}{v:04d}" for v in range(logits.shape[1])], dtype=object)
+            out[name] = [row[:n].tolist() for row, n in zip(names[picks], lengths)]
         return out
 
     def statistics(self, users: Users, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -315,9 +324,10 @@ class World:
         click = rng.random(len(p_click)) < p_click
         conversion = click & (rng.random(len(p_click)) < p_conv_given_click)
         return pd.DataFrame({
-            "user_id": user_names(users.ids[imp["rows"]]),
+            "user_id": user_names(users.ids)[imp["rows"]],
             "timestamp": imp["timestamp"].astype(np.int64),
-            "tags": [[self.tag_names[t] for t in row if t >= 0] for row in imp["tags"]],
+            "tags": [row[:n].tolist() for row, n in   # an ad's tags come first, then -1 padding
+                     zip(self._tag_names_obj[np.maximum(imp["tags"], 0)], (imp["tags"] >= 0).sum(1))],
             TASK_LABELS["interest"]: click.astype(np.int8),
             TASK_LABELS["intention"]: conversion.astype(np.int8),
             "p_click": p_click.astype(np.float32),
@@ -363,12 +373,47 @@ def dataset_meta(world: World) -> dict:
     }
 
 
-def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> Path:
-    """Write a synthetic dataset (Parquet + meta.json) to `out`."""
+def part_blocks(cfg: SynthConfig, part_users: int | None) -> int:
+    """Blocks per part file; 0 = one file per table. None: one file up to SINGLE_FILE_USERS, else
+    parts of PART_USERS (what one streaming step of mvke/training/distributed.py reads at once)."""
+    if part_users is None:
+        part_users = 0 if cfg.users <= SINGLE_FILE_USERS else PART_USERS
+    if part_users < 0 or part_users % USER_BLOCK:
+        raise ValueError(f"part_users must be 0 (one file) or a multiple of {USER_BLOCK}, got {part_users}")
+    return part_users // USER_BLOCK
+
+
+def generate(cfg: SynthConfig, out: str | Path, progress: bool = True, part_users: int | None = None,
+             resume: bool = False) -> Path:
+    """Write a synthetic dataset (Parquet + meta.json) to `out`, block by block (bounded memory).
+
+    `part_users` (a multiple of USER_BLOCK, `part_blocks`): users per part file, 0 for one file
+    per table. The rows are the same whatever the layout: blocks are written in order.
+    `resume` (parts only): keep the parts an interrupted run with the same config finished and
+    write the rest; the first block is drawn again and compared, so another config is refused.
+    """
     world = World(cfg)
-    parts: dict[str, list[pd.DataFrame]] = {"train": [], "test": [], "users": []}
-    for b in tqdm(blocks(cfg), desc="synthetic users", unit="block", disable=not progress):
+    per_part = part_blocks(cfg, part_users)
+    keep = 0
+    if resume:
+        if not per_part:
+            raise ValueError("resume needs a dataset written in parts (part_users > 0)")
+        keep = DatasetWriter.resume_point(out)
+        size = per_part * USER_BLOCK
+        for k in range(keep):   # a finished part of another --users may hold fewer users: write it again
+            rows = pq.read_metadata(Path(out) / "users.parquet" / f"part-{k:05d}.parquet").num_rows
+            if rows != min(size, cfg.users - k * size):
+                keep = k
+                break
+        if keep:
+            again = pa.Table.from_pandas(generate_block(world, 0)["users"], preserve_index=False)
+            first = pq.read_table(Path(out) / "users.parquet" / "part-00000.parquet").slice(0, len(again))
+            if not first.equals(again):
+                raise ValueError(f"{out}: its parts were written with another config or seed; "
+                                 "resume needs the same --users/--tags/--seed/--world/--facets/--part-users")
+    writer = DatasetWriter(out, parted=per_part > 0, keep_parts=keep)
+    for b in tqdm(blocks(cfg)[keep * per_part:], desc="synthetic users", unit="block", disable=not progress,
+                  mininterval=1.0 if progress else 0.1, initial=keep * per_part, total=len(blocks(cfg))):
         for name, df in generate_block(world, b).items():
-            parts[name].append(df)
-    frames = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
-    return write_dataset(out, frames["train"], frames["test"], frames["users"], dataset_meta(world))
+            writer.add(name, df, part=b // per_part if per_part else 0)
+    return writer.close(dataset_meta(world))

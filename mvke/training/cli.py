@@ -43,11 +43,12 @@ def _train(a: argparse.Namespace) -> None:
                          "threads": a.threads})
     if a.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {a.workers}")
-    if a.workers > 1 or a.address:
+    if a.workers > 1 or a.address or a.stream:
         # Ray Train (DDP), the data streamed part by part (mvke/training/distributed.py); same checkpoint format
         from mvke.training.distributed import DistributedConfig, train_distributed
         result = train_distributed(a.data, a.model, cfg, DistributedConfig(workers=a.workers, use_gpu=a.gpu,
-                                                                           address=a.address, max_steps=a.max_steps),
+                                                                           address=a.address, max_steps=a.max_steps,
+                                                                           max_eval_rows=a.max_eval_rows),
                                    **_model_overrides(a))
     else:
         data = prepare(a.data)
@@ -105,6 +106,12 @@ def register(sub) -> None:
     t.add_argument("--gpu", action="store_true", help="--workers: one GPU per worker, NCCL (default: CPU, gloo)")
     t.add_argument("--max-steps", type=int, default=0, help="--workers: stop each worker after this many steps "
                                                              "(default 0: whole epochs)")
+    t.add_argument("--stream", action="store_true",
+                   help="train on Ray Train with the data streamed part by part even with --workers 1: a dataset "
+                        "larger than memory (`mvke data synth` writes parts above 65536 users; docs/SCALING.md)")
+    t.add_argument("--max-eval-rows", type=int, default=0, metavar="N",
+                   help="--workers/--stream: validate and score the test split on about the first N rows only "
+                        "(default 0: all; for smoke runs and memory/throughput measurements with --max-steps)")
     t.add_argument("--experts", type=int, metavar="K", help="experts per task (MVKE: virtual kernels); model default if unset")
     t.add_argument("--task-experts", metavar="SPEC",
                    help="MVKE-mt: the experts each task reads, e.g. interest=1-3,intention=2-5 (1-based, inclusive)")

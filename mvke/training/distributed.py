@@ -3,7 +3,7 @@
     dataset dir -> parts: (train, users) Parquet pairs; users never straddle parts
       1. vocabularies: one streamed pass over the parts (users of each part's training rows)
       2. Ray Data: part list -> map_batches(PartEncoder actors): read the part's Parquet row groups,
-         split validation off per part, join the users, encode -> id arrays (batch by batch)
+         split validation off per part (the trainer's time split), join the users, encode -> id arrays
          -> streaming_split into N equal shards (Ray Train's default DataConfig)
       3. N TorchTrainer workers (DDP: gloo on CPU, nccl on GPU): the same model, optimiser, loss and
          early stopping as mvke/training/trainer.py; rank 0 keeps the best weights
@@ -12,7 +12,7 @@
 
 Memory per process is bounded by one part plus the shuffle buffer, whatever the dataset size:
 a dataset larger than one machine's memory trains (write it in parts: `mvke data synth`
-does for large --users; any `train.parquet/part-*.parquet` + `users.parquet/part-*.parquet`
+does above 65,536 users, parts of 4,096 users; any `train.parquet/part-*.parquet` + `users.parquet/part-*.parquet`
 directory pair with the same part names and each user in one part works).
 
 Batch size and learning rate: `--batch-size B` is the effective (global) batch. Each of
@@ -20,7 +20,9 @@ the N workers takes B/N samples per step and DDP averages the gradients, so a st
 the same B samples' mean gradient as one worker would, and the learning rate stays the
 1-worker one (no linear scaling is needed because the effective batch does not change).
 Samples per epoch, steps per epoch and the number of epochs are therefore the same.
-`--workers 1` never starts Ray (trainer.train_model on in-memory arrays).
+`--workers 1` never starts Ray (trainer.train_model on in-memory arrays) unless `--stream`
+asks for this path with one worker. Validation is the trainer's time split
+(mvke/data/split.py), applied part by part.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mvke.data.dataset import TASKS, RawDataset, encode_split
+from mvke.data.split import TIME_COLUMN, SplitError, time_validation_mask
 from mvke.runtime.features import FeatureSchema, FieldSpec
 
 SHUFFLE_BUFFER_ROWS = 65_536
@@ -72,43 +75,62 @@ def find_parts(data_dir: str | Path) -> list[DataPart]:
     return parts
 
 
-def validation_mask(train: pd.DataFrame, valid_fraction: float) -> np.ndarray:
-    """Which rows of a part are validation rows: the trainer's rule, applied to one part.
+def validation_mask(train: pd.DataFrame, valid_fraction: float, source: str = "train.parquet") -> np.ndarray:
+    """Which rows of a part are validation rows: the trainer's time split (mvke/data/split.py), on one part.
 
-    The rule must only look at each user's own rows (users never straddle parts), so
-    applying it part by part gives the same split as applying it to the whole table.
+    The rule only looks at each user's own rows (users never straddle parts), so applying it
+    part by part gives the same split as the trainer's on the whole table. A part may have no
+    validation row; `stream_schema` checks that the whole dataset has some.
     """
-    # The last `valid_fraction` of each user's rows in file order (the training day's end).
-    pos = train.groupby("user_id", sort=False).cumcount().to_numpy()
-    size = train.groupby("user_id", sort=False)["user_id"].transform("size").to_numpy()
-    return pos >= np.ceil(size * (1.0 - valid_fraction))
+    return time_validation_mask(train, valid_fraction, source, allow_empty=True)
 
 
 def _part_frames(part: DataPart, kinds: dict[str, str], valid_fraction: float,
                  split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows of the split, users table) of one part; split in {train, valid, test}."""
-    if split == "test":
-        rows = pq.read_table(part.test).to_pandas()
-    else:
-        rows = pq.read_table(part.train).to_pandas()
-        is_valid = validation_mask(rows, valid_fraction)
-        rows = rows[is_valid if split == "valid" else ~is_valid].reset_index(drop=True)
-    users = pq.read_table(part.users, columns=["user_id", *kinds]).to_pandas()
+    rows, users, _ = _part_split(part, kinds, valid_fraction, split)
     return rows, users
 
 
+def _part_split(part: DataPart, kinds: dict[str, str], valid_fraction: float,
+                split: str, columns: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """`_part_frames` and the number of validation rows of the part (0 for the test split);
+    `columns`: only these columns of the rows (those of them the file has)."""
+    n_valid = 0
+    if split == "test":
+        rows = pq.read_table(part.test).to_pandas()
+    else:
+        if columns is not None:
+            names = set(pq.read_schema(part.train).names)
+            columns = [c for c in columns if c in names]
+        rows = pq.read_table(part.train, columns=columns).to_pandas()
+        is_valid = validation_mask(rows, valid_fraction, part.train)
+        n_valid = int(is_valid.sum())
+        rows = rows[is_valid if split == "valid" else ~is_valid].reset_index(drop=True)
+    users = pq.read_table(part.users, columns=["user_id", *kinds]).to_pandas()
+    return rows, users, n_valid
+
+
 def stream_schema(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float) -> FeatureSchema:
-    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1)."""
+    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1).
+
+    Raises SplitError, as the trainer does, when no part has a validation row."""
     kinds, max_lens = meta["fields"], meta.get("max_lens", {})
     seen: dict[str, set[str]] = {name: set() for name in kinds}
+    valid_rows = 0
     for part in parts:
-        rows, users = _part_frames(part, kinds, valid_fraction, "train")
+        # the vocabularies need the users of the training rows, or their inline fields: not the tags and labels
+        rows, users, n_valid = _part_split(part, kinds, valid_fraction, "train", ["user_id", TIME_COLUMN, *kinds])
+        valid_rows += n_valid
         source = rows if all(n in rows.columns for n in kinds) else users[users["user_id"].isin(set(rows["user_id"]))]
         table = pa.Table.from_pandas(source[list(kinds)], preserve_index=False)
         for name, kind in kinds.items():
             col = table.column(name)
             values = pc.list_flatten(col) if kind == "multi" else col
             seen[name].update(str(v) for v in pc.unique(values.drop_null()).to_pylist())
+    if not valid_rows:
+        raise SplitError(f"validation fraction {valid_fraction} gives an empty validation set: no user has "
+                         f"{int(np.ceil(0.5 / valid_fraction))} or more distinct training timestamps")
     return FeatureSchema([FieldSpec(name, kind, max_lens.get(name, 1) if kind == "multi" else 1, sorted(seen[name]))
                           for name, kind in kinds.items()])
 
@@ -189,7 +211,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 break
         train_seconds += time.perf_counter() - t0
         samples += n
-        valid = _validate(model, valid_shard, dtypes, rank, world, roc_auc)
+        valid = _validate(model, valid_shard, dtypes, rank, world, roc_auc, config["max_eval_rows"])
         finite = [v for v in valid.values() if np.isfinite(v)]
         mean_auc = float(np.mean(finite)) if finite else float("-inf")
         history.append({"epoch": epoch, "train_loss": loss_sum / max(n, 1),
@@ -215,16 +237,20 @@ def _worker_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
 
-def _validate(model, shard, dtypes, rank: int, world: int, roc_auc) -> dict[str, float]:
-    """AUC per task over every worker's share of the validation rows (gathered on all ranks)."""
+def _validate(model, shard, dtypes, rank: int, world: int, roc_auc, max_rows: int = 0) -> dict[str, float]:
+    """AUC per task over every worker's share of the validation rows (gathered on all ranks);
+    `max_rows` > 0: about that many rows in all (each worker stops after its share)."""
     import torch
     import torch.distributed as dist
     model.eval()
-    probs, labels = [], []
+    probs, labels, seen = [], [], 0
     with torch.no_grad():
         for b in shard.iter_torch_batches(batch_size=8192, dtypes=dtypes):
             probs.append(torch.sigmoid(model(b["cat_ids"], b["multi_ids"], b["tag_ids"])).numpy())
             labels.append(b["labels"].numpy())
+            seen += len(labels[-1])
+            if max_rows and seen >= max_rows / world:
+                break
     mine = (np.concatenate(probs) if probs else np.zeros((0, len(TASKS)), np.float32),
             np.concatenate(labels) if labels else np.zeros((0, len(TASKS)), np.float32))
     everyone = [mine]
@@ -244,6 +270,7 @@ class DistributedConfig:
     address: str | None = None        # a Ray cluster; None: a local Ray on this machine
     encoders: int = 1                 # PartEncoder actors feeding the workers
     max_steps: int = 0                # stop after this many steps per worker (0: whole epochs)
+    max_eval_rows: int = 0            # validate / score the test split on about this many rows (0: all)
     shuffle_rows: int = SHUFFLE_BUFFER_ROWS
     score_test: bool = True
     storage: str | None = None        # Ray Train's run directory (default: a temporary one)
@@ -282,7 +309,8 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
         loop_cfg = {"model": asdict(model_cfg), "epochs": train_cfg.epochs, "batch_size": train_cfg.batch_size,
                     "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "patience": train_cfg.patience,
                     "seed": train_cfg.seed, "threads": max(1, train_cfg.threads // dist_cfg.workers),
-                    "max_steps": dist_cfg.max_steps, "shuffle_rows": dist_cfg.shuffle_rows}
+                    "max_steps": dist_cfg.max_steps, "max_eval_rows": dist_cfg.max_eval_rows,
+                    "shuffle_rows": dist_cfg.shuffle_rows}
         storage = dist_cfg.storage or tempfile.mkdtemp(prefix="mvke-raytrain-")
         trainer = TorchTrainer(
             _worker_loop, train_loop_config=loop_cfg,
@@ -304,12 +332,13 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
                "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "wall_seconds": time.perf_counter() - t0}
     if dist_cfg.score_test and all(p.test for p in parts):
-        metrics.update(test_auc_streamed(model, parts, meta, schema))
+        metrics.update(test_auc_streamed(model, parts, meta, schema, dist_cfg.max_eval_rows))
     return TrainResult(model, schema, list(meta["tags"]), metrics)
 
 
-def test_auc_streamed(model, parts: list[DataPart], meta: dict, schema: FeatureSchema) -> dict:
-    """Test AUC per task, the test rows encoded and scored part by part (only scores and labels kept)."""
+def test_auc_streamed(model, parts: list[DataPart], meta: dict, schema: FeatureSchema, max_rows: int = 0) -> dict:
+    """Test AUC per task, the test rows encoded and scored part by part (only scores and labels kept);
+    `max_rows` > 0: the parts up to the one that reaches that many rows."""
     import torch
 
     from mvke.training.metrics import auc as roc_auc   # scikit-learn's AUC, nan for one class
@@ -322,6 +351,8 @@ def test_auc_streamed(model, parts: list[DataPart], meta: dict, schema: FeatureS
                 logits = model(*(torch.from_numpy(enc[k][sl]) for k in ("cat_ids", "multi_ids", "tag_ids")))
                 probs.append(torch.sigmoid(logits).numpy())
             labels.append(enc["labels"])
+            if max_rows and sum(len(x) for x in labels) >= max_rows:
+                break
     p, y = np.concatenate(probs), np.concatenate(labels)
     return {"test_auc": {t: roc_auc(y[:, i], p[:, i]) for i, t in enumerate(TASKS)}, "n_test": len(y)}
 

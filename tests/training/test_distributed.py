@@ -49,11 +49,59 @@ def test_find_parts_pairs_files_by_name(parted):
         Path(parts[1].users).with_suffix(".moved").rename(parts[1].users)
 
 
-def test_validation_rows_are_the_last_of_each_user():
+def _rows(df) -> list[tuple]:
+    return sorted(zip(df["user_id"], df["timestamp"], map(tuple, df["tags"]), df["click"]))
+
+
+def test_validation_split_is_the_trainers_time_split(parted):
+    """Part by part, the rows the trainer's time_validation_mask picks on the whole table (mvke/data/split.py)."""
     import pandas as pd
-    df = pd.DataFrame({"user_id": ["a"] * 10 + ["b"] * 3 + ["c"]})
-    mask = validation_mask(df, 0.1)
-    assert mask.tolist() == [False] * 9 + [True] + [False] * 3 + [False]   # 3 rows: none is the last 10%
+
+    from mvke.data.split import time_validation_mask
+    single, multi = parted
+    whole = pq.read_table(single / "train.parquet").to_pandas()
+    expect = whole[time_validation_mask(whole, 0.1)]
+    got = []
+    for p in find_parts(multi):
+        rows = pq.read_table(p.train).to_pandas()
+        got.append(rows[validation_mask(rows, 0.1, p.train)])
+    assert len(expect) > 0 and _rows(pd.concat(got)) == _rows(expect)
+    # Ties: a user's rows at one timestamp are never cut; one timestamp -> no validation row, and no error.
+    df = pd.DataFrame({"user_id": ["a"] * 10 + ["b"] * 2, "timestamp": list(range(9)) + [8, 5, 5]})
+    assert validation_mask(df, 0.1).tolist() == [False] * 8 + [True, True] + [False, False]
+    assert not validation_mask(df[df["user_id"] == "b"], 0.1).any()
+
+
+def test_no_validation_row_in_any_part_is_an_error(tmp_path):
+    from mvke.data.split import SplitError
+    from mvke.data.synthetic import SynthConfig, generate
+    d = generate(SynthConfig(users=20, tags=30, ads=40, categories=10, train_impressions_per_user=0.0, seed=1),
+                 tmp_path, progress=False)
+    meta = json.loads((d / "meta.json").read_text())
+    with pytest.raises(SplitError, match="empty validation set"):
+        stream_schema(find_parts(d), meta, 0.1)
+
+
+def test_synth_parts_stream_like_one_file(tmp_path):
+    """`mvke data synth`'s part layout: find_parts pairs its files, and the parts' encoded rows are the one file's."""
+    from mvke.data.synthetic import USER_BLOCK, SynthConfig, generate
+    cfg = SynthConfig(users=USER_BLOCK + 200, tags=30, ads=40, categories=10, seed=1)
+    parted = generate(cfg, tmp_path / "parted", progress=False, part_users=USER_BLOCK)
+    single = generate(cfg, tmp_path / "single", progress=False, part_users=0)
+    parts = find_parts(parted)
+    assert [Path(p.train).name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]
+    assert all(Path(p.users).parent.name == "users.parquet" and Path(p.test).parent.name == "test.parquet"
+               for p in parts)
+    meta = json.loads((single / "meta.json").read_text())
+    schema = stream_schema(find_parts(single), meta, 0.1)
+    assert stream_schema(parts, meta, 0.1).to_dict() == schema.to_dict()
+    for split in ("train", "valid", "test"):
+        def encoded(ps):
+            e = [encode_part(p, meta, schema, 0.1, split) for p in ps]
+            return {k: np.concatenate([x[k] for x in e]) for k in e[0]}
+        a, b = encoded(parts), encoded(find_parts(single))
+        for k in a:
+            assert np.array_equal(a[k], b[k]), (split, k)
 
 
 def test_parts_give_the_schema_and_rows_of_the_whole(parted):
@@ -100,3 +148,38 @@ def test_two_ray_train_workers_write_a_checkpoint_export_reads(parted, tmp_path,
     for k, v in result.model.state_dict().items():
         assert np.array_equal(back.model.state_dict()[k].numpy(), v.numpy()), k
     assert back.schema.to_dict() == result.schema.to_dict()
+
+
+def test_test_auc_streamed_stops_at_max_rows(parted, tiny_model_sizes):
+    from mvke.data.dataset import TASKS
+    from mvke.models import ModelConfig, build_model
+    from mvke.training.distributed import test_auc_streamed
+    _, multi = parted
+    meta = json.loads((multi / "meta.json").read_text())
+    parts = find_parts(multi)
+    schema = stream_schema(parts, meta, 0.1)
+    model = build_model(ModelConfig(name="mvke-mt", tasks=list(TASKS), num_ids=schema.num_ids,
+                                    num_cat_fields=len(schema.cat_fields), num_multi_fields=len(schema.multi_fields),
+                                    num_tags=len(meta["tags"]), **tiny_model_sizes)).eval()
+    first = pq.read_metadata(parts[0].test).num_rows
+    assert test_auc_streamed(model, parts, meta, schema, max_rows=1)["n_test"] == first
+    assert test_auc_streamed(model, parts, meta, schema)["n_test"] == sum(pq.read_metadata(p.test).num_rows
+                                                                          for p in parts) > first
+
+
+@pytest.mark.integration
+def test_stream_trains_one_ray_worker_on_synth_parts(tmp_path):
+    """`mvke train --workers 1 --stream` on the part layout `mvke data synth` writes: Ray Train, a checkpoint."""
+    pytest.importorskip("ray.train.torch")
+    import subprocess
+    import sys
+
+    from mvke.data.synthetic import USER_BLOCK, SynthConfig, generate
+    data = generate(SynthConfig(users=USER_BLOCK + 100, tags=30, ads=40, categories=10, seed=1), tmp_path / "d",
+                    progress=False, part_users=USER_BLOCK)
+    out = subprocess.run([sys.executable, "-m", "mvke.cli", "train", "--data", str(data), "--out", str(tmp_path / "ck"),
+                          "--model", "mvke-mt", "--workers", "1", "--stream", "--max-steps", "5", "--max-eval-rows",
+                          "2000", "--epochs", "1", "--batch-size", "256", "--experts", "2"],
+                         capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "ck").is_dir() and '"test_auc"' in out.stdout
