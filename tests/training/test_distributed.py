@@ -179,7 +179,7 @@ def test_stream_trains_one_ray_worker_on_synth_parts(tmp_path):
                     progress=False, part_users=USER_BLOCK)
     out = subprocess.run([sys.executable, "-m", "mvke.cli", "train", "--data", str(data), "--out", str(tmp_path / "ck"),
                           "--model", "mvke-mt", "--workers", "1", "--stream", "--max-steps", "5", "--max-eval-rows",
-                          "2000", "--epochs", "1", "--batch-size", "256", "--experts", "2"],
+                          "2000", "--epochs", "1", "--batch-size", "256"],
                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "ck").is_dir() and '"test_auc"' in out.stdout
