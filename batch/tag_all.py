@@ -272,9 +272,10 @@ def rank_users(model: LoadedModel, cat: np.ndarray, multi: np.ndarray, k: int, c
     out = [(np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.float32)) for _ in model.sides]
     for lo in range(0, B, chunk):
         hi = min(lo + chunk, B)
-        # tower + scores + TopK in one ONNX call on the GPU; on the CPU at tag-all's batch sizes numpy's
-        # GEMMs measured faster (4,848 vs 10,109 users/s at batch 256, loadtest/gpu_catalogue.py, load 25)
-        if model.topk_session is not None and model.provider == "CUDAExecutionProvider":
+        # tower + scores + TopK in one ONNX call (CPU and GPU): measured 2.0-2.4x numpy's GEMMs at batch 256
+        # and 1.84x at this chunk of 512, 1,780 and 100,000 tags, BLAS capped to 1 thread as the actors run it
+        # (scripts/scoring_bench.py, interleaved, docs/results/scoring_onnx_vs_numpy.md)
+        if model.topk_session is not None:
             ranked = model.rank_fused(cat[lo:hi], multi[lo:hi], {t: k for t in model.sides})
         else:
             ranked = rank(model.run_tower(cat[lo:hi], multi[lo:hi]), model.sides.values(), k)   # [chunk, sum K, D]

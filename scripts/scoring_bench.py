@@ -104,12 +104,13 @@ def code_uses(tags: int, batch: int) -> str:
     mvke/runtime/model.py build_model): the service ranks through the fused graph whenever the version
     ships one and every task is dense (MVKE_SCORING=auto; plain requests at any batch the batcher forms,
     1-16, and POST /tags:batch up to 256; candidate scoring and explanations take the two calls);
-    tag-all scores in chunks of 512, through the fused graph only on the CUDA provider. From
+    tag-all scores in chunks of 512, through the fused graph as well (numpy only for a version without
+    one or with a candidate index). From
     ANN_MIN_TAGS tags up MVKE_ANN=auto serves the candidate index instead (no dense side, so no fused
     graph): these rows are then what MVKE_ANN=off or tag-all --ann off run."""
     where = {1: "service c=1 (idle bypass)", 16: "service batcher (max 16)"}.get(batch, f"batch {batch}")
     if batch >= 256:
-        where, uses = "service POST /tags:batch (max 256) / tag-all CPU (chunks of 512)", "fused / numpy"
+        where, uses = "service POST /tags:batch (max 256), tag-all CPU (chunks of 512)", "fused"
     else:
         uses = "fused"
     if tags >= ANN_MIN_TAGS:
