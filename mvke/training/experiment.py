@@ -264,8 +264,12 @@ def data_command(data_dir: str | Path) -> str:
 
 def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, models: list[str] | None = None,
                    configs: str | Path | None = None, sweep_experts: bool = False, reference: bool = True,
-                   match_params: bool = True, threads: int = 1, progress: bool = True) -> dict:
-    """Run (or resume) every cell, then aggregate all cells found under out_dir into results.json/md and figures."""
+                   match_params: bool = True, threads: int = 1, progress: bool = True,
+                   aggregate_only: bool = False) -> dict:
+    """Run (or resume) every cell, then aggregate all cells found under out_dir into results.json/md and figures.
+
+    aggregate_only: train nothing; write the tables and figures from the cells already present (a label
+    is reported only when all `seeds` of its seeds are there)."""
     models = list(models) if models else [*MAIN_MODELS, *CONTROLS]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -279,7 +283,7 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
     cfgs = {m: resolve_config(m, configs) for m in set(models) | {"mvke-mt"}}
     n_runs = len(models) * seeds + (len(SWEEP_EXPERTS) if sweep_experts else 0)
     bar = tqdm(total=n_runs, desc="experiment", unit="run", disable=not progress)
-    for seed in range(seeds):
+    for seed in range(1 if aggregate_only else seeds):
         data = prepare(seed_data_dir(data_dir, seed))
         if match_params and seed == 0:
             target = param_count("mvke-mt", data, cfgs["mvke-mt"]["model"])
@@ -289,6 +293,8 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
                     cfgs[m + MATCHED] = {**cfgs[m], "model": matched_config(m, data, cfgs[m]["model"], target),
                                          "source": cfgs[m]["source"] + f"; widths scaled to {target:,} params"}
         labels = [*models, *[m + MATCHED for m in models if m + MATCHED in cfgs]]
+        if aggregate_only:
+            break
         for label in labels:
             name, cfg = base_name(label), cfgs[label]
             bar.set_postfix_str(f"{label} seed {seed}")
