@@ -204,10 +204,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", responses={503: {"description": "no model loaded or Redis not answering"}})
     async def readyz() -> Response:
-        """200 with the active version once a model is loaded and Redis answers, else 503 with the reason."""
+        """200 with the active version once a model is loaded and Redis answers, else 503 with the reason
+        (a version that failed to load: its error, attempt count and when it is tried next). While a newer
+        active or canary version fails to load, the 200 also names it under `load_errors`."""
         m = state.registry.current
         if m is None:
-            return json_response({"ready": False, "reason": state.registry.last_error or "no model loaded"}, 503)
+            return json_response({"ready": False, "reason": state.registry.not_ready_reason()}, 503)
+        load_errors = state.registry.load_errors()
         try:
             await asyncio.wait_for(state.redis.ping(), settings.redis_timeout_s)
         except (*REDIS_ERRORS, asyncio.TimeoutError, OSError) as e:
@@ -216,6 +219,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         doc = {"ready": True, "model_version": m.version}
         if state.registry.canary is not None:
             doc["canary_version"] = state.registry.canary.version
+        if load_errors:
+            doc["load_errors"] = load_errors
         return json_response(doc)
 
     @app.get("/model", responses=errors(401, 503))

@@ -6,9 +6,14 @@ and the list of published versions, in one round trip. When the active or canary
 version changes, that version is read (one MULTI: a consistent snapshot), its sha256s
 verified, its ONNX session built and warmed, and only then the reference swapped.
 In-flight requests keep the model they started with; nothing is unloaded before its
-successor is ready. Polling, reading and building use synchronous redis-py (the
-runtime's reader, mvke/runtime/versions.py, the one batch tagging uses) in a worker
-thread, so the event loop never waits on them.
+successor is ready. A version that fails to load (a Redis timeout while its files are read,
+a file missing, a bad checksum, an ONNX Runtime error) is tried again after
+MVKE_MODEL_RETRY_S (1 s), the wait doubling per failure up to MVKE_MODEL_RETRY_MAX_S (60 s),
+for as long as it stays the active or canary version: a passing failure heals by itself, a
+broken bundle costs one attempt a minute, not one per poll; /readyz names the error.
+Polling, reading and building use synchronous redis-py (the runtime's reader,
+mvke/runtime/versions.py, the one batch tagging uses) in a worker thread, so the event
+loop never waits on them.
 
 Routing (`route`): a pinned `model_version` is served when it is loaded (404 when it is
 not published, 409 when published but not loaded); otherwise a user whose id hashes
@@ -70,7 +75,7 @@ class ModelRegistry:
         self.published: frozenset[str] = frozenset()
         self.last_error: str | None = "no model loaded yet"
         self.canary_error: str | None = None
-        self._failed: set[str] = set()
+        self._retry: dict[str, _Retry] = {}             # version -> its failed loads (backoff)
         self._task: asyncio.Task | None = None
         self._env_canary = Canary(*parse_canary(settings.canary), "env") if settings.canary else None
 
@@ -116,20 +121,26 @@ class ModelRegistry:
         try:
             active, canary_raw, versions = await asyncio.to_thread(self._pointers)
         except REDIS_ERRORS as e:
+            self._pointers_error = f"redis unavailable: {e}"
             if self.current is None:
-                self.last_error = f"redis unavailable: {e}"
+                self.last_error = self._pointers_error
             return
+        self._pointers_error = None
         self.published = frozenset(_text(v) for v in versions)
+        want_canary = self._env_canary or _redis_canary(canary_raw)
+        wanted = {_text(active) if active is not None else None, want_canary.version if want_canary else None}
+        for version in [v for v in self._retry if v not in wanted]:
+            del self._retry[version]    # no longer asked for: asked again later, it is tried at once
         if active is None:
             if self.current is None:
                 self.last_error = f"no model published ({keys.active} is not set)"
         else:
-            version = _text(active)
+            version = self._wanted_active = _text(active)
             if self.current is None or self.current.version != version:
                 model = await self._try_load(version, "active")
                 if model is not None:
                     self._swap_active(model)
-        await self._refresh_canary(self._env_canary or _redis_canary(canary_raw))
+        await self._refresh_canary(want_canary)
 
     async def _refresh_canary(self, want: Canary | None) -> None:
         self.canary_setting = want
@@ -141,7 +152,7 @@ class ModelRegistry:
         if model is None:
             model = await self._try_load(want.version, "canary")
             if model is None:
-                self.canary_error = self.last_error if self.current is None else self._last_load_error
+                self.canary_error = self._retry_message(want.version)
                 self._set_canary(None, 0)
                 return
         self.canary_error = None
@@ -159,7 +170,6 @@ class ModelRegistry:
         old = self.current
         self.current = model  # the swap: one reference assignment
         self.last_error = None
-        self._failed.clear()  # a version that failed before may be asked for again after this one
         self.metrics.model_swaps.inc()
         self._publish_info()
         log.info("model loaded", extra={"version": model.version, "model": model.manifest.model,
@@ -170,28 +180,57 @@ class ModelRegistry:
                                 + [(m, "canary") for m in [self.canary] if m is not None])
 
     async def _try_load(self, version: str, role: str) -> LoadedModel | None:
-        if version in self._failed:
-            return None  # do not rebuild a broken version every poll; a new publish clears this
+        retry = self._retry.get(version)
+        if retry is not None and time.monotonic() < retry.next_at:
+            return None   # failed before: wait out its backoff (a broken bundle must not hot-loop)
         t0 = time.perf_counter()
         try:
             model = await self._load(version)
-        except (*REDIS_ERRORS, BundleError, ValueError, KeyError) as e:
-            if not isinstance(e, REDIS_ERRORS):
-                # a broken bundle stays broken; Redis failing to hand it over (down, full: a version is
-                # read in one MULTI, refused above maxmemory) passes, so that is retried next poll
-                self._failed.add(version)
-            error = f"cannot load {role} version {version}: {e}"
-            repeated, self._last_load_error = error == self._last_load_error, error
+        except Exception as e:   # noqa: BLE001 - any failure to build a version is that version's, not the poller's
+            # Redis failing to hand the files over (a timeout on a large bundle, a MULTI refused above
+            # maxmemory, a file not written yet) passes; a bad checksum or an ONNX error does not until
+            # the version is published again: both are retried with backoff while the version is wanted.
+            s = self.settings
+            attempts = 1 if retry is None else retry.attempts + 1
+            delay = min(s.model_retry_s * 2 ** (attempts - 1), s.model_retry_max_s)
+            error = f"cannot load {role} version {version}: {_describe(e)}"
+            self._retry[version] = _Retry(attempts, time.monotonic() + delay, error)
+            self._last_load_error = self._retry_message(version)
             if self.current is None or role == "active":
                 self.last_error = self._last_load_error
-            if not repeated:   # a Redis failure is retried every poll: log it once, not twice a second
-                log.error(self._last_load_error)
+            log.error(self._last_load_error)   # once per attempt: at most once per backoff interval
             return None
+        self._retry.pop(version, None)
         log.info("version built", extra={"version": version, "role": role,
+                                          "attempts": 1 + (retry.attempts if retry else 0),
                                           "load_seconds": round(time.perf_counter() - t0, 3)})
         return model
 
     _last_load_error: str | None = None
+    _wanted_active: str | None = None
+    _pointers_error: str | None = None
+
+    def not_ready_reason(self) -> str:
+        """Why nothing serves (for /readyz while no version is loaded): Redis not answering the poll, else the
+        active version's load error with its next attempt, else what the last poll found."""
+        return self._pointers_error or self.load_errors().get("active") or self.last_error or "no model loaded"
+
+    def load_errors(self) -> dict[str, str]:
+        """role -> why its wanted version is not loaded (the active alias or canary naming a version that
+        failed to load and waits for its next attempt); empty when everything asked for is loaded."""
+        out = {}
+        for role, want, have in (("active", self._wanted_active, self.current),
+                                 ("canary", self.canary_setting.version if self.canary_setting else None, self.canary)):
+            message = self._retry_message(want) if want is not None else None
+            if message is not None and (have is None or have.version != want):
+                out[role] = message
+        return out
+
+    def _retry_message(self, version: str) -> str | None:
+        retry = self._retry.get(version)
+        if retry is None:
+            return None
+        return f"{retry.error} (attempt {retry.attempts}; next in {max(0.0, retry.next_at - time.monotonic()):.1f} s)"
 
     def _pointers(self) -> list:
         """(active, canary setting, published versions) in one round trip."""
@@ -210,6 +249,20 @@ class ModelRegistry:
         s = self.settings
         return build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann, ann_min_tags=s.ann_min_tags,
                            scoring=s.scoring)
+
+
+@dataclass(frozen=True)
+class _Retry:
+    attempts: int       # failed loads in a row
+    next_at: float      # time.monotonic() of the next attempt
+    error: str
+
+
+def _describe(e: Exception) -> str:
+    """A load error for /readyz and the log: Redis and bundle errors say it themselves; others get their type."""
+    if isinstance(e, (*REDIS_ERRORS, BundleError, ValueError, KeyError)):
+        return str(e) or type(e).__name__
+    return f"{type(e).__name__}: {e}"
 
 
 def _text(v: bytes | str) -> str:

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     model_read_timeout_s: float = Field(60.0, gt=0, description="socket timeout of reading a version's files "
                                         "(a worker thread, off the hot path; a 1M-tag bundle is about 0.5 GB)")
     model_poll_s: float = Field(0.5, gt=0, description="how often the active alias is checked for a new version")
+    model_retry_s: float = Field(1.0, gt=0, description="first wait before a version that failed to load (a Redis "
+                                 "timeout, a missing file, a bad checksum, an ONNX error) is tried again; doubles "
+                                 "per failure up to model_retry_max_s while it stays the active or canary version")
+    model_retry_max_s: float = Field(60.0, gt=0, description="longest wait between load attempts of a failing version")
     ort_intra_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: 1, or the CPU quota / workers for batch-heavy use)")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto: CUDA when it really runs, else CPU")
     ann: str = Field("auto", pattern="^(auto|on|off)$", description="rank a large catalogue's candidates from its "
