@@ -64,7 +64,8 @@ def _experiment(a: argparse.Namespace) -> None:
     from mvke.training.experiment import run_experiment
     models = a.models.split(",") if a.models else None
     run_experiment(a.data, a.out, seeds=a.seeds, models=models, configs=a.configs, sweep_experts=a.sweep_experts,
-                   reference=not a.no_reference, threads=a.threads)
+                   reference=not a.no_reference, threads=a.threads, aggregate_only=a.aggregate_only,
+                   max_epochs=a.max_epochs)
 
 
 def _tune(a: argparse.Namespace) -> None:
@@ -136,6 +137,12 @@ def register(sub) -> None:
     e.add_argument("--configs", metavar="DIR", help="output directory of `mvke tune` (each model's best.json)")
     e.add_argument("--sweep-experts", action="store_true", help="also train MVKE with 4..10 experts (Fig. 7)")
     e.add_argument("--no-reference", action="store_true", help="skip the LightGBM reference")
+    e.add_argument("--max-epochs", type=int, default=None,
+                   help="one epoch budget for every model (early stopping on validation decides where each run "
+                        "stops) instead of each study's best trial's epochs")
+    e.add_argument("--aggregate-only", action="store_true",
+                   help="train nothing: write results.json/md and the figures from the finished runs under --out "
+                        "(a model is reported when all --seeds of its runs are there)")
     e.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     e.set_defaults(func=_experiment, extra=EXTRA)
 

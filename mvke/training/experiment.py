@@ -264,8 +264,15 @@ def data_command(data_dir: str | Path) -> str:
 
 def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, models: list[str] | None = None,
                    configs: str | Path | None = None, sweep_experts: bool = False, reference: bool = True,
-                   match_params: bool = True, threads: int = 1, progress: bool = True) -> dict:
-    """Run (or resume) every cell, then aggregate all cells found under out_dir into results.json/md and figures."""
+                   match_params: bool = True, threads: int = 1, progress: bool = True,
+                   aggregate_only: bool = False, max_epochs: int | None = None) -> dict:
+    """Run (or resume) every cell, then aggregate all cells found under out_dir into results.json/md and figures.
+
+    aggregate_only: train nothing; write the tables and figures from the cells already present (a label
+    is reported only when all `seeds` of its seeds are there).
+    max_epochs: one epoch budget for every model instead of each study's best trial's `epochs`, early
+    stopping on validation (patience 1) deciding where each run stops. A trial's `epochs` is the budget that
+    trial had, not a measured optimum: a best trial whose best epoch is its last was still improving."""
     models = list(models) if models else [*MAIN_MODELS, *CONTROLS]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -277,18 +284,33 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
     cells = Cells(out)
     t_start = time.perf_counter()
     cfgs = {m: resolve_config(m, configs) for m in set(models) | {"mvke-mt"}}
+    if max_epochs is not None:
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+        for cfg in cfgs.values():
+            cfg["train"] = {**cfg["train"], "epochs": max_epochs}
+            cfg["source"] += f"; epochs: {max_epochs} for every model, early-stopped on validation"
+    unmatched: dict[str, str] = {}
     n_runs = len(models) * seeds + (len(SWEEP_EXPERTS) if sweep_experts else 0)
     bar = tqdm(total=n_runs, desc="experiment", unit="run", disable=not progress)
-    for seed in range(seeds):
+    for seed in range(1 if aggregate_only else seeds):
         data = prepare(seed_data_dir(data_dir, seed))
         if match_params and seed == 0:
             target = param_count("mvke-mt", data, cfgs["mvke-mt"]["model"])
             for m in models:
                 own = param_count(m, data, cfgs[m]["model"])
                 if not m.startswith("mvke") and abs(own / target - 1) > MATCH_TOLERANCE:
-                    cfgs[m + MATCHED] = {**cfgs[m], "model": matched_config(m, data, cfgs[m]["model"], target),
+                    matched = matched_config(m, data, cfgs[m]["model"], target)
+                    got = param_count(m, data, matched)
+                    if abs(got / target - 1) > MATCH_TOLERANCE:   # e.g. embedding tables alone exceed the target
+                        unmatched[m] = (f"{own:,} params; scaling its hidden widths reaches {got:,} at best, "
+                                        f"not within {MATCH_TOLERANCE:.0%} of mvke-mt's {target:,}")
+                        continue
+                    cfgs[m + MATCHED] = {**cfgs[m], "model": matched,
                                          "source": cfgs[m]["source"] + f"; widths scaled to {target:,} params"}
         labels = [*models, *[m + MATCHED for m in models if m + MATCHED in cfgs]]
+        if aggregate_only:
+            break
         for label in labels:
             name, cfg = base_name(label), cfgs[label]
             bar.set_postfix_str(f"{label} seed {seed}")
@@ -314,6 +336,8 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
                 bar.update(1)
     bar.close()
     res = aggregate(out, data_dir, seeds, cfgs, sweep_experts, reference)
+    if unmatched:
+        res["unmatched"] = unmatched
     res["command"] = experiment_command(data_dir, out_dir, seeds, models if models != [*MAIN_MODELS, *CONTROLS] else None,
                                         configs, sweep_experts, reference)
     res["wall_seconds_this_call"] = time.perf_counter() - t_start

@@ -170,3 +170,14 @@ def test_experiment_resumes_and_reports_the_protocol(dataset_dir, tmp_path, monk
     monkeypatch.setattr(experiment, "run_cell", lambda *a, **k: pytest.fail("a finished cell was rerun"))
     again = experiment.run_experiment(data_dir, out, **run)
     assert again["models"]["mvke-mt"]["per_seed"] == mt["per_seed"]
+    # --aggregate-only reports what is finished and trains nothing: with 3 seeds asked and 2 run, no model
+    # has all its seeds; with 1 seed asked, every model is there from its seed-0 run.
+    none = experiment.run_experiment(data_dir, out, **{**run, "seeds": 3}, aggregate_only=True)
+    assert none["models"] == {}
+    first = experiment.run_experiment(data_dir, out, **{**run, "seeds": 1}, aggregate_only=True)
+    assert set(first["models"]) == {"mvke-mt", "nomtl", "nomtl@matched"}
+    assert first["models"]["mvke-mt"]["per_seed"] == mt["per_seed"][:1]
+    # --max-epochs gives every model one epoch budget: mvke-mt's tuned budget was already 2 (its runs are
+    # found), nomtl's was 1 (its runs were trained under another configuration, so none is reported).
+    same = experiment.run_experiment(data_dir, out, **{**run, "seeds": 1}, aggregate_only=True, max_epochs=2)
+    assert set(same["models"]) == {"mvke-mt"}
