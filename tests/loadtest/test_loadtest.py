@@ -200,3 +200,28 @@ def test_ab_baseline_bundle_keeps_only_the_fields_the_baseline_knows(tmp_path):
     (bundle / "manifest.json").write_text(json.dumps({"version": "v1", "files": {}, "ann": {"index": "faiss"}}))
     with pytest.raises(SystemExit, match="ann"):
         baseline_bundle(bundle, old, tmp_path / "copy")
+
+
+@pytest.mark.integration
+def test_scoring_bench_measures_both_paths_on_the_same_answer(bundle, tmp_path):
+    """scripts/scoring_bench.py on the tiny bundle: both variants measured per batch size, the fused graph's
+    top 20 the same as numpy's, and its table written between the markers with the text around them kept."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    md, out = tmp_path / "scoring.md", tmp_path / "scoring.json"
+    md.write_text("# kept heading\n\n<!-- scoring:begin -->\nold\n<!-- scoring:end -->\n\nkept tail\n")
+    res = subprocess.run([sys.executable, "scripts/scoring_bench.py", "--bundles", str(bundle("mvke-mt")),
+                          "--batches", "1,4", "--rounds", "2", "--block-s", "0.01", "--json", str(out), "--md", str(md)],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    (cat,) = doc["catalogues"]
+    assert [r["batch"] for r in cat["batches"]] == [1, 4]
+    for r in cat["batches"]:
+        assert r["numpy_users_s"] > 0 and r["fused_users_s"] > 0 and len(r["rounds"]["fused"]) == 2
+        assert r["top20_agreement"] == 1.0
+    text = md.read_text()
+    assert text.startswith("# kept heading") and text.rstrip().endswith("kept tail") and "\nold\n" not in text
+    assert f"| {cat['tags']:,} | 4 |" in text and doc["cpu"] in text
