@@ -227,8 +227,11 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 
 
 # -- the experiment -----------------------------------------------------------------------
-def experiment_command(data_dir, out_dir, seeds, models, configs, sweep_experts, reference) -> str:
+def experiment_command(data_dir, out_dir, seeds, models, configs, sweep_experts, reference,
+                       max_epochs: int | None = None) -> str:
     parts = ["mvke", "experiment", "--data", str(data_dir), "--out", str(out_dir), "--seeds", str(seeds)]
+    if max_epochs is not None:
+        parts += ["--max-epochs", str(max_epochs)]
     if models:
         parts += ["--models", ",".join(models)]
     if configs:
@@ -339,7 +342,7 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
     if unmatched:
         res["unmatched"] = unmatched
     res["command"] = experiment_command(data_dir, out_dir, seeds, models if models != [*MAIN_MODELS, *CONTROLS] else None,
-                                        configs, sweep_experts, reference)
+                                        configs, sweep_experts, reference, max_epochs)
     res["wall_seconds_this_call"] = time.perf_counter() - t_start
     if configs:
         res["tune_commands"], res["cpu_hours"] = tuning_record(configs, res)
