@@ -16,6 +16,15 @@ import numpy as np  # noqa: E402
 TASK_TITLES = {"ctr": "Interest tagging (CTR AUC)", "cvr": "Intention tagging (CVR AUC)"}
 
 
+def _save(fig, out: str | Path) -> Path:
+    """Lay out, write as PNG and free the figure (pyplot keeps every open figure otherwise)."""
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _zoomed_ylim(ax, lows: list[float], highs: list[float], pad: float = 0.25) -> None:
     lo, hi = min(lows), max(highs)
     span = max(hi - lo, 1e-3)
@@ -58,11 +67,7 @@ def auc_bar(models: dict[str, dict], out: str | Path, dataset: str, oracle: dict
         ax.grid(axis="y", alpha=0.3)
     n_seeds = max(m["seeds"] for m in models.values())
     fig.suptitle(f"Offline AUC on {dataset} (mean +- std over {n_seeds} seeds)")
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def expert_sweep(sweep: list[dict], out: str | Path, dataset: str,
@@ -87,11 +92,7 @@ def expert_sweep(sweep: list[dict], out: str | Path, dataset: str,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"MVKE-mt vs number of experts on {dataset} ({sweep[0].get('seeds', 1)} seed per K)")
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def gate_heatmap(gates: dict[str, dict], out: str | Path, experts: int, dataset: str) -> Path:
@@ -117,11 +118,7 @@ def gate_heatmap(gates: dict[str, dict], out: str | Path, experts: int, dataset:
         ax.set_yticks(range(len(g["tags"])), g["tags"], fontsize=8)
         ax.set_title(f"{task} gate", fontsize=10)
     fig.suptitle(f"MVKE-mt gate weights per tag ({dataset})", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def attention_heatmap(attention: dict, out: str | Path, dataset: str) -> Path:
@@ -135,8 +132,4 @@ def attention_heatmap(attention: dict, out: str | Path, dataset: str) -> Path:
                                   enumerate(attention["entropy_per_expert"])], fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.02, label=f"mean weight (uniform {1 / len(names):.3f})")
     ax.set_title(f"MVKE-mt field attention per expert ({dataset}); H = normalised entropy", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
