@@ -65,12 +65,13 @@ def _experiment(a: argparse.Namespace) -> None:
     models = a.models.split(",") if a.models else None
     run_experiment(a.data, a.out, seeds=a.seeds, models=models, configs=a.configs, sweep_experts=a.sweep_experts,
                    reference=not a.no_reference, threads=a.threads, aggregate_only=a.aggregate_only,
-                   max_epochs=a.max_epochs)
+                   max_epochs=a.max_epochs, workers=a.workers, address=a.address, use_gpu=a.gpu)
 
 
 def _tune(a: argparse.Namespace) -> None:
     from mvke.training.tune import tune
-    best = tune(a.data, a.model, a.trials, a.out, seed=a.seed, threads=a.threads)
+    best = tune(a.data, a.model, a.trials, a.out, seed=a.seed, threads=a.threads, workers=a.workers,
+                address=a.address, use_gpu=a.gpu)
     print(json.dumps({k: best[k] for k in ("model", "trials", "pruned", "valid_mean_auc", "params",
                                            "model_params", "cpu_seconds")}, indent=1))
 
@@ -80,6 +81,22 @@ def _tune(a: argparse.Namespace) -> None:
 MODEL_NAMES = ("mvke-mt", "mvke-st", "nomtl", "hard-sharing", "moe", "mmoe", "cgc",
                "mvke-uniform-gate", "mvke-no-kernel-attention", "mvke-plain-gate")
 MODEL_HELP = (f"model to train: {', '.join(MODEL_NAMES)} (default mvke-mt; docs/MODELS.md says what each is)")
+
+
+def _positive_workers(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be >= 1, got {n}")
+    return n
+
+
+def _ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--workers / --address / --gpu of `experiment` and `tune`: `mvke train --workers`'s path for each run."""
+    p.add_argument("--workers", type=_positive_workers, default=1,
+                   help=f"data-parallel workers on Ray Train for {what} (DDP, the data streamed; one Ray for the "
+                        "whole call); 1: no Ray (default). The batch size stays the global batch (docs/SCALING.md)")
+    p.add_argument("--address", help="Ray cluster address for --workers (default: a local Ray)")
+    p.add_argument("--gpu", action="store_true", help="--workers: one GPU per worker, NCCL (default: CPU, gloo)")
 
 
 def register(sub) -> None:
@@ -144,6 +161,7 @@ def register(sub) -> None:
                    help="train nothing: write results.json/md and the figures from the finished runs under --out "
                         "(a model is reported when all --seeds of its runs are there)")
     e.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    _ray_arguments(e, "every run")
     e.set_defaults(func=_experiment, extra=EXTRA)
 
     u = sub.add_parser("tune", help="Optuna study of one model on validation AUC (resumable)",
@@ -156,4 +174,5 @@ def register(sub) -> None:
     u.add_argument("--out", required=True, metavar="DIR", help="studies directory")
     u.add_argument("--seed", type=int, default=0, help="sampler and training seed (default 0)")
     u.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial (default 1)")
+    _ray_arguments(u, "every trial")
     u.set_defaults(func=_tune, extra=EXTRA)

@@ -5,8 +5,9 @@
       2. Ray Data: part list -> map_batches(PartEncoder actors): read the part's Parquet row groups,
          split validation off per part (the trainer's time split), join the users, encode -> id arrays
          -> streaming_split into N equal shards (Ray Train's default DataConfig)
-      3. N TorchTrainer workers (DDP: gloo on CPU, nccl on GPU): the same model, optimiser, loss and
-         early stopping as mvke/training/trainer.py; rank 0 keeps the best weights
+      3. N TorchTrainer workers (DDP: gloo on CPU, nccl on GPU): the same model, optimiser (AdamW,
+         constant or cosine schedule), loss and early stopping as mvke/training/trainer.py; rank 0
+         keeps the best weights
       4. the driver writes the checkpoint with `save_checkpoint`: same format as `--workers 1`, so
          `mvke export` works on either
 
@@ -26,6 +27,7 @@ asks for this path with one worker. Validation is the trainer's time split
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -111,17 +113,31 @@ def _part_split(part: DataPart, kinds: dict[str, str], valid_fraction: float,
     return rows, users, n_valid
 
 
+@dataclass
+class PartsScan:
+    """What one pass over the parts tells before training: the vocabularies and the split's sizes."""
+    schema: FeatureSchema
+    train_rows: int
+    valid_rows: int
+
+
 def stream_schema(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float) -> FeatureSchema:
-    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1).
+    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1)."""
+    return scan_parts(parts, meta, valid_fraction).schema
+
+
+def scan_parts(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float) -> PartsScan:
+    """`stream_schema` plus the number of training and validation rows (the cosine schedule's length).
 
     Raises SplitError, as the trainer does, when no part has a validation row."""
     kinds, max_lens = meta["fields"], meta.get("max_lens", {})
     seen: dict[str, set[str]] = {name: set() for name in kinds}
-    valid_rows = 0
+    train_rows = valid_rows = 0
     for part in parts:
         # the vocabularies need the users of the training rows, or their inline fields: not the tags and labels
         rows, users, n_valid = _part_split(part, kinds, valid_fraction, "train", ["user_id", TIME_COLUMN, *kinds])
         valid_rows += n_valid
+        train_rows += len(rows)
         source = rows if all(n in rows.columns for n in kinds) else users[users["user_id"].isin(set(rows["user_id"]))]
         table = pa.Table.from_pandas(source[list(kinds)], preserve_index=False)
         for name, kind in kinds.items():
@@ -131,8 +147,9 @@ def stream_schema(parts: list[DataPart], meta: dict[str, Any], valid_fraction: f
     if not valid_rows:
         raise SplitError(f"validation fraction {valid_fraction} gives an empty validation set: no user has "
                          f"{int(np.ceil(0.5 / valid_fraction))} or more distinct training timestamps")
-    return FeatureSchema([FieldSpec(name, kind, max_lens.get(name, 1) if kind == "multi" else 1, sorted(seen[name]))
-                          for name, kind in kinds.items()])
+    schema = FeatureSchema([FieldSpec(name, kind, max_lens.get(name, 1) if kind == "multi" else 1, sorted(seen[name]))
+                            for name, kind in kinds.items()])
+    return PartsScan(schema, train_rows, valid_rows)
 
 
 def encode_part(part: DataPart, meta: dict[str, Any], schema: FeatureSchema, valid_fraction: float,
@@ -180,19 +197,26 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     from mvke.models import ModelConfig, build_model
     from mvke.training.metrics import auc as roc_auc   # scikit-learn's AUC, nan for one class
+    from mvke.training.trainer import TrainConfig, make_optimizer
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = ray.train.torch.prepare_model(build_model(ModelConfig(**config["model"])))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
-                           weight_decay=config["weight_decay"])
     per_worker = max(1, config["batch_size"] // world)
+    # The trainer's optimiser and schedule (AdamW, constant or cosine to 0 at the last planned epoch),
+    # the schedule's length in this worker's steps: its equal share of the training rows.
+    steps_per_epoch = -(-config["train_rows"] // (world * per_worker))
+    opt, sched = make_optimizer(model, TrainConfig(epochs=config["epochs"], lr=config["lr"],
+                                                   lr_schedule=config["lr_schedule"],
+                                                   weight_decay=config["weight_decay"]), steps_per_epoch)
+    prune_below = {int(k): v for k, v in (config.get("prune_below") or {}).items()}
+    cpu0 = time.process_time()
     train_shard, valid_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("valid")
     dtypes = {"cat_ids": torch.int64, "multi_ids": torch.int64, "tag_ids": torch.int64, "labels": torch.float32}
     best, best_epoch, best_state, history = float("-inf"), 0, None, []
-    steps, samples, train_seconds = 0, 0, 0.0
+    steps, samples, train_seconds, pruned_at = 0, 0, 0.0, None
     for epoch in range(1, config["epochs"] + 1):
         model.train()
         t0, loss_sum, n = time.perf_counter(), 0.0, 0
@@ -204,6 +228,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             loss_sum += float(loss.item()) * len(b["labels"])
             n += len(b["labels"])
             steps += 1
@@ -220,15 +246,22 @@ def _worker_loop(config: dict[str, Any]) -> None:
             best, best_epoch = mean_auc, epoch
             best_state = {k: v.detach().clone() for k, v in model.module.state_dict().items()} \
                 if hasattr(model, "module") else {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # Optuna's median rule, decided here because the trial lives in the driver: every rank saw the
+        # same gathered validation AUC, so all of them stop at the same epoch.
+        if epoch in prune_below and best < prune_below[epoch]:
+            pruned_at = epoch
+            break
         stop = epoch - best_epoch > config["patience"] or bool(config["max_steps"] and steps >= config["max_steps"])
         if stop:
             break
-    totals = torch.tensor([samples, train_seconds], dtype=torch.float64)
+    totals = torch.tensor([samples, train_seconds, time.process_time() - cpu0], dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(totals)       # samples of all workers; seconds summed (divided by world below)
+        dist.all_reduce(totals)       # samples and CPU seconds of all workers; wall seconds summed (divided below)
     metrics = {"best_valid_mean_auc": best, "best_epoch": best_epoch, "history": history, "steps": steps,
                "samples": float(totals[0]), "train_seconds": float(totals[1]) / world,
-               "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9), "workers": world}
+               "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9), "workers": world,
+               "cpu_seconds": float(totals[2]), "samples_per_cpu_second": float(totals[0]) / max(float(totals[2]), 1e-9),
+               "pruned_at_epoch": pruned_at, "final_lr": float(opt.param_groups[0]["lr"])}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(best_state, os.path.join(tmp, "model.pt"))
@@ -274,6 +307,9 @@ class DistributedConfig:
     shuffle_rows: int = SHUFFLE_BUFFER_ROWS
     score_test: bool = True
     storage: str | None = None        # Ray Train's run directory (default: a temporary one)
+    # {epoch: value}: stop (pruned) after an epoch whose best mean validation AUC so far is below the
+    # value (`mvke tune`: the median of the finished trials at that epoch, optuna's MedianPruner rule)
+    prune_below: dict[int, float] | None = None
 
 
 def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg: DistributedConfig,
@@ -291,7 +327,8 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     parts = find_parts(data_dir)
     t0 = time.perf_counter()
-    schema = stream_schema(parts, meta, train_cfg.valid_fraction)
+    scan = scan_parts(parts, meta, train_cfg.valid_fraction)
+    schema = scan.schema
     model_cfg = ModelConfig(name=model_name, tasks=list(TASKS), num_ids=schema.num_ids,
                             num_cat_fields=len(schema.cat_fields), num_multi_fields=len(schema.multi_fields),
                             num_tags=len(meta["tags"]),
@@ -307,7 +344,9 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
         datasets = {split: _dataset(parts, meta, schema, train_cfg.valid_fraction, split, dist_cfg.encoders)
                     for split in ("train", "valid")}
         loop_cfg = {"model": asdict(model_cfg), "epochs": train_cfg.epochs, "batch_size": train_cfg.batch_size,
-                    "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "patience": train_cfg.patience,
+                    "lr": train_cfg.lr, "lr_schedule": train_cfg.lr_schedule, "weight_decay": train_cfg.weight_decay,
+                    "patience": train_cfg.patience, "train_rows": scan.train_rows,
+                    "prune_below": dist_cfg.prune_below,
                     "seed": train_cfg.seed, "threads": max(1, train_cfg.threads // dist_cfg.workers),
                     "max_steps": dist_cfg.max_steps, "max_eval_rows": dist_cfg.max_eval_rows,
                     "shuffle_rows": dist_cfg.shuffle_rows}
@@ -330,7 +369,10 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
     metrics = {"model": model_name, "dataset": meta.get("name", Path(data_dir).name), "seed": train_cfg.seed,
                **{k: v for k, v in result.metrics.items() if not k.startswith("_")},
                "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "n_train": scan.train_rows, "n_valid": scan.valid_rows,
                "wall_seconds": time.perf_counter() - t0}
+    best = metrics["history"][metrics["best_epoch"] - 1]
+    metrics["valid_auc"] = {k.split("_")[1]: v for k, v in best.items() if k.startswith("valid_")}
     if dist_cfg.score_test and all(p.test for p in parts):
         metrics.update(test_auc_streamed(model, parts, meta, schema, dist_cfg.max_eval_rows))
     return TrainResult(model, schema, list(meta["tags"]), metrics)
@@ -355,6 +397,19 @@ def test_auc_streamed(model, parts: list[DataPart], meta: dict, schema: FeatureS
                 break
     p, y = np.concatenate(probs), np.concatenate(labels)
     return {"test_auc": {t: roc_auc(y[:, i], p[:, i]) for i, t in enumerate(TASKS)}, "n_test": len(y)}
+
+
+@contextlib.contextmanager
+def ray_session(cfg: DistributedConfig) -> Iterator[None]:
+    """One Ray for several trainings (a study's trials, an experiment's runs): started here unless
+    one is running, shut down on exit if started here."""
+    owned = _init_ray(cfg)
+    try:
+        yield
+    finally:
+        if owned:
+            import ray
+            ray.shutdown()
 
 
 def _init_ray(cfg: DistributedConfig) -> bool:

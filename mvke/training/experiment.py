@@ -22,6 +22,7 @@ Written to `out_dir`:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import platform
 import shlex
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from mvke.data.dataset import TASKS
 from mvke.models import MODELS, build_model
 from mvke.training import plots
 from mvke.training.diagnostics import TASK_KEYS, mvke_diagnostics
-from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, prepare, train_model
+from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, prepare, test_metrics, train_model
 from mvke.training.tune import load_tuned
 
 SWEEP_EXPERTS = range(4, 11)
@@ -157,16 +158,40 @@ class Cells:
         tmp.replace(p)
 
 
-def run_cell(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, diagnostics: bool) -> dict:
-    tc = TrainConfig(**{**cfg["train"], "seed": seed, "threads": threads, "progress": False, "score_test": True})
-    result = train_model(data, model_config_for(name, data, **cfg["model"]), tc)
-    cell = {"config_key": config_key(cfg), "config": cfg, "data": data.dataset.path.name, **result.metrics}
+def run_cell(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, diagnostics: bool,
+             dist=None) -> dict:
+    """One (model, seed) run; `dist` (a DistributedConfig): trained on Ray Train, scored in memory as here."""
+    if dist is None:
+        tc = TrainConfig(**{**cfg["train"], "seed": seed, "threads": threads, "progress": False, "score_test": True})
+        result = train_model(data, model_config_for(name, data, **cfg["model"]), tc)
+    else:
+        result = train_on_workers(data, name, cfg, seed, threads, dist)
+    cell = {"config_key": cell_key(cfg, dist), "config": cfg, "data": data.dataset.path.name, **result.metrics}
     cell["model_config"] = {k: v for k, v in asdict(result.model.cfg).items()
                             if k not in ("num_ids", "num_cat_fields", "num_multi_fields", "num_tags")}
     if diagnostics:
         cell["diagnostics"] = mvke_diagnostics(result.model, data.test, data.train.tag_ids, data.schema,
                                                data.dataset.tags)
     return cell
+
+
+def train_on_workers(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, dist):
+    """Ray Train (DDP, the dataset streamed from its directory), then the test day scored on the in-memory
+    split like a 1-worker run: the streamed vocabularies are the trainer's (same rule, same rows)."""
+    from mvke.training.distributed import train_distributed
+    tc = TrainConfig(**{**cfg["train"], "seed": seed, "threads": threads * dist.workers, "progress": False})
+    result = train_distributed(data.dataset.path, name, tc, replace(dist, score_test=False), **cfg["model"])
+    if result.schema.to_dict() != data.schema.to_dict():
+        raise RuntimeError(f"{data.dataset.path}: the streamed vocabularies differ from the in-memory ones")
+    result.metrics |= {"n_test": len(data.test), **test_metrics(result.model, data)}
+    return result
+
+
+def cell_key(cfg: dict, dist=None) -> str:
+    """A cell's key: its configuration, and the number of workers when it trained on more than one
+    (another shuffling and gradient averaging: not the same run)."""
+    workers = dist.workers if dist is not None else 1
+    return config_key(cfg) + (f"-w{workers}" if workers > 1 else "")
 
 
 # -- summaries ------------------------------------------------------------------------
@@ -228,8 +253,10 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 
 # -- the experiment -----------------------------------------------------------------------
 def experiment_command(data_dir, out_dir, seeds, models, configs, sweep_experts, reference,
-                       max_epochs: int | None = None) -> str:
+                       max_epochs: int | None = None, workers: int = 1) -> str:
     parts = ["mvke", "experiment", "--data", str(data_dir), "--out", str(out_dir), "--seeds", str(seeds)]
+    if workers > 1:
+        parts += ["--workers", str(workers)]
     if max_epochs is not None:
         parts += ["--max-epochs", str(max_epochs)]
     if models:
@@ -268,20 +295,40 @@ def data_command(data_dir: str | Path) -> str:
 def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, models: list[str] | None = None,
                    configs: str | Path | None = None, sweep_experts: bool = False, reference: bool = True,
                    match_params: bool = True, threads: int = 1, progress: bool = True,
-                   aggregate_only: bool = False, max_epochs: int | None = None) -> dict:
+                   aggregate_only: bool = False, max_epochs: int | None = None, workers: int = 1,
+                   address: str | None = None, use_gpu: bool = False) -> dict:
     """Run (or resume) every cell, then aggregate all cells found under out_dir into results.json/md and figures.
 
     aggregate_only: train nothing; write the tables and figures from the cells already present (a label
     is reported only when all `seeds` of its seeds are there).
     max_epochs: one epoch budget for every model instead of each study's best trial's `epochs`, early
     stopping on validation (patience 1) deciding where each run stops. A trial's `epochs` is the budget that
-    trial had, not a measured optimum: a best trial whose best epoch is its last was still improving."""
+    trial had, not a measured optimum: a best trial whose best epoch is its last was still improving.
+    workers > 1 (or a Ray `address`): every run on Ray Train with that many DDP workers (one Ray for the
+    experiment); its cells are kept apart from 1-worker cells (`cell_key`)."""
     models = list(models) if models else [*MAIN_MODELS, *CONTROLS]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    dist = None
+    if workers > 1 or address:
+        from mvke.training.distributed import DistributedConfig
+        dist = DistributedConfig(workers=workers, address=address, use_gpu=use_gpu)
+    with contextlib.ExitStack() as stack:
+        if dist is not None and not aggregate_only:
+            from mvke.training.distributed import ray_session
+            stack.enter_context(ray_session(dist))
+        return _run_experiment(data_dir, out_dir, seeds, models, configs, sweep_experts, reference, match_params,
+                               threads, progress, aggregate_only, max_epochs, dist)
+
+
+def _run_experiment(data_dir, out_dir, seeds: int, models: list[str], configs, sweep_experts: bool, reference: bool,
+                    match_params: bool, threads: int, progress: bool, aggregate_only: bool, max_epochs: int | None,
+                    dist) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = Cells(out)
@@ -317,8 +364,8 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
         for label in labels:
             name, cfg = base_name(label), cfgs[label]
             bar.set_postfix_str(f"{label} seed {seed}")
-            if cells.get(label, seed, config_key(cfg)) is None:
-                cell = run_cell(data, name, cfg, seed, threads, diagnostics=name.startswith("mvke"))
+            if cells.get(label, seed, cell_key(cfg, dist)) is None:
+                cell = run_cell(data, name, cfg, seed, threads, diagnostics=name.startswith("mvke"), dist=dist)
                 cells.put(label, seed, cell)
                 if progress:
                     tqdm.write(f"{label} seed {seed}: CTR AUC {cell['test_auc']['interest']:.4f} "
@@ -333,16 +380,17 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
             for k in SWEEP_EXPERTS:
                 cfg = {**cfgs["mvke-mt"], "model": {**cfgs["mvke-mt"]["model"], "experts": k,
                                                    "task_experts": sweep_task_experts(k)}}
-                if cells.get(f"sweep-K{k}", 0, config_key(cfg)) is None:
+                if cells.get(f"sweep-K{k}", 0, cell_key(cfg, dist)) is None:
                     bar.set_postfix_str(f"sweep K={k}")
-                    cells.put(f"sweep-K{k}", 0, run_cell(data, "mvke-mt", cfg, 0, threads, diagnostics=False))
+                    cells.put(f"sweep-K{k}", 0, run_cell(data, "mvke-mt", cfg, 0, threads, diagnostics=False,
+                                                         dist=dist))
                 bar.update(1)
     bar.close()
-    res = aggregate(out, data_dir, seeds, cfgs, sweep_experts, reference)
+    res = aggregate(out, data_dir, seeds, cfgs, sweep_experts, reference, dist)
     if unmatched:
         res["unmatched"] = unmatched
     res["command"] = experiment_command(data_dir, out_dir, seeds, models if models != [*MAIN_MODELS, *CONTROLS] else None,
-                                        configs, sweep_experts, reference, max_epochs)
+                                        configs, sweep_experts, reference, max_epochs, dist.workers if dist else 1)
     res["wall_seconds_this_call"] = time.perf_counter() - t_start
     if configs:
         res["tune_commands"], res["cpu_hours"] = tuning_record(configs, res)
@@ -351,14 +399,14 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
     return res
 
 
-def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, reference: bool) -> dict:
+def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, reference: bool, dist=None) -> dict:
     """results.json content from the cells present (every label with all `seeds` seeds)."""
     cells = Cells(out)
     res: dict = {"selection": "valid", "dataset": None, "seeds": seeds, "data_command": data_command(data_dir),
                  "models": {}, "controls": {}, "configs": {}}
     runs: dict[str, list[dict]] = {}
     for label, cfg in cfgs.items():
-        got = [cells.get(label, s, config_key(cfg)) for s in range(seeds)]
+        got = [cells.get(label, s, cell_key(cfg, dist)) for s in range(seeds)]
         if all(got):
             runs[label] = got
     for label, cs in runs.items():
@@ -388,7 +436,7 @@ def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, 
         for k in SWEEP_EXPERTS:
             cfg = {**cfgs["mvke-mt"], "model": {**cfgs["mvke-mt"]["model"], "experts": k,
                                                "task_experts": sweep_task_experts(k)}}
-            c = cells.get(f"sweep-K{k}", 0, config_key(cfg))
+            c = cells.get(f"sweep-K{k}", 0, cell_key(cfg, dist))
             if c:
                 res["sweep"].append({"experts": k, "task_experts": sweep_task_experts(k), "seeds": 1,
                                      "valid_mean_auc": c["best_valid_mean_auc"],

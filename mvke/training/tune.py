@@ -15,6 +15,11 @@ The shared space (every model, `suggest`):
   noMTL's tower and Hard Sharing's shared bottom are [width] * depth, Hard Sharing's heads
   [width // 2];
 * epochs 3..10 (the most a trial trains; early stopping with patience 1 inside it), batch size 256 | 1024.
+
+`workers` > 1: every trial trains on Ray Train (mvke/training/distributed.py, one Ray for the
+whole study). Optuna's trial lives in the driver, so the median rule is handed to the workers
+as thresholds per epoch (`median_thresholds`) and the history is replayed into the trial
+afterwards; the trial ends pruned at the same epoch as a 1-worker trial would.
 """
 from __future__ import annotations
 
@@ -27,6 +32,11 @@ from pathlib import Path
 from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, prepare, train_model
 
 EPOCH_RANGE = (3, 10)
+# MedianPruner's settings. Pruning only from epoch 3 (optuna prunes at steps >= n_warmup_steps): the
+# first studies (pruning from epoch 1) cut MMoE's and CGC's trial at the configuration that became
+# mvke-mt's best after one epoch, where the three models were within 0.007 of each other (docs/MODELS.md).
+PRUNE_STARTUP_TRIALS = 3
+PRUNE_WARMUP_EPOCHS = 3
 
 
 def suggest(trial) -> tuple[dict, dict]:
@@ -86,31 +96,87 @@ def _objective(data: EncodedData, model: str, seed: int, threads: int):
     return objective
 
 
+def median_thresholds(study) -> dict[int, float]:
+    """{epoch: median of the finished trials' value at that epoch} from the warm-up epoch on: a trial whose
+    best value so far is below it is pruned (MedianPruner's rule; empty before its start-up trials)."""
+    import numpy as np
+    import optuna
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(done) < PRUNE_STARTUP_TRIALS:
+        return {}
+    out = {}
+    for epoch in range(PRUNE_WARMUP_EPOCHS, EPOCH_RANGE[1] + 1):
+        values = [t.intermediate_values[epoch] for t in done if epoch in t.intermediate_values]
+        if values:
+            out[epoch] = float(np.nanmedian(values))
+    return out
+
+
+def _objective_distributed(data_dir: str | Path, model: str, seed: int, threads: int, dist):
+    """The objective on Ray Train: the same space, seed and pruning rule as `_objective`."""
+    import dataclasses
+
+    import numpy as np
+    import optuna
+
+    from mvke.training.distributed import train_distributed
+
+    def objective(trial) -> float:
+        model_over, train_over = suggest(trial)
+        cfg = TrainConfig(**train_over, seed=seed, threads=threads * dist.workers, progress=False, score_test=False)
+        wall0 = time.perf_counter()
+        result = train_distributed(data_dir, model, cfg, dataclasses.replace(
+            dist, score_test=False, prune_below=median_thresholds(trial.study)), **model_over)
+        m = result.metrics
+        trial.set_user_attr("cpu_seconds", m["cpu_seconds"])
+        trial.set_user_attr("wall_seconds", time.perf_counter() - wall0)
+        trial.set_user_attr("workers", dist.workers)
+        for row in m["history"]:     # the epochs the workers ran, into the trial: the pruner's record
+            value = float(np.mean([v for k, v in row.items() if k.startswith("valid_") and np.isfinite(v)] or [-np.inf]))
+            trial.report(value, row["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        trial.set_user_attr("params", m["params"])
+        trial.set_user_attr("best_epoch", m["best_epoch"])
+        trial.set_user_attr("valid_auc", m["valid_auc"])
+        return m["best_valid_mean_auc"]
+    return objective
+
+
 def tune(data_dir: str | Path, model: str, trials: int, out: str | Path, seed: int = 0, threads: int = 1,
-         progress: bool = True, data: EncodedData | None = None) -> dict:
-    """Run (or resume) the study until it holds `trials` finished trials; write and return best.json."""
+         progress: bool = True, data: EncodedData | None = None, workers: int = 1, address: str | None = None,
+         use_gpu: bool = False) -> dict:
+    """Run (or resume) the study until it holds `trials` finished trials; write and return best.json.
+
+    workers > 1 (or a Ray `address`): every trial on Ray Train with that many DDP workers, data streamed."""
     import optuna
     from mvke.models import MODELS
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     optuna.logging.set_verbosity(optuna.logging.INFO if progress else optuna.logging.WARNING)
     logging.getLogger("optuna").propagate = False
-    data = data if data is not None else prepare(data_dir)
     d, storage = study_paths(out, model)
     # The same sampler seed for every model: the random start-up trials try the same configurations
     # for every model (a paired search), then TPE follows each model's own results.
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(6, trials - 2)))
-    # Pruning only from epoch 3 (optuna prunes at steps >= n_warmup_steps): the first studies (pruning
-    # from epoch 1) cut MMoE's and CGC's trial at the configuration that became mvke-mt's best after one
-    # epoch, where the three models were within 0.007 of each other (docs/MODELS.md).
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS)
     study = optuna.create_study(study_name=model, storage=storage, direction="maximize", sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     if len(done) < trials:
-        study.optimize(_objective(data, model, seed, threads), n_trials=trials - len(done))
+        if workers > 1 or address:
+            from mvke.training.distributed import DistributedConfig, ray_session
+            dist = DistributedConfig(workers=workers, address=address, use_gpu=use_gpu)
+            with ray_session(dist):
+                study.optimize(_objective_distributed(data_dir, model, seed, threads, dist),
+                               n_trials=trials - len(done))
+        else:
+            data = data if data is not None else prepare(data_dir)
+            study.optimize(_objective(data, model, seed, threads), n_trials=trials - len(done))
     return write_best(study, model, data_dir, d, seed)
 
 

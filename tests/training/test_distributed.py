@@ -183,3 +183,91 @@ def test_stream_trains_one_ray_worker_on_synth_parts(tmp_path):
                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "ck").is_dir() and '"test_auc"' in out.stdout
+
+
+# ---------------------------------------------------------------- --workers on tune and experiment
+def _study_with(values_per_trial: list[dict[int, float]]):
+    import optuna
+    from mvke.training import tune
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=tune.PRUNE_STARTUP_TRIALS, n_warmup_steps=tune.PRUNE_WARMUP_EPOCHS))
+    for values in values_per_trial:
+        study.add_trial(optuna.trial.create_trial(value=max(values.values()), intermediate_values=values))
+    return study
+
+
+def test_median_thresholds_prune_where_optunas_median_pruner_does():
+    """The workers' stop rule (best so far < threshold of the epoch) agrees with MedianPruner on a live trial."""
+    from mvke.training import tune
+    history = [{1: 0.60, 2: 0.62, 3: 0.64, 4: 0.65}, {1: 0.61, 2: 0.66, 3: 0.70, 4: 0.71},
+               {1: 0.55, 2: 0.58, 3: 0.60}, {1: 0.62, 2: 0.64, 3: 0.69, 4: 0.70}]
+    assert tune.median_thresholds(_study_with(history[:tune.PRUNE_STARTUP_TRIALS - 1])) == {}
+    study = _study_with(history)
+    thresholds = tune.median_thresholds(study)
+    assert thresholds == {3: pytest.approx(np.median([0.64, 0.70, 0.60, 0.69])), 4: pytest.approx(0.70)}
+    for run in ([0.60, 0.62, 0.63, 0.64], [0.60, 0.62, 0.67, 0.72], [0.7, 0.5, 0.5, 0.5]):
+        thresholds = tune.median_thresholds(study)   # the driver's hand-over at the start of each trial
+        trial, best = study.ask(), float("-inf")
+        for epoch, value in enumerate(run, 1):
+            trial.report(value, epoch)
+            best = max(best, value)
+            ours = epoch in thresholds and best < thresholds[epoch]
+            assert trial.should_prune() == ours, (run, epoch)
+            if ours:
+                break
+        study.tell(trial, state=optuna_state("PRUNED" if ours else "COMPLETE"), values=None if ours else best)
+
+
+def optuna_state(name: str):
+    import optuna
+    return getattr(optuna.trial.TrialState, name)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the tests below (each training joins it instead of starting its own)."""
+    pytest.importorskip("ray.train.torch")
+    from mvke.training.distributed import ray_session
+    with ray_session(DistributedConfig(workers=2)):
+        yield
+
+
+@pytest.mark.integration
+def test_workers_follow_the_trainers_schedule_and_the_prune_thresholds(parted, tmp_path, tiny_model_sizes, local_ray):
+    """Cosine ends at ~0 after the planned epochs (the schedule counts each worker's steps); a threshold no AUC
+    reaches stops every worker after that epoch (here the last: the schedule still ran in full)."""
+    from mvke.training.distributed import train_distributed
+    from mvke.training.trainer import TrainConfig
+    _, multi = parted
+    cfg = TrainConfig(epochs=2, batch_size=256, lr=3e-3, lr_schedule="cosine", threads=2, progress=False)
+    m = train_distributed(multi, "mvke-mt", cfg, DistributedConfig(workers=2, score_test=False, prune_below={2: 1.01},
+                                                                  storage=str(tmp_path / "a")), **tiny_model_sizes).metrics
+    assert len(m["history"]) == 2 and m["pruned_at_epoch"] == 2
+    assert m["final_lr"] < 0.01 * cfg.lr and m["cpu_seconds"] > 0
+    assert m["n_train"] + m["n_valid"] == sum(pq.read_metadata(p.train).num_rows for p in find_parts(multi))
+
+
+@pytest.mark.integration
+def test_tune_and_experiment_on_two_workers(dataset_dir, tmp_path, monkeypatch, local_ray):
+    """`mvke tune --workers 2`: trials on Ray Train with the pruner's record; `mvke experiment --workers 2`:
+    the 1-worker metrics (gAUC, Recall@20, diagnostics), cells kept apart from 1-worker cells."""
+    from mvke.training import experiment, tune
+    monkeypatch.setattr(tune, "EPOCH_RANGE", (1, 1))
+    data = dataset_dir("synthetic")
+    best = tune.tune(data, "mvke-mt", 1, tmp_path / "studies", seed=5, progress=False, workers=2)
+    assert best["trials"] == 1 and best["model_params"] > 0 and best["cpu_seconds"] > 0
+    import optuna
+    study = optuna.load_study(study_name="mvke-mt", storage=f"sqlite:///{tmp_path / 'studies' / 'mvke-mt' / 'study.db'}")
+    assert all(t.user_attrs["workers"] == 2 and t.intermediate_values for t in study.trials)
+
+    res = experiment.run_experiment(data, tmp_path / "out", seeds=1, models=["mvke-mt"], configs=tmp_path / "studies",
+                                    reference=False, progress=False, workers=2)
+    mt = res["models"]["mvke-mt"]
+    assert set(mt["gauc"]) == set(mt["recall_at_20"]) == {"ctr", "cvr"} and "gate_entropy" in mt
+    assert "--workers 2" in res["command"]
+    cell = json.loads((tmp_path / "out" / "cells" / "mvke-mt" / "seed-0.json").read_text())
+    assert cell["workers"] == 2 and cell["config_key"].endswith("-w2")
+    # The same cells are not a 1-worker result.
+    one = experiment.run_experiment(data, tmp_path / "out", seeds=1, models=["mvke-mt"], configs=tmp_path / "studies",
+                                    reference=False, progress=False, aggregate_only=True)
+    assert one["models"] == {}
