@@ -65,7 +65,8 @@ def _experiment(a: argparse.Namespace) -> None:
     models = a.models.split(",") if a.models else None
     run_experiment(a.data, a.out, seeds=a.seeds, models=models, configs=a.configs, sweep_experts=a.sweep_experts,
                    reference=not a.no_reference, threads=a.threads, aggregate_only=a.aggregate_only,
-                   max_epochs=a.max_epochs, workers=a.workers, address=a.address, use_gpu=a.gpu)
+                   max_epochs=a.max_epochs, workers=a.workers, address=a.address, use_gpu=a.gpu,
+                   match_params=not a.no_matched)
 
 
 def _tune(a: argparse.Namespace) -> None:
@@ -154,6 +155,9 @@ def register(sub) -> None:
     e.add_argument("--configs", metavar="DIR", help="output directory of `mvke tune` (each model's best.json)")
     e.add_argument("--sweep-experts", action="store_true", help="also train MVKE with 4..10 experts (Fig. 7)")
     e.add_argument("--no-reference", action="store_true", help="skip the LightGBM reference")
+    e.add_argument("--no-matched", action="store_true",
+                   help="no @matched rows (baselines outside ±15%% of mvke-mt's parameters rescaled to its size); "
+                        "their cells, if run, are kept and reported by a later call without this flag")
     e.add_argument("--max-epochs", type=int, default=None,
                    help="one epoch budget for every model (early stopping on validation decides where each run "
                         "stops) instead of each study's best trial's epochs")

@@ -253,8 +253,10 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 
 # -- the experiment -----------------------------------------------------------------------
 def experiment_command(data_dir, out_dir, seeds, models, configs, sweep_experts, reference,
-                       max_epochs: int | None = None, workers: int = 1) -> str:
+                       max_epochs: int | None = None, workers: int = 1, match_params: bool = True) -> str:
     parts = ["mvke", "experiment", "--data", str(data_dir), "--out", str(out_dir), "--seeds", str(seeds)]
+    if not match_params:
+        parts.append("--no-matched")
     if workers > 1:
         parts += ["--workers", str(workers)]
     if max_epochs is not None:
@@ -390,7 +392,8 @@ def _run_experiment(data_dir, out_dir, seeds: int, models: list[str], configs, s
     if unmatched:
         res["unmatched"] = unmatched
     res["command"] = experiment_command(data_dir, out_dir, seeds, models if models != [*MAIN_MODELS, *CONTROLS] else None,
-                                        configs, sweep_experts, reference, max_epochs, dist.workers if dist else 1)
+                                        configs, sweep_experts, reference, max_epochs, dist.workers if dist else 1,
+                                        match_params)
     res["wall_seconds_this_call"] = time.perf_counter() - t_start
     if configs:
         res["tune_commands"], res["cpu_hours"] = tuning_record(configs, res)

@@ -172,6 +172,8 @@ def test_experiment_resumes_and_reports_the_protocol(dataset_dir, tmp_path, monk
     assert again["models"]["mvke-mt"]["per_seed"] == mt["per_seed"]
     # --aggregate-only reports what is finished and trains nothing: with 3 seeds asked and 2 run, no model
     # has all its seeds; with 1 seed asked, every model is there from its seed-0 run.
+    bare = experiment.run_experiment(data_dir, out, **run, aggregate_only=True, match_params=False)
+    assert set(bare["models"]) == {"mvke-mt", "nomtl"} and "--no-matched" in bare["command"]
     none = experiment.run_experiment(data_dir, out, **{**run, "seeds": 3}, aggregate_only=True)
     assert none["models"] == {}
     first = experiment.run_experiment(data_dir, out, **{**run, "seeds": 1}, aggregate_only=True)
