@@ -41,8 +41,6 @@ def _train(a: argparse.Namespace) -> None:
     given = {k: getattr(a, k) for k in ("epochs", "lr", "lr_schedule", "weight_decay") if getattr(a, k) is not None}
     cfg = TrainConfig(**{"epochs": 5, **tuned, **given, "seed": a.seed, "batch_size": a.batch_size,
                          "threads": a.threads})
-    if a.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {a.workers}")
     if a.workers > 1 or a.address or a.stream:
         # Ray Train (DDP), the data streamed part by part (mvke/training/distributed.py); same checkpoint format
         from mvke.training.distributed import DistributedConfig, train_distributed
@@ -117,7 +115,7 @@ def register(sub) -> None:
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
     t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; split among --workers)")
-    t.add_argument("--workers", type=int, default=1,
+    t.add_argument("--workers", type=_positive_workers, default=1,
                    help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray "
                         "(default). --batch-size stays the global batch: each worker takes batch-size/workers, so "
                         "the learning rate needs no scaling (docs/SCALING.md)")

@@ -197,7 +197,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     from mvke.models import ModelConfig, build_model
     from mvke.training.metrics import auc as roc_auc   # scikit-learn's AUC, nan for one class
-    from mvke.training.trainer import TrainConfig, make_optimizer
+    from mvke.training.trainer import TrainConfig, make_optimizer, mean_finite
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
@@ -238,8 +238,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         train_seconds += time.perf_counter() - t0
         samples += n
         valid = _validate(model, valid_shard, dtypes, rank, world, roc_auc, config["max_eval_rows"])
-        finite = [v for v in valid.values() if np.isfinite(v)]
-        mean_auc = float(np.mean(finite)) if finite else float("-inf")
+        mean_auc = mean_finite(valid.values())
         history.append({"epoch": epoch, "train_loss": loss_sum / max(n, 1),
                         **{f"valid_{k}_auc": v for k, v in valid.items()}})
         if best_state is None or mean_auc > best:
@@ -322,7 +321,7 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
 
     from mvke.models import ModelConfig, build_model
     from mvke.models.layers import tag_groups_of
-    from mvke.training.trainer import TrainResult
+    from mvke.training.trainer import TrainResult, epoch_valid_auc
 
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     parts = find_parts(data_dir)
@@ -371,8 +370,7 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
                "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "n_train": scan.train_rows, "n_valid": scan.valid_rows,
                "wall_seconds": time.perf_counter() - t0}
-    best = metrics["history"][metrics["best_epoch"] - 1]
-    metrics["valid_auc"] = {k.split("_")[1]: v for k, v in best.items() if k.startswith("valid_")}
+    metrics["valid_auc"] = epoch_valid_auc(metrics["history"][metrics["best_epoch"] - 1])
     if dist_cfg.score_test and all(p.test for p in parts):
         metrics.update(test_auc_streamed(model, parts, meta, schema, dist_cfg.max_eval_rows))
     return TrainResult(model, schema, list(meta["tags"]), metrics)

@@ -128,6 +128,11 @@ def matched_config(name: str, data: EncodedData, model_over: dict, target: int) 
     return scaled((lo * hi) ** 0.5)
 
 
+def sweep_config(mvke_mt: dict, k: int) -> dict:
+    """mvke-mt's configuration with K experts and the sweep's task ranges (Fig. 7)."""
+    return {**mvke_mt, "model": {**mvke_mt["model"], "experts": k, "task_experts": sweep_task_experts(k)}}
+
+
 def config_key(cfg: dict) -> str:
     return hashlib.sha256(json.dumps({"model": cfg["model"], "train": cfg["train"]}, sort_keys=True)
                           .encode()).hexdigest()[:16]
@@ -320,10 +325,11 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, mo
     if workers > 1 or address:
         from mvke.training.distributed import DistributedConfig
         dist = DistributedConfig(workers=workers, address=address, use_gpu=use_gpu)
-    with contextlib.ExitStack() as stack:
-        if dist is not None and not aggregate_only:
-            from mvke.training.distributed import ray_session
-            stack.enter_context(ray_session(dist))
+    session = contextlib.nullcontext()
+    if dist is not None and not aggregate_only:
+        from mvke.training.distributed import ray_session
+        session = ray_session(dist)
+    with session:
         return _run_experiment(data_dir, out_dir, seeds, models, configs, sweep_experts, reference, match_params,
                                threads, progress, aggregate_only, max_epochs, dist)
 
@@ -380,8 +386,7 @@ def _run_experiment(data_dir, out_dir, seeds: int, models: list[str], configs, s
             cells.put("lightgbm", seed, {"config_key": "lightgbm", "seed": seed, **gbdt_reference(data, seed, threads)})
         if sweep_experts and seed == 0:
             for k in SWEEP_EXPERTS:
-                cfg = {**cfgs["mvke-mt"], "model": {**cfgs["mvke-mt"]["model"], "experts": k,
-                                                   "task_experts": sweep_task_experts(k)}}
+                cfg = sweep_config(cfgs["mvke-mt"], k)
                 if cells.get(f"sweep-K{k}", 0, cell_key(cfg, dist)) is None:
                     bar.set_postfix_str(f"sweep K={k}")
                     cells.put(f"sweep-K{k}", 0, run_cell(data, "mvke-mt", cfg, 0, threads, diagnostics=False,
@@ -437,8 +442,7 @@ def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, 
     if sweep_experts:
         res["sweep"] = []
         for k in SWEEP_EXPERTS:
-            cfg = {**cfgs["mvke-mt"], "model": {**cfgs["mvke-mt"]["model"], "experts": k,
-                                               "task_experts": sweep_task_experts(k)}}
+            cfg = sweep_config(cfgs["mvke-mt"], k)
             c = cells.get(f"sweep-K{k}", 0, cell_key(cfg, dist))
             if c:
                 res["sweep"].append({"experts": k, "task_experts": sweep_task_experts(k), "seeds": 1,

@@ -164,6 +164,11 @@ def mean_finite(values) -> float:
     return float(np.mean(finite)) if finite else float("-inf")
 
 
+def epoch_valid_auc(row: dict) -> dict[str, float]:
+    """{task: validation AUC} of one history row ({"valid_<task>_auc": ...})."""
+    return {k.split("_")[1]: v for k, v in row.items() if k.startswith("valid_")}
+
+
 def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_epoch=None) -> TrainResult:
     """Train with early stopping on the mean validation AUC; restore the best epoch's weights.
 
@@ -200,7 +205,7 @@ def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_
     metrics = {
         "model": model_cfg.name, "dataset": data.dataset.name, "seed": cfg.seed,
         "best_valid_mean_auc": best, "best_epoch": best_epoch, "history": history,
-        "valid_auc": {k.split("_")[1]: v for k, v in history[best_epoch - 1].items() if k.startswith("valid_")},
+        "valid_auc": epoch_valid_auc(history[best_epoch - 1]),
         "train_seconds": train_seconds, "samples_per_second": seen / train_seconds,
         # CPU time of this process: on a shared machine wall-clock speed mostly measures the neighbours.
         "cpu_seconds": cpu_seconds, "samples_per_cpu_second": seen / max(cpu_seconds, 1e-9),

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 
-from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, prepare, train_model
+from mvke.training.trainer import (EncodedData, TrainConfig, epoch_valid_auc, mean_finite, model_config_for, prepare,
+                                   train_model)
 
 EPOCH_RANGE = (3, 10)
 # MedianPruner's settings. Pruning only from epoch 3 (optuna prunes at steps >= n_warmup_steps): the
@@ -116,7 +117,6 @@ def _objective_distributed(data_dir: str | Path, model: str, seed: int, threads:
     """The objective on Ray Train: the same space, seed and pruning rule as `_objective`."""
     import dataclasses
 
-    import numpy as np
     import optuna
 
     from mvke.training.distributed import train_distributed
@@ -132,8 +132,7 @@ def _objective_distributed(data_dir: str | Path, model: str, seed: int, threads:
         trial.set_user_attr("wall_seconds", time.perf_counter() - wall0)
         trial.set_user_attr("workers", dist.workers)
         for row in m["history"]:     # the epochs the workers ran, into the trial: the pruner's record
-            value = float(np.mean([v for k, v in row.items() if k.startswith("valid_") and np.isfinite(v)] or [-np.inf]))
-            trial.report(value, row["epoch"])
+            trial.report(mean_finite(epoch_valid_auc(row).values()), row["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned()
         trial.set_user_attr("params", m["params"])
