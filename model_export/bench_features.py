@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -119,6 +120,25 @@ def _run(label: str, fn, servers: list, children: bool) -> dict:
     return row
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per configuration: the median users/s and CPU per user over its rounds (printed too)."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        runs = [r for r in rows if r["label"] == label]
+        med = {k: float(np.median([r[k] for r in runs]))
+               for k in ("users_per_second", "client_cpu_us_per_user", "server_cpu_us_per_user")}
+        out.append({"label": label, "rounds": len(runs), **med,
+                    "users_per_second_range": [min(r["users_per_second"] for r in runs),
+                                               max(r["users_per_second"] for r in runs)]})
+    if len(rows) > len(out):
+        print("median over rounds:")
+        for m in out:
+            lo, hi = m["users_per_second_range"]
+            print(f"  {m['label']:34s} {m['users_per_second']:>9,.0f} users/s ({lo:,}-{hi:,})  client "
+                  f"{m['client_cpu_us_per_user']:5.1f} us/user  redis {m['server_cpu_us_per_user']:5.1f} us/user")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     from model_export.features_job import FeaturesLoadConfig, load_features
     from mvke.localcluster import LocalRedisCluster
@@ -129,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default="/tmp/mvke-bench-features")
     p.add_argument("--workers", default="1,2", help="worker counts to run (comma-separated)")
     p.add_argument("--skip-before", action="store_true", help="skip the per-row loader (slow)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds; each round runs every configuration once (interleaved, so a noisy minute "
+                        "hits all of them), and the summary gives each one's median")
     p.add_argument("--json")
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -147,18 +170,21 @@ def main(argv: list[str] | None = None) -> dict:
     single = LocalRedis(extra_args=["--hash-max-listpack-value", "512"]).start()
     cluster = LocalRedisCluster(masters=3).start()
     try:
-        if not a.skip_before:
-            rows.append(_run("per-row (before), 1 node", lambda: per_row_before(data, single.url), [single], False))
-        for w in workers:
-            rows.append(_run(f"features load, {w} worker(s), 1 node", job(single.url, w), [single], w > 1))
-        for w in workers:
-            rows.append(_run(f"features load, {w} worker(s), 3-node cluster", job(cluster.url, w), cluster.nodes,
-                             w > 1))
+        for _ in range(a.repeat):
+            if not a.skip_before:
+                rows.append(_run("per-row (before), 1 node", lambda: per_row_before(data, single.url), [single],
+                                 False))
+            for w in workers:
+                rows.append(_run(f"features load, {w} worker(s), 1 node", job(single.url, w), [single], w > 1))
+            for w in workers:
+                rows.append(_run(f"features load, {w} worker(s), 3-node cluster", job(cluster.url, w),
+                                 cluster.nodes, w > 1))
     finally:
         single.stop()
         cluster.stop()
-    report = {"users": a.users, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "rows": rows,
-              "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    medians = summarise(rows)
+    report = {"users": a.users, "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "rounds": a.repeat,
+              "rows": rows, "medians": medians, "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
     return report

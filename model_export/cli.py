@@ -138,7 +138,7 @@ def register(sub) -> None:
                                   "and finished parts are skipped. Bad rows are reported and the rest is loaded.")
     fl.add_argument("--data", required=True, metavar="DIR", help="dataset directory (meta.json + users.parquet)")
     _redis_options(fl)
-    fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU, less one when Redis is on this machine)")
     fl.add_argument("--ttl", type=int, metavar="SECONDS", help="expire each user hash this many seconds after its load")
     fl.add_argument("--part-rows", type=int, default=262_144, metavar="N", help="users per part (the unit of resumption)")
     fl.add_argument("--job-dir", metavar="DIR", help="markers and rejects (default DATA/_features_load)")

@@ -14,21 +14,24 @@ The loader's hot loop, without a Python object per value:
    batch lie back to back in the array's value buffer: that buffer is what is sent.
 3. `FeatureSink` sends each batch on a raw connection per master (one for a single
    node; the users of a cluster are routed by hash slot, computed here) and reads the
-   replies of batch k-1 while Redis works on batch k (hiredis parses them). Users
+   replies of batch k-1 while Redis works on batch k (checked in bulk: `_Wire`). Users
    whose commands met MOVED/ASK (a slot migrating) are redone one by one through
    redis-py's cluster client, which follows redirections, as an atomic Lua script.
 
-Measured on 2 shared cores: about 9 us of client CPU and 9 us of redis-server CPU per
-user of the synthetic schema (26 fields), against ~140 us of client CPU for the
-per-row redis-py pipeline this replaces (docs/SCALING.md).
+Measured on 2 cores: 10-18 us of client CPU and 11-21 us of redis-server CPU per user of
+the synthetic schema (26 fields; the range is two Intel machines), against ~130 us of client
+CPU for the per-row redis-py pipeline this replaced; 45,000 users/s end to end with one
+loader beside a local Redis (docs/SCALING.md).
 """
 from __future__ import annotations
 
 import math
+import queue
+import ssl
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import hiredis
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -225,50 +228,120 @@ def replies_per_user(ttl_s: int | None) -> int:
     return 5 if ttl_s else 4
 
 
+def lines_per_user(replies: int) -> int:
+    """RESP lines of one user's replies that went through: +OK (MULTI), +QUEUED per queued
+    command, then EXEC's array header and one integer per queued command."""
+    queued = replies - 2
+    return 1 + queued + 1 + queued
+
+
 # ---- 3. sending -----------------------------------------------------------------------------------
 class _Wire:
-    """A raw, already authenticated connection (redis-py's, TLS included) with a hiredis reader."""
+    """A raw, already authenticated connection (redis-py's, TLS included) and its reply stream.
+
+    The replies of a loader's commands are only status lines (+OK, +QUEUED), integers and the
+    EXEC array of those, one CRLF-terminated line each, and an error is the only line that
+    starts with `-`. So a batch that went through is recognised in bulk: the next
+    `users x lines_per_user` lines of the stream hold no `-`. Only a batch with an error is
+    parsed reply by reply (`_read_slow`) to find which users failed and why.
+
+    On a plain TCP connection a thread sends (`sendall` waits while Redis drains a batch of
+    megabytes, and releases the GIL): the loader encodes the next batch meanwhile, so Redis is
+    not left idle between batches. TLS sockets are not safe to read and write from two threads:
+    they send inline.
+    """
 
     def __init__(self, pool: Any):
         self.pool = pool
         self.conn = pool.get_connection()
         # redis-py has no public raw-socket API; its connection did AUTH/TLS/HELLO, we only stream on it.
         self.sock = self.conn._sock
-        self.reader = hiredis.Reader()
+        self.buf = bytearray()
         self.pending: list[tuple[int, np.ndarray]] = []   # (batch number, row indices) per sent batch
+        self._outbox: queue.Queue | None = None
+        self._send_error: OSError | None = None
+        if not isinstance(self.sock, ssl.SSLSocket):
+            self._outbox = queue.Queue(maxsize=1)
+            self._sender = threading.Thread(target=self._send_loop, name="feature-sink-send", daemon=True)
+            self._sender.start()
+
+    def _send_loop(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            if self._send_error is None:
+                try:
+                    self.sock.sendall(data)
+                except OSError as e:
+                    self._send_error = e
+
+    def _check_sent(self) -> None:
+        if self._send_error is not None:
+            raise self._send_error
 
     def send(self, batch_no: int, commands: pa.Array, rows: np.ndarray) -> None:
-        self.sock.sendall(wire_bytes(commands))
+        self._check_sent()
+        if self._outbox is None:
+            self.sock.sendall(wire_bytes(commands))
+        else:
+            self._outbox.put(wire_bytes(commands))
         self.pending.append((batch_no, rows))
 
-    def _reply(self) -> Any:
-        reply = self.reader.gets()
-        while reply is False:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise ConnectionError("Redis closed the connection")
-            self.reader.feed(data)
-            reply = self.reader.gets()
-        return reply
+    def _recv(self) -> None:
+        self._check_sent()
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("Redis closed the connection")
+        self.buf += data
+
+    def _end_of_clean_lines(self, lines: int) -> int | None:
+        """Byte offset just past the `lines`-th line of the stream, receiving until it is there;
+        None as soon as the stream shows an error (a batch with errors may have fewer lines)."""
+        newlines = np.flatnonzero(np.frombuffer(self.buf, dtype=np.uint8) == 10)
+        while len(newlines) < lines:
+            if self.buf.find(b"-") >= 0:
+                return None
+            seen = len(self.buf)
+            self._recv()
+            more = np.flatnonzero(np.frombuffer(self.buf, dtype=np.uint8, offset=seen) == 10) + seen
+            newlines = np.concatenate([newlines, more])
+        end = int(newlines[lines - 1]) + 1
+        return None if self.buf.find(b"-", 0, end) >= 0 else end
 
     def read(self, per_user: int) -> list[tuple[int, str]]:
         """Replies of the oldest sent batch -> [(row, first error)] of its users that failed."""
         _, rows = self.pending.pop(0)
+        end = self._end_of_clean_lines(len(rows) * lines_per_user(per_user))
+        if end is None:
+            return self._read_slow(rows, per_user)
+        del self.buf[:end]
+        return []
+
+    def _line(self) -> bytes:
+        while (i := self.buf.find(b"\r\n")) < 0:
+            self._recv()
+        line = bytes(self.buf[:i])
+        del self.buf[:i + 2]
+        return line
+
+    def _read_slow(self, rows: np.ndarray, per_user: int) -> list[tuple[int, str]]:
         failed = []
         for row in rows.tolist():
             err = None
             for _ in range(per_user):
-                reply = self._reply()
-                if err is None:
-                    if isinstance(reply, hiredis.ReplyError):
-                        err = str(reply)
-                    elif isinstance(reply, list):
-                        err = next((str(r) for r in reply if isinstance(r, hiredis.ReplyError)), None)
+                line = self._line()
+                items = [self._line() for _ in range(int(line[1:]))] if line.startswith(b"*") else [line]
+                bad = next((x for x in items if x.startswith(b"-")), None)
+                if err is None and bad is not None:
+                    err = bad[1:].decode(errors="replace")
             if err is not None:
                 failed.append((row, err))
         return failed
 
     def close(self) -> None:
+        if self._outbox is not None:
+            if self.pending:      # stop a send stuck on a peer that reads no more
+                self.conn.disconnect()
+            self._outbox.put(None)
+            self._sender.join()
         if self.pending:          # replies never read: the stream is mid-way, do not hand it back as is
             self.conn.disconnect()
         self.pool.release(self.conn)

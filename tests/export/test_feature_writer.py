@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from model_export.feature_store import validate_row
-from model_export.feature_writer import (LOADED_AT_FIELD, FeatureSink, encode_commands, store_columns,
-                                         wire_bytes)
+from model_export.feature_writer import (LOADED_AT_FIELD, FeatureLoadError, FeatureSink, encode_commands,
+                                         store_columns, wire_bytes)
 from mvke.runtime.redis_client import connect
 
 KINDS = {"age": "cat", "score": "cat", "flag": "cat", "clicked": "multi", "counts": "multi", "oops": "multi",
@@ -97,6 +97,29 @@ def test_single_node_load_replaces_hashes_and_sets_ttl(redis_server, redis_clien
     client.close()
 
 
+@pytest.mark.parametrize("ttl_s", [None, 60])
+def test_a_refused_batch_stops_the_load_naming_a_user_and_the_reason(private_redis, ttl_s):
+    """Replies are checked in bulk; a batch holding an error (OOM: maxmemory reached mid-load) has
+    fewer reply lines than a clean one: it is parsed reply by reply, not waited on until a timeout."""
+    r = private_redis.client()
+    n = 3000
+    table = pa.table({"user_id": [f"o{i}" for i in range(n)], "age": ["a" * 200] * n, "clicked": [["t1"]] * n})
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 300_000)
+    client = connect(private_redis.url, socket_timeout=20)
+    sink = FeatureSink(client, "mvke:user:", "7", ttl_s)
+    with pytest.raises(FeatureLoadError, match=r"Redis refused user o\d+: OOM"):
+        for batch in table.to_batches(max_chunksize=250):
+            sink.write(store_columns(batch, KINDS))
+        sink.flush()
+    sink.close()
+    loaded = sum(r.exists(f"mvke:user:o{i}") for i in range(n))
+    assert 0 < loaded < n                              # the batches before the refusal went in whole
+    assert r.hget("mvke:user:o0", "age") == b"a" * 200
+    assert (r.ttl("mvke:user:o0") > 0) == bool(ttl_s)
+    client.close()
+
+
 def test_cluster_load_routes_every_user_to_its_slot(redis_cluster, cluster_client):
     ids = [f"user{i}" for i in range(2000)]
     table = pa.table({"user_id": ids, "age": [f"a{i % 7}" for i in range(2000)],
@@ -124,4 +147,29 @@ def test_cluster_users_sent_to_the_wrong_node_are_redone(redis_cluster, cluster_
     sink.close()
     assert 150 < sink.redone < 300                # about two thirds were on the other masters
     assert all(cluster_client.hget(f"mvke:user:m{i}", "age") == b"a" for i in range(300))
+    client.close()
+
+
+def test_default_loader_processes_leave_a_core_to_a_local_redis(monkeypatch):
+    import os
+
+    from model_export.features_job import default_workers
+    from mvke.runtime.redis_client import RedisTarget
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert default_workers(RedisTarget("redis://127.0.0.1:6379/0", False)) == 3
+    assert default_workers(RedisTarget("redis://localhost:7000", True)) == 3
+    assert default_workers(RedisTarget("unix:///run/redis.sock", False)) == 3
+    assert default_workers(RedisTarget("rediss://redis.example.internal:6380", False)) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_workers(RedisTarget("redis://127.0.0.1:6379/0", False)) == 1
+
+
+def test_load_over_tls_sends_inline_and_stores_every_user(tls_redis):
+    """A TLS socket is not read and written from two threads: its batches go out inline."""
+    table = awkward_table()
+    client = connect(tls_redis.url)
+    sink = _load(client, table, ttl_s=None, batch_rows=2)
+    assert sink.nodes_written
+    want = _expected_hashes(table)
+    assert _read_all(client, want) == want
     client.close()
