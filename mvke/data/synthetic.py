@@ -26,6 +26,11 @@ bounded memory and any block can be regenerated on its own.
 """
 from __future__ import annotations
 
+import itertools
+import multiprocessing as mp
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -383,14 +388,51 @@ def part_blocks(cfg: SynthConfig, part_users: int | None) -> int:
     return part_users // USER_BLOCK
 
 
+# one World per worker process of `generate(jobs > 1)` (drawn from the config alone: the same in each)
+_block_world: World | None = None
+
+
+def _init_block_worker(cfg: SynthConfig) -> None:
+    global _block_world
+    _block_world = World(cfg)
+
+
+def _block_in_worker(block: int) -> dict[str, pd.DataFrame]:
+    assert _block_world is not None
+    return generate_block(_block_world, block)
+
+
+def _blocks_in_order(world: World, todo: range, jobs: int) -> Iterator[dict[str, pd.DataFrame]]:
+    """generate_block for each block of `todo`, in order; `jobs` > 1 draws them in that many
+    processes, at most 2 x jobs blocks ahead of the writer (memory stays bounded)."""
+    if jobs <= 1:
+        for b in todo:
+            yield generate_block(world, b)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_block_worker,
+                             initargs=(world.cfg,)) as pool:
+        ahead: deque = deque()
+        blocks_left = iter(todo)
+        for b in itertools.islice(blocks_left, 2 * jobs):
+            ahead.append(pool.submit(_block_in_worker, b))
+        while ahead:
+            frames = ahead.popleft().result()
+            nxt = next(blocks_left, None)
+            if nxt is not None:
+                ahead.append(pool.submit(_block_in_worker, nxt))
+            yield frames
+
+
 def generate(cfg: SynthConfig, out: str | Path, progress: bool = True, part_users: int | None = None,
-             resume: bool = False) -> Path:
+             resume: bool = False, jobs: int = 1) -> Path:
     """Write a synthetic dataset (Parquet + meta.json) to `out`, block by block (bounded memory).
 
     `part_users` (a multiple of USER_BLOCK, `part_blocks`): users per part file, 0 for one file
     per table. The rows are the same whatever the layout: blocks are written in order.
     `resume` (parts only): keep the parts an interrupted run with the same config finished and
     write the rest; the first block is drawn again and compared, so another config is refused.
+    `jobs` > 1: blocks drawn in that many processes (each block has its own random stream, so
+    the dataset is byte-for-byte the one `jobs=1` writes); this process writes them in order.
     """
     world = World(cfg)
     per_part = part_blocks(cfg, part_users)
@@ -412,8 +454,10 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True, part_user
                 raise ValueError(f"{out}: its parts were written with another config or seed; "
                                  "resume needs the same --users/--tags/--seed/--world/--facets/--part-users")
     writer = DatasetWriter(out, parted=per_part > 0, keep_parts=keep)
-    for b in tqdm(blocks(cfg)[keep * per_part:], desc="synthetic users", unit="block", disable=not progress,
-                  mininterval=1.0 if progress else 0.1, initial=keep * per_part, total=len(blocks(cfg))):
-        for name, df in generate_block(world, b).items():
+    todo = blocks(cfg)[keep * per_part:]
+    drawn = _blocks_in_order(world, todo, jobs)
+    for b, frames in tqdm(zip(todo, drawn), desc="synthetic users", unit="block", disable=not progress,
+                          mininterval=1.0 if progress else 0.1, initial=keep * per_part, total=len(blocks(cfg))):
+        for name, df in frames.items():
             writer.add(name, df, part=b // per_part if per_part else 0)
     return writer.close(dataset_meta(world))

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mvke.cli import at_least_one
+
 EXTRA = "train"
 
 
@@ -82,16 +84,9 @@ MODEL_NAMES = ("mvke-mt", "mvke-st", "nomtl", "hard-sharing", "moe", "mmoe", "cg
 MODEL_HELP = (f"model to train: {', '.join(MODEL_NAMES)} (default mvke-mt; docs/MODELS.md says what each is)")
 
 
-def _positive_workers(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--workers must be >= 1, got {n}")
-    return n
-
-
 def _ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
     """--workers / --address / --gpu of `experiment` and `tune`: `mvke train --workers`'s path for each run."""
-    p.add_argument("--workers", type=_positive_workers, default=1,
+    p.add_argument("--workers", type=at_least_one, default=1,
                    help=f"data-parallel workers on Ray Train for {what} (DDP, the data streamed; one Ray for the "
                         "whole call); 1: no Ray (default). The batch size stays the global batch (docs/SCALING.md)")
     p.add_argument("--address", help="Ray cluster address for --workers (default: a local Ray)")
@@ -115,7 +110,7 @@ def register(sub) -> None:
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
     t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; split among --workers)")
-    t.add_argument("--workers", type=_positive_workers, default=1,
+    t.add_argument("--workers", type=at_least_one, default=1,
                    help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray "
                         "(default). --batch-size stays the global batch: each worker takes batch-size/workers, so "
                         "the learning rate needs no scaling (docs/SCALING.md)")

@@ -185,6 +185,22 @@ def test_synthetic_parts_and_one_file_hold_the_same_tables(tmp_path):
     assert a.meta == b.meta
 
 
+def test_synthetic_in_several_processes_writes_the_same_dataset(tmp_path):
+    """--jobs 2: blocks drawn in two processes, written in order: the same tables and meta as one
+    process, and a resume with jobs keeps the finished parts."""
+    cfg = SynthConfig(users=3 * USER_BLOCK + 20, tags=50, ads=200, categories=10, seed=5)
+    one = generate(cfg, tmp_path / "one", progress=False, part_users=USER_BLOCK)
+    two = generate(cfg, tmp_path / "two", progress=False, part_users=USER_BLOCK, jobs=2)
+    for name in ("train", "test", "users"):
+        assert read_table(two / f"{name}.parquet").equals(read_table(one / f"{name}.parquet")), name
+    assert json.loads((two / "meta.json").read_text()) == json.loads((one / "meta.json").read_text())
+    (two / "meta.json").unlink()
+    for name in ("train", "test", "users"):
+        (two / f"{name}.parquet" / "part-00003.parquet").unlink()
+    generate(cfg, two, progress=False, part_users=USER_BLOCK, resume=True, jobs=2)
+    assert read_table(two / "train.parquet").equals(read_table(one / "train.parquet"))
+
+
 def test_synthetic_rewrite_replaces_the_other_layout(tmp_path):
     cfg = SynthConfig(users=USER_BLOCK + 10, tags=50, ads=200, categories=10, seed=4)
     generate(cfg, tmp_path, progress=False, part_users=USER_BLOCK)

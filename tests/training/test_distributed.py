@@ -127,7 +127,7 @@ def test_train_workers_must_be_positive(tmp_path):
     import sys
     out = subprocess.run([sys.executable, "-m", "mvke.cli", "train", "--data", str(tmp_path), "--out",
                           str(tmp_path / "ck"), "--workers", "0"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "--workers must be >= 1" in out.stderr
+    assert out.returncode == 2 and "--workers: must be >= 1, got 0" in out.stderr
 
 
 @pytest.mark.integration
@@ -230,6 +230,17 @@ def local_ray():
     from mvke.training.distributed import ray_session
     with ray_session(DistributedConfig(workers=2)):
         yield
+
+
+@pytest.mark.integration
+def test_vocabulary_scan_in_ray_tasks_equals_the_serial_scan(parted, local_ray):
+    from mvke.training.distributed import scan_parts
+    _, multi = parted
+    meta = json.loads((multi / "meta.json").read_text())
+    serial = scan_parts(find_parts(multi), meta, 0.1)
+    tasks = scan_parts(find_parts(multi), meta, 0.1, ray_tasks=True, parts_per_task=1)
+    assert tasks.schema.to_dict() == serial.schema.to_dict()
+    assert (tasks.train_rows, tasks.valid_rows) == (serial.train_rows, serial.valid_rows) and serial.valid_rows > 0
 
 
 @pytest.mark.integration
