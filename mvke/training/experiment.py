@@ -433,9 +433,11 @@ def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, 
         res["gates"] = c0.get("diagnostics", {}).get("gate_weights")
         res["attention"] = c0.get("diagnostics", {}).get("attention")
     if reference:
-        gb = [Cells(out).get("lightgbm", s, "lightgbm") for s in range(seeds)]
-        if all(gb):
-            res["reference"] = {"model": "lightgbm", "params": gb[0]["params"], "seeds": seeds,
+        # a reference, not a compared model: reported over the seeds it has, and says how many
+        gb = [g for g in (Cells(out).get("lightgbm", s, "lightgbm") for s in range(seeds)) if g]
+        if gb:
+            res["reference"] = {"model": "lightgbm", "params": gb[0]["params"], "seeds": len(gb),
+                                "seed_ids": [g["seed"] for g in gb],
                                 **{f"{key}_auc": _ms([g["test_auc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
                                 **{f"{key}_gauc": _ms([g["test_gauc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
                                 "best_rounds_seed0": gb[0]["best_rounds"], "seconds": float(np.mean([g["seconds"] for g in gb]))}

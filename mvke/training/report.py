@@ -56,7 +56,8 @@ def render_markdown(res: dict) -> str:
         lines.append(_row(label, m))
     ref = res.get("reference")
     if ref:
-        lines.append(f"| LightGBM reference (not tuned) | {_pm(ref['ctr_auc'])} | {_pm(ref['cvr_auc'])} "
+        of = "" if ref["seeds"] == res["seeds"] else f"; {ref['seeds']} of {res['seeds']} seeds"
+        lines.append(f"| LightGBM reference (not tuned{of}) | {_pm(ref['ctr_auc'])} | {_pm(ref['cvr_auc'])} "
                      f"| {_pm(ref['ctr_gauc'])} | {_pm(ref['cvr_gauc'])} | | | | | | | |")
     if res.get("oracle"):
         o = res["oracle"]

@@ -183,3 +183,10 @@ def test_experiment_resumes_and_reports_the_protocol(dataset_dir, tmp_path, monk
     # found), nomtl's was 1 (its runs were trained under another configuration, so none is reported).
     same = experiment.run_experiment(data_dir, out, **{**run, "seeds": 1}, aggregate_only=True, max_epochs=2)
     assert set(same["models"]) == {"mvke-mt"}
+    # The LightGBM reference of seed 0 only (trained here for real): a reference, not a compared model, so
+    # a 2-seed table reports it over the one seed it has and says so.
+    monkeypatch.undo()
+    experiment.run_experiment(data_dir, out, **{**run, "seeds": 1, "reference": True})
+    ref = experiment.run_experiment(data_dir, out, **{**run, "reference": True}, aggregate_only=True)["reference"]
+    assert ref["seeds"] == 1 and ref["seed_ids"] == [0] and 0.5 < ref["ctr_auc"]["mean"] <= 1
+    assert "LightGBM reference (not tuned; 1 of 2 seeds)" in (out / "results.md").read_text()
