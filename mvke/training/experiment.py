@@ -341,7 +341,8 @@ def _run_experiment(data_dir, out_dir, seeds: int, models: list[str], configs, s
     out.mkdir(parents=True, exist_ok=True)
     cells = Cells(out)
     t_start = time.perf_counter()
-    cfgs = {m: resolve_config(m, configs) for m in set(models) | {"mvke-mt"}}
+    # mvke-mt first, then --models in their order (a set here gave every call its own table order)
+    cfgs = {m: resolve_config(m, configs) for m in dict.fromkeys(["mvke-mt", *models])}
     if max_epochs is not None:
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")

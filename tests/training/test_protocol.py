@@ -153,6 +153,7 @@ def test_experiment_resumes_and_reports_the_protocol(dataset_dir, tmp_path, monk
     res = experiment.run_experiment(data_dir, out, **run)
     assert res["selection"] == "valid"
     assert set(res["models"]) == {"mvke-mt", "nomtl", "nomtl@matched"}   # nomtl is far from mvke-mt's size
+    assert list(res["models"]) == ["mvke-mt", "nomtl", "nomtl@matched"]    # the table's order: mvke-mt first
     mt, nm = res["models"]["mvke-mt"], res["models"]["nomtl@matched"]
     assert abs(nm["params"] / mt["params"] - 1) < experiment.MATCH_TOLERANCE
     for m in res["models"].values():
