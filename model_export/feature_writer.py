@@ -259,7 +259,8 @@ class _Wire:
         self.buf = bytearray()
         self.pending: list[tuple[int, np.ndarray]] = []   # (batch number, row indices) per sent batch
         self._outbox: queue.Queue | None = None
-        self._send_error: OSError | None = None
+        self._send_error: BaseException | None = None
+        self._broken = False      # a read or send failed mid-stream: never hand this connection back as is
         if not isinstance(self.sock, ssl.SSLSocket):
             self._outbox = queue.Queue(maxsize=1)
             self._sender = threading.Thread(target=self._send_loop, name="feature-sink-send", daemon=True)
@@ -270,25 +271,35 @@ class _Wire:
             if self._send_error is None:
                 try:
                     self.sock.sendall(data)
-                except OSError as e:
+                except BaseException as e:   # anything: a dead sender would leave send() blocked on the queue
                     self._send_error = e
 
     def _check_sent(self) -> None:
         if self._send_error is not None:
+            self._broken = True
             raise self._send_error
 
     def send(self, batch_no: int, commands: pa.Array, rows: np.ndarray) -> None:
         self._check_sent()
         if self._outbox is None:
-            self.sock.sendall(wire_bytes(commands))
+            try:
+                self.sock.sendall(wire_bytes(commands))
+            except BaseException:
+                self._broken = True
+                raise
         else:
             self._outbox.put(wire_bytes(commands))
         self.pending.append((batch_no, rows))
 
     def _recv(self) -> None:
         self._check_sent()
-        data = self.sock.recv(1 << 20)
+        try:
+            data = self.sock.recv(1 << 20)
+        except BaseException:
+            self._broken = True
+            raise
         if not data:
+            self._broken = True
             raise ConnectionError("Redis closed the connection")
         self.buf += data
 
@@ -296,8 +307,9 @@ class _Wire:
         """Byte offset just past the `lines`-th line of the stream, receiving until it is there;
         None as soon as the stream shows an error (a batch with errors may have fewer lines)."""
         newlines = np.flatnonzero(np.frombuffer(self.buf, dtype=np.uint8) == 10)
+        seen = 0
         while len(newlines) < lines:
-            if self.buf.find(b"-") >= 0:
+            if self.buf.find(b"-", seen) >= 0:
                 return None
             seen = len(self.buf)
             self._recv()
@@ -337,13 +349,13 @@ class _Wire:
         return failed
 
     def close(self) -> None:
+        # replies never read (or a read that failed): the stream is mid-way, do not hand it back as is
+        mid_stream = bool(self.pending) or self._broken
+        if mid_stream:
+            self.conn.disconnect()    # also wakes a send stuck on a peer that reads no more
         if self._outbox is not None:
-            if self.pending:      # stop a send stuck on a peer that reads no more
-                self.conn.disconnect()
             self._outbox.put(None)
             self._sender.join()
-        if self.pending:          # replies never read: the stream is mid-way, do not hand it back as is
-            self.conn.disconnect()
         self.pool.release(self.conn)
 
 

@@ -189,8 +189,8 @@ def default_workers(target: RedisTarget) -> int:
     about as much CPU per user as a loader (docs/SCALING.md), so on 2 cores one loader beside a
     local Redis outruns two (43,000 vs 37,700 users/s measured)."""
     cpus = len(os.sched_getaffinity(0))
-    host = urlsplit(target.url).hostname or "localhost"
-    local = host in ("localhost", "::1") or host.startswith("127.") or host == socket.gethostname()
+    host = urlsplit(target.url).hostname or "localhost"      # urlsplit lower-cases it
+    local = host in ("localhost", "::1") or host.startswith("127.") or host == socket.gethostname().lower()
     return max(1, cpus - 1) if local else cpus
 
 

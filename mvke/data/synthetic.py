@@ -26,6 +26,7 @@ bounded memory and any block can be regenerated on its own.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 from collections import deque
@@ -409,8 +410,9 @@ def _blocks_in_order(world: World, todo: range, jobs: int) -> Iterator[dict[str,
         for b in todo:
             yield generate_block(world, b)
         return
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_block_worker,
-                             initargs=(world.cfg,)) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_block_worker,
+                               initargs=(world.cfg,))
+    try:
         ahead: deque = deque()
         blocks_left = iter(todo)
         for b in itertools.islice(blocks_left, 2 * jobs):
@@ -421,6 +423,8 @@ def _blocks_in_order(world: World, todo: range, jobs: int) -> Iterator[dict[str,
             if nxt is not None:
                 ahead.append(pool.submit(_block_in_worker, nxt))
             yield frames
+    finally:   # the writer failed or stopped early: draw nothing more
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def generate(cfg: SynthConfig, out: str | Path, progress: bool = True, part_users: int | None = None,
@@ -455,9 +459,9 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True, part_user
                                  "resume needs the same --users/--tags/--seed/--world/--facets/--part-users")
     writer = DatasetWriter(out, parted=per_part > 0, keep_parts=keep)
     todo = blocks(cfg)[keep * per_part:]
-    drawn = _blocks_in_order(world, todo, jobs)
-    for b, frames in tqdm(zip(todo, drawn), desc="synthetic users", unit="block", disable=not progress,
-                          mininterval=1.0 if progress else 0.1, initial=keep * per_part, total=len(blocks(cfg))):
-        for name, df in frames.items():
-            writer.add(name, df, part=b // per_part if per_part else 0)
+    with contextlib.closing(_blocks_in_order(world, todo, jobs)) as drawn:
+        for b, frames in tqdm(zip(todo, drawn), desc="synthetic users", unit="block", disable=not progress,
+                              mininterval=1.0 if progress else 0.1, initial=keep * per_part, total=len(blocks(cfg))):
+            for name, df in frames.items():
+                writer.add(name, df, part=b // per_part if per_part else 0)
     return writer.close(dataset_meta(world))

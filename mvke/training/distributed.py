@@ -156,6 +156,20 @@ def _scan_parts_chunk(parts: list[DataPart], kinds: dict[str, str], valid_fracti
 SCAN_PARTS_PER_TASK = 16
 
 
+def _scan_chunks_on_ray(chunks: list[list[DataPart]], kinds: dict[str, str], valid_fraction: float):
+    """_scan_parts_chunk of each chunk as a Ray task; results yielded as they finish (merged one
+    at a time, so the driver never holds every chunk's vocabularies at once)."""
+    import ray
+    task = ray.remote(num_cpus=1)(_scan_parts_chunk)
+    waiting = [task.remote(c, kinds, valid_fraction) for c in chunks]
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        try:
+            yield ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:   # the part's own error (e.g. unreadable Parquet), not Ray's wrapper
+            raise e.cause from None
+
+
 def scan_parts(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float,
                ray_tasks: bool = False, parts_per_task: int = SCAN_PARTS_PER_TASK) -> PartsScan:
     """`stream_schema` plus the number of training and validation rows (the cosine schedule's length).
@@ -166,11 +180,9 @@ def scan_parts(parts: list[DataPart], meta: dict[str, Any], valid_fraction: floa
     kinds, max_lens = meta["fields"], meta.get("max_lens", {})
     chunks = [parts[i:i + parts_per_task] for i in range(0, len(parts), parts_per_task)]
     if ray_tasks and len(chunks) > 1:
-        import ray
-        task = ray.remote(num_cpus=1)(_scan_parts_chunk)
-        results = ray.get([task.remote(c, kinds, valid_fraction) for c in chunks])
+        results = _scan_chunks_on_ray(chunks, kinds, valid_fraction)
     else:
-        results = [_scan_parts_chunk(c, kinds, valid_fraction) for c in chunks]
+        results = (_scan_parts_chunk(c, kinds, valid_fraction) for c in chunks)
     seen: dict[str, set[str]] = {name: set() for name in kinds}
     train_rows = valid_rows = 0
     for chunk_seen, n_train, n_valid in results:

@@ -441,7 +441,7 @@ def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, 
                                 "seed_ids": [g["seed"] for g in gb],
                                 **{f"{key}_auc": _ms([g["test_auc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
                                 **{f"{key}_gauc": _ms([g["test_gauc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
-                                "best_rounds_seed0": gb[0]["best_rounds"], "seconds": float(np.mean([g["seconds"] for g in gb]))}
+                                "best_rounds_first_seed": gb[0]["best_rounds"], "seconds": float(np.mean([g["seconds"] for g in gb]))}
     if sweep_experts:
         res["sweep"] = []
         for k in SWEEP_EXPERTS:

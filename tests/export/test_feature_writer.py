@@ -173,3 +173,23 @@ def test_load_over_tls_sends_inline_and_stores_every_user(tls_redis):
     want = _expected_hashes(table)
     assert _read_all(client, want) == want
     client.close()
+
+
+def test_a_read_that_times_out_never_returns_its_connection_to_the_pool(private_redis):
+    """Redis stops answering mid-load (CLIENT PAUSE): the load fails with the timeout, and the half-read
+    connection is dropped, not handed back to the pool where the next part would read stale replies."""
+    r = private_redis.client()
+    client = connect(private_redis.url, socket_timeout=1)
+    sink = FeatureSink(client, "mvke:user:", "7", None)
+    table = pa.table({"user_id": [f"p{i}" for i in range(50)], "age": ["a"] * 50, "clicked": [["t1"]] * 50})
+    r.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+    with pytest.raises(FeatureLoadError, match="reading Redis replies failed"):
+        sink.write(store_columns(table, KINDS))
+        sink.flush()
+    conn = next(iter(sink.wires.values())).conn
+    sink.close()
+    assert conn._sock is None                  # disconnected, not released as a live stream
+    r.execute_command("CLIENT", "UNPAUSE")
+    sink = _load(client, table, batch_rows=20)  # the pool gives a fresh connection: every user loads
+    assert all(r.hget(f"mvke:user:p{i}", "age") == b"a" for i in range(50))
+    client.close()
