@@ -316,7 +316,7 @@ class _Wire:
             more = np.flatnonzero(np.frombuffer(self.buf, dtype=np.uint8, offset=seen) == 10) + seen
             newlines = np.concatenate([newlines, more])
         end = int(newlines[lines - 1]) + 1
-        return None if self.buf.find(b"-", 0, end) >= 0 else end
+        return None if self.buf.find(b"-", seen, end) >= 0 else end   # bytes before `seen` were checked
 
     def read(self, per_user: int) -> list[tuple[int, str]]:
         """Replies of the oldest sent batch -> [(row, first error)] of its users that failed."""

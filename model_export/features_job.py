@@ -187,7 +187,7 @@ def _start_or_resume(root: Path, spec: dict, client) -> tuple[str, bool]:
 def default_workers(target: RedisTarget) -> int:
     """One loader process per CPU, less one when Redis listens on this machine: redis-server needs
     about as much CPU per user as a loader (docs/SCALING.md), so on 2 cores one loader beside a
-    local Redis outruns two (43,000 vs 37,700 users/s measured)."""
+    local Redis outruns two (45,000 vs 37,900 users/s, median of 3 rounds: docs/SCALING.md)."""
     cpus = len(os.sched_getaffinity(0))
     host = urlsplit(target.url).hostname or "localhost"      # urlsplit lower-cases it
     local = host in ("localhost", "::1") or host.startswith("127.") or host == socket.gethostname().lower()

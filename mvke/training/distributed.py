@@ -141,16 +141,20 @@ def _scan_part(part: DataPart, kinds: dict[str, str], valid_fraction: float) -> 
     return seen, len(rows), n_valid
 
 
-def _scan_parts_chunk(parts: list[DataPart], kinds: dict[str, str], valid_fraction: float):
-    """_scan_part over several parts, merged (one Ray task's work in `scan_parts(ray_tasks=True)`)."""
+def _merge_scans(scans, kinds: dict[str, str]) -> tuple[dict[str, set[str]], int, int]:
+    """(values per field, training rows, validation rows) of several scans, merged."""
     seen: dict[str, set[str]] = {name: set() for name in kinds}
     train_rows = valid_rows = 0
-    for part in parts:
-        part_seen, n_train, n_valid = _scan_part(part, kinds, valid_fraction)
-        for name, values in part_seen.items():
+    for scan_seen, n_train, n_valid in scans:
+        for name, values in scan_seen.items():
             seen[name] |= values
         train_rows, valid_rows = train_rows + n_train, valid_rows + n_valid
     return seen, train_rows, valid_rows
+
+
+def _scan_parts_chunk(parts: list[DataPart], kinds: dict[str, str], valid_fraction: float):
+    """_scan_part over several parts, merged (one Ray task's work in `scan_parts(ray_tasks=True)`)."""
+    return _merge_scans((_scan_part(part, kinds, valid_fraction) for part in parts), kinds)
 
 
 SCAN_PARTS_PER_TASK = 16
@@ -183,12 +187,7 @@ def scan_parts(parts: list[DataPart], meta: dict[str, Any], valid_fraction: floa
         results = _scan_chunks_on_ray(chunks, kinds, valid_fraction)
     else:
         results = (_scan_parts_chunk(c, kinds, valid_fraction) for c in chunks)
-    seen: dict[str, set[str]] = {name: set() for name in kinds}
-    train_rows = valid_rows = 0
-    for chunk_seen, n_train, n_valid in results:
-        for name, values in chunk_seen.items():
-            seen[name] |= values
-        train_rows, valid_rows = train_rows + n_train, valid_rows + n_valid
+    seen, train_rows, valid_rows = _merge_scans(results, kinds)
     if not valid_rows:
         raise SplitError(f"validation fraction {valid_fraction} gives an empty validation set: no user has "
                          f"{int(np.ceil(0.5 / valid_fraction))} or more distinct training timestamps")
