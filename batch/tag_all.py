@@ -61,8 +61,8 @@ from batch.parts import (AtomicParquetWriter, JobDir, Part, input_fingerprint, i
 from mvke.runtime.column_encoder import plain_array
 from mvke.runtime.contract import BundleError, read_bundle
 from mvke.runtime.keys import Keys, redis_url
+from mvke.runtime.encoded import EncodedBatch
 from mvke.runtime.model import LoadedModel
-from mvke.runtime.scoring import rank
 from mvke.runtime.system import container_cpus
 
 log = logging.getLogger("mvke.batch")
@@ -153,14 +153,13 @@ class PartWorker:
 
     def __init__(self, manifest, blobs: dict[str, bytes], job: dict[str, Any]):
         from mvke.runtime.model import build_model
-        from mvke.runtime.system import limit_blas_threads
+        from mvke.runtime.system import limit_threads
         self.job = job
-        # numpy's scoring GEMMs: one core per actor as well (OpenBLAS would start a thread per core)
-        self.blas_capped = limit_blas_threads(job["ort_threads"])
-        from mvke.runtime.ann import limit_faiss_threads
-        limit_faiss_threads(job["ort_threads"])
+        # this actor process's thread limits, once: numpy's scoring GEMMs and FAISS get as many threads as
+        # ONNX Runtime (OpenBLAS would start a thread per core)
+        self.blas_capped = limit_threads(job["ort_threads"])
         self.model = build_model(manifest, blobs, job["provider"], job["ort_threads"], ann_mode=job.get("ann", "auto"),
-                                 ann_min_tags=job.get("ann_min_tags", 50_000))
+                                 ann_min_tags=job.get("ann_min_tags", 50_000), search_threads=job["ort_threads"])
         self.columns = ["user_id"] + self.model.schema.names
         self.tasks = self.model.manifest.task_names
         self.task_arr = pa.array(self.tasks, type=pa.string())
@@ -187,7 +186,7 @@ class PartWorker:
 
     def tag_batch(self, batch: pa.RecordBatch) -> "BatchResult":
         user_ids, missing = user_id_column(batch)
-        enc = self.model.schema.encode(batch)
+        enc = self.model.encode(batch)
         reasons = {int(r): ("user_id", "missing user id") for r in np.flatnonzero(missing)}
         for r, e in enc.errors.items():
             reasons.setdefault(r, (e.field, e.reason))   # the user id first, then the first bad field
@@ -198,7 +197,7 @@ class PartWorker:
             uids, cat, multi = user_ids.take(pa.array(keep)), cat[keep], multi[keep]
         if len(uids) == 0:
             return BatchResult(None, rejects, uids, [])
-        ranked = rank_users(self.model, cat, multi, self.k)
+        ranked = rank_users(self.model, EncodedBatch(cat, multi), self.k)
         return BatchResult(self.output_table(uids, ranked), rejects, uids, ranked)
 
     def run(self, part: Part) -> dict:
@@ -263,25 +262,18 @@ def user_id_column(batch: pa.RecordBatch | pa.Table, name: str = "user_id") -> t
     return col, pc.fill_null(pc.equal(col, ""), True).to_numpy(zero_copy_only=False)
 
 
-def rank_users(model: LoadedModel, cat: np.ndarray, multi: np.ndarray, k: int, chunk: int = SCORE_CHUNK
+def rank_users(model: LoadedModel, users: EncodedBatch, k: int, chunk: int = SCORE_CHUNK
                ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Encoded users -> per task (manifest order): top-k tag indices [B, k] and probabilities [B, k] (float32),
-    the tower and `rank` run `chunk` users at a time."""
-    B = len(cat)
+    ranked by the predictor (`LoadedModel.rank`, as the service) `chunk` users at a time."""
+    B = len(users)
     k = min(k, model.manifest.num_tags)
     out = [(np.empty((B, k), dtype=np.int64), np.empty((B, k), dtype=np.float32)) for _ in model.sides]
     for lo in range(0, B, chunk):
-        hi = min(lo + chunk, B)
-        # tower + scores + TopK in one ONNX call (CPU and GPU): measured 2.0-2.4x numpy's GEMMs at batch 256
-        # and 1.84x at this chunk of 512, 1,780 and 100,000 tags, BLAS capped to 1 thread as the actors run it
-        # (scripts/scoring_bench.py, interleaved, docs/results/scoring_onnx_vs_numpy.md)
-        if model.topk_session is not None:
-            ranked = model.rank_fused(cat[lo:hi], multi[lo:hi], {t: k for t in model.sides})
-        else:
-            ranked = rank(model.run_tower(cat[lo:hi], multi[lo:hi]), model.sides.values(), k)   # [chunk, sum K, D]
-        for (idx, prob), r in zip(out, ranked.values()):
-            idx[lo:hi] = r.tag_index
-            prob[lo:hi] = r.scores
+        rows = slice(lo, min(lo + chunk, B))
+        for (idx, prob), r in zip(out, model.rank(users.take(rows), k).values()):
+            idx[rows] = r.tag_index
+            prob[rows] = r.scores
     return out
 
 

@@ -147,7 +147,7 @@ def run(a: argparse.Namespace) -> dict:
     from mvke.runtime.contract import ONNX_FILE, ONNX_INPUTS, read_bundle
     from mvke.runtime.features import FeatureSchema
     from mvke.runtime.model import make_session, tag_sides
-    from mvke.runtime.scoring import rank, task_scores, top_k_logits
+    from mvke.runtime.scoring import rank, task_scores, top_k
     from mvke.runtime.system import limit_blas_threads
     limit_blas_threads(1)  # as in the service: numpy scoring on one BLAS thread
     torch = None
@@ -205,7 +205,7 @@ def run(a: argparse.Namespace) -> dict:
             sc = [task_scores(got[:, side.slice[0]:side.slice[1]], side) for side in sides]
             overlap = []
             for r_, g_ in zip(ref_scores, sc):
-                ri, gi = top_k_logits(r_, 20)[0], top_k_logits(g_, 20)[0]
+                ri, gi = top_k(r_, 20)[0], top_k(g_, 20)[0]
                 overlap.append(float(np.mean([len(set(x) & set(y)) / 20 for x, y in zip(ri.tolist(), gi.tolist())])))
             parity[name] = {"max_abs_diff_expert_values": float(np.abs(got - ref).max()),
                             "max_abs_diff_scores": max(float(np.abs(x - y).max()) for x, y in zip(sc, ref_scores)),

@@ -30,8 +30,9 @@ from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, ONNX_INPUTS, ONNX_O
                                    TOWER_TOPK_FILE, sha256_bytes, tag_emb_file)
 from mvke.runtime import ann
 from mvke.runtime.features import FeatureSchema, random_users  # noqa: F401  (random_users: re-exported for callers of the bundle)
-from mvke.runtime.model import ANN_MIN_TAGS, build_model
-from mvke.runtime.scoring import rank, task_scores
+from mvke.runtime.encoded import EncodedBatch
+from mvke.runtime.model import ANN_MIN_TAGS, LoadedModel, build_model
+from mvke.runtime.scoring import task_scores
 from mvke.training.trainer import TrainResult, load_checkpoint
 from model_export.candidates import add_candidate_indexes, wants_index
 from model_export.scoring_graph import fuse_with_tower
@@ -145,22 +146,22 @@ def check_parity(model: TwoTowerTagger, manifest: Manifest, blobs: dict[str, byt
         if not worst <= SCORE_TOLERANCE:
             raise ParityError(f"parity: bundle scores differ from the model's forward pass by {worst:.2e} "
                               f"(> {SCORE_TOLERANCE}) on {label} users")
-        fused = check_fused(loaded, cat, multi, onnx_out) if loaded.topk_session is not None else None
+        fused = check_fused(loaded, cat, multi) if loaded.topk_session is not None else None
         report[label] = {"users": n, "max_abs_diff_expert_values": d_onnx, "max_abs_diff_scores": worst}
         if fused is not None:
             report[label]["max_abs_diff_fused_topk"] = fused
     return report
 
 
-def check_fused(loaded, cat: np.ndarray, multi: np.ndarray, values: np.ndarray, k: int = 20) -> float:
-    """The fused tower + TopK graph against numpy's `rank` on the same users: the same tags in the
-    same order (ties aside) and probabilities within FUSED_TOLERANCE; ParityError otherwise."""
-    ks = {t.name: k for t in loaded.manifest.tasks}
+def check_fused(loaded: LoadedModel, cat: np.ndarray, multi: np.ndarray, k: int = 20) -> float:
+    """The predictor's two modes on the same users, `rank(mode="fused")` (tower + TopK in one ONNX graph)
+    against `rank(mode="numpy")`: the same tags in the same order (ties aside) and probabilities within
+    FUSED_TOLERANCE; ParityError otherwise."""
     worst = 0.0
     for lo in range(0, len(cat), PARITY_CHUNK):
-        sl = slice(lo, lo + PARITY_CHUNK)
-        want = rank(values[sl], loaded.sides.values(), ks)
-        got = loaded.rank_fused(cat[sl], multi[sl], ks)
+        users = EncodedBatch(cat[lo:lo + PARITY_CHUNK], multi[lo:lo + PARITY_CHUNK])
+        want = loaded.rank(users, k, mode="numpy")
+        got = loaded.rank(EncodedBatch(users.cat_ids, users.multi_ids), k, mode="fused")
         for name, r in want.items():
             diff = float(np.abs(got[name].scores - r.scores).max())
             same = (got[name].tag_index == r.tag_index).mean()

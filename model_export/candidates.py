@@ -38,7 +38,6 @@ def add_candidate_indexes(manifest: Manifest, blobs: dict[str, bytes], values: n
     """Build, gate and add each task's index to the bundle (in place; the version is recomputed).
 
     values: the gate users' tower outputs [N, sum K, D]. Returns manifest.ann."""
-    ann.limit_faiss_threads(max(1, int(container_cpus())))   # an offline job: every usable CPU
     sides = tag_sides(manifest, blobs)
     info: dict = {"scheme": ann.SCHEME, "min_tags": min_tags, "config": asdict(cfg),
                   "gate": {"users": len(values), "k": cfg.gate_k, "min_recall": cfg.min_recall}, "tasks": {}}
@@ -79,7 +78,7 @@ def build_and_gate(side, values: np.ndarray, cfg: ann.AnnConfig, entry: dict) ->
     for clusters in schemes:
         c = replace(cfg, gate_clusters=clusters)
         t0 = time.perf_counter()
-        index = ann.build_task_index(side.gates, side.unit, c)
+        index = ann.build_task_index(side.gates, side.unit, c, threads=max(1, int(container_cpus())))  # offline: every CPU
         build_s = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         gate = ann.tune_nprobe(ann.TaskAnn(index, side.unit, side.gates, c.candidates), values, c)

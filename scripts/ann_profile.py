@@ -9,10 +9,10 @@ mvke.runtime.ann (per --clusters), its nprobe set by the export's gate (recall@2
 --gate-users users), then per batch size (--batches) and FAISS OpenMP thread count (--threads):
 
   search   TaskAnn.search (query vectors, FAISS, merging the clusters' candidates)
-  rerank   candidate_cosines on the candidate ids (gathers + exact cosine)
+  rerank   gathered_cosines on the candidate ids (gathers + exact cosine)
   total    TaskAnn.top_k (search + rerank + top-k + sorting)
   exact    exact_top_k from the factors (what `"exact": true` runs), and the dense two GEMMs
-           (task_cosines + top_k_logits: the service's exact path)
+           (task_cosines + top_k: the service's exact path)
 
 Times are medians over --reps passes of 256 users, in microseconds per batch (and per user). BLAS
 (numpy's and FAISS's) is capped to one thread like the service's; the machine is shared, so compare
@@ -63,7 +63,7 @@ def tag_side_of(ckpt: str, size: int) -> tuple[list[str], list[tuple[np.ndarray,
 
 def profile(a: argparse.Namespace) -> list[dict]:
     import torch
-    from mvke.runtime.scoring import TaskTagSide, task_cosines, top_k_logits
+    from mvke.runtime.scoring import TaskTagSide, exact_top_k, gathered_cosines, task_cosines, top_k, unit_rows
     from mvke.runtime.contract import TaskSpec
     torch.set_num_threads(1)
     rows = []
@@ -71,34 +71,33 @@ def profile(a: argparse.Namespace) -> list[dict]:
         tasks, sides, values = tag_side_of(a.ckpt, size)
         limit_blas_threads(1)          # FAISS's own OpenBLAS is loaded now: cap it too, as the service does
         for task, (emb, gates), v in zip(tasks, sides, values):
-            unit = ann.unit_rows(emb)
+            unit = unit_rows(emb)
             v = np.ascontiguousarray(v, dtype=np.float32)
             K, D = v.shape[1:]
             dense = TaskTagSide.build(TaskSpec(task, list(range(K)), [0, K], 1.0, 0.0), gates, emb)
             for clusters in a.clusters:
                 cfg = ann.AnnConfig(gate_clusters=clusters, nprobe=1, gate_users=a.gate_users)
-                ann.limit_faiss_threads(2)
                 t0 = time.perf_counter()
-                index = ann.build_task_index(gates, emb, cfg)
+                index = ann.build_task_index(gates, emb, cfg, threads=2)
                 build_s = time.perf_counter() - t0
                 tann = ann.TaskAnn(index, unit, gates, cfg.candidates)
                 gate = ann.tune_nprobe(tann, v[:a.gate_users], cfg)
                 n = max(cfg.candidates, 40)
                 for threads in a.threads:
-                    ann.limit_faiss_threads(threads)
+                    index.threads = threads
                     for batch in a.batches:
                         ids = tann.search(v[:batch], n)
                         row = {"tags": size, "task": task, "K": K, "D": D, "clusters": len(index.indexes),
                                "nlist": index.nlist, "nprobe": gate.nprobe, "recall": round(gate.recall, 4),
                                "build_s": round(build_s, 1), "faiss_threads": threads, "batch": batch,
                                "search_us": timed(lambda x: tann.search(x, n), v, batch, a.reps),
-                               "rerank_us": timed(lambda x: ann.candidate_cosines(
+                               "rerank_us": timed(lambda x: gathered_cosines(
                                    x, np.where(ids[:len(x)] < 0, 0, ids[:len(x)]), unit, gates), v, batch, a.reps),
                                "total_us": timed(lambda x: tann.top_k(x, 20), v, batch, a.reps)}
                         if clusters == a.clusters[0] and threads == a.threads[0]:
-                            row["exact_factors_us"] = timed(lambda x: ann.exact_top_k(x, unit, gates, 20), v, batch,
+                            row["exact_factors_us"] = timed(lambda x: exact_top_k(x, unit, gates, 20), v, batch,
                                                             max(1, a.reps // 2))
-                            row["exact_dense_us"] = timed(lambda x: top_k_logits(task_cosines(x, dense), 20), v,
+                            row["exact_dense_us"] = timed(lambda x: top_k(task_cosines(x, dense), 20), v,
                                                           batch, max(1, a.reps // 2))
                         row["other_us"] = row["total_us"] - row["search_us"] - row["rerank_us"]
                         rows.append(row)

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvke.runtime import ann  # noqa: E402
+from mvke.runtime.scoring import EXACT_CHUNK, exact_top_k, gathered_cosines, numerator_rows, top_k, unit_rows  # noqa: E402
 from mvke.runtime.system import cpu_model  # noqa: E402
 
 
@@ -43,11 +44,10 @@ def sharpened(gates: np.ndarray, power: float) -> np.ndarray:
 def numerator_recall(values: np.ndarray, gates: np.ndarray, unit: np.ndarray, exact: np.ndarray, c: int) -> float:
     import faiss
     flat = faiss.IndexFlatIP(gates.shape[1] * unit.shape[1])
-    for lo in range(0, len(gates), ann.EXACT_CHUNK):
-        flat.add(ann.tag_vectors(gates, unit, lo, lo + ann.EXACT_CHUNK))
+    for lo in range(0, len(gates), EXACT_CHUNK):
+        flat.add(numerator_rows(gates[lo:lo + EXACT_CHUNK], unit[lo:lo + EXACT_CHUNK])[0])
     ids = flat.search(np.ascontiguousarray(values.reshape(len(values), -1)), c)[1]
-    cos = ann.candidate_cosines(values, ids, unit, gates)
-    top, _ = ann.sort_rows(ids, cos)
+    top, _ = top_k(gathered_cosines(values, ids, unit, gates), ids.shape[1], ids)
     return ann.recall_at_k(top[:, :exact.shape[1]], exact)
 
 
@@ -77,12 +77,12 @@ def run(a: argparse.Namespace) -> list[dict]:
         with torch.no_grad():
             sides = [(e.numpy(), g.numpy()) for e, g in grown.model.all_tag_vectors()]
         for ti, (task, (emb, gates0)) in enumerate(zip(grown.model.tasks, sides)):
-            unit = ann.unit_rows(emb)
+            unit = unit_rows(emb)
             for power in a.sharpen:
                 gates = sharpened(gates0, power)
                 v = values[ti]
                 t0 = time.perf_counter()
-                exact, _ = ann.exact_top_k(v, unit, gates, 20)
+                exact, _ = exact_top_k(v, unit, gates, 20)
                 exact_s = time.perf_counter() - t0
                 row = {"tags": size, "task": task, "K": gates.shape[1], "sharpen": power,
                        "gate_max_mean": float(gates.max(1).mean()), "users": len(v),

@@ -22,23 +22,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvke.runtime import ann  # noqa: E402
+from mvke.runtime.scoring import EXACT_CHUNK, exact_top_k, gathered_cosines, numerator_rows, top_k, unit_rows  # noqa: E402
 from mvke.runtime.system import cpu_model, limit_blas_threads, loadavg  # noqa: E402
 from scripts.ann_profile import tag_side_of  # noqa: E402
 
 
 def variants(emb: np.ndarray, gates: np.ndarray, v: np.ndarray, spec: str, exact: np.ndarray) -> list[dict]:
-    faiss = ann._faiss()
+    faiss = ann.load_faiss()
     name, nlist, cands = spec.split(":")
     nlist, cands = int(nlist), int(cands)
-    unit = ann.unit_rows(emb)
+    unit = unit_rows(emb)
     q = np.ascontiguousarray(v.reshape(len(v), -1))
     ann.limit_faiss_threads(2)
     t0 = time.time()
     index = faiss.index_factory(q.shape[1], f"IVF{nlist},{name}", faiss.METRIC_INNER_PRODUCT)
     sample = np.sort(np.random.default_rng(0).choice(len(gates), min(len(gates), 64 * nlist), replace=False))
-    index.train(ann.tag_vectors(gates[sample], unit[sample]))
-    for lo in range(0, len(gates), ann.EXACT_CHUNK):
-        index.add(ann.tag_vectors(gates, unit, lo, lo + ann.EXACT_CHUNK))
+    index.train(numerator_rows(gates[sample], unit[sample])[0])
+    for lo in range(0, len(gates), EXACT_CHUNK):
+        index.add(numerator_rows(gates[lo:lo + EXACT_CHUNK], unit[lo:lo + EXACT_CHUNK])[0])
     build = time.time() - t0
     ann.limit_faiss_threads(1)
     rows = []
@@ -48,9 +49,9 @@ def variants(emb: np.ndarray, gates: np.ndarray, v: np.ndarray, spec: str, exact
         index.nprobe = nprobe
         ids = index.search(q, cands)[1]
         safe = np.where(ids < 0, 0, ids)
-        cos = ann.candidate_cosines(v, safe, unit, gates)
+        cos = gathered_cosines(v, safe, unit, gates)
         cos[ids < 0] = -np.inf
-        top, _ = ann.sort_rows(safe, cos)
+        top, _ = top_k(cos, cos.shape[1], safe)
         recall = ann.recall_at_k(top[:, :exact.shape[1]], exact)
         ts = []
         for _ in range(3):
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for ti in map(int, a.tasks.split(",")):
         emb, gates = sides[ti]
         v = np.ascontiguousarray(values[ti][:512], dtype=np.float32)
-        exact, _ = ann.exact_top_k(v, ann.unit_rows(emb), gates, 20)
+        exact, _ = exact_top_k(v, unit_rows(emb), gates, 20)
         for spec in a.specs.split(";"):
             for row in variants(emb, gates, v, spec, exact):
                 print(json.dumps({"tags": a.tags, "task": tasks[ti], **row}), flush=True)

@@ -55,6 +55,7 @@ def block_rate(fn, users: int, seconds: float) -> float:
 
 def bench_bundle(bundle: Path, batches: list[int], rounds: int, block_s: float) -> dict:
     from mvke.runtime.contract import read_bundle
+    from mvke.runtime.encoded import EncodedBatch
     from mvke.runtime.model import build_model
     from mvke.runtime.scoring import rank
     manifest, blobs = read_bundle(bundle, verify=False)
@@ -71,7 +72,7 @@ def bench_bundle(bundle: Path, batches: list[int], rounds: int, block_s: float) 
         multi = np.zeros((b, len(schema.multi_fields), schema.multi_len), dtype=np.int64)
         variants = {
             "numpy": lambda: rank(numpy_model.run_tower(cat, multi), numpy_model.sides.values(), ks),
-            "fused": lambda: fused_model.rank_fused(cat, multi, ks),
+            "fused": lambda: fused_model.rank(EncodedBatch(cat, multi), ks, mode="fused"),
         }
         a, f = variants["numpy"](), variants["fused"]()   # warm-up + the same answer
         agree = statistics.mean(len(set(a[t].tag_index[i]) & set(f[t].tag_index[i])) / K

@@ -248,7 +248,7 @@ class ModelRegistry:
         manifest, blobs = read_version(self.bundle_redis, self.keys, version)
         s = self.settings
         return build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann, ann_min_tags=s.ann_min_tags,
-                           scoring=s.scoring)
+                           scoring=s.scoring, search_threads=s.blas_threads)
 
 
 @dataclass(frozen=True)

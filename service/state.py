@@ -5,14 +5,17 @@ import it; it imports neither.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import orjson
 from fastapi.responses import Response
 
 from mvke.runtime.features import MULTI_SEP, FeatureSchema
 from mvke.runtime.keys import Keys
-from mvke.runtime.model import LoadedModel
+from mvke.runtime.model import LoadedModel, Query
 from mvke.runtime.redis_client import connect, connect_async, resolve
+from mvke.runtime.system import limit_threads
 from service.auth import ApiKeys
 from service.batcher import DynamicBatcher
 from service.metrics import ServiceMetrics
@@ -80,12 +83,14 @@ class ServiceState:
         self.redis_bundles = connect(self.redis_target, max_connections=2, socket_timeout=settings.model_read_timeout_s,
                                      socket_connect_timeout=settings.redis_timeout_s)
         self.registry = ModelRegistry(settings, self.redis_models, self.metrics, self.redis_bundles)
-        self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys)
+        self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys, settings)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
                                       settings.max_queue, settings.request_timeout_s,
                                       settings.idle_bypass) if settings.batching else None
 
     async def start(self) -> None:
+        # this worker process's thread limits, once, before a model loads (numpy's scoring GEMMs, FAISS)
+        limit_threads(self.settings.blas_threads)
         await self.registry.start()
         if self.batcher:
             await self.batcher.start()
@@ -126,8 +131,9 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
         if t not in model.sides:
             raise ServiceError(422, f"tasks: unknown task {t!r}; this model has {model.manifest.task_names}",
                                field="tasks")
+    index = model.tag_index
     for t in req.exclude_tags:
-        if t not in model.tag_index:
+        if t not in index:
             raise ServiceError(422, f"exclude_tags: unknown tag {t!r}", field="exclude_tags")
     unknown_values = None
     if req.features:
@@ -140,12 +146,12 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
             if kind == "cat" and isinstance(value, list):
                 raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
         unknown_values = unknown_value_counts(model.schema, req.features) or None
-    job = TagJob(user_id, req.features, top_k, list(dict.fromkeys(tasks)), req.min_score, req.exclude_tags,
-                 exact=req.exact, model=model, unknown_values=unknown_values)
+    query = Query(tuple(dict.fromkeys(tasks)), top_k, tuple(index[t] for t in req.exclude_tags), req.min_score,
+                  req.exact, explain=getattr(req, "explain", False))
+    job = TagJob(user_id, req.features, query, model=model, unknown_values=unknown_values)
     candidates = getattr(req, "tags", None)
     if candidates is not None:
         _candidates(job, model, candidates, req.ignore_unknown, req.top_k, s.max_candidate_tags)
-    job.explain = getattr(req, "explain", False)
     return job
 
 
@@ -186,7 +192,7 @@ def _candidates(job: TagJob, model: LoadedModel, tags: list[str], ignore_unknown
                                 "(send ignore_unknown: true to score the others)", field="tags",
                            errors=[{"loc": ["body", "tags"], "type": "unknown_tag", "msg": f"unknown tag {t!r}"}
                                    for t in unknown[:100]])
-    job.candidates = np.array(known, dtype=np.int64)
-    job.top_k = top_k if top_k is not None else max(1, len(known))
+    job.query = replace(job.query, candidates=np.array(known, dtype=np.int64),
+                        top_k=top_k if top_k is not None else max(1, len(known)))
     if ignore_unknown:
         job.unknown_tags = unknown

@@ -34,52 +34,50 @@ the service without the extra still loads dense models.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-EPS = 1e-8
+from mvke.runtime.scoring import EPS, EXACT_CHUNK, exact_top_k, gathered_cosines, numerator_rows, top_k, unit_rows
+
 SCHEME = "ivf-sq8-ip(vec(V) . a_t (x) e_t/||e_t||) + exact cosine rerank"
-EXACT_CHUNK = 65536            # tags per chunk of the factorised exact path ([B, K, chunk] temporaries)
 
 
-_THREADS = [1]                 # FAISS threads of this process (limit_faiss_threads); applied on import
-
-
-def _faiss():
-    first = "faiss" not in sys.modules
-    saved = os.environ.get("OMP_NUM_THREADS")
-    if first:   # FAISS's private libgomp reads this once, when it loads: the default of every thread
-        os.environ["OMP_NUM_THREADS"] = str(_THREADS[0])
-    try:
-        import faiss
-    except ImportError as e:  # the message names the extra that installs it
-        raise ImportError("FAISS is needed for ANN candidates: pip install 'mvke[service]' (faiss-cpu)") from e
-    finally:
-        if first:         # child processes and libraries loaded later see the environment as it was
-            if saved is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
-    if first:
-        _apply_threads(faiss, _THREADS[0])
+def load_faiss(threads: int | None = None) -> Any:
+    """The faiss module, imported on first use only (the service without the extra still loads dense
+    models); with `threads`, its threads are capped to that (`limit_faiss_threads`)."""
+    faiss = sys.modules.get("faiss")
+    if faiss is None:
+        try:
+            import faiss
+        except ImportError as e:  # the message names the extra that installs it
+            raise ImportError("FAISS is needed for ANN candidates: pip install 'mvke[service]' (faiss-cpu)") from e
+    if threads is not None:
+        limit_faiss_threads(threads)
     return faiss
 
 
-def _apply_threads(faiss: Any, n: int) -> None:
-    """FAISS's OpenMP team and the OpenBLAS it bundles (a second copy, beside numpy's, that
-    `limit_blas_threads` cannot reach before FAISS is imported) to `n` threads.
+def limit_faiss_threads(n: int) -> None:
+    """FAISS's OpenMP team (of the calling thread) and the OpenBLAS it bundles (a second copy, beside
+    numpy's, that `limit_blas_threads` cannot reach before FAISS is loaded) to `n` threads, if FAISS
+    is loaded. Called where a process starts (mvke.runtime.system.limit_threads) and by `load_faiss`
+    when it loads FAISS later; the team size of the thread that searches is set by each search
+    (`CandidateIndex.threads`).
 
-    omp_set_num_threads sets the CALLING thread's team size only (an OpenMP ICV per thread):
-    the service loads a model, and so imports FAISS, in a worker thread and searches on its
-    event loop, so `CandidateIndex.search` sets it again in the thread that searches."""
-    faiss.omp_set_num_threads(n)
+    The default is 1: FAISS parallelises a batch of queries with OpenMP (threads that spin while
+    they wait) and its own OpenBLAS; beside an event loop, ONNX Runtime and other worker processes,
+    that team only contends. Measured on 2 busy cores (docs/results/ann.md): one batch of 32 users
+    searched in 0.7 ms with 1 thread and 8 ms with 2. Offline jobs (the export's index build) raise
+    it to the CPUs they own."""
+    faiss = sys.modules.get("faiss")
+    if faiss is None:
+        return
+    faiss.omp_set_num_threads(max(1, int(n)))
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(limits={"libopenblas": n})   # FAISS's copy; numpy's is libscipy_openblas
+        threadpool_limits(limits={"libopenblas": max(1, int(n))})   # FAISS's copy; numpy's is libscipy_openblas
     except ImportError:
         pass
 
@@ -126,23 +124,10 @@ def default_nlist(num_tags: int) -> int:
     return max(16, 1 << round(math.log2(max(1.0, 4 * math.sqrt(num_tags)))))
 
 
-def unit_rows(tag_emb: np.ndarray) -> np.ndarray:
-    """e_t / ||e_t|| [T, D] float32."""
-    norm = np.linalg.norm(tag_emb, axis=1, keepdims=True)
-    return (tag_emb / np.maximum(norm, EPS)).astype(np.float32)
-
-
-def tag_vectors(gates: np.ndarray, unit_emb: np.ndarray, lo: int = 0, hi: int | None = None) -> np.ndarray:
-    """w_t = vec(a_t (x) e_t/||e_t||) for tags [lo, hi) -> [n, K*D] float32 (row-major over (k, d),
-    matching vec(V) of a [K, D] V)."""
-    g, e = gates[lo:hi], unit_emb[lo:hi]
-    return (g[:, :, None] * e[:, None, :]).reshape(len(g), -1).astype(np.float32)  # [n, K*D]
-
-
 # ---- the index -------------------------------------------------------------------------------
 def gate_clusters(gates: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k-means of the tags' gate vectors: (centroids [C, K], cluster of each tag [T])."""
-    faiss = _faiss()
+    faiss = load_faiss()
     n = max(1, min(n, len(gates) // 64))
     if n == 1:
         return gates.mean(0, keepdims=True).astype(np.float32), np.zeros(len(gates), dtype=np.int64)
@@ -154,7 +139,7 @@ def gate_clusters(gates: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray,
 
 def _ivf(ids: np.ndarray, gates: np.ndarray, unit: np.ndarray, nlist: int, cfg: "AnnConfig") -> Any:
     """IVF (inner product) over the w_t of tags `ids`, 8-bit scalar-quantised (K*D bytes per tag)."""
-    faiss = _faiss()
+    faiss = load_faiss()
     dim = gates.shape[1] * unit.shape[1]
     nlist = max(1, min(nlist, len(ids) // 8))
     index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit,
@@ -163,10 +148,10 @@ def _ivf(ids: np.ndarray, gates: np.ndarray, unit: np.ndarray, nlist: int, cfg: 
     rng = np.random.default_rng(cfg.seed)
     n_train = min(len(ids), cfg.train_per_list * nlist)
     sample = np.sort(rng.choice(ids, n_train, replace=False)) if n_train < len(ids) else ids
-    index.train(tag_vectors(gates[sample], unit[sample]))
+    index.train(numerator_rows(gates[sample], unit[sample])[0])
     for lo in range(0, len(ids), EXACT_CHUNK):  # in chunks: no [T, K*D] float32 copy at once
         part = ids[lo:lo + EXACT_CHUNK]
-        index.add_with_ids(tag_vectors(gates[part], unit[part]), part)
+        index.add_with_ids(numerator_rows(gates[part], unit[part])[0], part)
     return index
 
 
@@ -180,6 +165,7 @@ class CandidateIndex:
 
     centroids: np.ndarray          # [C, K] gate centroids
     indexes: list                  # C faiss IVF indexes (tag ids as FAISS ids)
+    threads: int = 1               # FAISS threads of a search (set in the thread that searches)
 
     @property
     def nprobe(self) -> int:
@@ -201,7 +187,9 @@ class CandidateIndex:
     def search(self, values: np.ndarray, n: int) -> np.ndarray:
         """Candidate tag ids [B, n] (-1 pads), best approximate cosine first."""
         B = len(values)
-        _faiss_module().omp_set_num_threads(_THREADS[0])   # this thread's team (see _apply_threads)
+        # omp_set_num_threads sets the CALLING thread's team only (an OpenMP ICV per thread): the service
+        # loads a model in a worker thread and searches on its event loop, so each search sets it
+        load_faiss().omp_set_num_threads(self.threads)
         flat = np.ascontiguousarray(values.reshape(B, -1), dtype=np.float32)
         if len(self.indexes) == 1:                       # one search for the whole batch
             return self.indexes[0].search(flat, n)[1]
@@ -214,12 +202,11 @@ class CandidateIndex:
             ids.append(i)
         d, i = np.concatenate(dist, 1), np.concatenate(ids, 1)                            # [B, C * n]
         d[i < 0] = -np.inf
-        top = np.argpartition(-d, n - 1, axis=1)[:, :n]
-        return np.take_along_axis(i, top, 1)
+        return top_k(d, n, i)[0]
 
     def to_bytes(self) -> bytes:
         """MVKEANN1 | C | K | centroids float32 | per index: uint64 length + faiss bytes."""
-        faiss = _faiss()
+        faiss = load_faiss()
         C, K = self.centroids.shape
         parts = [MAGIC, np.array([C, K], dtype="<u4").tobytes(), self.centroids.astype("<f4").tobytes()]
         for index in self.indexes:
@@ -228,8 +215,8 @@ class CandidateIndex:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes, nprobe: int) -> "CandidateIndex":
-        faiss = _faiss()
+    def from_bytes(cls, data: bytes, nprobe: int, threads: int = 1) -> "CandidateIndex":
+        faiss = load_faiss(threads)
         if data[:len(MAGIC)] != MAGIC:
             raise ValueError("not an MVKE candidate index (bad magic)")
         pos = len(MAGIC)
@@ -243,7 +230,7 @@ class CandidateIndex:
             pos += 8
             indexes.append(faiss.deserialize_index(np.frombuffer(data, np.uint8, size, pos)))
             pos += size
-        out = cls(centroids, indexes)
+        out = cls(centroids, indexes, threads)
         out.nprobe = nprobe
         return out
 
@@ -251,8 +238,11 @@ class CandidateIndex:
 MAGIC = b"MVKEANN1"
 
 
-def build_task_index(gates: np.ndarray, tag_emb: np.ndarray, cfg: AnnConfig = AnnConfig()) -> CandidateIndex:
-    """Gate clusters, then one IVF per cluster with lists in proportion to its size."""
+def build_task_index(gates: np.ndarray, tag_emb: np.ndarray, cfg: AnnConfig = AnnConfig(),
+                     threads: int = 1) -> CandidateIndex:
+    """Gate clusters, then one IVF per cluster with lists in proportion to its size, built and searched
+    on `threads` FAISS threads (an offline job gives it every CPU it owns)."""
+    load_faiss(threads)
     T = len(gates)
     unit = unit_rows(tag_emb)
     centroids, assign = gate_clusters(gates, cfg.gate_clusters, cfg.seed)
@@ -261,106 +251,9 @@ def build_task_index(gates: np.ndarray, tag_emb: np.ndarray, cfg: AnnConfig = An
     for c in range(len(centroids)):
         ids = np.flatnonzero(assign == c)
         indexes.append(_ivf(ids, gates, unit, max(1, round(nlist * len(ids) / T)), cfg))
-    index = CandidateIndex(centroids, indexes)
+    index = CandidateIndex(centroids, indexes, threads)
     index.nprobe = cfg.nprobe
     return index
-
-
-def index_to_bytes(index: CandidateIndex) -> bytes:
-    return index.to_bytes()
-
-
-def index_from_bytes(data: bytes, nprobe: int) -> CandidateIndex:
-    return CandidateIndex.from_bytes(data, nprobe)
-
-
-def _faiss_module() -> Any:
-    return sys.modules.get("faiss") or _faiss()
-
-
-def limit_faiss_threads(n: int) -> None:
-    """FAISS threads of this process: now if FAISS is loaded, else when it is (FAISS is imported on
-    first use only). The default is 1: FAISS parallelises a batch of queries with OpenMP (threads
-    that spin while they wait) and its own OpenBLAS; beside an event loop, ONNX Runtime and other
-    worker processes, that team only contends. Measured on 2 busy cores (docs/results/ann.md):
-    one batch of 32 users searched in 0.7 ms with 1 thread and 8 ms with 2. Offline jobs (the
-    export's index build) raise it to the CPUs they own."""
-    _THREADS[0] = max(1, int(n))
-    if "faiss" in sys.modules:
-        _apply_threads(sys.modules["faiss"], _THREADS[0])
-
-
-# ---- scoring on a subset of tags (candidates) and exact top-k in chunks ------------------------
-def candidate_cosines(values: np.ndarray, ids: np.ndarray, unit_emb: np.ndarray, gates: np.ndarray) -> np.ndarray:
-    """The exact cosine of each row's candidate tags: values [B, K, D], ids [B, C] -> [B, C] float32.
-
-    The cosine of the paper's definition, per candidate: E_u(t) = sum_k a_tk V_k is built for the
-    C candidates only (one batched [C, K] @ [K, D] product per user), then cos = E_u(t) . e_t /
-    ||E_u(t)|| (e_t unit). Equal to the dense scoring's a_t . (V e_t) / sqrt(a_t^T G a_t) to
-    float32 rounding, in one product and two reductions instead of three products and two
-    einsums (1.3-1.5x less time at B = 16-32, C = 100, measured on 2 busy cores)."""
-    e = np.take(unit_emb, ids, axis=0)                            # [B, C, D]
-    g = np.take(gates, ids, axis=0)                               # [B, C, K]
-    u = np.matmul(g, np.ascontiguousarray(values, dtype=np.float32))   # [B, C, D]  E_u(t)
-    num = np.einsum("bcd,bcd->bc", u, e)                          # [B, C]
-    norm = np.einsum("bcd,bcd->bc", u, u)                         # [B, C]  ||E_u(t)||^2
-    np.sqrt(norm, out=norm)
-    np.maximum(norm, EPS, out=norm)
-    np.divide(num, norm, out=num)
-    return num
-
-
-def chunk_cosines(values: np.ndarray, unit_emb: np.ndarray, gates: np.ndarray,
-                  chunk: int = EXACT_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
-    """Exact cosines of every tag, chunk by chunk, from the factors: yields (first tag id of the
-    chunk, cos [B, chunk]). Each chunk's W and Q are built on the fly (the dense scoring's two
-    GEMMs on `chunk` tags), so no [K*D, T] matrix is ever held."""
-    B, K, D = values.shape
-    flat = values.reshape(B, K * D)
-    gram = np.matmul(values, values.transpose(0, 2, 1)).reshape(B, K * K)     # [B, K*K]
-    for lo in range(0, len(unit_emb), chunk):
-        g = gates[lo:lo + chunk]
-        w = tag_vectors(gates, unit_emb, lo, lo + chunk)                      # [n, K*D]
-        q = (g[:, :, None] * g[:, None, :]).reshape(len(g), K * K)            # [n, K*K]
-        num = flat @ w.T                                                      # [B, n]
-        norm = gram @ q.T
-        np.maximum(norm, 0.0, out=norm)
-        np.sqrt(norm, out=norm)
-        np.maximum(norm, EPS, out=norm)
-        np.divide(num, norm, out=num)
-        yield lo, num
-
-
-def _merge_top(a: tuple[np.ndarray, np.ndarray] | None, idx: np.ndarray, val: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
-    if a is not None:
-        idx, val = np.concatenate([a[0], idx], 1), np.concatenate([a[1], val], 1)
-    if val.shape[1] > k:
-        part = np.argpartition(-val, k - 1, axis=1)[:, :k]
-        idx, val = np.take_along_axis(idx, part, 1), np.take_along_axis(val, part, 1)
-    return idx, val
-
-
-def sort_rows(idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row best first (ties by position, as a stable sort)."""
-    order = np.argsort(-val, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
-
-
-def exact_top_k(values: np.ndarray, unit_emb: np.ndarray, gates: np.ndarray, k: int,
-                exclude: np.ndarray | None = None, chunk: int = EXACT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by cosine over every tag, in chunks: (tag ids [B, k], cosines [B, k]) best first.
-    `exclude` [B, T] bool (or None) marks tags never returned (their cosine becomes -inf)."""
-    k = min(k, len(unit_emb))
-    best = None
-    for lo, cos in chunk_cosines(values, unit_emb, gates, chunk):
-        if exclude is not None:
-            cos[exclude[:, lo:lo + cos.shape[1]]] = -np.inf
-        kk = min(k, cos.shape[1])
-        part = np.argpartition(-cos, kk - 1, axis=1)[:, :kk] if kk < cos.shape[1] else \
-            np.broadcast_to(np.arange(cos.shape[1]), cos.shape)
-        best = _merge_top(best, part + lo, np.take_along_axis(cos, part, 1), k)
-    return sort_rows(*best)
 
 
 @dataclass
@@ -385,15 +278,16 @@ class TaskAnn:
         ids = self.search(values, n)                                   # [B, n]
         missing = ids < 0
         safe = np.where(missing, 0, ids)
-        cos = candidate_cosines(values, safe, self.unit_emb, self.gates)
+        cos = gathered_cosines(values, safe, self.unit_emb, self.gates)
         cos[missing] = -np.inf
         if n_ex:
             for row, ex in enumerate(exclude):
                 if len(ex):
                     cos[row, np.isin(safe[row], ex)] = -np.inf
-        kk = min(k, n)
-        part = np.argpartition(-cos, kk - 1, axis=1)[:, :kk] if kk < n else np.broadcast_to(np.arange(n), cos.shape)
-        return sort_rows(np.take_along_axis(safe, part, 1), np.take_along_axis(cos, part, 1))
+        return top_k(cos, k, safe)
+
+    def nbytes(self) -> int:
+        return self.index.nbytes()
 
 
 # ---- the export's quality gate ---------------------------------------------------------------

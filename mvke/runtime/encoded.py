@@ -33,6 +33,8 @@ class EncodedBatch:
     cat_ids: np.ndarray                                            # [B, F_cat] int64
     multi_ids: np.ndarray                                          # [B, F_multi, L] int64
     errors: dict[int, FeatureError] = field(default_factory=dict)  # row -> why it did not encode
+    # [B, sum K, D]: the user tower's output, once the predictor has computed it (LoadedModel.expert_outputs)
+    expert_outputs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.cat_ids)
@@ -44,6 +46,15 @@ class EncodedBatch:
         if self.errors:
             mask[list(self.errors)] = False
         return mask
+
+    def take(self, rows: list[int] | np.ndarray | slice) -> "EncodedBatch":
+        """These rows (in this order), with the tower output if it is known; row numbers restart at 0."""
+        picked = range(len(self.cat_ids))[rows] if isinstance(rows, slice) else \
+            (rows.tolist() if isinstance(rows, np.ndarray) else rows)
+        pos = {r: n for n, r in enumerate(picked)} if self.errors else {}
+        return EncodedBatch(self.cat_ids[rows], self.multi_ids[rows],
+                            {pos[r]: e for r, e in self.errors.items() if r in pos},
+                            None if self.expert_outputs is None else self.expert_outputs[rows])
 
     def ids(self) -> tuple[np.ndarray, np.ndarray]:
         """(cat_ids, multi_ids); raises the first failing row's FeatureError (for inputs that must be clean)."""

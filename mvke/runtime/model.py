@@ -1,15 +1,26 @@
-"""One model version in memory: ORT session + prepared tag side, built in one place.
+"""The predictor: one model version in memory, the one object that answers "tags for these users".
 
-Everything scoring needs from a version lives in one immutable `LoadedModel`; a
-request (or a batch) holds a reference to it, so a hot swap never changes the
-model under a request that already started. The service, batch tagging and the
-export's parity gate all build it (or its tag sides) here.
+In the shape of KServe's `Model` (load / preprocess / predict / postprocess): `build_model` loads a
+version (ORT sessions + prepared tag sides, warmed up); `LoadedModel.encode` is the preprocessing
+(raw rows or an Arrow table -> ids); `predict` answers a batch of users' queries with one call,
+built from three methods that callers may also use alone:
+
+    rank(users, k, exclude, exact)      top k of every asked task; it alone chooses HOW: the fused
+                                        tower + scoring + TopK ONNX graph, the tower + numpy GEMMs,
+                                        or the candidate index of a large catalogue (mvke/runtime/ann.py)
+    score_candidates(users, tags)       exact scores of given tags only (targeting)
+    explain(users, tags)                gate weights and each expert's share of the score
+
+Postprocessing (names, answer documents) is the caller's: the service's Tagger, batch tagging.
+A `LoadedModel` is immutable; a request (or a batch) holds a reference to it, so a hot swap
+never changes the model under a request that already started.
 """
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -17,12 +28,43 @@ import onnxruntime as ort
 from mvke.runtime import ann
 from mvke.runtime.contract import (ONNX_FILE, TAGS_FILE, TOWER_TOPK_FILE, Manifest, ann_index_file, decode_array,
                                    gates_file, tag_emb_file)
+from mvke.runtime.encoded import EncodedBatch
 from mvke.runtime.features import FeatureSchema
-from mvke.runtime.scoring import Ranked, TaskTagSide
+from mvke.runtime.scoring import Ranked, TaskTagSide, cosines_at, explain_tags, rank, sigmoid, top_k
 
 ANN_MIN_TAGS = 50_000     # MVKE_ANN=auto serves a catalogue this large through its candidate index
+RANK_MODES = ("fused", "numpy", "ann", "exact")
 
 log = logging.getLogger("mvke.runtime")
+
+
+@dataclass(frozen=True)
+class Query:
+    """What one user asks: `top_k` tags of each of `tasks`, best first.
+
+    exclude: tag indices never returned; min_score: drop tags scoring less; exact: rank every tag
+    also where the model ranks a large catalogue's candidates; candidates: score only these tag
+    indices (in this order for ties); explain: add each returned tag's explanation."""
+
+    tasks: tuple[str, ...]
+    top_k: int
+    exclude: tuple[int, ...] = ()
+    min_score: float | None = None
+    exact: bool = False
+    candidates: np.ndarray | None = None
+    explain: bool = False
+
+    @property
+    def needs_expert_outputs(self) -> bool:
+        return self.candidates is not None or self.explain
+
+
+@dataclass
+class Answer:
+    """One user's answer: per task (tag indices, probabilities), best first, and explanations if asked."""
+
+    tasks: dict[str, tuple[list[int], list[float]]]
+    explanations: dict[str, list[dict]] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,12 +84,6 @@ class LoadedModel:
     def version(self) -> str:
         return self.manifest.version
 
-    def run_tower(self, cat_ids: np.ndarray, multi_ids: np.ndarray) -> np.ndarray:
-        """[B, sum K_task, D] expert outputs of every task (graph names from the manifest)."""
-        m = self.manifest
-        cat_name, multi_name = m.onnx_inputs
-        return self.session.run([m.onnx_output], {cat_name: cat_ids, multi_name: multi_ids})[0]
-
     @property
     def scoring(self) -> str:
         """"onnx": tower + scoring + TopK in one ONNX call; "numpy": tower in ONNX, scoring in numpy."""
@@ -58,24 +94,76 @@ class LoadedModel:
         """True when some task is served through its candidate index."""
         return any(side.ann is not None for side in self.sides.values())
 
-    def rank_fused(self, cat_ids: np.ndarray, multi_ids: np.ndarray, k: dict[str, int],
-                   exclude: list[list[int]] | None = None) -> dict[str, Ranked]:
-        """`rank(run_tower(...), sides, k, exclude)` in one ONNX call (every task is scored; the asked
-        ones are returned). Excluded tags are dropped from a top (k + excluded) and the rest keeps
-        its order, so the answer equals the numpy ranker's (kept=False pads when too few are left)."""
+    # ---- preprocess ---------------------------------------------------------------------------
+    def encode(self, users) -> EncodedBatch:
+        """Raw rows (mappings field -> value) or an Arrow table/record batch -> ids (FeatureSchema.encode)."""
+        return self.schema.encode(users)
+
+    # ---- predict ------------------------------------------------------------------------------
+    def run_tower(self, cat_ids: np.ndarray, multi_ids: np.ndarray) -> np.ndarray:
+        """The user tower alone: [B, sum K_task, D] expert outputs of every task (graph names from the manifest)."""
+        m = self.manifest
+        cat_name, multi_name = m.onnx_inputs
+        return self.session.run([m.onnx_output], {cat_name: cat_ids, multi_name: multi_ids})[0]
+
+    def expert_outputs(self, users: EncodedBatch) -> np.ndarray:
+        """[B, sum K, D], computed once per batch (kept on it: candidates and explanations reuse it)."""
+        if users.expert_outputs is None:
+            users.expert_outputs = self.run_tower(users.cat_ids, users.multi_ids)
+        return users.expert_outputs
+
+    def rank_mode(self, users: EncodedBatch, exact: bool = False) -> str:
+        """How `rank` ranks these users: "exact" (every tag, from the factors, on a side served through
+        its index), "ann" (the index's candidates), "numpy" (the tower output is already at hand: the
+        GEMMs cost less than a second tower pass), else "fused" (one ONNX call) when the bundle has the
+        graph, "numpy" otherwise."""
+        if self.approximate:
+            return "exact" if exact else "ann"
+        if self.topk_session is not None and users.expert_outputs is None:
+            return "fused"
+        return "numpy"
+
+    def rank(self, users: EncodedBatch, k: int | Mapping[str, int],
+             exclude: Sequence[Sequence[int] | None] | None = None, exact: bool | Sequence[bool] = False,
+             mode: str | None = None) -> dict[str, Ranked]:
+        """Per task (manifest order; a task at k 0 or missing is not scored), the k best tags of each user.
+
+        exclude: per user, tag indices never returned (kept=False where too few are left);
+        exact: True, or per user, to rank every tag where a large catalogue is served from its index;
+        mode: force one of RANK_MODES (the parity gate and benchmarks compare them), else `rank_mode`."""
+        ks = {t: k for t in self.sides} if isinstance(k, int) else dict(k)
+        per_row = not isinstance(exact, bool)
+        if per_row and mode is None and self.approximate and any(exact) and not all(exact):
+            return self._rank_split(users, ks, exclude, list(exact))
+        mode = mode or self.rank_mode(users, all(exact) if per_row and len(exact) else bool(exact))
+        if mode == "fused":
+            return self._rank_fused(users, ks, exclude)
+        return rank(self.expert_outputs(users), self.sides.values(), ks, exclude, approximate=mode == "ann")
+
+    def _rank_split(self, users: EncodedBatch, k: dict[str, int], exclude, exact: list[bool]) -> dict[str, Ranked]:
+        """Users asking `exact` on a model served approximately, ranked apart from the others, then merged."""
+        rows = {flag: [i for i, e in enumerate(exact) if e == flag] for flag in (False, True)}
+        parts = {flag: self.rank(users.take(r), k, [exclude[i] for i in r] if exclude else None, flag)
+                 for flag, r in rows.items()}
+        return {task: _merge_rows([(rows[flag], parts[flag][task]) for flag in parts], len(exact))
+                for task in parts[False]}
+
+    def _rank_fused(self, users: EncodedBatch, k: dict[str, int],
+                    exclude: Sequence[Sequence[int] | None] | None) -> dict[str, Ranked]:
+        """`rank` in one ONNX call (every task is scored; the asked ones are returned). Excluded tags are
+        dropped from a top (k + excluded) and the rest keeps its order, so the answer equals the numpy
+        ranker's (kept=False pads when too few are left)."""
         T = self.manifest.num_tags
-        n_ex = max((len(e) for e in exclude), default=0) if exclude else 0
-        fetch = max(k.values())
-        want = np.array([min(T, fetch + n_ex)], dtype=np.int64)
-        outs = self._run_topk(cat_ids, multi_ids, want)
+        n_ex = max((len(e or ()) for e in exclude), default=0) if exclude else 0
+        want = np.array([min(T, max(k.values()) + n_ex)], dtype=np.int64)
+        outs = self._run_topk(users.cat_ids, users.multi_ids, want)
         ranked = {}
-        for name in k:
-            idx, prob = outs[f"top_idx_{name}"], outs[f"top_prob_{name}"]
-            kk = min(k[name], T)
-            if not n_ex:
-                ranked[name] = Ranked(idx[:, :kk], prob[:, :kk], None)
+        for name, kk in k.items():
+            if kk <= 0:
                 continue
-            ranked[name] = _drop_excluded(idx, prob, exclude, kk)
+            idx, prob = outs[f"top_idx_{name}"], outs[f"top_prob_{name}"]
+            kk = min(kk, T)
+            ranked[name] = _drop_excluded(idx, prob, exclude, kk) if n_ex else Ranked(idx[:, :kk], prob[:, :kk], None)
         return ranked
 
     def _run_topk(self, cat_ids: np.ndarray, multi_ids: np.ndarray, top_k: np.ndarray) -> dict[str, np.ndarray]:
@@ -98,8 +186,140 @@ class LoadedModel:
         self.topk_session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 
+    def score_candidates(self, users: EncodedBatch, candidates: Sequence[np.ndarray], tasks: Sequence[str],
+                         k: Sequence[int] | None = None) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Per user, per task: its own candidate tag indices ranked by their exact score (the arithmetic
+        of the full ranking on the candidates' columns only) -> (tag indices [n], probabilities [n]),
+        best first, the first k[i] (default all)."""
+        values = self.expert_outputs(users)
+        out = []
+        for row, cand in enumerate(candidates):
+            kk = len(cand) if k is None else min(k[row], len(cand))
+            per_task = {}
+            for task in tasks:
+                side = self.sides[task]
+                if not len(cand):
+                    per_task[task] = (cand, np.zeros(0, dtype=np.float32))
+                    continue
+                cos = cosines_at(side.values(values[row:row + 1]), side, cand)               # [1, n]
+                logits = cos * side.scale + side.bias
+                idx, best = top_k(logits, kk, cand[None])
+                per_task[task] = (idx[0], sigmoid(best[0]))
+            out.append(per_task)
+        return out
 
-def _drop_excluded(idx: np.ndarray, prob: np.ndarray, exclude: list[list[int]], k: int) -> Ranked:
+    def explain(self, users: EncodedBatch, tags: Sequence[Mapping[str, Sequence[int]]]) -> list[dict[str, list[dict]]]:
+        """Per user, per task, for each of its given tag indices: the tag's gate weight on each of the
+        task's experts (the paper's Fig. 8) and each expert's additive part of the cosine (summing to
+        it; `shares` = part / cosine), with the task's score scale and bias."""
+        values = self.expert_outputs(users)
+        experts = {spec.name: list(spec.experts) for spec in self.manifest.tasks}
+        out = []
+        for row, per_task in enumerate(tags):
+            doc = {}
+            for task, idx in per_task.items():
+                side = self.sides[task]
+                if not len(idx):
+                    doc[task] = []
+                    continue
+                gates, parts, cos = explain_tags(side.values(values[row:row + 1])[0], side,
+                                                 np.asarray(idx, dtype=np.int64))
+                shares = parts / np.where(np.abs(cos) > 1e-12, cos, 1e-12)[:, None]
+                doc[task] = [{"experts": experts[task], "gates": g, "contributions": c, "shares": sh, "cosine": cs,
+                              "scale": side.scale, "bias": side.bias}
+                             for g, c, sh, cs in zip(gates.tolist(), parts.tolist(), shares.tolist(), cos.tolist())]
+            out.append(doc)
+        return out
+
+    def predict(self, users: EncodedBatch, queries: Sequence[Query]) -> list[Answer]:
+        """Each user's answer to its own query, the batch in as few model calls as its queries allow:
+        one `rank` for every user ranked over the catalogue (at the largest k asked per task), then
+        the candidate scorings and explanations of the users that ask for them."""
+        if any(q.needs_expert_outputs for q in queries):
+            self.expert_outputs(users)     # computed once; `rank` then scores from it
+        answers: list[Answer | None] = [None] * len(queries)
+        full = [i for i, q in enumerate(queries) if q.candidates is None]
+        if full:
+            whole = len(full) == len(queries)
+            part, asked = (users, queries) if whole else (users.take(full), [queries[i] for i in full])
+            ranked = self.rank(part, _largest_k(asked), _excluded(asked), [q.exact for q in asked])
+            for i, answer in zip(full, _trim(ranked, asked)):
+                answers[i] = answer
+        if len(full) < len(queries):
+            self._answer_candidates(users, queries, answers)
+        explain = [i for i, q in enumerate(queries) if q.explain]
+        if explain:
+            docs = self.explain(users.take(explain),
+                                [{t: idx for t, (idx, _) in answers[i].tasks.items()} for i in explain])
+            for i, doc in zip(explain, docs):
+                answers[i].explanations = doc
+        return answers  # type: ignore[return-value]
+
+    def _answer_candidates(self, users: EncodedBatch, queries: Sequence[Query], answers: list) -> None:
+        rows = [i for i, q in enumerate(queries) if q.candidates is not None]
+        for i in rows:
+            q = queries[i]
+            cand = q.candidates
+            if q.exclude:
+                cand = cand[~np.isin(cand, q.exclude)]
+            (scored,) = self.score_candidates(users.take([i]), [cand], q.tasks, [q.top_k])
+            answers[i] = Answer({task: _at_least(idx.tolist(), prob.tolist(), q.min_score)
+                                 for task, (idx, prob) in scored.items()})
+
+
+def _largest_k(queries: Sequence[Query]) -> dict[str, int]:
+    k: dict[str, int] = {}
+    for q in queries:
+        for task in q.tasks:
+            if q.top_k > k.get(task, 0):
+                k[task] = q.top_k
+    return k
+
+
+def _excluded(queries: Sequence[Query]) -> list[tuple[int, ...]] | None:
+    return [q.exclude for q in queries] if any(q.exclude for q in queries) else None
+
+
+def _trim(ranked: dict[str, Ranked], queries: Sequence[Query]) -> list[Answer]:
+    """Each query's own answer from the batch's ranking: its tasks, its top k, excluded and weak tags dropped."""
+    tops = {task: (r.tag_index.tolist(), r.scores.tolist(), None if r.kept is None else r.kept.tolist())
+            for task, r in ranked.items()}
+    answers = []
+    for row, q in enumerate(queries):
+        tasks = {}
+        for task in q.tasks:
+            idx_rows, prob_rows, kept = tops[task]
+            ii, pp = idx_rows[row][:q.top_k], prob_rows[row][:q.top_k]
+            if kept is not None:
+                ok = kept[row]
+                ii, pp = [t for n, t in enumerate(ii) if ok[n]], [p for n, p in enumerate(pp) if ok[n]]
+            tasks[task] = _at_least(ii, pp, q.min_score)
+        answers.append(Answer(tasks))
+    return answers
+
+
+def _at_least(idx: list[int], scores: list[float], min_score: float | None) -> tuple[list[int], list[float]]:
+    """The tags scoring at least `min_score` (None: all); scores are best first, so a prefix."""
+    if min_score is None:
+        return idx, scores
+    n = sum(1 for p in scores if p >= min_score)
+    return idx[:n], scores[:n]
+
+
+def _merge_rows(parts: list[tuple[list[int], Ranked]], n: int) -> Ranked:
+    """One task's rankings of disjoint row subsets -> the ranking of all n rows, in row order."""
+    first = parts[0][1]
+    idx = np.empty((n, first.tag_index.shape[1]), dtype=first.tag_index.dtype)
+    scores = np.empty((n, first.scores.shape[1]), dtype=first.scores.dtype)
+    kept = None if all(r.kept is None for _, r in parts) else np.ones(idx.shape, dtype=bool)
+    for rows, r in parts:
+        idx[rows], scores[rows] = r.tag_index, r.scores
+        if kept is not None and r.kept is not None:
+            kept[rows] = r.kept
+    return Ranked(idx, scores, kept)
+
+
+def _drop_excluded(idx: np.ndarray, prob: np.ndarray, exclude: Sequence[Sequence[int] | None], k: int) -> Ranked:
     B = len(idx)
     out_i = np.zeros((B, k), dtype=idx.dtype)
     out_p = np.zeros((B, k), dtype=prob.dtype)
@@ -111,10 +331,13 @@ def _drop_excluded(idx: np.ndarray, prob: np.ndarray, exclude: list[list[int]], 
         out_i[row, :len(ii)], out_p[row, :len(pp)], kept[row, :len(ii)] = ii, pp, True
     return Ranked(out_i, out_p, kept)
 
-def tag_sides(manifest: Manifest, blobs: dict[str, bytes], approximate: bool = False) -> dict[str, TaskTagSide]:
+
+# ---- load ---------------------------------------------------------------------------------------
+def tag_sides(manifest: Manifest, blobs: dict[str, bytes], approximate: bool = False,
+              search_threads: int = 1) -> dict[str, TaskTagSide]:
     """task -> its tag side (gates and tag embeddings of the bundle, prepared for scoring).
     approximate: tasks with a candidate index in the bundle are served through it (factors only,
-    no dense W, Q); the others stay dense."""
+    no dense W, Q), searched on `search_threads` FAISS threads; the others stay dense."""
     sides = {}
     for spec in manifest.tasks:
         g, e = gates_file(spec.name), tag_emb_file(spec.name)
@@ -124,8 +347,8 @@ def tag_sides(manifest: Manifest, blobs: dict[str, bytes], approximate: bool = F
                                  decode_array(blobs[e], manifest.files[e]), dense=not use_index)
         if use_index:
             info = manifest.ann["tasks"][spec.name]
-            side.ann = ann.TaskAnn(ann.index_from_bytes(blobs[index_name], info["nprobe"]), side.unit, side.gates,
-                                   info["candidates"])
+            index = ann.CandidateIndex.from_bytes(blobs[index_name], info["nprobe"], search_threads)
+            side.ann = ann.TaskAnn(index, side.unit, side.gates, info["candidates"])
         sides[spec.name] = side
     return sides
 
@@ -161,13 +384,14 @@ def make_session(onnx_bytes: bytes, provider: str = "auto", intra_threads: int =
 
 def build_model(manifest: Manifest, blobs: dict[str, bytes], provider: str = "auto",
                 intra_threads: int = 1, ann_mode: str = "off", ann_min_tags: int = ANN_MIN_TAGS,
-                scoring: str = "auto") -> LoadedModel:
-    """The version ready to serve. ann_mode: auto|on|off (candidate indexes, see `serve_approximately`);
-    scoring: auto|onnx|numpy (auto: the fused tower + TopK graph when the bundle has one and every
-    task is dense; measured faster than numpy on the CPU, and the only way the GPU does the scoring)."""
+                scoring: str = "auto", search_threads: int = 1) -> LoadedModel:
+    """The version ready to serve. ann_mode: auto|on|off (candidate indexes, see `serve_approximately`,
+    searched on `search_threads` FAISS threads); scoring: auto|onnx|numpy (auto: the fused tower +
+    TopK graph when the bundle has one and every task is dense; measured faster than numpy on the
+    CPU, and the only way the GPU does the scoring)."""
     session, used = make_session(blobs[ONNX_FILE], provider, intra_threads)
     tags = json.loads(blobs[TAGS_FILE])
-    sides = tag_sides(manifest, blobs, serve_approximately(manifest, blobs, ann_mode, ann_min_tags))
+    sides = tag_sides(manifest, blobs, serve_approximately(manifest, blobs, ann_mode, ann_min_tags), search_threads)
     topk_session, feeds = None, {}
     dense = all(side.W is not None for side in sides.values())
     if scoring != "numpy" and TOWER_TOPK_FILE in blobs and dense:
@@ -188,5 +412,5 @@ def build_model(manifest: Manifest, blobs: dict[str, bytes], provider: str = "au
     multi = np.zeros((1, len(model.schema.multi_fields), model.schema.multi_len), dtype=np.int64)
     model.run_tower(cat, multi)
     if topk_session is not None:
-        model.rank_fused(cat, multi, {t.name: 1 for t in manifest.tasks})
+        model.rank(EncodedBatch(cat, multi), 1, mode="fused")
     return model

@@ -40,6 +40,16 @@ def limit_blas_threads(n: int) -> list[str]:
                   for lib in threadpool_info() if lib["user_api"] == "blas")
 
 
+def limit_threads(n: int) -> list[str]:
+    """Where a process starts (a service worker, a tag-all actor, a benchmark): numpy's BLAS and FAISS
+    (its OpenMP team and its own OpenBLAS, if it is loaded; else `load_faiss` caps it when it loads)
+    to `n` threads -> the BLAS libraries as capped. ONNX Runtime takes its threads per session
+    (`make_session`)."""
+    from mvke.runtime.ann import limit_faiss_threads
+    limit_faiss_threads(n)
+    return limit_blas_threads(n)
+
+
 def loadavg() -> list[float]:
     """1, 5 and 15 minute load averages, rounded (printed beside every benchmark figure)."""
     return [round(x, 2) for x in os.getloadavg()]

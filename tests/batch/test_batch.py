@@ -124,15 +124,16 @@ def _service_answer(manifest, blobs, rows: list[dict], k: int) -> dict[tuple[str
     from types import SimpleNamespace
 
     from mvke.runtime.keys import Keys
-    from mvke.runtime.model import build_model
+    from mvke.runtime.model import Query, build_model
     from service.metrics import ServiceMetrics
+    from service.settings import Settings
     from service.tagger import Tagger, TagJob
     model = build_model(manifest, blobs, "cpu", 1)
-    tagger = Tagger(SimpleNamespace(current=model), None, ServiceMetrics(), Keys())
+    tagger = Tagger(SimpleNamespace(current=model), None, ServiceMetrics(), Keys(), Settings())
     out = {}
     for row in rows:
         features = {n: row[n] for n in model.schema.names}
-        job = TagJob(row["user_id"], features, k, model.manifest.task_names, None, [])
+        job = TagJob(row["user_id"], features, Query(tuple(model.manifest.task_names), k))
         job.row, job.source = features, "request"
         (result,) = tagger.compute(model, [job])
         for task, ranked in result.tasks.items():

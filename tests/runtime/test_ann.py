@@ -7,6 +7,7 @@ import pytest
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is installed by the service extra")
 
 from mvke.runtime import ann  # noqa: E402
+from mvke.runtime.scoring import exact_top_k, gathered_cosines, numerator_rows, unit_rows  # noqa: E402
 
 
 def dense_cosines(values: np.ndarray, gates: np.ndarray, emb: np.ndarray) -> np.ndarray:
@@ -31,12 +32,12 @@ def users(n: int, K: int, D: int, seed: int = 1) -> np.ndarray:
     return (base + 0.7 * rng.standard_normal((n, K, D))).astype(np.float32)   # correlated experts
 
 
-def test_candidate_cosines_equal_the_dense_formula():
+def test_gathered_cosines_equal_the_dense_formula():
     gates, emb = tag_side(500, 3, 16)
     values = users(7, 3, 16)
     ids = np.random.default_rng(2).integers(0, 500, (7, 40))
     ref = np.take_along_axis(dense_cosines(values, gates, emb), ids, 1)
-    got = ann.candidate_cosines(values, ids, ann.unit_rows(emb), gates)
+    got = gathered_cosines(values, ids, unit_rows(emb), gates)
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
@@ -46,20 +47,20 @@ def test_exact_top_k_in_chunks_equals_a_full_sort():
     ref = dense_cosines(values, gates, emb)
     exclude = np.zeros_like(ref, dtype=bool)
     exclude[:, ref.argmax(1)] = True                     # each row's best tag (and others') excluded
-    idx, cos = ann.exact_top_k(values, ann.unit_rows(emb), gates, 10, exclude=exclude, chunk=128)
+    idx, cos = exact_top_k(values, unit_rows(emb), gates, 10, exclude=exclude, chunk=128)
     masked = np.where(exclude, -np.inf, ref)
     want = np.argsort(-masked, 1, kind="stable")[:, :10]
     np.testing.assert_array_equal(idx, want)
     np.testing.assert_allclose(cos, np.take_along_axis(masked, want, 1), atol=1e-5)
 
 
-def test_tag_vectors_make_the_numerator_an_inner_product():
+def test_numerator_rows_make_the_numerator_an_inner_product():
     gates, emb = tag_side(50, 3, 8)
     values = users(4, 3, 8)
-    w = ann.tag_vectors(gates, ann.unit_rows(emb))                                   # [T, K*D]
+    w, _ = numerator_rows(gates, unit_rows(emb))                                     # [T, K*D]
     num = values.reshape(4, -1) @ w.T
     eu = np.einsum("tk,bkd->btd", gates, values)
-    ref = np.einsum("btd,td->bt", eu, ann.unit_rows(emb))
+    ref = np.einsum("btd,td->bt", eu, unit_rows(emb))
     np.testing.assert_allclose(num, ref, atol=1e-5)
 
 
@@ -71,7 +72,7 @@ def test_index_recall_and_gate(sharpen, clusters):
     values = users(200, 3, 16)
     cfg = ann.AnnConfig(nprobe=2, candidates=60, gate_users=200, gate_clusters=clusters)
     index = ann.build_task_index(gates, emb, cfg)
-    task = ann.TaskAnn(ann.index_from_bytes(ann.index_to_bytes(index), cfg.nprobe), ann.unit_rows(emb), gates,
+    task = ann.TaskAnn(ann.CandidateIndex.from_bytes(index.to_bytes(), cfg.nprobe), unit_rows(emb), gates,
                        cfg.candidates)
     report = ann.tune_nprobe(task, values, cfg)
     assert report.passed and report.recall >= 0.95, report
@@ -87,7 +88,7 @@ def test_gate_reports_failure_when_recall_cannot_be_reached():
     gates, emb = tag_side(4000, 3, 16)
     values = users(100, 3, 16)
     cfg = ann.AnnConfig(nlist=64, nprobe=1, max_nprobe=2, candidates=20, min_recall=0.999)
-    task = ann.TaskAnn(ann.build_task_index(gates, emb, cfg), ann.unit_rows(emb), gates, cfg.candidates)
+    task = ann.TaskAnn(ann.build_task_index(gates, emb, cfg), unit_rows(emb), gates, cfg.candidates)
     report = ann.tune_nprobe(task, values, cfg)
     assert not report.passed
     assert set(report.tried) == {1, 2} and report.recall == report.tried[2] < 0.999
@@ -96,7 +97,7 @@ def test_gate_reports_failure_when_recall_cannot_be_reached():
 def test_excluded_tags_never_come_back_from_the_index():
     gates, emb = tag_side(3000, 3, 16)
     values = users(4, 3, 16)
-    task = ann.TaskAnn(ann.build_task_index(gates, emb, ann.AnnConfig(nprobe=8)), ann.unit_rows(emb), gates)
+    task = ann.TaskAnn(ann.build_task_index(gates, emb, ann.AnnConfig(nprobe=8)), unit_rows(emb), gates)
     first, _ = task.top_k(values, 5)
     again, _ = task.top_k(values, 5, exclude=[row[:3] for row in first])
     for row, ex in zip(again, first):
@@ -106,8 +107,8 @@ def test_excluded_tags_never_come_back_from_the_index():
 
 def test_index_bytes_are_deterministic():
     gates, emb = tag_side(3000, 3, 16)
-    a = ann.index_to_bytes(ann.build_task_index(gates, emb))
-    b = ann.index_to_bytes(ann.build_task_index(gates, emb))
+    a = ann.build_task_index(gates, emb).to_bytes()
+    b = ann.build_task_index(gates, emb).to_bytes()
     assert a == b
 
 

@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 
 from mvke.runtime.contract import TaskSpec
-from mvke.runtime.scoring import TaskTagSide, rank, sigmoid, task_logits, task_scores, top_k_logits
+from mvke.runtime.scoring import TaskTagSide, rank, sigmoid, task_logits, task_scores, top_k
 
 
-def test_top_k_logits_is_a_sorted_top_k():
+def test_top_k_is_a_sorted_top_k():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 1, (9, 300)).astype(np.float32)
     for k in (1, 20, 299, 300, 1000):
-        idx, best = top_k_logits(logits.copy(), k)
+        idx, best = top_k(logits.copy(), k)
         want = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         np.testing.assert_array_equal(idx, want)
         np.testing.assert_array_equal(best, np.take_along_axis(logits, want, axis=1))
     excluded = logits.copy()
     excluded[:, :5] = -np.inf
-    idx, best = top_k_logits(excluded, 300)
+    idx, best = top_k(excluded, 300)
     assert not np.isfinite(best[:, -5:]).any() and set(idx[0, -5:].tolist()) == set(range(5))
 
 

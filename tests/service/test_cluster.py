@@ -97,6 +97,7 @@ def test_a_batch_costs_one_round_trip_per_node(single_and_cluster, dataset_dir, 
     import redis.asyncio.client as aclient
 
     from service.registry import ModelRegistry
+    from mvke.runtime.model import Query
     from service.tagger import TagJob, Tagger
     urls, _ = single_and_cluster
     calls: list[int] = []
@@ -115,9 +116,9 @@ def test_a_batch_costs_one_round_trip_per_node(single_and_cluster, dataset_dir, 
         settings = make_settings(urls["cluster"], PREFIX)
         from service.metrics import ServiceMetrics
         metrics = ServiceMetrics()
-        tagger = Tagger(ModelRegistry(settings, None, metrics), r, metrics, Keys(PREFIX))
+        tagger = Tagger(ModelRegistry(settings, None, metrics), r, metrics, Keys(PREFIX), settings)
         try:
-            return await tagger._fetch([TagJob(u, None, 5, ["interest"], None, []) for u in users])
+            return await tagger._fetch([TagJob(u, None, Query(("interest",), 5)) for u in users])
         finally:
             await tagger.cluster_reader.aclose()
             await r.aclose()

@@ -86,7 +86,8 @@ def edge():
                                                                                position={}))
 
     async def tag(job):
-        return TagResult(job.user_id, "v", "m", "store", {t: [(f"k{job.top_k}", job.min_score or 0.0)] for t in job.tasks})
+        q = job.query
+        return TagResult(job.user_id, "v", "m", "store", {t: [(f"k{q.top_k}", q.min_score or 0.0)] for t in q.tasks})
     svc = SimpleNamespace(settings=Settings(log_level="WARNING"), tagger=SimpleNamespace(model=lambda: model), tag=tag,
                           registry=SimpleNamespace(route=lambda user_id, pinned=None: model, last_error=None))
     downstream = []
@@ -161,6 +162,7 @@ def test_batcher_coalesces_sheds_and_times_out():
 
     from service.batcher import DynamicBatcher
     from service.metrics import ServiceMetrics
+    from mvke.runtime.model import Query
     from service.tagger import ServiceError, TagJob
 
     class SlowTagger:
@@ -176,7 +178,7 @@ def test_batcher_coalesces_sheds_and_times_out():
             return [f"ok:{j.user_id}" for j in jobs]
 
     def job(uid: str) -> TagJob:
-        return TagJob(uid, None, 5, ["interest"], None, [])
+        return TagJob(uid, None, Query(("interest",), 5))
 
     async def scenario():
         tagger, metrics = SlowTagger(), ServiceMetrics()
@@ -234,6 +236,7 @@ def test_idle_bypass_keeps_closed_loop_clients_batched():
 
     from service.batcher import DynamicBatcher
     from service.metrics import ServiceMetrics
+    from mvke.runtime.model import Query
     from service.tagger import TagJob
 
     class YieldingTagger:          # like the real one: the feature fetch yields to the event loop
@@ -252,9 +255,9 @@ def test_idle_bypass_keeps_closed_loop_clients_batched():
 
         async def client(k: int):
             for i in range(5):
-                assert await b.submit(TagJob(f"{k}-{i}", None, 5, ["interest"], None, [])) == "ok"
+                assert await b.submit(TagJob(f"{k}-{i}", None, Query(("interest",), 5))) == "ok"
         await asyncio.gather(*(client(k) for k in range(4)))
-        alone = asyncio.ensure_future(b.submit(TagJob("alone", None, 5, ["interest"], None, [])))
+        alone = asyncio.ensure_future(b.submit(TagJob("alone", None, Query(("interest",), 5))))
         assert await alone == "ok"
         await b.stop()
         return tagger.batches

@@ -13,7 +13,7 @@ pytest.importorskip("faiss", reason="faiss-cpu is installed by the service extra
 from model_export.bundle import export_checkpoint  # noqa: E402
 from mvke.runtime.contract import TOWER_TOPK_FILE, ann_index_file, read_bundle  # noqa: E402
 from mvke.runtime.model import build_model  # noqa: E402
-from mvke.runtime.scoring import rank  # noqa: E402
+from mvke.runtime.encoded import EncodedBatch  # noqa: E402
 from tests.service.test_service import LiveService, make_settings, publish_dataset  # noqa: E402
 
 TAGS = 3000
@@ -45,11 +45,11 @@ def test_fused_graph_ranks_like_numpy_with_exclusions(large_bundle):
     cat = np.stack([rng.integers(1, 5, len(model.schema.cat_fields)) for _ in range(6)])
     multi = np.zeros((6, len(model.schema.multi_fields), model.schema.multi_len), dtype=np.int64)
     ks = {t: 15 for t in manifest.task_names}
-    values = model.run_tower(cat, multi)
-    plain = rank(values, model.sides.values(), ks)
+    plain = model.rank(EncodedBatch(cat, multi), ks, mode="numpy")
     exclude = [list(map(int, plain["interest"].tag_index[i, :4])) for i in range(6)]
-    want = rank(values, model.sides.values(), ks, exclude)
-    got = model.rank_fused(cat, multi, ks, exclude)
+    want = model.rank(EncodedBatch(cat, multi), ks, exclude, mode="numpy")
+    got = model.rank(EncodedBatch(cat, multi), ks, exclude)
+    assert model.rank_mode(EncodedBatch(cat, multi)) == "fused"
     for task in ks:
         np.testing.assert_array_equal(got[task].tag_index, want[task].tag_index)
         np.testing.assert_allclose(got[task].scores, want[task].scores, atol=1e-6)

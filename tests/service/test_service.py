@@ -545,10 +545,10 @@ def test_metrics_and_model_info(svc, synth_user):
     assert _sample(text, "mvke_model_batch_size_count") >= 3
     assert _sample(text, "mvke_model_batch_size_bucket", le="1.0") >= 1
     model = svc.client.get("/model").json()
-    # the fused graph (scoring "onnx") times tower + scoring + TopK as one "tower" step
-    steps = ("fetch", "encode", "tower", "rank") + (("score",) if model["scoring"] == "numpy" else ())
-    for step in steps:
+    # KServe's shape: preprocess (encode), one predictor call (predict), postprocess
+    for step in ("fetch", "encode", "predict", "postprocess"):
         assert _sample(text, "mvke_step_seconds_count", step=step) >= 1, step
+    assert _sample(text, "mvke_step_seconds_count", step="tower") is None
     assert model["scoring"] in ("onnx", "numpy") and model["approximate"] is False
     assert _sample(text, "mvke_model_info", version=model["version"], model="mvke-mt",
                    provider=model["provider"]) == 1.0
