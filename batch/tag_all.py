@@ -62,6 +62,7 @@ from mvke.runtime.column_encoder import plain_array
 from mvke.runtime.contract import BundleError, read_bundle
 from mvke.runtime.keys import Keys, redis_url
 from mvke.runtime.encoded import EncodedBatch
+from mvke.runtime.feature_values import MISSING_USER_ID, first_problems
 from mvke.runtime.model import LoadedModel
 from mvke.runtime.system import container_cpus
 
@@ -161,6 +162,7 @@ class PartWorker:
         self.model = build_model(manifest, blobs, job["provider"], job["ort_threads"], ann_mode=job.get("ann", "auto"),
                                  ann_min_tags=job.get("ann_min_tags", 50_000), search_threads=job["ort_threads"])
         self.columns = ["user_id"] + self.model.schema.names
+        self.kinds = {f.name: f.kind for f in self.model.schema.fields}
         self.tasks = self.model.manifest.task_names
         self.task_arr = pa.array(self.tasks, type=pa.string())
         self.tag_arr = pa.array(self.model.tags, type=pa.string())
@@ -186,10 +188,13 @@ class PartWorker:
 
     def tag_batch(self, batch: pa.RecordBatch) -> "BatchResult":
         user_ids, missing = user_id_column(batch)
+        reasons = {int(r): ("user_id", MISSING_USER_ID) for r in np.flatnonzero(missing)}
+        # the user id first, then the first bad raw value (the rules and reasons of `mvke features load`)
+        for r, why in first_problems(batch, self.kinds).items():
+            reasons.setdefault(r, why)
         enc = self.model.encode(batch)
-        reasons = {int(r): ("user_id", "missing user id") for r in np.flatnonzero(missing)}
         for r, e in enc.errors.items():
-            reasons.setdefault(r, (e.field, e.reason))   # the user id first, then the first bad field
+            reasons.setdefault(r, (e.field, e.reason))
         rejects = [(user_ids[r].as_py(), field, why) for r, (field, why) in sorted(reasons.items())]
         uids, cat, multi = user_ids, enc.cat_ids, enc.multi_ids
         if reasons:

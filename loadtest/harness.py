@@ -20,7 +20,11 @@ from typing import Any, Sequence
 import httpx
 
 from mvke.localredis import LocalRedis, free_port
+from mvke.runtime.contract import Manifest
+from mvke.runtime.encoded import MULTI_SEP
+from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import connect   # one node or a cluster (redis+cluster://)
+from mvke.runtime.versions import active_version
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -75,16 +79,21 @@ def scan_user_ids(redis_url: str, prefix: str = "mvke", limit: int = 1_000_000) 
 
 def sample_features(redis_url: str, user_ids: Sequence[str], n: int = 50, prefix: str = "mvke",
                     seed: int = 0) -> list[dict[str, Any]]:
-    """Raw feature dicts of a few stored users (multi fields as lists): bodies for 'new' users."""
+    """Raw feature dicts of a few stored users (multi fields as lists, by the active model's schema):
+    bodies for 'new' users."""
     r = connect(redis_url, decode_responses=True, socket_timeout=30)
     try:
+        keys = Keys(prefix)
+        manifest = Manifest.from_json(r.get(keys.manifest(active_version(r, keys))))
+        kinds = {f["name"]: f["kind"] for f in manifest.features["fields"]}
         rng = random.Random(seed)
         picks = rng.sample(list(user_ids), min(n, len(user_ids)))
         out = []
         for uid in picks:
-            row = r.hgetall(f"{prefix}:user:{uid}")
-            # hash fields starting with "_" are the loader's bookkeeping (e.g. _loaded_at), not features
-            out.append({k: (v.split("|") if "|" in v else v) for k, v in row.items() if not k.startswith("_")})
+            row = r.hgetall(keys.user(uid))
+            # only the model's fields (the loader's bookkeeping, e.g. _loaded_at, is not a feature)
+            out.append({k: (v.split(MULTI_SEP) if v else []) if kinds[k] == "multi" else v
+                        for k, v in row.items() if k in kinds})
         return out
     finally:
         r.close()

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from model_export.feature_writer import LOADED_AT_FIELD, FeatureSink, StoreColumns, store_columns
-from mvke.runtime.features import MULTI_SEP, to_store_value
+from mvke.runtime.feature_values import MISSING_USER_ID, is_missing, value_problem
+from mvke.runtime.features import to_store_value
 from mvke.runtime.keys import Keys
 
 
@@ -39,22 +39,16 @@ class LoadReport:
 def validate_row(row: Mapping[str, Any], kinds: Mapping[str, str]) -> tuple[dict[str, str] | None, str | None, str | None]:
     """-> (hash mapping, None, None) or (None, field, reason)."""
     uid = row.get("user_id")
-    if uid is None or (isinstance(uid, float) and np.isnan(uid)) or str(uid) == "":
-        return None, "user_id", "missing user id"
+    if is_missing(uid) or str(uid) == "":
+        return None, "user_id", MISSING_USER_ID
     mapping = {}
     for name, kind in kinds.items():
         v = row.get(name)
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-        if v is None or (isinstance(v, float) and np.isnan(v)):
+        if is_missing(v):
             continue  # missing -> OOV / empty at serving time
-        if kind == "multi":
-            if not isinstance(v, (list, tuple)):
-                return None, name, f"expected a list, got {type(v).__name__}"
-            if any(isinstance(x, (list, tuple, dict)) or MULTI_SEP in str(x) for x in v):
-                return None, name, f"list items must be scalars without {MULTI_SEP!r}"
-        elif isinstance(v, (list, tuple, dict)):
-            return None, name, f"expected one value, got {type(v).__name__}"
+        problem = value_problem(kind, v)     # the rules of every entry point (mvke/runtime/feature_values.py)
+        if problem:
+            return None, name, problem
         mapping[name] = to_store_value(v)
     return mapping, None, None
 

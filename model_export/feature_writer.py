@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from mvke.runtime.feature_values import MISSING_USER_ID, first_problems, is_list_type, is_nested_type, present
 from mvke.runtime.features import MULTI_SEP
 from mvke.runtime.redis_client import is_cluster
 
@@ -64,37 +65,6 @@ class StoreColumns:
 
 
 # ---- 1. columns ----------------------------------------------------------------------------------
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
-def _is_nested(t: pa.DataType) -> bool:
-    return _is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t)
-
-
-def _python_name(t: pa.DataType) -> str:
-    """The Python type name `validate_row` reports for a value of Arrow type t."""
-    if _is_list(t):
-        return "list"
-    if pa.types.is_struct(t) or pa.types.is_map(t):
-        return "dict"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return "bytes"
-    return "str"
-
-
-def _missing(col: pa.Array) -> np.ndarray:
-    """Null, or a float NaN (both mean "missing": OOV / empty at serving time)."""
-    miss = np.asarray(col.is_null())
-    if pa.types.is_floating(col.type):
-        miss |= np.asarray(pc.fill_null(pc.is_nan(col), False))
-    return miss
 
 
 def _as_str(col: pa.Array) -> pa.Array:
@@ -111,22 +81,13 @@ def _as_str(col: pa.Array) -> pa.Array:
                      for v in col.to_pylist()], pa.string())
 
 
-def _multi_column(col: pa.Array, why: list) -> pa.Array | None:
-    """List column -> `|`-joined strings; rows with a nested item or an item holding `|` marked bad."""
+def _multi_column(col: pa.Array) -> pa.Array:
+    """A list column of scalars -> `|`-joined strings (the stored form; rows are checked beforehand)."""
     items = pc.list_flatten(col)
-    if _is_nested(items.type):
-        why.append((~_missing(col), f"list items must be scalars without {MULTI_SEP!r}"))
-        return None
-    parents = np.asarray(pc.list_parent_indices(col))
     if items.null_count:
         items = pc.fill_null(_as_str(items), "None")          # str(None), as the per-row path writes it
     else:
         items = _as_str(items)
-    holds_sep = np.asarray(pc.fill_null(pc.match_substring(items, MULTI_SEP), False))
-    if holds_sep.any():
-        rows = np.zeros(len(col), dtype=bool)
-        rows[np.unique(parents[holds_sep])] = True
-        why.append((rows, f"list items must be scalars without {MULTI_SEP!r}"))
     offsets = pc.list_value_length(col)
     rebuilt = pa.ListArray.from_arrays(_offsets_of(offsets), items, mask=col.is_null())
     return pc.binary_join(rebuilt, MULTI_SEP)
@@ -140,46 +101,34 @@ def _offsets_of(lengths: pa.Array) -> pa.Array:
 def store_columns(batch: pa.RecordBatch | pa.Table, kinds: dict[str, str]) -> StoreColumns:
     """Feature-store strings per field for the rows that can be stored; the others as rejects.
 
-    Same rules and reasons as `validate_row`: the first failing field (user_id first, then
-    the schema's order) names the row's reason; a column absent from the batch is missing.
+    Same rules and reasons as `validate_row` and every other entry point (mvke/runtime/feature_values.py):
+    the first failing field (user_id first, then the schema's order) names the row's reason; a column
+    absent from the batch is missing.
     """
     names = set(batch.schema.names)
-    n = batch.num_rows
     if "user_id" not in names:
         raise ValueError("users table has no user_id column")
     uid_col = batch.column("user_id")
     uid_col = uid_col.combine_chunks() if isinstance(uid_col, pa.ChunkedArray) else uid_col
     uids = _as_str(uid_col)
-    reason: list[str | None] = [None] * n
-    reason_field: list[str | None] = [None] * n
-    no_id = _missing(uid_col) | np.asarray(pc.fill_null(pc.equal(uids, ""), True))
-    for i in np.flatnonzero(no_id):
-        reason[i], reason_field[i] = "missing user id", "user_id"
+    no_id = ~present(uid_col) | np.asarray(pc.fill_null(pc.equal(uids, ""), True))
+    reasons = {int(i): ("user_id", MISSING_USER_ID) for i in np.flatnonzero(no_id)}
+    for row, why in first_problems(batch, kinds).items():
+        reasons.setdefault(row, why)
     columns: list[tuple[str, pa.Array]] = []
     for name, kind in kinds.items():
         if name not in names:
             continue
         col = batch.column(name)
         col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        why: list[tuple[np.ndarray, str]] = []
-        values = None
-        if kind == "multi":
-            if _is_list(col.type):
-                values = _multi_column(col, why)
-            else:
-                why.append((~_missing(col), f"expected a list, got {_python_name(col.type)}"))
-        elif _is_nested(col.type):
-            why.append((~_missing(col), f"expected one value, got {_python_name(col.type)}"))
-        else:
-            values = _as_str(col)
-        for rows, text in why:
-            for i in np.flatnonzero(rows):
-                if reason[i] is None:
-                    reason[i], reason_field[i] = text, name
-        if values is not None:
-            columns.append((name, values))
-    bad = np.array([r is not None for r in reason], dtype=bool)
-    rejects = [(str(uid_col[int(i)].as_py()), reason_field[i], reason[i]) for i in np.flatnonzero(bad)]
+        if kind == "multi" and is_list_type(col.type) and not is_nested_type(col.type.value_type):
+            columns.append((name, _multi_column(col)))
+        elif kind == "cat" and not is_nested_type(col.type):
+            columns.append((name, _as_str(col)))
+        # else every row holding a value is rejected (first_problems): nothing of this column is stored
+    bad = np.zeros(batch.num_rows, dtype=bool)
+    bad[list(reasons)] = True
+    rejects = [(str(uid_col[i].as_py()), *reasons[i]) for i in sorted(reasons)]
     if bad.any():
         keep = pa.array(np.flatnonzero(~bad))
         uids = uids.take(keep)

@@ -120,10 +120,8 @@ def _features_schema(models) -> dict:
         if f.kind == "cat":
             props[name] = {**SCALAR_SCHEMA, "description": f"one value (known: {_vocab_hint(f.vocab)})"}
         else:
-            props[name] = {"anyOf": [{"type": "string"}, FEATURE_VALUE_SCHEMA["anyOf"][1]],
-                           "description": f"a list of values or one `|`-joined string "
-                                                                  f"(first {f.max_len} used; known: "
-                                                                  f"{_vocab_hint(f.vocab)})"}
+            props[name] = {**FEATURE_VALUE_SCHEMA["anyOf"][1],
+                           "description": f"a list of values (first {f.max_len} used; known: {_vocab_hint(f.vocab)})"}
     return {"type": "object", "properties": props, "additionalProperties": False}
 
 

@@ -26,15 +26,18 @@ def json_type(v: Any) -> str:
 
 
 def _feature_value(v: Any) -> Any:
-    """One clear error per bad feature value (a plain Union would report one error per branch)."""
+    """JSON types only (one clear error per bad value: a plain Union would report one per branch). Whether a
+    value fits its field (one value, a list, scalar items) is the rule of mvke/runtime/feature_values.py,
+    checked against the answering model's schema (service/state.py), so a list or an object is let through
+    here to get the same message as in a feature load or a tag-all."""
     tv = type(v)
-    if tv is str or tv is int or tv is float:
+    if tv is str or tv is int or tv is float or tv is dict:
         return v
     if tv is list:
         if len(v) > MAX_FEATURE_LIST:
             raise PydanticCustomError("too_long", "at most {n} values per feature", {"n": MAX_FEATURE_LIST})
         for x in v:
-            if type(x) not in (str, int, float):
+            if type(x) not in (str, int, float, list, dict):
                 raise PydanticCustomError("feature_value", "list items must be strings or numbers, got {got}",
                                           {"got": json_type(x)})
         return v

@@ -11,7 +11,8 @@ import numpy as np
 import orjson
 from fastapi.responses import Response
 
-from mvke.runtime.features import MULTI_SEP, FeatureSchema
+from mvke.runtime.feature_values import value_problem
+from mvke.runtime.features import FeatureSchema
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import LoadedModel, Query
 from mvke.runtime.redis_client import connect, connect_async, resolve
@@ -137,15 +138,15 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
             raise ServiceError(422, f"exclude_tags: unknown tag {t!r}", field="exclude_tags")
     unknown_values = None
     if req.features:
-        names = set(model.schema.names)
+        schema = model.schema
         for name, value in req.features.items():
-            if name not in names:
-                raise ServiceError(422, f"features.{name}: unknown feature (known: {sorted(names)})",
+            if name not in schema.position:
+                raise ServiceError(422, f"features.{name}: unknown feature (known: {sorted(schema.names)})",
                                    field=f"features.{name}")
-            kind = model.schema.fields[model.schema.names.index(name)].kind
-            if kind == "cat" and isinstance(value, list):
-                raise ServiceError(422, f"features.{name}: expected one value, got a list", field=f"features.{name}")
-        unknown_values = unknown_value_counts(model.schema, req.features) or None
+            problem = value_problem(schema.fields[schema.position[name]].kind, value)   # feature_values.py
+            if problem:
+                raise ServiceError(422, f"features.{name}: {problem}", field=f"features.{name}")
+        unknown_values = unknown_value_counts(schema, req.features) or None
     query = Query(tuple(dict.fromkeys(tasks)), top_k, tuple(index[t] for t in req.exclude_tags), req.min_score,
                   req.exact, explain=getattr(req, "explain", False))
     job = TagJob(user_id, req.features, query, model=model, unknown_values=unknown_values)
@@ -156,23 +157,17 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
 
 
 def unknown_value_counts(schema: FeatureSchema, features: dict) -> dict[str, int]:
-    """Per request feature, how many of the values the model will read are not in its vocabulary
-    (they become the out-of-vocabulary id). Values of the wrong type are left to the encoder,
-    which rejects them naming the field."""
+    """Per request feature (values already checked by `value_problem`), how many of the values the model
+    will read are not in its vocabulary (they become the out-of-vocabulary id); a multi field's first
+    max_len values count."""
     counts = {}
     for name, value in features.items():
-        pos = schema.position.get(name)
-        if pos is None:
-            continue
+        pos = schema.position[name]
         f, known = schema.fields[pos], schema.value_ids[pos]
-        if f.kind == "multi":  # a list, or a `|`-joined string; the first max_len values count
-            if isinstance(value, str):
-                value = value.split(MULTI_SEP) if value else []
-            if not isinstance(value, list):
-                continue
-            n = sum(1 for x in value[:f.max_len] if not isinstance(x, (list, dict)) and str(x) not in known)
-        else:
-            n = int(not isinstance(value, (list, dict)) and str(value) not in known)
+        if value is None:
+            continue
+        values = value[:f.max_len] if f.kind == "multi" else [value]
+        n = sum(1 for x in values if str(x) not in known)
         if n:
             counts[name] = n
     return counts

@@ -24,33 +24,15 @@ tests/runtime/test_features.py checks equality with the row encoder.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mvke.runtime.encoded import MULTI_SEP, EncodedBatch, FeatureError
+from mvke.runtime.encoded import MULTI_SEP, EncodedBatch, FeatureError, FieldIds
+from mvke.runtime.feature_values import column_problems, is_list_type, is_scalar_type, is_string_type
 from mvke.runtime.row_encoder import RowEncoder
-
-if TYPE_CHECKING:
-    from mvke.runtime.features import FeatureSchema
-
-
-def _is_list_type(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-            or getattr(pa.types, "is_list_view", lambda _: False)(t)
-            or getattr(pa.types, "is_large_list_view", lambda _: False)(t))
-
-
-def _is_string_type(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view",
-                                                                          lambda _: False)(t)
-
-
-def _is_scalar_type(t: pa.DataType) -> bool:
-    return not (_is_list_type(t) or pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_union(t)
-                or pa.types.is_dictionary(t))
 
 
 def plain_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -65,11 +47,10 @@ def plain_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
 class _Field:
     """Per-field lookup state (vocabulary -> global ids), built once per schema."""
 
-    def __init__(self, schema: FeatureSchema, pos: int):
-        f = schema.fields[pos]
+    def __init__(self, f: FieldIds):
         self.name, self.kind, self.max_len = f.name, f.kind, f.max_len
-        self.oov = schema.offsets[pos]
-        self.lookup = schema.value_ids[pos]
+        self.oov = f.oov
+        self.lookup = f.ids
         self.vocab = pa.array(f.vocab, type=pa.string())
         # index in vocab -> global id; index len(vocab) (our stand-in for "not found") -> OOV
         self.ids = np.append(np.arange(self.oov + 1, self.oov + 1 + len(f.vocab), dtype=np.int64), self.oov)
@@ -88,7 +69,7 @@ class _Field:
         For cat fields a null is "missing" -> OOV; for list items (`item=True`) the row
         encoder does `str(None)` -> "None", looked up like any other value.
         """
-        if _is_string_type(values.type) and not item:
+        if is_string_type(values.type) and not item:
             return self.str_ids(values)
         enc = values.dictionary_encode()
         uniq = enc.dictionary.to_pylist()
@@ -101,12 +82,11 @@ class _Field:
 class ColumnEncoder:
     """Arrow batch -> EncodedBatch, equal to the row encoder on the same values."""
 
-    def __init__(self, schema: FeatureSchema):
-        pos = schema.position
-        self.cat = [_Field(schema, pos[f.name]) for f in schema.cat_fields]
-        self.multi = [_Field(schema, pos[f.name]) for f in schema.multi_fields]
-        self.multi_len = schema.multi_len
-        self.rows = RowEncoder(schema)   # the rule value by value, for column types without a vectorised path
+    def __init__(self, fields: Sequence[FieldIds]):
+        self.cat = [_Field(f) for f in fields if f.kind == "cat"]
+        self.multi = [_Field(f) for f in fields if f.kind == "multi"]
+        self.multi_len = max((f.max_len for f in self.multi), default=1)
+        self.rows = RowEncoder(fields)   # the rule value by value, for column types without a vectorised path
 
     def encode(self, batch: pa.RecordBatch | pa.Table) -> EncodedBatch:
         B = batch.num_rows
@@ -141,14 +121,13 @@ class ColumnEncoder:
         if pa.types.is_null(t):
             out[:] = f.oov
             return None, None
-        if _is_scalar_type(t):
+        if is_scalar_type(t):
             out[:] = f.scalar_ids(col)
             return None, None
-        if _is_list_type(t) or pa.types.is_map(t) or pa.types.is_struct(t):
-            valid = col.is_valid().to_numpy(zero_copy_only=False)
+        problems = column_problems("cat", col, stored_ok=True)     # a nested type: every present row
+        if problems:
             out[:] = f.oov
-            kind = "dict" if pa.types.is_struct(t) else "list"
-            return np.flatnonzero(valid), f"expected one value, got {kind}"
+            return np.flatnonzero(problems[0][0]), problems[0][1]
         return self._fallback(col, lambda v: self.rows.cat_id(j, v), f.oov, out)
 
     # ---- multi-valued fields ----------------------------------------------
@@ -159,7 +138,7 @@ class ColumnEncoder:
         if pa.types.is_dictionary(t):
             col = col.dictionary_decode()
             t = col.type
-        if _is_string_type(t):
+        if is_string_type(t):
             if not pa.types.is_string(t):
                 col = col.cast(pa.string())
             # "" means an empty list (as in the row encoder); otherwise split on MULTI_SEP
@@ -172,16 +151,12 @@ class ColumnEncoder:
             except pa.ArrowInvalid:
                 return self._fallback(col, lambda v: self.rows.multi_ids(j, v), 0, out)
             return self._encode_multi(as_str, j, out)
-        if _is_list_type(t) and _is_scalar_type(t.value_type):
+        if is_list_type(t) and is_scalar_type(t.value_type):
             self._scatter(col, f, out, strings=pa.types.is_string(t.value_type))
             return None, None
-        if _is_scalar_type(t) or pa.types.is_struct(t):
-            valid = col.is_valid().to_numpy(zero_copy_only=False)
-            rows = np.flatnonzero(valid)
-            if not len(rows):
-                return None, None
-            py_type = "dict" if pa.types.is_struct(t) else type(col[int(rows[0])].as_py()).__name__
-            return rows, f"expected a list of values, got {py_type}"
+        if is_scalar_type(t) or pa.types.is_struct(t):           # a scalar (or struct) where a list is expected
+            problems = column_problems("multi", col, stored_ok=True)
+            return (np.flatnonzero(problems[0][0]), problems[0][1]) if problems else (None, None)
         return self._fallback(col, lambda v: self.rows.multi_ids(j, v), 0, out)
 
     def _scatter(self, lists: pa.Array, f: _Field, out: np.ndarray, strings: bool) -> None:

@@ -1,7 +1,8 @@
 """What encoding produces: the ids of a batch of users and the rows that did not encode.
 
 The leaf under the feature schema (features.py) and its two encoder paths
-(row_encoder.py, column_encoder.py), so that they import it and not each other.
+(row_encoder.py, column_encoder.py): they read the schema's `FieldIds`, so that they import
+this module and not the schema (no import runs back up).
 """
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ import numpy as np
 
 PAD_ID = 0
 MULTI_SEP = "|"  # separator of multi-valued fields in the feature store
+
+
+@dataclass(frozen=True)
+class FieldIds:
+    """One field's part of the id layout (features.py): its out-of-vocabulary id and known value -> id."""
+
+    name: str
+    kind: str                  # "cat" | "multi"
+    max_len: int               # longest list kept (multi)
+    oov: int
+    ids: dict[str, int]        # known value -> global id (oov + 1 + its vocabulary index)
+    vocab: list[str]
 
 
 class FeatureError(ValueError):

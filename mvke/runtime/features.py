@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mvke.runtime.encoded import MULTI_SEP, PAD_ID, EncodedBatch, FeatureError
+from mvke.runtime.encoded import MULTI_SEP, PAD_ID, EncodedBatch, FeatureError, FieldIds
+from mvke.runtime.feature_values import FIELD_KINDS
 from mvke.runtime.row_encoder import RowEncoder
 
 if TYPE_CHECKING:
@@ -30,9 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FIELD_KINDS", "MULTI_SEP", "PAD_ID", "EncodedBatch", "FeatureError", "FeatureSchema", "FieldSpec",
            "to_store_value"]
-
-FIELD_KINDS = ("cat", "multi")
-
 
 @dataclass
 class FieldSpec:
@@ -77,6 +75,9 @@ class FeatureSchema:
         self.model_order = self.cat_fields + self.multi_fields
         self.position = {f.name: i for i, f in enumerate(self.fields)}
         self.multi_len = max([f.max_len for f in self.multi_fields], default=1)
+        # what the encoders read: per field (schema order) its id layout
+        self.field_ids = [FieldIds(f.name, f.kind, f.max_len, off, ids, f.vocab)
+                          for f, off, ids in zip(self.fields, self.offsets, self.value_ids)]
         self._encoders: dict[str, Any] = {}
 
     # ---- construction -------------------------------------------------
@@ -123,10 +124,10 @@ class FeatureSchema:
         encoder = self._encoders.get(kind)
         if encoder is None:
             if kind == "rows":
-                encoder = RowEncoder(self)
+                encoder = RowEncoder(self.field_ids)
             else:
                 from mvke.runtime.column_encoder import ColumnEncoder   # pyarrow: batch tagging only
-                encoder = ColumnEncoder(self)
+                encoder = ColumnEncoder(self.field_ids)
             self._encoders[kind] = encoder
         return encoder.encode(data)
 

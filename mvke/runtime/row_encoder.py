@@ -13,16 +13,12 @@ A batch may mix both; each row takes its own path.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mvke.runtime.encoded import MULTI_SEP, EncodedBatch, FeatureError
-
-if TYPE_CHECKING:
-    from mvke.runtime.features import FeatureSchema
-
-_NOT_SCALAR = (list, tuple, dict, set, np.ndarray)
+from mvke.runtime.encoded import MULTI_SEP, EncodedBatch, FeatureError, FieldIds
+from mvke.runtime.feature_values import INVALID_UTF8, is_missing, value_problem
 
 
 class _Vocab(dict):
@@ -39,12 +35,11 @@ class _Vocab(dict):
 
 
 class RowEncoder:
-    def __init__(self, schema: FeatureSchema):
-        pos = schema.position
-        vocab = {f.name: _Vocab(schema.value_ids[pos[f.name]], schema.offsets[pos[f.name]]) for f in schema.fields}
-        self.cat = [(f.name, vocab[f.name].__getitem__, schema.offsets[pos[f.name]]) for f in schema.cat_fields]
-        self.multi = [(f.name, vocab[f.name].__getitem__, f.max_len) for f in schema.multi_fields]
-        self.L = schema.multi_len
+    def __init__(self, fields: Sequence[FieldIds]):
+        vocab = {f.name: _Vocab(f.ids, f.oov) for f in fields}
+        self.cat = [(f.name, vocab[f.name].__getitem__, f.oov) for f in fields if f.kind == "cat"]
+        self.multi = [(f.name, vocab[f.name].__getitem__, f.max_len) for f in fields if f.kind == "multi"]
+        self.L = max((f.max_len for f in fields if f.kind == "multi"), default=1)
         self.pad = [0] * self.L
 
     def encode(self, rows: Sequence[Mapping[str, Any]]) -> EncodedBatch:
@@ -89,34 +84,34 @@ class RowEncoder:
             multi += self.multi_ids(j, row.get(name))
         return cat, multi
 
-    # ---- the rule for one value (also the column encoder's fallback) -----------------
+    # ---- one value (also the column encoder's fallback); what is valid: feature_values.py ----------
     def cat_id(self, j: int, v: Any) -> int:
-        """Id of one raw value of the j-th single-valued field (None -> OOV)."""
+        """Id of one value of the j-th single-valued field (None -> OOV)."""
         name, lookup, oov = self.cat[j]
         if v is None:
             return oov
-        if isinstance(v, _NOT_SCALAR):
-            raise FeatureError(name, f"expected one value, got {type(v).__name__}")
+        problem = value_problem("cat", v, stored_ok=True)
+        if problem:
+            raise FeatureError(name, problem)
         return lookup(str(v))
 
     def multi_ids(self, j: int, v: Any) -> list[int]:
-        """Ids of one raw value of the j-th multi-valued field, padded to L (None or "" -> empty)."""
+        """Ids of one value of the j-th multi-valued field (a list, or its stored `|`-joined string), padded
+        to L (missing or "" -> empty)."""
         name, lookup, max_len = self.multi[j]
-        if v is None or (isinstance(v, (str, bytes)) and len(v) == 0):
+        if is_missing(v) or (isinstance(v, (str, bytes)) and len(v) == 0):
             return self.pad
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        problem = value_problem("multi", v[:max_len] if isinstance(v, (list, tuple)) else v, stored_ok=True)
+        if problem:
+            raise FeatureError(name, problem)
         if isinstance(v, (str, bytes)):
             try:
                 v = (v.decode() if isinstance(v, bytes) else v).split(MULTI_SEP)
             except UnicodeDecodeError as e:
-                raise FeatureError(name, "invalid UTF-8") from e
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
-        elif not isinstance(v, (list, tuple)):
-            raise FeatureError(name, f"expected a list of values, got {type(v).__name__}")
+                raise FeatureError(name, INVALID_UTF8) from e
         items = v[:max_len]
-        for x in items:
-            if isinstance(x, _NOT_SCALAR):
-                raise FeatureError(name, "list items must be scalar values")
         return [lookup(str(x)) for x in items] + self.pad[len(items):]
 
 

@@ -561,3 +561,42 @@ def test_metrics_and_model_info(svc, synth_user):
     assert ready == {"ready": True, "model_version": model["version"]}
     resp = svc.tag(synth_user, {"top_k": 1}, headers={"x-request-id": "req-abc"})
     assert resp.headers["x-request-id"] == "req-abc"
+
+
+# ---------------------------------------------------------------------------
+# one set of feature-value rules (mvke/runtime/feature_values.py) behind every entry point
+# ---------------------------------------------------------------------------
+def test_a_bad_value_reads_the_same_through_request_feature_load_and_tag_all(svc, synth_user, bundle, tmp_path):
+    """The same bad raw value sent as request features, loaded into the feature store and tagged by
+    tag-all gets the same message naming the field (HTTP 422 / the loader's reject / tag-all's reject)."""
+    import pyarrow as pa
+
+    from batch.tag_all import PartWorker
+    from model_export.feature_store import validate_row
+    from model_export.feature_writer import store_columns
+    from mvke.runtime.contract import read_bundle
+    manifest, blobs = read_bundle(bundle("mvke-mt"))
+    worker = PartWorker(manifest, blobs, {"ort_threads": 1, "provider": "cpu", "top_k": 5, "out": str(tmp_path)})
+    schema = worker.model.schema
+    kinds = {f.name: f.kind for f in schema.fields}
+    cat, multi = schema.cat_fields[0].name, schema.multi_fields[0].name
+    cases = [(cat, ["a", "b"], "expected one value, got list"),
+             (cat, {"x": 1}, "expected one value, got dict"),
+             (multi, 7, "expected a list of values, got int"),
+             (multi, "t1|t2", "expected a list of values, got str"),
+             (multi, [["nested"], ["list"]], "list items must be scalar values"),
+             (multi, ["a|b"], "list items must not contain '|'")]
+    for field, value, message in cases:
+        seen = {}
+        resp = svc.tag(synth_user, {"features": {field: value}})
+        if resp.status_code == 422:
+            seen["http"] = resp.json()["detail"]
+        _, bad_field, reason = validate_row({"user_id": "u", field: value}, kinds)
+        seen["load rows"] = f"features.{bad_field}: {reason}"
+        cols = store_columns(pa.Table.from_pylist([{"user_id": "u", field: value}]), kinds)
+        seen["load columns"] = f"features.{cols.rejects[0][1]}: {cols.rejects[0][2]}"
+        res = worker.tag_batch(pa.Table.from_pylist([{"user_id": "u", field: value}]).to_batches()[0])
+        seen["tag-all"] = f"features.{res.rejects[0][1]}: {res.rejects[0][2]}"
+        assert len(seen) == 4, (field, value, seen)
+        assert len(set(seen.values())) == 1 and next(iter(seen.values())).startswith(f"features.{field}: {message}"), \
+            (field, value, seen)
