@@ -56,13 +56,12 @@ def _promote(a: argparse.Namespace) -> None:
 
 
 def _models(a: argparse.Namespace) -> None:
-    from model_export.publish import list_versions
-    from mvke.runtime.versions import active_version
+    from mvke.runtime.versions import active_version, published_versions
     r, keys = _redis(a.redis), _keys(a)
-    versions = list_versions(r, keys)
+    versions = published_versions(r, keys)
     print(f"key prefix {keys.prefix!r}: versions in {keys.versions}, active alias {keys.active}")
     print(f"{'':2}{'version':18}{'model':14}{'size':>10}  published")
-    for v in reversed(versions):
+    for v in versions:   # newest first
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
               + ("  (rolled back)" if v.rolled_back else "")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -114,18 +113,6 @@ return version
 
 class PublishError(RuntimeError):
     pass
-
-
-@dataclass
-class VersionInfo:
-    version: str
-    model: str
-    created_at: str
-    published_at: float
-    bytes: int
-    active: bool
-    rolled_back: bool = False     # rolled back from: a rollback never re-activates it
-    canary_percent: float | None = None   # the canary, serving this share of users
 
 
 @contextmanager
@@ -319,21 +306,5 @@ def rollback(r: redis.Redis, keys: Keys | None = None) -> dict:
     return {"active": target, "previous": active}
 
 
-def list_versions(r: redis.Redis, keys: Keys | None = None) -> list[VersionInfo]:
-    keys = keys or Keys()
-    active = _decode(r.get(keys.active) or b"")
-    canary = canary_of(r, keys)
-    out = []
-    for v, score in r.zrange(keys.versions, 0, -1, withscores=True):
-        v = _decode(v)
-        raw = r.get(keys.manifest(v))
-        if raw is None:
-            continue
-        m = Manifest.from_json(raw)
-        out.append(VersionInfo(v, m.model, m.created_at, abs(score), sum(f.bytes for f in m.files.values()),
-                               v == active, score < 0, canary[1] if canary and canary[0] == v else None))
-    return out
-
-
-__all__ = ["publish", "rollback", "promote", "set_canary_percent", "canary_of", "list_versions",
-           "collect_orphans", "publisher_lock", "PublishError", "VersionInfo", "DEFAULT_KEEP"]
+__all__ = ["publish", "rollback", "promote", "set_canary_percent", "canary_of",
+           "collect_orphans", "publisher_lock", "PublishError", "DEFAULT_KEEP"]

@@ -83,19 +83,6 @@ def scoring_nodes(tasks: list[tuple[str, int, int, float, float]], out_dim: int)
     return nodes, inputs, outputs
 
 
-def build_scoring_graph(tasks: list[tuple[str, int, int, float, float]], sum_k: int, out_dim: int,
-                        opset: int = 18) -> bytes:
-    """A standalone scoring graph: inputs `expert_values` [B, sum K, D], `top_k` [1] int64 and each task's
-    W, Q; outputs per task the top-k indices and probabilities."""
-    nodes, inputs, outputs = scoring_nodes(tasks, out_dim)
-    values = helper.make_tensor_value_info(VALUES, TensorProto.FLOAT, ["batch", sum_k, out_dim])
-    top_k = helper.make_tensor_value_info(TOP_K, TensorProto.INT64, [1])
-    graph = helper.make_graph(nodes, "mvke_tag_scoring", [values, top_k, *inputs], outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="mvke")
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 def fuse_with_tower(tower_bytes: bytes, tasks: list[tuple[str, int, int, float, float]], out_dim: int) -> bytes:
     """The user tower with the scoring appended: inputs cat_ids, multi_ids, top_k, each task's W and Q;
     outputs per task the top-k indices and probabilities (expert_values stays internal)."""

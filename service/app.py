@@ -21,9 +21,8 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mvke.runtime.contract import Manifest
-from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import REDIS_ERRORS
+from mvke.runtime.versions import published_versions
 from service.logs import setup_logging
 from service.middleware import EdgeMiddleware
 from service.openapi import ERRORS, ServedOpenAPI
@@ -69,36 +68,19 @@ async def tag_batch(state: ServiceState, body: BatchRequest) -> list:
             for u, a in zip(body.users, answers)]
 
 
-def _read_versions(r, keys: Keys) -> tuple:
-    """(active, [(version, score)], manifests) from Redis, synchronously (runs in a worker thread)."""
-    pipe = r.pipeline(transaction=False)
-    pipe.get(keys.active)
-    pipe.zrange(keys.versions, 0, -1, withscores=True)
-    active, scored = pipe.execute()
-    raws = r.mget([keys.manifest(v.decode()) for v, _ in scored]) if scored else []
-    return active, scored, raws
-
-
 async def list_versions(state: ServiceState) -> dict:
     registry = state.registry
-    try:
-        active, scored, raws = await asyncio.to_thread(_read_versions, state.redis_models, state.keys)
+    try:   # the one reader of the list (mvke/runtime/versions.py), in a worker thread
+        published = await asyncio.to_thread(published_versions, state.redis_models, state.keys)
     except REDIS_ERRORS as e:
         raise unavailable(f"redis unavailable: {type(e).__name__}") from None
-    canary = registry.canary_setting
+    canary = registry.canary_setting     # what this service routes by (Redis, or MVKE_CANARY)
     loaded = registry.loaded()
-    versions = []
-    for (name, score), raw in zip(((v.decode(), s) for v, s in scored), raws):
-        if raw is None:
-            continue
-        m = Manifest.from_json(raw)
-        versions.append({"version": name, "model": m.model, "created_at": m.created_at, "published_at": abs(score),
-                         "bytes": sum(f.bytes for f in m.files.values()),
-                         "active": name == (active.decode() if active else None),
-                         "canary": canary is not None and name == canary.version, "rolled_back": score < 0,
-                         "loaded": name in loaded})
-    versions.sort(key=lambda v: v["published_at"], reverse=True)
-    return {"active": active.decode() if active else None,
+    versions = [{"version": v.version, "model": v.model, "created_at": v.created_at, "published_at": v.published_at,
+                 "bytes": v.bytes, "active": v.active, "canary": canary is not None and v.version == canary.version,
+                 "rolled_back": v.rolled_back, "loaded": v.version in loaded} for v in published]
+    active = next((v.version for v in published if v.active), None)
+    return {"active": active,
             "canary": None if canary is None else {"version": canary.version, "percent": canary.percent,
                                                    "source": canary.source},
             "versions": versions}

@@ -31,20 +31,38 @@ from service.state import error_response, render, validate_request
 from service.tagger import ServiceError
 
 log = logging.getLogger("mvke.service.access")
-KNOWN_ROUTES = {"/healthz", "/readyz", "/metrics", "/model", "/models", "/docs", "/openapi.json", "/tags:batch", "/ui"}
 TAG_ROUTE = "/users/{user_id}/tags"
 _JSON_CT = b"application/json"
 _NO_BODY = TagRequest()   # the request without a body (shared: nothing mutates a request)
 
 
-def route_label(path: str) -> str:
-    if path.startswith("/users/") and path.endswith("/tags"):
-        return TAG_ROUTE
-    if path.startswith("/ui/"):
-        return "/ui"
-    if path.startswith("/docs/"):
-        return "/docs"
-    return path if path in KNOWN_ROUTES else "other"
+class RouteLabels:
+    """Request path -> the metrics label of the route that serves it (its path template, e.g.
+    `/users/{user_id}/tags`; "other" for none), derived from the app's own routes: a new route is
+    labelled without a list to keep. Exact paths are one dict lookup; templated ones one regex each."""
+
+    def __init__(self, routes):
+        self.exact: dict[str, str] = {}
+        self.templated: list[tuple[Any, str]] = []
+        for route in routes:
+            regex, template = getattr(route, "path_regex", None), getattr(route, "path", None)
+            if regex is None or template is None:
+                continue
+            if "{" in template or not hasattr(route, "endpoint"):   # a parameter, or a mount (a prefix)
+                self.templated.append((regex.match, template))
+            else:
+                self.exact[template] = template
+        # the tag route first: nearly every request is one
+        self.templated.sort(key=lambda pair: pair[1] != TAG_ROUTE)
+
+    def __call__(self, path: str) -> str:
+        label = self.exact.get(path)
+        if label is not None:
+            return label
+        for match, template in self.templated:
+            if match(path):
+                return template
+        return "other"
 
 
 def is_json_type(ct: bytes | None) -> bool:
@@ -67,6 +85,7 @@ class EdgeMiddleware:
         self.api_keys = api_keys if api_keys is not None and api_keys.enabled else None
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._svc: Any = None
+        self._labels: RouteLabels | None = None     # built from the app's routes at the first request
 
     def _observe(self, route: str, code: int, elapsed: float) -> None:
         key = (route, str(code))
@@ -134,7 +153,9 @@ class EdgeMiddleware:
             await self.app(scope, limited_receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - t0
-            self._observe(route_label(path), status[0], elapsed)
+            if self._labels is None:
+                self._labels = RouteLabels(getattr(scope.get("app"), "routes", ()))
+            self._observe(self._labels(path), status[0], elapsed)
             if self.access_log:
                 log.info("request", extra={"method": scope.get("method"), "path": path,
                                            "status": status[0], "ms": round(elapsed * 1000, 3)})

@@ -74,7 +74,6 @@ class ModelRegistry:
         self._canary_cut = 0                           # buckets below this go to the canary
         self.published: frozenset[str] = frozenset()
         self.last_error: str | None = "no model loaded yet"
-        self.canary_error: str | None = None
         self._retry: dict[str, _Retry] = {}             # version -> its failed loads (backoff)
         self._task: asyncio.Task | None = None
         self._env_canary = Canary(*parse_canary(settings.canary), "env") if settings.canary else None
@@ -146,16 +145,13 @@ class ModelRegistry:
         self.canary_setting = want
         if want is None or (self.current is not None and want.version == self.current.version):
             self._set_canary(None, 0)
-            self.canary_error = None
             return
         model = self.canary if self.canary is not None and self.canary.version == want.version else None
         if model is None:
             model = await self._try_load(want.version, "canary")
-            if model is None:
-                self.canary_error = self._retry_message(want.version)
+            if model is None:   # /readyz names the error (load_errors) until a retry succeeds
                 self._set_canary(None, 0)
                 return
-        self.canary_error = None
         self._set_canary(model, round(want.percent * HASH_BUCKETS / 100))
 
     def _set_canary(self, model: LoadedModel | None, cut: int) -> None:

@@ -52,7 +52,7 @@ def render(result: TagResult) -> dict:
         ex = result.explanations
         tasks = {t: [{"tag": tag, "score": s, "explain": e} for (tag, s), e in zip(ranked, ex[t])]
                  for t, ranked in result.tasks.items()}
-    doc = {"user_id": result.user_id, "model_version": result.model_version, "model": result.model,
+    doc = {"user_id": result.user_id, "model_version": result.model_version, "model": result.model_name,
            "feature_source": result.feature_source, "tasks": tasks}
     if result.unknown_values:
         doc["unknown_values"] = result.unknown_values

@@ -55,7 +55,7 @@ class TagJob:
 class TagResult:
     user_id: str
     model_version: str
-    model: str
+    model_name: str                  # the registry name (mvke-mt, ...); the version's LoadedModel is TagJob.model
     feature_source: str
     tasks: dict[str, list[tuple[str, float]]]
     explanations: dict[str, list[dict]] | None = None   # per task, aligned with `tasks` (explain: true)

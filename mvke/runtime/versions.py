@@ -9,16 +9,17 @@ every sha256 against the manifest, so it never sees a mix of two versions.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import redis
 
 from mvke.runtime.contract import BundleError, Manifest, verify_files
-from mvke.runtime.keys import Keys
+from mvke.runtime.keys import Keys, parse_canary
 
 
 def active_version(r: redis.Redis, keys: Keys | None = None) -> str | None:
     """The version `{mvke}:active` names, or None when nothing is published."""
-    v = r.get((keys or Keys()).active)
-    return v.decode() if isinstance(v, bytes) else v
+    return _text(r.get((keys or Keys()).active))
 
 
 def read_version(r: redis.Redis, keys: Keys, version: str, verify: bool = True) -> tuple[Manifest, dict[str, bytes]]:
@@ -35,3 +36,44 @@ def read_version(r: redis.Redis, keys: Keys, version: str, verify: bool = True) 
     if verify:
         verify_files(manifest, blobs)
     return manifest, blobs
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    """One published version as `mvke models` and `GET /models` list it."""
+
+    version: str
+    model: str
+    created_at: str
+    published_at: float
+    bytes: int
+    active: bool
+    rolled_back: bool = False             # rolled back from: a rollback never re-activates it
+    canary_percent: float | None = None   # the canary, serving this share of users
+
+
+def published_versions(r: redis.Redis, keys: Keys | None = None) -> list[PublishedVersion]:
+    """Every published version whose manifest is still in Redis, newest first: the one reader of the
+    version list (active, canary, publish times and manifests in two round trips)."""
+    keys = keys or Keys()
+    pipe = r.pipeline(transaction=False)
+    pipe.get(keys.active)
+    pipe.get(keys.canary)
+    pipe.zrange(keys.versions, 0, -1, withscores=True)
+    active, canary_raw, scored = pipe.execute()
+    active, canary = _text(active), (parse_canary(_text(canary_raw)) if canary_raw else None)
+    names = [_text(v) for v, _ in scored]
+    manifests = r.mget([keys.manifest(v) for v in names]) if names else []
+    out = []
+    for name, (_, score), raw in zip(names, scored, manifests):
+        if raw is None:
+            continue
+        m = Manifest.from_json(raw)
+        out.append(PublishedVersion(name, m.model, m.created_at, abs(score), sum(f.bytes for f in m.files.values()),
+                                    name == active, score < 0, canary[1] if canary and canary[0] == name else None))
+    out.sort(key=lambda v: v.published_at, reverse=True)
+    return out
+
+
+def _text(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v

@@ -18,7 +18,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from model_export.publish import (PublishError, canary_of, list_versions, promote, publish, rollback,
+from mvke.runtime.versions import published_versions
+from model_export.publish import (PublishError, canary_of, promote, publish, rollback,
                                   set_canary_percent)
 from mvke.runtime.contract import (MANIFEST_FILE, ONNX_FILE, TAGS_FILE, BundleError, FileEntry, Manifest,
                                    content_version, decode_array, read_bundle, sha256_bytes)
@@ -129,7 +130,7 @@ def test_publish_then_read_back_equals_bundle(redis_client, variants):
                                                                                   KEYS.stored}
     assert_consistent(redis_client)
 
-    [info] = list_versions(redis_client)
+    [info] = published_versions(redis_client)
     assert (info.version, info.model, info.active) == (manifest.version, "mvke-mt", True)
     assert info.bytes == report["bytes"]
 
@@ -197,7 +198,7 @@ def test_canary_publish_ramp_promote_and_rollback(redis_server, redis_client, va
     publish(variants[2], redis_client, canary_percent=1)
     assert rollback(redis_client) == {"active": v1, "canary_dropped": v2}
     assert canary_of(redis_client, KEYS) is None and active_version(redis_client) == v1
-    assert [v.rolled_back for v in list_versions(redis_client) if v.version == v2] == [True]
+    assert [v.rolled_back for v in published_versions(redis_client) if v.version == v2] == [True]
     with pytest.raises(PublishError, match="no canary"):
         set_canary_percent(redis_client, 20)
     assert not redis_client.exists(KEYS.lock)
@@ -248,7 +249,7 @@ def test_rollback_goes_further_back_then_errors(redis_client, variants):
     # Rolled-back versions stay kept (and readable) until retention drops them, oldest-marked first.
     assert set(versions_set(redis_client)) == set(vs)
     assert_consistent(redis_client)
-    infos = {i.version: i for i in list_versions(redis_client)}
+    infos = {i.version: i for i in published_versions(redis_client)}
     assert infos[vs[0]].active and not infos[vs[2]].active
     assert [infos[v].rolled_back for v in vs] == [False, True, True]
     assert all(i.published_at > 1e9 for i in infos.values())   # real publish times for `mvke models`
@@ -435,7 +436,7 @@ def test_connection_cut_after_exec_orphans_collected_by_next_publish(redis_clien
     assert versions_set(redis_client) == [version_of(old)]
     orphan = keys_of(redis_client, version_of(new))
     assert orphan == expected_keys(new)       # applied by the EXEC, owned by no version
-    assert [v.version for v in list_versions(redis_client)] == [version_of(old)]
+    assert [v.version for v in published_versions(redis_client)] == [version_of(old)]
     # The publisher could not release its lock either; its TTL frees it (fast-forwarded here).
     assert redis_client.exists(KEYS.lock)
     redis_client.pexpire(KEYS.lock, 1)

@@ -17,7 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from model_export.publish import list_versions, publish, rollback
+from mvke.runtime.versions import published_versions
+from model_export.publish import publish, rollback
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import connect
 from mvke.runtime.versions import active_version
@@ -143,7 +144,7 @@ def test_publish_serve_rollback_on_the_cluster(redis_cluster, single_and_cluster
         assert back == {"active": v0, "previous": v1}
         svc.wait_version(v0)
         assert all(r.status_code == 200 and r.json()["model_version"] == v0 for r in _post_all(svc, users))
-    listed = {i.version: i for i in list_versions(rc, keys)}
+    listed = {i.version: i for i in published_versions(rc, keys)}
     assert listed[v0].active and listed[v1].rolled_back      # v0 active again, as the module found it
 
 

@@ -70,6 +70,9 @@ BODIES = [{}, {"top_k": 5}, {"top_k": 0}, {"top_k": "5"}, {"top_k": True}, {"top
                                             "features": {"g": "m"}}]
 
 
+KINDS = {"a": "cat", "b": "cat", "c": "cat", "d": "multi", "g": "multi"}   # the stand-in model's fields
+
+
 @pytest.fixture(scope="module")
 def edge():
     """EdgeMiddleware in front of a stand-in for FastAPI, with a stand-in service whose `tag` echoes the job."""
@@ -80,10 +83,11 @@ def edge():
     from service.settings import Settings
     from service.tagger import TagResult
 
+    names = ["a", "b", "c", "d", "g"]
+    schema = SimpleNamespace(names=names, fields=[SimpleNamespace(kind=KINDS[n], max_len=5) for n in names],
+                             position={n: i for i, n in enumerate(names)}, value_ids=[{} for _ in names])
     model = SimpleNamespace(manifest=SimpleNamespace(task_names=["i", "a", "b"]), sides={"i": 0, "a": 0, "b": 0},
-                            tag_index={"t": 0, "x": 1}, schema=SimpleNamespace(names=["a", "b", "c", "d", "g"],
-                                                                               fields=[SimpleNamespace(kind="multi")] * 5,
-                                                                               position={}))
+                            tag_index={"t": 0, "x": 1}, schema=schema)
 
     async def tag(job):
         q = job.query
@@ -132,6 +136,7 @@ def test_fast_path_serves_what_the_schema_accepts_and_replays_the_rest(edge, bod
     without FastAPI; any other reaches FastAPI with its bytes unchanged, even when it came in chunks."""
     from pydantic import ValidationError
 
+    from mvke.runtime.feature_values import value_problem
     from service.schemas import TagRequest
     raw = json.dumps(body).encode()
     try:
@@ -139,7 +144,8 @@ def test_fast_path_serves_what_the_schema_accepts_and_replays_the_rest(edge, bod
     except ValidationError:
         req = None
     model_ok = req is not None and (req.top_k or 20) <= 200 and set(req.tasks or ["i"]) <= {"i", "a", "b"} \
-        and set(req.exclude_tags) <= {"t", "x"} and set(req.features or {}) <= {"a", "b", "c", "d", "g"}
+        and set(req.exclude_tags) <= {"t", "x"} and set(req.features or {}) <= {"a", "b", "c", "d", "g"} \
+        and not any(value_problem(KINDS[n], v) for n, v in (req.features or {}).items())
     for chunks in (1, 3):
         status, out, downstream = _call(edge, raw, chunks)
         if req is None:
