@@ -99,30 +99,14 @@ def is_scalar_type(t: "pa.DataType") -> bool:
 def python_name(t: "pa.DataType") -> str:
     """The Python type name of a value of Arrow type t, as `value_problem` reports it."""
     import pyarrow as pa
-    if is_list_type(t):
-        return "list"
-    if pa.types.is_struct(t) or pa.types.is_map(t):
-        return "dict"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-        return "bytes"
-    if pa.types.is_timestamp(t) or pa.types.is_date64(t):
-        return "datetime" if pa.types.is_timestamp(t) else "date"
-    if pa.types.is_date32(t):
-        return "date"
-    if pa.types.is_time(t):
-        return "time"
-    if pa.types.is_duration(t):
-        return "timedelta"
-    if pa.types.is_decimal(t):
-        return "Decimal"
-    if pa.types.is_null(t):
-        return "NoneType"
+    is_ = pa.types
+    for test, name in ((is_list_type, "list"), (is_.is_struct, "dict"), (is_.is_map, "dict"), (is_.is_integer, "int"),
+                       (is_.is_floating, "float"), (is_.is_boolean, "bool"), (is_.is_binary, "bytes"),
+                       (is_.is_large_binary, "bytes"), (is_.is_fixed_size_binary, "bytes"),
+                       (is_.is_timestamp, "datetime"), (is_.is_date, "date"), (is_.is_time, "time"),
+                       (is_.is_duration, "timedelta"), (is_.is_decimal, "Decimal"), (is_.is_null, "NoneType")):
+        if test(t):
+            return name
     return "str"
 
 
