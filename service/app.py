@@ -16,6 +16,7 @@ from pathlib import Path as FilePath
 from fastapi import Body, FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,7 +27,8 @@ from mvke.runtime.versions import published_versions
 from service.logs import setup_logging
 from service.middleware import EdgeMiddleware
 from service.openapi import ERRORS, ServedOpenAPI
-from service.schemas import BatchRequest, BatchResponse, TagOptions, TagRequest, TagResponse, VersionsResponse
+from service.schemas import (BatchRequest, BatchResponse, BatchUser, TagOptions, TagRequest, TagResponse,
+                             VersionsResponse)
 from service.settings import Settings
 from service.state import (ServiceState, error_doc, error_response, json_response, render, validate_request)
 from service.tagger import ServiceError, TagResult, unavailable
@@ -54,7 +56,14 @@ async def tag_batch(state: ServiceState, body: BatchRequest) -> list:
         raise ServiceError(422, f"users: at most {limit} users per call, got {len(body.users)}", field="users")
     answers: list = [None] * len(body.users)
     jobs, where = [], []
-    for i, user in enumerate(body.users):
+    for i, raw in enumerate(body.users):
+        try:
+            user = BatchUser.model_validate(raw, strict=True)
+        except ValidationError as e:   # this user's own 422, located in the batch
+            doc = validation_doc([{**err, "loc": ("users", i, *err["loc"])} for err in e.errors()])
+            answers[i] = {"user_id": raw.get("user_id") if isinstance(raw.get("user_id"), str) else "",
+                          "status": 422, "error": doc}
+            continue
         try:
             jobs.append(validate_request(state, user.user_id, _batch_options(body.defaults, user)))
             where.append(i)
@@ -63,9 +72,9 @@ async def tag_batch(state: ServiceState, body: BatchRequest) -> list:
     if jobs:
         for i, res in zip(where, await state.tagger.process(jobs)):
             answers[i] = res
-    return [render(a) if isinstance(a, TagResult) else
-            {"user_id": u.user_id, "status": a.status, "error": error_doc(a)}
-            for u, a in zip(body.users, answers)]
+    return [render(a) if isinstance(a, TagResult) else a if isinstance(a, dict) else
+            {"user_id": raw["user_id"], "status": a.status, "error": error_doc(a)}
+            for raw, a in zip(body.users, answers)]
 
 
 async def list_versions(state: ServiceState) -> dict:

@@ -23,6 +23,9 @@ class ServiceMetrics:
                                         ["version"], registry=r)
         self.model_swaps = Counter("mvke_model_swaps_total", "model versions loaded", registry=r)
         self.shed = Counter("mvke_shed_total", "requests refused with 503", ["reason"], registry=r)
+        self.missing_fields = Counter("mvke_missing_fields_total", "users whose features lacked this model field "
+                                      "(served with `missing_fields`, or refused: MVKE_MISSING_FIELDS)", ["field"],
+                                      registry=r)
 
     def set_models(self, loaded: list) -> None:
         """`loaded`: (LoadedModel, role) pairs, role "active" or "canary"."""

@@ -101,7 +101,9 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    users: list[BatchUser] = Field(min_length=1, description="answered in this order")
+    # each user is validated on its own (service/app.py `tag_batch`): one user's bad option is its own 422
+    users: list[Annotated[dict[str, Any], WithJsonSchema(BatchUser.model_json_schema())]] = Field(
+        min_length=1, description="answered in this order")
     defaults: TagOptions | None = Field(None, description="options for every user (a user's own fields win)")
 
 
@@ -134,6 +136,9 @@ class TagResponse(BaseModel):
                           "(they are encoded as that feature's out-of-vocabulary value)")
     unknown_tags: list[str] | None = Field(None, description="only with `ignore_unknown: true`: candidate tags "
                                                              "the model does not know")
+    missing_fields: list[str] | None = Field(None, description="only when the user's stored and request features "
+                                             "lacked some of the model's fields (scored with their "
+                                             "out-of-vocabulary values; MVKE_MISSING_FIELDS=reject refuses instead)")
 
 
 class ValidationIssue(BaseModel):

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
                                               "FastAPI's per-request validation (same responses; anything "
                                               "unusual still goes through FastAPI)")
     request_timeout_s: float = Field(2.0, gt=0, description="a request waiting longer gets 503")
+    missing_fields: str = Field("serve", pattern="^(serve|reject)$", description="a user whose stored and/or "
+                                "request features lack some of the model's fields: serve (the default; the answer "
+                                "lists them in `missing_fields`, their out-of-vocabulary values are used) or "
+                                "reject (422 naming them)")
     top_k_default: int = Field(20, ge=1)
     top_k_max: int = Field(200, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger bodies get 413 (1 MiB: room for "

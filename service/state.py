@@ -58,6 +58,8 @@ def render(result: TagResult) -> dict:
         doc["unknown_values"] = result.unknown_values
     if result.unknown_tags is not None:
         doc["unknown_tags"] = result.unknown_tags
+    if result.missing_fields:
+        doc["missing_fields"] = result.missing_fields
     return doc
 
 
@@ -137,6 +139,10 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
         if t not in index:
             raise ServiceError(422, f"exclude_tags: unknown tag {t!r}", field="exclude_tags")
     unknown_values = None
+    if req.features is not None and not req.features:
+        raise ServiceError(422, "features: empty; send the user's raw values (the model's fields: "
+                                f"{model.schema.names}), or leave `features` out to use the stored ones",
+                           field="features")
     if req.features:
         schema = model.schema
         for name, value in req.features.items():

@@ -47,6 +47,7 @@ class TagJob:
     unknown_values: dict[str, int] | None = None
     unknown_tags: list[str] | None = None
     # filled by the pipeline
+    missing_fields: list[str] | None = None
     row: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -61,6 +62,7 @@ class TagResult:
     explanations: dict[str, list[dict]] | None = None   # per task, aligned with `tasks` (explain: true)
     unknown_values: dict[str, int] | None = None
     unknown_tags: list[str] | None = None
+    missing_fields: list[str] | None = None             # model fields the user's features lacked
 
 
 class Tagger:
@@ -70,6 +72,7 @@ class Tagger:
         # Batches of at least this size run in a worker thread (the loop keeps reading requests while
         # ONNX Runtime and numpy, which release the GIL, work); 0: always on the loop (the default).
         self.offload_min_batch = settings.compute_offload_min_batch or (1 << 62)
+        self.reject_missing = settings.missing_fields == "reject"
         step = metrics.step
         self._steps = {name: step.labels(name) for name in STEPS}
         self._batch_size = metrics.batch_size
@@ -141,6 +144,11 @@ class Tagger:
             else:
                 job.row = {**stored, **job.features}
                 job.source = "store+request" if stored else "request"
+            missing = self._missing_fields(model, job)
+            if missing and self.reject_missing:
+                results[i] = ServiceError(422, f"features: {job.source} values lack the model's fields {missing} "
+                                               "(MVKE_MISSING_FIELDS=reject)", field="features")
+                continue
             ready.append(i)
         if ready:
             todo = jobs if len(ready) == len(jobs) else [jobs[i] for i in ready]
@@ -154,6 +162,17 @@ class Tagger:
                 answered += type(res) is TagResult
             self._answered(model.version).inc(answered)
         return results  # type: ignore[return-value]
+
+    def _missing_fields(self, model: LoadedModel, job: TagJob) -> list[str] | None:
+        """The model's fields the job's row lacks (counted in /metrics), kept on the job for its answer."""
+        row = job.row
+        missing = [name for name in model.schema.names if name not in row]
+        if missing:
+            job.missing_fields = missing
+            counter = self.metrics.missing_fields
+            for name in missing:
+                counter.labels(name).inc()
+        return missing or None
 
     def _answered(self, version: str):
         child = self._per_version.get(version)
@@ -215,7 +234,7 @@ class Tagger:
         tag_of = model.tags.__getitem__
         return TagResult(job.user_id, model.version, model.manifest.model, job.source,
                          {task: list(zip(map(tag_of, idx), scores)) for task, (idx, scores) in answer.tasks.items()},
-                         answer.explanations, job.unknown_values, job.unknown_tags)
+                         answer.explanations, job.unknown_values, job.unknown_tags, job.missing_fields)
 
 
 STEPS = ("fetch", "encode", "predict", "postprocess")

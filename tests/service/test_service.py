@@ -600,3 +600,21 @@ def test_a_bad_value_reads_the_same_through_request_feature_load_and_tag_all(svc
         assert len(seen) == 4, (field, value, seen)
         assert len(set(seen.values())) == 1 and next(iter(seen.values())).startswith(f"features.{field}: {message}"), \
             (field, value, seen)
+
+
+def test_request_rules_features_empty_missing_fields_and_a_batch_users_own_bad_option(svc, synth_user, svc_r,
+                                                                                      published):
+    """`"features": {}` is a 422 naming the problem; a request-only user lacking model fields is told which
+    (`missing_fields`, counted in /metrics); in /tags:batch a user's own bad option is that user's 422."""
+    _error(svc.tag(synth_user, {"features": {}}), 422, "features", "empty")
+    schema = svc.app.state.svc.registry.current.schema
+    first = schema.cat_fields[0].name
+    doc = svc.tag("brand-new-user", {"features": {first: schema.cat_fields[0].vocab[0]}}).json()
+    assert doc["missing_fields"] == [n for n in schema.names if n != first], doc
+    assert "missing_fields" not in svc.tag(synth_user).json()            # a complete stored user: as before
+    text = svc.client.get("/metrics").text
+    assert _sample(text, "mvke_missing_fields_total", field=schema.names[-1]) >= 1
+    batch = svc.client.post("/tags:batch", json={"users": [{"user_id": synth_user, "top_k": 0},
+                                                           {"user_id": synth_user, "top_k": 2}]}).json()["results"]
+    assert batch[0]["status"] == 422 and batch[0]["error"]["field"] == "users.0.top_k", batch[0]
+    assert all(len(ranked) == 2 for ranked in batch[1]["tasks"].values()), batch[1]
