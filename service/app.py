@@ -161,14 +161,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "scoring, many users per call, explanations, pinned and canary versions.")
     app.state.svc = state
     _install_handlers(app)
-    keyed = ERRORS.get(401) if state.api_keys.enabled else None
+    _install_tag_routes(app, state)
+    _install_info_routes(app, state)
+    _install_pages(app)
+    app.openapi = ServedOpenAPI(app, state)
+    app.add_middleware(EdgeMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
+                       access_log=settings.access_log, api_keys=state.api_keys)
+    return app
 
-    def errors(*codes: int) -> dict:
-        return {c: ERRORS[c] for c in codes if c != 401 or keyed}
 
-    tag_errors = errors(400, 401, 404, 409, 413, 414, 415, 422, 503)
+def error_responses(state: ServiceState, *codes: int) -> dict:
+    """The OpenAPI `responses` of a route: these statuses (401 only when API keys are on)."""
+    return {c: ERRORS[c] for c in codes if c != 401 or state.api_keys.enabled}
 
-    @app.post("/users/{user_id}/tags", response_model=TagResponse, responses=tag_errors)
+
+def _install_tag_routes(app: FastAPI, state: ServiceState) -> None:
+    @app.post("/users/{user_id}/tags", response_model=TagResponse,
+              responses=error_responses(state, 400, 401, 404, 409, 413, 414, 415, 422, 503))
     async def tag_user(user_id: str = Path(min_length=1, max_length=128, examples=["u0000042"],
                                            description="the user; 404 when it is not in the feature store "
                                                        "and the body has no `features`"),
@@ -177,13 +186,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job = validate_request(state, user_id, body or TagRequest())
         return json_response(render(await state.tag(job)))
 
-    @app.post("/tags:batch", response_model=BatchResponse, responses=errors(400, 401, 413, 415, 422, 503))
+    @app.post("/tags:batch", response_model=BatchResponse,
+              responses=error_responses(state, 400, 401, 413, 415, 422, 503))
     async def tags_batch(body: BatchRequest) -> Response:
         """Many users in one call (each with its own options); one answer per user, in order. A user's
         own error (unknown user 404, bad option 422, version 404/409) is in its answer, with its status."""
         return json_response({"results": await tag_batch(state, body)})
 
-    @app.get("/models", response_model=VersionsResponse, responses=errors(401, 503))
+
+def _install_info_routes(app: FastAPI, state: ServiceState) -> None:
+    settings = state.settings
+
+    @app.get("/models", response_model=VersionsResponse, responses=error_responses(state, 401, 503))
     async def models() -> Response:
         """Published versions, newest first: which is active, which is the canary, which this process has loaded."""
         return json_response(await list_versions(state))
@@ -198,23 +212,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """200 with the active version once a model is loaded and Redis answers, else 503 with the reason
         (a version that failed to load: its error, attempt count and when it is tried next). While a newer
         active or canary version fails to load, the 200 also names it under `load_errors`."""
-        m = state.registry.current
-        if m is None:
-            return json_response({"ready": False, "reason": state.registry.not_ready_reason()}, 503)
-        load_errors = state.registry.load_errors()
-        try:
-            await asyncio.wait_for(state.redis.ping(), settings.redis_timeout_s)
-        except (*REDIS_ERRORS, asyncio.TimeoutError, OSError) as e:
-            return json_response({"ready": False, "reason": f"redis unavailable: {type(e).__name__}"}, 503,
-                                 {"Retry-After": "1"})
-        doc = {"ready": True, "model_version": m.version}
-        if state.registry.canary is not None:
-            doc["canary_version"] = state.registry.canary.version
-        if load_errors:
-            doc["load_errors"] = load_errors
-        return json_response(doc)
+        return await readiness(state)
 
-    @app.get("/model", responses=errors(401, 503))
+    @app.get("/model", responses=error_responses(state, 401, 503))
     async def model_info() -> Response:
         """The active version's manifest summary and the ONNX Runtime provider."""
         m = state.registry.current
@@ -225,20 +225,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "ort_threads": settings.ort_threads(), "batching": settings.batching,
                               "serving": settings.serving_summary()})
 
-    metrics_errors = errors(401) if settings.metrics_need_key else {}
-
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text exposition format"}, **metrics_errors})
+                              "description": "Prometheus text exposition format"},
+                        **(error_responses(state, 401) if settings.metrics_need_key else {})})
     async def metrics() -> Response:
         """Prometheus metrics (requests per route/status and per model version, step timings, batch sizes)."""
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    _install_pages(app)
-    app.openapi = ServedOpenAPI(app, state)
-    app.add_middleware(EdgeMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
-                       access_log=settings.access_log, api_keys=state.api_keys)
-    return app
+
+async def readiness(state: ServiceState) -> Response:
+    """/readyz: a model loaded and Redis answering (KServe's readiness, separate from liveness)."""
+    m = state.registry.current
+    if m is None:
+        return json_response({"ready": False, "reason": state.registry.not_ready_reason()}, 503)
+    load_errors = state.registry.load_errors()
+    try:
+        await asyncio.wait_for(state.redis.ping(), state.settings.redis_timeout_s)
+    except (*REDIS_ERRORS, asyncio.TimeoutError, OSError) as e:
+        return json_response({"ready": False, "reason": f"redis unavailable: {type(e).__name__}"}, 503,
+                             {"Retry-After": "1"})
+    doc = {"ready": True, "model_version": m.version}
+    if state.registry.canary is not None:
+        doc["canary_version"] = state.registry.canary.version
+    if load_errors:
+        doc["load_errors"] = load_errors
+    return json_response(doc)
 
 
 def _install_pages(app: FastAPI) -> None:

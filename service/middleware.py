@@ -113,44 +113,8 @@ class EdgeMiddleware:
 
         path = scope.get("path", "")
         try:
-            if self.api_keys is not None and self.api_keys.protects(path) and not self.api_keys.allows(headers):
-                await self._refuse(send_wrapper, 401, "authorization: this route needs an API key "
-                                   "(Authorization: Bearer <key> or X-API-Key: <key>)", "authorization",
-                                   [(b"www-authenticate", b'Bearer realm="mvke"')])
-                return
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                await self._too_large(send_wrapper)
-                return
-            source = receive
-            method = scope.get("method")
-            if method == "POST":
-                ct = headers.get(b"content-type")
-                if ct != _JSON_CT and not is_json_type(ct) and has_body(headers):
-                    got = ct.decode("latin-1")[:100] if ct else "no Content-Type"
-                    await self._refuse(send_wrapper, 415, f"body: send it as JSON with the header "
-                                       f"Content-Type: application/json (got {got})", "body")
-                    return
-            if (method == "POST" and path.startswith("/users/") and path.endswith("/tags")
-                    and not scope.get("root_path")):
-                pending = await self._fast(scope, receive, send_wrapper, path, headers)
-                if pending is None:
-                    return  # served
-                if pending:
-                    async def source():  # replay what the fast path read, then the rest
-                        return pending.pop(0) if pending else await receive()
-            received = 0
-
-            async def limited_receive():
-                nonlocal received
-                message = await source()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > self.max_body:
-                        raise HTTPException(413, f"request body larger than {self.max_body} bytes")
-                return message
-
-            await self.app(scope, limited_receive, send_wrapper)
+            if not await self._refused(scope, headers, path, send_wrapper):
+                await self._forward(scope, receive, send_wrapper, path, headers)
         finally:
             elapsed = time.perf_counter() - t0
             if self._labels is None:
@@ -161,16 +125,56 @@ class EdgeMiddleware:
                                            "status": status[0], "ms": round(elapsed * 1000, 3)})
             request_id.reset(token)
 
+    async def _refused(self, scope, headers: dict, path: str, send) -> bool:
+        """Refuse at the edge what no route may take (no API key 401, too large 413, not JSON 415) -> refused."""
+        if self.api_keys is not None and self.api_keys.protects(path) and not self.api_keys.allows(headers):
+            await self._refuse(send, 401, "authorization: this route needs an API key "
+                               "(Authorization: Bearer <key> or X-API-Key: <key>)", "authorization",
+                               [(b"www-authenticate", b'Bearer realm="mvke"')])
+            return True
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await self._too_large(send)
+            return True
+        if scope.get("method") == "POST":
+            ct = headers.get(b"content-type")
+            if ct != _JSON_CT and not is_json_type(ct) and has_body(headers):
+                got = ct.decode("latin-1")[:100] if ct else "no Content-Type"
+                await self._refuse(send, 415, f"body: send it as JSON with the header "
+                                   f"Content-Type: application/json (got {got})", "body")
+                return True
+        return False
+
+    async def _forward(self, scope, receive, send, path: str, headers: dict) -> None:
+        """The fast path for a tagging request; everything else (and what it hands back) to FastAPI, its body
+        size limited as it streams in."""
+        source = receive
+        if (scope.get("method") == "POST" and path.startswith("/users/") and path.endswith("/tags")
+                and not scope.get("root_path")):
+            pending = await self._fast(scope, receive, send, path, headers)
+            if pending is None:
+                return  # served
+            if pending:
+                async def source():  # replay what the fast path read, then the rest
+                    return pending.pop(0) if pending else await receive()
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await source()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise HTTPException(413, f"request body larger than {self.max_body} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
     async def _fast(self, scope, receive, send, path: str, headers: dict) -> list | None:
         """Serve a well-formed tagging request -> None; else the body messages read so far
         (to replay to FastAPI; [] when nothing was read)."""
-        svc = self._svc
-        if svc is None:
-            state = getattr(scope.get("app"), "state", None)
-            svc = self._svc = getattr(state, "svc", None) if state is not None else None
-            if svc is None:
-                return []
-        if not svc.settings.fast_path:
+        svc = self._service(scope)
+        if svc is None or not svc.settings.fast_path:
             return []
         user_id = path[7:-5]
         if not user_id or "/" in user_id or len(user_id) > 128:
@@ -179,26 +183,17 @@ class EdgeMiddleware:
         if ct is not None and ct.split(b";", 1)[0].strip().lower() != _JSON_CT:
             return []
         # FastAPI (strict_content_type, its default) parses a body as JSON only under a JSON content type
-        messages, size, more = [], 0, True
-        while more:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                return messages
-            size += len(message.get("body", b""))
-            if size > self.max_body:
-                return messages
-            more = message.get("more_body", False)
-        body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
+        messages, body = await self._read_body(receive)
+        if body is None:
+            return messages
+        req = _NO_BODY
         if body:
-            if ct is None:
-                return [{"type": "http.request", "body": body, "more_body": False}]
             try:
-                req = TagRequest.model_validate_json(body)
+                req = TagRequest.model_validate_json(body) if ct is not None else None
             except ValidationError:
+                req = None
+            if req is None:
                 return [{"type": "http.request", "body": body, "more_body": False}]
-        else:
-            req = _NO_BODY
         try:
             job = validate_request(svc, user_id, req)
             out = orjson.dumps(render(await svc.tag(job)))
@@ -210,6 +205,28 @@ class EdgeMiddleware:
                     "headers": [(b"content-length", str(len(out)).encode()), (b"content-type", _JSON_CT)]})
         await send({"type": "http.response.body", "body": out})
         return None
+
+    def _service(self, scope):
+        """The app's ServiceState (found on the first request)."""
+        if self._svc is None:
+            state = getattr(scope.get("app"), "state", None)
+            self._svc = getattr(state, "svc", None) if state is not None else None
+        return self._svc
+
+    async def _read_body(self, receive) -> tuple[list, bytes | None]:
+        """(the messages read, the whole body); body None when it is not all there within the size limit."""
+        messages, size, more = [], 0, True
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages, None
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return messages, None
+            more = message.get("more_body", False)
+        return messages, messages[0].get("body", b"") if len(messages) == 1 else \
+            b"".join(m.get("body", b"") for m in messages)
 
     async def _too_large(self, send) -> None:
         await self._refuse(send, 413, f"request body larger than {self.max_body} bytes", "body")

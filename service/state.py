@@ -138,21 +138,7 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
     for t in req.exclude_tags:
         if t not in index:
             raise ServiceError(422, f"exclude_tags: unknown tag {t!r}", field="exclude_tags")
-    unknown_values = None
-    if req.features is not None and not req.features:
-        raise ServiceError(422, "features: empty; send the user's raw values (the model's fields: "
-                                f"{model.schema.names}), or leave `features` out to use the stored ones",
-                           field="features")
-    if req.features:
-        schema = model.schema
-        for name, value in req.features.items():
-            if name not in schema.position:
-                raise ServiceError(422, f"features.{name}: unknown feature (known: {sorted(schema.names)})",
-                                   field=f"features.{name}")
-            problem = value_problem(schema.fields[schema.position[name]].kind, value)   # feature_values.py
-            if problem:
-                raise ServiceError(422, f"features.{name}: {problem}", field=f"features.{name}")
-        unknown_values = unknown_value_counts(schema, req.features) or None
+    unknown_values = None if req.features is None else check_features(model.schema, req.features)
     query = Query(tuple(dict.fromkeys(tasks)), top_k, tuple(index[t] for t in req.exclude_tags), req.min_score,
                   req.exact, explain=getattr(req, "explain", False))
     job = TagJob(user_id, req.features, query, model=model, unknown_values=unknown_values)
@@ -160,6 +146,21 @@ def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJ
     if candidates is not None:
         _candidates(job, model, candidates, req.ignore_unknown, req.top_k, s.max_candidate_tags)
     return job
+
+
+def check_features(schema: FeatureSchema, features: dict) -> dict[str, int] | None:
+    """Request features against the model's schema (ServiceError naming the field) -> the unknown values."""
+    if not features:
+        raise ServiceError(422, f"features: empty; send the user's raw values (the model's fields: {schema.names}), "
+                                "or leave `features` out to use the stored ones", field="features")
+    for name, value in features.items():
+        if name not in schema.position:
+            raise ServiceError(422, f"features.{name}: unknown feature (known: {sorted(schema.names)})",
+                               field=f"features.{name}")
+        problem = value_problem(schema.fields[schema.position[name]].kind, value)   # feature_values.py
+        if problem:
+            raise ServiceError(422, f"features.{name}: {problem}", field=f"features.{name}")
+    return unknown_value_counts(schema, features) or None
 
 
 def unknown_value_counts(schema: FeatureSchema, features: dict) -> dict[str, int]:

@@ -131,25 +131,11 @@ class Tagger:
         results: list[TagResult | ServiceError | None] = [None] * len(jobs)
         ready = []
         for i, (job, stored) in enumerate(zip(jobs, rows)):
-            if isinstance(stored, BaseException):   # this user's cluster node failed; the others' did not
-                self._shed_redis.inc()
-                results[i] = unavailable(f"feature store unavailable: {describe_error(stored)}")
-                continue
-            if not job.features:
-                if not stored:
-                    results[i] = ServiceError(404, f"user {job.user_id!r} is not in the feature store; "
-                                                   "send its raw values in `features`", field="user_id")
-                    continue
-                job.row, job.source = stored, "store"
+            error = self._attach_row(model, job, stored)
+            if error is None:
+                ready.append(i)
             else:
-                job.row = {**stored, **job.features}
-                job.source = "store+request" if stored else "request"
-            missing = self._missing_fields(model, job)
-            if missing and self.reject_missing:
-                results[i] = ServiceError(422, f"features: {job.source} values lack the model's fields {missing} "
-                                               "(MVKE_MISSING_FIELDS=reject)", field="features")
-                continue
-            ready.append(i)
+                results[i] = error
         if ready:
             todo = jobs if len(ready) == len(jobs) else [jobs[i] for i in ready]
             if len(todo) >= self.offload_min_batch:
@@ -162,6 +148,25 @@ class Tagger:
                 answered += type(res) is TagResult
             self._answered(model.version).inc(answered)
         return results  # type: ignore[return-value]
+
+    def _attach_row(self, model: LoadedModel, job: TagJob, stored: dict | BaseException) -> ServiceError | None:
+        """The job's feature row: stored values, overridden by the request's (or the error that is its answer)."""
+        if isinstance(stored, BaseException):   # this user's cluster node failed; the others' did not
+            self._shed_redis.inc()
+            return unavailable(f"feature store unavailable: {describe_error(stored)}")
+        if not job.features:
+            if not stored:
+                return ServiceError(404, f"user {job.user_id!r} is not in the feature store; "
+                                         "send its raw values in `features`", field="user_id")
+            job.row, job.source = stored, "store"
+        else:
+            job.row = {**stored, **job.features}
+            job.source = "store+request" if stored else "request"
+        missing = self._missing_fields(model, job)
+        if missing and self.reject_missing:
+            return ServiceError(422, f"features: {job.source} values lack the model's fields {missing} "
+                                     "(MVKE_MISSING_FIELDS=reject)", field="features")
+        return None
 
     def _missing_fields(self, model: LoadedModel, job: TagJob) -> list[str] | None:
         """The model's fields the job's row lacks (counted in /metrics), kept on the job for its answer."""
