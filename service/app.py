@@ -60,9 +60,10 @@ async def tag_batch(state: ServiceState, body: BatchRequest) -> list:
         try:
             user = BatchUser.model_validate(raw, strict=True)
         except ValidationError as e:   # this user's own 422, located in the batch
-            doc = validation_doc([{**err, "loc": ("users", i, *err["loc"])} for err in e.errors()])
-            answers[i] = {"user_id": raw.get("user_id") if isinstance(raw.get("user_id"), str) else "",
-                          "status": 422, "error": doc}
+            doc = validation_doc([{**err, "loc": ("body", "users", i, *err["loc"])} for err in e.errors()])
+            if any(err["loc"][:1] == ("user_id",) for err in e.errors()):   # no user to answer: the call's 422
+                raise ServiceError(422, doc["detail"], field=doc["field"], errors=doc["errors"]) from None
+            answers[i] = {"user_id": raw["user_id"], "status": 422, "error": doc}
             continue
         try:
             jobs.append(validate_request(state, user.user_id, _batch_options(body.defaults, user)))

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
+from mvke.runtime.feature_values import ITEMS_SCALAR, NOT_SCALAR
+
 MAX_FEATURE_LIST = 1000   # longest list accepted for one multi-valued feature (the model keeps its max_len)
 
 SCALAR_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "number"}]}
@@ -26,18 +28,20 @@ def json_type(v: Any) -> str:
 
 
 def _feature_value(v: Any) -> Any:
-    """JSON types only (one clear error per bad value: a plain Union would report one per branch). Whether a
-    value fits its field (one value, a list, scalar items) is the rule of mvke/runtime/feature_values.py,
-    checked against the answering model's schema (service/state.py), so a list or an object is let through
-    here to get the same message as in a feature load or a tag-all."""
+    """The JSON shape of a feature value (one clear error per bad value: a plain Union would report one per
+    branch): a string or number, or a list of them. Whether it fits its field (one value or a list) is the
+    rule of mvke/runtime/feature_values.py, checked against the answering model's schema (service/state.py)
+    with the same message as a feature load or a tag-all; so is a list's nested item here."""
     tv = type(v)
-    if tv is str or tv is int or tv is float or tv is dict:
+    if tv is str or tv is int or tv is float:
         return v
     if tv is list:
         if len(v) > MAX_FEATURE_LIST:
             raise PydanticCustomError("too_long", "at most {n} values per feature", {"n": MAX_FEATURE_LIST})
         for x in v:
-            if type(x) not in (str, int, float, list, dict):
+            if type(x) not in (str, int, float):
+                if isinstance(x, NOT_SCALAR):
+                    raise PydanticCustomError("feature_value", ITEMS_SCALAR)
                 raise PydanticCustomError("feature_value", "list items must be strings or numbers, got {got}",
                                           {"got": json_type(x)})
         return v

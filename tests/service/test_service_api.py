@@ -122,12 +122,17 @@ def test_unknown_feature_values_are_counted_in_the_answer(svc, synth_user, refer
     cat, multi = schema.cat_fields[0], schema.multi_fields[0]
     known = {cat.name: cat.vocab[0], multi.name: multi.vocab[:2]}
     doc = svc.tag("new-user", {"top_k": 1, "features": known}).json()
-    assert list(doc) == BASE_KEYS                                   # nothing unknown: no new key
+    assert list(doc) == BASE_KEYS + ["missing_fields"]              # nothing unknown; the fields not sent
+    assert doc["missing_fields"] == [n for n in schema.names if n not in known]
     typo = {cat.name: cat.vocab[0] + "x", multi.name: [multi.vocab[0], "t-typo", "cat28/tag0362"]}
     doc = svc.tag("new-user", {"top_k": 1, "features": typo}).json()
     assert doc["unknown_values"] == {cat.name: 1, multi.name: 2}
-    joined = svc.tag(synth_user, {"top_k": 1, "features": {multi.name: "zz|" + multi.vocab[1]}}).json()
-    assert joined["unknown_values"] == {multi.name: 1} and joined["feature_source"] == "store+request"
+    listed = svc.tag(synth_user, {"top_k": 1, "features": {multi.name: ["zz", multi.vocab[1]]}}).json()
+    assert listed["unknown_values"] == {multi.name: 1} and listed["feature_source"] == "store+request"
+    # the feature store's `|`-joined form is not a request value: the same 422 as in a feature load
+    joined = svc.tag(synth_user, {"top_k": 1, "features": {multi.name: "zz|" + multi.vocab[1]}})
+    assert joined.status_code == 422 and joined.json()["detail"] == \
+        f"features.{multi.name}: expected a list of values, got str"
 
 
 # ---------------------------------------------------------------------------
