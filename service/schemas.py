@@ -99,14 +99,21 @@ class BatchUser(TagOptions):
     user_id: str = Field(min_length=1, max_length=128, description="the user, as in the single-user route's path")
 
 
+BATCH_USER_SCHEMA = {"type": "object", "required": ["user_id"],
+                     "properties": {"user_id": {"type": "string", "minLength": 1, "maxLength": 128}},
+                     "description": "the user and its own options (those of TagOptions), validated per user: a "
+                                    "bad option is this user's 422 in its answer, not the call's"}
+
+
 class BatchRequest(BaseModel):
     """Body of POST /tags:batch: up to MVKE_MAX_BATCH_USERS users, each with its own options.
     `defaults` apply to every user; a user's own fields replace them."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    # each user is validated on its own (service/app.py `tag_batch`): one user's bad option is its own 422
-    users: list[Annotated[dict[str, Any], WithJsonSchema(BatchUser.model_json_schema())]] = Field(
+    # each user is validated on its own (service/app.py `tag_batch`): one user's bad option is its own 422 in
+    # the answer, so the documented item is any object with a user id (its options: TagOptions)
+    users: list[Annotated[dict[str, Any], WithJsonSchema(BATCH_USER_SCHEMA)]] = Field(
         min_length=1, description="answered in this order")
     defaults: TagOptions | None = Field(None, description="options for every user (a user's own fields win)")
 
