@@ -87,12 +87,12 @@ def _ceiling_proc(bundle: str, part: dict, batch_size: int, k: int, with_io: str
     batches = list(iter_part(p, w.columns, batch_size))      # read first: the loop is compute only
     schema = w.model.schema
     e = schema.encode(batches[0])
-    rank_users(w.model, e.cat_ids[:64], e.multi_ids[:64], k)   # warm-up
+    rank_users(w.model, e.take(slice(0, 64)), k)   # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in batches:
         e = schema.encode(b)
-        rank_users(w.model, e.cat_ids, e.multi_ids, k)
+        rank_users(w.model, e, k)
         n += b.num_rows
     q.put({"users": n, "seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0})
 

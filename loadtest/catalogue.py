@@ -50,16 +50,15 @@ def tag_all_users_per_s(bundle: Path, mode: str, users: int = 512) -> float:
 import time, numpy as np
 from mvke.runtime.contract import read_bundle
 from mvke.runtime.model import build_model
-from mvke.runtime.ann import limit_faiss_threads
-from mvke.runtime.scoring import rank
-from mvke.runtime.system import limit_blas_threads
+from mvke.runtime.encoded import EncodedBatch
+from mvke.runtime.system import limit_threads
 from mvke.runtime.features import random_users
-limit_blas_threads(1); limit_faiss_threads(1)
+limit_threads(1)
 m, b = read_bundle("{bundle}", verify=False)
 model = build_model(m, b, "cpu", ann_mode="{mode}", scoring="numpy")
 cat, multi = random_users(model.schema, {users}, np.random.default_rng(0))
-rank(model.run_tower(cat[:64], multi[:64]), model.sides.values(), 20)
-t0 = time.perf_counter(); rank(model.run_tower(cat, multi), model.sides.values(), 20)
+model.rank(EncodedBatch(cat[:64], multi[:64]), 20)
+t0 = time.perf_counter(); model.rank(EncodedBatch(cat, multi), 20)
 print({users} / (time.perf_counter() - t0))
 """
     res = subprocess.run([PY, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True,

@@ -46,7 +46,6 @@ def scoring_rates(bundle: Path, budget_s: float) -> dict:
     from mvke.runtime.contract import read_bundle
     from mvke.runtime.encoded import EncodedBatch
     from mvke.runtime.model import build_model
-    from mvke.runtime.scoring import rank
     manifest, blobs = read_bundle(bundle, verify=False)
     fused = build_model(manifest, blobs, "auto", scoring="onnx")
     cpu = build_model(manifest, blobs, "cpu", scoring="numpy")
@@ -58,7 +57,7 @@ def scoring_rates(bundle: Path, budget_s: float) -> dict:
         cat = rng.integers(1, 3, (b, len(schema.cat_fields))).astype(np.int64)
         multi = np.zeros((b, len(schema.multi_fields), schema.multi_len), dtype=np.int64)
         out[f"fused_b{b}"] = per_second(lambda: fused.rank(EncodedBatch(cat, multi), ks, mode="fused"), b, budget_s)
-        out[f"cpu_numpy_b{b}"] = per_second(lambda: rank(cpu.run_tower(cat, multi), cpu.sides.values(), ks), b,
+        out[f"cpu_numpy_b{b}"] = per_second(lambda: cpu.rank(EncodedBatch(cat, multi), ks, mode="numpy"), b,
                                             budget_s)
     return out
 

@@ -57,7 +57,6 @@ def bench_bundle(bundle: Path, batches: list[int], rounds: int, block_s: float) 
     from mvke.runtime.contract import read_bundle
     from mvke.runtime.encoded import EncodedBatch
     from mvke.runtime.model import build_model
-    from mvke.runtime.scoring import rank
     manifest, blobs = read_bundle(bundle, verify=False)
     numpy_model = build_model(manifest, blobs, "cpu", 1, ann_mode="off", scoring="numpy")
     fused_model = build_model(manifest, blobs, "cpu", 1, ann_mode="off", scoring="onnx")
@@ -71,7 +70,7 @@ def bench_bundle(bundle: Path, batches: list[int], rounds: int, block_s: float) 
         cat = rng.integers(1, 3, (b, len(schema.cat_fields))).astype(np.int64)
         multi = np.zeros((b, len(schema.multi_fields), schema.multi_len), dtype=np.int64)
         variants = {
-            "numpy": lambda: rank(numpy_model.run_tower(cat, multi), numpy_model.sides.values(), ks),
+            "numpy": lambda: numpy_model.rank(EncodedBatch(cat, multi), ks, mode="numpy"),
             "fused": lambda: fused_model.rank(EncodedBatch(cat, multi), ks, mode="fused"),
         }
         a, f = variants["numpy"](), variants["fused"]()   # warm-up + the same answer
