@@ -6,12 +6,14 @@ the loaded model's task names, tag catalogue and feature vocabulary (service/ope
 """
 from __future__ import annotations
 
-from typing import Annotated, Any
+from dataclasses import fields as dataclass_fields
+from typing import Annotated, Any, get_type_hints
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from mvke.runtime.feature_values import ITEMS_SCALAR, NOT_SCALAR
+from mvke.runtime.versions import PublishedVersion
 
 MAX_FEATURE_LIST = 1000   # longest list accepted for one multi-valued feature (the model keeps its max_len)
 
@@ -174,16 +176,14 @@ class BatchResponse(BaseModel):
     results: list[TagResponse | BatchError] = Field(description="one per user, in request order")
 
 
-class VersionState(BaseModel):
-    version: str
-    model: str
-    created_at: str
-    published_at: float
-    bytes: int
-    active: bool
-    canary: bool
-    rolled_back: bool
-    loaded: bool = Field(description="loaded by this service process (servable with model_version)")
+# A published version as GET /models answers it: mvke.runtime.versions.PublishedVersion's fields (the one
+# reader's record; its canary share is under `canary`), and what this service adds: canary, loaded.
+VersionState = create_model(
+    "VersionState",
+    **{f.name: (get_type_hints(PublishedVersion)[f.name], ...) for f in dataclass_fields(PublishedVersion)
+       if f.name != "canary_percent"},
+    canary=(bool, Field(description="the canary this service routes a share of users to")),
+    loaded=(bool, Field(description="loaded by this service process (servable with model_version)")))
 
 
 class CanaryState(BaseModel):
