@@ -200,8 +200,17 @@ def build_bundle(result: TrainResult) -> tuple[Manifest, dict[str, bytes]]:
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         metrics={k: result.metrics.get(k) for k in ("dataset", "test_auc", "oracle_test_auc", "params",
                                                      "train_seconds", "samples_per_second")},
-        model_config=asdict(model.cfg))
+        model_config=asdict(model.cfg), events=_dataset_events(result.data_dir))
     return manifest, blobs
+
+
+def _dataset_events(data_dir: str | None) -> dict:
+    """The dataset's `events` section (which fields events update: mvke/runtime/events.py), carried in the
+    manifest so `mvke features stream` applies the rules of the data the served model was trained on."""
+    meta = Path(data_dir) / "meta.json" if data_dir else None
+    if meta is None or not meta.exists():
+        return {}
+    return json.loads(meta.read_text()).get("events", {})
 
 
 def write_bundle(manifest: Manifest, blobs: dict[str, bytes], out: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""CLI of the export stage: `mvke export | publish | models | features load`."""
+"""CLI of the export stage: `mvke export | publish | models | features load | features stream | events replay`."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,33 @@ def _features_load(a: argparse.Namespace) -> None:
     print(json.dumps({**report.summary(), "bad_rows": report.rejected}))
 
 
+def _features_stream(a: argparse.Namespace) -> None:
+    from model_export.events_job import read_rules, run_consumer
+    r, keys = _redis(a.redis), _keys(a)
+    rules = read_rules(a.rules, r, keys)
+    print(json.dumps(run_consumer(r, keys, rules, partitions=a.partitions, name=a.name, batch=a.batch,
+                                  block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms,
+                                  max_idle_s=a.max_idle_s, max_events=a.max_events)), flush=True)
+
+
+def _events_replay(a: argparse.Namespace) -> None:
+    import os
+    from model_export.events_job import read_events, read_rules, replay
+    if a.rate is not None and a.rate <= 0:
+        raise ValueError(f"--rate must be > 0 events/s, got {a.rate}")
+    events = read_events(a.file)
+    client = keys = rules = None
+    if a.to != "http":
+        client, keys = _redis(a.redis), _keys(a)
+    if a.to == "apply":
+        rules = read_rules(a.rules, client, keys)
+    if a.to == "http" and not a.url:
+        raise ValueError("--to http needs --url (the service, e.g. http://127.0.0.1:8000)")
+    print(json.dumps(replay(events, a.to, client=client, keys=keys, rules=rules, url=a.url,
+                            api_key=a.api_key or os.environ.get("MVKE_API_KEY"), partitions=a.partitions,
+                            rate=a.rate, batch=a.batch)))
+
+
 def _redis_options(parser: argparse.ArgumentParser) -> None:
     from mvke.runtime.keys import add_key_prefix_option
     parser.add_argument("--redis", metavar="URL", help=REDIS_URL_HELP)
@@ -142,3 +169,44 @@ def register(sub) -> None:
     fl.add_argument("--part-rows", type=int, default=262_144, metavar="N", help="users per part (the unit of resumption)")
     fl.add_argument("--job-dir", metavar="DIR", help="markers and rejects (default DATA/_features_load)")
     fl.set_defaults(func=_features_load, extra=EXTRA)
+
+    fs = f.add_parser("stream", help="apply user events from the event streams (a consumer of the group)",
+                      description="Read the partition streams {PREFIX:events:<p>} with the consumer group `apply` "
+                                  "(XREADGROUP), apply each batch to the feature store (one Lua script per user: "
+                                  "atomic, idempotent by event id, in time order), XACK it; malformed events go to "
+                                  "the dead-letter stream with their reason. Run several: the group shares the "
+                                  "work; entries a killed consumer left unacknowledged are taken over (XAUTOCLAIM) "
+                                  "after --claim-idle-ms. Prints its counts when it stops (SIGTERM, Ctrl-C, "
+                                  "--max-idle-s).")
+    _redis_options(fs)
+    fs.add_argument("--rules", metavar="META", help="meta.json (or dataset directory) whose `events` section says "
+                                                   "which fields events update (default: the active version's "
+                                                   "manifest)")
+    fs.add_argument("--partitions", type=int, metavar="N", help="partition streams (default $MVKE_EVENT_PARTITIONS "
+                                                                "or 8; the same as the producers')")
+    fs.add_argument("--name", help="consumer name (default host-pid)")
+    fs.add_argument("--batch", type=int, default=500, metavar="N", help="entries per read and partition (default 500)")
+    fs.add_argument("--block-ms", type=int, default=100, metavar="MS", help="wait for new entries per read (default 100)")
+    fs.add_argument("--claim-idle-ms", type=int, default=30_000, metavar="MS",
+                    help="take over entries another consumer left unacknowledged this long (default 30000)")
+    fs.add_argument("--max-idle-s", type=float, metavar="S", help="stop after this long without entries")
+    fs.add_argument("--max-events", type=int, metavar="N", help="stop after reading this many entries")
+    fs.set_defaults(func=_features_stream, extra=EXTRA)
+
+    ev = sub.add_parser("events", help="user events").add_subparsers(dest="action", required=True)
+    rp = ev.add_parser("replay", help="replay a log (Parquet impressions or JSON-lines events) as events",
+                       description="Each impression row becomes an impression event plus a click and a conversion "
+                                   "event when labelled (ids from its event_id column, else user:timestamp:row, so "
+                                   "a second replay is all duplicates), sent in time order to a service "
+                                   "(--to http: POST /events), the event streams (--to stream) or applied here "
+                                   "(--to apply).")
+    rp.add_argument("file", metavar="FILE", help="Parquet log (docs/OWN_DATA.md columns) or .jsonl events")
+    rp.add_argument("--to", choices=("http", "stream", "apply"), default="stream")
+    rp.add_argument("--rate", type=float, metavar="R", help="at most R events per second (default: no limit)")
+    rp.add_argument("--url", help="the service for --to http")
+    rp.add_argument("--api-key", help="API key for --to http (default $MVKE_API_KEY)")
+    rp.add_argument("--rules", metavar="META", help="for --to apply: meta.json with an `events` section")
+    rp.add_argument("--partitions", type=int, metavar="N", help="for --to stream (default $MVKE_EVENT_PARTITIONS or 8)")
+    rp.add_argument("--batch", type=int, default=500, metavar="N", help="events per request / pipeline (default 500)")
+    _redis_options(rp)
+    rp.set_defaults(func=_events_replay, extra=EXTRA)

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mvke.runtime.redis_client import REDIS_ERRORS
 from mvke.runtime.versions import published_versions
+from service import events as events_route
 from service.logs import setup_logging
 from service.middleware import EdgeMiddleware
 from service.openapi import ERRORS, ServedOpenAPI
@@ -164,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_handlers(app)
     _install_tag_routes(app, state)
     _install_info_routes(app, state)
+    events_route.install(app, state, error_responses(state, 400, 401, 413, 415, 422, 503), json_response)
     _install_pages(app)
     app.openapi = ServedOpenAPI(app, state)
     app.add_middleware(EdgeMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
                                                                   "10,000 candidate tags or a batch of 256 users)")
     max_candidate_tags: int = Field(10_000, ge=1, description="most tags in one request's `tags` (candidate scoring)")
     max_batch_users: int = Field(256, ge=1, description="most users in one POST /tags:batch")
+    event_partitions: int = Field(8, ge=1, description="partition streams of POST /events (by a hash of the user "
+                                  "id); `mvke features stream --partitions` must agree")
+    event_stream_maxlen: int = Field(1_000_000, ge=1000, description="approximate length bound of each partition "
+                                     "stream (XADD MAXLEN ~): older entries are trimmed, read or not")
+    max_events_batch: int = Field(1000, ge=1, le=10_000, description="most events in one POST /events")
     canary: str | None = Field(None, description="`<version>:<percent>`: serve that share of users (by a hash of "
                                                  "the user id) from a second published version; overrides the "
                                                  "canary set with `mvke publish --canary`")

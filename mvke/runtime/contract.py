@@ -89,6 +89,9 @@ class Manifest:
     # Candidate indexes for large catalogues: scheme, gate settings and per task its file, nprobe,
     # candidates, recall@k and status ("ann", or "exact" when the gate failed); {} = none built.
     ann: dict[str, Any] = field(default_factory=dict)
+    # Which feature fields user events update (mvke/runtime/events.py, the dataset's meta.json `events`);
+    # {} = none declared (`mvke features stream --rules` then names them).
+    events: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

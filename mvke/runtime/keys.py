@@ -26,6 +26,20 @@ cluster spreads the users over every slot and master.
                                         while this key exists; deleted when the job completes)
     mvke:features-loaded:<dataset>      which dataset `mvke pipeline` loaded (so a rerun skips it)
 
+Events (`POST /events`, `mvke features stream`, mvke/runtime/events.py). A user's event state
+lives in keys whose hash tag is the user key itself: `mvke:user:<id>` has no braces, so its
+slot is the CRC of the whole name, and `{mvke:user:<id>}:...` hashes on exactly that name:
+the same slot, so one Lua script may touch all three on a Redis Cluster.
+
+    {mvke:user:<user_id>}:ev            hash: per history field `t:<field>` the order keys of its items
+                                        (late events find their place) and `base` (the `_loaded_at` they
+                                        were built on: a reload of the user's batch values resets them)
+    {mvke:user:<user_id>}:seen          sorted set: the user's most recent applied event ids (order key as
+                                        score; bounded: a duplicate is recognised within that horizon)
+    {mvke:events:<p>}                   stream partition p of N (user id -> crc32 % N); entries `e` = event
+                                        JSON; MAXLEN ~ bounded; consumer group `apply`
+    {mvke:events}:dead                  dead letters: malformed or unappliable events with their reason
+
 Batch output (written by `mvke tag-all --to-redis`):
 
     mvke:usertags:v<id>:<user_id>       hash: task -> JSON [[tag, score], ...], best first (spread)
@@ -125,6 +139,21 @@ class Keys:
 
     def features_loaded(self, dataset: str) -> str:
         return f"{self.prefix}:features-loaded:{dataset}"
+
+    # ---- events ------------------------------------------------------------
+    def user_events(self, user_id: str) -> str:
+        """Per-user event state: the same slot as `user(user_id)` (its name is the hash tag)."""
+        return f"{{{self.user(user_id)}}}:ev"
+
+    def user_seen(self, user_id: str) -> str:
+        return f"{{{self.user(user_id)}}}:seen"
+
+    def events_stream(self, partition: int) -> str:
+        return f"{{{self.prefix}:events:{partition}}}"
+
+    @property
+    def events_dead(self) -> str:
+        return f"{{{self.prefix}:events}}:dead"
 
     # ---- batch output ----------------------------------------------------
     def user_tags(self, version: str, user_id: str) -> str:

@@ -1,0 +1,230 @@
+"""The event stream: N partition streams, producers (`POST /events`, `mvke events replay`) and the
+consumer of `mvke features stream`.
+
+    producer --XADD MAXLEN ~ L--> {mvke:events:<crc32(user_id) % N>}  --XREADGROUP (group `apply`)-->
+    consumers (any number, each reads every partition; the group gives each entry to one of them)
+      -> parse (a malformed entry goes to {mvke:events}:dead with its reason) -> EventApplier (one Lua
+         script per user: idempotent by event id) -> XACK
+    a consumer killed between apply and XACK leaves its entries pending: the next consumer to start
+    takes them with XAUTOCLAIM once they have been idle `claim_idle_ms`, applies them again (the
+    duplicates change nothing) and acknowledges them; kill -9 loses nothing.
+
+Each partition has its own hash tag, so a Redis Cluster spreads them over its masters; consumers
+on a cluster read the partitions one command each (a multi-key XREADGROUP needs one slot).
+The length bound (MAXLEN ~) trims the oldest entries, read or not: size it above the longest lag
+the consumers may have (docs/SCALING.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from mvke.runtime.event_apply import EventApplier
+from mvke.runtime.events import Event, EventError, EventRules, parse_event
+from mvke.runtime.keys import Keys
+from mvke.runtime.redis_client import is_cluster
+
+log = logging.getLogger("mvke.events")
+
+GROUP = "apply"
+DEFAULT_PARTITIONS = 8
+DEFAULT_MAXLEN = 1_000_000          # entries per partition (approximate trimming)
+DEAD_MAXLEN = 100_000
+ENTRY_FIELD = "e"
+PARTITIONS_ENV = "MVKE_EVENT_PARTITIONS"   # producers and consumers must agree (service setting too)
+PAUSE_BEFORE_ACK_ENV = "MVKE_EVENTS_PAUSE_BEFORE_ACK_S"   # testing hook: a window to kill -9 a consumer in
+
+
+def default_partitions() -> int:
+    return int(os.environ.get(PARTITIONS_ENV) or DEFAULT_PARTITIONS)
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    return zlib.crc32(user_id.encode()) % partitions
+
+
+def by_partition(events: Iterable[Event], partitions: int) -> dict[int, list[Event]]:
+    out: dict[int, list[Event]] = defaultdict(list)
+    for e in events:
+        out[partition_of(e.user_id, partitions)].append(e)
+    return out
+
+
+def publish_events(client: Any, keys: Keys, events: list[Event], partitions: int,
+                   maxlen: int = DEFAULT_MAXLEN) -> int:
+    """XADD each event to its user's partition (one pipeline); -> events written."""
+    pipe = client.pipeline(transaction=False)
+    for p, evs in by_partition(events, partitions).items():
+        for e in evs:
+            pipe.xadd(keys.events_stream(p), {ENTRY_FIELD: e.to_json()}, maxlen=maxlen, approximate=True)
+    pipe.execute()
+    return len(events)
+
+
+async def publish_events_async(client: Any, keys: Keys, events: list[Event], partitions: int,
+                               maxlen: int = DEFAULT_MAXLEN) -> int:
+    """`publish_events` with an asyncio client (the service)."""
+    pipe = client.pipeline(transaction=False)
+    for p, evs in by_partition(events, partitions).items():
+        for e in evs:
+            pipe.xadd(keys.events_stream(p), {ENTRY_FIELD: e.to_json()}, maxlen=maxlen, approximate=True)
+    await pipe.execute()
+    return len(events)
+
+
+def ensure_groups(client: Any, keys: Keys, partitions: int) -> None:
+    """The consumer group on every partition (created with the stream; from its first entry)."""
+    for p in range(partitions):
+        try:
+            client.xgroup_create(keys.events_stream(p), GROUP, id="0", mkstream=True)
+        except Exception as e:   # BUSYGROUP: it exists
+            if "BUSYGROUP" not in str(e):
+                raise
+
+
+@dataclass
+class ConsumerStats:
+    read: int = 0              # stream entries taken (new, own pending and claimed)
+    claimed: int = 0           # of those, taken from another (dead) consumer with XAUTOCLAIM
+    applied: int = 0
+    duplicate: int = 0
+    late: int = 0
+    dead: int = 0              # malformed or unappliable: written to the dead-letter stream
+    trimmed: int = 0           # pending entries the length bound removed before they were applied
+    batches: int = 0
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class StreamConsumer:
+    """One consumer of the group: `run()` until `stop()` or `max_idle_s` without entries."""
+
+    def __init__(self, client: Any, keys: Keys, rules: EventRules, partitions: int | None = None,
+                 name: str | None = None, batch: int = 500, block_ms: int = 100, claim_idle_ms: int = 30_000,
+                 claim_every_s: float = 5.0):
+        self.client, self.keys = client, keys
+        self.partitions = partitions or default_partitions()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.batch, self.block_ms = batch, block_ms
+        self.claim_idle_ms, self.claim_every_s = claim_idle_ms, claim_every_s
+        self.applier = EventApplier(client, keys, rules)
+        self.cluster = is_cluster(client)
+        self.streams = [keys.events_stream(p) for p in range(self.partitions)]
+        self.stats = ConsumerStats()
+        self._stop = False
+        self._pause = float(os.environ.get(PAUSE_BEFORE_ACK_ENV) or 0)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    # ---- reading ----
+    def _read(self, last_id: str) -> list[tuple[str, str, dict]]:
+        """-> [(stream, entry id, fields)] from every partition ('>' new, '0' this consumer's pending)."""
+        block = self.block_ms if last_id == ">" else None
+        if not self.cluster:
+            reply = self.client.xreadgroup(GROUP, self.name, {s: last_id for s in self.streams},
+                                           count=self.batch, block=block)
+            return [(_text(s), _text(i), f) for s, entries in (reply or []) for i, f in entries]
+        out = []
+        for s in self.streams:   # one slot per command on a cluster
+            for _, entries in self.client.xreadgroup(GROUP, self.name, {s: last_id}, count=self.batch) or []:
+                out += [(s, _text(i), f) for i, f in entries]
+        if not out and last_id == ">":
+            time.sleep(self.block_ms / 1000)
+        return out
+
+    def _claim(self) -> list[tuple[str, str, dict]]:
+        """Entries another consumer took and left unacknowledged for claim_idle_ms (it died)."""
+        out = []
+        for s in self.streams:
+            start = "0-0"
+            while True:
+                reply = self.client.xautoclaim(s, GROUP, self.name, self.claim_idle_ms, start_id=start,
+                                               count=self.batch)
+                start, entries = _text(reply[0]), reply[1]
+                out += [(s, _text(i), f) for i, f in entries if f is not None]
+                if start == "0-0" or not entries:
+                    break
+        self.stats.claimed += len(out)
+        return out
+
+    # ---- one batch ----
+    def handle(self, entries: list[tuple[str, str, dict]]) -> None:
+        """Parse, apply, dead-letter, acknowledge (in that order: an entry is acked only once applied)."""
+        if not entries:
+            return
+        self.stats.read += len(entries)
+        events, dead = [], []
+        for stream, entry_id, fields in entries:
+            if fields is None:     # trimmed (MAXLEN) while pending: nothing left to apply
+                self.stats.trimmed += 1
+                continue
+            raw = fields.get(ENTRY_FIELD.encode(), fields.get(ENTRY_FIELD))
+            try:
+                doc = json.loads(raw) if raw is not None else None
+                if doc is None:
+                    raise EventError("event", f"stream entry has no `{ENTRY_FIELD}` field")
+                events.append(parse_event(doc))
+            except (ValueError, EventError) as e:
+                reason = str(e) if isinstance(e, EventError) else f"event: not JSON ({e})"
+                dead.append((stream, entry_id, _text(raw) if raw is not None else "", reason))
+        counts = self.applier.apply(events)
+        dead += [("", "", e.to_json(), reason) for e, reason in counts.failed]
+        if dead:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, entry_id, raw, reason in dead:
+                pipe.xadd(self.keys.events_dead, {"event": raw, "reason": reason, "stream": stream,
+                                                  "entry": entry_id, "consumer": self.name},
+                          maxlen=DEAD_MAXLEN, approximate=True)
+            pipe.execute()
+        if self._pause:
+            print(f"applied {len(events)} events, pausing before XACK", flush=True)
+            time.sleep(self._pause)
+        acks: dict[str, list[str]] = defaultdict(list)
+        for stream, entry_id, _ in entries:
+            acks[stream].append(entry_id)
+        pipe = self.client.pipeline(transaction=False)
+        for stream, ids in acks.items():
+            pipe.xack(stream, GROUP, *ids)
+        pipe.execute()
+        self.stats.applied += counts.applied
+        self.stats.duplicate += counts.duplicate
+        self.stats.late += counts.late
+        self.stats.dead += len(dead)
+        self.stats.batches += 1
+
+    def run(self, max_idle_s: float | None = None, max_events: int | None = None) -> ConsumerStats:
+        """Own pending entries first (a restart under the same name), then new ones; every
+        claim_every_s the entries of dead consumers. Stops on `stop()`, after max_idle_s without
+        entries, or once max_events entries were read."""
+        ensure_groups(self.client, self.keys, self.partitions)
+        while entries := self._read("0"):
+            self.handle(entries)
+        self.handle(self._claim())
+        last_claim, last_seen = time.monotonic(), time.monotonic()
+        while not self._stop:
+            if max_events is not None and self.stats.read >= max_events:
+                break
+            entries = self._read(">")
+            now = time.monotonic()
+            if now - last_claim >= self.claim_every_s:
+                entries += self._claim()
+                last_claim = now
+            if entries:
+                self.handle(entries)
+                last_seen = now
+            elif max_idle_s is not None and now - last_seen >= max_idle_s:
+                break
+        return self.stats
