@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from model_export.feature_writer import LOADED_AT_FIELD, FeatureSink, StoreColumns, store_columns
+from model_export.feature_writer import LOADED_AT_FIELD, FeatureSink, StoreColumns, load_stamp, store_columns
 from mvke.runtime.feature_values import MISSING_USER_ID, is_missing, value_problem
 from mvke.runtime.features import to_store_value
 from mvke.runtime.keys import Keys
@@ -69,7 +69,7 @@ def load_rows(rows: Iterable[Mapping[str, Any]], kinds: Mapping[str, str], r, ke
     keys = keys or Keys()
     report = LoadReport()
     t0 = time.perf_counter()
-    sink = FeatureSink(r, keys.user(""), str(int(time.time())), ttl_s)
+    sink = FeatureSink(r, keys.user(""), load_stamp(), ttl_s)
     names = list(kinds)
     uids: list[str] = []
     mappings: list[dict[str, str]] = []
@@ -108,7 +108,7 @@ def load_dataset_users(data_dir: str | Path, r, keys: Keys | None = None, progre
     kinds = read_kinds(home)
     report = LoadReport()
     t0 = time.perf_counter()
-    sink = FeatureSink(r, keys.user(""), str(int(time.time())), ttl_s)
+    sink = FeatureSink(r, keys.user(""), load_stamp(), ttl_s)
     try:
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=None, use_threads=False):

@@ -29,6 +29,7 @@ import math
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +38,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from mvke.runtime.events import LOADED_AT_FIELD   # the name the event script reads too
 from mvke.runtime.feature_values import MISSING_USER_ID, first_problems, is_list_type, is_nested_type, present
 from mvke.runtime.features import MULTI_SEP
 from mvke.runtime.redis_client import is_cluster
 
-LOADED_AT_FIELD = "_loaded_at"
+
+def load_stamp() -> str:
+    """`_loaded_at` of a load: Unix seconds to the microsecond (the age of features counts from it,
+    and a user's event state resets when it changes: two loads in one second differ)."""
+    return f"{time.time():.6f}"
+
 
 # KEYS[1] user hash; ARGV: ttl ('' for none), then field, value, ...  (the slow path of FeatureSink)
 REPLACE_HASH_LUA = """

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from mvke.runtime.parts import (Part, input_fingerprint, iter_part, list_inputs, part_from_dict, part_to_dict,
                                 plan_parts, write_json_atomic)
-from model_export.feature_writer import FeatureLoadError, FeatureSink, store_columns
+from model_export.feature_writer import FeatureLoadError, FeatureSink, load_stamp, store_columns
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import REDIS_ERRORS, RedisTarget, connect, describe_error, resolve
 
@@ -99,7 +99,12 @@ def read_kinds(home: Path) -> dict[str, str]:
     meta = home / "meta.json"
     if not meta.exists():
         raise FileNotFoundError(f"{meta}: missing (it names each field's kind); give a dataset directory")
-    return json.loads(meta.read_text())["fields"]
+    meta = json.loads(meta.read_text())
+    kinds = dict(meta["fields"])
+    # the counters user events continue (mvke/runtime/events.py) are stored beside the model's fields
+    for counter in meta.get("events", {}).get("counters", []):
+        kinds.setdefault(counter["field"], "cat")
+    return kinds
 
 
 # ---- one part (run in a worker process, or in this one when workers == 1) ------------------------------
@@ -215,7 +220,7 @@ def load_features(cfg: FeaturesLoadConfig) -> FeaturesLoadReport:
         pending = [p for p in parts if p.name not in done]
         workers = max(1, min(cfg.workers or default_workers(target), len(pending) or 1))
         job = {"redis_url": target.url, "cluster": target.cluster, "key_prefix": Keys(cfg.key_prefix).user(""),
-               "stamp": str(int(time.time())), "ttl_s": cfg.ttl_s, "kinds": kinds, "batch_rows": cfg.batch_rows,
+               "stamp": load_stamp(), "ttl_s": cfg.ttl_s, "kinds": kinds, "batch_rows": cfg.batch_rows,
                "job_dir": str(root)}
         report = FeaturesLoadReport(parts=len(parts), parts_this_run=len(pending), resumed=resumed, workers=workers)
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)

@@ -177,7 +177,7 @@ class EventApplier:
     def __init__(self, client: Any, keys: Keys, rules: EventRules, aux_ttl_s: int = AUX_TTL_S):
         self.client, self.keys, self.rules, self.aux_ttl_s = client, keys, rules, aux_ttl_s
         self.rules_lua = rules.to_lua()
-        self.script = client.register_script(APPLY_LUA)
+        self.sha = ""
         self.cluster = is_cluster(client)
         self._loaded = False
 
@@ -192,19 +192,16 @@ class EventApplier:
         if not groups:
             return counts
         users = list(groups)
-        if not self.cluster and not self._loaded:
-            self.script.sha = self.client.script_load(APPLY_LUA)
+        if not self._loaded:
+            self.sha = self.client.script_load(APPLY_LUA)    # a cluster loads it on every master
             self._loaded = True
         pipe = self.client.pipeline(transaction=False)
-        for u in users:
-            args = script_args(self.rules_lua, groups[u], self.aux_ttl_s)
-            if self.cluster:
-                pipe.eval(APPLY_LUA, 3, *self.user_keys(u), *args)
-            else:
-                pipe.evalsha(self.script.sha, 3, *self.user_keys(u), *args)
+        for u in users:   # a cluster pipeline routes each EVALSHA by its keys' slot
+            pipe.execute_command("EVALSHA", self.sha, 3, *self.user_keys(u),
+                                 *script_args(self.rules_lua, groups[u], self.aux_ttl_s))
         replies = pipe.execute(raise_on_error=False)
-        if not self.cluster and any(isinstance(r, Exception) and "NOSCRIPT" in str(r) for r in replies):
-            self.script.sha = self.client.script_load(APPLY_LUA)   # a restarted Redis forgot the script
+        if any(isinstance(r, Exception) and "NOSCRIPT" in str(r) for r in replies):
+            self._loaded = False      # a restarted or new master forgot the script: load it, redo (idempotent)
             return self.apply([e for u in users for e in groups[u]])
         for u, reply in zip(users, replies):
             if isinstance(reply, Exception):

@@ -1,0 +1,194 @@
+"""Applying user events (mvke/runtime/events.py, event_apply.py) on a real redis-server: idempotency,
+out-of-order events, history caps, cold start, the duplicate horizon, batch reloads, cluster slots,
+and the Lua script against the batch derivation `fold_user` field by field."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mvke.runtime.event_apply import EventApplier
+from mvke.runtime.events import (EVENT_AT_FIELD, LOADED_AT_FIELD, Event, EventError, EventRules, feature_age_s,
+                                 fold_user, log_row_events, order_key, parse_event)
+from mvke.runtime.keys import Keys
+
+RULES = EventRules.from_dict({
+    "histories": [{"field": "clicked_tags", "on": ["click"]},
+                  {"field": "converted_tags", "on": ["conversion"], "distinct": True},
+                  {"field": "seen_categories", "on": ["impression"], "from": "category", "max_len": 2}],
+    "counters": [{"field": "impressions_n", "on": ["impression"]}, {"field": "clicks_n", "on": ["click"]}],
+    "buckets": [{"field": "clicks_bucket", "count": "clicks_n", "edges": [0, 1, 3]},
+                {"field": "avg_ctr_bucket", "rate": ["clicks_n", "impressions_n"], "edges": [0.1, 0.3, 0.5]}],
+    "dedup_ids": 256}, max_lens={"clicked_tags": 4, "converted_tags": 3})
+
+
+def ev(i, user="u1", ts=1000, kind="click", tags=("t1",), **lists) -> Event:
+    return Event(f"e{i}", user, ts, kind, {"tags": list(tags), **{k: list(v) for k, v in lists.items()}})
+
+
+def stored(r, user="u1", keys=Keys()) -> dict:
+    """The user's feature values (the bookkeeping fields `_loaded_at`/`_event_at` left out)."""
+    return {k.decode(): v.decode() for k, v in r.hgetall(keys.user(user)).items() if not k.startswith(b"_")}
+
+
+def random_events(n: int, users: int, seed: int) -> list[Event]:
+    rng = random.Random(seed)
+    return [Event(f"e{i}", f"u{rng.randrange(users)}", 1000 + rng.randrange(200),
+                  rng.choice(("impression", "click", "conversion")),
+                  {"tags": [f"t{rng.randrange(9)}" for _ in range(rng.randrange(1, 4))],
+                   "category": [f"c{rng.randrange(4)}"]}) for i in range(n)]
+
+
+def test_rules_from_meta_and_bad_rules():
+    assert RULES.histories[0].max_len == 4 and RULES.histories[2].max_len == 2
+    assert RULES.counter_fields == ["impressions_n", "clicks_n"]
+    with pytest.raises(ValueError, match="counters"):
+        EventRules.from_dict({"buckets": [{"field": "b", "count": "nope", "edges": [1]}]})
+    with pytest.raises(ValueError, match="on"):
+        EventRules.from_dict({"histories": [{"field": "h", "on": ["view"]}]})
+    with pytest.raises(ValueError, match="events"):
+        EventRules.from_meta({"fields": {}})
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"user_id": "u", "ts": 1, "type": "click"}, "event_id"),
+    ({"event_id": "e", "user_id": "u{1}", "ts": 1, "type": "click"}, "user_id"),
+    ({"event_id": "e", "user_id": "u", "ts": "1", "type": "click"}, "ts"),
+    ({"event_id": "e", "user_id": "u", "ts": True, "type": "click"}, "ts"),
+    ({"event_id": "e", "user_id": "u", "ts": 1, "type": "view"}, "type"),
+    ({"event_id": "e", "user_id": "u", "ts": 1, "type": "click", "tags": "t1"}, "tags"),
+    ({"event_id": "e", "user_id": "u", "ts": 1, "type": "click", "tags": ["a|b"]}, "tags.0"),
+    ({"event_id": "e", "user_id": "u", "ts": 1, "type": "click", "colour": 1}, "colour"),
+    ([1, 2], "event"),
+])
+def test_parse_event_names_the_field(doc, field):
+    with pytest.raises(EventError) as e:
+        parse_event(doc)
+    assert e.value.field == field
+
+
+def test_parse_event_round_trip():
+    e = ev(1, category=["c1"])
+    assert parse_event(__import__("json").loads(e.to_json())) == e
+    assert order_key(5, "a") // 1_000_000 == 5
+
+
+def test_lua_matches_batch_fold_in_any_order(redis_client):
+    """Shuffled, in uneven batches, every event sent twice: the hashes equal the batch derivation."""
+    events = random_events(400, users=6, seed=1)
+    applier = EventApplier(redis_client, Keys(), RULES)
+    shuffled = events[:]
+    random.Random(2).shuffle(shuffled)
+    total = 0
+    for i in range(0, len(shuffled), 37):
+        counts = applier.apply(shuffled[i:i + 37])
+        assert not counts.failed
+        total += counts.applied
+    assert total == len(events)
+    again = applier.apply(events)
+    assert (again.applied, again.duplicate) == (0, len(events))
+    for u in range(6):
+        want = fold_user(None, [e for e in events if e.user_id == f"u{u}"], RULES)
+        assert stored(redis_client, f"u{u}") == want
+
+
+def test_idempotent_same_batch_twice(redis_client):
+    applier = EventApplier(redis_client, Keys(), RULES)
+    batch = [ev(1, ts=1000), ev(2, ts=1001, kind="impression", category=["c1"]), ev(3, ts=1002, tags=("t2",))]
+    first = applier.apply(batch)
+    state = stored(redis_client)
+    second = applier.apply(batch)
+    assert (first.applied, second.applied, second.duplicate) == (3, 0, 3)
+    assert stored(redis_client) == state
+    assert state["clicks_n"] == "2" and state["clicked_tags"] == "t2|t1"
+
+
+def test_out_of_order_event_lands_in_place_and_cap_holds(redis_client):
+    applier = EventApplier(redis_client, Keys(), RULES)
+    applier.apply([ev(i, ts=1000 + 10 * i, tags=(f"t{i}",)) for i in range(4)])    # t3|t2|t1|t0 (cap 4)
+    assert stored(redis_client)["clicked_tags"] == "t3|t2|t1|t0"
+    applier.apply([ev(9, ts=1015, tags=("late",))])        # between t1 (1010) and t2 (1020)
+    assert stored(redis_client)["clicked_tags"] == "t3|t2|late|t1"
+    applier.apply([ev(10, ts=999, tags=("older",))])       # older than every kept entry: off the end
+    assert stored(redis_client)["clicked_tags"] == "t3|t2|late|t1"
+    applier.apply([ev(11, ts=2000, tags=("a", "b"))])      # one event, two tags, in their order
+    assert stored(redis_client)["clicked_tags"] == "a|b|t3|t2"
+
+
+def test_distinct_history_keeps_the_most_recent(redis_client):
+    applier = EventApplier(redis_client, Keys(), RULES)
+    applier.apply([ev(1, ts=100, kind="conversion", tags=("x", "y")), ev(2, ts=200, kind="conversion", tags=("z",))])
+    applier.apply([ev(3, ts=150, kind="conversion", tags=("x",))])    # x again, later than 100, before z
+    assert stored(redis_client)["converted_tags"] == "z|x|y"
+    applier.apply([ev(4, ts=50, kind="conversion", tags=("z", "w"))])  # z is newer already; w fits last
+    assert stored(redis_client)["converted_tags"] == "z|x|y"
+
+
+def test_cold_start_creates_the_user_with_counters_and_buckets(redis_client):
+    applier = EventApplier(redis_client, Keys(), RULES)
+    assert not redis_client.exists(Keys().user("new"))
+    applier.apply([ev(1, user="new", kind="impression", category=["c7"]), ev(2, user="new", ts=1001)])
+    got = stored(redis_client, "new")
+    assert got == {"seen_categories": "c7", "clicked_tags": "t1", "impressions_n": "1", "clicks_n": "1",
+                   "clicks_bucket": "b1", "avg_ctr_bucket": "b3"}
+    raw = redis_client.hgetall(Keys().user("new"))
+    assert feature_age_s({k.decode(): v.decode() for k, v in raw.items()}) < 5
+    assert LOADED_AT_FIELD.encode() not in raw and EVENT_AT_FIELD.encode() in raw
+
+
+def test_duplicate_horizon_is_bounded_and_never_double_applies(redis_client):
+    rules = EventRules.from_dict({"counters": [{"field": "n", "on": ["click"]}], "dedup_ids": 5})
+    applier = EventApplier(redis_client, Keys(), rules)
+    applier.apply([ev(i, ts=1000 + i) for i in range(10)])
+    assert redis_client.zcard(Keys().user_seen("u1")) == 5
+    old = applier.apply([ev(0, ts=1000), ev(99, ts=1001)])      # beyond the horizon: late, not applied
+    assert (old.applied, old.late) == (0, 2)
+    assert stored(redis_client)["n"] == "10"
+
+
+def test_batch_reload_resets_the_event_order(redis_client):
+    keys = Keys()
+    applier = EventApplier(redis_client, keys, RULES)
+    applier.apply([ev(1, ts=5000, tags=("a",))])
+    redis_client.delete(keys.user("u1"))     # what `mvke features load` does: DEL + HSET with a new stamp
+    redis_client.hset(keys.user("u1"), mapping={"clicked_tags": "p|q", LOADED_AT_FIELD: "123.5"})
+    applier.apply([ev(2, ts=10, tags=("b",))])   # any event is newer than the batch values
+    assert stored(redis_client)["clicked_tags"] == "b|p|q"
+
+
+def test_fold_is_a_fold():
+    """Two days folded one after the other = both days at once (the daily snapshots compose)."""
+    events = random_events(300, users=3, seed=5)
+    day1, day2 = [e for e in events if e.ts < 1100], [e for e in events if e.ts >= 1100]
+    for u in ("u0", "u1", "u2"):
+        mine = [e for e in events if e.user_id == u]
+        once = fold_user(None, mine, RULES)
+        twice = fold_user(fold_user(None, [e for e in day1 if e.user_id == u], RULES),
+                          [e for e in day2 if e.user_id == u], RULES)
+        assert once == twice
+
+
+def test_log_rows_become_events():
+    row = {"user_id": "u1", "timestamp": 1000, "tags": ["t1", "t2"], "click": 1, "conversion": 0}
+    kinds = [e.type for e in log_row_events(row, 7)]
+    assert kinds == ["impression", "click"]
+    assert log_row_events(row, 7)[1].event_id == "u1:1000:7:click"
+
+
+@pytest.mark.integration
+def test_cluster_one_script_per_user_slot(cluster_client):
+    """On a 3-master cluster: the three keys of a user share its slot, users spread over masters."""
+    from redis.crc import key_slot
+    keys = Keys()
+    for u in ("u1", "abc", "user:42"):
+        slots = {key_slot(k.encode()) for k in (keys.user(u), keys.user_events(u), keys.user_seen(u))}
+        assert len(slots) == 1
+    events = random_events(200, users=20, seed=3)
+    applier = EventApplier(cluster_client, keys, RULES)
+    assert applier.apply(events).applied == 200
+    assert applier.apply(events).duplicate == 200
+    for u in range(20):
+        want = fold_user(None, [e for e in events if e.user_id == f"u{u}"], RULES)
+        got = {k.decode(): v.decode() for k, v in cluster_client.hgetall(keys.user(f"u{u}")).items()
+               if not k.startswith(b"_")}
+        assert got == want
