@@ -75,7 +75,11 @@ def test_a_click_on_new_tags_changes_the_next_answer(events_svc, svc_r, dataset_
     rules = EventRules.from_dict({"histories": [{"field": "clicked_tags", "on": ["click"]}]}, meta["max_lens"])
     had = stored_row(svc_r, synth_user, keys.prefix).get("clicked_tags") or []
     had = had.split("|") if isinstance(had, str) else list(had)
-    vocab = [t for t in meta["tags"] if t not in had][:6]
+    # values the served model knows for clicked_tags (its vocabulary), none of them in the user's history
+    from mvke.runtime.contract import Manifest
+    manifest = Manifest.from_json(svc_r.get(keys.manifest(svc_r.get(keys.active).decode())))
+    known = next(f["vocab"] for f in manifest.features["fields"] if f["name"] == "clicked_tags")
+    vocab = [t for t in known if t not in had][:6]
     before = s.client.post(f"/users/{synth_user}/tags", json={"top_k": 10}, headers=AUTH).json()
     resp = s.client.post("/events", json={"events": [click(100 + i, synth_user, [t]) for i, t in enumerate(vocab)]},
                          headers=AUTH)
