@@ -10,6 +10,13 @@ Configured by environment variables (loadtest/run.py sets them from its flags):
     MVKE_LT_NEW_SHARE     share of requests for users not in the store, sending their raw
                           features in the body (copied from stored users; default 0.05)
     MVKE_LT_SEED          random seed (default 0)
+    MVKE_LT_EVENTS_SHARE  share of simulated users that send events (POST /events) instead of tag
+                          requests: EventUser, a mix of impressions, clicks and conversions of the same
+                          users (default 0: tags only; `mvke features stream` applies them)
+    MVKE_LT_EVENTS_BATCH  events per POST /events (default 50)
+    MVKE_LT_EVENT_TAGS    file of tag values the events carry, one per line (default: t0000..t1779,
+                          the synthetic world's history values)
+    MVKE_LT_API_KEY       API key sent by both user classes (default none)
 
 FastHttpUser (geventhttpclient) is used: several times cheaper per request
 than HttpUser. Even so one locust process tops out at a few thousand
@@ -35,7 +42,12 @@ CFG = {
     "topk_mix": os.environ.get("MVKE_LT_TOPK_MIX", "5:0.2,20:0.6,50:0.2"),
     "new_share": float(os.environ.get("MVKE_LT_NEW_SHARE", "0.05")),
     "seed": int(os.environ.get("MVKE_LT_SEED", "0")),
+    "events_share": float(os.environ.get("MVKE_LT_EVENTS_SHARE", "0")),
+    "events_batch": int(os.environ.get("MVKE_LT_EVENTS_BATCH", "50")),
+    "event_tags": os.environ.get("MVKE_LT_EVENT_TAGS", ""),
+    "api_key": os.environ.get("MVKE_LT_API_KEY", ""),
 }
+HEADERS = {"x-api-key": CFG["api_key"]} if CFG["api_key"] else {}
 DATA: dict = {}
 
 
@@ -69,6 +81,9 @@ def _on_init(environment, **kw) -> None:
 class TagUser(FastHttpUser):
     """Each simulated user fires requests back to back (no think time): a throughput test."""
 
+    weight = max(1, round(100 * (1 - CFG["events_share"])))
+    abstract = CFG["events_share"] >= 1      # events only
+
     def on_start(self) -> None:
         load_population()
 
@@ -85,6 +100,46 @@ class TagUser(FastHttpUser):
         else:
             uid = d["sampler"].draw()
             name = "/users/[id]/tags"
-        with self.client.post(f"/users/{uid}/tags", json=body, name=name, catch_response=True) as resp:
+        with self.client.post(f"/users/{uid}/tags", json=body, name=name, headers=HEADERS,
+                              catch_response=True) as resp:
             if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")
+
+
+def event_tags() -> list[str]:
+    if CFG["event_tags"]:
+        return [t.strip() for t in Path(CFG["event_tags"]).read_text().splitlines() if t.strip()]
+    return [f"t{i:04d}" for i in range(1780)]
+
+
+class EventUser(FastHttpUser):
+    """Sends batches of events of the same users the tag requests ask about: every impression has a
+    30% chance of a click, a click 25% of a conversion (the synthetic world's rates)."""
+
+    weight = max(1, round(100 * CFG["events_share"]))
+    abstract = CFG["events_share"] <= 0      # tags only (the default)
+
+    def on_start(self) -> None:
+        load_population()
+        self.tags = event_tags()
+        self.n = 0
+
+    @task
+    def send(self) -> None:
+        import time
+        rng, events = DATA["rng"], []
+        while len(events) < CFG["events_batch"]:
+            self.n += 1
+            uid, ts = DATA["sampler"].draw(), int(time.time())
+            base = f"lt-{os.getpid()}-{id(self)}-{self.n}"
+            tags = rng.sample(self.tags, rng.randint(1, 3))
+            events.append({"event_id": base, "user_id": uid, "ts": ts, "type": "impression", "tags": tags})
+            if rng.random() < 0.3:
+                events.append({"event_id": base + ":click", "user_id": uid, "ts": ts, "type": "click", "tags": tags})
+                if rng.random() < 0.25:
+                    events.append({"event_id": base + ":conversion", "user_id": uid, "ts": ts,
+                                   "type": "conversion", "tags": tags})
+        with self.client.post("/events", json={"events": events}, name="/events", headers=HEADERS,
+                              catch_response=True) as resp:
+            if resp.status_code != 202:
                 resp.failure(f"HTTP {resp.status_code}")

@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="locust", help="section of the targets file (default locust)")
     p.add_argument("--reset-stats", action="store_true", help="reset stats once all users are spawned")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--events-share", type=float, default=0.0,
+                   help="share of locust users sending POST /events batches instead of tag requests (default 0; "
+                        "run `mvke features stream` beside it to apply them)")
+    p.add_argument("--events-batch", type=int, default=50, help="events per POST /events (default 50)")
+    p.add_argument("--api-key", help="API key for every request (default $MVKE_API_KEY)")
     return p
 
 
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix, html, png = out / "locust", out / "report.html", out / "timeline.png"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "MVKE_LT_ZIPF": str(a.zipf), "MVKE_LT_TOPK_MIX": a.topk_mix, "MVKE_LT_NEW_SHARE": str(a.new_share),
-           "MVKE_LT_SEED": str(a.seed)}
+           "MVKE_LT_SEED": str(a.seed), "MVKE_LT_EVENTS_SHARE": str(a.events_share),
+           "MVKE_LT_EVENTS_BATCH": str(a.events_batch), "MVKE_LT_API_KEY": a.api_key or os.environ.get("MVKE_API_KEY", "")}
     if a.redis:
         env["MVKE_LT_REDIS_URL"] = a.redis
     if a.users_file:

@@ -51,6 +51,27 @@ def test_locust_run_writes_reports(tiny_service, lt_redis, tmp_path):
 
 
 @pytest.mark.integration
+def test_locust_mixes_events_with_tag_requests(tiny_service, lt_redis, tmp_path):
+    """The event scenario (issue 22): EventUser batches to POST /events beside TagUser, both 2xx only."""
+    from loadtest.run import main
+    from mvke.runtime.keys import Keys
+    out = tmp_path / "events"
+    keys, r = Keys(), lt_redis.client()
+    streams = [keys.events_stream(p) for p in range(8)]
+    try:
+        code = main(["--url", tiny_service.url, "--users", "4", "--duration", "3s", "--out", str(out),
+                     "--redis", lt_redis.url, "--profile", "smoke", "--events-share", "0.5", "--events-batch", "20"])
+        assert code == 0, (out / "locust.log").read_text()[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert {"/events", "/users/[id]/tags"} <= set(summary["by_name"]), summary["by_name"]
+        assert summary["error_rate"] == 0.0, summary["failures_by_error"]
+        assert sum(r.xlen(s) for s in streams) >= 20
+    finally:
+        r.delete(*streams)      # the shared store stays as the other tests expect it
+        r.close()
+
+
+@pytest.mark.integration
 def test_loadgen_against_the_service(tiny_service, lt_redis, dataset_dir):
     from loadtest.harness import sample_features, scan_user_ids
     ids = scan_user_ids(lt_redis.url)
