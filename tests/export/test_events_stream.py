@@ -21,7 +21,7 @@ from model_export.events_job import read_events, replay
 from model_export.features_job import FeaturesLoadConfig, load_features
 from mvke.localredis import LocalRedis
 from mvke.runtime.event_stream import GROUP, StreamConsumer, publish_events
-from mvke.runtime.events import EventRules, fold_user, log_row_events
+from mvke.runtime.events import EventRules, feature_age_s, fold_user, log_row_events
 from mvke.runtime.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +109,8 @@ def test_one_truth_replay_onto_yesterday_equals_todays_load(redis_server, tmp_pa
     stats = StreamConsumer(r, keys, RULES, partitions=4, batch=64, block_ms=10).run(max_idle_s=0.3)
     assert (stats.applied, stats.duplicate, stats.dead) == (len(events), 100, 0)
     got, want = user_values(r, "got", users), user_values(r, "want", users)
+    stamps = r.hgetall(Keys("got").user("u0"))
+    assert feature_age_s({k.decode(): v.decode() for k, v in stamps.items()}) < 60   # _loaded_at and _event_at
     for u in want:
         assert got[u] == want[u], u
     assert got == day2   # and what the load wrote is exactly the batch derivation

@@ -192,3 +192,10 @@ def test_cluster_one_script_per_user_slot(cluster_client):
         got = {k.decode(): v.decode() for k, v in cluster_client.hgetall(keys.user(f"u{u}")).items()
                if not k.startswith(b"_")}
         assert got == want
+
+
+def test_feature_age_counts_from_the_later_of_load_and_event():
+    assert feature_age_s({LOADED_AT_FIELD: "100.5", EVENT_AT_FIELD: "200"}, now=250) == 50
+    assert feature_age_s({LOADED_AT_FIELD: b"100.5"}, now=250) == 149.5
+    assert feature_age_s({"clicked_tags": "a"}, now=250) is None and feature_age_s(None) is None
+    assert feature_age_s({LOADED_AT_FIELD: "300"}, now=250) == 0.0      # clocks apart: never negative
