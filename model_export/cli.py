@@ -201,7 +201,9 @@ def register(sub) -> None:
                                    "(--to http: POST /events), the event streams (--to stream) or applied here "
                                    "(--to apply).")
     rp.add_argument("file", metavar="FILE", help="Parquet log (docs/OWN_DATA.md columns) or .jsonl events")
-    rp.add_argument("--to", choices=("http", "stream", "apply"), default="stream")
+    rp.add_argument("--to", choices=("http", "stream", "apply"), default="stream",
+                    help="http: POST /events of --url; stream: XADD to the event streams (default); apply: here, "
+                         "with --rules")
     rp.add_argument("--rate", type=float, metavar="R", help="at most R events per second (default: no limit)")
     rp.add_argument("--url", help="the service for --to http")
     rp.add_argument("--api-key", help="API key for --to http (default $MVKE_API_KEY)")
