@@ -231,7 +231,7 @@ def fault_consumer_kill(r, redis_url: str, rules: Path, users: list[str], n: int
     out, err = heir.communicate(timeout=300)
     stats = json.loads(out.strip().splitlines()[-1])
     ref = Keys("fault-ref")
-    EventApplier(r, ref, EventRules.from_dict(RULES)).apply(events)
+    EventApplier(r, ref, EventRules.from_meta(json.loads(rules.read_text()))).apply(events)
     touched = sorted({e.user_id for e in events})
 
     def values(k: Keys, u: str) -> dict:

@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from mvke.runtime.event_apply import EventApplier
+from mvke.runtime.event_apply import EventApplier, loads, send_raw
 from mvke.runtime.events import Event, EventError, EventRules, parse_event
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import is_cluster
@@ -173,7 +173,7 @@ class StreamConsumer:
                 continue
             raw = fields.get(ENTRY_FIELD.encode(), fields.get(ENTRY_FIELD))
             try:
-                doc = json.loads(raw) if raw is not None else None
+                doc = loads(raw) if raw is not None else None
                 if doc is None:
                     raise EventError("event", f"stream entry has no `{ENTRY_FIELD}` field")
                 events.append(parse_event(doc))
@@ -195,10 +195,13 @@ class StreamConsumer:
         acks: dict[str, list[str]] = defaultdict(list)
         for stream, entry_id, _ in entries:
             acks[stream].append(entry_id)
-        pipe = self.client.pipeline(transaction=False)
-        for stream, ids in acks.items():
-            pipe.xack(stream, GROUP, *ids)
-        pipe.execute()
+        if self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, ids in acks.items():
+                pipe.xack(stream, GROUP, *ids)
+            pipe.execute()
+        else:
+            send_raw(self.client, [("XACK", stream, GROUP, *ids) for stream, ids in acks.items()])
         self.stats.applied += counts.applied
         self.stats.duplicate += counts.duplicate
         self.stats.late += counts.late
