@@ -155,6 +155,19 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
     return out
 
 
+def state_memory(r, users: list[str], n: int = 300) -> dict:
+    """Bytes per user of its event state after the runs (MEMORY USAGE of :ev and :seen), and of its hash."""
+    keys = Keys()
+    sample = [u for u in users[:5000] if r.exists(keys.user_seen(u))][:n]
+    if not sample:
+        return {}
+    per = {name: round(sum(r.memory_usage(fn(u), samples=0) or 0 for u in sample) / len(sample))
+           for name, fn in (("user_hash", keys.user), ("ev", keys.user_events), ("seen", keys.user_seen))}
+    per["ids_seen_mean"] = round(sum(r.zcard(keys.user_seen(u)) for u in sample) / len(sample), 1)
+    per["users_sampled"] = len(sample)
+    return per
+
+
 def freshness(r, redis_url: str, rules: Path, users: list[str], svc: Server, reqs: list, probes: int) -> dict:
     """A click on 3 new values of clicked_tags -> the first different answer, under c=32 with events flowing."""
     keys = Keys()
@@ -282,7 +295,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {row['consumers']} | {'yes' if row['with_tags'] else 'no'} | {row['events_per_s']:,} | "
                      f"{qps if qps else '-'} | {share} | {row['redis_cpu_us_per_event']} us | "
                      f"{row['consumer_cpu_us_per_event']} us | {row['loadavg']} |")
-    lines += ["", f"Stream memory: {res['apply'][0]['stream_bytes_per_entry']} bytes per entry (MEMORY USAGE / entries)."]
+    lines += ["", f"Stream memory: {res['apply'][0]['stream_bytes_per_entry']} bytes per entry (MEMORY USAGE / entries). "
+              f"Per user after the runs (bytes, MEMORY USAGE): {json.dumps(res.get('state_memory', {}))}."]
     f = res["freshness"]
     lines += ["", f"Freshness (event accepted -> first answer that reflects it), {f['probes']} probes under c=32 "
                   f"({f['tag_qps_meanwhile']} tag QPS meanwhile, ~2,000 events/s of other users, 2 consumers): "
@@ -332,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    svc.port if with_tags else None, reqs, a.duration,
                                                    f"rate-{consumers}-{int(with_tags)}"))
                     log(json.dumps(res["apply"][-1]))
+            res["state_memory"] = state_memory(r, users)
             log("c. freshness")
             res["freshness"] = freshness(r, server.url, rules, users, svc, reqs, a.probes)
             log(json.dumps(res["freshness"]))

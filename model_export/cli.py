@@ -89,7 +89,7 @@ def _features_stream(a: argparse.Namespace) -> None:
     r, keys = _redis(a.redis), _keys(a)
     rules = read_rules(a.rules, r, keys)
     print(json.dumps(run_consumer(r, keys, rules, partitions=a.partitions, name=a.name, batch=a.batch,
-                                  block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms,
+                                  block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms, state_ttl_s=a.state_ttl,
                                   max_idle_s=a.max_idle_s, max_events=a.max_events)), flush=True)
 
 
@@ -189,6 +189,9 @@ def register(sub) -> None:
     fs.add_argument("--block-ms", type=int, default=100, metavar="MS", help="wait for new entries per read (default 100)")
     fs.add_argument("--claim-idle-ms", type=int, default=30_000, metavar="MS",
                     help="take over entries another consumer left unacknowledged this long (default 30000)")
+    fs.add_argument("--state-ttl", type=int, default=86_400, metavar="S",
+                    help="a user's event state (ids seen, history order) expires S seconds after its last event: "
+                         "the horizon for duplicates and late events (default 86400)")
     fs.add_argument("--max-idle-s", type=float, metavar="S", help="stop after this long without entries")
     fs.add_argument("--max-events", type=int, metavar="N", help="stop after reading this many entries")
     fs.set_defaults(func=_features_stream, extra=EXTRA)

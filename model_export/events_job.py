@@ -19,8 +19,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mvke.runtime.event_apply import EventApplier
-from mvke.runtime.event_stream import DEFAULT_MAXLEN, StreamConsumer, default_partitions, publish_events
-from mvke.runtime.events import ApplyCounts, Event, EventRules, log_row_events, parse_event
+from mvke.runtime.event_stream import (
+    DEFAULT_MAXLEN,
+    StreamConsumer,
+    default_partitions,
+    publish_events,
+)
+from mvke.runtime.events import (
+    ApplyCounts,
+    Event,
+    EventRules,
+    log_row_events,
+    parse_event,
+)
 from mvke.runtime.keys import Keys
 
 REPLAY_BATCH = 500

@@ -23,11 +23,20 @@ import json
 from collections import defaultdict
 from typing import Any, Iterable
 
-from mvke.runtime.events import EVENT_AT_FIELD, LOADED_AT_FIELD, ApplyCounts, Event, EventRules
+from mvke.runtime.events import (
+    EVENT_AT_FIELD,
+    LOADED_AT_FIELD,
+    ApplyCounts,
+    Event,
+    EventRules,
+)
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import is_cluster
 
-AUX_TTL_S = 30 * 86_400   # event state of a user without events for this long expires
+# A user's event state (:ev order keys, :seen ids) expires this long after its last event: the horizon
+# of duplicates and late events (a duplicate after it is applied again; a late event after it lands
+# behind the entries it should precede). `mvke features stream --state-ttl`.
+AUX_TTL_S = 86_400
 
 # KEYS: user hash, its :ev hash, its :seen zset.  ARGV[1] rules (EventRules.to_lua), ARGV[2] JSON
 # [[event_id, order key, type, {list name: [values]}], ...], ARGV[3] TTL of the :ev/:seen keys.

@@ -16,7 +16,6 @@ the consumers may have (docs/SCALING.md).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -26,7 +25,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from mvke.runtime.event_apply import EventApplier, loads, send_raw
+from mvke.runtime.event_apply import AUX_TTL_S, EventApplier, loads, send_raw
 from mvke.runtime.events import Event, EventError, EventRules, parse_event
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import is_cluster
@@ -113,13 +112,13 @@ class StreamConsumer:
 
     def __init__(self, client: Any, keys: Keys, rules: EventRules, partitions: int | None = None,
                  name: str | None = None, batch: int = 500, block_ms: int = 100, claim_idle_ms: int = 30_000,
-                 claim_every_s: float = 5.0):
+                 claim_every_s: float = 5.0, state_ttl_s: int = AUX_TTL_S):
         self.client, self.keys = client, keys
         self.partitions = partitions or default_partitions()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.batch, self.block_ms = batch, block_ms
         self.claim_idle_ms, self.claim_every_s = claim_idle_ms, claim_every_s
-        self.applier = EventApplier(client, keys, rules)
+        self.applier = EventApplier(client, keys, rules, state_ttl_s)
         self.cluster = is_cluster(client)
         self.streams = [keys.events_stream(p) for p in range(self.partitions)]
         self.stats = ConsumerStats()

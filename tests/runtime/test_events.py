@@ -8,8 +8,18 @@ import random
 import pytest
 
 from mvke.runtime.event_apply import EventApplier
-from mvke.runtime.events import (EVENT_AT_FIELD, LOADED_AT_FIELD, Event, EventError, EventRules, feature_age_s,
-                                 fold_user, log_row_events, order_key, parse_event)
+from mvke.runtime.events import (
+    EVENT_AT_FIELD,
+    LOADED_AT_FIELD,
+    Event,
+    EventError,
+    EventRules,
+    feature_age_s,
+    fold_user,
+    log_row_events,
+    order_key,
+    parse_event,
+)
 from mvke.runtime.keys import Keys
 
 RULES = EventRules.from_dict({
