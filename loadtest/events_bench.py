@@ -125,7 +125,9 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
     thread = None
     if port:
         thread = threading.Thread(target=lambda: load.update(run_load(port, reqs, 32, duration, warmup=1.0)))
-    time.sleep(1.5)            # consumers import and start reading
+    deadline = time.monotonic() + 120
+    while backlog(r, keys) >= n and time.monotonic() < deadline:   # consumers import and start reading
+        time.sleep(0.1)
     if thread:
         thread.start()
         time.sleep(1.0)        # loadgen's warm-up
