@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+FEATURE_AGE_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86_400, 2 * 86_400, 7 * 86_400)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -26,6 +27,10 @@ class ServiceMetrics:
         self.missing_fields = Counter("mvke_missing_fields_total", "users whose features lacked this model field "
                                       "(served with `missing_fields`, or refused: MVKE_MISSING_FIELDS)", ["field"],
                                       registry=r)
+
+        # seconds since a stored user's features were loaded or last updated by an event (issue 22)
+        self.feature_age = Histogram("mvke_feature_age_seconds", "age of the stored features an answer used",
+                                     buckets=FEATURE_AGE_BUCKETS, registry=r)
 
     def set_models(self, loaded: list) -> None:
         """`loaded`: (LoadedModel, role) pairs, role "active" or "canary"."""

@@ -152,6 +152,9 @@ class TagResponse(BaseModel):
     missing_fields: list[str] | None = Field(None, description="only when the user's stored and request features "
                                              "lacked some of the model's fields (scored with their "
                                              "out-of-vocabulary values; MVKE_MISSING_FIELDS=reject refuses instead)")
+    feature_age_s: float | None = Field(None, description="with MVKE_FEATURE_AGE_IN_ANSWERS or MVKE_MAX_FEATURE_AGE_S: "
+                                        "seconds since the stored features were loaded or last updated by an event")
+    stale: bool | None = Field(None, description="with MVKE_MAX_FEATURE_AGE_S: the stored features are older than it")
 
 
 class ValidationIssue(BaseModel):

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
                                                                   "10,000 candidate tags or a batch of 256 users)")
     max_candidate_tags: int = Field(10_000, ge=1, description="most tags in one request's `tags` (candidate scoring)")
     max_batch_users: int = Field(256, ge=1, description="most users in one POST /tags:batch")
+    feature_age_in_answers: bool = Field(False, description="answers of stored users carry `feature_age_s`: seconds "
+                                         "since their features were loaded or last updated by an event (always "
+                                         "observed in /metrics as mvke_feature_age_seconds)")
+    max_feature_age_s: float | None = Field(None, gt=0, description="features older than this are answered with "
+                                            "\"stale\": true (and `feature_age_s`); unset: off")
     event_partitions: int = Field(8, ge=1, description="partition streams of POST /events (by a hash of the user "
                                   "id); `mvke features stream --partitions` must agree")
     event_stream_maxlen: int = Field(1_000_000, ge=1000, description="approximate length bound of each partition "

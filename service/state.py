@@ -60,6 +60,10 @@ def render(result: TagResult) -> dict:
         doc["unknown_tags"] = result.unknown_tags
     if result.missing_fields:
         doc["missing_fields"] = result.missing_fields
+    if result.feature_age_s is not None:
+        doc["feature_age_s"] = round(result.feature_age_s, 3)
+    if result.stale is not None:
+        doc["stale"] = result.stale
     return doc
 
 

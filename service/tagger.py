@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mvke.runtime.events import feature_age_s
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import Answer, LoadedModel, Query
 from mvke.runtime.redis_client import REDIS_ERRORS, describe_error, is_cluster
@@ -48,6 +49,8 @@ class TagJob:
     unknown_tags: list[str] | None = None
     # filled by the pipeline
     missing_fields: list[str] | None = None
+    feature_age_s: float | None = None        # in the answer only with MVKE_FEATURE_AGE_IN_ANSWERS / MAX_FEATURE_AGE_S
+    stale: bool | None = None
     row: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -63,6 +66,8 @@ class TagResult:
     unknown_values: dict[str, int] | None = None
     unknown_tags: list[str] | None = None
     missing_fields: list[str] | None = None             # model fields the user's features lacked
+    feature_age_s: float | None = None                  # seconds since the stored features were brought up to date
+    stale: bool | None = None                           # older than MVKE_MAX_FEATURE_AGE_S
 
 
 class Tagger:
@@ -73,6 +78,9 @@ class Tagger:
         # ONNX Runtime and numpy, which release the GIL, work); 0: always on the loop (the default).
         self.offload_min_batch = settings.compute_offload_min_batch or (1 << 62)
         self.reject_missing = settings.missing_fields == "reject"
+        self.max_age = settings.max_feature_age_s
+        self.age_in_answers = settings.feature_age_in_answers or self.max_age is not None
+        self._feature_age = metrics.feature_age
         step = metrics.step
         self._steps = {name: step.labels(name) for name in STEPS}
         self._batch_size = metrics.batch_size
@@ -162,11 +170,24 @@ class Tagger:
         else:
             job.row = {**stored, **job.features}
             job.source = "store+request" if stored else "request"
+        if stored:
+            self._age(job, stored)
         missing = self._missing_fields(model, job)
         if missing and self.reject_missing:
             return ServiceError(422, f"features: {job.source} values lack the model's fields {missing} "
                                      "(MVKE_MISSING_FIELDS=reject)", field="features")
         return None
+
+    def _age(self, job: TagJob, stored: dict) -> None:
+        """The stored features' age (mvke.runtime.events.feature_age_s): observed, and kept for the answer."""
+        age = feature_age_s(stored)
+        if age is None:
+            return
+        self._feature_age.observe(age)
+        if self.age_in_answers:
+            job.feature_age_s = age
+            if self.max_age is not None:
+                job.stale = age > self.max_age
 
     def _missing_fields(self, model: LoadedModel, job: TagJob) -> list[str] | None:
         """The model's fields the job's row lacks (counted in /metrics), kept on the job for its answer."""
@@ -239,7 +260,8 @@ class Tagger:
         tag_of = model.tags.__getitem__
         return TagResult(job.user_id, model.version, model.manifest.model, job.source,
                          {task: list(zip(map(tag_of, idx), scores)) for task, (idx, scores) in answer.tasks.items()},
-                         answer.explanations, job.unknown_values, job.unknown_tags, job.missing_fields)
+                         answer.explanations, job.unknown_values, job.unknown_tags, job.missing_fields,
+                         job.feature_age_s, job.stale)
 
 
 STEPS = ("fetch", "encode", "predict", "postprocess")

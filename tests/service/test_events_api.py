@@ -6,6 +6,7 @@ Real redis-server (private), real ONNX Runtime, real HTTP; fixtures from test_se
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -104,3 +105,28 @@ def test_redis_down_is_503(published, synth_user):
             assert "redis" in resp.json()["detail"]
     finally:
         server.stop()
+
+
+def test_feature_age_and_stale_in_answers_and_metrics(svc_redis, svc_r, published, synth_user):
+    """Off by default; with MVKE_MAX_FEATURE_AGE_S the answer carries the age and `stale`, and an applied
+    event makes the features young again. /metrics observes the age either way."""
+    prefix = published("mvke-mt", "synthetic")
+    keys = Keys(prefix)
+    svc_r.hset(keys.user(synth_user), "_loaded_at", f"{time.time() - 7200:.6f}")    # loaded two hours ago
+    svc_r.hdel(keys.user(synth_user), "_event_at")
+    with LiveService(make_settings(svc_redis.url, prefix)) as plain:
+        doc = plain.client.post(f"/users/{synth_user}/tags", json={"top_k": 1}).json()
+        assert "feature_age_s" not in doc and "stale" not in doc
+        metrics = plain.client.get("/metrics").text
+        assert "mvke_feature_age_seconds_count 1.0" in metrics
+        assert 'mvke_feature_age_seconds_bucket{le="3600.0"} 0.0' in metrics
+    with LiveService(make_settings(svc_redis.url, prefix, max_feature_age_s=3600, event_partitions=2)) as s:
+        doc = s.client.post(f"/users/{synth_user}/tags", json={"top_k": 1}).json()
+        assert 7190 < doc["feature_age_s"] < 7300 and doc["stale"] is True
+        assert list(doc)[-2:] == ["feature_age_s", "stale"]
+        resp = s.client.post("/events", json={"events": [click(900, synth_user, ["t0001"])]})
+        assert resp.status_code == 202
+        rules = EventRules.from_dict({"counters": [{"field": "clicks_n", "on": ["click"]}]})
+        assert StreamConsumer(svc_r, keys, rules, partitions=2, block_ms=10).run(max_idle_s=0.2).applied == 1
+        doc = s.client.post(f"/users/{synth_user}/tags", json={"top_k": 1}).json()
+        assert doc["feature_age_s"] < 60 and doc["stale"] is False
