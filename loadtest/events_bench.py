@@ -261,6 +261,8 @@ def fault_consumer_kill(r, redis_url: str, rules: Path, users: list[str], n: int
 
 
 def fault_redis_kill(work: Path, users: list[str], n: int) -> dict:
+    import shutil
+    shutil.rmtree(work / "aof", ignore_errors=True)      # a fresh AOF: only this run's events count
     server = LocalRedis(data_dir=work / "aof", extra_args=["--appendonly", "yes", "--appendfsync", "always"]).start()
     try:
         r = server.client()
