@@ -165,6 +165,22 @@ class StreamConsumer:
         if not entries:
             return
         self.stats.read += len(entries)
+        events, dead = self._parse(entries)
+        counts = self.applier.apply(events)
+        dead += [("", "", e.to_json(), reason) for e, reason in counts.failed]
+        self._dead_letters(dead)
+        if self._pause:
+            print(f"applied {len(events)} events, pausing before XACK", flush=True)
+            time.sleep(self._pause)
+        self._ack(entries)
+        self.stats.applied += counts.applied
+        self.stats.duplicate += counts.duplicate
+        self.stats.late += counts.late
+        self.stats.dead += len(dead)
+        self.stats.batches += 1
+
+    def _parse(self, entries: list[tuple[str, str, dict]]) -> tuple[list[Event], list[tuple[str, str, str, str]]]:
+        """-> (events, dead letters (stream, entry id, raw text, reason)); trimmed entries are counted."""
         events, dead = [], []
         for stream, entry_id, fields in entries:
             if fields is None:     # trimmed (MAXLEN) while pending: nothing left to apply
@@ -179,18 +195,19 @@ class StreamConsumer:
             except (ValueError, EventError) as e:
                 reason = str(e) if isinstance(e, EventError) else f"event: not JSON ({e})"
                 dead.append((stream, entry_id, _text(raw) if raw is not None else "", reason))
-        counts = self.applier.apply(events)
-        dead += [("", "", e.to_json(), reason) for e, reason in counts.failed]
-        if dead:
-            pipe = self.client.pipeline(transaction=False)
-            for stream, entry_id, raw, reason in dead:
-                pipe.xadd(self.keys.events_dead, {"event": raw, "reason": reason, "stream": stream,
-                                                  "entry": entry_id, "consumer": self.name},
-                          maxlen=DEAD_MAXLEN, approximate=True)
-            pipe.execute()
-        if self._pause:
-            print(f"applied {len(events)} events, pausing before XACK", flush=True)
-            time.sleep(self._pause)
+        return events, dead
+
+    def _dead_letters(self, dead: list[tuple[str, str, str, str]]) -> None:
+        if not dead:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for stream, entry_id, raw, reason in dead:
+            pipe.xadd(self.keys.events_dead, {"event": raw, "reason": reason, "stream": stream,
+                                              "entry": entry_id, "consumer": self.name},
+                      maxlen=DEAD_MAXLEN, approximate=True)
+        pipe.execute()
+
+    def _ack(self, entries: list[tuple[str, str, dict]]) -> None:
         acks: dict[str, list[str]] = defaultdict(list)
         for stream, entry_id, _ in entries:
             acks[stream].append(entry_id)
@@ -201,11 +218,6 @@ class StreamConsumer:
             pipe.execute()
         else:
             send_raw(self.client, [("XACK", stream, GROUP, *ids) for stream, ids in acks.items()])
-        self.stats.applied += counts.applied
-        self.stats.duplicate += counts.duplicate
-        self.stats.late += counts.late
-        self.stats.dead += len(dead)
-        self.stats.batches += 1
 
     def run(self, max_idle_s: float | None = None, max_events: int | None = None) -> ConsumerStats:
         """Own pending entries first (a restart under the same name), then new ones; every
