@@ -74,10 +74,13 @@ end
 local counts = {}
 for i, c in ipairs(R.c) do counts[c.f] = tonumber(got[#R.h + 1 + i]) end
 
-local function insert(st, values, key, cap, distinct)
+local function insert(st, values, key, cap, distinct, reversed)
   local v, o = st.v, st.o
   local own, inev = {}, {}
-  for _, x in ipairs(values) do
+  local first, last, step = 1, #values, 1
+  if reversed then first, last, step = #values, 1, -1 end
+  for j = first, last, step do
+    local x = values[j]
     if not (distinct and inev[x]) then inev[x] = true; own[#own + 1] = x end
   end
   if distinct then
@@ -121,7 +124,7 @@ for _, e in ipairs(E) do
       for _, h in ipairs(R.h) do
         local vals = lists[h.src]
         if h.on[typ] and vals and #vals > 0 then
-          if insert(state[h.f], vals, key, h.cap, h.d == 1) then dirty[h.f] = true end
+          if insert(state[h.f], vals, key, h.cap, h.d == 1, h.r == 1) then dirty[h.f] = true end
         end
       end
       for _, c in ipairs(R.c) do

@@ -17,8 +17,9 @@ of a bundle manifest (`Manifest.events`), read by `EventRules.from_dict`:
 
 * a history is a `multi` field, most recent first (as batch data lists it), capped to its
   `max_len` (meta.json's `max_lens`, or the rule's own); an event of a listed type puts the
-  values of its `from` list in front, in their listed order; `distinct` keeps one entry per
-  value (its most recent). Items are ordered by the event's order key (`order_key`: time, then
+  values of its `from` list in front, in their listed order (`"within_event": "reversed"`: the
+  last listed first, as a log that appends an event's values reads backwards); `distinct` keeps
+  one entry per value (its most recent). Items are ordered by the event's order key (`order_key`: time, then
   a hash of the event id), so a late event lands where it belongs.
 * a counter counts the events of the listed types (all time);
 * a bucket field is the label of a counter's value, or of a rate of two counters (unset while
@@ -144,6 +145,7 @@ class HistoryRule:
     source: str = "tags"
     max_len: int = 1
     distinct: bool = False
+    reversed_within: bool = False     # an event's values enter last-listed first (a log that appends them)
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,11 @@ class EventRules:
             cap = int(h.get("max_len", lens.get(name, 1)))
             if cap < 1:
                 raise ValueError(f"events.histories.{i}.max_len must be >= 1, got {cap}")
+            within = h.get("within_event", "listed")
+            if within not in ("listed", "reversed"):
+                raise ValueError(f"events.histories.{i}.within_event must be listed or reversed, got {within!r}")
             hs.append(HistoryRule(name, _types(h.get("on"), f"histories.{i}"), h.get("from", "tags"), cap,
-                                  bool(h.get("distinct", False))))
+                                  bool(h.get("distinct", False)), within == "reversed"))
         cs = [CounterRule(c["field"], _types(c.get("on"), f"counters.{i}"))
               for i, c in enumerate(section.get("counters", []))]
         counter_names = {c.field for c in cs}
@@ -231,7 +236,7 @@ class EventRules:
         """The compact form the apply script decodes (mvke/runtime/event_apply.py)."""
         return json.dumps({
             "h": [{"f": h.field, "on": {t: 1 for t in h.on}, "src": h.source, "cap": h.max_len,
-                   "d": int(h.distinct)} for h in self.histories],
+                   "d": int(h.distinct), "r": int(h.reversed_within)} for h in self.histories],
             "c": [{"f": c.field, "on": {t: 1 for t in c.on}} for c in self.counters],
             "b": [{"f": b.field, "n": b.rate[0] if b.rate else b.count, "d": b.rate[1] if b.rate else "",
                    "e": list(b.edges), "l": [b.labels.format(i) for i in range(len(b.edges) + 1)]}
@@ -246,7 +251,8 @@ def _merge_history(base: list[str], events: list[Event], rule: HistoryRule) -> l
     out: list[str] = []
     for e in sorted(events, key=lambda e: e.order, reverse=True):
         if rule.source in e.lists and e.type in rule.on:
-            own = list(dict.fromkeys(e.lists[rule.source])) if rule.distinct else e.lists[rule.source]
+            own = e.lists[rule.source][::-1] if rule.reversed_within else e.lists[rule.source]
+            own = list(dict.fromkeys(own)) if rule.distinct else own
             out += own
     out += base
     if rule.distinct:

@@ -25,7 +25,9 @@ from mvke.runtime.keys import Keys
 RULES = EventRules.from_dict({
     "histories": [{"field": "clicked_tags", "on": ["click"]},
                   {"field": "converted_tags", "on": ["conversion"], "distinct": True},
-                  {"field": "seen_categories", "on": ["impression"], "from": "category", "max_len": 2}],
+                  {"field": "seen_categories", "on": ["impression"], "from": "category", "max_len": 2},
+                  {"field": "clicked_back", "on": ["click"], "distinct": True, "within_event": "reversed",
+                   "max_len": 5}],
     "counters": [{"field": "impressions_n", "on": ["impression"]}, {"field": "clicks_n", "on": ["click"]}],
     "buckets": [{"field": "clicks_bucket", "count": "clicks_n", "edges": [0, 1, 3]},
                 {"field": "avg_ctr_bucket", "rate": ["clicks_n", "impressions_n"], "edges": [0.1, 0.3, 0.5]}],
@@ -123,6 +125,7 @@ def test_out_of_order_event_lands_in_place_and_cap_holds(redis_client):
     assert stored(redis_client)["clicked_tags"] == "t3|t2|late|t1"
     applier.apply([ev(11, ts=2000, tags=("a", "b"))])      # one event, two tags, in their order
     assert stored(redis_client)["clicked_tags"] == "a|b|t3|t2"
+    assert stored(redis_client)["clicked_back"].startswith("b|a|t3|t2")    # within_event: reversed
 
 
 def test_distinct_history_keeps_the_most_recent(redis_client):
@@ -139,7 +142,7 @@ def test_cold_start_creates_the_user_with_counters_and_buckets(redis_client):
     assert not redis_client.exists(Keys().user("new"))
     applier.apply([ev(1, user="new", kind="impression", category=["c7"]), ev(2, user="new", ts=1001)])
     got = stored(redis_client, "new")
-    assert got == {"seen_categories": "c7", "clicked_tags": "t1", "impressions_n": "1", "clicks_n": "1",
+    assert got == {"seen_categories": "c7", "clicked_tags": "t1", "clicked_back": "t1", "impressions_n": "1", "clicks_n": "1",
                    "clicks_bucket": "b1", "avg_ctr_bucket": "b3"}
     raw = redis_client.hgetall(Keys().user("new"))
     assert feature_age_s({k.decode(): v.decode() for k, v in raw.items()}) < 5
