@@ -27,6 +27,7 @@ from mvke.runtime.versions import published_versions
 from service import events as events_route
 from service.logs import setup_logging
 from service.middleware import EdgeMiddleware
+from service.oip import install_oip
 from service.openapi import ERRORS, ServedOpenAPI
 from service.schemas import (BatchRequest, BatchResponse, BatchUser, TagOptions, TagRequest, TagResponse,
                              VersionsResponse)
@@ -145,10 +146,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     setup_logging(settings.log_level)
     state = ServiceState(settings)
+    grpc_server = None     # the Open Inference Protocol's gRPC server (service/oip), when MVKE_GRPC_PORT is set
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.start()
+        if grpc_server is not None:
+            await grpc_server.start()
         m = state.registry.current
         log.info("service started", extra={"redis": state.redis_target.display,
                                            "batching": settings.batching, "ort_threads": settings.ort_threads(),
@@ -156,6 +160,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                            "provider": m.provider if m else None,
                                            "api_keys": state.api_keys.enabled})
         yield
+        if grpc_server is not None:
+            await grpc_server.stop()
         await state.stop()
 
     app = FastAPI(title="MVKE tag service", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -170,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = ServedOpenAPI(app, state)
     app.add_middleware(EdgeMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                        access_log=settings.access_log, api_keys=state.api_keys)
+    grpc_server = install_oip(app, state)   # /v2 routes (after the edge: its /v2 errors get the OIP shape)
     return app
 
 

@@ -13,7 +13,8 @@ import hmac
 import secrets
 from pathlib import Path
 
-OPEN_PATHS = frozenset(("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui"))
+OPEN_PATHS = frozenset(("/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui",
+                        "/v2/health/live", "/v2/health/ready"))   # the Open Inference health routes
 OPEN_PREFIXES = ("/ui/", "/docs/assets/")
 
 

@@ -14,6 +14,9 @@ def _serve(a: argparse.Namespace) -> None:
     from service.settings import Settings
     if a.workers:
         os.environ["MVKE_WORKERS"] = str(a.workers)
+    if a.grpc_port:   # the workers read it from the environment (each binds it with SO_REUSEPORT)
+        os.environ["MVKE_GRPC_PORT"] = str(a.grpc_port)
+        os.environ.setdefault("MVKE_GRPC_HOST", a.host)
     settings = Settings()
     uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=settings.worker_count(),
                 loop="uvloop", http=HTTP_PROTOCOL, access_log=False, log_level=settings.log_level.lower(),
@@ -35,4 +38,6 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--workers", type=int, help="uvicorn worker processes (default MVKE_WORKERS, else 0: one per usable CPU; 1 on a shared machine)")
+    s.add_argument("--grpc-port", type=int, help="also serve the Open Inference Protocol over gRPC on this port, "
+                                                 "on --host (default MVKE_GRPC_PORT; unset: no gRPC)")
     s.set_defaults(func=_serve, extra=EXTRA)

@@ -138,7 +138,8 @@ class EdgeMiddleware:
             return True
         if scope.get("method") == "POST":
             ct = headers.get(b"content-type")
-            if ct != _JSON_CT and not is_json_type(ct) and has_body(headers):
+            # the Open Inference routes (/v2) also take the binary tensor extension (service/oip)
+            if ct != _JSON_CT and not is_json_type(ct) and has_body(headers) and not path.startswith("/v2/"):
                 got = ct.decode("latin-1")[:100] if ct else "no Content-Type"
                 await self._refuse(send, 415, f"body: send it as JSON with the header "
                                    f"Content-Type: application/json (got {got})", "body")

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     api_keys_file: str | None = Field(None, description="file of API keys' sha256 hex digests, one per line "
                                                         "(`mvke api-key` makes one); # starts a comment")
     metrics_need_key: bool = Field(False, description="with API keys on, /metrics asks for one too")
+    grpc_port: int | None = Field(None, ge=1, le=65535, description="serve the Open Inference Protocol over gRPC "
+                                  "on this port too (`mvke serve --grpc-port`); every worker binds it with "
+                                  "SO_REUSEPORT. Unset: no gRPC")
+    grpc_host: str = Field("127.0.0.1", description="address of the gRPC port (`mvke serve` sets it to its --host)")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
     workers: int = Field(0, ge=0, description="uvicorn worker processes (mvke serve); 0 (default): one per CPU "

@@ -1,0 +1,259 @@
+"""The Open Inference Protocol's model `mvke`, independent of REST or gRPC.
+
+Both transports decode their inputs into `InferInput`s and call `infer`, which maps the
+protocol onto the native request: `user_id` BYTES [B] is one native request per row, the
+request parameters are `TagRequest` fields (top_k, tasks, exclude_tags, tags, min_score,
+exact), other BYTES [B] inputs named after the model's features are raw feature values (an
+empty element leaves that row's feature out), and the model version of the URL (or of the
+gRPC request) is the native `model_version` pin. Each row is validated by the native
+`validate_request` and tagged by `ServiceState.tag`, the dynamic batcher of the HTTP routes:
+same routing (active, canary, pinned), same answers, same error messages.
+
+Outputs per task: `<task>_tags` BYTES [B, K] and `<task>_scores` FP32 [B, K]; K is the
+longest row (a row cut short by min_score, exclusions or few candidates is padded with
+empty tag names and score 0, which no sigmoid reaches). `model_version` BYTES [B] (the
+version that answered each row) when asked for.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from pydantic import ValidationError
+
+from mvke.runtime.model import LoadedModel
+from mvke.runtime.redis_client import REDIS_ERRORS
+from service.registry import RoutingError
+from service.schemas import TagRequest
+from service.state import ServiceState, validate_request
+from service.tagger import ServiceError, TagResult, unavailable
+
+MODEL_NAME = "mvke"
+SERVER_NAME = "mvke"
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+USER_INPUT = "user_id"
+VERSION_OUTPUT = "model_version"
+TAGS, SCORES = "_tags", "_scores"
+LIST_PARAMETERS = ("tasks", "exclude_tags", "tags")          # a list, or a string: comma-separated or a JSON list
+SCALAR_PARAMETERS = ("top_k", "min_score", "exact")
+# parameters of the protocol itself (Triton's clients send some of them): accepted, not used
+PROTOCOL_PARAMETERS = frozenset(("binary_data_output", "priority", "timeout", "sequence_id", "sequence_start",
+                                 "sequence_end", "headers"))
+MAX_USER_ID = 128   # as the native route's path parameter
+
+
+@dataclass
+class InferInput:
+    name: str
+    datatype: str
+    shape: list[int]
+    elements: list[bytes]        # BYTES elements, flattened row-major
+
+
+@dataclass
+class InferOutput:
+    name: str
+    datatype: str                # BYTES | FP32
+    shape: list[int]
+    data: list[bytes] | np.ndarray
+
+
+@dataclass
+class InferAnswer:
+    model_version: str           # the version that answered (comma-joined if the rows' versions differ)
+    outputs: list[InferOutput]
+
+
+def check_model(name: str) -> None:
+    if name != MODEL_NAME:
+        raise ServiceError(404, f"model: unknown model {name!r}; this service serves {MODEL_NAME!r}", field="model")
+
+
+def resolve(state: ServiceState, version: str | None) -> LoadedModel:
+    """The loaded model a version names (none: the active one); the native route's errors otherwise."""
+    if version:
+        try:
+            model = state.registry.route("", version)
+        except RoutingError as e:
+            raise ServiceError(e.status, e.message, field="model_version") from None
+    else:
+        model = state.registry.current
+    if model is None:
+        raise unavailable(state.registry.last_error or "no model loaded")
+    return model
+
+
+async def not_ready(state: ServiceState) -> str | None:
+    """Why the server is not ready (None: ready): no model loaded, or Redis not answering (as GET /readyz)."""
+    if state.registry.current is None:
+        return state.registry.not_ready_reason()
+    try:
+        await asyncio.wait_for(state.redis.ping(), state.settings.redis_timeout_s)
+    except (*REDIS_ERRORS, asyncio.TimeoutError, OSError) as e:
+        return f"redis unavailable: {type(e).__name__}"
+    return None
+
+
+def server_metadata(version: str) -> dict:
+    return {"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS}
+
+
+def model_metadata(state: ServiceState, version: str | None) -> dict:
+    """Inputs and outputs (name, datatype, shape; -1: any size) of a loaded version, and the loaded versions."""
+    model = resolve(state, version)
+    inputs = [{"name": USER_INPUT, "datatype": "BYTES", "shape": [-1]}]
+    inputs += [{"name": f.name, "datatype": "BYTES", "shape": [-1]} for f in model.schema.fields]
+    outputs = []
+    for task in model.manifest.task_names:
+        outputs += [{"name": task + TAGS, "datatype": "BYTES", "shape": [-1, -1]},
+                    {"name": task + SCORES, "datatype": "FP32", "shape": [-1, -1]}]
+    outputs.append({"name": VERSION_OUTPUT, "datatype": "BYTES", "shape": [-1]})
+    return {"name": MODEL_NAME, "versions": list(state.registry.loaded()), "platform": PLATFORM,
+            "inputs": inputs, "outputs": outputs}
+
+
+def _as_list(name: str, value) -> list:
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError as e:
+                raise ServiceError(422, f"{name}: not a JSON list: {e}", field=name) from None
+        else:
+            return [x.strip() for x in value.split(",") if x.strip()]
+    return value            # a list (REST), or anything else for TagRequest to refuse by name
+
+
+def tag_request(parameters: dict, version: str | None) -> TagRequest:
+    """Request parameters (+ the version pin) -> the native request's options, validated by its schema."""
+    fields = {}
+    for name, value in parameters.items():
+        if name in PROTOCOL_PARAMETERS or name.startswith("triton_"):
+            continue
+        if name in LIST_PARAMETERS:
+            value = _as_list(name, value)
+        elif name not in SCALAR_PARAMETERS:
+            raise ServiceError(422, f"parameters.{name}: unknown parameter; this model takes "
+                                    f"{', '.join(SCALAR_PARAMETERS + LIST_PARAMETERS)}", field=f"parameters.{name}")
+        fields[name] = value
+    if version:
+        fields["model_version"] = version
+    try:
+        return TagRequest.model_validate(fields)
+    except ValidationError as e:   # the native route's wording: "<field>: <pydantic's message>"
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "parameters"
+        raise ServiceError(422, f"{where}: {first['msg']}", field=where) from None
+
+
+def _tasks_of(outputs: list[str] | None, state: ServiceState) -> list[str] | None:
+    """The tasks the requested outputs need (None: every task); an output no model has is refused."""
+    if not outputs:
+        return None
+    model = state.registry.current
+    known = None if model is None else set(model.manifest.task_names)
+    tasks = []
+    for name in outputs:
+        if name == VERSION_OUTPUT:
+            continue
+        task = name[:-len(TAGS)] if name.endswith(TAGS) else name[:-len(SCORES)] if name.endswith(SCORES) else None
+        if task is None or (known is not None and task not in known):
+            have = "" if model is None else "; this model's outputs: " + ", ".join(
+                o["name"] for o in model_metadata(state, None)["outputs"])
+            raise ServiceError(400, f"outputs: unknown output {name!r}{have}", field="outputs")
+        tasks.append(task)
+    return list(dict.fromkeys(tasks)) or None
+
+
+def _rows(inputs: list[InferInput], limit: int) -> tuple[list[str], list[dict | None]]:
+    """-> (user ids, per row its features from the feature inputs or None)."""
+    by_name = {}
+    for t in inputs:
+        if t.datatype != "BYTES":
+            raise ServiceError(400, f"inputs.{t.name}: datatype must be BYTES, got {t.datatype}",
+                               field=f"inputs.{t.name}")
+        if t.name in by_name:
+            raise ServiceError(400, f"inputs.{t.name}: given twice", field=f"inputs.{t.name}")
+        by_name[t.name] = t
+    users = by_name.pop(USER_INPUT, None)
+    if users is None:
+        raise ServiceError(400, f"inputs.{USER_INPUT}: missing; send the users as a BYTES tensor [B]",
+                           field=f"inputs.{USER_INPUT}")
+    n = len(users.elements)
+    if not 1 <= n <= limit:
+        raise ServiceError(422, f"inputs.{USER_INPUT}: 1 to {limit} users per call, got {n}",
+                           field=f"inputs.{USER_INPUT}")
+    ids = []
+    for raw in users.elements:
+        try:
+            uid = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ServiceError(400, f"inputs.{USER_INPUT}: a user id is not UTF-8", field="user_id") from None
+        if not 1 <= len(uid) <= MAX_USER_ID:
+            raise ServiceError(422, f"user_id: a user id has 1 to {MAX_USER_ID} characters, got {len(uid)}",
+                               field="user_id")
+        ids.append(uid)
+    features: list[dict | None] = [None] * n
+    for name, t in by_name.items():
+        if len(t.elements) != n:
+            raise ServiceError(400, f"inputs.{name}: {len(t.elements)} elements for {n} users", field=f"inputs.{name}")
+        for i, raw in enumerate(t.elements):
+            if raw:
+                try:
+                    value = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ServiceError(400, f"inputs.{name}: a value is not UTF-8", field=f"inputs.{name}") from None
+                row = features[i] = features[i] or {}
+                row[name] = value
+    return ids, features
+
+
+async def infer(state: ServiceState, inputs: list[InferInput], parameters: dict, outputs: list[str] | None,
+                version: str | None) -> InferAnswer:
+    """One inference request: every row through the native validation and the batcher -> the output tensors."""
+    req = tag_request(parameters, version)
+    tasks = _tasks_of(outputs, state)
+    if tasks is not None and req.tasks is None:
+        req = req.model_copy(update={"tasks": tasks})
+    ids, features = _rows(inputs, state.settings.max_batch_users)
+    jobs = [validate_request(state, uid, req if feats is None else req.model_copy(update={"features": feats}))
+            for uid, feats in zip(ids, features)]
+    if len(jobs) == 1:
+        results = [await state.tag(jobs[0])]
+    else:
+        results = await asyncio.gather(*(state.tag(j) for j in jobs), return_exceptions=True)
+        for r in results:                     # the first failing row answers for the request
+            if isinstance(r, BaseException):
+                raise r
+    return _answer(results, outputs)
+
+
+def _answer(results: list[TagResult], outputs: list[str] | None) -> InferAnswer:
+    n = len(results)
+    versions = list(dict.fromkeys(r.model_version for r in results))
+    tensors: dict[str, InferOutput] = {}
+    for task in dict.fromkeys(t for r in results for t in r.tasks):
+        rows = [r.tasks.get(task, ()) for r in results]
+        k = max(len(row) for row in rows)
+        tags = [b""] * (n * k)
+        scores = np.zeros((n, k), dtype=np.float32)                         # [B, K]
+        for i, row in enumerate(rows):
+            for j, (tag, score) in enumerate(row):
+                tags[i * k + j] = tag.encode("utf-8")
+                scores[i, j] = score
+        tensors[task + TAGS] = InferOutput(task + TAGS, "BYTES", [n, k], tags)
+        tensors[task + SCORES] = InferOutput(task + SCORES, "FP32", [n, k], scores)
+    if outputs:
+        tensors[VERSION_OUTPUT] = InferOutput(VERSION_OUTPUT, "BYTES", [n],
+                                              [r.model_version.encode() for r in results])
+        missing = [name for name in outputs if name not in tensors]
+        if missing:
+            raise ServiceError(400, f"outputs: {missing[0]!r} belongs to a task that parameters.tasks leaves out",
+                               field="outputs")
+        chosen = [tensors[name] for name in outputs]
+    else:
+        chosen = list(tensors.values())
+    return InferAnswer(",".join(versions), chosen)
