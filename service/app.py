@@ -27,7 +27,7 @@ from mvke.runtime.versions import published_versions
 from service import events as events_route
 from service.logs import setup_logging
 from service.middleware import EdgeMiddleware
-from service.oip import install_oip
+from service.oip.install import install_oip
 from service.openapi import ERRORS, ServedOpenAPI
 from service.schemas import (BatchRequest, BatchResponse, BatchUser, TagOptions, TagRequest, TagResponse,
                              VersionsResponse)

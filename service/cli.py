@@ -16,7 +16,7 @@ def _serve(a: argparse.Namespace) -> None:
         os.environ["MVKE_WORKERS"] = str(a.workers)
     if a.grpc_port:   # the workers read it from the environment (each binds it with SO_REUSEPORT)
         os.environ["MVKE_GRPC_PORT"] = str(a.grpc_port)
-        os.environ.setdefault("MVKE_GRPC_HOST", a.host)
+    os.environ.setdefault("MVKE_GRPC_HOST", a.host)   # gRPC (when on) listens where HTTP does
     settings = Settings()
     uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=settings.worker_count(),
                 loop="uvloop", http=HTTP_PROTOCOL, access_log=False, log_level=settings.log_level.lower(),

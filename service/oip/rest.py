@@ -147,67 +147,48 @@ def install_rest(app: FastAPI, state: ServiceState) -> None:
         reason = await core.not_ready(state)
         return _json({"ready": True}) if reason is None else _json({"ready": False, "error": reason}, 503)
 
-    async def metadata(model_name: str, version: str | None) -> Response:
+    async def metadata(request: Request) -> Response:
+        """Open Inference Protocol: inputs and outputs (name, datatype, shape) and the loaded versions;
+        with a version: 404 not published, 409 not loaded."""
         try:
-            core.check_model(model_name)
-            return _json(core.model_metadata(state, version))
+            core.check_model(request.path_params["model_name"])
+            return _json(core.model_metadata(state, request.path_params.get("version")))
         except ServiceError as e:
             return oip_error(e)
 
-    async def model_ready(model_name: str, version: str | None) -> Response:
+    async def model_ready(request: Request) -> Response:
+        """Open Inference Protocol: the model (the active version, or the one named) is loaded and ready."""
+        name = request.path_params["model_name"]
         try:
-            core.check_model(model_name)
-            core.resolve(state, version)
+            core.check_model(name)
+            core.resolve(state, request.path_params.get("version"))
         except ServiceError as e:
             return oip_error(e)
         reason = await core.not_ready(state)
-        doc = {"name": model_name, "ready": reason is None}
+        doc = {"name": name, "ready": reason is None}
         return _json(doc) if reason is None else _json({**doc, "error": reason}, 503)
 
-    async def infer(request: Request, model_name: str, version: str | None) -> Response:
+    async def infer(request: Request) -> Response:
+        """Open Inference Protocol: top tags per task for a batch of users (`user_id` BYTES [B]); JSON or the
+        binary tensor extension; with a version: pinned to it."""
         try:
-            core.check_model(model_name)
+            core.check_model(request.path_params["model_name"])
             body = _body(await request.body(), request.headers.get("content-encoding"))
             doc, inputs = parse_request(body, request.headers.get(HEADER_LENGTH))
             parameters = doc.get("parameters") or {}
             if not isinstance(parameters, dict):
                 raise ServiceError(400, "parameters: a JSON object is expected", field="parameters")
             outputs, binary = _requested(doc)
-            answer = await core.infer(state, inputs, parameters, outputs, version)
+            answer = await core.infer(state, inputs, parameters, outputs, request.path_params.get("version"))
         except ServiceError as e:
             return oip_error(e)
         return render_answer(answer, doc.get("id"), parameters.get("binary_data_output") is True, binary)
 
-    @app.get("/v2/models/{model_name}", include_in_schema=False)
-    async def model_metadata(model_name: str) -> Response:
-        """Open Inference Protocol: inputs and outputs (name, datatype, shape) and the loaded versions."""
-        return await metadata(model_name, None)
-
-    @app.get("/v2/models/{model_name}/versions/{version}", include_in_schema=False)
-    async def version_metadata(model_name: str, version: str) -> Response:
-        """Open Inference Protocol: a version's metadata (404 not published, 409 not loaded)."""
-        return await metadata(model_name, version)
-
-    @app.get("/v2/models/{model_name}/ready", include_in_schema=False)
-    async def model_is_ready(model_name: str) -> Response:
-        """Open Inference Protocol: the model (its active version) is ready."""
-        return await model_ready(model_name, None)
-
-    @app.get("/v2/models/{model_name}/versions/{version}/ready", include_in_schema=False)
-    async def version_is_ready(model_name: str, version: str) -> Response:
-        """Open Inference Protocol: this version is loaded and ready."""
-        return await model_ready(model_name, version)
-
-    @app.post("/v2/models/{model_name}/infer", include_in_schema=False)
-    async def model_infer(request: Request, model_name: str) -> Response:
-        """Open Inference Protocol: top tags per task for a batch of users (`user_id` BYTES [B]); JSON or the
-        binary tensor extension."""
-        return await infer(request, model_name, None)
-
-    @app.post("/v2/models/{model_name}/versions/{version}/infer", include_in_schema=False)
-    async def version_infer(request: Request, model_name: str, version: str) -> Response:
-        """Open Inference Protocol: inference pinned to one published, loaded version."""
-        return await infer(request, model_name, version)
+    # The protocol documents these routes itself (KServe's REST spec): they stay out of /openapi.json.
+    for base in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
+        app.add_api_route(base, metadata, methods=["GET"], include_in_schema=False)
+        app.add_api_route(base + "/ready", model_ready, methods=["GET"], include_in_schema=False)
+        app.add_api_route(base + "/infer", infer, methods=["POST"], include_in_schema=False)
 
 
 class OipErrorShape:

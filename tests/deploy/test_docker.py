@@ -155,8 +155,10 @@ def test_compose_wiring(compose_bin):
         assert deps["redis"]["condition"] == "service_healthy", name
         assert deps["trainer"]["condition"] == "service_completed_successfully", name
         assert "healthcheck" in s[name], name
-        assert [p["target"] for p in s[name]["ports"]] == [8000], name
-    assert [p["published"] for p in s["service"]["ports"]] == ["8000"]
+        assert [p["target"] for p in s[name]["ports"]][0] == 8000, name
+    assert [p["target"] for p in s["service"]["ports"]] == [8000, int(s["service"]["environment"]["MVKE_GRPC_PORT"])]
+    assert [p["target"] for p in s["service-gpu"]["ports"]] == [8000]
+    assert [p["published"] for p in s["service"]["ports"]] == ["8000", "8081"]
     assert [p["published"] for p in s["service-gpu"]["ports"]] == ["8001"]
 
     assert s["service-gpu"]["profiles"] == ["gpu"]

@@ -70,6 +70,9 @@ def test_the_pieces_fit_together():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert svc["spec"]["ports"][0]["targetPort"] == port["name"]
+    grpc = container["ports"][1]          # the Open Inference Protocol's gRPC port (service/oip)
+    assert grpc["containerPort"] == int(container["command"][container["command"].index("--grpc-port") + 1])
+    assert svc["spec"]["ports"][1]["targetPort"] == grpc["name"] == "grpc"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", dep["metadata"]["name"])
     assert {m["type"] for m in hpa["spec"]["metrics"]} >= {"Resource"}
