@@ -36,13 +36,13 @@ def start_redis() -> LocalRedis:
 
 
 def pipeline(work: str | Path, model: str, redis_url: str | None = None, epochs: int = 1,
-             log: str | Path | None = None) -> dict:
+             log: str | Path | None = None, extra: Sequence[str] = ()) -> dict:
     """`mvke pipeline --data-source synth --model MODEL --epochs 1 --work WORK [--redis URL]` -> its summary.
 
     Steps whose output exists are skipped: the first call builds data, checkpoint and bundle; a call
     with a (fresh, private) Redis then only publishes and loads the feature store."""
     cmd = [PY, "-m", "mvke.cli", "pipeline", "--data-source", "synth", "--model", model, "--epochs", str(epochs),
-           "--work", str(work)] + (["--redis", redis_url] if redis_url else [])
+           "--work", str(work), *extra] + (["--redis", redis_url] if redis_url else [])
     with open(log or os.devnull, "a") as err:
         out = subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ Run as a separate process:
 
     python -m loadtest.loadgen SPEC.json            # prints one JSON result line
 
-SPEC: {"host", "port", "requests": [[method, path, body-or-null], ...],
+SPEC: {"host", "port", "requests": [[method, path, body-or-null(, {header: value})], ...],
        "concurrency", "duration", "warmup", "rate" (optional), "timeline" (optional bool),
        "grace" (seconds to wait for answers in flight at the end, default 5; those still
        missing then are counted as "unfinished")}
@@ -30,10 +30,13 @@ import time
 from typing import Any
 
 
-def render(host: str, port: int, method: str, path: str, body: bytes | None) -> bytes:
+def render(host: str, port: int, method: str, path: str, body: bytes | None, headers: dict | None = None) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     if body is not None:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        if not any(k.lower() == "content-type" for k in headers or {}):
+            head += "Content-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\n"
     elif method == "POST":
         head += "Content-Length: 0\r\n"
     return head.encode("latin-1") + b"\r\n" + (body or b"")
@@ -122,8 +125,8 @@ class Conn(asyncio.Protocol):
 class Client:
     def __init__(self, spec: dict[str, Any]):
         self.host, self.port = spec.get("host", "127.0.0.1"), int(spec["port"])
-        self.reqs = [render(self.host, self.port, m, p, None if b is None else b.encode())
-                     for m, p, b in spec["requests"]]
+        self.reqs = [render(self.host, self.port, m, p, None if b is None else b.encode(), *extra)
+                     for m, p, b, *extra in spec["requests"]]
         self.concurrency = int(spec["concurrency"])
         self.duration, self.warmup = float(spec["duration"]), float(spec.get("warmup", 1.0))
         self.rate = float(spec.get("rate") or 0)

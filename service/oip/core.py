@@ -127,8 +127,31 @@ def _as_list(name: str, value) -> list:
     return value            # a list (REST), or anything else for TagRequest to refuse by name
 
 
+_REQUESTS: dict[tuple, TagRequest] = {}     # parameter sets seen -> their validated TagRequest
+_MAX_REQUESTS = 1024
+
+
 def tag_request(parameters: dict, version: str | None) -> TagRequest:
-    """Request parameters (+ the version pin) -> the native request's options, validated by its schema."""
+    """Request parameters (+ the version pin) -> the native request's options, validated by its schema.
+
+    Clients send the same few parameter sets again and again (top_k 20, a task): each set is
+    validated once and its TagRequest shared (nothing mutates one; a row's features are a copy)."""
+    try:
+        # the type too: True == 1 for a dict, not for the strict schema
+        key = (version, *sorted((k, type(v), tuple(v) if isinstance(v, list) else v) for k, v in parameters.items()))
+        hash(key)
+    except TypeError:                       # an unhashable value (a JSON object): no memo, the schema refuses it
+        return _tag_request(parameters, version)
+    req = _REQUESTS.get(key)
+    if req is None:
+        req = _tag_request(parameters, version)
+        if len(_REQUESTS) >= _MAX_REQUESTS:
+            _REQUESTS.clear()
+        _REQUESTS[key] = req
+    return req
+
+
+def _tag_request(parameters: dict, version: str | None) -> TagRequest:
     fields = {}
     for name, value in parameters.items():
         if name in PROTOCOL_PARAMETERS or name.startswith("triton_"):

@@ -305,3 +305,41 @@ def test_api_key_missing(svc_redis, published, users):
         assert httpx.get(f"{s.url}/v2/models/{MODEL}").json()["error"].startswith("authorization:")
         for c in cl.values():
             c.close()
+
+
+# ---------------------------------------------------------------------------
+# several workers: one gRPC server per process on the same port
+# ---------------------------------------------------------------------------
+def test_workers_share_the_grpc_port(svc_redis, published, users):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    port, gport = free_port(), free_port()
+    env = {**os.environ, "REDIS_URL": svc_redis.url, "MVKE_KEY_PREFIX": published("mvke-mt", "synthetic"),
+           "MVKE_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "mvke.cli", "serve", "--port", str(port), "--workers", "2",
+                             "--grpc-port", str(gport)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        listening: set[int] = set()
+        while time.monotonic() < deadline and len(listening) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            listening = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+                         for s in c.net_connections("tcp") if s.status == "LISTEN" and s.laddr.port == gport}
+            time.sleep(0.2)
+        assert len(listening) == 2, "each worker binds the gRPC port (SO_REUSEPORT)"
+        for i in range(6):                  # a channel each: connections land on either worker
+            c = grpcclient.InferenceServerClient(f"127.0.0.1:{gport}")
+            while not c.is_server_ready() and time.monotonic() < deadline:   # that worker loaded the model
+                time.sleep(0.1)
+            got, _ = infer({"grpc": c}, "grpc", users[i:i + 1], {"top_k": 2})
+            assert got["interest_tags"].shape == (1, 2)
+            c.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)

@@ -1,0 +1,198 @@
+"""`python -m loadtest.oip_bench`: the native route vs the Open Inference Protocol, in one run.
+
+One service (`mvke serve --workers 1 --grpc-port P`, the mvke-mt model of `mvke pipeline`
+on a private Redis) answers four kinds of request for the same users, one user per call,
+top_k 20, every task:
+
+    native       POST /users/{id}/tags                         {"top_k": 20}
+    rest-json    POST /v2/models/mvke/infer                    JSON tensors in and out
+    rest-binary  POST /v2/models/mvke/infer                    binary tensor extension in and out
+    grpc         inference.GRPCInferenceService/ModelInfer     raw_input_contents / raw_output_contents
+
+Each is measured at concurrency 32 (QPS) and 1 (p50 latency), closed loop, the client on the
+same machine, in its own process. Clients: the three HTTP rows use loadtest/loadgen.py (raw
+keep-alive sockets, pre-rendered requests: the cheapest client we have); the gRPC row uses
+grpcio's asyncio channel (one HTTP/2 connection) with pre-serialized ModelInferRequest bytes
+(built once with tritonclient's protobuf messages), so neither client parses answers beyond
+the status. Prints a table with the CPU model and the load average; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+from loadtest.bench import dataset_user_ids, machine
+from loadtest.harness import PY, ROOT, Server, make_requests, pipeline, run_load, start_redis
+from loadtest.loadgen import Stats, summarize
+from mvke.localredis import free_port
+from mvke.runtime.system import loadavg
+
+INFER = "/v2/models/mvke/infer"
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+KINDS = ("native", "rest-json", "rest-binary", "grpc")
+
+
+def rest_requests(ids: list[str], binary: bool, top_k: int) -> list[list]:
+    rows = []
+    for uid in ids:
+        if binary:
+            raw = struct.pack("<I", len(uid.encode())) + uid.encode()
+            head = orjson.dumps({"inputs": [{"name": "user_id", "shape": [1], "datatype": "BYTES",
+                                             "parameters": {"binary_data_size": len(raw)}}],
+                                 "parameters": {"top_k": top_k, "binary_data_output": True}})
+            body = head + raw
+            assert body.isascii(), "loadgen sends bodies as UTF-8 text: ASCII user ids only"
+            rows.append(["POST", INFER, body.decode(), {"Content-Type": "application/octet-stream",
+                                                        "Inference-Header-Content-Length": str(len(head))}])
+        else:
+            rows.append(["POST", INFER, orjson.dumps({
+                "inputs": [{"name": "user_id", "shape": [1], "datatype": "BYTES", "data": [uid]}],
+                "parameters": {"top_k": top_k}}).decode()])
+    return rows
+
+
+def grpc_requests(ids: list[str], top_k: int) -> list[str]:
+    """Serialized ModelInferRequests (base64, for the JSON spec of the client process)."""
+    from tritonclient.grpc import service_pb2 as pb
+    out = []
+    for uid in ids:
+        req = pb.ModelInferRequest(model_name="mvke")
+        req.inputs.add(name="user_id", datatype="BYTES", shape=[1])
+        req.raw_input_contents.append(struct.pack("<I", len(uid.encode())) + uid.encode())
+        req.parameters["top_k"].int64_param = top_k
+        out.append(base64.b64encode(req.SerializeToString()).decode())
+    return out
+
+
+async def _grpc_load(spec: dict) -> dict:
+    import grpc
+    reqs = [base64.b64decode(r) for r in spec["requests"]]
+    stats = Stats(False)
+    async with grpc.aio.insecure_channel(spec["target"]) as channel:
+        call = channel.unary_unary(METHOD)          # no (de)serializers: bytes in, bytes out
+        await call(reqs[0])                          # connect (and fail early)
+        t0 = time.perf_counter()
+        stop_at = t0 + spec["warmup"] + spec["duration"]
+        counter = iter(range(1 << 62))
+
+        async def worker():
+            while time.perf_counter() < stop_at:
+                req = reqs[next(counter) % len(reqs)]
+                start = time.perf_counter_ns()
+                try:
+                    await call(req)
+                except grpc.aio.AioRpcError as e:
+                    stats.error(e.code().name)
+                    continue
+                stats.record(200, time.perf_counter_ns() - start)
+
+        async def measure():
+            await asyncio.sleep(spec["warmup"])
+            stats.measuring, stats.t_start = True, time.perf_counter()
+            await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+            stats.measuring = False
+
+        await asyncio.gather(measure(), *(worker() for _ in range(spec["concurrency"])))
+    return summarize(stats, stop_at - stats.t_start)
+
+
+def run_grpc(target: str, requests: list[str], concurrency: int, duration: float, warmup: float = 1.0) -> dict:
+    spec = {"target": target, "requests": requests, "concurrency": concurrency, "duration": duration,
+            "warmup": warmup}
+    proc = subprocess.run([PY, "-m", "loadtest.oip_bench", "--grpc-client"], input=json.dumps(spec),
+                          capture_output=True, text=True, cwd=ROOT, timeout=warmup + duration + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gRPC client failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_answers(server: Server, grpc_target: str, uid: str, top_k: int) -> None:
+    """Each kind answers 200 with the same tags before anything is timed."""
+    import tritonclient.grpc as grpcclient
+    import numpy as np
+    native = httpx.post(f"{server.url}/users/{uid}/tags", json={"top_k": top_k}, timeout=10).json()
+    c = grpcclient.InferenceServerClient(grpc_target)
+    x = grpcclient.InferInput("user_id", [1], "BYTES")
+    x.set_data_from_numpy(np.array([uid], dtype=object))
+    res = c.infer("mvke", [x], parameters={"top_k": top_k})
+    for task, ranked in native["tasks"].items():
+        assert [t.decode() for t in res.as_numpy(f"{task}_tags")[0]] == [r["tag"] for r in ranked], task
+    c.close()
+    for body in rest_requests([uid], False, top_k) + rest_requests([uid], True, top_k):
+        headers = body[3] if len(body) > 3 else {"Content-Type": "application/json"}
+        resp = httpx.post(server.url + INFER, content=body[2].encode(), headers=headers, timeout=10)
+        assert resp.status_code == 200, resp.text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.oip_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--grpc-client", action="store_true", help=argparse.SUPPRESS)   # the gRPC load process
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement (after 1 s warm-up)")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--users", type=int, default=4096, help="synthetic users of the model (and of the requests)")
+    p.add_argument("--work", default="/tmp/oip_bench", help="mvke pipeline's work dir (built once, reused)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "oip_bench.json"))
+    a = p.parse_args(argv)
+    if a.grpc_client:
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+        print(json.dumps(asyncio.run(_grpc_load(json.loads(sys.stdin.read())))))
+        return 0
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    size = ["--users", str(a.users)]      # the catalogue keeps its default 1,780 tags: the serving cost
+    print(f"mvke pipeline: mvke-mt (1 epoch, {a.users} users) under {work} (steps whose output exists are skipped)")
+    data = Path(pipeline(work, "mvke-mt", log=work / "pipeline_mvke.log", extra=size)["data"])
+    redis = start_redis()
+    try:
+        pipeline(work, "mvke-mt", redis.url, log=work / "pipeline_publish.log", extra=size)   # publish + features
+        ids = dataset_user_ids(data)[:4096]
+        gport = free_port()
+        target = f"127.0.0.1:{gport}"
+        load = {"native": make_requests(ids, 4096, topk_mix=f"{a.top_k}:1", seed=1),
+                "rest-json": rest_requests(ids, False, a.top_k), "rest-binary": rest_requests(ids, True, a.top_k),
+                "grpc": grpc_requests(ids, a.top_k)}
+        report = {"machine": machine(), "loadavg_start": loadavg(), "duration_s": a.duration, "top_k": a.top_k,
+                  "model": {"name": "mvke-mt", "users": a.users, "tags": 1780},
+                  "workers": 1, "clients": {"native": "loadtest/loadgen.py (raw HTTP/1.1 sockets)",
+                                            "rest-json": "loadtest/loadgen.py", "rest-binary": "loadtest/loadgen.py",
+                                            "grpc": "grpcio aio channel, pre-serialized requests"},
+                  "rows": {}}
+        with Server.service(redis.url, workers=1, env={"MVKE_GRPC_PORT": str(gport)}) as server:
+            check_answers(server, target, ids[0], a.top_k)
+            for kind in KINDS:
+                row = {}
+                for c in (32, 1):
+                    res = (run_grpc(target, load[kind], c, a.duration) if kind == "grpc"
+                           else run_load(server.port, load[kind], c, a.duration))
+                    row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
+                row["loadavg"] = loadavg()
+                report["rows"][kind] = row
+                print(f"{kind:12s} c=32 {row['c32']['qps']:8.0f} QPS   c=1 p50 {row['c1']['p50_ms']:.3f} ms   "
+                      f"status {row['c32']['status']} / {row['c1']['status']}   load {row['loadavg']}", flush=True)
+        report["loadavg_end"] = loadavg()
+    finally:
+        redis.stop()
+    print(f"CPU: {report['machine']['cpu']} ({report['machine']['nproc']} CPUs); load average start "
+          f"{report['loadavg_start']}, end {report['loadavg_end']} (a shared machine)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
