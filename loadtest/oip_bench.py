@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from loadtest.api_bench import cpu_seconds
 from loadtest.bench import dataset_user_ids, machine
 from loadtest.harness import PY, ROOT, Server, make_requests, pipeline, run_load, start_redis
 from loadtest.loadgen import Stats, summarize
@@ -176,13 +177,18 @@ def main(argv: list[str] | None = None) -> int:
             for kind in KINDS:
                 row = {}
                 for c in (32, 1):
+                    cpu0, t0 = cpu_seconds(server), time.monotonic()
                     res = (run_grpc(target, load[kind], c, a.duration) if kind == "grpc"
                            else run_load(server.port, load[kind], c, a.duration))
+                    served = res["qps"] * (time.monotonic() - t0)       # about: the warm-up counted at the same rate
                     row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
+                    # server CPU per answer: far less sensitive to the other processes on a shared machine
+                    row[f"c{c}"]["server_cpu_us"] = round((cpu_seconds(server) - cpu0) * 1e6 / max(served, 1), 1)
                 row["loadavg"] = loadavg()
                 report["rows"][kind] = row
-                print(f"{kind:12s} c=32 {row['c32']['qps']:8.0f} QPS   c=1 p50 {row['c1']['p50_ms']:.3f} ms   "
-                      f"status {row['c32']['status']} / {row['c1']['status']}   load {row['loadavg']}", flush=True)
+                print(f"{kind:12s} c=32 {row['c32']['qps']:8.0f} QPS ({row['c32']['server_cpu_us']:.0f} us server CPU "
+                      f"each)   c=1 p50 {row['c1']['p50_ms']:.3f} ms   status {row['c32']['status']} / "
+                      f"{row['c1']['status']}   load {row['loadavg']}", flush=True)
         report["loadavg_end"] = loadavg()
     finally:
         redis.stop()

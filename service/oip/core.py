@@ -58,7 +58,7 @@ class InferOutput:
     name: str
     datatype: str                # BYTES | FP32
     shape: list[int]
-    data: list[bytes] | np.ndarray
+    data: list[str] | np.ndarray    # BYTES: the elements as text (tag names, versions); FP32: an array
 
 
 @dataclass
@@ -261,17 +261,19 @@ def _answer(results: list[TagResult], outputs: list[str] | None) -> InferAnswer:
     for task in dict.fromkeys(t for r in results for t in r.tasks):
         rows = [r.tasks.get(task, ()) for r in results]
         k = max(len(row) for row in rows)
-        tags = [b""] * (n * k)
-        scores = np.zeros((n, k), dtype=np.float32)                         # [B, K]
-        for i, row in enumerate(rows):
-            for j, (tag, score) in enumerate(row):
-                tags[i * k + j] = tag.encode("utf-8")
-                scores[i, j] = score
+        tags: list[str] = []
+        scores: list[float] = []
+        for row in rows:
+            tags += [tag for tag, _ in row]
+            scores += [score for _, score in row]
+            if len(row) < k:
+                tags += [""] * (k - len(row))
+                scores += [0.0] * (k - len(row))
         tensors[task + TAGS] = InferOutput(task + TAGS, "BYTES", [n, k], tags)
-        tensors[task + SCORES] = InferOutput(task + SCORES, "FP32", [n, k], scores)
+        tensors[task + SCORES] = InferOutput(task + SCORES, "FP32", [n, k],
+                                             np.array(scores, dtype=np.float32).reshape(n, k))   # [B, K]
     if outputs:
-        tensors[VERSION_OUTPUT] = InferOutput(VERSION_OUTPUT, "BYTES", [n],
-                                              [r.model_version.encode() for r in results])
+        tensors[VERSION_OUTPUT] = InferOutput(VERSION_OUTPUT, "BYTES", [n], [r.model_version for r in results])
         missing = [name for name in outputs if name not in tensors]
         if missing:
             raise ServiceError(400, f"outputs: {missing[0]!r} belongs to a task that parameters.tasks leaves out",

@@ -22,7 +22,7 @@ from service.oip import core
 from service.oip import inference_pb2 as pb
 from service.oip import inference_pb2_grpc as pb_grpc
 from service.oip.core import InferInput
-from service.oip.tensors import TensorError, decode_bytes, element_count, encode_bytes, encode_fp32
+from service.oip.tensors import TensorError, decode_bytes, element_count, encode_fp32, encode_strings
 from service.state import ServiceState
 from service.tagger import ServiceError
 
@@ -125,7 +125,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          id=request.id)
         for out in answer.outputs:
             response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
-            response.raw_output_contents.append(encode_bytes(out.data) if out.datatype == "BYTES"
+            response.raw_output_contents.append(encode_strings(out.data) if out.datatype == "BYTES"
                                                 else encode_fp32(out.data))
         return response
 

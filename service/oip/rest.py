@@ -17,10 +17,11 @@ import zlib
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.routing import Route
 
 from service.oip import core
 from service.oip.core import InferAnswer, InferInput
-from service.oip.tensors import (TensorError, decode_bytes, element_count, encode_bytes, encode_fp32,
+from service.oip.tensors import (TensorError, decode_bytes, element_count, encode_fp32, encode_strings,
                                  json_bytes_elements)
 from service.state import ServiceState
 from service.tagger import ServiceError
@@ -112,11 +113,11 @@ def render_answer(answer: InferAnswer, request_id, binary_default: bool, binary:
         doc = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         as_bytes = out.datatype == "BYTES"
         if binary.get(out.name, binary_default):
-            blob = encode_bytes(out.data) if as_bytes else encode_fp32(out.data)
+            blob = encode_strings(out.data) if as_bytes else encode_fp32(out.data)
             doc["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            doc["data"] = [x.decode("utf-8") for x in out.data] if as_bytes else out.data.ravel().tolist()
+            doc["data"] = out.data if as_bytes else out.data.ravel().tolist()
         tensors.append(doc)
     head = {"model_name": core.MODEL_NAME, "model_version": answer.model_version, "outputs": tensors}
     if request_id is not None:
@@ -131,18 +132,15 @@ def render_answer(answer: InferAnswer, request_id, binary_default: bool, binary:
 def install_rest(app: FastAPI, state: ServiceState) -> None:
     server_version = app.version
 
-    @app.get("/v2", include_in_schema=False)
-    async def server_metadata() -> Response:
+    async def server_metadata(request: Request) -> Response:
         """Open Inference Protocol: server name, version and extensions."""
         return _json(core.server_metadata(server_version))
 
-    @app.get("/v2/health/live", include_in_schema=False)
-    async def live() -> Response:
+    async def live(request: Request) -> Response:
         """Open Inference Protocol: alive (as /healthz)."""
         return _json({"live": True})
 
-    @app.get("/v2/health/ready", include_in_schema=False)
-    async def ready() -> Response:
+    async def ready(request: Request) -> Response:
         """Open Inference Protocol: a model is loaded and Redis answers (as /readyz); else 503 with the reason."""
         reason = await core.not_ready(state)
         return _json({"ready": True}) if reason is None else _json({"ready": False, "error": reason}, 503)
@@ -184,11 +182,15 @@ def install_rest(app: FastAPI, state: ServiceState) -> None:
             return oip_error(e)
         return render_answer(answer, doc.get("id"), parameters.get("binary_data_output") is True, binary)
 
-    # The protocol documents these routes itself (KServe's REST spec): they stay out of /openapi.json.
+    # Plain Starlette routes (each handler takes the Request only): no FastAPI dependency solving per
+    # request, and out of /openapi.json (the protocol has its own spec, KServe's REST API).
+    app.router.routes += [Route("/v2", server_metadata, methods=["GET"]),
+                          Route("/v2/health/live", live, methods=["GET"]),
+                          Route("/v2/health/ready", ready, methods=["GET"])]
     for base in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
-        app.add_api_route(base, metadata, methods=["GET"], include_in_schema=False)
-        app.add_api_route(base + "/ready", model_ready, methods=["GET"], include_in_schema=False)
-        app.add_api_route(base + "/infer", infer, methods=["POST"], include_in_schema=False)
+        app.router.routes += [Route(base, metadata, methods=["GET"]),
+                              Route(base + "/ready", model_ready, methods=["GET"]),
+                              Route(base + "/infer", infer, methods=["POST"])]
 
 
 class OipErrorShape:

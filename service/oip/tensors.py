@@ -48,10 +48,22 @@ def decode_bytes(name: str, raw: bytes, count: int) -> list[bytes]:
     return out
 
 
-def encode_bytes(items: list[bytes]) -> bytes:
-    """BYTES elements -> raw form (length-prefixed, concatenated)."""
-    pack = _LEN.pack
-    return b"".join(part for x in items for part in (pack(len(x)), x))
+_PREFIXED: dict[str, bytes] = {}     # tag name -> its raw BYTES element (the catalogue repeats in every answer)
+_MAX_PREFIXED = 200_000
+
+
+def _prefixed(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    out = _LEN.pack(len(raw)) + raw
+    if len(_PREFIXED) < _MAX_PREFIXED:
+        _PREFIXED[text] = out
+    return out
+
+
+def encode_strings(items: list[str]) -> bytes:
+    """BYTES elements given as text -> raw form (UTF-8, each length-prefixed, concatenated)."""
+    get = _PREFIXED.get
+    return b"".join([get(x) or _prefixed(x) for x in items])
 
 
 def encode_fp32(values: np.ndarray) -> bytes:
