@@ -10,7 +10,9 @@ top_k 20, every task:
     grpc         inference.GRPCInferenceService/ModelInfer     raw_input_contents / raw_output_contents
 
 Each is measured at concurrency 32 (QPS) and 1 (p50 latency), closed loop, the client on the
-same machine, in its own process. Clients: the three HTTP rows use loadtest/loadgen.py (raw
+same machine, in its own process, in `--rounds` rounds whose order rotates (medians reported),
+with the server's CPU time per answer (psutil): on a shared machine QPS follows the other
+processes' load, CPU per answer much less. Clients: the three HTTP rows use loadtest/loadgen.py (raw
 keep-alive sockets, pre-rendered requests: the cheapest client we have); the gRPC row uses
 grpcio's asyncio channel (one HTTP/2 connection) with pre-serialized ModelInferRequest bytes
 (built once with tritonclient's protobuf messages), so neither client parses answers beyond
@@ -23,6 +25,7 @@ import asyncio
 import base64
 import json
 import struct
+from statistics import median
 import subprocess
 import sys
 import time
@@ -117,6 +120,20 @@ def run_grpc(target: str, requests: list[str], concurrency: int, duration: float
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure(server: Server, target: str, kind: str, requests: list, duration: float) -> dict:
+    """QPS at c=32 and latency at c=1 of one kind, with the server's CPU per answer."""
+    row = {}
+    for c in (32, 1):
+        cpu0, t0 = cpu_seconds(server), time.monotonic()
+        res = (run_grpc(target, requests, c, duration) if kind == "grpc" else run_load(server.port, requests, c, duration))
+        served = res["qps"] * (time.monotonic() - t0)           # about: the warm-up counted at the same rate
+        row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
+        # server CPU per answer: far less sensitive to the other processes on a shared machine than QPS
+        row[f"c{c}"]["server_cpu_us"] = round((cpu_seconds(server) - cpu0) * 1e6 / max(served, 1), 1)
+    row["loadavg"] = loadavg()
+    return row
+
+
 def check_answers(server: Server, grpc_target: str, uid: str, top_k: int) -> None:
     """Each kind answers 200 with the same tags before anything is timed."""
     import tritonclient.grpc as grpcclient
@@ -140,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-client", action="store_true", help=argparse.SUPPRESS)   # the gRPC load process
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement (after 1 s warm-up)")
     p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the four kinds (medians reported)")
     p.add_argument("--users", type=int, default=4096, help="synthetic users of the model (and of the requests)")
     p.add_argument("--work", default="/tmp/oip_bench", help="mvke pipeline's work dir (built once, reused)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "oip_bench.json"))
@@ -171,27 +189,29 @@ def main(argv: list[str] | None = None) -> int:
                   "workers": 1, "clients": {"native": "loadtest/loadgen.py (raw HTTP/1.1 sockets)",
                                             "rest-json": "loadtest/loadgen.py", "rest-binary": "loadtest/loadgen.py",
                                             "grpc": "grpcio aio channel, pre-serialized requests"},
-                  "rows": {}}
+                  "rounds": {}, "rows": {}}
         with Server.service(redis.url, workers=1, env={"MVKE_GRPC_PORT": str(gport)}) as server:
             check_answers(server, target, ids[0], a.top_k)
-            for kind in KINDS:
-                row = {}
-                for c in (32, 1):
-                    cpu0, t0 = cpu_seconds(server), time.monotonic()
-                    res = (run_grpc(target, load[kind], c, a.duration) if kind == "grpc"
-                           else run_load(server.port, load[kind], c, a.duration))
-                    served = res["qps"] * (time.monotonic() - t0)       # about: the warm-up counted at the same rate
-                    row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
-                    # server CPU per answer: far less sensitive to the other processes on a shared machine
-                    row[f"c{c}"]["server_cpu_us"] = round((cpu_seconds(server) - cpu0) * 1e6 / max(served, 1), 1)
-                row["loadavg"] = loadavg()
-                report["rows"][kind] = row
-                print(f"{kind:12s} c=32 {row['c32']['qps']:8.0f} QPS ({row['c32']['server_cpu_us']:.0f} us server CPU "
-                      f"each)   c=1 p50 {row['c1']['p50_ms']:.3f} ms   status {row['c32']['status']} / "
-                      f"{row['c1']['status']}   load {row['loadavg']}", flush=True)
+            for r in range(a.rounds):       # the order rotates per round: drift of the machine's load spreads out
+                for kind in KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]:
+                    row = measure(server, target, kind, load[kind], a.duration)
+                    report["rounds"].setdefault(kind, []).append(row)
+                    print(f"round {r + 1} {kind:12s} c=32 {row['c32']['qps']:7.0f} QPS "
+                          f"({row['c32']['server_cpu_us']:.0f} us server CPU each)   c=1 p50 {row['c1']['p50_ms']:.3f} ms"
+                          f"   status {row['c32']['status']} / {row['c1']['status']}   load {row['loadavg']}", flush=True)
+        for kind, rows in report["rounds"].items():
+            report["rows"][kind] = {"c32_qps": median(x["c32"]["qps"] for x in rows),
+                                    "c32_server_cpu_us": median(x["c32"]["server_cpu_us"] for x in rows),
+                                    "c1_p50_ms": median(x["c1"]["p50_ms"] for x in rows),
+                                    "c1_server_cpu_us": median(x["c1"]["server_cpu_us"] for x in rows)}
         report["loadavg_end"] = loadavg()
     finally:
         redis.stop()
+    print(f"\nmedians of {a.rounds} rounds, {a.duration:g} s each, 1 worker, top_k {a.top_k}:")
+    print(f"{'':12s} {'c=32 QPS':>9s} {'us CPU/ans':>10s} {'c=1 p50 ms':>11s} {'us CPU/ans':>10s}")
+    for kind, row in report["rows"].items():
+        print(f"{kind:12s} {row['c32_qps']:9.0f} {row['c32_server_cpu_us']:10.0f} {row['c1_p50_ms']:11.3f} "
+              f"{row['c1_server_cpu_us']:10.0f}")
     print(f"CPU: {report['machine']['cpu']} ({report['machine']['nproc']} CPUs); load average start "
           f"{report['loadavg_start']}, end {report['loadavg_end']} (a shared machine)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
