@@ -4,7 +4,7 @@ Both transports decode their inputs into `InferInput`s and call `infer`, which m
 protocol onto the native request: `user_id` BYTES [B] is one native request per row, the
 request parameters are `TagRequest` fields (top_k, tasks, exclude_tags, tags, min_score,
 exact), other BYTES [B] inputs named after the model's features are raw feature values (an
-empty element leaves that row's feature out), and the model version of the URL (or of the
+empty element leaves that row's feature out; a multi-valued feature's values `|`-joined), and the model version of the URL (or of the
 gRPC request) is the native `model_version` pin. Each row is validated by the native
 `validate_request` and tagged by `ServiceState.tag`, the dynamic batcher of the HTTP routes:
 same routing (active, canary, pinned), same answers, same error messages.
@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from mvke.runtime.encoded import MULTI_SEP
 from mvke.runtime.model import LoadedModel
 from mvke.runtime.redis_client import REDIS_ERRORS
 from service.registry import RoutingError
@@ -234,6 +235,20 @@ def _rows(inputs: list[InferInput], limit: int) -> tuple[list[str], list[dict | 
     return ids, features
 
 
+def _split_multi(state: ServiceState, user_id: str, req: TagRequest, features: dict[str, str]) -> dict:
+    """A multi-valued feature's BYTES element holds its values `|`-joined (as the feature store does);
+    the native request takes them as a list. The kinds are those of the version the row routes to."""
+    try:
+        model = state.registry.route(user_id, req.model_version)
+    except RoutingError:
+        return features                      # validate_request answers the pin's error
+    if model is None:
+        return features
+    fields, position = model.schema.fields, model.schema.position
+    return {name: value.split(MULTI_SEP) if name in position and fields[position[name]].kind == "multi" else value
+            for name, value in features.items()}
+
+
 async def infer(state: ServiceState, inputs: list[InferInput], parameters: dict, outputs: list[str] | None,
                 version: str | None) -> InferAnswer:
     """One inference request: every row through the native validation and the batcher -> the output tensors."""
@@ -242,7 +257,8 @@ async def infer(state: ServiceState, inputs: list[InferInput], parameters: dict,
     if tasks is not None and req.tasks is None:
         req = req.model_copy(update={"tasks": tasks})
     ids, features = _rows(inputs, state.settings.max_batch_users)
-    jobs = [validate_request(state, uid, req if feats is None else req.model_copy(update={"features": feats}))
+    jobs = [validate_request(state, uid, req if feats is None else
+                             req.model_copy(update={"features": _split_multi(state, uid, req, feats)}))
             for uid, feats in zip(ids, features)]
     if len(jobs) == 1:
         results = [await state.tag(jobs[0])]

@@ -121,7 +121,7 @@ def test_health_ready_and_metadata(oip, clients):
     resp = oip.client.get("/v2/nothing-here")
     assert resp.status_code == 404 and "error" in resp.json()      # the protocol's error shape, also from FastAPI
     metrics = oip.client.get("/metrics").text
-    assert 'route="/v2/models/{model}"' in metrics and 'route="/v2/health/live"' in metrics
+    assert 'route="/v2/models/{model_name}"' in metrics and 'route="/v2/health/live"' in metrics
 
 
 # ---------------------------------------------------------------------------
@@ -166,8 +166,8 @@ def test_parameters_map_to_the_native_options(oip, clients, users, kind):
 def test_request_features_as_inputs(oip, clients, reference):
     schema = reference("mvke-mt", "synthetic").schema
     cat, multi = schema.cat_fields[0], schema.multi_fields[0]
-    feats = {cat.name: cat.vocab[0], multi.name: "|".join(multi.vocab[:3])}
-    want = native(oip, "oip-new-user", {"features": feats, "top_k": 5})
+    feats = {cat.name: cat.vocab[0], multi.name: "|".join(multi.vocab[:3])}      # BYTES: values |-joined
+    want = native(oip, "oip-new-user", {"features": {cat.name: cat.vocab[0], multi.name: multi.vocab[:3]}, "top_k": 5})
     for kind in ("http", "grpc"):
         module = grpcclient if kind == "grpc" else httpclient
         xs = []
