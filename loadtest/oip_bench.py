@@ -10,13 +10,16 @@ top_k 20, every task:
     grpc         inference.GRPCInferenceService/ModelInfer     raw_input_contents / raw_output_contents
 
 Each is measured at concurrency 32 (QPS) and 1 (p50 latency), closed loop, the client on the
-same machine, in its own process, in `--rounds` rounds whose order rotates (medians reported),
-with the server's CPU time per answer (psutil): on a shared machine QPS follows the other
-processes' load, CPU per answer much less. Clients: the three HTTP rows use loadtest/loadgen.py (raw
-keep-alive sockets, pre-rendered requests: the cheapest client we have); the gRPC row uses
-grpcio's asyncio channel (one HTTP/2 connection) with pre-serialized ModelInferRequest bytes
-(built once with tritonclient's protobuf messages), so neither client parses answers beyond
-the status. Prints a table with the CPU model and the load average; writes JSON.
+same machine, in `--rounds` rounds whose order rotates (medians reported), with the server's
+CPU time per answer (psutil: on a shared machine QPS follows the other processes' load, CPU
+per answer much less) and the mean batch (requests per model call, from /metrics).
+Clients, the same shape for every kind: 4 processes of 8 connections or calls in flight at
+c=32, one process at c=1. HTTP rows: loadtest/loadgen.py (raw keep-alive sockets,
+pre-rendered requests: the cheapest client we have). gRPC: grpcio's asyncio channel, one per
+process, with pre-serialized ModelInferRequest bytes (built once with tritonclient's protobuf
+messages); one Python gRPC client process could not keep 32 calls in flight here. No client
+parses answers beyond the status. Prints a table with the CPU model and the load average;
+writes JSON.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import json
+import re
 import struct
 from statistics import median
 import subprocess
@@ -107,29 +111,72 @@ async def _grpc_load(spec: dict) -> dict:
             stats.measuring = False
 
         await asyncio.gather(measure(), *(worker() for _ in range(spec["concurrency"])))
-    return summarize(stats, stop_at - stats.t_start)
+    return {"lat": stats.lat, "status": stats.status, "seconds": stop_at - stats.t_start}
 
 
-def run_grpc(target: str, requests: list[str], concurrency: int, duration: float, warmup: float = 1.0) -> dict:
-    spec = {"target": target, "requests": requests, "concurrency": concurrency, "duration": duration,
-            "warmup": warmup}
-    proc = subprocess.run([PY, "-m", "loadtest.oip_bench", "--grpc-client"], input=json.dumps(spec),
-                          capture_output=True, text=True, cwd=ROOT, timeout=warmup + duration + 60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"gRPC client failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_grpc(target: str, requests: list[str], concurrency: int, duration: float, warmup: float = 1.0,
+             processes: int = 4) -> dict:
+    """Closed-loop gRPC load from `processes` client processes (a channel each; concurrency split
+    between them): one Python gRPC client process cannot keep 32 calls in flight on a busy 2-core
+    machine, which starves the server's batcher of concurrent requests."""
+    procs = max(1, min(processes, concurrency))
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    running = [subprocess.Popen([PY, "-m", "loadtest.oip_bench", "--grpc-client"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+               for _ in shares]
+    for p, c in zip(running, shares):
+        p.stdin.write(json.dumps({"target": target, "requests": requests, "concurrency": c, "duration": duration,
+                                  "warmup": warmup}))
+        p.stdin.close()
+    stats, seconds = Stats(False), []
+    for p in running:
+        out, err = p.stdout.read(), p.stderr.read()
+        if p.wait(warmup + duration + 60) != 0:
+            raise RuntimeError(f"gRPC client failed: {err[-2000:]}")
+        part = json.loads(out.strip().splitlines()[-1])
+        stats.lat += part["lat"]
+        for k, v in part["status"].items():
+            stats.status[k] = stats.status.get(k, 0) + v
+        seconds.append(part["seconds"])
+    return summarize(stats, max(seconds))
+
+
+def run_http(port: int, requests: list, concurrency: int, duration: float, processes: int = 4) -> dict:
+    """loadgen from `processes` processes at once (connections split between them), as the gRPC
+    client: the same number of client processes for every kind. QPS and status add up; p50/p99 are
+    the median of the processes' own (each saw the same server)."""
+    procs = max(1, min(processes, concurrency))
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(procs) as pool:
+        parts = list(pool.map(lambda c: run_load(port, requests, c, duration), shares))
+    status: dict[str, int] = {}
+    for part in parts:
+        for k, v in part["status"].items():
+            status[k] = status.get(k, 0) + v
+    return {"qps": sum(p["qps"] for p in parts), "p50_ms": median(p["p50_ms"] for p in parts),
+            "p99_ms": median(p["p99_ms"] for p in parts), "status": status}
+
+
+def batch_totals(server: Server) -> tuple[float, float]:
+    """(requests, model calls) so far, from the service's mvke_model_batch_size histogram."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    found = dict(re.findall(r"^mvke_model_batch_size_(sum|count) (\S+)$", text, re.M))
+    return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
 def measure(server: Server, target: str, kind: str, requests: list, duration: float) -> dict:
-    """QPS at c=32 and latency at c=1 of one kind, with the server's CPU per answer."""
+    """QPS at c=32 and latency at c=1 of one kind, with the server's CPU per answer and the mean batch."""
     row = {}
     for c in (32, 1):
-        cpu0, t0 = cpu_seconds(server), time.monotonic()
-        res = (run_grpc(target, requests, c, duration) if kind == "grpc" else run_load(server.port, requests, c, duration))
+        cpu0, t0, (req0, calls0) = cpu_seconds(server), time.monotonic(), batch_totals(server)
+        res = (run_grpc(target, requests, c, duration) if kind == "grpc" else run_http(server.port, requests, c, duration))
         served = res["qps"] * (time.monotonic() - t0)           # about: the warm-up counted at the same rate
         row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
         # server CPU per answer: far less sensitive to the other processes on a shared machine than QPS
         row[f"c{c}"]["server_cpu_us"] = round((cpu_seconds(server) - cpu0) * 1e6 / max(served, 1), 1)
+        req1, calls1 = batch_totals(server)
+        row[f"c{c}"]["mean_batch"] = round((req1 - req0) / max(calls1 - calls0, 1), 2)   # requests per model call
     row["loadavg"] = loadavg()
     return row
 
@@ -186,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                 "grpc": grpc_requests(ids, a.top_k)}
         report = {"machine": machine(), "loadavg_start": loadavg(), "duration_s": a.duration, "top_k": a.top_k,
                   "model": {"name": "mvke-mt", "users": a.users, "tags": 1780},
-                  "workers": 1, "clients": {"native": "loadtest/loadgen.py (raw HTTP/1.1 sockets)",
-                                            "rest-json": "loadtest/loadgen.py", "rest-binary": "loadtest/loadgen.py",
-                                            "grpc": "grpcio aio channel, pre-serialized requests"},
+                  "workers": 1, "clients": {"native": "loadtest/loadgen.py (raw HTTP/1.1 sockets) in 4 processes",
+                                            "rest-json": "loadtest/loadgen.py in 4 processes",
+                                            "rest-binary": "loadtest/loadgen.py in 4 processes",
+                                            "grpc": "grpcio aio channels in 4 processes, pre-serialized requests"},
                   "rounds": {}, "rows": {}}
         with Server.service(redis.url, workers=1, env={"MVKE_GRPC_PORT": str(gport)}) as server:
             check_answers(server, target, ids[0], a.top_k)
@@ -197,21 +245,22 @@ def main(argv: list[str] | None = None) -> int:
                     row = measure(server, target, kind, load[kind], a.duration)
                     report["rounds"].setdefault(kind, []).append(row)
                     print(f"round {r + 1} {kind:12s} c=32 {row['c32']['qps']:7.0f} QPS "
-                          f"({row['c32']['server_cpu_us']:.0f} us server CPU each)   c=1 p50 {row['c1']['p50_ms']:.3f} ms"
+                          f"({row['c32']['server_cpu_us']:.0f} us server CPU each, batch {row['c32']['mean_batch']:.1f})   c=1 p50 {row['c1']['p50_ms']:.3f} ms"
                           f"   status {row['c32']['status']} / {row['c1']['status']}   load {row['loadavg']}", flush=True)
         for kind, rows in report["rounds"].items():
             report["rows"][kind] = {"c32_qps": median(x["c32"]["qps"] for x in rows),
                                     "c32_server_cpu_us": median(x["c32"]["server_cpu_us"] for x in rows),
+                                    "c32_mean_batch": median(x["c32"]["mean_batch"] for x in rows),
                                     "c1_p50_ms": median(x["c1"]["p50_ms"] for x in rows),
                                     "c1_server_cpu_us": median(x["c1"]["server_cpu_us"] for x in rows)}
         report["loadavg_end"] = loadavg()
     finally:
         redis.stop()
     print(f"\nmedians of {a.rounds} rounds, {a.duration:g} s each, 1 worker, top_k {a.top_k}:")
-    print(f"{'':12s} {'c=32 QPS':>9s} {'us CPU/ans':>10s} {'c=1 p50 ms':>11s} {'us CPU/ans':>10s}")
+    print(f"{'':12s} {'c=32 QPS':>9s} {'us CPU/ans':>10s} {'batch':>6s} {'c=1 p50 ms':>11s} {'us CPU/ans':>10s}")
     for kind, row in report["rows"].items():
-        print(f"{kind:12s} {row['c32_qps']:9.0f} {row['c32_server_cpu_us']:10.0f} {row['c1_p50_ms']:11.3f} "
-              f"{row['c1_server_cpu_us']:10.0f}")
+        print(f"{kind:12s} {row['c32_qps']:9.0f} {row['c32_server_cpu_us']:10.0f} {row['c32_mean_batch']:6.1f} "
+              f"{row['c1_p50_ms']:11.3f} {row['c1_server_cpu_us']:10.0f}")
     print(f"CPU: {report['machine']['cpu']} ({report['machine']['nproc']} CPUs); load average start "
           f"{report['loadavg_start']}, end {report['loadavg_end']} (a shared machine)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
