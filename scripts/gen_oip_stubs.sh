@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Regenerate the committed gRPC stubs of the Open Inference Protocol (service/oip/inference.proto).
-# The committed stubs were made with grpcio-tools==1.71.0 (protobuf gencode 5.29; the service needs
-# grpcio>=1.71 and protobuf>=5.29 at run time, newer majors included):
-#   python -m venv /tmp/gt && /tmp/gt/bin/pip install grpcio-tools==1.71.0 && PYTHON=/tmp/gt/bin/python bash scripts/gen_oip_stubs.sh
 #
-#   bash scripts/gen_oip_stubs.sh        (needs grpcio-tools: the dev extra)
+# The committed stubs were made with grpcio-tools==1.71.0 (protobuf gencode 5.29), so the service
+# needs only grpcio>=1.71 and protobuf>=5.29 at run time (newer majors included):
+#   python -m venv /tmp/gt && /tmp/gt/bin/pip install grpcio-tools==1.71.0 && PYTHON=/tmp/gt/bin/python bash scripts/gen_oip_stubs.sh
+# A newer grpcio-tools (the dev extra's) works too, but its stubs require its own grpcio and
+# protobuf versions at run time: raise the floors in pyproject.toml's serve-base with them.
 #
 # Then one edit: the messages go into a descriptor pool of their own instead of protobuf's
 # default pool, because tritonclient.grpc (and KServe's client) register the same `inference.*`
