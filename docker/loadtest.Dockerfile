@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Load generator: locust, headless, against the tag service (docker-compose.yml,
 # profile `loadtest`): python -m loadtest.run --url URL --users N --duration 60s
 #   docker build -f docker/loadtest.Dockerfile -t mvke-loadtest .

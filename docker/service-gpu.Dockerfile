@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # MVKE tag service, GPU build: FastAPI + onnxruntime-gpu (CUDA execution provider).
 #   docker build -f docker/service-gpu.Dockerfile -t mvke-service-gpu .
 # Same code and CLI as docker/service.Dockerfile. The provider is chosen when the

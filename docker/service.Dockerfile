@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # MVKE tag service, CPU build: FastAPI + ONNX Runtime (CPU). No torch in this image.
 #   docker build -f docker/service.Dockerfile -t mvke-service .
 # Settings come from the environment: REDIS_URL and MVKE_* (see service/settings.py).

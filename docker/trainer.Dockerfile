@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # MVKE demo trainer: a one-shot job that, when Redis holds no active model,
 # generates synthetic data, trains MVKE-mt, exports it to ONNX, publishes it and
 # loads the feature store (docker/trainer-entrypoint.sh). CPU-only torch.
@@ -7,7 +6,12 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 ARG TORCH_VERSION=2.13.0
+# Where the CPU build of torch comes from: a full index (torch and its dependencies:
+# the PyTorch CPU index or a mirror of it), or, if TORCH_FIND_LINKS is set, a wheel
+# directory (pip --find-links: an http(s) URL the build can reach) holding the
+# torch +cpu wheel, its dependencies then coming from the default index (PyPI).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=
 ARG RECBOLE_VERSION=1.2.1
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -16,10 +20,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# torch first, from the CPU wheel index: the PyPI wheel would pull several GB of
-# CUDA libraries that a CPU trainer never uses. `torch==2.13.0` in the extras is
-# then already satisfied by 2.13.0+cpu.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# torch first, the CPU build (+cpu): the PyPI wheel would pull several GB of CUDA
+# libraries that a CPU trainer never uses. `torch==2.13.0` in the extras is then
+# already satisfied by 2.13.0+cpu.
+RUN if [ -n "${TORCH_FIND_LINKS}" ]; then export PIP_FIND_LINKS="${TORCH_FIND_LINKS}"; \
+    else export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
+ && pip install --no-cache-dir "torch==${TORCH_VERSION}+cpu"
 # Dependencies from the project metadata alone (the wheel built here holds no
 # package and is uninstalled), so a code change does not reinstall them.
 # recbole only ships MovieLens-100K's files for `mvke data ml100k`; its own

