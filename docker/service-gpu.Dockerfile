@@ -27,13 +27,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The readme pyproject.toml names is only package metadata at this step: an empty
+# stand-in (the real one comes with the code) keeps README edits from reinstalling
+# every dependency.
+COPY pyproject.toml ./
 # Dependencies first, from the project metadata alone (the wheel built here holds
 # no package and is uninstalled), then the code: a code change does not reinstall
 # onnxruntime-gpu and its CUDA wheels.
 # DL3013: ".[service-gpu]" is this project; its dependency ranges live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[service-gpu]" \
+RUN touch README.md \
+ && pip install --no-cache-dir ".[service-gpu]" \
  && pip uninstall --yes mvke
 COPY . .
 # Install the code, check the image's dependency set, and list the directories of

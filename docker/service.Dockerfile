@@ -15,10 +15,14 @@ WORKDIR /src
 # Dependencies first, from the project metadata alone (pyproject.toml: the wheel
 # built here holds no package and is uninstalled), so that a code change does
 # not reinstall onnxruntime, fastapi, pyarrow...
-COPY pyproject.toml README.md ./
+# The readme pyproject.toml names is only package metadata at this step: an empty
+# stand-in (the real one comes with the code) keeps README edits from reinstalling
+# every dependency.
+COPY pyproject.toml ./
 # DL3013: ".[service]" is this project; its dependency ranges live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[service]" \
+RUN touch README.md \
+ && pip install --no-cache-dir ".[service]" \
  && pip uninstall --yes mvke
 # Then the code (the context is filtered by .dockerignore), non-editable: it
 # lands in the venv's site-packages and /src stays in this stage.

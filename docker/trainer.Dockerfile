@@ -22,18 +22,24 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # torch first, the CPU build (+cpu): the PyPI wheel would pull several GB of CUDA
 # libraries that a CPU trainer never uses. `torch==2.13.0` in the extras is then
-# already satisfied by 2.13.0+cpu.
+# already satisfied by 2.13.0+cpu. pip ignores a plain-http wheel directory unless
+# its host is trusted (a local one: see tests/deploy/test_docker.py).
 RUN if [ -n "${TORCH_FIND_LINKS}" ]; then export PIP_FIND_LINKS="${TORCH_FIND_LINKS}"; \
+      case "${TORCH_FIND_LINKS}" in http://*) host="${TORCH_FIND_LINKS#http://}"; export PIP_TRUSTED_HOST="${host%%/*}";; esac; \
     else export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
  && pip install --no-cache-dir "torch==${TORCH_VERSION}+cpu"
 # Dependencies from the project metadata alone (the wheel built here holds no
 # package and is uninstalled), so a code change does not reinstall them.
 # recbole only ships MovieLens-100K's files for `mvke data ml100k`; its own
 # dependency tree is not needed (--no-deps, as in scripts/setup.sh).
-COPY pyproject.toml README.md ./
+# The readme pyproject.toml names is only package metadata at this step: an empty
+# stand-in (the real one comes with the code) keeps README edits from reinstalling
+# every dependency.
+COPY pyproject.toml ./
 # DL3013: ".[train,export]" is this project; its dependency ranges live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[train,export]" \
+RUN touch README.md \
+ && pip install --no-cache-dir ".[train,export]" \
  && pip install --no-cache-dir --no-deps "recbole==${RECBOLE_VERSION}" \
  && pip uninstall --yes mvke \
  && python -c "import torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
