@@ -546,7 +546,7 @@ LOCAL_BASE = DOCKER_DIR / "local-base.sh"
 # TORCH_FIND_LINKS is a build argument: a URL that changed between runs would invalidate the trainer's
 # layer cache, so the wheel is served on a fixed port (another one, and a rebuild, only if it is taken).
 WHEEL_PORT = int(os.environ.get("MVKE_TEST_WHEEL_PORT", "47811"))
-SMALL_DEMO = {"MVKE_DEMO_USERS": "2000", "MVKE_DEMO_EPOCHS": "1", "MVKE_WORKERS": "1"}
+SMALL_DEMO = {"MVKE_DEMO_USERS": "1000", "MVKE_DEMO_EPOCHS": "1", "MVKE_WORKERS": "1"}
 LOADTEST = {"LOADTEST_DURATION": "20s", "LOADTEST_USERS": "16", "LOADTEST_PROFILE": "smoke"}
 USER_ID = "u0000042"   # a synthetic user (mvke/data/synthetic.py: u%07d), in the feature store
 
