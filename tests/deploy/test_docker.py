@@ -35,6 +35,7 @@ import time
 import tomllib
 import venv
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from fnmatch import fnmatch
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -635,6 +636,16 @@ def torch_build_args(docker_cli, tmp_path_factory):
         server.server_close()
 
 
+def _container_run_s(docker: str, container_id: str) -> float | None:
+    """Seconds from a stopped container's start to its exit (docker inspect's State)."""
+    out = _docker(docker, "inspect", "--format", "{{.State.StartedAt}} {{.State.FinishedAt}}", container_id.strip())
+    try:
+        start, end = (datetime.fromisoformat(s[:26].rstrip("Z") + "+00:00") for s in out.stdout.split())
+    except ValueError:
+        return None
+    return round((end - start).total_seconds(), 1)
+
+
 def _wait_ready(port: int, timeout: float) -> dict:
     """/readyz's 200 document, polled until it comes."""
     import httpx
@@ -700,6 +711,7 @@ def test_compose_up_for_real(compose_bin, docker_cli, base_images, torch_build_a
         log = trainer_log()
         assert "trainer: mvke pipeline:" in log, log[-3000:]
         published = re.findall(r"^active: *(\S+)", log, re.M)[-1]
+        timings["trainer_run_s"] = _container_run_s(docker_cli, compose("ps", "--all", "--quiet", "trainer").stdout)
         first = _tags(port)
         assert first["model_version"] == published != "none", (first, log[-2000:])
 
