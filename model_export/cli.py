@@ -142,3 +142,6 @@ def register(sub) -> None:
     fl.add_argument("--part-rows", type=int, default=262_144, metavar="N", help="users per part (the unit of resumption)")
     fl.add_argument("--job-dir", metavar="DIR", help="markers and rejects (default DATA/_features_load)")
     fl.set_defaults(func=_features_load, extra=EXTRA)
+
+    from model_export.cycle_cli import register as register_cycle
+    register_cycle(sub)
