@@ -65,7 +65,8 @@ def _models(a: argparse.Namespace) -> None:
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
               + ("  (rolled back)" if v.rolled_back else "")
-              + (f"  (canary, {v.canary_percent:g}% of users)" if v.canary_percent is not None else ""))
+              + (f"  (canary, {v.canary_percent:g}% of users)" if v.canary_percent is not None else "")
+              + (f"  gate {v.gate['decision']} on {v.gate['day']}" if v.gate else ""))
     print(f"active: {active_version(r, keys) or 'none'}")   # the last line; docker/trainer-entrypoint.sh reads it
 
 

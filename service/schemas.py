@@ -173,6 +173,8 @@ class VersionState(BaseModel):
     canary: bool
     rolled_back: bool
     loaded: bool = Field(description="loaded by this service process (servable with model_version)")
+    gate: dict | None = Field(None, description="`mvke cycle`'s gate summary (day, decision, reasons, compared_with, "
+                                                "window, warm_start); null for a version published by hand")
 
 
 class CanaryState(BaseModel):
