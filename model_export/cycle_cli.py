@@ -9,6 +9,12 @@ EXTRA = "cycle"   # trains (train extra) and exports (export extra): pyproject's
 
 
 def _cycle(a: argparse.Namespace) -> None:
+    if a.print_policy:
+        from mvke.training.gate import DEFAULT_POLICY
+        print(DEFAULT_POLICY, end="")
+        return
+    if not (a.day and a.data and a.home):
+        raise ValueError("cycle needs --day, --data and --home (or --print-policy)")
     from model_export.cycle import EXIT_BUSY, CycleBusy, CycleConfig, run_cycle
     train = {"epochs": a.epochs, "threads": a.threads}
     cfg = CycleConfig(a.data, a.day, a.home, window=a.window, warm_start=a.warm_start, model=a.model, train=train,
@@ -37,18 +43,19 @@ def register(sub) -> None:
                     "finished day does nothing new; a crashed run resumes. Exit codes: 0 published, 1 rejected "
                     "(reasons on stderr; nothing published), 3 another run of the day holds its lock. "
                     "docs/OPERATIONS.md.")
-    c.add_argument("--day", required=True, metavar="YYYY-MM-DD", help="the day gated (training uses the days before it)")
-    c.add_argument("--data", required=True, metavar="DIR",
+    c.add_argument("--day", metavar="YYYY-MM-DD", help="the day gated (training uses the days before it)")
+    c.add_argument("--data", metavar="DIR",
                    help="days directory (logs/day=*/, snapshots/day=*/: `mvke data synth --days`, `data split --daily`)")
-    c.add_argument("--home", required=True, metavar="DIR", help="cycle state: per-day state, checkpoints, bundles")
+    c.add_argument("--home", metavar="DIR", help="cycle state: per-day state, checkpoints, bundles")
     c.add_argument("--window", type=int, default=3, metavar="W", help="training days before --day (default 3)")
     c.add_argument("--warm-start", action="store_true",
                    help="start from the active version's checkpoint (vocabularies grow; known ids keep their embeddings)")
     c.add_argument("--model", default="mvke-mt", help="model of a from-scratch candidate (default mvke-mt)")
     c.add_argument("--epochs", type=int, default=3, help="training epochs (default 3, early stopping on validation)")
     c.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    c.add_argument("--policy", metavar="FILE", help="gate policy YAML (default: the documented defaults, "
-                                                   "deploy/cycle/policy.yaml)")
+    c.add_argument("--policy", metavar="FILE", help="gate policy YAML (default: the documented defaults, which "
+                                                   "--print-policy prints)")
+    c.add_argument("--print-policy", action="store_true", help="print the default policy (YAML, commented) and exit")
     c.add_argument("--redis", metavar="URL", help=REDIS_URL_HELP)
     add_key_prefix_option(c)
     c.add_argument("--keep", type=int, default=3, metavar="N", help="versions kept in Redis (default 3)")

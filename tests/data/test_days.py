@@ -133,3 +133,21 @@ def test_synth_days_command(tmp_path, capsys):
     assert DaysLayout(tmp_path).days() == ["2026-03-01", "2026-03-02"]
     assert main(["data", "synth", "--days", "2", "--start", "March", "--out", str(tmp_path / "x")]) == 2
     assert "day must be YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_split_daily_writes_the_days_layout(tmp_path, capsys):
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "own-data"
+    assert main(["data", "split", "--by-time", "--daily", str(example / "log.parquet"), "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    layout = DaysLayout(tmp_path)
+    log = pd.read_parquet(example / "log.parquet")
+    assert layout.days() == report["train_days"] and len(layout.days()) >= 2
+    assert sum(len(layout.log(d)) for d in layout.days()) == len(log)
+    for d in layout.days():
+        lo = day_start(parse_day(d))
+        assert layout.log(d)["timestamp"].between(lo, lo + 86_399).all()
+    users, as_of = layout.features_for(layout.days()[-1])
+    assert as_of is None and set(log["user_id"]) <= set(users["user_id"])   # one row per user: not point-in-time
+    tags = layout.tags_in(layout.days()[:1])
+    v = view(layout, layout.days()[:1])
+    assert len(v.encode(build_schema(v.dataset(tags)), tags)) == len(layout.log(layout.days()[0]))
