@@ -125,18 +125,24 @@ def pick_days(days: list[str], cfg: TimeSplitConfig, path: Path) -> tuple[list[s
     return train, test
 
 
-def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
-                  meta_path: str | Path | None = None, users_path: str | Path | None = None) -> SplitReport:
-    """Log (+ meta.json, users.parquet beside it unless given) -> dataset directory `out`."""
-    cfg = cfg or TimeSplitConfig()
+def _read_checked(log_path: str | Path, cfg: TimeSplitConfig, meta_path: str | Path | None,
+                  users_path: str | Path | None) -> tuple[Path, Path, dict[str, Any], pd.DataFrame]:
+    """(log path, users path, meta, log): meta.json and users.parquet beside the log unless given, all checked."""
     log_path = Path(log_path)
     meta_path = Path(meta_path) if meta_path else log_path.parent / "meta.json"
     users_path = Path(users_path) if users_path else log_path.parent / "users.parquet"
     meta = read_meta(meta_path)
     log = _read_parquet(log_path)
     _check_log(log, log_path, meta, cfg)
-    users = _read_parquet(users_path)
-    _check_users(users, users_path, meta, log, log_path)
+    _check_users(_read_parquet(users_path), users_path, meta, log, log_path)
+    return log_path, users_path, meta, log
+
+
+def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
+                  meta_path: str | Path | None = None, users_path: str | Path | None = None) -> SplitReport:
+    """Log (+ meta.json, users.parquet beside it unless given) -> dataset directory `out`."""
+    cfg = cfg or TimeSplitConfig()
+    log_path, users_path, meta, log = _read_checked(log_path, cfg, meta_path, users_path)
 
     stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
     day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
@@ -167,13 +173,7 @@ def split_daily(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | No
     rows carry them inline or you add `snapshots/day=YYYY-MM-DD/users.parquet` (the end of each day)."""
     from mvke.data.days import LOGS, PART
     cfg = cfg or TimeSplitConfig()
-    log_path = Path(log_path)
-    meta_path = Path(meta_path) if meta_path else log_path.parent / "meta.json"
-    users_path = Path(users_path) if users_path else log_path.parent / "users.parquet"
-    meta = read_meta(meta_path)
-    log = _read_parquet(log_path)
-    _check_log(log, log_path, meta, cfg)
-    _check_users(_read_parquet(users_path), users_path, meta, log, log_path)
+    log_path, users_path, meta, log = _read_checked(log_path, cfg, meta_path, users_path)
     stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
     day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
     log = log.assign(**{TIMESTAMP: (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)})

@@ -47,6 +47,13 @@ coverage:                     # share of the catalogue in some user's top 20, pe
   min: 0.02
   max_drop: 0.10
 ramp: [1, 10, 50, 100]        # canary percentages; a passed candidate starts at the first
+promotion:                    # `mvke promote --auto`: per ramp step, from the canary's live figures
+  min_step_seconds: 3600      # a step lasts at least this long
+  min_answers: 1000           # and until the canary answered this many users in it
+  max_error_rate: 0.001       # errors / answers of the canary in the step; above: roll back
+  min_shadow_samples: 200     # shadow figures are judged from this many shadowed requests
+  min_shadow_jaccard: 0.3     # mean Jaccard of the two top-20 lists; below: roll back
+  max_shadow_shift: 0.1       # mean |score shift| canary vs active; above: roll back
 """
 
 
@@ -74,12 +81,23 @@ class CoverageRules:
 
 
 @dataclass
+class PromotionRules:
+    min_step_seconds: float = 3600
+    min_answers: int = 1000
+    max_error_rate: float = 0.001
+    min_shadow_samples: int = 200
+    min_shadow_jaccard: float = 0.3
+    max_shadow_shift: float = 0.1
+
+
+@dataclass
 class Policy:
     tasks: TaskRules = field(default_factory=TaskRules)
     task_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
     slices: SliceRules = field(default_factory=SliceRules)
     coverage: CoverageRules = field(default_factory=CoverageRules)
     ramp: list[float] = field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0])
+    promotion: PromotionRules = field(default_factory=PromotionRules)
 
     def rules(self, task: str) -> TaskRules:
         return TaskRules(**{**asdict(self.tasks), **self.task_overrides.get(task, {})})
@@ -119,7 +137,8 @@ def parse_policy(doc: dict | None) -> Policy:
         raise ValueError(f"policy: ramp must be increasing percentages in (0, 100], got {ramp}")
     return Policy(_section(TaskRules, doc.get("tasks"), "tasks"), dict(overrides),
                   _section(SliceRules, doc.get("slices"), "slices"),
-                  _section(CoverageRules, doc.get("coverage"), "coverage"), ramp)
+                  _section(CoverageRules, doc.get("coverage"), "coverage"), ramp,
+                  _section(PromotionRules, doc.get("promotion"), "promotion"))
 
 
 def load_policy(path: str | Path | None) -> Policy:
@@ -252,5 +271,5 @@ def _clean(x):
     return x
 
 
-__all__ = ["DEFAULT_POLICY", "Policy", "TaskRules", "SliceRules", "CoverageRules", "load_policy", "parse_policy",
+__all__ = ["DEFAULT_POLICY", "Policy", "PromotionRules", "TaskRules", "SliceRules", "CoverageRules", "load_policy", "parse_policy",
            "Scored", "score", "coverage", "decide"]

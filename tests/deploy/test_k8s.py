@@ -122,3 +122,10 @@ def test_the_cycle_cronjob_runs_one_day_with_the_shipped_policy():
     assert parse_policy(yaml.safe_load(cm["data"][Path(a.policy).name])) == load_policy(None)
     assert docs[("PersistentVolumeClaim", volumes["data"]["persistentVolumeClaim"]["claimName"])]
     assert {r["secretRef"]["name"] for r in container["envFrom"]} == {"mvke-redis"}
+    ramp = docs[("CronJob", "mvke-ramp")]
+    assert ramp["spec"]["concurrencyPolicy"] == "Forbid"
+    ramp_pod = ramp["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    r = build_parser().parse_args(ramp_pod["containers"][0]["command"][1:])
+    ramp_mounts = {m["name"]: m["mountPath"] for m in ramp_pod["containers"][0]["volumeMounts"]}
+    assert r.auto and r.policy == f"{ramp_mounts['policy']}/policy.yaml"
+    assert {v["name"]: v for v in ramp_pod["volumes"]}["policy"]["configMap"]["name"] == cm["metadata"]["name"]
