@@ -28,25 +28,32 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from model_export.bundle import export_checkpoint
-from model_export.publish import publish
+from model_export.publish import canary_of, publish
+from mvke.data.dataset import RawDataset, build_schema
 from mvke.data.days import DaysLayout, grow_schema, grow_tags, id_map, parse_day, view
-from mvke.data.dataset import TASKS, RawDataset, build_schema
 from mvke.data.split import time_validation_mask
-from mvke.models.layers import tag_groups_of
 from mvke.runtime.keys import Keys
 from mvke.runtime.versions import active_version
 from mvke.training.gate import Scored, decide, load_policy, score
-from mvke.training.trainer import (EncodedData, TrainConfig, TrainResult, load_checkpoint, model_config_for,
-                                   save_checkpoint, train_model)
+from mvke.training.trainer import (
+    EncodedData,
+    TrainConfig,
+    TrainResult,
+    load_checkpoint,
+    model_config_for,
+    save_checkpoint,
+    train_model,
+)
 
 EXIT_OK, EXIT_REJECTED, EXIT_BUSY = 0, 1, 3
 STATE_FILE, LOCK_FILE, GATE_FILE = "state.json", "lock", "gate.json"
@@ -210,7 +217,7 @@ def train_candidate(cfg: CycleConfig, layout: DaysLayout, active: TrainResult | 
 # ------------------------------------------------------------------ gate
 def _categories(rows) -> np.ndarray:
     """Each row's slice: the category (name before '/') of the ad's first tag."""
-    return np.array([(list(t)[0].rsplit("/", 1)[0] if len(t) else "") for t in rows["tags"]], dtype=object)
+    return np.array([(next(iter(t)).rsplit("/", 1)[0] if len(t) else "") for t in rows["tags"]], dtype=object)
 
 
 def _scored(model: TrainResult, v, cats: np.ndarray) -> Scored:
@@ -219,8 +226,6 @@ def _scored(model: TrainResult, v, cats: np.ndarray) -> Scored:
 
 def gate(cfg: CycleConfig, layout: DaysLayout, candidate: TrainResult, active: TrainResult | None,
          active_version_id: str | None) -> dict:
-    if cfg.day not in layout.days():
-        raise ValueError(f"no log for the gated day {cfg.day} in {cfg.data}")
     v = view(layout, [cfg.day])
     cats = _categories(v.rows)
     record = decide(_scored(candidate, v, cats), None if active is None else _scored(active, v, cats),
@@ -259,6 +264,8 @@ def run_cycle(cfg: CycleConfig, say=lambda m: print(m, file=sys.stderr)) -> Cycl
         state.update(day=cfg.day, status="running", config={k: str(v) for k, v in asdict(cfg).items()})
         steps = state["steps"]
         layout = DaysLayout(cfg.data)
+        if cfg.day not in layout.days():   # before any training: the gate needs the day's rows
+            raise ValueError(f"no log for day {cfg.day} in {cfg.data / 'logs'} (days: {', '.join(layout.days()) or 'none'})")
         r, keys = _redis(cfg)
         torch.set_num_threads(int(cfg.train.get("threads", 2)))
         active_id, active = _active(cfg, r, keys) if "active" not in steps else (
@@ -313,8 +320,10 @@ def run_cycle(cfg: CycleConfig, say=lambda m: print(m, file=sys.stderr)) -> Cycl
                 return {"version": e["version"], "as": "active", "report": rep}
             if current == e["version"]:
                 return {"version": e["version"], "as": "active (unchanged: same content)", "report": {}}
+            replaced = canary_of(r, keys)   # a canary still ramping gives way to the newer, gated candidate
             rep = publish(d / "bundle", r, keep=cfg.keep, keys=keys, canary_percent=policy.ramp[0])
-            return {"version": e["version"], "as": f"canary {policy.ramp[0]:g}%", "report": rep}
+            return {"version": e["version"], "as": f"canary {policy.ramp[0]:g}%", "report": rep,
+                    "replaced_canary": None if replaced is None else f"{replaced[0]}:{replaced[1]:g}"}
         p = step("publish", do_publish)
         decision = "activated" if p["as"].startswith("active") else "published-canary"
         return _finish(state, state_path, decision, EXIT_OK, [], say)
@@ -333,4 +342,4 @@ def _finish(state: dict, path: Path, decision: str, code: int, reasons: list[str
     return CycleResult(state["day"], decision, code, reasons, state)
 
 
-__all__ = ["CycleConfig", "CycleResult", "CycleBusy", "run_cycle", "day_lock", "EXIT_OK", "EXIT_REJECTED", "EXIT_BUSY"]
+__all__ = ["EXIT_BUSY", "EXIT_OK", "EXIT_REJECTED", "CycleBusy", "CycleConfig", "CycleResult", "day_lock", "run_cycle"]

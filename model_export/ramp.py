@@ -91,4 +91,4 @@ def auto_promote(r, keys: Keys, policy: Policy, now: float | None = None) -> dic
     return {**out, "decision": "stepped", "to_percent": later[0]}
 
 
-__all__ = ["auto_promote", "ROLLED_BACK"]
+__all__ = ["ROLLED_BACK", "auto_promote"]

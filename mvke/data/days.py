@@ -39,8 +39,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mvke.data.dataset import TASK_LABELS, EncodedSplit, RawDataset, encode_split
-from mvke.data.synthetic import (ACTIVITY_MEAN, BASIC_FIELDS, DAY_SECONDS, HISTORY_FIELDS, STAT_FIELDS, SynthConfig,
-                                 Users, World, _gumbel_topk, dataset_meta, user_names)
+from mvke.data.synthetic import (
+    ACTIVITY_MEAN,
+    BASIC_FIELDS,
+    DAY_SECONDS,
+    HISTORY_FIELDS,
+    STAT_FIELDS,
+    SynthConfig,
+    Users,
+    World,
+    _gumbel_topk,
+    dataset_meta,
+    user_names,
+)
 from mvke.runtime.features import FeatureSchema, FieldSpec
 
 LOGS, SNAPSHOTS = "logs", "snapshots"
@@ -355,6 +366,21 @@ def grow_tags(old: list[str], new: list[str]) -> list[str]:
     return list(old) + [t for t in new if t not in known]
 
 
-__all__ = ["DaysConfig", "DaysWorld", "generate_days", "DaysLayout", "DaysView", "view", "concat_splits",
-           "grow_schema", "id_map", "grow_tags", "day_name", "parse_day", "day_start", "previous",
-           "BASIC_FIELDS", "STAT_FIELDS"]
+__all__ = [
+    "BASIC_FIELDS",
+    "STAT_FIELDS",
+    "DaysConfig",
+    "DaysLayout",
+    "DaysView",
+    "DaysWorld",
+    "concat_splits",
+    "day_name",
+    "day_start",
+    "generate_days",
+    "grow_schema",
+    "grow_tags",
+    "id_map",
+    "parse_day",
+    "previous",
+    "view",
+]

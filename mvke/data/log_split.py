@@ -22,7 +22,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mvke.data.dataset import DataError, _read_parquet, _require, check_samples, load_dataset, read_meta
+from mvke.data.dataset import (
+    DataError,
+    _read_parquet,
+    _require,
+    check_samples,
+    load_dataset,
+    read_meta,
+)
 
 
 @dataclass

@@ -39,14 +39,14 @@ class LiveFigures:
 
     FIELDS: ClassVar[tuple[str, ...]] = ("answers", "errors", "shadow_n", "shadow_jaccard_sum", "shadow_shift_sum")
 
-    def minus(self, before: "LiveFigures") -> "LiveFigures":
+    def minus(self, before: LiveFigures) -> LiveFigures:
         return LiveFigures(*(getattr(self, f) - getattr(before, f) for f in self.FIELDS))
 
     def to_dict(self) -> dict[str, float]:
         return {f: getattr(self, f) for f in self.FIELDS}
 
     @classmethod
-    def from_hash(cls, raw: dict, prefix: str = "") -> "LiveFigures":
+    def from_hash(cls, raw: dict, prefix: str = "") -> LiveFigures:
         def get(name: str) -> float:
             v = raw.get(f"{prefix}{name}".encode(), raw.get(f"{prefix}{name}"))
             return float(v) if v is not None else 0.0

@@ -110,13 +110,13 @@ def _section(cls, raw: Any, where: str):
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise ValueError(f"policy: {where} must be a mapping, got {type(raw).__name__}")
+        raise ValueError(f"policy: {where} must be a mapping, got {type(raw).__name__}")  # noqa: TRY004 (exit 2)
     known = {f.name for f in fields(cls)}
     for key, value in raw.items():
         if key not in known:
             raise ValueError(f"policy: unknown key {where}.{key} (known: {', '.join(sorted(known))})")
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"policy: {where}.{key} must be a number, got {value!r}")
+            raise ValueError(f"policy: {where}.{key} must be a number, got {value!r}")  # noqa: TRY004 (exit 2)
     return cls(**raw)
 
 
@@ -271,5 +271,17 @@ def _clean(x):
     return x
 
 
-__all__ = ["DEFAULT_POLICY", "Policy", "PromotionRules", "TaskRules", "SliceRules", "CoverageRules", "load_policy", "parse_policy",
-           "Scored", "score", "coverage", "decide"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "CoverageRules",
+    "Policy",
+    "PromotionRules",
+    "Scored",
+    "SliceRules",
+    "TaskRules",
+    "coverage",
+    "decide",
+    "load_policy",
+    "parse_policy",
+    "score",
+]

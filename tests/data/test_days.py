@@ -12,11 +12,20 @@ import pytest
 
 from mvke.cli import main
 from mvke.data.dataset import build_schema, read_table
-from mvke.data.days import (DaysConfig, DaysLayout, day_start, generate_days, grow_schema, grow_tags, id_map,
-                            parse_day, view)
+from mvke.data.days import (
+    DaysConfig,
+    DaysLayout,
+    day_start,
+    generate_days,
+    grow_schema,
+    grow_tags,
+    id_map,
+    parse_day,
+    view,
+)
 from mvke.data.synthetic import SynthConfig, generate
 
-TINY = dict(users=300, tags=60, ads=300, categories=12, segments=4, seed=0)
+TINY = {"users": 300, "tags": 60, "ads": 300, "categories": 12, "segments": 4, "seed": 0}
 DAYS = DaysConfig(days=4, join_rate=0.1, quiet_rate=0.1, tag_birth=0.2, tag_retire=0.2)
 
 

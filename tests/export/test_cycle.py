@@ -22,8 +22,8 @@ from mvke.runtime.keys import Keys
 from mvke.runtime.versions import published_versions
 from mvke.training.gate import DEFAULT_POLICY, Scored, decide, load_policy, parse_policy
 
-TINY_MODEL = dict(embed_dim=8, tag_dim=8, out_dim=16, expert_hidden=[32], attn_dim=8)
-WORLD = dict(users=1000, tags=60, ads=300, categories=12, segments=4, seed=0)
+TINY_MODEL = {"embed_dim": 8, "tag_dim": 8, "out_dim": 16, "expert_hidden": [32], "attn_dim": 8}
+WORLD = {"users": 1000, "tags": 60, "ads": 300, "categories": 12, "segments": 4, "seed": 0}
 # The tiny world's models move a lot from day to day: the test policy keeps the defaults'
 # AUC rules and relaxes the distribution and calibration ones.
 POLICY = """\
@@ -201,6 +201,7 @@ def _check_warm_state(ckpt: Path, days_dir: Path) -> None:
     schema = grow_schema(old.schema, build_schema(v.dataset(tags)))
     assert schema.num_ids > old.schema.num_ids, "the tiny world brings new feature values"
     from dataclasses import replace
+
     from mvke.models.layers import tag_groups_of
     cfg = replace(old.model.cfg, num_ids=schema.num_ids, num_tags=len(tags), tag_groups=tag_groups_of(tags))
     state = _warm_state(old, build_model(cfg), schema, tags)
@@ -215,3 +216,13 @@ def _check_warm_state(ckpt: Path, days_dir: Path) -> None:
                            before["tag_tower.table.weight"][old.tags.index(t) + 1])
     others = [k for k in before if not k.endswith(("embedding.table.weight", "tag_tower.table.weight", "group.weight"))]
     assert moved and others and all(torch.equal(state[k], before[k]) for k in others)
+
+
+def test_a_day_without_a_log_is_refused_before_training(days_dir, tmp_path, redis_server, policy_file, capsys):
+    argv = ["cycle", "--day", "2026-02-01", "--data", str(days_dir), "--home", str(tmp_path), "--redis", redis_server.url]
+    assert main(argv) == 2
+    assert "no log for day 2026-02-01" in capsys.readouterr().err
+    assert not (tmp_path / "day=2026-02-01" / "candidate").exists()
+    assert main(["cycle", "--day", "2026-01-01", "--data", str(days_dir), "--home", str(tmp_path),
+                 "--redis", redis_server.url]) == 2
+    assert "no day with a log before 2026-01-01" in capsys.readouterr().err
