@@ -199,7 +199,7 @@ def build_bundle(result: TrainResult) -> tuple[Manifest, dict[str, bytes]]:
         num_tags=len(result.tags), features=schema.to_dict(), files=entries, opset=OPSET,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         metrics={k: result.metrics.get(k) for k in ("dataset", "test_auc", "oracle_test_auc", "params",
-                                                     "train_seconds", "samples_per_second")},
+                                                     "train_seconds", "samples_per_second", "cycle")},
         model_config=asdict(model.cfg), events=_dataset_events(result.data_dir))
     return manifest, blobs
 

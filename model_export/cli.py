@@ -51,6 +51,14 @@ def _publish(a: argparse.Namespace) -> None:
 
 
 def _promote(a: argparse.Namespace) -> None:
+    if a.auto:   # one look at the ramp (model_export/ramp.py); exit 1 when it rolled back
+        from model_export.ramp import ROLLED_BACK, auto_promote
+        from mvke.training.gate import load_policy
+        report = auto_promote(_redis(a.redis), _keys(a), load_policy(a.policy))
+        print(json.dumps(report, indent=1))
+        if report["decision"] == ROLLED_BACK:
+            sys.exit(1)
+        return
     from model_export.publish import promote
     print(json.dumps(promote(_redis(a.redis), _keys(a)), indent=1))
 
@@ -65,7 +73,8 @@ def _models(a: argparse.Namespace) -> None:
         when = datetime.fromtimestamp(v.published_at, timezone.utc).isoformat(timespec="seconds")
         print(f"{'*' if v.active else ' ':2}{v.version:18}{v.model:14}{v.bytes / 1e6:>8.2f}MB  {when}"
               + ("  (rolled back)" if v.rolled_back else "")
-              + (f"  (canary, {v.canary_percent:g}% of users)" if v.canary_percent is not None else ""))
+              + (f"  (canary, {v.canary_percent:g}% of users)" if v.canary_percent is not None else "")
+              + (f"  gate {v.gate['decision']} on {v.gate['day']}" if v.gate else ""))
     print(f"active: {active_version(r, keys) or 'none'}")   # the last line; docker/trainer-entrypoint.sh reads it
 
 
@@ -146,8 +155,14 @@ def register(sub) -> None:
                         "beside the active version; without BUNDLE: change the current canary's share")
     p.set_defaults(func=_publish, extra=EXTRA)
 
-    pr = sub.add_parser("promote", help="make the canary the active version")
+    pr = sub.add_parser("promote", help="make the canary the active version (--auto: step the ramp by the policy)",
+                        description="Make the canary the active version. --auto: one look at the canary's ramp step "
+                                    "instead: from its live figures (errors, shadow top-20 overlap and score shift) "
+                                    "hold, step to the next share, promote after the last, or roll back (exit 1): "
+                                    "docs/OPERATIONS.md.")
     _redis_options(pr)
+    pr.add_argument("--auto", action="store_true", help="step the ramp by the policy's promotion rules (run it on a schedule)")
+    pr.add_argument("--policy", metavar="FILE", help="with --auto: policy YAML (default: `mvke cycle --print-policy`)")
     pr.set_defaults(func=_promote, extra=EXTRA)
 
     m = sub.add_parser("models", help="list published versions",
@@ -215,3 +230,6 @@ def register(sub) -> None:
     rp.add_argument("--batch", type=int, default=500, metavar="N", help="events per request / pipeline (default 500)")
     _redis_options(rp)
     rp.set_defaults(func=_events_replay, extra=EXTRA)
+
+    from model_export.cycle_cli import register as register_cycle
+    register_cycle(sub)

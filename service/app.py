@@ -90,7 +90,7 @@ async def list_versions(state: ServiceState) -> dict:
     loaded = registry.loaded()
     versions = [{"version": v.version, "model": v.model, "created_at": v.created_at, "published_at": v.published_at,
                  "bytes": v.bytes, "active": v.active, "canary": canary is not None and v.version == canary.version,
-                 "rolled_back": v.rolled_back, "loaded": v.version in loaded} for v in published]
+                 "rolled_back": v.rolled_back, "loaded": v.version in loaded, "gate": v.gate} for v in published]
     active = next((v.version for v in published if v.active), None)
     return {"active": active,
             "canary": None if canary is None else {"version": canary.version, "percent": canary.percent,

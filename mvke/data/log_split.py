@@ -22,7 +22,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mvke.data.dataset import DataError, _read_parquet, _require, check_samples, load_dataset, read_meta
+from mvke.data.dataset import (
+    DataError,
+    _read_parquet,
+    _require,
+    check_samples,
+    load_dataset,
+    read_meta,
+)
 
 
 @dataclass
@@ -125,18 +132,24 @@ def pick_days(days: list[str], cfg: TimeSplitConfig, path: Path) -> tuple[list[s
     return train, test
 
 
-def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
-                  meta_path: str | Path | None = None, users_path: str | Path | None = None) -> SplitReport:
-    """Log (+ meta.json, users.parquet beside it unless given) -> dataset directory `out`."""
-    cfg = cfg or TimeSplitConfig()
+def _read_checked(log_path: str | Path, cfg: TimeSplitConfig, meta_path: str | Path | None,
+                  users_path: str | Path | None) -> tuple[Path, Path, dict[str, Any], pd.DataFrame]:
+    """(log path, users path, meta, log): meta.json and users.parquet beside the log unless given, all checked."""
     log_path = Path(log_path)
     meta_path = Path(meta_path) if meta_path else log_path.parent / "meta.json"
     users_path = Path(users_path) if users_path else log_path.parent / "users.parquet"
     meta = read_meta(meta_path)
     log = _read_parquet(log_path)
     _check_log(log, log_path, meta, cfg)
-    users = _read_parquet(users_path)
-    _check_users(users, users_path, meta, log, log_path)
+    _check_users(_read_parquet(users_path), users_path, meta, log, log_path)
+    return log_path, users_path, meta, log
+
+
+def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
+                  meta_path: str | Path | None = None, users_path: str | Path | None = None) -> SplitReport:
+    """Log (+ meta.json, users.parquet beside it unless given) -> dataset directory `out`."""
+    cfg = cfg or TimeSplitConfig()
+    log_path, users_path, meta, log = _read_checked(log_path, cfg, meta_path, users_path)
 
     stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
     day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
@@ -157,3 +170,31 @@ def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | 
                        rows={k: len(v) for k, v in parts.items()},
                        users={k: int(v["user_id"].nunique()) for k, v in parts.items()},
                        dropped_rows=int(len(log) - sum(len(v) for v in parts.values())))
+
+
+def split_daily(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
+                meta_path: str | Path | None = None, users_path: str | Path | None = None) -> SplitReport:
+    """`--daily`: the log -> the days layout of mvke/data/days.py (`logs/day=YYYY-MM-DD/part-00000.parquet`,
+    every calendar day of `cfg.timezone`), the input of `mvke cycle`. users.parquet is copied to the
+    root: one feature row per user for every day, so features are point-in-time only if the log's
+    rows carry them inline or you add `snapshots/day=YYYY-MM-DD/users.parquet` (the end of each day)."""
+    from mvke.data.days import LOGS, PART
+    cfg = cfg or TimeSplitConfig()
+    log_path, users_path, meta, log = _read_checked(log_path, cfg, meta_path, users_path)
+    stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
+    day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
+    log = log.assign(**{TIMESTAMP: (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)})
+    out = Path(out)
+    days = sorted(day.unique())
+    for d in days:
+        part = out / LOGS / f"day={d}" / PART
+        part.parent.mkdir(parents=True, exist_ok=True)
+        rows = log[day == d].sort_values(["user_id", TIMESTAMP], kind="stable").reset_index(drop=True)
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), part)
+    if users_path.resolve() != (out / "users.parquet").resolve():
+        shutil.copyfile(users_path, out / "users.parquet")
+    split = {"by": "time", "daily": True, "source": log_path.name, "time_column": cfg.time_column,
+             "timezone": cfg.timezone}
+    (out / "meta.json").write_text(json.dumps({**meta, "days": days, "split": split}, indent=1))
+    return SplitReport(out, days, [], rows={d: int((day == d).sum()) for d in days},
+                       users={d: int(log["user_id"][day == d].nunique()) for d in days})

@@ -6,10 +6,10 @@ import json
 
 
 def _split(a: argparse.Namespace) -> None:
-    from mvke.data.log_split import TimeSplitConfig, split_by_time
+    from mvke.data.log_split import TimeSplitConfig, split_by_time, split_daily
     cfg = TimeSplitConfig(time_column=a.time_column, test_days=a.test_days, train_days=a.train_days,
                           timezone=a.timezone)
-    report = split_by_time(a.log, a.out, cfg, meta_path=a.meta, users_path=a.users)
+    report = (split_daily if a.daily else split_by_time)(a.log, a.out, cfg, meta_path=a.meta, users_path=a.users)
     print(json.dumps(report.summary(), indent=1))
 
 
@@ -40,6 +40,9 @@ def register(data_sub) -> None:
     s.add_argument("--train-days", type=int, metavar="N",
                    help="calendar days before the test days kept for training (default: all of them)")
     s.add_argument("--timezone", default="UTC", metavar="TZ", help="where a calendar day starts, e.g. Asia/Shanghai (default UTC)")
+    s.add_argument("--daily", action="store_true",
+                   help="write one partition per calendar day (logs/day=YYYY-MM-DD/) instead of train/test: the "
+                        "days layout `mvke cycle` reads (docs/OPERATIONS.md); --test-days/--train-days do not apply")
     s.add_argument("--meta", metavar="FILE", help="meta.json (default: beside LOG)")
     s.add_argument("--users", metavar="FILE", help="users.parquet, one feature row per user (default: beside LOG)")
     s.set_defaults(func=_split, extra=None)   # pandas + pyarrow: core dependencies

@@ -17,6 +17,11 @@ master: a few MB per version, 3 versions kept, read once per service replica per
     {mvke}:publish-lock                 publisher mutex (redis-py Lock: token + Lua release)
     {mvke}:v<id>:manifest               manifest JSON (written in the same MULTI as the files)
     {mvke}:v<id>:file:<name>            raw bytes of each bundle file (ONNX, float32 arrays, tags)
+    {mvke}:v<id>:live                   hash: live figures of the version while it serves (counters:
+                                        answers, errors; shadow_n, shadow_jaccard_sum, shadow_shift_sum),
+                                        read by `mvke promote --auto` (mvke/runtime/cycle_record.py)
+    {mvke}:ramp                         hash: the canary's ramp step (version, percent, since, the
+                                        live counters when the step began), written by `promote --auto`
 
 Feature store (written by `mvke features load`, read by the service). No hash tag: a
 cluster spreads the users over every slot and master.
@@ -114,6 +119,7 @@ class Keys:
         self.versions = f"{self.models}:versions"
         self.stored = f"{self.models}:stored"
         self.lock = f"{self.models}:publish-lock"
+        self.ramp = f"{self.models}:ramp"
         self.user_tags_latest = f"{{{prefix}:usertags}}:latest"
 
     # ---- models ----------------------------------------------------------
@@ -126,9 +132,12 @@ class Keys:
     def file(self, version: str, name: str) -> str:
         return f"{self.version_prefix(version)}:file:{name}"
 
+    def live(self, version: str) -> str:
+        return f"{self.version_prefix(version)}:live"
+
     def version_keys(self, version: str, file_names) -> list[str]:
-        """Every key of one version: its manifest and its files (names from the manifest)."""
-        return [self.manifest(version), *(self.file(version, n) for n in file_names)]
+        """Every key of one version: its manifest, its files (names from the manifest), its live figures."""
+        return [self.manifest(version), *(self.file(version, n) for n in file_names), self.live(version)]
 
     # ---- feature store ---------------------------------------------------
     def user(self, user_id: str) -> str:

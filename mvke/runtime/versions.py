@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import redis
 
 from mvke.runtime.contract import BundleError, Manifest, verify_files
+from mvke.runtime.cycle_record import gate_summary
 from mvke.runtime.keys import Keys, parse_canary
 
 
@@ -50,6 +51,7 @@ class PublishedVersion:
     active: bool
     rolled_back: bool = False             # rolled back from: a rollback never re-activates it
     canary_percent: float | None = None   # the canary, serving this share of users
+    gate: dict | None = None              # `mvke cycle`'s gate summary (cycle_record.gate_summary); None: by hand
 
 
 def published_versions(r: redis.Redis, keys: Keys | None = None) -> list[PublishedVersion]:
@@ -70,7 +72,8 @@ def published_versions(r: redis.Redis, keys: Keys | None = None) -> list[Publish
             continue
         m = Manifest.from_json(raw)
         out.append(PublishedVersion(name, m.model, m.created_at, abs(score), sum(f.bytes for f in m.files.values()),
-                                    name == active, score < 0, canary[1] if canary and canary[0] == name else None))
+                                    name == active, score < 0, canary[1] if canary and canary[0] == name else None,
+                                    gate_summary(m)))
     out.sort(key=lambda v: v.published_at, reverse=True)
     return out
 

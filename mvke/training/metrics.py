@@ -61,3 +61,29 @@ def normalised_entropy(w: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.zeros(np.delete(w.shape, axis))
     w = np.clip(np.asarray(w, dtype=np.float64), 1e-12, None)
     return -(w * np.log(w)).sum(axis) / math.log(n)
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """Mean predicted vs observed rate and the expected calibration error (equal-width bins:
+    sum over bins of the bin's share of rows times |mean predicted - observed rate| in it)."""
+    labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    if len(labels) == 0:
+        return {"mean_predicted": float("nan"), "observed": float("nan"), "ece": float("nan")}
+    which = np.minimum((probs * bins).astype(np.int64), bins - 1)
+    n = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, probs, bins) - np.bincount(which, labels, bins))   # per bin: |sum p - sum y|
+    return {"mean_predicted": float(probs.mean()), "observed": float(labels.mean()),
+            "ece": float(gap[n > 0].sum() / len(labels))}
+
+
+def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10, eps: float = 1e-4) -> float:
+    """Population stability index of `actual` against `expected` over the deciles of `expected`:
+    sum (a - e) * ln(a / e) of the bins' shares (0 = same distribution; > 0.25 is a large shift)."""
+    expected, actual = np.asarray(expected, np.float64), np.asarray(actual, np.float64)
+    if len(expected) == 0 or len(actual) == 0:
+        return float("nan")
+    edges = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1)[1:-1]))
+    e = np.bincount(np.searchsorted(edges, expected, side="right"), minlength=len(edges) + 1) / len(expected)
+    a = np.bincount(np.searchsorted(edges, actual, side="right"), minlength=len(edges) + 1) / len(actual)
+    e, a = np.clip(e, eps, None), np.clip(a, eps, None)
+    return float(((a - e) * np.log(a / e)).sum())

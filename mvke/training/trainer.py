@@ -169,14 +169,18 @@ def epoch_valid_auc(row: dict) -> dict[str, float]:
     return {k.split("_")[1]: v for k, v in row.items() if k.startswith("valid_")}
 
 
-def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_epoch=None) -> TrainResult:
+def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_epoch=None,
+                initial_state: dict | None = None) -> TrainResult:
     """Train with early stopping on the mean validation AUC; restore the best epoch's weights.
 
     on_epoch(epoch, valid_mean_auc) is called after each epoch (Optuna pruning); it may raise to stop.
+    initial_state: weights to start from instead of the random init (the daily cycle's warm start).
     """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model = build_model(model_cfg)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     steps = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
     opt, sched = make_optimizer(model, cfg, steps)
     rng = np.random.default_rng(cfg.seed)

@@ -53,6 +53,7 @@ PROFILES = {
     None: {"redis", "trainer", "service"},
     "gpu": {"redis", "trainer", "service", "service-gpu"},
     "loadtest": {"redis", "trainer", "service", "locust"},
+    "cycle": {"redis", "trainer", "service", "cycle"},
 }
 # Top-level packages the service images do not install (train / export / loadtest /
 # batch / dev only): importing any of them from the service would break the image.

@@ -29,7 +29,11 @@ def _documents() -> list[tuple[str, dict]]:
 
 
 def _by_kind() -> dict[str, dict]:
-    return {doc["kind"]: doc for _, doc in _documents()}
+    """The first document of each kind, in file order (configmap.yaml's before cronjob-cycle.yaml's)."""
+    kinds: dict[str, dict] = {}
+    for _, doc in _documents():
+        kinds.setdefault(doc["kind"], doc)
+    return kinds
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -95,3 +99,36 @@ def test_kustomization_lists_every_manifest_but_the_example_secret():
     kustomization = _by_kind()["Kustomization"]
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
     assert set(kustomization["resources"]) == files
+
+
+def test_the_cycle_cronjob_runs_one_day_with_the_shipped_policy():
+    """The CronJob never overlaps itself, runs `mvke cycle` with options the real parser accepts,
+    mounts the policy ConfigMap where --policy points, and that policy is the documented default."""
+    import shlex
+
+    from mvke.cli import build_parser
+    from mvke.training.gate import load_policy, parse_policy
+    docs = {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in _documents() if "metadata" in doc}
+    cron = docs[("CronJob", "mvke-cycle")]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    argv = shlex.split(container["args"][0].replace('"$(date -u -d yesterday +%F)"', "2026-01-04"))
+    assert argv[:3] == ["exec", "mvke", "cycle"]
+    a = build_parser().parse_args(argv[2:])
+    assert a.day == "2026-01-04" and a.warm_start and a.window == 3
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    policy_volume = next(n for n, v in volumes.items() if "configMap" in v)
+    assert a.policy.startswith(mounts[policy_volume] + "/") and a.data.startswith(mounts["data"])
+    cm = docs[("ConfigMap", volumes[policy_volume]["configMap"]["name"])]
+    assert parse_policy(yaml.safe_load(cm["data"][Path(a.policy).name])) == load_policy(None)
+    assert docs[("PersistentVolumeClaim", volumes["data"]["persistentVolumeClaim"]["claimName"])]
+    assert {r["secretRef"]["name"] for r in container["envFrom"]} == {"mvke-redis"}
+    ramp = docs[("CronJob", "mvke-ramp")]
+    assert ramp["spec"]["concurrencyPolicy"] == "Forbid"
+    ramp_pod = ramp["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    r = build_parser().parse_args(ramp_pod["containers"][0]["command"][1:])
+    ramp_mounts = {m["name"]: m["mountPath"] for m in ramp_pod["containers"][0]["volumeMounts"]}
+    assert r.auto and r.policy == f"{ramp_mounts['policy']}/policy.yaml"
+    assert {v["name"]: v for v in ramp_pod["volumes"]}["policy"]["configMap"]["name"] == cm["metadata"]["name"]

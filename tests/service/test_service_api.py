@@ -201,6 +201,7 @@ def test_pinned_and_canary_versions(private_redis, bundle, dataset_dir, tmp_path
         assert listing["active"] == a and listing["canary"] == {"version": b, "percent": 30.0, "source": "redis"}
         state = {v["version"]: (v["active"], v["canary"], v["loaded"]) for v in listing["versions"]}
         assert state == {a: (True, False, True), b: (False, True, True), c: (False, False, False)}
+        assert all(v["gate"] is None for v in listing["versions"])   # published by hand: no cycle record
         promote(r, keys)
         s.wait_version(b)
         _wait(lambda: s.client.get("/readyz").json().get("canary_version") is None)
