@@ -37,6 +37,10 @@ META_CACHE = 4        # versions whose meta is kept (latest + a few that cursors
 NO_INDEX = "no audience index published (run `mvke tag-all --audiences --redis URL`)"
 
 
+class VersionGone(Exception):
+    """The version's keys were deleted (retired) after its meta was cached."""
+
+
 class AudienceStore:
     """Reads one audience version per query (see module docstring). Its own client: bitmaps are bytes, the
     tag routes' client decodes replies to str."""
@@ -98,9 +102,13 @@ class AudienceStore:
         for (t, tags), raws in zip(by_task.items(), replies):
             for g, raw in zip(tags, raws):
                 if raw is None:   # meta says someone carries it: the version was retired under us
-                    raise unavailable(f"audience version {meta.version} is no longer in Redis; ask again")
+                    raise self._gone(meta)
                 out[(t, g)] = BitMap.deserialize(raw)
         return out
+
+    def _gone(self, meta: AudienceMeta) -> VersionGone:
+        self.metas.pop(meta.version, None)
+        return VersionGone(meta.version)
 
     async def user_ids(self, meta: AudienceMeta, numbers: list[int]) -> list[str]:
         """User numbers -> ids from the dictionary chunks that hold them (one HMGET)."""
@@ -109,7 +117,7 @@ class AudienceStore:
         chunks = chunks_of(numbers)
         raws = await self._call(self.redis.hmget(self.keys.audience_users(meta.version), [str(c) for c in chunks]))
         if any(r is None for r in raws):
-            raise unavailable(f"audience version {meta.version} is no longer in Redis; ask again")
+            raise self._gone(meta)
         ids = {c: decode_user_chunk(r) for c, r in zip(chunks, raws)}
         return [ids[n // USER_CHUNK][n % USER_CHUNK] for n in numbers]
 
@@ -143,21 +151,28 @@ def _task(meta: AudienceMeta, task: str | None) -> str:
     if task is None:
         if len(meta.tasks) == 1:
             return meta.tasks[0]
-        raise ServiceError(422, f"task: required (one of {', '.join(meta.tasks)})", field="task")
+        raise ServiceError(422, f"query.task: required (one of {', '.join(meta.tasks)})", field="query.task")
     if task not in meta.tasks:
-        raise ServiceError(422, f"task: unknown task {task!r} (tasks: {', '.join(meta.tasks)})", field="task")
+        raise ServiceError(422, f"query.task: unknown task {task!r} (tasks: {', '.join(meta.tasks)})", field="query.task")
     return task
 
 
 def _parse_cursor(cursor: str) -> tuple[str, int]:
     version, sep, last = cursor.partition(":")
     if not sep or not version or not last.isdigit():
-        raise ServiceError(422, f"cursor: not a cursor this service gave out: {cursor[:80]!r}", field="cursor")
+        raise ServiceError(422, f"query.cursor: not a cursor this service gave out: {cursor[:80]!r}", field="query.cursor")
     return version, int(last)
 
 
 # ---- the queries --------------------------------------------------------------------------------------
 async def estimate(store: AudienceStore, req: AudienceEstimateRequest) -> dict:
+    try:
+        return await _estimate(store, req)
+    except VersionGone as e:
+        raise unavailable(f"audience version {e} was just retired; ask again") from None
+
+
+async def _estimate(store: AudienceStore, req: AudienceEstimateRequest) -> dict:
     node = _parse(req.expression)
     meta = await store.latest()
     found = terms(node)
@@ -172,13 +187,26 @@ async def estimate(store: AudienceStore, req: AudienceEstimateRequest) -> dict:
 
 
 async def audience_page(store: AudienceStore, tag: str, task: str | None, limit: int, cursor: str | None) -> dict:
+    try:
+        return await _page(store, tag, task, limit, cursor)
+    except VersionGone as e:
+        if cursor is None:   # the latest version was replaced and retired between two reads: rare, ask again
+            raise unavailable(f"audience version {e} was just retired; ask again") from None
+        raise _retired(str(e)) from None
+
+
+def _retired(version: str) -> ServiceError:
+    return ServiceError(410, f"query.cursor: audience version {version} was retired; start again without a cursor",
+                        field="query.cursor")
+
+
+async def _page(store: AudienceStore, tag: str, task: str | None, limit: int, cursor: str | None) -> dict:
     after = None
     if cursor is not None:
         version, after = _parse_cursor(cursor)
         meta = await store.meta(version)
         if meta is None:
-            raise ServiceError(410, f"cursor: audience version {version} was retired; start again without a cursor",
-                               field="cursor")
+            raise _retired(version)
     else:
         meta = await store.latest()
     task = _task(meta, task)
