@@ -8,11 +8,14 @@ The index is `mvke tag-all --audiences`' (batch/audiences.py; format and grammar
 mvke/runtime/audience.py). **Read per query from Redis, not loaded in process.** Why: a query
 needs only its terms' bitmaps (a 3-tag expression at 10M users reads a few MB in one round trip
 and answers well inside the 50 ms p99 goal: docs/results/audiences.md), while the whole index is
-~1 GB at 10M users x 1,780 tags x 2 tasks, and would be held once per worker process and reloaded
-by each on every switch. Reading per query also makes the switch trivially atomic: each query
-resolves `{mvke:audiences}:latest` once and reads every key from that one immutable version
-(a page's cursor pins its version, so paging returns every user once across a switch). Only the
-small meta (catalogue, sizes, rule) is cached, per version, which never changes once written.
+hundreds of MB at 10M users x 1,780 tags x 2 tasks, and would be held once per worker process and
+reloaded by each on every switch. Reading per query also makes the switch atomic without any
+swap logic: each query resolves `{mvke:audiences}:latest` (reused for MVKE_AUDIENCE_POLL_S, 0.5 s)
+once and reads every key from that one immutable version (a page's cursor pins its version, so
+paging returns every user once across a switch). Cached, since a version never changes once
+written: the small meta (catalogue, sizes, rule) per version, and the deserialised bitmaps of the
+most recently used tags within MVKE_AUDIENCE_CACHE_MB (256): popular tags have the largest
+bitmaps and are asked for most, so they stay; rare tags are small and cheap to read.
 
 Redis down: 503 with the reason and Retry-After; the next query after Redis is back answers
 (no state to repair: nothing is held but immutable metas).
@@ -20,6 +23,7 @@ Redis down: 503 with the reason and Retry-After; the next query after Redis is b
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 
 from fastapi import FastAPI, Path, Query
@@ -41,6 +45,31 @@ class VersionGone(Exception):
     """The version's keys were deleted (retired) after its meta was cached."""
 
 
+class BitmapCache:
+    """Deserialised bitmaps by (version, task, tag), least recently used out first, within a byte budget.
+    Versions are immutable, so an entry is never stale; the popular tags (the large bitmaps) stay."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self.items: OrderedDict[tuple[str, str, str], tuple[BitMap, int]] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str]) -> BitMap | None:
+        hit = self.items.get(key)
+        if hit is None:
+            return None
+        self.items.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: tuple[str, str, str], bm: BitMap, nbytes: int) -> None:
+        if nbytes > self.budget or key in self.items:
+            return
+        self.items[key] = (bm, nbytes)
+        self.used += nbytes
+        while self.used > self.budget:
+            _, (_, n) = self.items.popitem(last=False)
+            self.used -= n
+
+
 class AudienceStore:
     """Reads one audience version per query (see module docstring). Its own client: bitmaps are bytes, the
     tag routes' client decodes replies to str."""
@@ -52,6 +81,9 @@ class AudienceStore:
                                    decode_responses=False, socket_timeout=s.redis_timeout_s,
                                    socket_connect_timeout=s.redis_timeout_s)
         self.metas: OrderedDict[str, AudienceMeta] = OrderedDict()
+        self.poll_s = s.audience_poll_s
+        self._latest: tuple[str, float] | None = None    # (version, when read): reused for poll_s
+        self.cache = BitmapCache(s.audience_cache_mb << 20)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -65,10 +97,7 @@ class AudienceStore:
     async def meta(self, version: str | None = None) -> AudienceMeta | None:
         """The version's meta (the latest one when None); None when that version is not in Redis."""
         if version is None:
-            raw = await self._call(self.redis.get(self.keys.audiences_latest))
-            if raw is None:
-                raise unavailable(NO_INDEX)
-            version = raw.decode()
+            version = await self.latest_version()
         meta = self.metas.get(version)
         if meta is None:
             raw = await self._call(self.redis.get(self.keys.audience_meta(version)))
@@ -82,6 +111,19 @@ class AudienceStore:
             self.metas.move_to_end(version)
         return meta
 
+    async def latest_version(self) -> str:
+        """`{mvke:audiences}:latest`, read at most every poll_s (a switch is seen within poll_s; each query
+        still reads one version only)."""
+        now = time.monotonic()
+        if self._latest is not None and now - self._latest[1] < self.poll_s:
+            return self._latest[0]
+        raw = await self._call(self.redis.get(self.keys.audiences_latest))
+        if raw is None:
+            self._latest = None
+            raise unavailable(NO_INDEX)
+        self._latest = (raw.decode(), now)
+        return self._latest[0]
+
     async def latest(self) -> AudienceMeta:
         meta = await self.meta()
         if meta is None:   # the pointer names a version being retired: only between two publishes' steps
@@ -90,24 +132,30 @@ class AudienceStore:
 
     async def bitmaps(self, meta: AudienceMeta, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], BitMap]:
         """(task, tag) -> bitmap, every task's fields in one round trip; a tag nobody carries has no field."""
-        need = sorted({(t, g) for t, g in wanted if meta.sizes[t][meta.tag_index(g)] > 0})
+        out = {(t, g): BitMap() for t, g in wanted}
         by_task: dict[str, list[str]] = {}
-        for t, g in need:
-            by_task.setdefault(t, []).append(g)
+        for t, g in sorted({(t, g) for t, g in wanted if meta.sizes[t][meta.tag_index(g)] > 0}):
+            hit = self.cache.get((meta.version, t, g))
+            if hit is not None:
+                out[(t, g)] = hit
+            else:
+                by_task.setdefault(t, []).append(g)
         pipe = self.redis.pipeline(transaction=False)
         for t, tags in by_task.items():
             pipe.hmget(self.keys.audience_task(meta.version, t), tags)
         replies = await self._call(pipe.execute()) if by_task else []
-        out = {(t, g): BitMap() for t, g in wanted}
         for (t, tags), raws in zip(by_task.items(), replies):
             for g, raw in zip(tags, raws):
                 if raw is None:   # meta says someone carries it: the version was retired under us
                     raise self._gone(meta)
-                out[(t, g)] = BitMap.deserialize(raw)
+                out[(t, g)] = bm = BitMap.deserialize(raw)
+                self.cache.put((meta.version, t, g), bm, len(raw))
         return out
 
     def _gone(self, meta: AudienceMeta) -> VersionGone:
         self.metas.pop(meta.version, None)
+        if self._latest is not None and self._latest[0] == meta.version:
+            self._latest = None
         return VersionGone(meta.version)
 
     async def user_ids(self, meta: AudienceMeta, numbers: list[int]) -> list[str]:

@@ -10,7 +10,7 @@ rows it wrote into one bitmap per (task, tag) over dense user numbers; the servi
     bitmap per task+tag   `BitMap.serialize()` (Roaring's portable format: Java, Go, CRoaring, ClickHouse
                           and Redis modules read it) of the user numbers in the tag's audience
     user-id dictionary    user number n -> user id; chunks of USER_CHUNK ids (chunk n // USER_CHUNK),
-                          each a JSON list, so a page or a sample reads a few kB, not 10M ids
+                          newline-joined (encode_user_chunk), so a page or a sample reads kBs, not 10M ids
 
 Redis layout (keys in mvke/runtime/keys.py): one hash slot per version; the `latest` pointer moves
 only after the version's keys are complete, so a reader that resolves it never sees a mix.
@@ -103,11 +103,16 @@ class AudienceMeta:
 
 # ---- user-id dictionary chunks ----------------------------------------------------------------
 def encode_user_chunk(ids: list[str]) -> bytes:
-    return json.dumps(ids, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """b"L" + newline-joined ids (split is ~10x faster to decode than JSON); b"J" + a JSON list when an id
+    holds a newline."""
+    if any("\n" in i for i in ids):
+        return b"J" + json.dumps(ids, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return b"L" + "\n".join(ids).encode("utf-8")
 
 
-def decode_user_chunk(raw: bytes | str) -> list[str]:
-    return json.loads(raw)
+def decode_user_chunk(raw: bytes) -> list[str]:
+    body = raw[1:].decode("utf-8")
+    return json.loads(body) if raw[:1] == b"J" else body.split("\n")
 
 
 def chunks_of(numbers: Iterable[int]) -> list[int]:

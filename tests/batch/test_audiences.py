@@ -53,7 +53,7 @@ def test_index_of_a_run_equals_brute_force_over_its_parquet(ray_session, tiny, u
     rng = random.Random(5)
     carried = sorted(sets)
     leaves = carried[:6] + [(t, g) for t in manifest.task_names for g in rng.sample(index.meta.tags, 3)]
-    with LiveService(make_settings(redis_server.url, "ta")) as s:
+    with LiveService(make_settings(redis_server.url, "ta", audience_poll_s=0.05)) as s:
         for _ in range(40):
             text, tree = random_expression(rng, leaves, 3)
             doc = s.client.post("/audiences:estimate", json={"expression": text}).json()

@@ -107,3 +107,9 @@ def test_meta_round_trip_and_rule():
                                                                                    {"interest": [3, 0]})
     with pytest.raises(ValueError, match="top_k"):
         AudienceRule(0)
+
+
+def test_user_chunks_round_trip():
+    from mvke.runtime.audience import decode_user_chunk, encode_user_chunk
+    for ids in (["u1", "u2", ""], ["a\nb", "c"], ["x"]):
+        assert decode_user_chunk(encode_user_chunk(ids)) == ids

@@ -66,7 +66,7 @@ def redis_mod():
 def live(redis_mod, world):
     r = redis_mod.client()
     publish(world["first"], r, Keys("aud"))
-    with LiveService(make_settings(redis_mod.url, "aud", api_keys=KEY)) as s:
+    with LiveService(make_settings(redis_mod.url, "aud", api_keys=KEY, audience_poll_s=0.05)) as s:
         yield s, r
     r.close()
 
@@ -201,7 +201,7 @@ def test_version_switch_is_atomic_for_readers_and_cursors_pin_their_version(live
             time.sleep(0.01)
         publish(world["second"], r, Keys("aud"))
         n = len(seen)
-        while len(seen) < n + 10 and time.monotonic() < deadline:
+        while (len(seen) < n + 10 or seen[-1][0] != v2) and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         stop.set()
@@ -219,13 +219,14 @@ def test_version_switch_is_atomic_for_readers_and_cursors_pin_their_version(live
     assert len(users) == len(set(users)) and set(users) == world["sets"][("interest", tag)]
     assert estimate(s, expr).json() == estimate(s, expr).json() | {"version": v2, "size": want[v2]}
     publish(world["first"], r, Keys("aud"))     # back to v1 for the other tests (content-addressed: no rewrite)
+    time.sleep(0.1)                             # > audience_poll_s: the service reads the pointer again
 
 
 def test_retired_cursor_is_410_and_no_index_is_503(redis_mod, world):
     r = redis_mod.client()
     keys = Keys("aud-retire")
     try:
-        with LiveService(make_settings(redis_mod.url, "aud-retire")) as s:
+        with LiveService(make_settings(redis_mod.url, "aud-retire", audience_poll_s=0.05)) as s:
             res = s.client.post("/audiences:estimate", json={"expression": "interest:x"})
             assert res.status_code == 503 and "no audience index" in res.json()["detail"]
             publish(world["first"], r, keys)
@@ -248,7 +249,7 @@ def test_redis_down_is_503_with_reason_then_recovers_by_itself(world, tmp_path):
     r.close()
     expr = f"interest:{world['tags'][0]} AND intention:{world['tags'][3]}"
     try:
-        with LiveService(make_settings(server.url, "aud")) as s:
+        with LiveService(make_settings(server.url, "aud", audience_poll_s=0.05)) as s:
             before = s.client.post("/audiences:estimate", json={"expression": expr})
             assert before.status_code == 200
             server.stop()

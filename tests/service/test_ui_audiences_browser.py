@@ -38,7 +38,7 @@ def test_audience_tab_in_chromium(tmp_path):
         r = server.client()
         publish(index, r, Keys("uiaud"))
         try:
-            with LiveService(make_settings(server.url, "uiaud", api_keys=KEY)) as s:
+            with LiveService(make_settings(server.url, "uiaud", api_keys=KEY, audience_poll_s=0.05)) as s:
                 wait = WebDriverWait(driver, 15)
                 driver.get(f"{s.url}/ui")
                 driver.find_element(By.ID, "tab-audiences").click()
