@@ -37,6 +37,7 @@ from service.schemas import (MAX_AUDIENCE_PAGE, AudienceEstimateRequest, Audienc
                              AudiencePage)
 from service.tagger import ServiceError, unavailable
 
+CURSOR_PATTERN = r"^[0-9a-f]{16}:[0-9]{1,10}$"   # <index version>:<last user number returned>
 META_CACHE = 4        # versions whose meta is kept (latest + a few that cursors may still pin)
 NO_INDEX = "no audience index published (run `mvke tag-all --audiences --redis URL`)"
 
@@ -199,16 +200,16 @@ def _task(meta: AudienceMeta, task: str | None) -> str:
     if task is None:
         if len(meta.tasks) == 1:
             return meta.tasks[0]
-        raise ServiceError(422, f"query.task: required (one of {', '.join(meta.tasks)})", field="query.task")
+        raise _query_error(422, "task", f"required (one of {', '.join(meta.tasks)})")
     if task not in meta.tasks:
-        raise ServiceError(422, f"query.task: unknown task {task!r} (tasks: {', '.join(meta.tasks)})", field="query.task")
+        raise _query_error(422, "task", f"unknown task {task!r} (tasks: {', '.join(meta.tasks)})")
     return task
 
 
 def _parse_cursor(cursor: str) -> tuple[str, int]:
     version, sep, last = cursor.partition(":")
     if not sep or not version or not last.isdigit():
-        raise ServiceError(422, f"query.cursor: not a cursor this service gave out: {cursor[:80]!r}", field="query.cursor")
+        raise _query_error(422, "cursor", f"not a cursor this service gave out: {cursor[:80]!r}")
     return version, int(last)
 
 
@@ -244,8 +245,14 @@ async def audience_page(store: AudienceStore, tag: str, task: str | None, limit:
 
 
 def _retired(version: str) -> ServiceError:
-    return ServiceError(410, f"query.cursor: audience version {version} was retired; start again without a cursor",
-                        field="query.cursor")
+    # 404 as for a model_version that is not published: the version the cursor names is not (any more) there
+    return _query_error(404, "cursor", f"audience version {version} is not in Redis (retired); start again "
+                                       "without a cursor")
+
+
+def _query_error(status: int, param: str, msg: str) -> ServiceError:
+    return ServiceError(status, f"query.{param}: {msg}", field=f"query.{param}",
+                        errors=[{"loc": ["query", param], "type": "value_error", "msg": msg}])
 
 
 async def _page(store: AudienceStore, tag: str, task: str | None, limit: int, cursor: str | None) -> dict:
@@ -287,13 +294,13 @@ def install(app: FastAPI, state, errors, json_response) -> AudienceStore:
         """The audience index in use: version, users, the membership rule, every task's tags and audience sizes."""
         return json_response(await info(store))
 
-    @app.get("/tags/{tag:path}/audience", response_model=AudiencePage, responses=errors(401, 404, 410, 422, 503))
+    @app.get("/tags/{tag:path}/audience", response_model=AudiencePage, responses=errors(401, 404, 422, 503))
     async def tag_audience(tag: str = Path(min_length=1, max_length=256, examples=["cat07/tag0123"],
                                            description="a catalogue tag (404 when unknown; size 0 when nobody has it)"),
                            task: str | None = Query(None, description="the task (required when the index has "
                                                                       "several)", examples=["interest"]),
                            limit: int = Query(100, ge=1, le=MAX_AUDIENCE_PAGE, description="users per page"),
-                           cursor: str | None = Query(None, max_length=64,
+                           cursor: str | None = Query(None, max_length=64, pattern=CURSOR_PATTERN,
                                                       description="the previous page's cursor")) -> Response:
         """The users carrying a tag for a task, one page at a time: exact size, ids, and the next page's cursor."""
         return json_response(await audience_page(store, tag, task, limit, cursor))

@@ -222,7 +222,7 @@ def test_version_switch_is_atomic_for_readers_and_cursors_pin_their_version(live
     time.sleep(0.1)                             # > audience_poll_s: the service reads the pointer again
 
 
-def test_retired_cursor_is_410_and_no_index_is_503(redis_mod, world):
+def test_retired_cursor_is_404_and_no_index_is_503(redis_mod, world):
     r = redis_mod.client()
     keys = Keys("aud-retire")
     try:
@@ -234,7 +234,7 @@ def test_retired_cursor_is_410_and_no_index_is_503(redis_mod, world):
             page = s.client.get(f"/tags/{tag}/audience", params={"task": "interest", "limit": 5}).json()
             publish(world["second"], r, keys, keep=1)       # retires the first version
             res = s.client.get(f"/tags/{tag}/audience", params={"task": "interest", "cursor": page["cursor"]})
-            assert res.status_code == 410 and res.json()["field"] == "query.cursor"
+            assert res.status_code == 404 and res.json()["field"] == "query.cursor"
             assert not r.exists(keys.audience_meta(world["first"].meta.version))
             assert r.exists(keys.audience_meta(world["second"].meta.version))
     finally:
@@ -265,3 +265,18 @@ def test_redis_down_is_503_with_reason_then_recovers_by_itself(world, tmp_path):
             assert after.json() == before.json()
     finally:
         server.stop()
+
+
+def test_bitmap_cache_keeps_the_most_recently_used_within_its_budget():
+    from pyroaring import BitMap
+
+    from service.audiences import BitmapCache
+    c = BitmapCache(100)
+    for i in range(4):
+        c.put(("v", "t", str(i)), BitMap([i]), 30)
+    assert c.get(("v", "t", "0")) is None and c.used == 90        # the oldest went first
+    assert c.get(("v", "t", "1")) == BitMap([1])                   # ... and a hit moves it to the back
+    c.put(("v", "t", "4"), BitMap([4]), 30)
+    assert c.get(("v", "t", "2")) is None and c.get(("v", "t", "1")) is not None
+    c.put(("v", "t", "big"), BitMap([5]), 101)                     # larger than the budget: never kept
+    assert c.get(("v", "t", "big")) is None and c.used <= 100
