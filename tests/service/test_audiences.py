@@ -280,3 +280,23 @@ def test_bitmap_cache_keeps_the_most_recently_used_within_its_budget():
     assert c.get(("v", "t", "2")) is None and c.get(("v", "t", "1")) is not None
     c.put(("v", "t", "big"), BitMap([5]), 101)                     # larger than the budget: never kept
     assert c.get(("v", "t", "big")) is None and c.used <= 100
+
+
+def test_on_a_redis_cluster_each_version_is_one_slot(redis_cluster, cluster_client, world):
+    """Publish and query on a 3-master cluster: the version's keys share a slot (the MULTI of the flip and the
+    deletes are legal), and the answers equal the single-node ones."""
+    from redis.cluster import key_slot
+    keys = Keys("aud-c")
+    publish(world["first"], cluster_client, keys)
+    v = world["first"].meta.version
+    slots = {key_slot(k.encode()) for k in keys.audience_keys(v, TASKS)}
+    assert len(slots) == 1
+    expr = f"interest:{world['tags'][0]} AND NOT intention:{world['tags'][1]}"
+    tree = ("and", ("term", "interest", world["tags"][0]), ("not", ("term", "intention", world["tags"][1])))
+    with LiveService(make_settings(redis_cluster.url, "aud-c", audience_poll_s=0.05)) as s:
+        doc = s.client.post("/audiences:estimate", json={"expression": expr}).json()
+        assert doc["size"] == len(brute(tree, world["sets"], world["universe"])) and doc["version"] == v
+        users, _ = _page_all(s, world["tags"][3], "intention", 500)
+        assert set(users) == world["sets"][("intention", world["tags"][3])]
+        publish(world["second"], cluster_client, keys, keep=1)     # flip + retire on the cluster
+        assert not cluster_client.exists(keys.audience_meta(v))
