@@ -22,7 +22,10 @@ def _tag_all(a: argparse.Namespace) -> None:
                        address=a.address, to_redis=a.to_redis, batch_size=a.batch_size, part_rows=a.part_rows,
                        workers=a.workers, provider=a.provider, ort_threads=a.ort_threads,
                        key_prefix=key_prefix(a.key_prefix), redis_ttl_s=a.redis_ttl, progress=not a.no_progress,
-                       ann=a.ann, ann_min_tags=a.ann_min_tags)
+                       ann=a.ann, ann_min_tags=a.ann_min_tags, audiences=a.audiences,
+                       audience_top_k=a.audience_top_k, audience_min_score=a.audience_min_score)
+    if (a.audience_top_k is not None or a.audience_min_score is not None) and not a.audiences:
+        raise ValueError("--audience-top-k / --audience-min-score need --audiences")
     summary = run(cfg)
     print(json.dumps(summary, indent=1))
 
@@ -55,4 +58,12 @@ def register(sub) -> None:
                    help="rank a large catalogue's index candidates (exact rerank): auto from --ann-min-tags tags")
     t.add_argument("--ann-min-tags", type=int, default=50_000, metavar="N",
                    help="catalogue size from which --ann auto uses the index (default 50000)")
+    t.add_argument("--audiences", action="store_true",
+                   help="also build the tag -> users index (Roaring bitmaps) from the written rows: "
+                        "--out/audiences/, and Redis ({mvke:audiences}:latest) when --redis is given")
+    t.add_argument("--audience-top-k", type=int, metavar="K",
+                   help="a user is in a tag's audience when the tag ranks in the user's top K of the task "
+                        "(default: --top-k, every written row)")
+    t.add_argument("--audience-min-score", type=float, metavar="S",
+                   help="... and its score is at least S (default: no threshold)")
     t.set_defaults(func=_tag_all, extra=EXTRA)

@@ -108,6 +108,9 @@ class TagAllConfig:
     progress: bool = True
     ann: str = "auto"                  # candidate indexes: auto (from ann_min_tags tags) | on | off
     ann_min_tags: int = 50_000
+    audiences: bool = False            # also build the tag -> users index (batch/audiences.py)
+    audience_top_k: int | None = None  # its rule: rank <= this (default: top_k, i.e. every written row)
+    audience_min_score: float | None = None   # ... and score >= this
 
     def redis(self) -> str:
         return redis_url(self.redis_url)
@@ -322,7 +325,17 @@ def job_spec(cfg: TagAllConfig, manifest, files: list[Path], parts: list[Part]) 
             "model_version": manifest.version, "model": manifest.model, "tasks": manifest.task_names,
             "top_k": min(cfg.top_k, manifest.num_tags), "to_redis": cfg.to_redis,
             "redis_target": (_redis_display(cfg) if cfg.to_redis else None),
-            "key_prefix": cfg.key_prefix if cfg.to_redis else None, "ann": cfg.ann, "ann_min_tags": cfg.ann_min_tags}
+            "key_prefix": cfg.key_prefix if cfg.to_redis else None, "ann": cfg.ann, "ann_min_tags": cfg.ann_min_tags,
+            **_audience_spec(cfg, manifest)}
+
+
+def _audience_spec(cfg: TagAllConfig, manifest) -> dict:
+    """The audience rule in the job spec, only when --audiences (older output directories still resume)."""
+    if not cfg.audiences:
+        return {}
+    from batch.audiences import audience_rule
+    return {"audiences": audience_rule(cfg.audience_top_k, cfg.audience_min_score,
+                                       min(cfg.top_k, manifest.num_tags)).to_dict()}
 
 
 def run(cfg: TagAllConfig) -> dict:
@@ -371,6 +384,9 @@ def run(cfg: TagAllConfig) -> dict:
             keys = Keys(cfg.key_prefix)
             summary["redis"] = {"users": keys.user_tags(manifest.version, "<user_id>"),
                                 "summary": keys.user_tags_summary(manifest.version), "latest": keys.user_tags_latest}
+        if cfg.audiences:   # from the finished parts' Parquet, after every part is done
+            from batch.audiences import run_for_job
+            summary["audiences"] = run_for_job(cfg, jd, parts, manifest, blobs)
         jd.write_success(summary)
     return summary
 

@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if grpc_server is not None:
             await grpc_server.stop()
+        await audiences.aclose()
         await state.stop()
 
     app = FastAPI(title="MVKE tag service", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -172,6 +173,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_tag_routes(app, state)
     _install_info_routes(app, state)
     events_route.install(app, state, error_responses(state, 400, 401, 413, 415, 422, 503), json_response)
+    from service.audiences import install as install_audiences
+    audiences = install_audiences(app, state, lambda *codes: error_responses(state, *codes), json_response)
     _install_pages(app)
     app.openapi = ServedOpenAPI(app, state)
     app.add_middleware(EdgeMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,

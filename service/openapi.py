@@ -21,7 +21,8 @@ ERRORS: dict[int, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the body could not be read (not UTF-8)"},
     401: {"model": ErrorResponse, "description": "API keys are on and none (or a wrong one) was sent"},
     404: {"model": ErrorResponse, "description": "user not in the feature store (field `user_id`) or "
-                                                 "`model_version` not published (field `model_version`)"},
+                                                 "`model_version` not published (field `model_version`); audience "
+                                                 "routes: unknown tag (`tag`), cursor of a retired index (`query.cursor`)"},
     409: {"model": ErrorResponse, "description": "`model_version` is published but not loaded here"},
     413: {"model": ErrorResponse, "description": "body larger than MVKE_MAX_BODY_BYTES"},
     414: {"model": ErrorResponse, "description": "request path longer than 65,535 bytes (answered by the HTTP "

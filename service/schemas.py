@@ -199,3 +199,48 @@ class VersionsResponse(BaseModel):
     active: str | None
     canary: CanaryState | None
     versions: list[VersionState] = Field(description="newest first")
+
+
+# ---- audiences (service/audiences.py) ---------------------------------------------------------------
+MAX_AUDIENCE_PAGE = 1000
+MAX_AUDIENCE_SAMPLE = 100
+
+
+class AudienceEstimateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    expression: str = Field(min_length=1, max_length=4096,
+                            description="tags as `<task>:<tag>` combined with AND, OR, NOT and parentheses "
+                                        "(tags with spaces or parentheses in double quotes)",
+                            examples=["interest:cat07/tag0123 AND NOT intention:cat02/tag0042"])
+    sample: int = Field(10, ge=0, le=MAX_AUDIENCE_SAMPLE, description="user ids to return, spread over the audience")
+
+
+class AudienceEstimateResponse(BaseModel):
+    size: int = Field(description="exact number of users the expression selects")
+    sample: list[str] = Field(description="up to `sample` of them, spread evenly over the audience")
+    expression: str = Field(description="the expression as parsed (fully parenthesised)")
+    version: str = Field(description="the audience index version that answered")
+    users: int = Field(description="users in that index (the universe of NOT)")
+
+
+class AudiencePage(BaseModel):
+    tag: str
+    task: str
+    size: int = Field(description="users in the tag's audience for the task")
+    users: list[str] = Field(description="one page of their ids (ascending user number)")
+    cursor: str | None = Field(description="pass back as `cursor` for the next page; null on the last page")
+    version: str = Field(description="the index version (a cursor pins it: every user once, across a switch)")
+
+
+class AudienceTask(BaseModel):
+    tags: list[str]
+    sizes: list[int]
+
+
+class AudienceInfo(BaseModel):
+    version: str
+    model_version: str
+    users: int
+    rule: dict
+    built_at: str
+    tasks: dict[str, AudienceTask]

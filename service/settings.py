@@ -92,6 +92,10 @@ class Settings(BaseSettings):
                                   "on this port too (`mvke serve --grpc-port`); every worker binds it with "
                                   "SO_REUSEPORT. Unset: no gRPC")
     grpc_host: str = Field("127.0.0.1", description="address of the gRPC port (`mvke serve` sets it to its --host)")
+    audience_poll_s: float = Field(0.5, ge=0, description="how long the audience index version ({prefix:audiences}:"
+                                   "latest) is reused before it is read again (0: every query reads it)")
+    audience_cache_mb: int = Field(256, ge=0, description="deserialised audience bitmaps kept per worker, most "
+                                   "recently used first (a version's bitmaps never change, so a hit is always right)")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
     workers: int = Field(0, ge=0, description="uvicorn worker processes (mvke serve); 0 (default): one per CPU "

@@ -51,6 +51,16 @@ Batch output (written by `mvke tag-all --to-redis`):
     {mvke:usertags}:v<id>               hash: the job's summary, written when every part is done
     {mvke:usertags}:latest              the version of the last completed job
 
+Audiences (written by `mvke tag-all --audiences`, read by the service's audience routes;
+mvke/runtime/audience.py, batch/audiences.py). One hash tag per version: a cluster keeps each
+version in one slot (its keys can be read in one pipeline from one node), versions spread.
+
+    {mvke:audiences:v<id>}:meta         index JSON: tasks, tag catalogue, users, rule, sizes (written last)
+    {mvke:audiences:v<id>}:task:<task>  hash: tag -> Roaring bitmap (portable serialisation) of user numbers
+    {mvke:audiences:v<id>}:users        hash: chunk number -> JSON list of 1,024 user ids (the dictionary)
+    {mvke:audiences}:latest             the version readers use (flipped after a complete, verified write)
+    {mvke:audiences}:versions           sorted set: version -> publish time (retention: newest 3 kept)
+
 The per-user batch keys are deliberately NOT under a hash tag (a billion keys in one slot
 would put every user on one cluster node); the summary and the `latest` pointer share
 their own tag, so the MULTI that writes them is legal on a cluster.
@@ -121,6 +131,8 @@ class Keys:
         self.lock = f"{self.models}:publish-lock"
         self.ramp = f"{self.models}:ramp"
         self.user_tags_latest = f"{{{prefix}:usertags}}:latest"
+        self.audiences_latest = f"{{{prefix}:audiences}}:latest"
+        self.audiences_versions = f"{{{prefix}:audiences}}:versions"
 
     # ---- models ----------------------------------------------------------
     def version_prefix(self, version: str) -> str:
@@ -170,3 +182,21 @@ class Keys:
 
     def user_tags_summary(self, version: str) -> str:
         return f"{{{self.prefix}:usertags}}:v{version}"
+
+    # ---- audiences -------------------------------------------------------
+    def audience_prefix(self, version: str) -> str:
+        return f"{{{self.prefix}:audiences:v{version}}}"     # one slot per version
+
+    def audience_meta(self, version: str) -> str:
+        return f"{self.audience_prefix(version)}:meta"
+
+    def audience_task(self, version: str, task: str) -> str:
+        return f"{self.audience_prefix(version)}:task:{task}"
+
+    def audience_users(self, version: str) -> str:
+        return f"{self.audience_prefix(version)}:users"
+
+    def audience_keys(self, version: str, tasks) -> list[str]:
+        """Every key of one audience version (tasks from its meta)."""
+        return [self.audience_meta(version), self.audience_users(version),
+                *(self.audience_task(version, t) for t in tasks)]

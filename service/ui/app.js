@@ -184,22 +184,129 @@ function explain(task, item, row) {
   show(panel, true);
 }
 
+// --- audiences: pick tags and operators, see the exact size (GET audiences, POST audiences:estimate) ---
+const aud = { info: null };
+const FIRST_OPS = ["", "NOT"];
+const NEXT_OPS = ["AND", "OR", "AND NOT", "OR NOT"];
+const fmt = (n) => n.toLocaleString("en-US");
+
+async function loadAudiences() {
+  const info = await api("./audiences");
+  aud.info = info;
+  const rule = info.rule.text;
+  $("aud-info").textContent = `index ${info.version} (model ${info.model_version}): ${fmt(info.users)} users; ` +
+      `a user is in a tag's audience when ${rule}; built ${info.built_at}`;
+  $("aud-info").dataset.version = info.version;
+  for (const [task, t] of Object.entries(info.tasks)) {
+    let list = $(`aud-tags-${task}`);
+    if (!list) {
+      list = document.createElement("datalist");
+      list.id = `aud-tags-${task}`;
+      $("panel-audiences").appendChild(list);
+      list.replaceChildren(...t.tags.map((tag, i) => new Option(`${fmt(t.sizes[i])} users`, tag)));
+    }
+  }
+  if (!$("aud-terms").children.length) addTerm();
+}
+
+function tagSize(task, tag) {
+  const t = aud.info && aud.info.tasks[task];
+  const i = t ? t.tags.indexOf(tag) : -1;
+  return i < 0 ? null : t.sizes[i];
+}
+
+function addTerm() {
+  const rows = $("aud-terms");
+  const row = document.createElement("div");
+  row.className = "aud-term";
+  const op = document.createElement("select");
+  op.className = "op";
+  for (const o of rows.children.length ? NEXT_OPS : FIRST_OPS) op.appendChild(new Option(o || "(tag)", o));
+  const task = document.createElement("select");
+  task.className = "task-pick";
+  for (const t of Object.keys(aud.info ? aud.info.tasks : {})) task.appendChild(new Option(t, t));
+  const tag = document.createElement("input");
+  tag.className = "tag-pick";
+  tag.placeholder = "tag, e.g. cat07/tag0123";
+  tag.setAttribute("list", `aud-tags-${task.value}`);
+  const size = document.createElement("span");
+  size.className = "tag-size muted";
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "plain";
+  remove.textContent = "remove";
+  remove.addEventListener("click", () => { row.remove(); buildExpression(); });
+  const update = () => {
+    tag.setAttribute("list", `aud-tags-${task.value}`);
+    const n = tagSize(task.value, tag.value.trim());
+    size.textContent = tag.value.trim() ? (n === null ? "unknown tag" : `${fmt(n)} users`) : "";
+    buildExpression();
+  };
+  for (const el of [op, task]) el.addEventListener("change", update);
+  tag.addEventListener("input", update);
+  row.append(op, task, tag, size, remove);
+  rows.appendChild(row);
+  return row;
+}
+
+function quoteTag(tag) {
+  return /^[^\s()"]+$/.test(tag) && !/^(and|or|not)$/i.test(tag) ? tag : `"${tag.replace(/[\\"]/g, "\\$&")}"`;
+}
+
+function buildExpression() {
+  const parts = [];
+  for (const row of $("aud-terms").children) {
+    const tag = row.querySelector(".tag-pick").value.trim();
+    if (!tag) continue;
+    const op = row.querySelector(".op").value;
+    const term = `${row.querySelector(".task-pick").value}:${quoteTag(tag)}`;
+    parts.push(parts.length ? `${op || "AND"} ${term}` : (op === "NOT" || op.endsWith("NOT") ? `NOT ${term}` : term));
+  }
+  $("aud-expression").value = parts.join(" ");
+}
+
+async function estimateAudience(ev) {
+  if (ev) ev.preventDefault();
+  show($("aud-error"), false);
+  try {
+    const doc = await api("./audiences:estimate", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ expression: $("aud-expression").value, sample: 8 }) });
+    $("aud-size").textContent = `${fmt(doc.size)} users`;
+    $("aud-size").dataset.size = String(doc.size);
+    const share = doc.users ? doc.size / doc.users : 0;
+    $("aud-share").textContent = `${(100 * share).toFixed(2)}% of ${fmt(doc.users)} (index ${doc.version}): ${doc.expression}`;
+    $("aud-fill").style.width = (100 * share).toFixed(1) + "%";
+    $("aud-sample").textContent = doc.sample.join(", ") || "(nobody)";
+    show($("aud-result"), true);
+  } catch (e) {
+    $("aud-error").textContent = e.message;
+    show($("aud-error"), true);
+    show($("aud-result"), false);
+  }
+}
+
 // --- tabs and key ---
 function switchTab(name) {
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.dataset.tab === name));
   show($("panel-inspect"), name === "inspect");
   show($("panel-versions"), name === "versions");
+  show($("panel-audiences"), name === "audiences");
   if (name === "versions") loadVersions().catch((e) => { $("versions-summary").textContent = e.message; });
+  if (name === "audiences") loadAudiences().catch((e) => { $("aud-info").textContent = e.message; });
 }
 
 document.querySelectorAll(".tab").forEach((t) => t.addEventListener("click", () => switchTab(t.dataset.tab)));
 $("lookup-form").addEventListener("submit", lookup);
+$("aud-form").addEventListener("submit", estimateAudience);
+$("aud-add").addEventListener("click", () => { addTerm(); buildExpression(); });
 $("key-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   state.apiKey = $("api-key").value || null;
   $("api-key").value = "";
   show($("key-bar"), false);
   loadVersions().catch(() => {});
+  if (!$("panel-audiences").hidden) loadAudiences().catch((e) => { $("aud-info").textContent = e.message; });
 });
 refreshStatus();
 loadVersions().catch(() => {});
