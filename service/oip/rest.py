@@ -129,44 +129,47 @@ def render_answer(answer: InferAnswer, request_id, binary_default: bool, binary:
                     headers={"Inference-Header-Content-Length": str(len(text))})
 
 
-def install_rest(app: FastAPI, state: ServiceState) -> None:
-    server_version = app.version
+class _Handlers:
+    """The protocol's REST handlers over the service state (each takes the Request only)."""
 
-    async def server_metadata(request: Request) -> Response:
+    def __init__(self, state: ServiceState, server_version: str):
+        self.state, self.server_version = state, server_version
+
+    async def server_metadata(self, request: Request) -> Response:
         """Open Inference Protocol: server name, version and extensions."""
-        return _json(core.server_metadata(server_version))
+        return _json(core.server_metadata(self.server_version))
 
-    async def live(request: Request) -> Response:
+    async def live(self, request: Request) -> Response:
         """Open Inference Protocol: alive (as /healthz)."""
         return _json({"live": True})
 
-    async def ready(request: Request) -> Response:
+    async def ready(self, request: Request) -> Response:
         """Open Inference Protocol: a model is loaded and Redis answers (as /readyz); else 503 with the reason."""
-        reason = await core.not_ready(state)
+        reason = await core.not_ready(self.state)
         return _json({"ready": True}) if reason is None else _json({"ready": False, "error": reason}, 503)
 
-    async def metadata(request: Request) -> Response:
+    async def metadata(self, request: Request) -> Response:
         """Open Inference Protocol: inputs and outputs (name, datatype, shape) and the loaded versions;
         with a version: 404 not published, 409 not loaded."""
         try:
             core.check_model(request.path_params["model_name"])
-            return _json(core.model_metadata(state, request.path_params.get("version")))
+            return _json(core.model_metadata(self.state, request.path_params.get("version")))
         except ServiceError as e:
             return oip_error(e)
 
-    async def model_ready(request: Request) -> Response:
+    async def model_ready(self, request: Request) -> Response:
         """Open Inference Protocol: the model (the active version, or the one named) is loaded and ready."""
         name = request.path_params["model_name"]
         try:
             core.check_model(name)
-            core.resolve(state, request.path_params.get("version"))
+            core.resolve(self.state, request.path_params.get("version"))
         except ServiceError as e:
             return oip_error(e)
-        reason = await core.not_ready(state)
+        reason = await core.not_ready(self.state)
         doc = {"name": name, "ready": reason is None}
         return _json(doc) if reason is None else _json({**doc, "error": reason}, 503)
 
-    async def infer(request: Request) -> Response:
+    async def infer(self, request: Request) -> Response:
         """Open Inference Protocol: top tags per task for a batch of users (`user_id` BYTES [B]); JSON or the
         binary tensor extension; with a version: pinned to it."""
         try:
@@ -177,20 +180,23 @@ def install_rest(app: FastAPI, state: ServiceState) -> None:
             if not isinstance(parameters, dict):
                 raise ServiceError(400, "parameters: a JSON object is expected", field="parameters")
             outputs, binary = _requested(doc)
-            answer = await core.infer(state, inputs, parameters, outputs, request.path_params.get("version"))
+            answer = await core.infer(self.state, inputs, parameters, outputs, request.path_params.get("version"))
         except ServiceError as e:
             return oip_error(e)
         return render_answer(answer, doc.get("id"), parameters.get("binary_data_output") is True, binary)
 
+
+def install_rest(app: FastAPI, state: ServiceState) -> None:
+    h = _Handlers(state, app.version)
     # Plain Starlette routes (each handler takes the Request only): no FastAPI dependency solving per
     # request, and out of /openapi.json (the protocol has its own spec, KServe's REST API).
-    app.router.routes += [Route("/v2", server_metadata, methods=["GET"]),
-                          Route("/v2/health/live", live, methods=["GET"]),
-                          Route("/v2/health/ready", ready, methods=["GET"])]
+    app.router.routes += [Route("/v2", h.server_metadata, methods=["GET"]),
+                          Route("/v2/health/live", h.live, methods=["GET"]),
+                          Route("/v2/health/ready", h.ready, methods=["GET"])]
     for base in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
-        app.router.routes += [Route(base, metadata, methods=["GET"]),
-                              Route(base + "/ready", model_ready, methods=["GET"]),
-                              Route(base + "/infer", infer, methods=["POST"])]
+        app.router.routes += [Route(base, h.metadata, methods=["GET"]),
+                              Route(base + "/ready", h.model_ready, methods=["GET"]),
+                              Route(base + "/infer", h.infer, methods=["POST"])]
 
 
 class OipErrorShape:
