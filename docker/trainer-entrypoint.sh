@@ -3,7 +3,7 @@
 #
 # If Redis already has an active model version, print it and exit 0 (nothing to do:
 # a second `docker compose up` is fast and keeps the published model). Otherwise
-# `mvke pipeline` (mvke/pipeline.py): data synth -> train -> export -> publish -> features load
+# `mvke pipeline` (mvke/pipeline.py): data synth -> train -> export -> features load -> publish
 #
 # With arguments, runs them instead (e.g. `docker compose run --rm trainer mvke models`).
 #

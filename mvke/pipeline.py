@@ -1,21 +1,29 @@
-"""`mvke pipeline`: data -> train -> export -> publish -> features, each step skipped when its output exists.
+"""`mvke pipeline`: data -> train -> export -> features -> publish, each step skipped when its inputs are unchanged.
 
 The one recipe of the demo, the docker trainer and the benchmarks (scripts/quickstart.py,
 docker/trainer-entrypoint.sh, loadtest/bench.py, batch/bench.py and loadtest/gpu_check.py
 call it). Each step is the stage's own command (`mvke data synth`, `mvke train`,
-`mvke export`, `mvke publish`, `mvke features load`), run in this process through the
+`mvke export`, `mvke features load`, `mvke publish`), run in this process through the
 `mvke` entry points, so this module imports no stage. Layout under --work:
 
     data/synth-<users>u-s<seed>/, data/ml100k-s<seed>/   (a --data-source DIR is used as it is)
-    ckpt/<model>-<dataset>-e<epochs>-s<seed>/
-    bundle/<model>-<dataset>-e<epochs>-s<seed>/
+    ckpt/<model>-<dataset>-e<epochs>-s<seed>-<key>/
+    bundle/<model>-<dataset>-e<epochs>-s<seed>-<key>/
 
-A step's output exists when the file its command writes last is there (meta.json,
-metrics.json, manifest.json: the bundle directory is renamed into place whole). With
---redis, the bundle is published unless its version is already the active one, and the
-dataset's users are loaded into the feature store unless `mvke:features-loaded:<dataset>`
-records that this very dataset (path, size and time of users.parquet) was loaded. Every
-key carries the prefix of --key-prefix / $MVKE_KEY_PREFIX, as the service's keys do.
+The cache is keyed by content (mvke/runtime/fingerprint.py): `<key>` is a fingerprint of
+every input file of the dataset (sha256 of meta.json, train/test/users Parquet) and of the
+training configuration (model, epochs, seed). Change one byte of the data and the key
+changes: train and export run again into new directories (older ones stay; delete them
+when done). A generated dataset (synth, ml100k) is keyed by its options, which its
+directory name carries. Train is skipped when its checkpoint (metrics.json, written last)
+exists under the key; export when its bundle (manifest.json: the directory is renamed into
+place whole) exists and train did not run. With --redis, the dataset's users are loaded into
+the feature store unless `mvke:features-loaded:<dataset>-<users fingerprint>` records that
+these very users files were loaded, then the bundle is published unless its version (a
+hash of its files) is already the active one; features come first so that publish checks
+the bundle against the store it will read (mvke/runtime/store_schema.py). `--force STEP`
+(repeatable; `all`) redoes a step whatever its key; a forced train also redoes export.
+Every key carries the prefix of --key-prefix / $MVKE_KEY_PREFIX, as the service's keys do.
 Progress goes to stderr; the last line on stdout is a JSON summary (paths, version, steps run).
 With --step-log FILE the steps' own reports (the JSON each command prints) go to FILE instead
 of stderr, so the terminal shows progress only (the main job does this).
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -32,9 +39,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mvke.runtime.fingerprint import config_fingerprint, tree_fingerprint
 from mvke.runtime.keys import add_key_prefix_option, key_prefix
 
 EXTRA = "train,export"
+STEPS = ("data", "train", "export", "features", "publish")
 
 
 @dataclass
@@ -49,6 +58,7 @@ class PipelineConfig:
     seed: int = 0
     key_prefix: str | None = None    # None: $MVKE_KEY_PREFIX, else mvke
     step_log: str | None = None      # the steps' reports go here instead of stderr
+    force: tuple[str, ...] = ()      # steps redone whatever their key (STEPS, or "all")
 
 
 @dataclass
@@ -98,26 +108,31 @@ def dataset_dir(cfg: PipelineConfig) -> tuple[Path, list[str] | None]:
 
 
 def dataset_id(data: Path) -> str:
-    """Which dataset this is, for the feature-store marker: its place and its users file's size and time."""
-    users = data / "users.parquet"
-    st = users.stat()
-    key = f"{users.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{data.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    """Which users these are, for the feature-store marker: the dataset's name and its users files' content."""
+    return f"{data.name}-{tree_fingerprint(data / 'users.parquet')[:12]}"
+
+
+def run_key(cfg: PipelineConfig, data: Path) -> str:
+    """12 hex: the content of every dataset file and the training options (the module docstring)."""
+    return config_fingerprint(data=tree_fingerprint(data), model=cfg.model, epochs=cfg.epochs, seed=cfg.seed)[:12]
 
 
 def run_dirs(cfg: PipelineConfig, data: Path) -> tuple[Path, Path]:
-    """(checkpoint, bundle) directories of this model, dataset, epochs and seed under --work."""
-    run_name = f"{cfg.model}-{data.name}-e{cfg.epochs}-s{cfg.seed}"
+    """(checkpoint, bundle) directories of this model, dataset content, epochs and seed under --work."""
+    run_name = f"{cfg.model}-{data.name}-e{cfg.epochs}-s{cfg.seed}-{run_key(cfg, data)}"
     return Path(cfg.work) / "ckpt" / run_name, Path(cfg.work) / "bundle" / run_name
+
+
+def forced(cfg: PipelineConfig, name: str) -> bool:
+    return name in cfg.force or "all" in cfg.force
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     data, build_data = dataset_dir(cfg)
-    ckpt, bundle = run_dirs(cfg, data)
     ran, skipped = [], []
 
     def step(name: str, done: bool, message: str, argv: list[str]) -> None:
-        if done:
+        if done and not forced(cfg, name):
             skipped.append(name)
             return
         _say(message)
@@ -126,12 +141,15 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         print(f"    {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         ran.append(name)
 
-    step("data", build_data is None or (data / "meta.json").exists(),
-         f"generating the {cfg.data_source} dataset -> {data}", build_data or [])
+    if build_data is None:
+        skipped.append("data")        # a directory given as is: nothing to build
+    else:
+        step("data", (data / "meta.json").exists(), f"generating the {cfg.data_source} dataset -> {data}", build_data)
+    ckpt, bundle = run_dirs(cfg, data)   # keyed by the data's content: after the data step
     step("train", (ckpt / "metrics.json").exists(), f"training {cfg.model} ({cfg.epochs} epochs) -> {ckpt}",
          ["train", "--data", str(data), "--model", cfg.model, "--out", str(ckpt), "--epochs", str(cfg.epochs),
           "--seed", str(cfg.seed)])
-    step("export", (bundle / "manifest.json").exists(), f"exporting the ONNX bundle -> {bundle}",
+    step("export", (bundle / "manifest.json").exists() and "train" not in ran, f"exporting the ONNX bundle -> {bundle}",
          ["export", str(ckpt), "--out", str(bundle)])
     version = json.loads((bundle / "manifest.json").read_text())["version"]
     if cfg.redis:
@@ -147,26 +165,28 @@ def _serve_from_redis(url: str, prefix: str, data: Path, bundle: Path, version: 
     keys, where = Keys(prefix), resolve(url).display
     r = connect(url, socket_timeout=30)     # one node or a Redis Cluster, AUTH/TLS from the URL
     try:
-        step("publish", active_version(r, keys) == version, f"publishing version {version} to {where} ({keys.active})",
-             ["publish", str(bundle), "--redis", url, "--key-prefix", prefix])
         marker = keys.features_loaded(dataset_id(data))
         loaded = bool(r.exists(marker))
         step("features", loaded, f"loading the feature store from {data}",
              ["features", "load", "--data", str(data), "--redis", url, "--key-prefix", prefix])
-        if not loaded:
-            r.set(marker, json.dumps({"data": str(data.resolve()), "loaded_at": time.time()}))
+        r.set(marker, json.dumps({"data": str(data.resolve()), "loaded_at": time.time()}))
+        # after the features: publish checks the bundle against the store it will read
+        step("publish", active_version(r, keys) == version, f"publishing version {version} to {where} ({keys.active})",
+             ["publish", str(bundle), "--redis", url, "--key-prefix", prefix])
     finally:
         r.close()
 
 
 def _pipeline(a: argparse.Namespace) -> None:
     cfg = PipelineConfig(data_source=a.data_source, model=a.model, work=a.work, redis=a.redis, users=a.users,
-                         tags=a.tags, epochs=a.epochs, seed=a.seed, key_prefix=a.key_prefix, step_log=a.step_log)
+                         tags=a.tags, epochs=a.epochs, seed=a.seed, key_prefix=a.key_prefix, step_log=a.step_log,
+                         force=tuple(a.force or ()))
     print(json.dumps(asdict(run_pipeline(cfg))), flush=True)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pipeline", help="data -> train -> export -> publish -> features (skips what exists)",
+    p = sub.add_parser("pipeline", help="data -> train -> export -> features -> publish (skips steps whose inputs "
+                                        "are unchanged)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--data-source", required=True, help="synth | ml100k | a dataset directory")
     p.add_argument("--model", default="mvke-mt", metavar="NAME",
@@ -181,4 +201,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     add_key_prefix_option(p)
     p.add_argument("--step-log", metavar="FILE", help="append the steps' reports (JSON) to FILE instead of stderr")
+    p.add_argument("--force", action="append", choices=(*STEPS, "all"), metavar="STEP",
+                   help=f"redo STEP even when its inputs are unchanged (repeatable; one of {', '.join(STEPS)}, all)")
     p.set_defaults(func=_pipeline, extra=EXTRA)

@@ -8,7 +8,9 @@ after Redis lost everything.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from mvke.runtime.versions import active_version
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["data", "train", "export", "publish", "features"]
+STEPS = ["data", "train", "export", "features", "publish"]
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def test_pipeline_skips_what_exists_and_redoes_what_redis_lost(trained_work, red
     cfg = trained_work
     cfg.redis = redis_server.url
     first = run_pipeline(cfg)
-    assert first.ran == ["publish", "features"] and first.skipped == ["data", "train", "export"]
+    assert first.ran == ["features", "publish"] and first.skipped == ["data", "train", "export"]
     assert active_version(redis_client) == first.version
     assert first.version == json.loads(Path(first.bundle, "manifest.json").read_text())["version"]
     users = list(redis_client.scan_iter(match="mvke:user:*", count=1000))
@@ -51,7 +53,7 @@ def test_pipeline_skips_what_exists_and_redoes_what_redis_lost(trained_work, red
 
     redis_client.flushdb()                        # Redis lost its data: only the Redis steps run again
     third = run_pipeline(cfg)
-    assert third.ran == ["publish", "features"] and active_version(redis_client) == first.version
+    assert third.ran == ["features", "publish"] and active_version(redis_client) == first.version
     assert redis_client.exists(Keys().user(users[0].decode().split(":", 2)[2]))
 
 
@@ -68,3 +70,44 @@ def test_pipeline_command_prints_its_summary_last(trained_work, tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["ran"] == [] and summary["skipped"] == ["data", "train", "export"]
     assert summary["model"] == "nomtl" and summary["test_auc"]
+
+
+def _flip_one_byte(path: Path) -> None:
+    """Change one byte of a Parquet file (its footer's writer name: the file stays readable), same size
+    and same modification time: only a content fingerprint sees it."""
+    st = path.stat()
+    raw = path.read_bytes()
+    at = raw.rfind(b"parquet-cpp-arrow")
+    assert at > 0
+    path.write_bytes(raw[:at] + b"P" + raw[at + 1:])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+
+
+def test_pipeline_cache_is_keyed_by_content(trained_work, tmp_path):
+    """Issue 28 §2: one byte of the input data changed -> train and export run again (into new
+    directories); unchanged inputs skip; --force STEP redoes that step."""
+    data = tmp_path / "own-data"
+    shutil.copytree(trained_work.data_source, data)
+    cfg = PipelineConfig(data_source=str(data), model="nomtl", work=trained_work.work, epochs=1)
+    ckpt, bund = run_dirs(cfg, data)
+    shutil.copytree(Path(trained_work.work) / "ckpt" / run_dirs(trained_work, Path(trained_work.data_source))[0].name,
+                    ckpt)
+    shutil.copytree(run_dirs(trained_work, Path(trained_work.data_source))[1], bund)
+    assert run_pipeline(cfg).ran == []
+
+    _flip_one_byte(data / "train.parquet")
+    changed = run_pipeline(cfg)
+    assert changed.ran == ["train", "export"], changed
+    assert Path(changed.checkpoint) != ckpt and Path(changed.checkpoint) == run_dirs(cfg, data)[0]
+    assert (Path(changed.bundle) / "manifest.json").exists()
+
+    again = run_pipeline(cfg)
+    assert again.ran == [] and again.checkpoint == changed.checkpoint and again.version == changed.version
+
+    (data / "_features_load").mkdir()                 # job markers beside the data are not input
+    (data / "_features_load" / "_SUCCESS.json").write_text("{}")
+    assert run_pipeline(cfg).ran == []
+
+    forced = run_pipeline(dataclasses.replace(cfg, force=("export",)))
+    assert forced.ran == ["export"] and forced.version == changed.version   # the same checkpoint, the same bundle

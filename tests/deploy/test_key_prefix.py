@@ -67,7 +67,7 @@ def test_pipeline_and_tag_all_follow_the_prefix(redis_server, redis_client, data
     shutil.copytree(checkpoint("nomtl"), ckpt)
     shutil.copytree(bundle("nomtl"), bund)
     result = run_pipeline(cfg)
-    assert result.ran == ["publish", "features"]
+    assert result.ran == ["features", "publish"]
     assert active_version(redis_client, Keys("acme")) == result.version
     assert _prefixes(redis_client) == {"acme"}
     assert run_pipeline(cfg).ran == []          # the skip checks read the prefixed keys too
