@@ -45,7 +45,9 @@ def _publish(a: argparse.Namespace) -> None:
             print(json.dumps(set_canary_percent(r, a.canary, keys), indent=1))
             return
         raise ValueError("publish needs BUNDLE_DIR (or --rollback, or --canary PERCENT to re-set the canary's share)")
-    report = publish(a.bundle, r, keep=a.keep, canary_percent=a.canary, keys=keys)
+    report = publish(a.bundle, r, keep=a.keep, canary_percent=a.canary, keys=keys, force=a.force)
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr)
     report["publish_seconds"] = round(report["publish_seconds"], 3)
     print(json.dumps(report, indent=1))
 
@@ -85,7 +87,7 @@ def _features_load(a: argparse.Namespace) -> None:
         raise ValueError(f"--ttl must be >= 1 second, got {a.ttl}")
     report = load_features(FeaturesLoadConfig(a.data, redis_url=a.redis, key_prefix=key_prefix(a.key_prefix),
                                               workers=a.workers, part_rows=a.part_rows, ttl_s=a.ttl,
-                                              job_dir=a.job_dir))
+                                              job_dir=a.job_dir, max_reject_rate=a.max_reject_rate))
     for bad in report.bad_rows[:50]:
         print(f"bad row: user {bad['user_id']}: field {bad['field']}: {bad['reason']}", file=sys.stderr)
     if report.rejected > 50:
@@ -118,6 +120,14 @@ def _events_replay(a: argparse.Namespace) -> None:
     print(json.dumps(replay(events, a.to, client=client, keys=keys, rules=rules, url=a.url,
                             api_key=a.api_key or os.environ.get("MVKE_API_KEY"), partitions=a.partitions,
                             rate=a.rate, batch=a.batch)))
+
+
+def _rate(text: str) -> float:
+    """argparse type of a share in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] (0.01 = 1%), got {text}")
+    return value
 
 
 def _redis_options(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +163,9 @@ def register(sub) -> None:
     p.add_argument("--canary", type=float, metavar="PERCENT",
                    help="publish BUNDLE as the canary, served to PERCENT of users (by a hash of the user id) "
                         "beside the active version; without BUNDLE: change the current canary's share")
+    p.add_argument("--force", action="store_true",
+                   help="publish even when the bundle's features do not match the feature store's recorded schema "
+                        "(the service then reports the mismatch in /readyz and does not serve such a canary)")
     p.set_defaults(func=_publish, extra=EXTRA)
 
     pr = sub.add_parser("promote", help="make the canary the active version (--auto: step the ramp by the policy)",
@@ -176,13 +189,18 @@ def register(sub) -> None:
                       description="Every user of DIR's users.parquet (a file or a directory of parts; the fields of "
                                   "DIR/meta.json) -> one Redis hash per user, replacing that user's previous hash; "
                                   "other users are left alone. Resumable: rerun the same command after a failure "
-                                  "and finished parts are skipped. Bad rows are reported and the rest is loaded.")
+                                  "and finished parts are skipped. Bad rows are reported and the rest is loaded; "
+                                  "more than --max-reject-rate of them fails the job. A job that succeeds records "
+                                  "the fields it wrote: `mvke publish` refuses a model that cannot read them.")
     fl.add_argument("--data", required=True, metavar="DIR", help="dataset directory (meta.json + users.parquet)")
     _redis_options(fl)
     fl.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU, less one when Redis is on this machine)")
     fl.add_argument("--ttl", type=int, metavar="SECONDS", help="expire each user hash this many seconds after its load")
     fl.add_argument("--part-rows", type=int, default=262_144, metavar="N", help="users per part (the unit of resumption)")
     fl.add_argument("--job-dir", metavar="DIR", help="markers and rejects (default DATA/_features_load)")
+    fl.add_argument("--max-reject-rate", type=_rate, default=0.01, metavar="SHARE",
+                    help="fail (exit 2, no success marker, no schema record) when more than this share of users "
+                         "is rejected (default 0.01 = 1%%; a job that loads nobody always fails)")
     fl.set_defaults(func=_features_load, extra=EXTRA)
 
     fs = f.add_parser("stream", help="apply user events from the event streams (a consumer of the group)",

@@ -102,7 +102,7 @@ def load_dataset_users(data_dir: str | Path, r, keys: Keys | None = None, progre
                        ttl_s: int | None = None) -> LoadReport:
     """A dataset's users.parquet into the feature store, in this process (`mvke features load` runs
     features_job.load_features: several processes, resumable by part)."""
-    from model_export.features_job import read_kinds, users_source
+    from model_export.features_job import read_kinds, record_schema, users_source
     keys = keys or Keys()
     files, home = users_source(data_dir)
     kinds = read_kinds(home)
@@ -120,6 +120,7 @@ def load_dataset_users(data_dir: str | Path, r, keys: Keys | None = None, progre
     finally:
         sink.close()
     report.seconds = time.perf_counter() - t0
+    record_schema(r, keys, files, kinds, report.loaded)
     return report
 
 

@@ -17,6 +17,10 @@ holds these features", not "this job ran once").
 Bad rows (no user id, a list in a single-valued field, a scalar where a list is
 expected, an item containing `|`) are counted, written to `rejects/part-*.parquet`
 with the field and reason, and the rest is loaded (the reasons of `validate_row`).
+A job that rejects more than `max_reject_rate` of its users (default 1%; every user of an
+input that yields none) fails: `FeatureLoadError` (exit 2), no `_SUCCESS.json`, no schema
+record. A job that succeeds records the schema it wrote (fields, kinds, fingerprint, sampled
+values: mvke/runtime/store_schema.py) for `mvke publish` and the service to check models against.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ SUCCESS_FILE = "_SUCCESS.json"
 STOP_AFTER_ENV = "MVKE_FEATURES_STOP_AFTER_PARTS"   # testing hook: exit after N parts, like a killed job
 REJECT_SCHEMA = pa.schema([("user_id", pa.string()), ("field", pa.string()), ("reason", pa.string())])
 KEEP_BAD_ROWS = 1000                                 # bad rows kept in the report (all are in rejects/)
+DEFAULT_MAX_REJECT_RATE = 0.01                       # `--max-reject-rate`: more rejected users fail the job
 
 
 @dataclass
@@ -61,6 +66,7 @@ class FeaturesLoadConfig:
     ttl_s: int | None = None          # expire each user hash this many seconds after its load
     job_dir: str | None = None        # markers and rejects; default <users dir>/_features_load
     progress: bool = True
+    max_reject_rate: float = DEFAULT_MAX_REJECT_RATE   # share of users rejected above which the job fails
 
 
 @dataclass
@@ -241,11 +247,53 @@ def load_features(cfg: FeaturesLoadConfig) -> FeaturesLoadReport:
         report.loaded = sum(m["loaded"] for m in markers)
         report.rejected = sum(m["rejected"] for m in markers)
         report.seconds = time.perf_counter() - t0
+        check_reject_rate(report.loaded, report.rejected, cfg.max_reject_rate, report.bad_rows, root / "rejects")
         write_json_atomic(root / SUCCESS_FILE, report.summary())
+        record_schema(client, Keys(cfg.key_prefix), files, kinds, report.loaded)
         client.delete(Keys(cfg.key_prefix).features_job(token))
         return report
     finally:
         client.close()
+
+
+def check_reject_rate(loaded: int, rejected: int, max_rate: float, bad_rows: list[dict[str, str]],
+                      where: Path | None = None) -> None:
+    """Raise FeatureLoadError when more than `max_rate` of the users were rejected (or none was loaded)."""
+    total = loaded + rejected
+    if total and rejected <= max_rate * total and loaded:
+        return
+    if not total:
+        raise FeatureLoadError("no users in the input: nothing loaded (is it the right users.parquet?)")
+    reasons = sorted({f"{b['field']}: {b['reason']}" for b in bad_rows[:KEEP_BAD_ROWS]})
+    raise FeatureLoadError(
+        f"{rejected} of {total} users rejected ({100 * rejected / total:.1f}%, above --max-reject-rate "
+        f"{100 * max_rate:g}%): the job failed and wrote no success marker; {loaded} users were loaded. "
+        f"Reasons: {'; '.join(reasons[:5])}" + (f"; every bad row: {where}" if where else "")
+        + ". Fix the data (`mvke data split` checks it up front) or raise --max-reject-rate")
+
+
+def sample_store_values(files: list[Path], kinds: dict[str, str]) -> dict[str, list[str]]:
+    """Up to SAMPLE_VALUES stored values per field from the first rows of the input (for the schema record)."""
+    from mvke.runtime.features import to_store_value
+    from mvke.runtime.store_schema import SAMPLE_VALUES, sample_values
+    if not files:
+        return {}
+    pf = pq.ParquetFile(files[0])
+    names = [n for n in kinds if n in pf.schema_arrow.names]
+    out: dict[str, list[str]] = {n: [] for n in names}
+    for batch in pf.iter_batches(batch_size=2_000, columns=names, use_threads=False):
+        for name in names:
+            for v in batch.column(name).to_pylist():
+                out[name] += sample_values(to_store_value(v), kinds[name])
+        break                                   # the first rows are enough for a sample
+    return {n: v[:SAMPLE_VALUES] for n, v in out.items()}
+
+
+def record_schema(client, keys: Keys, files: list[Path], kinds: dict[str, str], users: int) -> None:
+    """Record what a successful load wrote (mvke/runtime/store_schema.py), for publish and the service."""
+    from mvke.runtime.store_schema import StoreSchema, write_store_schema
+    source = str(files[0].parent if len(files) > 1 else files[0]) if files else ""
+    write_store_schema(client, keys, StoreSchema(dict(kinds), sample_store_values(files, kinds), source, users))
 
 
 def _run_parts(job: dict[str, Any], parts: list[Part], workers: int):

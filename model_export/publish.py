@@ -15,6 +15,11 @@ A publish:
 Readers resolve the alias, then read one version's immutable keys: they never see a
 manifest and arrays of different versions.
 
+Feature store check (before step 2): the bundle's fields, kinds and vocabularies are compared
+with the schema the last `mvke features load` recorded (mvke/runtime/store_schema.py); an
+incompatible bundle is refused with the differing fields, unless `force` (the report then
+carries the mismatch under `feature_store`). With no schema recorded, a warning.
+
 Canary: `publish(..., canary_percent=P)` does steps 1-5 and then, instead of the alias
 flip, sets `{mvke}:canary` to `<version>:<P>` with a Lua script (refusing a version without
 a manifest or the active one). `promote` flips the alias to the canary and deletes the
@@ -38,6 +43,7 @@ import redis
 from mvke.runtime.contract import MANIFEST_FILE, BundleError, Manifest, read_bundle
 from mvke.runtime.keys import Keys, format_canary, parse_canary
 from mvke.runtime.redis_client import REDIS_ERRORS
+from mvke.runtime.store_schema import compare, mismatch_message, read_store_schema
 from mvke.runtime.versions import active_version, read_version
 
 DEFAULT_KEEP = 3
@@ -178,10 +184,29 @@ def _trim(r, keys: Keys, keep: int) -> list[str]:
     return removed
 
 
+def feature_store_check(r, keys: Keys, manifest: Manifest, force: bool) -> dict:
+    """Compare the bundle's features with the store's recorded schema; raise PublishError on a
+    mismatch unless `force`. -> the report's `feature_store` entry."""
+    store = read_store_schema(r, keys)
+    if store is None:
+        return {"checked": False, "warning": f"no feature schema recorded at {keys.features_schema}: the feature "
+                                             "store was not loaded by `mvke features load` of this release; "
+                                             "the bundle's fields were not checked against it"}
+    problems = compare(store, manifest.features)
+    entry = {"checked": True, "store_fingerprint": store.fingerprint, "compatible": not problems}
+    if problems:
+        message = mismatch_message(store, manifest.features, problems)
+        if not force:
+            raise PublishError(f"refused: {message}")
+        entry.update(problems=problems, forced=True)
+    return entry
+
+
 def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, keys: Keys | None = None,
-            activate: bool = True, canary_percent: float | None = None) -> dict:
+            activate: bool = True, canary_percent: float | None = None, force: bool = False) -> dict:
     """Write, verify and activate a bundle; with `canary_percent`, make it the canary instead
-    (served to that share of users beside the active version, which stays as it is)."""
+    (served to that share of users beside the active version, which stays as it is).
+    Refuses a bundle whose features the feature store does not match, unless `force`."""
     keys = keys or Keys()
     if canary_percent is not None:
         if not 0 < canary_percent <= 100:
@@ -191,6 +216,7 @@ def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, ke
     manifest, blobs = read_bundle(bundle_dir, verify=True)   # refuses a bundle that does not match
     manifest_json = Path(bundle_dir, MANIFEST_FILE).read_text()
     v = manifest.version
+    store_check = feature_store_check(r, keys, manifest, force)
     with publisher_lock(r, keys):
         orphans = collect_orphans(r, keys)
         already = r.exists(keys.manifest(v)) and v in _known_versions(r, keys)
@@ -226,7 +252,13 @@ def publish(bundle_dir: str | Path, r: redis.Redis, keep: int = DEFAULT_KEEP, ke
         removed = _trim(r, keys, keep)
     report = {"version": v, "previous": previous, "reused": bool(already), "removed": removed,
               "orphans_collected": orphans, "publish_seconds": time.perf_counter() - t0,
-              "bytes": sum(len(b) for b in blobs.values())}
+              "bytes": sum(len(b) for b in blobs.values()), "feature_store": store_check}
+    warnings = [store_check["warning"]] if "warning" in store_check else []
+    if store_check.get("forced"):
+        warnings.append("published with --force although its features do not match the feature store: "
+                        + "; ".join(store_check["problems"]))
+    if warnings:
+        report["warnings"] = warnings
     if canary_percent is not None:
         report.update(canary_percent=canary_percent, active=previous, previous=None)
     return report

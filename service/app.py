@@ -224,7 +224,9 @@ def _install_info_routes(app: FastAPI, state: ServiceState) -> None:
     async def readyz() -> Response:
         """200 with the active version once a model is loaded and Redis answers, else 503 with the reason
         (a version that failed to load: its error, attempt count and when it is tried next). While a newer
-        active or canary version fails to load, the 200 also names it under `load_errors`."""
+        active or canary version fails to load, the 200 also names it under `load_errors` (a canary whose
+        features the feature store does not match is not loaded: its reason is there); an active version
+        served although the store does not match it is named under `schema_mismatch`."""
         return await readiness(state)
 
     @app.get("/model", responses=error_responses(state, 401, 503))
@@ -263,6 +265,9 @@ async def readiness(state: ServiceState) -> Response:
         doc["canary_version"] = state.registry.canary.version
     if load_errors:
         doc["load_errors"] = load_errors
+    mismatches = state.registry.schema_mismatches()
+    if mismatches:
+        doc["schema_mismatch"] = mismatches
     return json_response(doc)
 
 

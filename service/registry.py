@@ -15,6 +15,14 @@ Polling, reading and building use synchronous redis-py (the runtime's reader,
 mvke/runtime/versions.py, the one batch tagging uses) in a worker thread, so the event
 loop never waits on them.
 
+Feature store check (issue 28): when a version is loaded, its manifest features are compared
+with the schema the last `mvke features load` recorded (mvke/runtime/store_schema.py). A
+mismatched ACTIVE version is still served (refusing it would leave nothing to answer with;
+`mvke publish` refused it unless --force), and /readyz names the mismatch under
+`schema_mismatch`, the log says it as an error. A mismatched CANARY is not loaded and not
+served: its users stay on the active version, /readyz names it under `load_errors.canary`,
+and it is tried again with the load backoff (reload the store or drop the canary).
+
 Routing (`route`): a pinned `model_version` is served when it is loaded (404 when it is
 not published, 409 when published but not loaded); otherwise a user whose id hashes
 below the canary percentage gets the canary, everyone else the active version. The hash
@@ -32,6 +40,7 @@ from mvke.runtime.contract import BundleError
 from mvke.runtime.keys import Keys, parse_canary
 from mvke.runtime.redis_client import REDIS_ERRORS
 from mvke.runtime.model import LoadedModel, build_model
+from mvke.runtime.store_schema import check_model
 from mvke.runtime.versions import read_version
 from service.background import cancel_and_wait
 from service.metrics import ServiceMetrics
@@ -52,6 +61,10 @@ class Canary:
     version: str
     percent: float
     source: str            # "redis" or "env"
+
+
+class SchemaMismatch(ValueError):
+    """A canary whose features the feature store does not match: not loaded, not served."""
 
 
 class RoutingError(Exception):
@@ -75,6 +88,7 @@ class ModelRegistry:
         self.published: frozenset[str] = frozenset()
         self.last_error: str | None = "no model loaded yet"
         self._retry: dict[str, _Retry] = {}             # version -> its failed loads (backoff)
+        self.schema_mismatch: dict[str, str] = {}       # loaded version -> why the feature store does not match it
         self._task: asyncio.Task | None = None
         self._env_canary = Canary(*parse_canary(settings.canary), "env") if settings.canary else None
 
@@ -181,7 +195,7 @@ class ModelRegistry:
             return None   # failed before: wait out its backoff (a broken bundle must not hot-loop)
         t0 = time.perf_counter()
         try:
-            model = await self._load(version)
+            model = await self._load(version, role)
         except Exception as e:   # noqa: BLE001 - any failure to build a version is that version's, not the poller's
             # Redis failing to hand the files over (a timeout on a large bundle, a MULTI refused above
             # maxmemory, a file not written yet) passes; a bad checksum or an ONNX error does not until
@@ -237,14 +251,28 @@ class ModelRegistry:
         pipe.zrange(keys.versions, 0, -1)
         return pipe.execute()
 
-    async def _load(self, version: str) -> LoadedModel:
-        return await asyncio.to_thread(self._build, version)
+    async def _load(self, version: str, role: str = "active") -> LoadedModel:
+        return await asyncio.to_thread(self._build, version, role)
 
-    def _build(self, version: str) -> LoadedModel:
+    def _build(self, version: str, role: str = "active") -> LoadedModel:
         manifest, blobs = read_version(self.bundle_redis, self.keys, version)
+        mismatch = check_model(self.redis, self.keys, manifest.features)
+        if mismatch and role == "canary":
+            raise SchemaMismatch(f"not served as the canary: {mismatch}")
         s = self.settings
-        return build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann, ann_min_tags=s.ann_min_tags,
-                           scoring=s.scoring, search_threads=s.blas_threads)
+        model = build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann,
+                            ann_min_tags=s.ann_min_tags, scoring=s.scoring, search_threads=s.blas_threads)
+        if mismatch:
+            log.error("serving version %s although %s", version, mismatch)
+            self.schema_mismatch[version] = mismatch
+        else:
+            self.schema_mismatch.pop(version, None)
+        return model
+
+    def schema_mismatches(self) -> dict[str, str]:
+        """role -> why the feature store does not match the loaded version of that role (for /readyz)."""
+        return {role: self.schema_mismatch[m.version] for m, role in ((self.current, "active"), (self.canary, "canary"))
+                if m is not None and m.version in self.schema_mismatch}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ cluster spreads the users over every slot and master.
     mvke:features-load:<token>          an unfinished `mvke features load` job (its markers stay valid
                                         while this key exists; deleted when the job completes)
     mvke:features-loaded:<dataset>      which dataset `mvke pipeline` loaded (so a rerun skips it)
+    mvke:features-schema                JSON: the fields, kinds, fingerprint and sampled values the last
+                                        successful `mvke features load` wrote (mvke/runtime/store_schema.py);
+                                        `mvke publish` and the service compare a model's features with it
 
 Events (`POST /events`, `mvke features stream`, mvke/runtime/events.py). A user's event state
 lives in keys whose hash tag is the user key itself: `mvke:user:<id>` has no braces, so its
@@ -133,6 +136,7 @@ class Keys:
         self.user_tags_latest = f"{{{prefix}:usertags}}:latest"
         self.audiences_latest = f"{{{prefix}:audiences}}:latest"
         self.audiences_versions = f"{{{prefix}:audiences}}:versions"
+        self.features_schema = f"{prefix}:features-schema"
 
     # ---- models ----------------------------------------------------------
     def version_prefix(self, version: str) -> str:
