@@ -5,6 +5,7 @@ import argparse
 import json
 
 from mvke.runtime.keys import add_key_prefix_option
+from mvke.runtime.options import add_max_reject_rate_option
 
 EXTRA = "batch"   # the pyproject extra these commands need (named by `mvke` when it is missing)
 
@@ -23,7 +24,8 @@ def _tag_all(a: argparse.Namespace) -> None:
                        workers=a.workers, provider=a.provider, ort_threads=a.ort_threads,
                        key_prefix=key_prefix(a.key_prefix), redis_ttl_s=a.redis_ttl, progress=not a.no_progress,
                        ann=a.ann, ann_min_tags=a.ann_min_tags, audiences=a.audiences,
-                       audience_top_k=a.audience_top_k, audience_min_score=a.audience_min_score)
+                       audience_top_k=a.audience_top_k, audience_min_score=a.audience_min_score,
+                       max_reject_rate=a.max_reject_rate)
     if (a.audience_top_k is not None or a.audience_min_score is not None) and not a.audiences:
         raise ValueError("--audience-top-k / --audience-min-score need --audiences")
     summary = run(cfg)
@@ -66,4 +68,5 @@ def register(sub) -> None:
                         "(default: --top-k, every written row)")
     t.add_argument("--audience-min-score", type=float, metavar="S",
                    help="... and its score is at least S (default: no threshold)")
+    add_max_reject_rate_option(t, "no _SUCCESS.json, no Redis summary")
     t.set_defaults(func=_tag_all, extra=EXTRA)

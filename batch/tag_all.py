@@ -33,7 +33,8 @@ Resumable: each finished part writes its Parquet file(s) atomically and then a
 done marker (layout in batch/parts.py); a rerun with the same arguments skips
 finished parts, so a killed job restarted finishes with every user exactly once.
 Bad rows (no user id, a list in a single-valued field, a scalar where a list is
-expected, ...) are counted and written to rejects/ with the reason; the job goes on.
+expected, ...) are counted and written to rejects/ with the reason; the job goes on, and fails at
+the end (exit 2, no _SUCCESS.json, no Redis summary) when more than --max-reject-rate (1%) were rejected.
 
 Output rows: user_id (string), task (string), rank (int16, 1 = best), tag
 (string), score (float32, the model's probability), K rows per task per user.
@@ -55,6 +56,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from batch.parts import (AtomicParquetWriter, JobDir, Part, input_fingerprint, iter_part, job_lock, list_inputs,
                          part_from_dict, part_to_dict, plan_parts, write_json_atomic)
@@ -64,6 +66,7 @@ from mvke.runtime.keys import Keys, redis_url
 from mvke.runtime.encoded import EncodedBatch
 from mvke.runtime.feature_values import MISSING_USER_ID, first_problems
 from mvke.runtime.model import LoadedModel
+from mvke.runtime.parts import DEFAULT_MAX_REJECT_RATE, reject_rate_error
 from mvke.runtime.system import container_cpus
 
 log = logging.getLogger("mvke.batch")
@@ -111,6 +114,7 @@ class TagAllConfig:
     audiences: bool = False            # also build the tag -> users index (batch/audiences.py)
     audience_top_k: int | None = None  # its rule: rank <= this (default: top_k, i.e. every written row)
     audience_min_score: float | None = None   # ... and score >= this
+    max_reject_rate: float = DEFAULT_MAX_REJECT_RATE   # more rejected users fail the job (no success marker)
 
     def redis(self) -> str:
         return redis_url(self.redis_url)
@@ -338,6 +342,19 @@ def _audience_spec(cfg: TagAllConfig, manifest) -> dict:
                                        min(cfg.top_k, manifest.num_tags)).to_dict()}
 
 
+def _fail_on_rejects(cfg: TagAllConfig, jd: JobDir, counts: dict) -> None:
+    """The job fails (no success marker, no Redis summary) above --max-reject-rate (mvke/runtime/parts.py)."""
+    rejected = counts["rejected"]
+    reasons = []
+    if rejected:
+        first = sorted(Path(jd.rejects).glob("*.parquet"))[:1]
+        rows = pq.read_table(first[0]).slice(0, 100).to_pylist() if first else []
+        reasons = [f"{r['field']}: {r['reason']}" for r in rows]
+    error = reject_rate_error(counts["users"], rejected, cfg.max_reject_rate, reasons, jd.rejects, "tag-all")
+    if error:
+        raise RuntimeError(error)
+
+
 def run(cfg: TagAllConfig) -> dict:
     """Tag every user of cfg.users; returns the summary (also written to out/_SUCCESS.json)."""
     if cfg.top_k < 1:
@@ -370,6 +387,7 @@ def run(cfg: TagAllConfig) -> dict:
         if missing:
             raise RuntimeError(f"{len(missing)} parts did not finish (first {missing[0]}); rerun to resume")
         counts = {k: sum(m[k] for m in finished.values()) for k in ("input_rows", "users", "rows", "rejected")}
+        _fail_on_rejects(cfg, jd, counts)
         summary = {"model_version": manifest.version, "model": manifest.model, "tasks": manifest.task_names,
                    "top_k": min(cfg.top_k, manifest.num_tags), "parts": len(parts),
                    "parts_this_run": len(pending), "resumed": resumed, **counts,

@@ -6,6 +6,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
+from mvke.runtime.options import add_max_reject_rate_option
 from mvke.runtime.redis_client import REDIS_URL_HELP
 
 EXTRA = "export"   # the pyproject extra these commands need (named by `mvke` when it is missing)
@@ -122,14 +123,6 @@ def _events_replay(a: argparse.Namespace) -> None:
                             rate=a.rate, batch=a.batch)))
 
 
-def _rate(text: str) -> float:
-    """argparse type of a share in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] (0.01 = 1%), got {text}")
-    return value
-
-
 def _redis_options(parser: argparse.ArgumentParser) -> None:
     from mvke.runtime.keys import add_key_prefix_option
     parser.add_argument("--redis", metavar="URL", help=REDIS_URL_HELP)
@@ -198,9 +191,7 @@ def register(sub) -> None:
     fl.add_argument("--ttl", type=int, metavar="SECONDS", help="expire each user hash this many seconds after its load")
     fl.add_argument("--part-rows", type=int, default=262_144, metavar="N", help="users per part (the unit of resumption)")
     fl.add_argument("--job-dir", metavar="DIR", help="markers and rejects (default DATA/_features_load)")
-    fl.add_argument("--max-reject-rate", type=_rate, default=0.01, metavar="SHARE",
-                    help="fail (exit 2, no success marker, no schema record) when more than this share of users "
-                         "is rejected (default 0.01 = 1%%; a job that loads nobody always fails)")
+    add_max_reject_rate_option(fl, "no success marker, no schema record")
     fl.set_defaults(func=_features_load, extra=EXTRA)
 
     fs = f.add_parser("stream", help="apply user events from the event streams (a consumer of the group)",

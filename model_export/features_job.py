@@ -39,8 +39,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mvke.runtime.parts import (Part, input_fingerprint, iter_part, list_inputs, part_from_dict, part_to_dict,
-                                plan_parts, write_json_atomic)
+from mvke.runtime.parts import (DEFAULT_MAX_REJECT_RATE, Part, input_fingerprint, iter_part, list_inputs,
+                                part_from_dict, part_to_dict, plan_parts, reject_rate_error, write_json_atomic)
 from model_export.feature_writer import FeatureLoadError, FeatureSink, load_stamp, store_columns
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import REDIS_ERRORS, RedisTarget, connect, describe_error, resolve
@@ -50,7 +50,6 @@ SUCCESS_FILE = "_SUCCESS.json"
 STOP_AFTER_ENV = "MVKE_FEATURES_STOP_AFTER_PARTS"   # testing hook: exit after N parts, like a killed job
 REJECT_SCHEMA = pa.schema([("user_id", pa.string()), ("field", pa.string()), ("reason", pa.string())])
 KEEP_BAD_ROWS = 1000                                 # bad rows kept in the report (all are in rejects/)
-DEFAULT_MAX_REJECT_RATE = 0.01                       # `--max-reject-rate`: more rejected users fail the job
 
 
 @dataclass
@@ -258,18 +257,11 @@ def load_features(cfg: FeaturesLoadConfig) -> FeaturesLoadReport:
 
 def check_reject_rate(loaded: int, rejected: int, max_rate: float, bad_rows: list[dict[str, str]],
                       where: Path | None = None) -> None:
-    """Raise FeatureLoadError when more than `max_rate` of the users were rejected (or none was loaded)."""
-    total = loaded + rejected
-    if total and rejected <= max_rate * total and loaded:
-        return
-    if not total:
-        raise FeatureLoadError("no users in the input: nothing loaded (is it the right users.parquet?)")
-    reasons = sorted({f"{b['field']}: {b['reason']}" for b in bad_rows[:KEEP_BAD_ROWS]})
-    raise FeatureLoadError(
-        f"{rejected} of {total} users rejected ({100 * rejected / total:.1f}%, above --max-reject-rate "
-        f"{100 * max_rate:g}%): the job failed and wrote no success marker; {loaded} users were loaded. "
-        f"Reasons: {'; '.join(reasons[:5])}" + (f"; every bad row: {where}" if where else "")
-        + ". Fix the data (`mvke data split` checks it up front) or raise --max-reject-rate")
+    """Raise FeatureLoadError when more than `max_rate` of the users were rejected, or none was loaded."""
+    reasons = [f"{b['field']}: {b['reason']}" for b in bad_rows]
+    error = reject_rate_error(loaded, rejected, max_rate, reasons, where, "features load")
+    if error:
+        raise FeatureLoadError(error)
 
 
 def sample_store_values(files: list[Path], kinds: dict[str, str]) -> dict[str, list[str]]:

@@ -235,10 +235,26 @@ def test_output_inside_the_input_directory_is_not_read_back(ray_session, tiny, u
     users.mkdir()
     shutil.copy(users_dir[0] / "b_bad.parquet", users / "b_bad.parquet")
     cfg = TagAllConfig(users=str(users), out=str(users / "tagged"), bundle=str(b), top_k=K, workers=1,
-                       progress=False)
+                       progress=False, max_reject_rate=1.0)     # 4 of 5 rejected: allowed here
     first = run(cfg)
     again = run(cfg)       # tagged/tags/*.parquet are not users: same input, nothing to do
     assert (first["users"], first["rejected"], again["parts_this_run"]) == (1, 4, 0)
+
+
+def test_a_job_that_rejects_too_many_users_fails(ray_session, tiny, users_dir, tmp_path, capsys):
+    """Issue 28 §3: 4 of 5 users rejected (above --max-reject-rate 1%): exit 2 naming the count and a
+    reason, no _SUCCESS.json; a rerun that allows it succeeds without redoing the parts."""
+    from mvke.cli import main
+    b, *_ = tiny
+    out = tmp_path / "out"
+    argv = ["tag-all", "--bundle", str(b), "--users", str(users_dir[0] / "b_bad.parquet"), "--out", str(out),
+            "--workers", "1", "--no-progress", "--top-k", str(K)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "4 of 5 users rejected (80.0%" in err and "--max-reject-rate" in err and "rejects" in err
+    assert not (out / "_SUCCESS.json").exists()
+    assert main([*argv, "--max-reject-rate", "0.9"]) == 0
+    assert json.loads(capsys.readouterr().out)["parts_this_run"] == 0 and (out / "_SUCCESS.json").exists()
 
 
 def test_killed_job_restarts_without_duplicates(ray_session, tiny, users_dir, job, tmp_path):

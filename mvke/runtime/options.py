@@ -1,0 +1,25 @@
+"""Command-line options shared by the stages' commands (argparse only: imported when `mvke` builds its parser)."""
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MAX_REJECT_RATE = 0.01     # `--max-reject-rate` of `mvke features load` and `mvke tag-all`
+
+
+def share(text: str) -> float:
+    """argparse type of a share: a float in [0, 1], else exit 2 naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] (0.01 = 1%), got {text}")
+    return value
+
+
+def add_max_reject_rate_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--max-reject-rate`, the same on every job over users (the rule: mvke/runtime/parts.py `reject_rate_error`)."""
+    parser.add_argument("--max-reject-rate", type=share, default=DEFAULT_MAX_REJECT_RATE, metavar="SHARE",
+                        help=f"fail (exit 2, {what}) when more than this share of users is rejected "
+                             f"(default {DEFAULT_MAX_REJECT_RATE:g} = {100 * DEFAULT_MAX_REJECT_RATE:g}%%; "
+                             "a job that handles nobody always fails)")
