@@ -29,21 +29,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mvke.data.own_checks import DataError, check_labels, check_meta
 from mvke.runtime.features import FeatureSchema
 from mvke.runtime.parts import list_inputs
 
 TASKS = ("interest", "intention")
 TASK_LABELS = {"interest": "click", "intention": "conversion"}
 MAX_TAGS_PER_AD = 3  # tag ids per sample fed to the tag tower (pooled)
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the column."""
-
-    def __init__(self, file: str | Path, column: str | None, message: str):
-        where = f"{file}" + (f", column {column!r}" if column else "")
-        super().__init__(f"{where}: {message}")
-        self.file, self.column = str(file), column
 
 
 def write_dataset(out: str | Path, train: pd.DataFrame, test: pd.DataFrame,
@@ -154,8 +146,7 @@ def _require(df: pd.DataFrame, path: Path, column: str, kind: str) -> None:
         raise DataError(path, column, "missing column")
     col = df[column]
     if kind == "label":
-        if not pd.api.types.is_numeric_dtype(col) or not col.isin([0, 1]).all():
-            raise DataError(path, column, f"expected 0/1 labels, got dtype {col.dtype}")
+        check_labels(col, path, column)
     elif kind in ("list", "multi"):
         bad = col.map(lambda v: not isinstance(v, (list, np.ndarray)) and v is not None)
         if bad.any():
@@ -194,6 +185,7 @@ def read_meta(meta_path: Path) -> dict[str, Any]:
     for key in ("fields", "tags"):
         if key not in meta:
             raise DataError(meta_path, key, "missing key")
+    check_meta(meta, meta_path)
     return meta
 
 

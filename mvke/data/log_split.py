@@ -8,7 +8,9 @@ reads (`train.parquet`, `test.parquet`, `users.parquet`, `meta.json`), the last
 the paper's offline evaluation trains on earlier days and tests on a later one.
 Both splits carry the event time as `timestamp` (Unix seconds, int64), the column
 the trainer's validation split orders each user's events by.
-Errors are `DataError`s naming the input file and column, like `load_dataset`'s.
+Errors are `DataError`s naming the input file and column, like `load_dataset`'s; every check
+runs before anything is written (mvke/data/own_checks.py: rows and values too), and warnings
+(empty tag lists) are in the summary.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from mvke.data.dataset import (
     load_dataset,
     read_meta,
 )
+from mvke.data.own_checks import (check_list_items, check_same_id_type, check_time_strings, check_unix_unit,
+                                  check_user_ids, empty_tag_lists)
 
 
 @dataclass
@@ -50,10 +54,12 @@ class SplitReport:
     rows: dict[str, int] = field(default_factory=dict)
     users: dict[str, int] = field(default_factory=dict)
     dropped_rows: int = 0           # rows older than the train window (`train_days`)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"out": str(self.out), "train_days": self.train_days, "test_days": self.test_days,
-                "rows": self.rows, "users": self.users, "dropped_rows": self.dropped_rows}
+                "rows": self.rows, "users": self.users, "dropped_rows": self.dropped_rows,
+                "warnings": self.warnings}
 
 
 TIMESTAMP = "timestamp"   # the output column: Unix seconds
@@ -67,6 +73,10 @@ def event_times(times: pd.Series, path: Path, column: str) -> pd.Series:
     """
     if pd.api.types.is_bool_dtype(times):
         raise DataError(path, column, "expected timestamps, dates or Unix seconds, got booleans")
+    if pd.api.types.is_numeric_dtype(times):
+        check_unix_unit(times, path, column)
+    elif not (pd.api.types.is_datetime64_any_dtype(times)):
+        check_time_strings(times, path, column)
     try:
         if pd.api.types.is_numeric_dtype(times):
             stamps = pd.to_datetime(times, unit="s", utc=True)
@@ -89,9 +99,14 @@ def calendar_days(stamps: pd.Series, timezone: str, path: Path, column: str) -> 
     return local.dt.strftime("%Y-%m-%d")
 
 
-def _check_log(log: pd.DataFrame, path: Path, meta: dict[str, Any], cfg: TimeSplitConfig) -> None:
-    """The checks `load_dataset` makes on a split, on the log before it is cut, and the time column."""
+def _check_log(log: pd.DataFrame, path: Path, meta: dict[str, Any], cfg: TimeSplitConfig) -> str:
+    """The checks `load_dataset` makes on a split, on the log before it is cut, and the time column.
+    -> the type of its user ids."""
     check_samples(log, path, meta)
+    id_kind = check_user_ids(log["user_id"], path)
+    for name, kind in meta["fields"].items():
+        if kind == "multi" and name in log.columns:
+            check_list_items(log[name], path, name)
     if cfg.time_column not in log.columns:
         raise DataError(path, cfg.time_column, "missing column (the event time; --time-column names it)")
     if cfg.time_column != TIMESTAMP and TIMESTAMP in log.columns:
@@ -102,14 +117,18 @@ def _check_log(log: pd.DataFrame, path: Path, meta: dict[str, Any], cfg: TimeSpl
     bad = unknown.map(len) > 0
     if bad.any():
         raise DataError(path, "tags", f"tag {unknown[bad].iloc[0][0]!r} is not in meta.json's tags "
-                                      f"({int(bad.sum())} rows have unknown tags)")
+                                      f"(row {int(bad.to_numpy().argmax())}; {int(bad.sum())} rows have unknown tags)")
+    return id_kind
 
 
 def _check_users(users: pd.DataFrame, path: Path, meta: dict[str, Any], log: pd.DataFrame,
-                 log_path: Path) -> None:
+                 log_path: Path, log_id_kind: str) -> None:
     _require(users, path, "user_id", "cat")
+    check_same_id_type(log_id_kind, log_path, check_user_ids(users["user_id"], path), path)
     for name, kind in meta["fields"].items():
         _require(users, path, name, kind)
+        if kind == "multi":
+            check_list_items(users[name], path, name)
     if not all(n in log.columns for n in meta["fields"]):
         missing = ~log["user_id"].isin(set(users["user_id"]))
         if missing.any():
@@ -133,23 +152,24 @@ def pick_days(days: list[str], cfg: TimeSplitConfig, path: Path) -> tuple[list[s
 
 
 def _read_checked(log_path: str | Path, cfg: TimeSplitConfig, meta_path: str | Path | None,
-                  users_path: str | Path | None) -> tuple[Path, Path, dict[str, Any], pd.DataFrame]:
+                  users_path: str | Path | None) -> tuple[Path, Path, dict[str, Any], pd.DataFrame, list[str]]:
     """(log path, users path, meta, log): meta.json and users.parquet beside the log unless given, all checked."""
     log_path = Path(log_path)
     meta_path = Path(meta_path) if meta_path else log_path.parent / "meta.json"
     users_path = Path(users_path) if users_path else log_path.parent / "users.parquet"
     meta = read_meta(meta_path)
     log = _read_parquet(log_path)
-    _check_log(log, log_path, meta, cfg)
-    _check_users(_read_parquet(users_path), users_path, meta, log, log_path)
-    return log_path, users_path, meta, log
+    id_kind = _check_log(log, log_path, meta, cfg)
+    _check_users(_read_parquet(users_path), users_path, meta, log, log_path, id_kind)
+    warnings = [w for w in [empty_tag_lists(log["tags"], log_path)] if w]
+    return log_path, users_path, meta, log, warnings
 
 
 def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
                   meta_path: str | Path | None = None, users_path: str | Path | None = None) -> SplitReport:
     """Log (+ meta.json, users.parquet beside it unless given) -> dataset directory `out`."""
     cfg = cfg or TimeSplitConfig()
-    log_path, users_path, meta, log = _read_checked(log_path, cfg, meta_path, users_path)
+    log_path, users_path, meta, log, warnings = _read_checked(log_path, cfg, meta_path, users_path)
 
     stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
     day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
@@ -169,7 +189,7 @@ def split_by_time(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | 
     return SplitReport(out, train_days, test_days,
                        rows={k: len(v) for k, v in parts.items()},
                        users={k: int(v["user_id"].nunique()) for k, v in parts.items()},
-                       dropped_rows=int(len(log) - sum(len(v) for v in parts.values())))
+                       dropped_rows=int(len(log) - sum(len(v) for v in parts.values())), warnings=warnings)
 
 
 def split_daily(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | None = None,
@@ -180,7 +200,7 @@ def split_daily(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | No
     rows carry them inline or you add `snapshots/day=YYYY-MM-DD/users.parquet` (the end of each day)."""
     from mvke.data.days import LOGS, PART
     cfg = cfg or TimeSplitConfig()
-    log_path, users_path, meta, log = _read_checked(log_path, cfg, meta_path, users_path)
+    log_path, users_path, meta, log, warnings = _read_checked(log_path, cfg, meta_path, users_path)
     stamps = event_times(log[cfg.time_column], log_path, cfg.time_column)
     day = calendar_days(stamps, cfg.timezone, log_path, cfg.time_column)
     log = log.assign(**{TIMESTAMP: (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)})
@@ -197,4 +217,4 @@ def split_daily(log_path: str | Path, out: str | Path, cfg: TimeSplitConfig | No
              "timezone": cfg.timezone}
     (out / "meta.json").write_text(json.dumps({**meta, "days": days, "split": split}, indent=1))
     return SplitReport(out, days, [], rows={d: int((day == d).sum()) for d in days},
-                       users={d: int(log["user_id"][day == d].nunique()) for d in days})
+                       users={d: int(log["user_id"][day == d].nunique()) for d in days}, warnings=warnings)

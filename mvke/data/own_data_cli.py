@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def _split(a: argparse.Namespace) -> None:
@@ -10,6 +11,8 @@ def _split(a: argparse.Namespace) -> None:
     cfg = TimeSplitConfig(time_column=a.time_column, test_days=a.test_days, train_days=a.train_days,
                           timezone=a.timezone)
     report = (split_daily if a.daily else split_by_time)(a.log, a.out, cfg, meta_path=a.meta, users_path=a.users)
+    for warning in report.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
     print(json.dumps(report.summary(), indent=1))
 
 

@@ -67,7 +67,17 @@ def _write_variant(src: Path, dst: Path, change) -> Path:
 @pytest.mark.parametrize("change, column, message", [
     (lambda d: d.drop(columns=["timestamp"]), "timestamp", "missing column"),
     (lambda d: d.assign(timestamp=True), "timestamp", "got booleans"),
-    (lambda d: d.assign(timestamp="yesterday"), "timestamp", "expected timestamps"),
+    (lambda d: d.assign(timestamp="yesterday"), "timestamp", "cannot read 'yesterday' (row 0;"),
+    # issue 28 §4: rows and values, units, types
+    (lambda d: d.assign(timestamp=d.timestamp.astype(str).where(d.index != 7, "2024-13-45")), "timestamp",
+     "cannot read '2024-13-45' (row 7; 1 rows)"),
+    (lambda d: d.assign(timestamp=d.timestamp.astype("int64") // 1000), "timestamp", "look like milliseconds"),
+    (lambda d: d.assign(timestamp=d.timestamp.astype("int64")), "timestamp", "look like microseconds"),
+    (lambda d: d.assign(conversion=d.conversion.where(d.index != 5, 2)), "conversion", "got 2 in row 5 (1 rows"),
+    (lambda d: d.assign(click=d.click.astype(float).where(d.index != 3)), "click", "missing label in row 3"),
+    (lambda d: d.assign(click=d.click.astype(str)), "click", "got str '0' in row 0"),
+    (lambda d: d.assign(user_id=d.user_id.where(d.index != 4)), "user_id", "missing user id in row 4"),
+    (lambda d: d.assign(user_id=d.user_id.str[4:].astype(float)), "user_id", "got float"),
     (lambda d: d.assign(timestamp=pd.Timestamp("2024-05-01", tz="UTC")), "timestamp", "covers 1 day"),
     (lambda d: d.drop(columns=["click"]), "click", "missing column"),
     (lambda d: d.assign(conversion=2), "conversion", "expected 0/1 labels"),
@@ -81,7 +91,7 @@ def test_split_errors_name_file_and_column(tmp_path, change, column, message):
     with pytest.raises(DataError) as e:
         split_by_time(log_path, tmp_path / "out")
     assert e.value.column == column and message in str(e.value)
-    expected_file = "users.parquet" if column == "user_id" else "log.parquet"
+    expected_file = "users.parquet" if message.startswith("no feature row") else "log.parquet"
     assert e.value.file.endswith(expected_file), str(e.value)
     assert not (tmp_path / "out" / "train.parquet").exists()
 
@@ -118,3 +128,50 @@ def test_time_column_must_not_shadow_timestamp(tmp_path):
     log_path = _write_variant(EXAMPLE, tmp_path / "src", lambda d: d.assign(when=d["timestamp"]))
     with pytest.raises(DataError, match="rename this column"):
         split_by_time(log_path, tmp_path / "out", TimeSplitConfig(time_column="when"))
+
+
+def _copy_example(dst: Path, users=None, meta=None, log=None) -> Path:
+    """The example with its users table, meta.json or log changed (callables on each)."""
+    dst.mkdir()
+    m = json.loads((EXAMPLE / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps(meta(m) if meta else m))
+    for name, change in (("users.parquet", users), ("log.parquet", log)):
+        df = pd.read_parquet(EXAMPLE / name)
+        pq.write_table(pa.Table.from_pandas(change(df) if change else df, preserve_index=False), dst / name)
+    return dst / "log.parquet"
+
+
+def _set(df: pd.DataFrame, column: str, row: int, value) -> pd.DataFrame:
+    df = df.copy()
+    df[column] = df[column].astype(object)
+    df.at[row, column] = value
+    return df
+
+
+@pytest.mark.parametrize("where, column, message", [
+    (dict(users=lambda u: _set(u, "clicked_tags", 9, ["sports/tag01", "a|b"])), "clicked_tags",
+     "row 9: item 'a|b' contains '|'"),
+    (dict(users=lambda u: _set(u, "user_id", 2, None)), "user_id", "missing user id in row 2"),
+    (dict(users=lambda u: u.assign(user_id=u.user_id.str[4:].astype(int)),
+          log=lambda d: d.assign(user_id=d.user_id)), "user_id", "integers here and strings in log.parquet"),
+    (dict(meta=lambda m: {**m, "fields": {**m["fields"], "gender": "categorical"}}), "fields",
+     "field 'gender': kind 'categorical' is not one of cat, multi"),
+    (dict(meta=lambda m: {**m, "tags": m["tags"] + m["tags"][:1]}), "tags", "listed twice"),
+    (dict(meta=lambda m: {**m, "max_lens": {"gender": 3}}), "max_lens", "'gender' is not a multi field"),
+])
+def test_split_checks_users_and_meta_up_front(tmp_path, where, column, message):
+    """Issue 28 §4: users.parquet and meta.json problems that train or features load would hit later are
+    found before anything is written, naming file, column, row and value."""
+    log_path = _copy_example(tmp_path / "src", **where)
+    with pytest.raises(DataError) as e:
+        split_by_time(log_path, tmp_path / "out")
+    assert e.value.column == column and message in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_tag_lists_are_a_warning_with_the_count(tmp_path, capsys):
+    log_path = _copy_example(tmp_path / "src", log=lambda d: _set(_set(d, "tags", 0, []), "tags", 1, []))
+    assert mvke_main(["data", "split", "--by-time", str(log_path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr()
+    assert "WARNING" in out.err and "2 of 3582 impressions have an empty tag list" in out.err
+    assert json.loads(out.out)["warnings"]
