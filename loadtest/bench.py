@@ -383,6 +383,9 @@ def report(res: dict, targets: dict) -> tuple[str, list[dict]]:
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for c in checks:
         lines.append(f"| {c['target']} | {c['measured']} | {'yes' if c['ok'] else 'NO'} |")
+    if not all(c["ok"] for c in checks):
+        from loadtest.run import targets_note
+        lines += ["", targets_note("loadtest/targets.yaml", "bench")]
     return "\n".join(lines), checks
 
 

@@ -128,6 +128,15 @@ def plot_timeline(prefix: Path, png: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def targets_note(targets_file: str | Path, profile: str) -> str:
+    """What a FAIL against the targets file means and how to set targets for this machine."""
+    return (f"note: the targets of {targets_file} (profile {profile!r}) were measured for one machine (2 shared "
+            "cores, the service and the client side by side: docs/results/performance.md); they are per machine, "
+            "not a property of the service. Measure yours (`python -m loadtest.bench`), then copy the file, put "
+            "your numbers in a profile and run with --targets YOUR_FILE --profile NAME (or edit the `locust` "
+            "section); a client-bound run (the note above) measures locust, not the service")
+
+
 def check_targets(summary: dict, targets: dict) -> list[dict]:
     """[{name, target, value, ok}] for each target present in the profile."""
     checks = []
@@ -272,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary["locust_cpu_cores"] and summary["locust_cpu_cores"] >= 0.85 * max(1, a.processes):
         print("  note: locust was CPU-bound; QPS is the client's ceiling, not the service's")
     print(f"{'PASS' if summary['pass'] else 'FAIL'}  (outputs in {out})")
+    if not summary["pass"]:
+        print(targets_note(a.targets, a.profile))
     return 0 if summary["pass"] else 1
 
 

@@ -162,10 +162,14 @@ def register(sub) -> None:
     p.set_defaults(func=_publish, extra=EXTRA)
 
     pr = sub.add_parser("promote", help="make the canary the active version (--auto: step the ramp by the policy)",
-                        description="Make the canary the active version. --auto: one look at the canary's ramp step "
-                                    "instead: from its live figures (errors, shadow top-20 overlap and score shift) "
-                                    "hold, step to the next share, promote after the last, or roll back (exit 1): "
-                                    "docs/OPERATIONS.md.")
+                        description="Make the canary (`mvke publish BUNDLE --canary PERCENT`) the active version: "
+                                    "the alias flip and the canary's removal in one Lua script, so every user moves "
+                                    "at once; running services follow within MVKE_MODEL_POLL_S. --auto: one look at "
+                                    "the canary's ramp step instead: from its live figures (errors, shadow top-20 "
+                                    "overlap and score shift) hold, step to the next share, promote after the last, "
+                                    "or roll back (exit 1): docs/OPERATIONS.md. Fails when there is no canary. "
+                                    "Environment: REDIS_URL (or --redis), MVKE_KEY_PREFIX (or --key-prefix), "
+                                    "MVKE_REDIS_CLUSTER.")
     _redis_options(pr)
     pr.add_argument("--auto", action="store_true", help="step the ramp by the policy's promotion rules (run it on a schedule)")
     pr.add_argument("--policy", metavar="FILE", help="with --auto: policy YAML (default: `mvke cycle --print-policy`)")

@@ -264,28 +264,31 @@ def check_reject_rate(loaded: int, rejected: int, max_rate: float, bad_rows: lis
         raise FeatureLoadError(error)
 
 
-def sample_store_values(files: list[Path], kinds: dict[str, str]) -> dict[str, list[str]]:
-    """Up to SAMPLE_VALUES stored values per field from the first rows of the input (for the schema record)."""
+def sample_store_values(files: list[Path], kinds: dict[str, str]) -> tuple[dict[str, list[str]], str]:
+    """-> (up to SAMPLE_VALUES stored values per field, a user id with features) from the first rows of the input."""
     from mvke.runtime.features import to_store_value
     from mvke.runtime.store_schema import SAMPLE_VALUES, sample_values
     if not files:
-        return {}
+        return {}, ""
     pf = pq.ParquetFile(files[0])
     names = [n for n in kinds if n in pf.schema_arrow.names]
     out: dict[str, list[str]] = {n: [] for n in names}
-    for batch in pf.iter_batches(batch_size=2_000, columns=names, use_threads=False):
+    example = ""
+    for batch in pf.iter_batches(batch_size=2_000, columns=["user_id", *names], use_threads=False):
         for name in names:
             for v in batch.column(name).to_pylist():
                 out[name] += sample_values(to_store_value(v), kinds[name])
+        example = next((str(u) for u in batch.column("user_id").to_pylist() if u is not None and str(u)), "")
         break                                   # the first rows are enough for a sample
-    return {n: v[:SAMPLE_VALUES] for n, v in out.items()}
+    return {n: v[:SAMPLE_VALUES] for n, v in out.items()}, example
 
 
 def record_schema(client, keys: Keys, files: list[Path], kinds: dict[str, str], users: int) -> None:
     """Record what a successful load wrote (mvke/runtime/store_schema.py), for publish and the service."""
     from mvke.runtime.store_schema import StoreSchema, write_store_schema
     source = str(files[0].parent if len(files) > 1 else files[0]) if files else ""
-    write_store_schema(client, keys, StoreSchema(dict(kinds), sample_store_values(files, kinds), source, users))
+    samples, example = sample_store_values(files, kinds)
+    write_store_schema(client, keys, StoreSchema(dict(kinds), samples, source, users, example_user=example))
 
 
 def _run_parts(job: dict[str, Any], parts: list[Part], workers: int):

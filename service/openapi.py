@@ -34,6 +34,7 @@ ERRORS: dict[int, dict[str, Any]] = {
 }
 ENUM_LIMIT = 20_000   # a bigger catalogue is described, not enumerated
 OPEN_OPERATIONS = {"/healthz", "/readyz"}
+EXAMPLE_USER = "u0000042"   # the demo's user, when the feature store recorded none (mvke/runtime/store_schema.py)
 
 
 class ServedOpenAPI:
@@ -99,7 +100,7 @@ def refine(doc: dict, models: list, state) -> dict:
                                                                    {"type": "null"}]}}}
     schemas["BatchRequest"]["properties"]["users"]["maxItems"] = s.max_batch_users
     if models:
-        _examples(doc, models[0], tasks, tags)
+        _examples(doc, models[0], tasks, tags, state.registry.example_user or EXAMPLE_USER)
     if state.api_keys.enabled:
         _security(doc, state.api_keys.metrics_need_key)
     return doc
@@ -131,8 +132,9 @@ def _vocab_hint(vocab: list[str]) -> str:
     return shown + (f", ... ({len(vocab)} values)" if len(vocab) > 5 else "")
 
 
-def _examples(doc: dict, model, tasks: list[str], tags: list[str]) -> None:
-    """Examples the served model answers with 200 (for a user in the store)."""
+def _examples(doc: dict, model, tasks: list[str], tags: list[str], user: str) -> None:
+    """Examples the served model answers with 200: its own fields and values, and `user`, a user the last
+    `mvke features load` wrote (the /ui page takes its placeholders from here too)."""
     schema = model.schema
     features = {}
     for f in schema.cat_fields[:1]:
@@ -149,10 +151,10 @@ def _examples(doc: dict, model, tasks: list[str], tags: list[str]) -> None:
     candidates = {"tags": tags[:3], "explain": True}
     schemas = doc["components"]["schemas"]
     schemas["TagRequest"]["examples"] = [example, candidates, {}]
-    schemas["BatchRequest"]["examples"] = [{"users": [{"user_id": "u0000042"},
+    schemas["BatchRequest"]["examples"] = [{"users": [{"user_id": user},
                                                       {"user_id": "new-user", "features": features}],
                                             "defaults": {"top_k": 3}}]
-    answer = {"user_id": "u0000042", "model_version": model.version, "model": model.manifest.model,
+    answer = {"user_id": user, "model_version": model.version, "model": model.manifest.model,
               "feature_source": "store",
               "tasks": {t: [{"tag": tag, "score": round(0.9 - 0.05 * i, 2)} for i, tag in enumerate(tags[:2])]
                         for t in tasks}}

@@ -40,7 +40,7 @@ from mvke.runtime.contract import BundleError
 from mvke.runtime.keys import Keys, parse_canary
 from mvke.runtime.redis_client import REDIS_ERRORS
 from mvke.runtime.model import LoadedModel, build_model
-from mvke.runtime.store_schema import check_model
+from mvke.runtime.store_schema import StoreSchema, check_model, read_store_schema
 from mvke.runtime.versions import read_version
 from service.background import cancel_and_wait
 from service.metrics import ServiceMetrics
@@ -89,6 +89,7 @@ class ModelRegistry:
         self.last_error: str | None = "no model loaded yet"
         self._retry: dict[str, _Retry] = {}             # version -> its failed loads (backoff)
         self.schema_mismatch: dict[str, str] = {}       # loaded version -> why the feature store does not match it
+        self.store: StoreSchema | None = None           # the feature store's schema, read when a version loads
         self._task: asyncio.Task | None = None
         self._env_canary = Canary(*parse_canary(settings.canary), "env") if settings.canary else None
 
@@ -256,7 +257,8 @@ class ModelRegistry:
 
     def _build(self, version: str, role: str = "active") -> LoadedModel:
         manifest, blobs = read_version(self.bundle_redis, self.keys, version)
-        mismatch = check_model(self.redis, self.keys, manifest.features)
+        self.store = read_store_schema(self.redis, self.keys)
+        mismatch = check_model(self.store, manifest.features)
         if mismatch and role == "canary":
             raise SchemaMismatch(f"not served as the canary: {mismatch}")
         s = self.settings
@@ -268,6 +270,11 @@ class ModelRegistry:
         else:
             self.schema_mismatch.pop(version, None)
         return model
+
+    @property
+    def example_user(self) -> str | None:
+        """A user of the feature store (recorded by the last `mvke features load`), for /docs and /ui examples."""
+        return self.store.example_user or None if self.store is not None else None
 
     def schema_mismatches(self) -> dict[str, str]:
         """role -> why the feature store does not match the loaded version of that role (for /readyz)."""

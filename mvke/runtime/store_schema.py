@@ -39,6 +39,7 @@ class StoreSchema:
     source: str = ""                                           # the users file(s) loaded
     users: int = 0
     written_at: float = 0.0
+    example_user: str = ""                                     # a user the load wrote (/docs and /ui examples)
 
     @property
     def fingerprint(self) -> str:
@@ -117,9 +118,8 @@ def read_store_schema(r, keys: Keys) -> StoreSchema | None:
     return StoreSchema.from_json(raw) if raw else None
 
 
-def check_model(r, keys: Keys, features: Mapping[str, Any]) -> str | None:
+def check_model(store: StoreSchema | None, features: Mapping[str, Any]) -> str | None:
     """None when the model can read the store (or nothing is recorded), else the mismatch message."""
-    store = read_store_schema(r, keys)
     if store is None:
         return None
     problems = compare(store, features)

@@ -469,18 +469,19 @@ def tuning_record(configs, res: dict) -> tuple[list[str], dict]:
 
 
 def write_results(out: Path, res: dict) -> None:
-    from mvke.training.report import render_markdown
+    from mvke.training.report import figure_names, render_markdown
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "results.md").write_text(render_markdown(res))
-    everything = {**res["models"], **res["controls"]}
-    if everything:
-        plots.auc_bar(everything, out / "auc_bar.png", res["dataset"], res.get("oracle"), res.get("reference"))
-    if res.get("sweep"):
+    drawn = figure_names(res)         # the figures results.md links to
+    if "auc_bar.png" in drawn:
+        plots.auc_bar({**res["models"], **res["controls"]}, out / "auc_bar.png", res["dataset"], res.get("oracle"),
+                      res.get("reference"))
+    if "expert_sweep.png" in drawn:
         baselines = {n: res["models"][n] for n in ("nomtl", "mmoe") if n in res["models"]}
         plots.expert_sweep(res["sweep"], out / "expert_sweep.png", res["dataset"], baselines)
-    if res.get("gates"):
+    if "gate_heatmap.png" in drawn:
         experts = res["models"]["mvke-mt"]["config"]["full"]["experts"]
         plots.gate_heatmap(res["gates"], out / "gate_heatmap.png", experts, res["dataset"])
-    if res.get("attention"):
+    if "attention_heatmap.png" in drawn:
         plots.attention_heatmap(res["attention"], out / "attention_heatmap.png", res["dataset"])
 

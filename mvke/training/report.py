@@ -144,7 +144,15 @@ def _reproduce_section(res: dict) -> list[str]:
                   f"named in the tune commands), the runs of this table {h['runs']} h.", ""]
     lines += [f"Machine: {mach['cpu_cores']} CPU cores ({mach['processor']}), no GPU, torch {mach['torch']} with "
               f"{mach['torch_threads']} intra-op thread per run, Python {mach['python']}; shared with other work "
-              f"(load average at the end of the last call: {load}), so seconds are indicative.", "",
-              "Figures: [auc_bar.png](auc_bar.png), [expert_sweep.png](expert_sweep.png), "
-              "[gate_heatmap.png](gate_heatmap.png), [attention_heatmap.png](attention_heatmap.png)", ""]
+              f"(load average at the end of the last call: {load}), so seconds are indicative.", ""]
+    names = figure_names(res)
+    if names:
+        lines += ["Figures: " + ", ".join(f"[{n}]({n})" for n in names), ""]
     return lines
+
+
+def figure_names(res: dict) -> list[str]:
+    """The figures `write_results` draws for these results (a link only to a figure that is drawn)."""
+    drawn = {"auc_bar.png": bool(res["models"] or res["controls"]), "expert_sweep.png": bool(res.get("sweep")),
+             "gate_heatmap.png": bool(res.get("gates")), "attention_heatmap.png": bool(res.get("attention"))}
+    return [name for name, on in drawn.items() if on]

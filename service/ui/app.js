@@ -308,5 +308,16 @@ $("key-form").addEventListener("submit", (ev) => {
   loadVersions().catch(() => {});
   if (!$("panel-audiences").hidden) loadAudiences().catch((e) => { $("aud-info").textContent = e.message; });
 });
+// placeholders from the served document: the model's own fields and a user of the feature store
+async function loadExamples() {
+  const doc = await fetch("openapi.json").then((r) => r.json());
+  const schemas = (doc.components || {}).schemas || {};
+  const answer = ((schemas.TagResponse || {}).examples || [])[0];
+  const request = ((schemas.TagRequest || {}).examples || []).find((e) => e.features);
+  if (answer && answer.user_id) $("user-id").placeholder = answer.user_id;
+  if (request) $("features").placeholder = JSON.stringify(request.features);
+}
+
 refreshStatus();
 loadVersions().catch(() => {});
+loadExamples().catch(() => {});

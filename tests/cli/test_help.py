@@ -43,3 +43,36 @@ def test_commands_that_touch_redis_take_a_key_prefix():
     for path in [("publish",), ("promote",), ("models",), ("features", "load"), ("tag-all",), ("pipeline",)]:
         options = {o for a in commands[path]._actions for o in a.option_strings}
         assert "--key-prefix" in options, path
+
+
+def test_every_command_describes_itself_and_serve_takes_redis_like_the_others():
+    """Issue 28 §6: no command's --help is a bare usage line; serve, promote and api-key name the environment
+    they read; serve takes --redis and --key-prefix as every other command that touches Redis."""
+    commands = dict(_subparsers(build_parser()))
+    bare = [" ".join(path) for path, p in commands.items() if not (p.description or "").strip()]
+    assert not bare, f"commands without a description: {bare}"
+    options = {o for a in commands[("serve",)]._actions for o in a.option_strings}
+    assert {"--redis", "--key-prefix"} <= options
+    serve = commands[("serve",)].format_help()
+    from service.settings import Settings
+    for name in Settings.model_fields:          # every setting the service reads is listed
+        assert (f"MVKE_{name.upper()}" if name != "redis_url" else "REDIS_URL") in serve, name
+    assert "REDIS_URL" in commands[("promote",)].format_help()
+    api_key = commands[("api-key",)].format_help()
+    assert "MVKE_API_KEYS_FILE" in api_key and "MVKE_API_KEYS" in api_key
+
+
+def test_serve_options_reach_the_workers_environment(monkeypatch):
+    """`mvke serve --redis URL --key-prefix P` sets what the worker processes read (no server started)."""
+    import os
+
+    import uvicorn
+
+    from mvke.cli import main
+    for name in ("REDIS_URL", "MVKE_KEY_PREFIX", "MVKE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.update(kw, env={k: os.environ.get(k) for k in
+                                                                              ("REDIS_URL", "MVKE_KEY_PREFIX")}))
+    assert main(["serve", "--redis", "redis://example:6390/0", "--key-prefix", "acme", "--workers", "1"]) == 0
+    assert seen["env"] == {"REDIS_URL": "redis://example:6390/0", "MVKE_KEY_PREFIX": "acme"} and seen["workers"] == 1

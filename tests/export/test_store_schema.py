@@ -89,6 +89,13 @@ def test_publish_refuses_other_fields_force_publishes_service_flags(redis_server
         served = {svc.tag(u).json()["model_version"] for u in users}
         assert served == {first["version"]}
 
+        # §6: /docs examples (and the /ui placeholders, read from them) use a stored user and the model's fields
+        schemas = svc.client.get("/openapi.json").json()["components"]["schemas"]
+        example_user = schemas["TagResponse"]["examples"][0]["user_id"]
+        assert example_user == store.example_user == users[0]
+        assert svc.tag(example_user).json()["feature_source"] == "store"
+        assert set(schemas["TagRequest"]["examples"][0]["features"]) <= set(kinds)
+
         # forced to active: served (nothing else to serve with), flagged in /readyz
         assert main(["promote", *url]) == 0
         svc.wait_version(other_version)

@@ -168,6 +168,22 @@ def test_bench_report_from_a_canned_result(tmp_path):
     write_markdown(md, text.replace("4,000", "4,001"))
     out = md.read_text()
     assert "hand-written notes" in out and out.count("<!-- bench:begin -->") == 1 and "4,001" in out
+    assert "per machine" not in text                      # all met: no note
+
+    # a machine slower than the one the targets were set on: the FAIL says they are per machine and how to set them
+    res["rows"][1] = row("service mvke-mt (2w)", 32, 900, 30, 80)
+    slow, checks = report(res, targets)
+    assert not all(c["ok"] for c in checks)
+    assert "per machine" in slow and "--targets YOUR_FILE --profile NAME" in slow and "loadtest.bench" in slow
+
+
+def test_run_fail_note_names_the_file_and_profile():
+    from loadtest.run import check_targets, targets_note
+    checks = check_targets({"qps": 10.0, "p50_ms": 1.0, "p95_ms": 1.0, "p99_ms": 1.0, "error_rate": 0.0},
+                           {"min_qps": 3000})
+    assert checks[0]["ok"] is False
+    note = targets_note("loadtest/targets.yaml", "locust")
+    assert "loadtest/targets.yaml" in note and "'locust'" in note and "per machine" in note
 
 
 

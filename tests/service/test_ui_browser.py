@@ -11,11 +11,13 @@ Skipped, saying why, only where chromium / chromedriver / selenium are not insta
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from mvke.runtime.keys import Keys
@@ -83,6 +85,13 @@ def test_inspector_page_in_chromium(ui_service, dataset_dir, tmp_path):
         wait.until(ec.visibility_of_element_located((By.ID, "api-key"))).send_keys(KEY)
         driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
         wait.until(ec.invisibility_of_element_located((By.ID, "key-bar")))
+
+        # issue 28 §6: the placeholders are a user of the feature store and the served model's own fields
+        data = dataset_dir("synthetic")
+        first_user = str(pq.read_table(data / "users.parquet", columns=["user_id"]).column(0)[0])
+        wait.until(lambda d: d.find_element(By.ID, "user-id").get_attribute("placeholder") == first_user)
+        placeholder = json.loads(driver.find_element(By.ID, "features").get_attribute("placeholder"))
+        assert placeholder and set(placeholder) <= set(json.loads((data / "meta.json").read_text())["fields"])
 
         field = driver.find_element(By.ID, "top-k")
         field.clear()
