@@ -27,6 +27,10 @@ class ServiceMetrics:
         self.missing_fields = Counter("mvke_missing_fields_total", "users whose features lacked this model field "
                                       "(served with `missing_fields`, or refused: MVKE_MISSING_FIELDS)", ["field"],
                                       registry=r)
+        self.load_failing = Gauge("mvke_model_load_failing", "1 while the version this role asks for fails to "
+                                  "load (/readyz load_errors names why)", ["role"], registry=r)
+        self.schema_mismatch = Gauge("mvke_schema_mismatch", "1 while this role's version does not match the feature "
+                                     "store's schema (active: served anyway; canary: not served)", ["role"], registry=r)
 
         # seconds since a stored user's features were loaded or last updated by an event (issue 22)
         self.feature_age = Histogram("mvke_feature_age_seconds", "age of the stored features an answer used",

@@ -49,6 +49,7 @@ from service.settings import Settings
 log = logging.getLogger("mvke.service")
 
 HASH_BUCKETS = 10_000   # canary shares in steps of 0.01%
+CANARY_REFUSED = "not served as the canary"   # a canary the feature store does not match (its load error says so)
 
 
 def user_bucket(user_id: str) -> int:
@@ -155,6 +156,15 @@ class ModelRegistry:
                 if model is not None:
                     self._swap_active(model)
         await self._refresh_canary(want_canary)
+        self._report_health()
+
+    def _report_health(self) -> None:
+        """The load and schema gauges (alert on them: docs/DEPLOY.md) from what this poll found."""
+        failing, mismatched = self.load_errors(), self.schema_mismatches()
+        for role in ("active", "canary"):
+            refused = role in failing and CANARY_REFUSED in failing[role]
+            self.metrics.load_failing.labels(role).set(int(role in failing and not refused))
+            self.metrics.schema_mismatch.labels(role).set(int(role in mismatched or refused))
 
     async def _refresh_canary(self, want: Canary | None) -> None:
         self.canary_setting = want
@@ -260,7 +270,7 @@ class ModelRegistry:
         self.store = read_store_schema(self.redis, self.keys)
         mismatch = check_model(self.store, manifest.features)
         if mismatch and role == "canary":
-            raise SchemaMismatch(f"not served as the canary: {mismatch}")
+            raise SchemaMismatch(f"{CANARY_REFUSED}: {mismatch}")
         s = self.settings
         model = build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann,
                             ann_min_tags=s.ann_min_tags, scoring=s.scoring, search_threads=s.blas_threads)

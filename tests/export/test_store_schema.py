@@ -84,6 +84,9 @@ def test_publish_refuses_other_fields_force_publishes_service_flags(redis_server
             assert time.monotonic() < deadline, ready
         assert "canary_version" not in ready
         assert "not served as the canary" in ready["load_errors"]["canary"]
+        metrics = svc.client.get("/metrics").text
+        assert 'mvke_schema_mismatch{role="canary"} 1.0' in metrics and 'mvke_schema_mismatch{role="active"} 0.0' in metrics
+        assert 'mvke_model_load_failing{role="canary"} 0.0' in metrics
         assert other_fields[0] in ready["load_errors"]["canary"]
         users = [str(u) for u in pd.read_parquet(data / "users.parquet")["user_id"][:40]]
         served = {svc.tag(u).json()["model_version"] for u in users}
@@ -101,3 +104,6 @@ def test_publish_refuses_other_fields_force_publishes_service_flags(redis_server
         svc.wait_version(other_version)
         ready = svc.client.get("/readyz").json()
         assert ready["ready"] is True and other_fields[0] in ready["schema_mismatch"]["active"]
+        deadline = time.monotonic() + 5
+        while 'mvke_schema_mismatch{role="active"} 1.0' not in svc.client.get("/metrics").text:
+            assert time.monotonic() < deadline
