@@ -11,7 +11,7 @@ reader of a dataset directory (`mvke train`, `mvke experiment`), so a rule lives
 * user ids: strings or integers, never null, float or boolean, the same type in the log and
   users.parquet (the service looks a user up by its text: 123.0 would never be found);
 * list fields: no item containing `|`, the feature store's separator, and no nested list
-  (`mvke features load` rejects such a user: mvke/runtime/features.py MULTI_SEP);
+  (`mvke features load` rejects such a user: mvke/runtime/feature_values.py `items_problem`);
 * a warning (not an error) for impressions with an empty tag list: they train nothing.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mvke.runtime.features import FIELD_KINDS, MULTI_SEP
+from mvke.runtime.encoded import MULTI_SEP
+from mvke.runtime.feature_values import FIELD_KINDS, items_problem
 
 
 class DataError(ValueError):
@@ -162,20 +163,17 @@ def check_same_id_type(log_kind: str, log_path: Path, users_kind: str, users_pat
 
 # ---- lists -----------------------------------------------------------------------------------------------
 def check_list_items(col: pd.Series, path: Path, column: str) -> None:
-    """No list item holding the feature store's separator or another list (features load rejects the user)."""
-    items = col.map(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else []).explode().dropna()
-    nested = items.map(lambda x: isinstance(x, (list, tuple, dict, np.ndarray)))
-    if nested.any():
-        row = int(col.index.get_loc(nested[nested].index[0]))
-        raise DataError(path, column, f"row {row}: a list item is itself a list ({_show(items[nested].iloc[0])}): "
-                                      "list items must be single values")
-    holds = items.astype(str).str.contains(MULTI_SEP, regex=False)
-    if holds.any():
-        row = int(col.index.get_loc(holds[holds].index[0]))
-        rows = holds[holds].index.nunique()
-        raise DataError(path, column, f"row {row}: item {_show(items[holds].iloc[0])} contains {MULTI_SEP!r}, the feature "
-                                      f"store's list separator ({rows} rows): `mvke features load` would reject these "
-                                      f"users; replace {MULTI_SEP!r} in the values (e.g. with '/')")
+    """The items of a multi field's lists, by the feature-value rules `mvke features load` applies
+    (mvke/runtime/feature_values.py `items_problem`: single values, none holding the list separator)."""
+    lists = col.map(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
+    problems = lists.map(items_problem)
+    bad = problems.notna().to_numpy()
+    if bad.any():
+        row = _first(bad)
+        item = next(x for x in lists.iloc[row] if items_problem([x]))
+        raise DataError(path, column, f"row {row}: item {_show(item)}: {problems.iloc[row]} ({int(bad.sum())} rows): "
+                                      f"`mvke features load` would reject these users; replace {MULTI_SEP!r} in "
+                                      "the values (e.g. with '/') and keep one value per item")
 
 
 def empty_tag_lists(tags: pd.Series, path: Path) -> str | None:

@@ -70,7 +70,8 @@ def test_serve_options_reach_the_workers_environment(monkeypatch):
 
     from mvke.cli import main
     for name in ("REDIS_URL", "MVKE_KEY_PREFIX", "MVKE_WORKERS"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")   # recorded, so what the command sets is undone after the test
+        monkeypatch.delenv(name)
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.update(kw, env={k: os.environ.get(k) for k in
                                                                               ("REDIS_URL", "MVKE_KEY_PREFIX")}))

@@ -150,7 +150,7 @@ def _set(df: pd.DataFrame, column: str, row: int, value) -> pd.DataFrame:
 
 @pytest.mark.parametrize("where, column, message", [
     (dict(users=lambda u: _set(u, "clicked_tags", 9, ["sports/tag01", "a|b"])), "clicked_tags",
-     "row 9: item 'a|b' contains '|'"),
+     "row 9: item 'a|b': list items must not contain '|'"),
     (dict(users=lambda u: _set(u, "user_id", 2, None)), "user_id", "missing user id in row 2"),
     (dict(users=lambda u: u.assign(user_id=u.user_id.str[4:].astype(int)),
           log=lambda d: d.assign(user_id=d.user_id)), "user_id", "integers here and strings in log.parquet"),
