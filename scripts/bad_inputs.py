@@ -96,22 +96,13 @@ def flush(tree: Tree) -> None:
 
 def own_variant(tree: Tree, scratch: Path, log=None, users=None, meta=None) -> Path:
     """The own-data example with its log, users table or meta.json changed."""
-    src = tree.fixtures["own"]
-    d = scratch / "own"
-    d.mkdir()
-    m = json.loads((src / "meta.json").read_text())
-    (d / "meta.json").write_text(json.dumps(meta(m) if meta else m))
-    for name, change in (("log.parquet", log), ("users.parquet", users)):
-        df = pd.read_parquet(src / name)
-        pq.write_table(pa.Table.from_pandas(change(df) if change else df, preserve_index=False), d / name)
-    return d / "log.parquet"
+    from mvke.data.example import example_variant
+    return example_variant(tree.fixtures["own"], scratch / "own", log=log, users=users, meta=meta)
 
 
 def set_cell(df: pd.DataFrame, column: str, row: int, value) -> pd.DataFrame:
-    df = df.copy()
-    df[column] = df[column].astype(object)
-    df.at[row, column] = value
-    return df
+    from mvke.data.example import with_value
+    return with_value(df, column, row, value)
 
 
 def split_case(**change) -> Callable[[Tree, Path], str]:

@@ -98,3 +98,25 @@ def generate_example(out: str | Path, cfg: ExampleConfig | None = None) -> Path:
     meta = {"name": "own-data-example", "fields": FIELDS, "max_lens": MAX_LENS, "tags": tags}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
+
+
+def example_variant(src: str | Path, dst: str | Path, log=None, users=None, meta=None) -> Path:
+    """A copy of an own-data example (`src`: log.parquet, users.parquet, meta.json) with its log, users table
+    or meta.json passed through a function each (DataFrame -> DataFrame, dict -> dict): the bad inputs of
+    the tests and of scripts/bad_inputs.py. -> the copy's log.parquet."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    m = json.loads((src / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps(meta(m) if meta else m))
+    for name, change in (("log.parquet", log), ("users.parquet", users)):
+        df = pd.read_parquet(src / name)
+        pq.write_table(pa.Table.from_pandas(change(df) if change else df, preserve_index=False), dst / name)
+    return dst / "log.parquet"
+
+
+def with_value(df: pd.DataFrame, column: str, row: int, value) -> pd.DataFrame:
+    """A copy of df whose cell (row, column) holds value (the column turned to objects, so any value fits)."""
+    df = df.copy()
+    df[column] = df[column].astype(object)
+    df.at[row, column] = value
+    return df

@@ -105,7 +105,7 @@ def test_pipeline_cache_is_keyed_by_content(trained_work, tmp_path):
     again = run_pipeline(cfg)
     assert again.ran == [] and again.checkpoint == changed.checkpoint and again.version == changed.version
 
-    (data / "_features_load").mkdir()                 # job markers beside the data are not input
+    (data / "_features_load").mkdir(exist_ok=True)    # job markers beside the data are not input
     (data / "_features_load" / "_SUCCESS.json").write_text("{}")
     assert run_pipeline(cfg).ran == []
 

@@ -14,7 +14,7 @@ import pytest
 
 from mvke.cli import main as mvke_main
 from mvke.data.dataset import DataError, load_dataset
-from mvke.data.example import ExampleConfig, generate_example
+from mvke.data.example import ExampleConfig, example_variant, generate_example, with_value
 from mvke.data.log_split import TimeSplitConfig, split_by_time
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,21 +131,10 @@ def test_time_column_must_not_shadow_timestamp(tmp_path):
 
 
 def _copy_example(dst: Path, users=None, meta=None, log=None) -> Path:
-    """The example with its users table, meta.json or log changed (callables on each)."""
-    dst.mkdir()
-    m = json.loads((EXAMPLE / "meta.json").read_text())
-    (dst / "meta.json").write_text(json.dumps(meta(m) if meta else m))
-    for name, change in (("users.parquet", users), ("log.parquet", log)):
-        df = pd.read_parquet(EXAMPLE / name)
-        pq.write_table(pa.Table.from_pandas(change(df) if change else df, preserve_index=False), dst / name)
-    return dst / "log.parquet"
+    return example_variant(EXAMPLE, dst, log=log, users=users, meta=meta)
 
 
-def _set(df: pd.DataFrame, column: str, row: int, value) -> pd.DataFrame:
-    df = df.copy()
-    df[column] = df[column].astype(object)
-    df.at[row, column] = value
-    return df
+_set = with_value
 
 
 @pytest.mark.parametrize("where, column, message", [
