@@ -200,8 +200,8 @@ def train_candidate(cfg: CycleConfig, layout: DaysLayout, active: TrainResult | 
     train_cfg = TrainConfig(**{"progress": False, **cfg.train, "score_test": False})
     initial = None
     if warm:
-        from mvke.models import build_model
-        initial = _warm_state(active, build_model(model_cfg), schema, tags)
+        from mvke.models import build_torch_model
+        initial = _warm_state(active, build_torch_model(model_cfg), schema, tags)
     result = train_model(data, model_cfg, train_cfg, initial_state=initial)
     result.metrics["cycle"] = {"day": cfg.day, "window": days, "warm_start": warm, "shuffled_labels": cfg.shuffle_labels}
     tmp = out.with_name(f".{out.name}.tmp")

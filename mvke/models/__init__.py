@@ -26,10 +26,12 @@ MODELS: dict[str, type[TwoTowerTagger]] = {
 }
 
 
-def build_model(cfg: ModelConfig) -> TwoTowerTagger:
+def build_torch_model(cfg: ModelConfig) -> TwoTowerTagger:
+    """A fresh (untrained) PyTorch model of `cfg.name`; the ONNX Runtime side loads a bundle with
+    `mvke.runtime.model.build_model`."""
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; choose from {', '.join(MODELS)}")
     return MODELS[cfg.name](cfg)
 
 
-__all__ = ["MODELS", "ModelConfig", "TwoTowerTagger", "build_model"]
+__all__ = ["MODELS", "ModelConfig", "TwoTowerTagger", "build_torch_model"]

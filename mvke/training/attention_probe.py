@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from mvke.models import build_model
+from mvke.models import build_torch_model
 from mvke.training.metrics import normalised_entropy
 from mvke.training.trainer import TrainConfig, batches, evaluate, make_optimizer, model_config_for, prepare, train_step
 
@@ -43,7 +43,7 @@ def entropies(model, data, rows: int = 4096) -> dict:
 def probe(data, overrides: dict, steps: int, batch_size: int = 256, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(model_config_for("mvke-mt", data, **overrides))
+    model = build_torch_model(model_config_for("mvke-mt", data, **overrides))
     opt, _ = make_optimizer(model, TrainConfig(lr=2e-3), 1)
     rng = np.random.default_rng(0)
     it = batches(data.train, batch_size, rng)

@@ -94,6 +94,12 @@ def _ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def register(sub) -> None:
+    _register_train(sub)
+    _register_experiment(sub)
+    _register_tune(sub)
+
+
+def _register_train(sub) -> None:
     t = sub.add_parser("train", help="train one model",
                        description="Train one model on a dataset directory (`mvke data ...`), early-stopped on the "
                                    "validation rows, then score the test split once. Writes a checkpoint "
@@ -110,6 +116,12 @@ def register(sub) -> None:
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
     t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; split among --workers)")
+    _train_ray_arguments(t)
+    _model_arguments(t)
+    t.set_defaults(func=_train, extra=EXTRA)
+
+
+def _train_ray_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--workers", type=at_least_one, default=1,
                    help="data-parallel workers on Ray Train (DDP; the data streamed part by part); 1: no Ray "
                         "(default). --batch-size stays the global batch: each worker takes batch-size/workers, so "
@@ -124,6 +136,10 @@ def register(sub) -> None:
     t.add_argument("--max-eval-rows", type=int, default=0, metavar="N",
                    help="--workers/--stream: validate and score the test split on about the first N rows only "
                         "(default 0: all; for smoke runs and memory/throughput measurements with --max-steps)")
+
+
+def _model_arguments(t: argparse.ArgumentParser) -> None:
+    """The model's architecture flags of `mvke train` (unset: the model's defaults)."""
     t.add_argument("--experts", type=int, metavar="K", help="experts per task (MVKE: virtual kernels); model default if unset")
     t.add_argument("--task-experts", metavar="SPEC",
                    help="MVKE-mt: the experts each task reads, e.g. interest=1-3,intention=2-5 (1-based, inclusive)")
@@ -134,8 +150,9 @@ def register(sub) -> None:
     t.add_argument("--gate", choices=["bilinear", "plain", "projected", "uniform"],
                    help="MVKE tag gate: bilinear (default, ours), plain (the published code's E_T . VK), projected "
                         "(eq. 7) or uniform; docs/MODELS.md")
-    t.set_defaults(func=_train, extra=EXTRA)
 
+
+def _register_experiment(sub) -> None:
     e = sub.add_parser("experiment", help="every model over seeds, selected on validation; tables and figures",
                        description="Train each model for each seed with its tuned configuration (--configs), "
                                    "early-stopped on validation, the test day scored once per run; synthetic data "
@@ -161,6 +178,8 @@ def register(sub) -> None:
     _ray_arguments(e, "every run")
     e.set_defaults(func=_experiment, extra=EXTRA)
 
+
+def _register_tune(sub) -> None:
     u = sub.add_parser("tune", help="Optuna study of one model on validation AUC (resumable)",
                        description="One Optuna study (SQLite under --out/MODEL) over the search space shared by "
                                    "every model; objective = mean validation AUC of both tasks; the test split is "

@@ -5,9 +5,9 @@
       2. Ray Data: part list -> map_batches(PartEncoder actors): read the part's Parquet row groups,
          split validation off per part (the trainer's time split), join the users, encode -> id arrays
          -> streaming_split into N equal shards (Ray Train's default DataConfig)
-      3. N TorchTrainer workers (DDP: gloo on CPU, nccl on GPU): the same model, optimiser (AdamW,
-         constant or cosine schedule), loss and early stopping as mvke/training/trainer.py; rank 0
-         keeps the best weights
+      3. N TorchTrainer workers (DDP: gloo on CPU, nccl on GPU), each running the trainer's own loop
+         (`trainer.fit`: the same model, optimiser, step, loss and early stopping as a 1-process run);
+         rank 0 keeps the best weights
       4. the driver writes the checkpoint with `save_checkpoint`: same format as `--workers 1`, so
          `mvke export` works on either
 
@@ -82,21 +82,15 @@ def validation_mask(train: pd.DataFrame, valid_fraction: float, source: str = "t
 
     The rule only looks at each user's own rows (users never straddle parts), so applying it
     part by part gives the same split as the trainer's on the whole table. A part may have no
-    validation row; `stream_schema` checks that the whole dataset has some.
+    validation row; `scan_parts` checks that the whole dataset has some.
     """
     return time_validation_mask(train, valid_fraction, source, allow_empty=True)
 
 
-def _part_frames(part: DataPart, kinds: dict[str, str], valid_fraction: float,
-                 split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows of the split, users table) of one part; split in {train, valid, test}."""
-    rows, users, _ = _part_split(part, kinds, valid_fraction, split)
-    return rows, users
-
-
 def _part_split(part: DataPart, kinds: dict[str, str], valid_fraction: float,
                 split: str, columns: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """`_part_frames` and the number of validation rows of the part (0 for the test split);
+    """(rows of the split, users table, number of validation rows of the part (0 for the test split))
+    of one part; split in {train, valid, test};
     `columns`: only these columns of the rows (those of them the file has)."""
     n_valid = 0
     if split == "test":
@@ -119,11 +113,6 @@ class PartsScan:
     schema: FeatureSchema
     train_rows: int
     valid_rows: int
-
-
-def stream_schema(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float) -> FeatureSchema:
-    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1)."""
-    return scan_parts(parts, meta, valid_fraction).schema
 
 
 def _scan_part(part: DataPart, kinds: dict[str, str], valid_fraction: float) -> tuple[dict[str, set[str]], int, int]:
@@ -176,7 +165,8 @@ def _scan_chunks_on_ray(chunks: list[list[DataPart]], kinds: dict[str, str], val
 
 def scan_parts(parts: list[DataPart], meta: dict[str, Any], valid_fraction: float,
                ray_tasks: bool = False, parts_per_task: int = SCAN_PARTS_PER_TASK) -> PartsScan:
-    """`stream_schema` plus the number of training and validation rows (the cosine schedule's length).
+    """Vocabularies over the training rows' users, part by part (FeatureSchema.build's rule, min count 1),
+    and the number of training and validation rows (the cosine schedule's length).
 
     `ray_tasks`: the parts are scanned by Ray tasks of `parts_per_task` parts each, on every CPU
     of the Ray cluster in use (a 10M-user dataset has 2,442 parts: ~20 minutes on one core).
@@ -199,7 +189,7 @@ def scan_parts(parts: list[DataPart], meta: dict[str, Any], valid_fraction: floa
 def encode_part(part: DataPart, meta: dict[str, Any], schema: FeatureSchema, valid_fraction: float,
                 split: str) -> dict[str, np.ndarray]:
     """One part's rows of `split` as model-ready arrays (trainer's encode_split on the part)."""
-    rows, users = _part_frames(part, meta["fields"], valid_fraction, split)
+    rows, users, _ = _part_split(part, meta["fields"], valid_fraction, split)
     raw = RawDataset(Path(part.train).parent, meta, rows, rows, users)
     enc = encode_split(raw, rows, schema)
     return {"cat_ids": enc.cat_ids, "multi_ids": enc.multi_ids, "tag_ids": enc.tag_ids, "labels": enc.labels}
@@ -233,21 +223,20 @@ def _dataset(parts: list[DataPart], meta: dict, schema: FeatureSchema, valid_fra
 
 # ---- the worker loop (runs inside each Ray Train worker) ----------------------------------------
 def _worker_loop(config: dict[str, Any]) -> None:
+    """The trainer's loop (`trainer.fit`: step, loss, early stopping) on this worker's shard, the
+    model wrapped in DDP; rank 0 reports the best weights."""
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
 
-    from mvke.models import ModelConfig, build_model
-    from mvke.training.metrics import auc as roc_auc   # scikit-learn's AUC, nan for one class
-    from mvke.training.trainer import TrainConfig, make_optimizer, mean_finite
+    from mvke.models import ModelConfig, build_torch_model
+    from mvke.training.trainer import TrainConfig, fit, make_optimizer
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model = ray.train.torch.prepare_model(build_model(ModelConfig(**config["model"])))
+    world = ctx.get_world_size()
+    model = ray.train.torch.prepare_model(build_torch_model(ModelConfig(**config["model"])))
     per_worker = max(1, config["batch_size"] // world)
     # The trainer's optimiser and schedule (AdamW, constant or cosine to 0 at the last planned epoch),
     # the schedule's length in this worker's steps: its equal share of the training rows.
@@ -255,73 +244,77 @@ def _worker_loop(config: dict[str, Any]) -> None:
     opt, sched = make_optimizer(model, TrainConfig(epochs=config["epochs"], lr=config["lr"],
                                                    lr_schedule=config["lr_schedule"],
                                                    weight_decay=config["weight_decay"]), steps_per_epoch)
-    prune_below = {int(k): v for k, v in (config.get("prune_below") or {}).items()}
-    cpu0 = time.process_time()
     train_shard, valid_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("valid")
-    dtypes = {"cat_ids": torch.int64, "multi_ids": torch.int64, "tag_ids": torch.int64, "labels": torch.float32}
-    best, best_epoch, best_state, history = float("-inf"), 0, None, []
-    steps, samples, train_seconds, pruned_at = 0, 0, 0.0, None
-    for epoch in range(1, config["epochs"] + 1):
-        model.train()
-        t0, loss_sum, n = time.perf_counter(), 0.0, 0
-        for b in train_shard.iter_torch_batches(batch_size=per_worker, dtypes=dtypes,
-                                                 local_shuffle_buffer_size=config["shuffle_rows"],
-                                                 local_shuffle_seed=config["seed"] + epoch):
-            logits = model(b["cat_ids"], b["multi_ids"], b["tag_ids"])
-            loss = F.binary_cross_entropy_with_logits(logits, b["labels"], reduction="none").mean(0).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            loss_sum += float(loss.item()) * len(b["labels"])
-            n += len(b["labels"])
-            steps += 1
-            if config["max_steps"] and steps >= config["max_steps"]:
-                break
-        train_seconds += time.perf_counter() - t0
-        samples += n
-        valid = _validate(model, valid_shard, dtypes, rank, world, roc_auc, config["max_eval_rows"])
-        mean_auc = mean_finite(valid.values())
-        history.append({"epoch": epoch, "train_loss": loss_sum / max(n, 1),
-                        **{f"valid_{k}_auc": v for k, v in valid.items()}})
-        if best_state is None or mean_auc > best:
-            best, best_epoch = mean_auc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.module.state_dict().items()} \
-                if hasattr(model, "module") else {k: v.detach().clone() for k, v in model.state_dict().items()}
-        # Optuna's median rule, decided here because the trial lives in the driver: every rank saw the
-        # same gathered validation AUC, so all of them stop at the same epoch.
-        if epoch in prune_below and best < prune_below[epoch]:
-            pruned_at = epoch
-            break
-        stop = epoch - best_epoch > config["patience"] or bool(config["max_steps"] and steps >= config["max_steps"])
-        if stop:
-            break
-    totals = torch.tensor([samples, train_seconds, time.process_time() - cpu0], dtype=torch.float64)
+
+    def epoch_batches(epoch: int):
+        return _shard_batches(train_shard, per_worker, local_shuffle_buffer_size=config["shuffle_rows"],
+                              local_shuffle_seed=config["seed"] + epoch)
+
+    pruner = _Pruner({int(k): v for k, v in (config.get("prune_below") or {}).items()})
+    cpu0 = time.process_time()
+    run = fit(model, opt, sched, config["epochs"], config["patience"], epoch_batches,
+              lambda: _validate(model, valid_shard, world, config["max_eval_rows"]),
+              on_epoch=pruner, max_steps=config["max_steps"])
+    _report(run, opt, world, ctx.get_world_rank(), time.process_time() - cpu0, pruner.pruned_at)
+
+
+def _shard_batches(shard, batch_size: int, **shuffle) -> Iterator[tuple]:
+    """A Ray Data shard's batches as the trainer's batch tuples (`trainer.BATCH_KEYS`)."""
+    from mvke.training.trainer import BATCH_KEYS
+    for b in shard.iter_torch_batches(batch_size=batch_size, dtypes=_torch_dtypes(), **shuffle):
+        yield tuple(b[k] for k in BATCH_KEYS)
+
+
+def _torch_dtypes() -> dict:
+    import torch
+    return {"cat_ids": torch.int64, "multi_ids": torch.int64, "tag_ids": torch.int64, "labels": torch.float32}
+
+
+class _Pruner:
+    """fit's on_epoch: Optuna's median rule, decided here because the trial lives in the driver: every
+    rank saw the same gathered validation AUC, so all of them stop at the same epoch."""
+
+    def __init__(self, below: dict[int, float]):
+        self.below, self.pruned_at = below, None
+
+    def __call__(self, epoch: int, mean_auc: float, best: float) -> bool:
+        if epoch in self.below and best < self.below[epoch]:
+            self.pruned_at = epoch
+        return self.pruned_at is not None
+
+
+def _report(run, opt, world: int, rank: int, cpu_seconds: float, pruned_at: int | None) -> None:
+    """The run's metrics, summed over the workers, to Ray Train; rank 0 adds the best weights."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    totals = torch.tensor([run.samples, run.step_seconds, cpu_seconds], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)       # samples and CPU seconds of all workers; wall seconds summed (divided below)
-    metrics = {"best_valid_mean_auc": best, "best_epoch": best_epoch, "history": history, "steps": steps,
-               "samples": float(totals[0]), "train_seconds": float(totals[1]) / world,
-               "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9), "workers": world,
-               "cpu_seconds": float(totals[2]), "samples_per_cpu_second": float(totals[0]) / max(float(totals[2]), 1e-9),
+    samples, train_seconds, cpu = float(totals[0]), float(totals[1]) / world, float(totals[2])
+    metrics = {**run.stopping.metrics(), "steps": run.steps, "samples": samples, "train_seconds": train_seconds,
+               "samples_per_second": samples / max(train_seconds, 1e-9), "workers": world,
+               "cpu_seconds": cpu, "samples_per_cpu_second": samples / max(cpu, 1e-9),
                "pruned_at_epoch": pruned_at, "final_lr": float(opt.param_groups[0]["lr"])}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(best_state, os.path.join(tmp, "model.pt"))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
+    if rank != 0:
         ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(run.stopping.best_state, os.path.join(tmp, "model.pt"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _validate(model, shard, dtypes, rank: int, world: int, roc_auc, max_rows: int = 0) -> dict[str, float]:
+def _validate(model, shard, world: int, max_rows: int = 0) -> dict[str, float]:
     """AUC per task over every worker's share of the validation rows (gathered on all ranks);
     `max_rows` > 0: about that many rows in all (each worker stops after its share)."""
     import torch
     import torch.distributed as dist
+
+    from mvke.training.trainer import task_aucs
     model.eval()
     probs, labels, seen = [], [], 0
     with torch.no_grad():
-        for b in shard.iter_torch_batches(batch_size=8192, dtypes=dtypes):
+        for b in shard.iter_torch_batches(batch_size=8192, dtypes=_torch_dtypes()):
             probs.append(torch.sigmoid(model(b["cat_ids"], b["multi_ids"], b["tag_ids"])).numpy())
             labels.append(b["labels"].numpy())
             seen += len(labels[-1])
@@ -333,9 +326,7 @@ def _validate(model, shard, dtypes, rank: int, world: int, roc_auc, max_rows: in
     if dist.is_initialized() and world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
-    p = np.concatenate([e[0] for e in everyone])
-    y = np.concatenate([e[1] for e in everyone])
-    return {t: roc_auc(y[:, i], p[:, i]) for i, t in enumerate(TASKS)}
+    return task_aucs(np.concatenate([e[1] for e in everyone]), np.concatenate([e[0] for e in everyone]))
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -359,13 +350,8 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
                       **model_overrides):
     """Train on Ray Train; returns a trainer.TrainResult (save it with `save_checkpoint`)."""
     import ray
-    import torch
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mvke.models import ModelConfig, build_model
-    from mvke.models.layers import tag_groups_of
-    from mvke.training.trainer import TrainResult, epoch_valid_auc
+    from mvke.training.trainer import TrainResult, model_config
 
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     parts = find_parts(data_dir)
@@ -377,47 +363,57 @@ def train_distributed(data_dir: str | Path, model_name: str, train_cfg, dist_cfg
             raise ValueError(f"--workers {dist_cfg.workers} needs {dist_cfg.workers} CPUs in the Ray cluster, "
                              f"it has {cpus:g}")
         scan = scan_parts(parts, meta, train_cfg.valid_fraction, ray_tasks=True)
-        schema = scan.schema
-        model_cfg = ModelConfig(name=model_name, tasks=list(TASKS), num_ids=schema.num_ids,
-                                num_cat_fields=len(schema.cat_fields), num_multi_fields=len(schema.multi_fields),
-                                num_tags=len(meta["tags"]),
-                                **{"tag_groups": tag_groups_of(meta["tags"]), **model_overrides})
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False   # progress: the workers' reports
-        datasets = {split: _dataset(parts, meta, schema, train_cfg.valid_fraction, split, dist_cfg.encoders)
-                    for split in ("train", "valid")}
-        loop_cfg = {"model": asdict(model_cfg), "epochs": train_cfg.epochs, "batch_size": train_cfg.batch_size,
-                    "lr": train_cfg.lr, "lr_schedule": train_cfg.lr_schedule, "weight_decay": train_cfg.weight_decay,
-                    "patience": train_cfg.patience, "train_rows": scan.train_rows,
-                    "prune_below": dist_cfg.prune_below,
-                    "seed": train_cfg.seed, "threads": max(1, train_cfg.threads // dist_cfg.workers),
-                    "max_steps": dist_cfg.max_steps, "max_eval_rows": dist_cfg.max_eval_rows,
-                    "shuffle_rows": dist_cfg.shuffle_rows}
-        storage = dist_cfg.storage or tempfile.mkdtemp(prefix="mvke-raytrain-")
-        trainer = TorchTrainer(
-            _worker_loop, train_loop_config=loop_cfg,
-            torch_config=TorchConfig(backend="nccl" if dist_cfg.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=dist_cfg.workers, use_gpu=dist_cfg.use_gpu,
-                                         resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(storage_path=storage, name="mvke-train"),
-            datasets=datasets)
-        result = trainer.fit()
+        model_cfg = model_config(model_name, scan.schema, meta["tags"], **model_overrides)
+        result = _fit_on_ray(parts, meta, scan, model_cfg, train_cfg, dist_cfg)
     finally:
         if owned:
             ray.shutdown()
-    model = build_model(model_cfg)
-    with result.checkpoint.as_directory() as d:
-        model.load_state_dict(torch.load(Path(d) / "model.pt", weights_only=True))
-    model.eval()
+    model = _best_model(result, model_cfg)
     metrics = {"model": model_name, "dataset": meta.get("name", Path(data_dir).name), "seed": train_cfg.seed,
                **{k: v for k, v in result.metrics.items() if not k.startswith("_")},
                "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "n_train": scan.train_rows, "n_valid": scan.valid_rows,
                "wall_seconds": time.perf_counter() - t0}
-    metrics["valid_auc"] = epoch_valid_auc(metrics["history"][metrics["best_epoch"] - 1])
     if dist_cfg.score_test and all(p.test for p in parts):
-        metrics.update(test_auc_streamed(model, parts, meta, schema, dist_cfg.max_eval_rows))
-    return TrainResult(model, schema, list(meta["tags"]), metrics)
+        metrics.update(test_auc_streamed(model, parts, meta, scan.schema, dist_cfg.max_eval_rows))
+    return TrainResult(model, scan.schema, list(meta["tags"]), metrics)
+
+
+def _fit_on_ray(parts: list[DataPart], meta: dict, scan: PartsScan, model_cfg, train_cfg, dist_cfg: DistributedConfig):
+    """Ray Train's TorchTrainer running `_worker_loop` on the streamed train and valid splits."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False   # progress: the workers' reports
+    datasets = {split: _dataset(parts, meta, scan.schema, train_cfg.valid_fraction, split, dist_cfg.encoders)
+                for split in ("train", "valid")}
+    loop_cfg = {"model": asdict(model_cfg), "epochs": train_cfg.epochs, "batch_size": train_cfg.batch_size,
+                "lr": train_cfg.lr, "lr_schedule": train_cfg.lr_schedule, "weight_decay": train_cfg.weight_decay,
+                "patience": train_cfg.patience, "train_rows": scan.train_rows, "prune_below": dist_cfg.prune_below,
+                "seed": train_cfg.seed, "threads": max(1, train_cfg.threads // dist_cfg.workers),
+                "max_steps": dist_cfg.max_steps, "max_eval_rows": dist_cfg.max_eval_rows,
+                "shuffle_rows": dist_cfg.shuffle_rows}
+    storage = dist_cfg.storage or tempfile.mkdtemp(prefix="mvke-raytrain-")
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config=loop_cfg,
+        torch_config=TorchConfig(backend="nccl" if dist_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=dist_cfg.workers, use_gpu=dist_cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=storage, name="mvke-train"),
+        datasets=datasets)
+    return trainer.fit()
+
+
+def _best_model(result, model_cfg):
+    """The model with rank 0's best weights from the Ray Train result's checkpoint, in eval mode."""
+    import torch
+
+    from mvke.models import build_torch_model
+    model = build_torch_model(model_cfg)
+    with result.checkpoint.as_directory() as d:
+        model.load_state_dict(torch.load(Path(d) / "model.pt", weights_only=True))
+    return model.eval()
 
 
 def test_auc_streamed(model, parts: list[DataPart], meta: dict, schema: FeatureSchema, max_rows: int = 0) -> dict:
@@ -425,20 +421,20 @@ def test_auc_streamed(model, parts: list[DataPart], meta: dict, schema: FeatureS
     `max_rows` > 0: the parts up to the one that reaches that many rows."""
     import torch
 
-    from mvke.training.metrics import auc as roc_auc   # scikit-learn's AUC, nan for one class
-    probs, labels, oracle = [], [], []
+    from mvke.training.trainer import BATCH_KEYS, task_aucs
+    probs, labels = [], []
     with torch.no_grad():
         for part in parts:
             enc = encode_part(part, meta, schema, 0.0, "test")
             for s in range(0, len(enc["labels"]), 8192):
                 sl = slice(s, s + 8192)
-                logits = model(*(torch.from_numpy(enc[k][sl]) for k in ("cat_ids", "multi_ids", "tag_ids")))
+                logits = model(*(torch.from_numpy(enc[k][sl]) for k in BATCH_KEYS[:3]))
                 probs.append(torch.sigmoid(logits).numpy())
             labels.append(enc["labels"])
             if max_rows and sum(len(x) for x in labels) >= max_rows:
                 break
     p, y = np.concatenate(probs), np.concatenate(labels)
-    return {"test_auc": {t: roc_auc(y[:, i], p[:, i]) for i, t in enumerate(TASKS)}, "n_test": len(y)}
+    return {"test_auc": task_aucs(y, p), "n_test": len(y)}
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import platform
 import shlex
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mvke.data.dataset import TASKS
-from mvke.models import MODELS, build_model
+from mvke.models import MODELS, build_torch_model
 from mvke.training import plots
 from mvke.training.diagnostics import TASK_KEYS, mvke_diagnostics
 from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, prepare, test_metrics, train_model
@@ -49,8 +49,6 @@ MAIN_MODELS = ("mvke-mt", "mvke-st", "nomtl", "hard-sharing", "moe", "mmoe", "cg
 CONTROLS = ("mvke-uniform-gate", "mvke-no-kernel-attention", "mvke-plain-gate")
 MATCH_TOLERANCE = 0.15
 MATCHED = "@matched"
-RESULT_FILES = ("results.json", "results.md", "auc_bar.png", "expert_sweep.png", "gate_heatmap.png",
-                "attention_heatmap.png")
 
 
 def sweep_task_experts(k: int) -> dict[str, list[int]]:
@@ -106,7 +104,7 @@ def resolve_config(name: str, configs_dir) -> dict:
 
 def param_count(name: str, data: EncodedData, model_over: dict) -> int:
     torch.manual_seed(0)
-    m = build_model(model_config_for(name, data, **model_over))
+    m = build_torch_model(model_config_for(name, data, **model_over))
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
@@ -257,22 +255,70 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 
 
 # -- the experiment -----------------------------------------------------------------------
-def experiment_command(data_dir, out_dir, seeds, models, configs, sweep_experts, reference,
-                       max_epochs: int | None = None, workers: int = 1, match_params: bool = True) -> str:
-    parts = ["mvke", "experiment", "--data", str(data_dir), "--out", str(out_dir), "--seeds", str(seeds)]
-    if not match_params:
+@dataclass
+class ExperimentSpec:
+    """One `mvke experiment` call.
+
+    aggregate_only: train nothing; write the tables and figures from the cells already present (a label
+    is reported only when all `seeds` of its seeds are there).
+    max_epochs: one epoch budget for every model instead of each study's best trial's `epochs`, early
+    stopping on validation (patience 1) deciding where each run stops. A trial's `epochs` is the budget that
+    trial had, not a measured optimum: a best trial whose best epoch is its last was still improving.
+    workers > 1 (or a Ray `address`): every run on Ray Train with that many DDP workers (one Ray for the
+    experiment); its cells are kept apart from 1-worker cells (`cell_key`)."""
+    data_dir: str | Path
+    out_dir: str | Path
+    seeds: int = 5
+    models: list[str] | None = None          # None: MAIN_MODELS and CONTROLS
+    configs: str | Path | None = None        # `mvke tune`'s output directory (best.json per model)
+    sweep_experts: bool = False
+    reference: bool = True                   # LightGBM per seed
+    match_params: bool = True                # baselines also at mvke-mt's parameter count (MATCHED)
+    threads: int = 1
+    progress: bool = True
+    aggregate_only: bool = False
+    max_epochs: int | None = None
+    workers: int = 1
+    address: str | None = None
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models or () if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        for name in ("seeds", "workers", "max_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def model_list(self) -> list[str]:
+        return list(self.models) if self.models else [*MAIN_MODELS, *CONTROLS]
+
+    def distributed(self):
+        """The Ray Train configuration of every run, or None (runs in this process)."""
+        if self.workers == 1 and not self.address:
+            return None
+        from mvke.training.distributed import DistributedConfig
+        return DistributedConfig(workers=self.workers, address=self.address, use_gpu=self.use_gpu)
+
+
+def experiment_command(spec: ExperimentSpec) -> str:
+    """The `mvke experiment` command line that reruns `spec`."""
+    parts = ["mvke", "experiment", "--data", str(spec.data_dir), "--out", str(spec.out_dir), "--seeds", str(spec.seeds)]
+    if not spec.match_params:
         parts.append("--no-matched")
-    if workers > 1:
-        parts += ["--workers", str(workers)]
-    if max_epochs is not None:
-        parts += ["--max-epochs", str(max_epochs)]
-    if models:
-        parts += ["--models", ",".join(models)]
-    if configs:
-        parts += ["--configs", str(configs)]
-    if sweep_experts:
+    if spec.workers > 1:
+        parts += ["--workers", str(spec.workers)]
+    if spec.max_epochs is not None:
+        parts += ["--max-epochs", str(spec.max_epochs)]
+    if spec.models and spec.model_list != [*MAIN_MODELS, *CONTROLS]:
+        parts += ["--models", ",".join(spec.models)]
+    if spec.configs:
+        parts += ["--configs", str(spec.configs)]
+    if spec.sweep_experts:
         parts.append("--sweep-experts")
-    if not reference:
+    if not spec.reference:
         parts.append("--no-reference")
     return shlex.join(parts)
 
@@ -299,123 +345,118 @@ def data_command(data_dir: str | Path) -> str:
     return f"(dataset {meta.get('name')!r} at {data_dir})"
 
 
-def run_experiment(data_dir: str | Path, out_dir: str | Path, seeds: int = 5, models: list[str] | None = None,
-                   configs: str | Path | None = None, sweep_experts: bool = False, reference: bool = True,
-                   match_params: bool = True, threads: int = 1, progress: bool = True,
-                   aggregate_only: bool = False, max_epochs: int | None = None, workers: int = 1,
-                   address: str | None = None, use_gpu: bool = False) -> dict:
-    """Run (or resume) every cell, then aggregate all cells found under out_dir into results.json/md and figures.
+def run_experiment(data_dir: str | Path, out_dir: str | Path, **options) -> dict:
+    """Run (or resume) every cell, then aggregate all cells found under out_dir into results.json/md and
+    figures; `options`: the other fields of `ExperimentSpec`."""
+    return run_spec(ExperimentSpec(data_dir, out_dir, **options))
 
-    aggregate_only: train nothing; write the tables and figures from the cells already present (a label
-    is reported only when all `seeds` of its seeds are there).
-    max_epochs: one epoch budget for every model instead of each study's best trial's `epochs`, early
-    stopping on validation (patience 1) deciding where each run stops. A trial's `epochs` is the budget that
-    trial had, not a measured optimum: a best trial whose best epoch is its last was still improving.
-    workers > 1 (or a Ray `address`): every run on Ray Train with that many DDP workers (one Ray for the
-    experiment); its cells are kept apart from 1-worker cells (`cell_key`)."""
-    models = list(models) if models else [*MAIN_MODELS, *CONTROLS]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    dist = None
-    if workers > 1 or address:
-        from mvke.training.distributed import DistributedConfig
-        dist = DistributedConfig(workers=workers, address=address, use_gpu=use_gpu)
+
+def run_spec(spec: ExperimentSpec) -> dict:
+    dist = spec.distributed()
     session = contextlib.nullcontext()
-    if dist is not None and not aggregate_only:
+    if dist is not None and not spec.aggregate_only:
         from mvke.training.distributed import ray_session
         session = ray_session(dist)
     with session:
-        return _run_experiment(data_dir, out_dir, seeds, models, configs, sweep_experts, reference, match_params,
-                               threads, progress, aggregate_only, max_epochs, dist)
+        return _run_experiment(spec, dist)
 
 
-def _run_experiment(data_dir, out_dir, seeds: int, models: list[str], configs, sweep_experts: bool, reference: bool,
-                    match_params: bool, threads: int, progress: bool, aggregate_only: bool, max_epochs: int | None,
-                    dist) -> dict:
-    out = Path(out_dir)
+def _run_experiment(spec: ExperimentSpec, dist) -> dict:
+    out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cells = Cells(out)
     t_start = time.perf_counter()
-    # mvke-mt first, then --models in their order (a set here gave every call its own table order)
-    cfgs = {m: resolve_config(m, configs) for m in dict.fromkeys(["mvke-mt", *models])}
-    if max_epochs is not None:
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
-        for cfg in cfgs.values():
-            cfg["train"] = {**cfg["train"], "epochs": max_epochs}
-            cfg["source"] += f"; epochs: {max_epochs} for every model, early-stopped on validation"
+    cfgs = _resolve_configs(spec)
     unmatched: dict[str, str] = {}
-    n_runs = len(models) * seeds + (len(SWEEP_EXPERTS) if sweep_experts else 0)
-    bar = tqdm(total=n_runs, desc="experiment", unit="run", disable=not progress)
-    for seed in range(1 if aggregate_only else seeds):
-        data = prepare(seed_data_dir(data_dir, seed))
-        if match_params and seed == 0:
-            target = param_count("mvke-mt", data, cfgs["mvke-mt"]["model"])
-            for m in models:
-                own = param_count(m, data, cfgs[m]["model"])
-                if not m.startswith("mvke") and abs(own / target - 1) > MATCH_TOLERANCE:
-                    matched = matched_config(m, data, cfgs[m]["model"], target)
-                    got = param_count(m, data, matched)
-                    if abs(got / target - 1) > MATCH_TOLERANCE:   # e.g. embedding tables alone exceed the target
-                        unmatched[m] = (f"{own:,} params; scaling its hidden widths reaches {got:,} at best, "
-                                        f"not within {MATCH_TOLERANCE:.0%} of mvke-mt's {target:,}")
-                        continue
-                    cfgs[m + MATCHED] = {**cfgs[m], "model": matched,
-                                         "source": cfgs[m]["source"] + f"; widths scaled to {target:,} params"}
-        labels = [*models, *[m + MATCHED for m in models if m + MATCHED in cfgs]]
-        if aggregate_only:
+    models = spec.model_list
+    n_runs = len(models) * spec.seeds + (len(SWEEP_EXPERTS) if spec.sweep_experts else 0)
+    bar = tqdm(total=n_runs, desc="experiment", unit="run", disable=not spec.progress)
+    for seed in range(1 if spec.aggregate_only else spec.seeds):
+        data = prepare(seed_data_dir(spec.data_dir, seed))
+        if spec.match_params and seed == 0:
+            unmatched = _add_matched(cfgs, models, data)
+        if spec.aggregate_only:
             break
-        for label in labels:
-            name, cfg = base_name(label), cfgs[label]
-            bar.set_postfix_str(f"{label} seed {seed}")
-            if cells.get(label, seed, cell_key(cfg, dist)) is None:
-                cell = run_cell(data, name, cfg, seed, threads, diagnostics=name.startswith("mvke"), dist=dist)
-                cells.put(label, seed, cell)
-                if progress:
-                    tqdm.write(f"{label} seed {seed}: CTR AUC {cell['test_auc']['interest']:.4f} "
-                               f"CVR AUC {cell['test_auc']['intention']:.4f} (best epoch {cell['best_epoch']}, "
-                               f"{cell['train_seconds']:.0f} s)")
-            bar.update(1 if not label.endswith(MATCHED) else 0)
-        if reference and cells.get("lightgbm", seed, "lightgbm") is None:
-            from mvke.training.gbdt import gbdt_reference
-            bar.set_postfix_str(f"lightgbm seed {seed}")
-            cells.put("lightgbm", seed, {"config_key": "lightgbm", "seed": seed, **gbdt_reference(data, seed, threads)})
-        if sweep_experts and seed == 0:
-            for k in SWEEP_EXPERTS:
-                cfg = sweep_config(cfgs["mvke-mt"], k)
-                if cells.get(f"sweep-K{k}", 0, cell_key(cfg, dist)) is None:
-                    bar.set_postfix_str(f"sweep K={k}")
-                    cells.put(f"sweep-K{k}", 0, run_cell(data, "mvke-mt", cfg, 0, threads, diagnostics=False,
-                                                         dist=dist))
-                bar.update(1)
+        _run_seed(spec, Cells(out), cfgs, data, seed, dist, bar)
     bar.close()
-    res = aggregate(out, data_dir, seeds, cfgs, sweep_experts, reference, dist)
+    res = aggregate(spec, cfgs, dist)
     if unmatched:
         res["unmatched"] = unmatched
-    res["command"] = experiment_command(data_dir, out_dir, seeds, models if models != [*MAIN_MODELS, *CONTROLS] else None,
-                                        configs, sweep_experts, reference, max_epochs, dist.workers if dist else 1,
-                                        match_params)
+    res["command"] = experiment_command(spec)
     res["wall_seconds_this_call"] = time.perf_counter() - t_start
-    if configs:
-        res["tune_commands"], res["cpu_hours"] = tuning_record(configs, res)
-    res["machine"] = machine_info(threads)
+    if spec.configs:
+        res["tune_commands"], res["cpu_hours"] = tuning_record(spec.configs, res)
+    res["machine"] = machine_info(spec.threads)
     write_results(out, res)
     return res
 
 
-def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, reference: bool, dist=None) -> dict:
+def _resolve_configs(spec: ExperimentSpec) -> dict[str, dict]:
+    """Every label's configuration: mvke-mt first, then the models in their order (a set here gave
+    every call its own table order); `max_epochs` replaces each one's epoch budget."""
+    cfgs = {m: resolve_config(m, spec.configs) for m in dict.fromkeys(["mvke-mt", *spec.model_list])}
+    if spec.max_epochs is not None:
+        for cfg in cfgs.values():
+            cfg["train"] = {**cfg["train"], "epochs": spec.max_epochs}
+            cfg["source"] += f"; epochs: {spec.max_epochs} for every model, early-stopped on validation"
+    return cfgs
+
+
+def _add_matched(cfgs: dict[str, dict], models: list[str], data: EncodedData) -> dict[str, str]:
+    """Add `<model>@matched` configurations (widths scaled to mvke-mt's parameters) for the baselines
+    more than MATCH_TOLERANCE away from it; returns {model: why} of those that cannot be matched."""
+    unmatched = {}
+    target = param_count("mvke-mt", data, cfgs["mvke-mt"]["model"])
+    for m in models:
+        own = param_count(m, data, cfgs[m]["model"])
+        if m.startswith("mvke") or abs(own / target - 1) <= MATCH_TOLERANCE:
+            continue
+        matched = matched_config(m, data, cfgs[m]["model"], target)
+        got = param_count(m, data, matched)
+        if abs(got / target - 1) > MATCH_TOLERANCE:   # e.g. embedding tables alone exceed the target
+            unmatched[m] = (f"{own:,} params; scaling its hidden widths reaches {got:,} at best, "
+                            f"not within {MATCH_TOLERANCE:.0%} of mvke-mt's {target:,}")
+            continue
+        cfgs[m + MATCHED] = {**cfgs[m], "model": matched, "source": cfgs[m]["source"] + f"; widths scaled to {target:,} params"}
+    return unmatched
+
+
+def _run_seed(spec: ExperimentSpec, cells: Cells, cfgs: dict[str, dict], data: EncodedData, seed: int, dist,
+              bar) -> None:
+    """The cells of one seed not yet done: every label, LightGBM, the seed-0 expert sweep."""
+    models = spec.model_list
+    for label in [*models, *[m + MATCHED for m in models if m + MATCHED in cfgs]]:
+        name, cfg = base_name(label), cfgs[label]
+        bar.set_postfix_str(f"{label} seed {seed}")
+        if cells.get(label, seed, cell_key(cfg, dist)) is None:
+            cell = run_cell(data, name, cfg, seed, spec.threads, diagnostics=name.startswith("mvke"), dist=dist)
+            cells.put(label, seed, cell)
+            if spec.progress:
+                tqdm.write(f"{label} seed {seed}: CTR AUC {cell['test_auc']['interest']:.4f} "
+                           f"CVR AUC {cell['test_auc']['intention']:.4f} (best epoch {cell['best_epoch']}, "
+                           f"{cell['train_seconds']:.0f} s)")
+        bar.update(1 if not label.endswith(MATCHED) else 0)
+    if spec.reference and cells.get("lightgbm", seed, "lightgbm") is None:
+        from mvke.training.gbdt import gbdt_reference
+        bar.set_postfix_str(f"lightgbm seed {seed}")
+        cells.put("lightgbm", seed, {"config_key": "lightgbm", "seed": seed, **gbdt_reference(data, seed, spec.threads)})
+    if spec.sweep_experts and seed == 0:
+        for k in SWEEP_EXPERTS:
+            cfg = sweep_config(cfgs["mvke-mt"], k)
+            if cells.get(f"sweep-K{k}", 0, cell_key(cfg, dist)) is None:
+                bar.set_postfix_str(f"sweep K={k}")
+                cells.put(f"sweep-K{k}", 0, run_cell(data, "mvke-mt", cfg, 0, spec.threads, diagnostics=False,
+                                                     dist=dist))
+            bar.update(1)
+
+
+def aggregate(spec: ExperimentSpec, cfgs: dict, dist=None) -> dict:
     """results.json content from the cells present (every label with all `seeds` seeds)."""
-    cells = Cells(out)
-    res: dict = {"selection": "valid", "dataset": None, "seeds": seeds, "data_command": data_command(data_dir),
+    cells = Cells(Path(spec.out_dir))
+    res: dict = {"selection": "valid", "dataset": None, "seeds": spec.seeds, "data_command": data_command(spec.data_dir),
                  "models": {}, "controls": {}, "configs": {}}
     runs: dict[str, list[dict]] = {}
     for label, cfg in cfgs.items():
-        got = [cells.get(label, s, cell_key(cfg, dist)) for s in range(seeds)]
+        got = [cells.get(label, s, cell_key(cfg, dist)) for s in range(spec.seeds)]
         if all(got):
             runs[label] = got
     for label, cs in runs.items():
@@ -433,26 +474,36 @@ def aggregate(out: Path, data_dir, seeds: int, cfgs: dict, sweep_experts: bool, 
         res["data"] = {"train": c0["n_train"], "valid": c0["n_valid"], "test": c0["n_test"]}
         res["gates"] = c0.get("diagnostics", {}).get("gate_weights")
         res["attention"] = c0.get("diagnostics", {}).get("attention")
-    if reference:
-        # a reference, not a compared model: reported over the seeds it has, and says how many
-        gb = [g for g in (Cells(out).get("lightgbm", s, "lightgbm") for s in range(seeds)) if g]
-        if gb:
-            res["reference"] = {"model": "lightgbm", "params": gb[0]["params"], "seeds": len(gb),
-                                "seed_ids": [g["seed"] for g in gb],
-                                **{f"{key}_auc": _ms([g["test_auc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
-                                **{f"{key}_gauc": _ms([g["test_gauc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
-                                "best_rounds_first_seed": gb[0]["best_rounds"], "seconds": float(np.mean([g["seconds"] for g in gb]))}
-    if sweep_experts:
-        res["sweep"] = []
-        for k in SWEEP_EXPERTS:
-            cfg = sweep_config(cfgs["mvke-mt"], k)
-            c = cells.get(f"sweep-K{k}", 0, cell_key(cfg, dist))
-            if c:
-                res["sweep"].append({"experts": k, "task_experts": sweep_task_experts(k), "seeds": 1,
-                                     "valid_mean_auc": c["best_valid_mean_auc"],
-                                     "ctr_auc": c["test_auc"]["interest"], "cvr_auc": c["test_auc"]["intention"],
-                                     "params": c["params"], "train_seconds": c["train_seconds"]})
+    if spec.reference:
+        res |= _reference(cells, spec.seeds)
+    if spec.sweep_experts:
+        res["sweep"] = _sweep_rows(cells, cfgs, dist)
     return res
+
+
+def _reference(cells: Cells, seeds: int) -> dict:
+    """LightGBM: a reference, not a compared model: reported over the seeds it has, and says how many."""
+    gb = [g for g in (cells.get("lightgbm", s, "lightgbm") for s in range(seeds)) if g]
+    if not gb:
+        return {}
+    return {"reference": {
+        "model": "lightgbm", "params": gb[0]["params"], "seeds": len(gb), "seed_ids": [g["seed"] for g in gb],
+        **{f"{key}_auc": _ms([g["test_auc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
+        **{f"{key}_gauc": _ms([g["test_gauc"][t] for g in gb]) for t, key in TASK_KEYS.items()},
+        "best_rounds_first_seed": gb[0]["best_rounds"], "seconds": float(np.mean([g["seconds"] for g in gb]))}}
+
+
+def _sweep_rows(cells: Cells, cfgs: dict, dist) -> list[dict]:
+    """Fig. 7's rows: mvke-mt at each K of SWEEP_EXPERTS (seed 0), those present."""
+    rows = []
+    for k in SWEEP_EXPERTS:
+        c = cells.get(f"sweep-K{k}", 0, cell_key(sweep_config(cfgs["mvke-mt"], k), dist))
+        if c:
+            rows.append({"experts": k, "task_experts": sweep_task_experts(k), "seeds": 1,
+                         "valid_mean_auc": c["best_valid_mean_auc"],
+                         "ctr_auc": c["test_auc"]["interest"], "cvr_auc": c["test_auc"]["intention"],
+                         "params": c["params"], "train_seconds": c["train_seconds"]})
+    return rows
 
 
 def tuning_record(configs, res: dict) -> tuple[list[str], dict]:

@@ -69,33 +69,43 @@ def render_markdown(res: dict) -> str:
         m = res["models"]["mvke-mt"]
         lines += [f"MVKE-mt training speed: {m.get('samples_per_cpu_second', float('nan')):,.0f} samples per CPU-second (one torch "
                   f"thread; {m['samples_per_second']:,.0f} samples/s of wall time on the shared machine).", ""]
-    if res.get("controls"):
-        lines += ["## Controls of the virtual kernels", "",
-                  "mvke-uniform-gate: every gate weight exactly 1/K; mvke-no-kernel-attention: every field weight "
-                  "exactly 1/F; mvke-plain-gate: the published code's gate, softmax of E_T . VK without a "
-                  "projection. Each tuned and seeded like the main models.", "", *HEADER]
-        if "mvke-mt" in res["models"]:
-            lines.append(_row("mvke-mt", res["models"]["mvke-mt"]))
-        for label, m in res["controls"].items():
-            lines.append(_row(label, m))
-        lines.append("")
+    lines += _controls_section(res)
     lines += _entropy_section(res)
     lines += _config_section(res)
-    if res.get("sweep"):
-        lines += ["## Number of experts (Fig. 7)", "",
-                  "MVKE-mt with its tuned configuration, one seed (0) per K. Task -> experts (1-based): interest the "
-                  "first round(0.6 K), intention the last round(0.8 K), each at most K - 1 (K = 5 is the paper's "
-                  "1-3 / 2-5). Descriptive only: nothing is chosen from it.", "",
-                  "| K | interest experts | intention experts | valid mean AUC | test CTR AUC | test CVR AUC | params |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in res["sweep"]:
-            te = r["task_experts"]
-            lines.append(f"| {r['experts']} | {te['interest'][0] + 1}-{te['interest'][-1] + 1} "
-                         f"| {te['intention'][0] + 1}-{te['intention'][-1] + 1} | {r['valid_mean_auc']:.4f} "
-                         f"| {r['ctr_auc']:.4f} | {r['cvr_auc']:.4f} | {r['params']:,} |")
-        lines.append("")
+    lines += _sweep_section(res)
     lines += _reproduce_section(res)
     return "\n".join(lines)
+
+
+def _controls_section(res: dict) -> list[str]:
+    if not res.get("controls"):
+        return []
+    lines = ["## Controls of the virtual kernels", "",
+             "mvke-uniform-gate: every gate weight exactly 1/K; mvke-no-kernel-attention: every field weight "
+             "exactly 1/F; mvke-plain-gate: the published code's gate, softmax of E_T . VK without a "
+             "projection. Each tuned and seeded like the main models.", "", *HEADER]
+    if "mvke-mt" in res["models"]:
+        lines.append(_row("mvke-mt", res["models"]["mvke-mt"]))
+    for label, m in res["controls"].items():
+        lines.append(_row(label, m))
+    return [*lines, ""]
+
+
+def _sweep_section(res: dict) -> list[str]:
+    if not res.get("sweep"):
+        return []
+    lines = ["## Number of experts (Fig. 7)", "",
+             "MVKE-mt with its tuned configuration, one seed (0) per K. Task -> experts (1-based): interest the "
+             "first round(0.6 K), intention the last round(0.8 K), each at most K - 1 (K = 5 is the paper's "
+             "1-3 / 2-5). Descriptive only: nothing is chosen from it.", "",
+             "| K | interest experts | intention experts | valid mean AUC | test CTR AUC | test CVR AUC | params |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["sweep"]:
+        te = r["task_experts"]
+        lines.append(f"| {r['experts']} | {te['interest'][0] + 1}-{te['interest'][-1] + 1} "
+                     f"| {te['intention'][0] + 1}-{te['intention'][-1] + 1} | {r['valid_mean_auc']:.4f} "
+                     f"| {r['ctr_auc']:.4f} | {r['cvr_auc']:.4f} | {r['params']:,} |")
+    return [*lines, ""]
 
 
 def _entropy_section(res: dict) -> list[str]:

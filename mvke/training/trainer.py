@@ -6,11 +6,14 @@ Validation: the last ~10% of each user's training events, by time
 metrics only. The test day is scored once, with the best weights, and only
 when `TrainConfig.score_test` is set (tuning never sets it).
 
-The loop is small functions (`batches`, `train_step`, `train_epoch`,
-`evaluate`) so that another driver (a DDP worker) can reuse them.
+One loop, `fit` (`train_epoch` -> `train_step` -> `batch_loss`, then a
+validation AUC per task and `EarlyStopping`), serves `train_model` and every
+Ray Train worker of `mvke/training/distributed.py`; only where the batches
+and the validation AUC come from differ.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mvke.data.dataset import TASKS, EncodedSplit, RawDataset, build_schema, encode_split, load_dataset
 from mvke.data.split import time_validation_mask
-from mvke.models import ModelConfig, TwoTowerTagger, build_model
+from mvke.models import ModelConfig, TwoTowerTagger, build_torch_model
 from mvke.models.layers import tag_groups_of
 from mvke.runtime.features import FeatureSchema
 from mvke.training.metrics import auc, gauc, ranking_metrics
@@ -84,11 +87,15 @@ def prepare(data_dir: str | Path, valid_fraction: float = 0.1) -> EncodedData:
                        encode_split(ds, ds.test, schema))
 
 
+def model_config(name: str, schema: FeatureSchema, tags: list[str], **overrides) -> ModelConfig:
+    """`name`'s configuration for a dataset's vocabularies and tags (`overrides` win)."""
+    overrides.setdefault("tag_groups", tag_groups_of(tags))
+    return ModelConfig(name=name, tasks=list(TASKS), num_ids=schema.num_ids, num_cat_fields=len(schema.cat_fields),
+                       num_multi_fields=len(schema.multi_fields), num_tags=len(tags), **overrides)
+
+
 def model_config_for(name: str, data: EncodedData, **overrides) -> ModelConfig:
-    s = data.schema
-    overrides.setdefault("tag_groups", tag_groups_of(data.dataset.tags))
-    return ModelConfig(name=name, tasks=list(TASKS), num_ids=s.num_ids, num_cat_fields=len(s.cat_fields),
-                       num_multi_fields=len(s.multi_fields), num_tags=len(data.dataset.tags), **overrides)
+    return model_config(name, data.schema, data.dataset.tags, **overrides)
 
 
 # -- the loop ------------------------------------------------------------------------
@@ -113,11 +120,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: in
     return opt, sched
 
 
-def train_step(model: TwoTowerTagger, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
-               sched=None) -> float:
+BATCH_KEYS = ("cat_ids", "multi_ids", "tag_ids", "labels")   # a batch's tensors, in `batches`' order
+
+
+def batch_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Paper eq. 8: the sum over tasks of each task's mean BCE on the batch."""
     cat, multi, tags, labels = batch
-    logits = model(cat, multi, tags)
-    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).sum()
+    logits = model(cat, multi, tags)                                       # [B, n_tasks]
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).sum()
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
+               sched=None) -> float:
+    """One optimiser step on one batch (under DDP the backward pass averages the workers' gradients)."""
+    loss = batch_loss(model, batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -126,19 +142,32 @@ def train_step(model: TwoTowerTagger, opt: torch.optim.Optimizer, batch: tuple[t
     return float(loss.item())
 
 
-def train_epoch(model: TwoTowerTagger, opt, batch_iter, sched=None, desc: str = "", progress: bool = False) -> tuple[float, int]:
-    """Train over an iterator of batches; returns (mean loss per sample, samples seen)."""
+@dataclass
+class EpochStats:
+    loss: float         # mean training loss per sample
+    samples: int
+    steps: int
+    seconds: float      # wall time of the steps (validation not included)
+
+
+def train_epoch(model: torch.nn.Module, opt, batch_iter, sched=None, desc: str = "",
+                progress: bool = False) -> EpochStats:
+    """Train over an iterator of batches."""
     model.train()
-    total, seen = 0.0, 0
+    t0, total, seen, steps = time.perf_counter(), 0.0, 0, 0
     bar = tqdm(batch_iter, desc=desc, disable=not progress, leave=False, unit="batch")
     for batch in bar:
         loss = train_step(model, opt, batch, sched)
         n = len(batch[3])
-        total += loss * n
-        seen += n
+        total, seen, steps = total + loss * n, seen + n, steps + 1
         if progress:
             bar.set_postfix(loss=f"{loss:.4f}")
-    return total / max(seen, 1), seen
+    return EpochStats(total / max(seen, 1), seen, steps, time.perf_counter() - t0)
+
+
+def task_aucs(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """{task: AUC} of [N, n_tasks] labels and probabilities (nan where a task has one class only)."""
+    return {t: auc(labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)}
 
 
 @torch.no_grad()
@@ -155,8 +184,7 @@ def predict(model: TwoTowerTagger, split: EncodedSplit, batch_size: int = 8192) 
 
 def evaluate(model: TwoTowerTagger, split: EncodedSplit) -> dict[str, float]:
     """AUC per task (nan where a task has one class only)."""
-    probs = predict(model, split)
-    return {t: auc(split.labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)}
+    return task_aucs(split.labels, predict(model, split))
 
 
 def mean_finite(values) -> float:
@@ -169,50 +197,100 @@ def epoch_valid_auc(row: dict) -> dict[str, float]:
     return {k.split("_")[1]: v for k, v in row.items() if k.startswith("valid_")}
 
 
+@dataclass
+class EarlyStopping:
+    """The one early-stopping rule: keep the weights of the epoch with the best mean validation AUC
+    (over the tasks that have one), stop when more than `patience` epochs in a row did not improve on it."""
+    patience: int
+    best: float = float("-inf")
+    best_epoch: int = 0
+    best_state: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def record(self, epoch: int, train_loss: float, valid: dict[str, float], model: torch.nn.Module) -> float:
+        """Add an epoch's row to the history; returns its mean validation AUC."""
+        mean_auc = mean_finite(valid.values())   # a task with one class in validation has no AUC
+        self.history.append({"epoch": epoch, "train_loss": train_loss, **{f"valid_{k}_auc": v for k, v in valid.items()}})
+        if self.best_state is None or mean_auc > self.best:
+            weights = getattr(model, "module", model)  # a DDP wrapper holds the model as .module
+            self.best, self.best_epoch = mean_auc, epoch
+            self.best_state = {k: v.detach().clone() for k, v in weights.state_dict().items()}
+        return mean_auc
+
+    def stop(self, epoch: int) -> bool:
+        return epoch - self.best_epoch > self.patience
+
+    def metrics(self) -> dict:
+        return {"best_valid_mean_auc": self.best, "best_epoch": self.best_epoch, "history": self.history,
+                "valid_auc": epoch_valid_auc(self.history[self.best_epoch - 1])}
+
+
+@dataclass
+class FitResult:
+    stopping: EarlyStopping
+    samples: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0   # wall time in training steps, validation not included
+
+    def add(self, epoch: EpochStats) -> None:
+        self.samples, self.steps, self.step_seconds = (self.samples + epoch.samples, self.steps + epoch.steps,
+                                                       self.step_seconds + epoch.seconds)
+
+
+def fit(model: torch.nn.Module, opt, sched, epochs: int, patience: int, epoch_batches, validate,
+        on_epoch=None, max_steps: int = 0, desc: str = "", progress: bool = False) -> FitResult:
+    """The one training loop (single process and every DDP worker): per epoch, train over
+    `epoch_batches(epoch)`, `validate()` -> {task: AUC}, early stopping; the best weights are in
+    the result, not loaded.
+
+    on_epoch(epoch, mean_auc, best_so_far) is called after each epoch; it may raise (Optuna
+    pruning) or return True to stop. max_steps > 0: stop after that many steps in all."""
+    stopping = EarlyStopping(patience)
+    run = FitResult(stopping)
+    for epoch in range(1, epochs + 1):
+        batch_iter = epoch_batches(epoch)
+        if max_steps:
+            batch_iter = itertools.islice(batch_iter, max_steps - run.steps)
+        stats = train_epoch(model, opt, batch_iter, sched, f"{desc} epoch {epoch}", progress)
+        run.add(stats)
+        valid = validate()
+        mean_auc = stopping.record(epoch, stats.loss, valid, model)
+        if progress:
+            tqdm.write(f"[{desc}] epoch {epoch}: loss {stats.loss:.4f} "
+                       + " ".join(f"valid {k} AUC {v:.4f}" for k, v in valid.items()))
+        if on_epoch is not None and on_epoch(epoch, mean_auc, stopping.best):
+            break
+        if stopping.stop(epoch) or (max_steps and run.steps >= max_steps):
+            break
+    return run
+
+
 def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_epoch=None,
                 initial_state: dict | None = None) -> TrainResult:
     """Train with early stopping on the mean validation AUC; restore the best epoch's weights.
 
-    on_epoch(epoch, valid_mean_auc) is called after each epoch (Optuna pruning); it may raise to stop.
+    on_epoch(epoch, valid_mean_auc, best_so_far) is called after each epoch (Optuna pruning); it may raise to stop.
     initial_state: weights to start from instead of the random init (the daily cycle's warm start).
     """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    model = build_model(model_cfg)
+    model = build_torch_model(model_cfg)
     if initial_state is not None:
         model.load_state_dict(initial_state)
     steps = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
     opt, sched = make_optimizer(model, cfg, steps)
     rng = np.random.default_rng(cfg.seed)
-    best, best_epoch, best_state, history = float("-inf"), 0, None, []
-    t0, cpu0, seen = time.perf_counter(), time.process_time(), 0
-    for epoch in range(1, cfg.epochs + 1):
-        loss, n = train_epoch(model, opt, batches(data.train, cfg.batch_size, rng), sched,
-                              f"{model_cfg.name} epoch {epoch}", cfg.progress)
-        seen += n
-        valid = evaluate(model, data.valid)
-        mean_auc = mean_finite(valid.values())   # a task with one class in validation has no AUC
-        history.append({"epoch": epoch, "train_loss": loss, **{f"valid_{k}_auc": v for k, v in valid.items()}})
-        if cfg.progress:
-            tqdm.write(f"[{model_cfg.name}] epoch {epoch}: loss {loss:.4f} "
-                       + " ".join(f"valid {k} AUC {v:.4f}" for k, v in valid.items()))
-        if best_state is None or mean_auc > best:
-            best, best_epoch = mean_auc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if on_epoch is not None:
-            on_epoch(epoch, mean_auc)
-        if epoch - best_epoch > cfg.patience:
-            break
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    run = fit(model, opt, sched, cfg.epochs, cfg.patience, lambda _: batches(data.train, cfg.batch_size, rng),
+              lambda: evaluate(model, data.valid), on_epoch, desc=model_cfg.name, progress=cfg.progress)
     train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-    model.load_state_dict(best_state)
+    model.load_state_dict(run.stopping.best_state)
     model.eval()
     metrics = {
-        "model": model_cfg.name, "dataset": data.dataset.name, "seed": cfg.seed,
-        "best_valid_mean_auc": best, "best_epoch": best_epoch, "history": history,
-        "valid_auc": epoch_valid_auc(history[best_epoch - 1]),
-        "train_seconds": train_seconds, "samples_per_second": seen / train_seconds,
+        "model": model_cfg.name, "dataset": data.dataset.name, "seed": cfg.seed, **run.stopping.metrics(),
+        "train_seconds": train_seconds, "samples_per_second": run.samples / train_seconds,
         # CPU time of this process: on a shared machine wall-clock speed mostly measures the neighbours.
-        "cpu_seconds": cpu_seconds, "samples_per_cpu_second": seen / max(cpu_seconds, 1e-9),
+        "cpu_seconds": cpu_seconds, "samples_per_cpu_second": run.samples / max(cpu_seconds, 1e-9),
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test),
     }
@@ -226,7 +304,7 @@ def test_metrics(model: TwoTowerTagger, data: EncodedData) -> dict:
     """Everything reported on the test day: AUC and gAUC per task, Recall/NDCG@20, the oracle AUC."""
     split = data.test
     probs = predict(model, split)
-    out = {"test_auc": {t: auc(split.labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)},
+    out = {"test_auc": task_aucs(split.labels, probs),
            "test_gauc": {t: gauc(split.user_ids, split.labels[:, i], probs[:, i]) for i, t in enumerate(TASKS)},
            "test_ranking": ranking_quality(model, split, TOP_K)}
     if split.true_probs is not None:
@@ -276,7 +354,7 @@ def ranking_quality(model: TwoTowerTagger, split: EncodedSplit, k: int = TOP_K) 
 
 def oracle_auc(split: EncodedSplit) -> dict[str, float]:
     """AUC of the true probabilities: the ceiling any model can reach."""
-    return {t: auc(split.labels[:, i], split.true_probs[:, i]) for i, t in enumerate(TASKS)}
+    return task_aucs(split.labels, split.true_probs)
 
 
 # -- checkpoints -------------------------------------------------------------------
@@ -299,7 +377,7 @@ def load_checkpoint(ckpt: str | Path) -> TrainResult:
             raise FileNotFoundError(f"{ckpt / f}: checkpoint file missing (run `mvke train` first)")
     cfg = json.loads((ckpt / "config.json").read_text())
     schema = json.loads((ckpt / "schema.json").read_text())
-    model = build_model(ModelConfig(**cfg["model"]))
+    model = build_torch_model(ModelConfig(**cfg["model"]))
     model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
     model.eval()
     return TrainResult(model, FeatureSchema.from_dict(schema["features"]), schema["tags"],

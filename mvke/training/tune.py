@@ -78,7 +78,7 @@ def _objective(data: EncodedData, model: str, seed: int, threads: int):
         model_over, train_over = suggest(trial)
         cfg = TrainConfig(**train_over, seed=seed, threads=threads, progress=False, score_test=False)
 
-        def report(epoch: int, value: float) -> None:
+        def report(epoch: int, value: float, best: float) -> None:
             trial.report(value, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()

@@ -192,7 +192,7 @@ def _check_warm_state(ckpt: Path, days_dir: Path) -> None:
     from model_export.cycle import _warm_state
     from mvke.data.dataset import build_schema
     from mvke.data.days import DaysLayout, grow_schema, grow_tags, view
-    from mvke.models import build_model
+    from mvke.models import build_torch_model
     from mvke.training.trainer import load_checkpoint
     old = load_checkpoint(ckpt)
     layout = DaysLayout(days_dir)
@@ -204,7 +204,7 @@ def _check_warm_state(ckpt: Path, days_dir: Path) -> None:
 
     from mvke.models.layers import tag_groups_of
     cfg = replace(old.model.cfg, num_ids=schema.num_ids, num_tags=len(tags), tag_groups=tag_groups_of(tags))
-    state = _warm_state(old, build_model(cfg), schema, tags)
+    state = _warm_state(old, build_torch_model(cfg), schema, tags)
     before = old.model.state_dict()
     moved = 0
     for i, f in enumerate(old.schema.fields):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvke.models import MODELS, build_model
+from mvke.models import MODELS, build_torch_model
 from mvke.models.mvke import MVKE
 from mvke.training.trainer import model_config_for
 
@@ -30,7 +30,7 @@ def batch(tiny_synth_data):
 def make(tiny_synth_data, tiny_model_sizes):
     def make(name: str, **overrides):
         torch.manual_seed(0)
-        return build_model(model_config_for(name, tiny_synth_data, **{**tiny_model_sizes, **overrides}))
+        return build_torch_model(model_config_for(name, tiny_synth_data, **{**tiny_model_sizes, **overrides}))
     return make
 
 
@@ -215,10 +215,10 @@ def test_tag_groups_from_catalogue_names():
 
 def test_tag_tower_adds_the_parent_embedding_shared_by_siblings():
     import torch
-    from mvke.models import ModelConfig, build_model
+    from mvke.models import ModelConfig, build_torch_model
     cfg = ModelConfig(name="mvke-mt", num_ids=50, num_cat_fields=2, num_multi_fields=1, num_tags=3,
                       tag_groups=[0, 1, 1, 2])
-    model = build_model(cfg)
+    model = build_torch_model(cfg)
     tower = model.tag_tower
     with torch.no_grad():
         before = tower.pooled(torch.tensor([[1], [2], [3]]))
@@ -227,5 +227,5 @@ def test_tag_tower_adds_the_parent_embedding_shared_by_siblings():
     moved = (after - before).abs().sum(1)
     assert moved[0] > 0 and moved[1] > 0 and moved[2] == 0      # tags 1 and 2 share parent 1, tag 3 does not
     with pytest.raises(ValueError, match="tag_groups"):
-        build_model(ModelConfig(name="mvke-mt", num_ids=50, num_cat_fields=2, num_multi_fields=1, num_tags=3,
+        build_torch_model(ModelConfig(name="mvke-mt", num_ids=50, num_cat_fields=2, num_multi_fields=1, num_tags=3,
                                 tag_groups=[0, 1]))

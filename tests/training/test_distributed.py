@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mvke.training.distributed import (DataPart, DistributedConfig, encode_part, find_parts, stream_schema,
+from mvke.training.distributed import (DataPart, DistributedConfig, encode_part, find_parts, scan_parts,
                                        validation_mask)
 
 
@@ -79,7 +79,7 @@ def test_no_validation_row_in_any_part_is_an_error(tmp_path):
                  tmp_path, progress=False)
     meta = json.loads((d / "meta.json").read_text())
     with pytest.raises(SplitError, match="empty validation set"):
-        stream_schema(find_parts(d), meta, 0.1)
+        scan_parts(find_parts(d), meta, 0.1)
 
 
 def test_synth_parts_stream_like_one_file(tmp_path):
@@ -93,8 +93,8 @@ def test_synth_parts_stream_like_one_file(tmp_path):
     assert all(Path(p.users).parent.name == "users.parquet" and Path(p.test).parent.name == "test.parquet"
                for p in parts)
     meta = json.loads((single / "meta.json").read_text())
-    schema = stream_schema(find_parts(single), meta, 0.1)
-    assert stream_schema(parts, meta, 0.1).to_dict() == schema.to_dict()
+    schema = scan_parts(find_parts(single), meta, 0.1).schema
+    assert scan_parts(parts, meta, 0.1).schema.to_dict() == schema.to_dict()
     for split in ("train", "valid", "test"):
         def encoded(ps):
             e = [encode_part(p, meta, schema, 0.1, split) for p in ps]
@@ -107,8 +107,8 @@ def test_synth_parts_stream_like_one_file(tmp_path):
 def test_parts_give_the_schema_and_rows_of_the_whole(parted):
     single, multi = parted
     meta = json.loads((single / "meta.json").read_text())
-    whole = stream_schema(find_parts(single), meta, 0.1)
-    assert stream_schema(find_parts(multi), meta, 0.1).to_dict() == whole.to_dict()
+    whole = scan_parts(find_parts(single), meta, 0.1).schema
+    assert scan_parts(find_parts(multi), meta, 0.1).schema.to_dict() == whole.to_dict()
 
     def rows(parts: list[DataPart], split: str) -> set[tuple]:
         out = set()
@@ -152,13 +152,13 @@ def test_two_ray_train_workers_write_a_checkpoint_export_reads(parted, tmp_path,
 
 def test_test_auc_streamed_stops_at_max_rows(parted, tiny_model_sizes):
     from mvke.data.dataset import TASKS
-    from mvke.models import ModelConfig, build_model
+    from mvke.models import ModelConfig, build_torch_model
     from mvke.training.distributed import test_auc_streamed
     _, multi = parted
     meta = json.loads((multi / "meta.json").read_text())
     parts = find_parts(multi)
-    schema = stream_schema(parts, meta, 0.1)
-    model = build_model(ModelConfig(name="mvke-mt", tasks=list(TASKS), num_ids=schema.num_ids,
+    schema = scan_parts(parts, meta, 0.1).schema
+    model = build_torch_model(ModelConfig(name="mvke-mt", tasks=list(TASKS), num_ids=schema.num_ids,
                                     num_cat_fields=len(schema.cat_fields), num_multi_fields=len(schema.multi_fields),
                                     num_tags=len(meta["tags"]), **tiny_model_sizes)).eval()
     first = pq.read_metadata(parts[0].test).num_rows
@@ -282,3 +282,56 @@ def test_tune_and_experiment_on_two_workers(dataset_dir, tmp_path, monkeypatch, 
     one = experiment.run_experiment(data, tmp_path / "out", seeds=1, models=["mvke-mt"], configs=tmp_path / "studies",
                                     reference=False, progress=False, aggregate_only=True)
     assert one["models"] == {}
+
+
+# ---------------------------------------------------------------- one loop: the same step on both paths
+@pytest.fixture(scope="module")
+def even_rows(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset whose training split has an even number of rows: 2 workers' equal shards
+    (Ray Train's default split drops the odd row) then hold every row between them."""
+    from mvke.data.synthetic import SynthConfig, generate
+    from tests.conftest import TINY_SYNTH
+    return generate(SynthConfig(**{**TINY_SYNTH, "users": 400}), tmp_path_factory.mktemp("even"), progress=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_step_is_the_same_in_one_process_and_on_ray_workers(even_rows, tmp_path, tiny_model_sizes, local_ray,
+                                                                workers):
+    """One optimiser step with the whole training split as the batch (so row order and sharding do not
+    matter): `mvke train` in one process and on Ray Train workers (DDP averaging the shards' gradients)
+    reach the same loss and the same parameters.
+
+    AdamW's first step moves each weight by lr * g / (|g| + eps), about ±lr whatever |g|: where the gradient
+    is zero up to float rounding (the kernels' key bias: softmax ignores a shift), the summation order picks
+    the sign. Those weights are compared to the step's size, the others to float tolerance."""
+    import torch
+
+    from mvke.models import build_torch_model
+    from mvke.training.distributed import train_distributed
+    from mvke.training.trainer import BATCH_KEYS, TrainConfig, batch_loss, model_config_for, prepare, train_model
+    data = prepare(even_rows)
+    n = len(data.train)
+    assert n % 2 == 0, f"{n} training rows: 2 equal shards would drop one"
+    cfg = TrainConfig(epochs=1, batch_size=2 * n, lr=1e-2, threads=1, progress=False, score_test=False)
+    model_cfg = model_config_for("mvke-mt", data, **tiny_model_sizes)
+    single = train_model(data, model_cfg, cfg)
+    ray = train_distributed(even_rows, "mvke-mt", cfg, DistributedConfig(workers=workers, score_test=False,
+                                                                         storage=str(tmp_path / "ray")),
+                            **tiny_model_sizes)
+    assert ray.metrics["steps"] == 1 and ray.metrics["samples"] == n   # one step per worker, every row once
+    if workers == 1:   # with 2 workers the reported loss is rank 0's half of the batch
+        assert ray.metrics["history"][0]["train_loss"] == pytest.approx(single.metrics["history"][0]["train_loss"],
+                                                                        rel=1e-6)
+    torch.manual_seed(cfg.seed)
+    start = build_torch_model(model_cfg)
+    batch_loss(start, tuple(torch.from_numpy(getattr(data.train, k)) for k in BATCH_KEYS)).backward()
+    compared = 0
+    for name, p in start.named_parameters():
+        after, other = single.model.state_dict()[name].numpy(), ray.model.state_dict()[name].numpy()
+        signal = p.grad.abs().numpy() > 1e-5
+        np.testing.assert_allclose(other[signal], after[signal], rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(other, after, rtol=0, atol=2 * cfg.lr, err_msg=name)
+        compared += int(signal.sum())
+        assert not signal.any() or not np.array_equal(after[signal], p.detach().numpy()[signal]), name  # it moved
+    assert compared > 0.5 * sum(p.numel() for p in start.parameters())

@@ -123,6 +123,42 @@ def test_tiny_dataset_trains_above_chance(trained, tiny_synth_data):
     assert m["n_train"] == len(tiny_synth_data.train) and m["n_test"] == len(tiny_synth_data.test)
 
 
+def test_fit_stops_early_keeps_the_best_weights_and_honours_max_steps(tiny_synth_data, tiny_model_sizes):
+    """The one loop (`trainer.fit`, also each Ray Train worker's): patience 1 stops after two epochs without
+    a better mean validation AUC, the best epoch's weights are kept, max_steps and on_epoch end it early."""
+    from mvke.models import build_torch_model
+    from mvke.training.trainer import batches, fit, make_optimizer
+    data = tiny_synth_data
+    train = data.train.subset(np.arange(1000))     # a few small steps per epoch: the rule, not the learning
+    snapshots = []
+
+    def run(**kw):
+        aucs = iter([0.60, 0.70, 0.65, 0.64, 0.99])
+        snapshots.clear()
+        torch.manual_seed(0)
+        model = build_torch_model(model_config_for("mvke-mt", data, **tiny_model_sizes))
+        opt, sched = make_optimizer(model, TrainConfig(lr=1e-2), 1)
+        rng = np.random.default_rng(0)
+
+        def validate():
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+            value = next(aucs)
+            return {"interest": value, "intention": value}
+        return fit(model, opt, sched, 5, 1, lambda _: batches(train, 256, rng), validate, **kw)
+
+    r = run()
+    assert len(snapshots) == 4
+    assert [row["epoch"] for row in r.stopping.history] == [1, 2, 3, 4]      # epoch 5 never ran
+    assert r.stopping.best_epoch == 2 and r.stopping.metrics()["valid_auc"] == {"interest": 0.7, "intention": 0.7}
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in r.stopping.best_state.items())
+    steps_per_epoch = -(-len(train) // 256)
+    assert r.steps == 4 * steps_per_epoch and r.samples == 4 * len(train)
+    short = run(max_steps=steps_per_epoch + 3)
+    assert short.steps == steps_per_epoch + 3 and len(short.stopping.history) == 2
+    pruned = run(on_epoch=lambda epoch, value, best: epoch == 1)
+    assert len(pruned.stopping.history) == 1
+
+
 def test_training_survives_a_task_without_positives(tiny_synth_dir, tmp_path, tiny_model_sizes):
     """No conversion at all: the intention AUC is undefined (nan), training still completes."""
     import shutil
