@@ -12,7 +12,7 @@ call it). Each step is the stage's own command (`mvke data synth`, `mvke train`,
 
 The cache is keyed by content (mvke/runtime/fingerprint.py): `<key>` is a fingerprint of
 every input file of the dataset (sha256 of meta.json, train/test/users Parquet) and of the
-training configuration (model, epochs, seed). Change one byte of the data and the key
+training configuration (model, epochs, seed, learning rate). Change one byte of the data and the key
 changes: train and export run again into new directories (older ones stay; delete them
 when done). A generated dataset (synth, ml100k) is keyed by its options, which its
 directory name carries. Train is skipped when its checkpoint (metrics.json, written last)
@@ -55,6 +55,7 @@ class PipelineConfig:
     users: int = 20_000              # synth only
     tags: int = 1_780                # synth only: the tag catalogue
     epochs: int = 5
+    lr: float | None = None          # None: `mvke train`'s default
     seed: int = 0
     key_prefix: str | None = None    # None: $MVKE_KEY_PREFIX, else mvke
     step_log: str | None = None      # the steps' reports go here instead of stderr
@@ -114,7 +115,8 @@ def dataset_id(data: Path) -> str:
 
 def run_key(cfg: PipelineConfig, data: Path) -> str:
     """12 hex: the content of every dataset file and the training options (the module docstring)."""
-    return config_fingerprint(data=tree_fingerprint(data), model=cfg.model, epochs=cfg.epochs, seed=cfg.seed)[:12]
+    lr = {"lr": cfg.lr} if cfg.lr is not None else {}   # unset: the keys of runs before --lr are unchanged
+    return config_fingerprint(data=tree_fingerprint(data), model=cfg.model, epochs=cfg.epochs, seed=cfg.seed, **lr)[:12]
 
 
 def run_dirs(cfg: PipelineConfig, data: Path) -> tuple[Path, Path]:
@@ -148,7 +150,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     ckpt, bundle = run_dirs(cfg, data)   # keyed by the data's content: after the data step
     step("train", (ckpt / "metrics.json").exists(), f"training {cfg.model} ({cfg.epochs} epochs) -> {ckpt}",
          ["train", "--data", str(data), "--model", cfg.model, "--out", str(ckpt), "--epochs", str(cfg.epochs),
-          "--seed", str(cfg.seed)])
+          "--seed", str(cfg.seed), *(["--lr", str(cfg.lr)] if cfg.lr is not None else [])])
     step("export", (bundle / "manifest.json").exists() and "train" not in ran, f"exporting the ONNX bundle -> {bundle}",
          ["export", str(ckpt), "--out", str(bundle)])
     version = json.loads((bundle / "manifest.json").read_text())["version"]
@@ -179,8 +181,8 @@ def _serve_from_redis(url: str, prefix: str, data: Path, bundle: Path, version: 
 
 def _pipeline(a: argparse.Namespace) -> None:
     cfg = PipelineConfig(data_source=a.data_source, model=a.model, work=a.work, redis=a.redis, users=a.users,
-                         tags=a.tags, epochs=a.epochs, seed=a.seed, key_prefix=a.key_prefix, step_log=a.step_log,
-                         force=tuple(a.force or ()))
+                         tags=a.tags, epochs=a.epochs, lr=a.lr, seed=a.seed, key_prefix=a.key_prefix,
+                         step_log=a.step_log, force=tuple(a.force or ()))
     print(json.dumps(asdict(run_pipeline(cfg))), flush=True)
 
 
@@ -198,6 +200,7 @@ def register(sub) -> None:
     p.add_argument("--users", type=int, default=20_000, help="synthetic users (synth only; default 20000)")
     p.add_argument("--tags", type=int, default=1_780, help="tags in the catalogue (synth only; default 1780)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    p.add_argument("--lr", type=float, help="learning rate (default: `mvke train`'s, 0.002)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     add_key_prefix_option(p)
     p.add_argument("--step-log", metavar="FILE", help="append the steps' reports (JSON) to FILE instead of stderr")

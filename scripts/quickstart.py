@@ -8,10 +8,11 @@ Redis: the one $REDIS_URL names, if set; otherwise a private redis-server of the
 never writes into a Redis it merely finds answering: it only PINGs $MVKE_PROBE_REDIS_URL
 (default redis://127.0.0.1:6379/0) to tell you that one is there and how to use it.
 
-Size: the quick demo by default (5,000 users, 300 tags, 1 epoch: about 2 minutes on 2 cores),
-its test AUC printed beside the oracle's; MVKE_DEMO_SIZE=full is the full-size demo (20,000
-users, 1,780 tags, 5 epochs). MVKE_DEMO_USERS / MVKE_DEMO_TAGS / MVKE_DEMO_EPOCHS override
-either. Other environment: MVKE_DEMO_MODEL (mvke-mt), MVKE_WORK_DIR (.mvke-local),
+Size: the quick demo by default (10,000 users, 300 tags, 3 epochs at learning rate 0.002: about
+a minute on 2 idle cores; chosen on validation AUC, docs/results/first_run.md), its test AUC
+printed beside the oracle's; MVKE_DEMO_SIZE=full is the full-size demo (20,000
+users, 1,780 tags, 5 epochs). MVKE_DEMO_USERS / MVKE_DEMO_TAGS / MVKE_DEMO_EPOCHS /
+MVKE_DEMO_LR override either. Other environment: MVKE_DEMO_MODEL (mvke-mt), MVKE_WORK_DIR (.mvke-local),
 MVKE_KEY_PREFIX (mvke), PORT (8000), HOST (127.0.0.1), MVKE_LOG_LEVEL (WARNING here),
 MVKE_SETUP_SECONDS (set by scripts/run.sh: the set-up's time, counted in "ready in").
 """
@@ -46,6 +47,7 @@ class DemoSize:
     users: int
     tags: int
     epochs: int
+    lr: float | None = None   # None: `mvke train`'s default
 
     @classmethod
     def from_env(cls) -> tuple[str, "DemoSize"]:
@@ -53,20 +55,22 @@ class DemoSize:
         if name not in SIZES:
             raise SystemExit(f"MVKE_DEMO_SIZE must be one of {', '.join(SIZES)}, got {name!r}")
         base = SIZES[name]
+        lr = os.environ.get("MVKE_DEMO_LR", base.lr)
         return name, cls(int(os.environ.get("MVKE_DEMO_USERS", base.users)),
                          int(os.environ.get("MVKE_DEMO_TAGS", base.tags)),
-                         int(os.environ.get("MVKE_DEMO_EPOCHS", base.epochs)))
+                         int(os.environ.get("MVKE_DEMO_EPOCHS", base.epochs)), None if lr is None else float(lr))
 
     @property
     def train_samples(self) -> float:
         return self.users * IMPRESSIONS_PER_USER * TRAIN_SHARE * self.epochs
 
 
-SIZES = {"quick": DemoSize(5_000, 300, 1), "full": DemoSize(20_000, 1_780, 5)}
+# quick: chosen on validation AUC by scripts/quick_demo_sweep.py (docs/results/first_run.md)
+SIZES = {"quick": DemoSize(10_000, 300, 3, 2e-3), "full": DemoSize(20_000, 1_780, 5)}
 
 
 def epochs(size: DemoSize) -> str:
-    return f"{size.epochs} epoch" + ("s" if size.epochs != 1 else "")
+    return f"{size.epochs} epoch" + ("s" if size.epochs != 1 else "") + (f", lr {size.lr:g}" if size.lr else "")
 
 
 def step(msg: str) -> None:
@@ -124,6 +128,7 @@ def run_pipeline(size: DemoSize, model: str, work: Path, redis_url: str, env: di
          f"their reports: {work / 'pipeline.log'})")
     out = subprocess.run(MVKE + ["pipeline", "--data-source", "synth", "--users", str(size.users),
                                  "--tags", str(size.tags), "--model", model, "--epochs", str(size.epochs),
+                                 *(["--lr", str(size.lr)] if size.lr is not None else []),
                                  "--work", str(work), "--redis", redis_url, "--step-log", str(work / "pipeline.log")],
                          check=True, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
