@@ -56,6 +56,7 @@ class PipelineConfig:
     tags: int = 1_780                # synth only: the tag catalogue
     epochs: int = 5
     lr: float | None = None          # None: `mvke train`'s default
+    threads: int | None = None       # torch threads of the training step; None: `mvke train`'s default (2)
     seed: int = 0
     key_prefix: str | None = None    # None: $MVKE_KEY_PREFIX, else mvke
     step_log: str | None = None      # the steps' reports go here instead of stderr
@@ -150,7 +151,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     ckpt, bundle = run_dirs(cfg, data)   # keyed by the data's content: after the data step
     step("train", (ckpt / "metrics.json").exists(), f"training {cfg.model} ({cfg.epochs} epochs) -> {ckpt}",
          ["train", "--data", str(data), "--model", cfg.model, "--out", str(ckpt), "--epochs", str(cfg.epochs),
-          "--seed", str(cfg.seed), *(["--lr", str(cfg.lr)] if cfg.lr is not None else [])])
+          "--seed", str(cfg.seed), *(["--lr", str(cfg.lr)] if cfg.lr is not None else []),
+          *(["--threads", str(cfg.threads)] if cfg.threads is not None else [])])
     step("export", (bundle / "manifest.json").exists() and "train" not in ran, f"exporting the ONNX bundle -> {bundle}",
          ["export", str(ckpt), "--out", str(bundle)])
     version = json.loads((bundle / "manifest.json").read_text())["version"]
@@ -181,8 +183,8 @@ def _serve_from_redis(url: str, prefix: str, data: Path, bundle: Path, version: 
 
 def _pipeline(a: argparse.Namespace) -> None:
     cfg = PipelineConfig(data_source=a.data_source, model=a.model, work=a.work, redis=a.redis, users=a.users,
-                         tags=a.tags, epochs=a.epochs, lr=a.lr, seed=a.seed, key_prefix=a.key_prefix,
-                         step_log=a.step_log, force=tuple(a.force or ()))
+                         tags=a.tags, epochs=a.epochs, lr=a.lr, threads=a.threads, seed=a.seed,
+                         key_prefix=a.key_prefix, step_log=a.step_log, force=tuple(a.force or ()))
     print(json.dumps(asdict(run_pipeline(cfg))), flush=True)
 
 
@@ -201,6 +203,7 @@ def register(sub) -> None:
     p.add_argument("--tags", type=int, default=1_780, help="tags in the catalogue (synth only; default 1780)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     p.add_argument("--lr", type=float, help="learning rate (default: `mvke train`'s, 0.002)")
+    p.add_argument("--threads", type=int, help="torch threads for training (default: `mvke train`'s, 2)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
     add_key_prefix_option(p)
     p.add_argument("--step-log", metavar="FILE", help="append the steps' reports (JSON) to FILE instead of stderr")

@@ -12,7 +12,10 @@ Size: the quick demo by default (10,000 users, 300 tags, 3 epochs at learning ra
 a minute on 2 idle cores; chosen on validation AUC, docs/results/first_run.md), its test AUC
 printed beside the oracle's; MVKE_DEMO_SIZE=full is the full-size demo (20,000
 users, 1,780 tags, 5 epochs). MVKE_DEMO_USERS / MVKE_DEMO_TAGS / MVKE_DEMO_EPOCHS /
-MVKE_DEMO_LR override either. Other environment: MVKE_DEMO_MODEL (mvke-mt), MVKE_WORK_DIR (.mvke-local),
+MVKE_DEMO_LR override either. MVKE_DEMO_THREADS (1): torch threads of
+the training step; one, because two threads on a machine with any other work wait on each
+other (10,000 users, 1 epoch at load 4-7: 7,909 samples/s on one thread, 660 on two;
+docs/results/first_run.md). Other environment: MVKE_DEMO_MODEL (mvke-mt), MVKE_WORK_DIR (.mvke-local),
 MVKE_KEY_PREFIX (mvke), PORT (8000), HOST (127.0.0.1), MVKE_LOG_LEVEL (WARNING here),
 MVKE_SETUP_SECONDS (set by scripts/run.sh: the set-up's time, counted in "ready in").
 """
@@ -129,6 +132,7 @@ def run_pipeline(size: DemoSize, model: str, work: Path, redis_url: str, env: di
     out = subprocess.run(MVKE + ["pipeline", "--data-source", "synth", "--users", str(size.users),
                                  "--tags", str(size.tags), "--model", model, "--epochs", str(size.epochs),
                                  *(["--lr", str(size.lr)] if size.lr is not None else []),
+                                 "--threads", os.environ.get("MVKE_DEMO_THREADS", "1"),
                                  "--work", str(work), "--redis", redis_url, "--step-log", str(work / "pipeline.log")],
                          check=True, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -47,7 +47,8 @@ def test_pipeline_passes_its_learning_rate_to_training_and_keeps_the_run_apart(t
     data = tmp_path / "data"
     data.mkdir()
     (data / "meta.json").write_text("{}")
-    default, tuned = PipelineConfig(str(data), work=str(tmp_path)), PipelineConfig(str(data), work=str(tmp_path), lr=0.004)
+    default, tuned = PipelineConfig(str(data), work=str(tmp_path)), PipelineConfig(str(data), work=str(tmp_path), lr=0.004,
+                                                                                    threads=1)
     assert run_dirs(default, data) != run_dirs(tuned, data)       # a checkpoint of another lr is never reused
     calls = []
 
@@ -61,3 +62,4 @@ def test_pipeline_passes_its_learning_rate_to_training_and_keeps_the_run_apart(t
     tuned_train, default_train = calls
     assert tuned_train[0] == default_train[0] == "train"
     assert tuned_train[tuned_train.index("--lr") + 1] == "0.004" and "--lr" not in default_train
+    assert tuned_train[tuned_train.index("--threads") + 1] == "1" and "--threads" not in default_train
