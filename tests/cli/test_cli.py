@@ -19,7 +19,7 @@ from mvke.cli import COMMANDS_GROUP, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_COMMANDS = {"data", "train", "experiment", "tune", "export", "publish", "promote", "models", "features", "serve",
-                  "api-key", "tag-all", "pipeline"}
+                  "api-key", "tag-all", "pipeline", "cycle", "events"}
 
 
 def _commands(parser) -> dict:
