@@ -95,7 +95,10 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=False)
+        d = asdict(self)
+        if not d["events"]:   # an unused optional section is not written: readers before it still read the bundle
+            del d["events"]
+        return json.dumps(d, indent=1, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Manifest":
