@@ -74,6 +74,7 @@ class FeatureSchema:
         # Model order: single-valued fields first, then multi-valued ones.
         self.model_order = self.cat_fields + self.multi_fields
         self.position = {f.name: i for i, f in enumerate(self.fields)}
+        self._names = [f.name for f in self.fields]      # read per request (missing fields): built once
         self.multi_len = max([f.max_len for f in self.multi_fields], default=1)
         # what the encoders read: per field (schema order) its id layout
         self.field_ids = [FieldIds(f.name, f.kind, f.max_len, off, ids, f.vocab)
@@ -106,7 +107,7 @@ class FeatureSchema:
 
     @property
     def names(self) -> list[str]:
-        return [f.name for f in self.fields]
+        return self._names
 
     # ---- encoding -----------------------------------------------------
     def encode(self, data: "Sequence[Mapping[str, Any]] | pa.Table | pa.RecordBatch") -> EncodedBatch:

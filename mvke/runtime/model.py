@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -89,9 +90,9 @@ class LoadedModel:
         """"onnx": tower + scoring + TopK in one ONNX call; "numpy": tower in ONNX, scoring in numpy."""
         return "onnx" if self.topk_session is not None else "numpy"
 
-    @property
+    @cached_property
     def approximate(self) -> bool:
-        """True when some task is served through its candidate index."""
+        """True when some task is served through its candidate index (asked per batch: computed once)."""
         return any(side.ann is not None for side in self.sides.values())
 
     # ---- preprocess ---------------------------------------------------------------------------
