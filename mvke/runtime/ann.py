@@ -21,7 +21,7 @@ the numerator (one FAISS search per task for a whole batch of users) reached the
 second attempt for tag sides where the numerator alone fails the gate.
 
 Hot-path rules (scripts/ann_profile.py): FAISS runs on one thread per process (OpenMP and its
-bundled OpenBLAS: `limit_faiss_threads`, applied on import), a batch of users is one search
+bundled OpenBLAS: set where a process starts and by each search in its own thread), a batch of users is one search
 per task, and the rerank is a handful of batched numpy products over [B, C] gathers.
 
 Nothing here is tuned at run time: the index is built at export (`build_task_index`),
