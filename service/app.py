@@ -9,6 +9,7 @@ fetch features -> encode -> run tower -> score -> rank (service/tagger.py).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
@@ -165,8 +166,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await audiences.aclose()
         await state.stop()
 
-    app = FastAPI(title="MVKE tag service", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Ranked interest and intention tags per user (MVKE, KDD 2022): top tags, candidate "
+    app = ServiceApp(title="MVKE tag service", version="0.2.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                     **_telemetry_option(settings.otel),
+                     description="Ranked interest and intention tags per user (MVKE, KDD 2022): top tags, candidate "
                               "scoring, many users per call, explanations, pinned and canary versions.")
     app.state.svc = state
     _install_handlers(app)
@@ -177,10 +179,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     audiences = install_audiences(app, state, lambda *codes: error_responses(state, *codes), json_response)
     _install_pages(app)
     app.openapi = ServedOpenAPI(app, state)
-    app.add_middleware(EdgeMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
-                       access_log=settings.access_log, api_keys=state.api_keys)
-    grpc_server = install_oip(app, state)   # /v2 routes (after the edge: its /v2 errors get the OIP shape)
+    edge = EdgeMiddleware(app.handle, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
+                          access_log=settings.access_log, api_keys=state.api_keys)
+    grpc_server, app.edge = install_oip(app, state, edge)   # /v2 routes; the edge's /v2 errors in the OIP shape
     return app
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with the edge (service/middleware.py) in front of it rather than inside its middleware stack:
+    a tagging request on the fast path is answered before FastAPI's and Starlette's per-request layers (the
+    OpenTelemetry check, the error middleware) run; every other request goes through them unchanged (`handle`)."""
+
+    edge = None   # the ASGI app in front; set by create_app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.edge is not None and scope["type"] == "http":
+            scope["app"] = self
+            await self.edge(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def handle(self, scope, receive, send) -> None:
+        """FastAPI itself (routing, dependencies, the exception handlers)."""
+        await super().__call__(scope, receive, send)
+
+
+def _telemetry_option(on: bool) -> dict:
+    """FastAPI's `telemetry` argument with its OpenTelemetry off (versions before it have none to turn off)."""
+    if on or "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def error_responses(state: ServiceState, *codes: int) -> dict:

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
                                    "recently used first (a version's bitmaps never change, so a hit is always right)")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
+    otel: bool = Field(False, description="FastAPI's own OpenTelemetry spans and metrics per request, when an "
+                       "OpenTelemetry SDK is configured in the process; off: not even its per-request check runs "
+                       "(the service's figures are its Prometheus /metrics)")
     workers: int = Field(0, ge=0, description="uvicorn worker processes (mvke serve); 0 (default): one per CPU "
                                               "this process may use (cgroup quota or affinity), what a serving host "
                                               "wants (2 workers: +30% QPS over 1 on a dedicated 2-core host). On a "

@@ -106,8 +106,7 @@ class ServiceState:
         if self.batcher:
             await self.batcher.stop()
         await self.registry.stop()
-        if self.tagger.cluster_reader is not None:
-            await self.tagger.cluster_reader.aclose()
+        await self.tagger.hash_reader.aclose()
         await self.redis.aclose()
         self.redis_models.close()
         self.redis_bundles.close()

@@ -17,8 +17,9 @@ from typing import Any
 from mvke.runtime.events import feature_age_s
 from mvke.runtime.keys import Keys
 from mvke.runtime.model import Answer, LoadedModel, Query
-from mvke.runtime.redis_client import REDIS_ERRORS, describe_error, is_cluster
+from mvke.runtime.redis_client import REDIS_ERRORS, describe_error, is_cluster, resolve
 from service.cluster_fetch import ClusterHashReader
+from service.node_fetch import NodeHashReader, PipelineHashReader
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -86,9 +87,7 @@ class Tagger:
         self._batch_size = metrics.batch_size
         self._shed_redis = metrics.shed.labels("redis")
         self._per_version: dict[str, Any] = {}
-        # Redis Cluster: one pipeline per master, a dead master failing only its users (cluster_fetch.py)
-        self.cluster_reader = (ClusterHashReader(redis, settings.redis_pool_size, settings.redis_pool_wait_s)
-                               if is_cluster(redis) else None)
+        self.hash_reader = feature_reader(redis, settings)
 
     def model(self) -> LoadedModel:
         m = self.registry.current
@@ -212,24 +211,13 @@ class Tagger:
     async def _fetch(self, jobs: list[TagJob]) -> list[dict[str, str] | BaseException]:
         t0 = time.perf_counter()
         user_key = self.keys.user
-        if self.cluster_reader is not None:
-            ids = list(dict.fromkeys(j.user_id for j in jobs))
-            values = await self.cluster_reader.hgetall_many([user_key(u) for u in ids])
+        ids = list(dict.fromkeys(j.user_id for j in jobs))
+        values = await self.hash_reader.hgetall_many([user_key(u) for u in ids])
+        if len(ids) == len(jobs):
+            rows = values
+        else:
             by_id = dict(zip(ids, values))
             rows = [by_id[j.user_id] for j in jobs]
-        elif len(jobs) == 1:
-            rows = [await self.redis.hgetall(user_key(jobs[0].user_id))]
-        else:
-            ids = list(dict.fromkeys(j.user_id for j in jobs))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for uid in ids:
-                    pipe.hgetall(user_key(uid))
-                values = await pipe.execute()
-            if len(ids) == len(jobs):
-                rows = values
-            else:
-                by_id = dict(zip(ids, values))
-                rows = [by_id[j.user_id] for j in jobs]
         self._steps["fetch"].observe(time.perf_counter() - t0)
         return rows
 
@@ -268,3 +256,15 @@ class Tagger:
 
 
 STEPS = ("fetch", "encode", "predict", "postprocess")
+
+
+def feature_reader(redis, settings: Settings):
+    """The reader of the users' feature hashes: a Redis Cluster's one pipeline per master (a dead master
+    failing only its users: cluster_fetch.py), one node's lean RESP reader (node_fetch.py), or redis-py's
+    pipeline where that reader does not speak the URL (TLS)."""
+    if is_cluster(redis):
+        return ClusterHashReader(redis, settings.redis_pool_size, settings.redis_pool_wait_s)
+    url = resolve(settings.redis_url, settings.redis_cluster).url
+    if redis is not None and NodeHashReader.supports(url):
+        return NodeHashReader(url, settings.redis_timeout_s, settings.redis_pool_size, settings.redis_pool_wait_s)
+    return PipelineHashReader(redis)

@@ -121,7 +121,7 @@ def test_a_batch_costs_one_round_trip_per_node(single_and_cluster, dataset_dir, 
         try:
             return await tagger._fetch([TagJob(u, None, Query(("interest",), 5)) for u in users])
         finally:
-            await tagger.cluster_reader.aclose()
+            await tagger.hash_reader.aclose()
             await r.aclose()
     rows = asyncio.run(fetch())
     assert all(isinstance(row, dict) and row for row in rows)
