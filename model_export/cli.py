@@ -100,17 +100,24 @@ def _features_stream(a: argparse.Namespace) -> None:
     from model_export.events_job import read_rules, run_consumer
     r, keys = _redis(a.redis), _keys(a)
     rules = read_rules(a.rules, r, keys)
-    print(json.dumps(run_consumer(r, keys, rules, partitions=a.partitions, name=a.name, batch=a.batch,
-                                  block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms, state_ttl_s=a.state_ttl,
-                                  max_idle_s=a.max_idle_s, max_events=a.max_events)), flush=True)
+    summary = run_consumer(r, keys, rules, partitions=a.partitions, name=a.name, batch=a.batch,
+                           block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms, state_ttl_s=a.state_ttl,
+                           max_idle_s=a.max_idle_s, max_events=a.max_events, max_reject_rate=a.max_reject_rate,
+                           reject_window=a.reject_window, metrics_port=a.metrics_port)
+    print(json.dumps(summary), flush=True)
+    if summary["error"]:
+        raise RuntimeError(summary["error"])
 
 
 def _events_replay(a: argparse.Namespace) -> None:
     import os
-    from model_export.events_job import read_events, read_rules, replay
+    from model_export.events_job import read_log, read_rules, replay, replay_reject_error
     if a.rate is not None and a.rate <= 0:
         raise ValueError(f"--rate must be > 0 events/s, got {a.rate}")
-    events = read_events(a.file)
+    log = read_log(a.file)
+    error = replay_reject_error(len(log.events), log.rejected, a.max_reject_rate, "nothing was sent")
+    if error:
+        raise RuntimeError(error)
     client = keys = rules = None
     if a.to != "http":
         client, keys = _redis(a.redis), _keys(a)
@@ -118,9 +125,12 @@ def _events_replay(a: argparse.Namespace) -> None:
         rules = read_rules(a.rules, client, keys)
     if a.to == "http" and not a.url:
         raise ValueError("--to http needs --url (the service, e.g. http://127.0.0.1:8000)")
-    print(json.dumps(replay(events, a.to, client=client, keys=keys, rules=rules, url=a.url,
-                            api_key=a.api_key or os.environ.get("MVKE_API_KEY"), partitions=a.partitions,
-                            rate=a.rate, batch=a.batch)))
+    report = replay(log.events, a.to, client=client, keys=keys, rules=rules, url=a.url,
+                    api_key=a.api_key or os.environ.get("MVKE_API_KEY"), partitions=a.partitions, rate=a.rate,
+                    batch=a.batch, rejected=log.rejected, max_reject_rate=a.max_reject_rate)
+    print(json.dumps(report), flush=True)
+    if report["error"]:
+        raise RuntimeError(report["error"])
 
 
 def _redis_options(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +232,12 @@ def register(sub) -> None:
                          "the horizon for duplicates and late events (default 86400)")
     fs.add_argument("--max-idle-s", type=float, metavar="S", help="stop after this long without entries")
     fs.add_argument("--max-events", type=int, metavar="N", help="stop after reading this many entries")
+    add_max_reject_rate_option(fs, "the consumer stops; its entries are acknowledged, the bad ones in the "
+                               "dead-letter stream", "events", "judged over the last --reject-window entries read")
+    fs.add_argument("--reject-window", type=int, default=10_000, metavar="N",
+                    help="entries over which the dead-letter rate is judged (default 10000)")
+    fs.add_argument("--metrics-port", type=int, metavar="PORT",
+                    help="serve Prometheus metrics (entries by outcome, the dead-letter rate) on this port")
     fs.set_defaults(func=_features_stream, extra=EXTRA)
 
     ev = sub.add_parser("events", help="user events").add_subparsers(dest="action", required=True)
@@ -241,6 +257,8 @@ def register(sub) -> None:
     rp.add_argument("--rules", metavar="META", help="for --to apply: meta.json with an `events` section")
     rp.add_argument("--partitions", type=int, metavar="N", help="for --to stream (default $MVKE_EVENT_PARTITIONS or 8)")
     rp.add_argument("--batch", type=int, default=500, metavar="N", help="events per request / pipeline (default 500)")
+    add_max_reject_rate_option(rp, "nothing sent when the file alone is above it", "events",
+                               "invalid rows or lines, and events the target rejects, count")
     _redis_options(rp)
     rp.set_defaults(func=_events_replay, extra=EXTRA)
 

@@ -5,6 +5,8 @@ consumer of `mvke features stream`.
     consumers (any number, each reads every partition; the group gives each entry to one of them)
       -> parse (a malformed entry goes to {mvke:events}:dead with its reason) -> EventApplier (one Lua
          script per user: idempotent by event id) -> XACK
+    more than `max_reject_rate` dead letters among the last `reject_window` entries read stops the
+    consumer with the reason (mvke/runtime/reject_rate.py: the rule of the batch jobs);
     a consumer killed between apply and XACK leaves its entries pending: the next consumer to start
     takes them with XAUTOCLAIM once they have been idle `claim_idle_ms`, applies them again (the
     duplicates change nothing) and acknowledges them; kill -9 loses nothing.
@@ -23,12 +25,13 @@ import time
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from mvke.runtime.event_apply import AUX_TTL_S, EventApplier, loads, send_raw
 from mvke.runtime.events import Event, EventError, EventRules, parse_event
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import is_cluster
+from mvke.runtime.reject_rate import DEFAULT_MAX_REJECT_RATE, RejectWindow
 
 log = logging.getLogger("mvke.events")
 
@@ -38,6 +41,10 @@ DEFAULT_MAXLEN = 1_000_000          # entries per partition (approximate trimmin
 DEAD_MAXLEN = 100_000
 ENTRY_FIELD = "e"
 PARTITIONS_ENV = "MVKE_EVENT_PARTITIONS"   # producers and consumers must agree (service setting too)
+DEFAULT_REJECT_WINDOW = 10_000    # entries over which the dead-letter rate is judged
+STREAM_OUTCOME = "the consumer stopped"
+STREAM_HINT = ("The dead letters carry each entry and its reason (XRANGE on the dead-letter stream): fix the "
+               "producer that sends them, or raise --max-reject-rate")
 PAUSE_BEFORE_ACK_ENV = "MVKE_EVENTS_PAUSE_BEFORE_ACK_S"   # testing hook: a window to kill -9 a consumer in
 
 
@@ -98,6 +105,8 @@ class ConsumerStats:
     dead: int = 0              # malformed or unappliable: written to the dead-letter stream
     trimmed: int = 0           # pending entries the length bound removed before they were applied
     batches: int = 0
+    dead_rate: float = 0.0     # dead letters / entries over the reject window
+    error: str = ""            # why the consumer stopped itself (the dead-letter rate), else empty
 
     def summary(self) -> dict:
         return asdict(self)
@@ -112,7 +121,9 @@ class StreamConsumer:
 
     def __init__(self, client: Any, keys: Keys, rules: EventRules, partitions: int | None = None,
                  name: str | None = None, batch: int = 500, block_ms: int = 100, claim_idle_ms: int = 30_000,
-                 claim_every_s: float = 5.0, state_ttl_s: int = AUX_TTL_S):
+                 claim_every_s: float = 5.0, state_ttl_s: int = AUX_TTL_S,
+                 max_reject_rate: float = DEFAULT_MAX_REJECT_RATE, reject_window: int = DEFAULT_REJECT_WINDOW,
+                 on_batch: Callable[[ConsumerStats], None] | None = None):
         self.client, self.keys = client, keys
         self.partitions = partitions or default_partitions()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -122,6 +133,7 @@ class StreamConsumer:
         self.cluster = is_cluster(client)
         self.streams = [keys.events_stream(p) for p in range(self.partitions)]
         self.stats = ConsumerStats()
+        self.max_reject_rate, self.window, self.on_batch = max_reject_rate, RejectWindow(reject_window), on_batch
         self._stop = False
         self._pause = float(os.environ.get(PAUSE_BEFORE_ACK_ENV) or 0)
 
@@ -178,6 +190,20 @@ class StreamConsumer:
         self.stats.late += counts.late
         self.stats.dead += len(dead)
         self.stats.batches += 1
+        self._judge(counts.applied + counts.duplicate + counts.late, [d[3] for d in dead])
+
+    def _judge(self, done: int, reasons: list[str]) -> None:
+        """The dead-letter rate over the window; above max_reject_rate: log it, record why, stop."""
+        self.window.add(done, len(reasons), reasons)
+        self.stats.dead_rate = round(self.window.rate, 6)
+        error = self.window.error(self.max_reject_rate, "features stream", "events", STREAM_OUTCOME, STREAM_HINT,
+                                  self.keys.events_dead)
+        if error and not self.stats.error:
+            log.error(error)
+            self.stats.error = error
+            self._stop = True
+        if self.on_batch is not None:
+            self.on_batch(self.stats)
 
     def _parse(self, entries: list[tuple[str, str, dict]]) -> tuple[list[Event], list[tuple[str, str, str, str]]]:
         """-> (events, dead letters (stream, entry id, raw text, reason)); trimmed entries are counted."""
@@ -224,7 +250,7 @@ class StreamConsumer:
         claim_every_s the entries of dead consumers. Stops on `stop()`, after max_idle_s without
         entries, or once max_events entries were read."""
         ensure_groups(self.client, self.keys, self.partitions)
-        while entries := self._read("0"):
+        while not self._stop and (entries := self._read("0")):
             self.handle(entries)
         self.handle(self._claim())
         last_claim, last_seen = time.monotonic(), time.monotonic()

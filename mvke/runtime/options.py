@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_MAX_REJECT_RATE = 0.01     # `--max-reject-rate` of `mvke features load` and `mvke tag-all`
+DEFAULT_MAX_REJECT_RATE = 0.01     # `--max-reject-rate` of the jobs, `mvke features stream` and `mvke events replay`
 
 
 def share(text: str) -> float:
@@ -17,9 +17,10 @@ def share(text: str) -> float:
     return value
 
 
-def add_max_reject_rate_option(parser: argparse.ArgumentParser, what: str) -> None:
-    """`--max-reject-rate`, the same on every job over users (the rule: mvke/runtime/parts.py `reject_rate_error`)."""
+def add_max_reject_rate_option(parser: argparse.ArgumentParser, what: str, unit: str = "users",
+                               scope: str = "a job that handles nobody always fails") -> None:
+    """`--max-reject-rate`, the same on every stage that rejects items (the rule: mvke/runtime/reject_rate.py)."""
     parser.add_argument("--max-reject-rate", type=share, default=DEFAULT_MAX_REJECT_RATE, metavar="SHARE",
-                        help=f"fail (exit 2, {what}) when more than this share of users is rejected "
+                        help=f"fail (exit 2, {what}) when more than this share of {unit} is rejected "
                              f"(default {DEFAULT_MAX_REJECT_RATE:g} = {100 * DEFAULT_MAX_REJECT_RATE:g}%%; "
-                             "a job that handles nobody always fails)")
+                             f"{scope})")

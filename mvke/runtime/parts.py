@@ -9,7 +9,7 @@ row groups <= part_rows). The same input and part size always give the same
 parts, so a rerun knows which parts are finished. Files a job writes go to a
 dot-prefixed temporary name and are renamed into place (`write_json_atomic`).
 A job that rejected more than `max_reject_rate` of its users (or handled none) has failed
-(`reject_rate_error`): it says so, exits non-zero and writes no success marker.
+(`reject_rate_error`, mvke/runtime/reject_rate.py): it says so, exits non-zero and writes no success marker.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mvke.runtime.options import DEFAULT_MAX_REJECT_RATE  # noqa: F401  (the jobs' default, beside their rule)
+from mvke.runtime.reject_rate import DEFAULT_MAX_REJECT_RATE, reject_rate_error  # noqa: F401  (the jobs' rule)
 
 
 @dataclass
@@ -100,24 +100,6 @@ def input_fingerprint(files: list[Path]) -> list[dict]:
         out.append({"path": str(f.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
                     "rows": pq.ParquetFile(f).metadata.num_rows})
     return out
-
-
-def reject_rate_error(done: int, rejected: int, max_rate: float, reasons: list[str], where: Path | str | None = None,
-                      command: str = "the job") -> str | None:
-    """None when the job may succeed, else why it failed: more than `max_rate` of its users rejected, or none handled.
-
-    The one rule of `mvke features load` and `mvke tag-all`: a job that rejected every user (or
-    more than the threshold) must not exit 0 and write a success marker as if it had worked."""
-    total = done + rejected
-    if total and done and rejected <= max_rate * total:
-        return None
-    if not total:
-        return f"{command}: no users in the input: nothing done (is it the right users Parquet?)"
-    reasons = sorted(set(reasons))
-    return (f"{command}: {rejected} of {total} users rejected ({100 * rejected / total:.1f}%, above "
-            f"--max-reject-rate {100 * max_rate:g}%): the job failed and wrote no success marker; {done} users done. "
-            f"Reasons: {'; '.join(reasons[:5]) or '?'}" + (f"; every bad row: {where}" if where else "")
-            + ". Fix the data (`mvke data split` checks it up front) or raise --max-reject-rate")
 
 
 def iter_part(part: Part, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
