@@ -71,11 +71,13 @@ def make_events(users: list[str], n: int, run: str, seed: int, ts0: int | None =
     return out[:n]
 
 
-def consumer(url: str, rules: Path, name: str, env: dict | None = None, *args: str) -> subprocess.Popen:
+def consumer(url: str, rules: Path, name: str, env: dict | None = None, *args: str,
+             root: Path = ROOT) -> subprocess.Popen:
+    """A `mvke features stream` process of the code under `root` (ROOT: this checkout; --before: another)."""
     return subprocess.Popen([PY, "-m", "mvke.cli", "features", "stream", "--redis", url, "--rules", str(rules),
                              "--partitions", str(PARTITIONS), "--name", name, "--batch", "500", *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root), **(env or {})})
 
 
 def backlog(r, keys: Keys) -> int:
@@ -111,7 +113,7 @@ def reset_streams(r, keys: Keys) -> None:
 
 
 def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int, port: int | None,
-               reqs: list, duration: float, run: str) -> dict:
+               reqs: list, duration: float, run: str, root: Path = ROOT) -> dict:
     """Events/s of `consumers` processes over a window in which they never run dry (and QPS beside)."""
     keys = Keys()
     reset_streams(r, keys)
@@ -120,7 +122,7 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
     for i in range(0, n, 20_000):
         publish_events(r, keys, events[i:i + 20_000], PARTITIONS, maxlen=n * 2)
     stream_bytes = sum(r.memory_usage(keys.events_stream(p), samples=0) or 0 for p in range(PARTITIONS))
-    procs = [consumer(redis_url, rules, f"{run}-{k}") for k in range(consumers)]
+    procs = [consumer(redis_url, rules, f"{run}-{k}", root=root) for k in range(consumers)]
     load: dict = {}
     thread = None
     if port:
@@ -155,6 +157,23 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
     if load:
         out.update(qps=round(load["qps"]), p99_ms=load.get("p99_ms"), status=load.get("status"))
     return out
+
+
+def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
+               before: Path | None) -> list[dict]:
+    """Section b: 1 and 2 consumers, without and with tag requests; with `before`, each row twice,
+    back to back: the consumers of that checkout, then this one's (same service, Redis, events)."""
+    rows = []
+    codes = [("before", before), ("after", ROOT)] if before else [("", ROOT)]
+    for consumers in (1, 2):
+        for with_tags in (False, True):
+            for code, root in codes:
+                log(f"b. {consumers} consumer(s), tags {'on' if with_tags else 'off'} {code}")
+                row = apply_rate(r, redis_url, rules, users, consumers, port if with_tags else None, reqs, duration,
+                                 f"rate-{consumers}-{int(with_tags)}-{code}", root)
+                rows.append({"code": code, **row} if code else row)
+                log(json.dumps(rows[-1]))
+    return rows
 
 
 def state_memory(r, users: list[str], n: int = 300) -> dict:
@@ -288,17 +307,21 @@ def markdown(res: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['nproc']} CPUs, shared with other work; load averages at start "
              f"{m['loadavg_start']}, at end {m['loadavg_end']}. Run: `python -m loadtest.events_bench` "
              f"(window {res['duration_s']} s per row, one redis-server, `mvke serve` with 1 worker).", "",
-             "| consumers | tag requests c=32 | events applied/s | tag QPS | QPS share of tags alone | "
+             "| code | consumers | tag requests c=32 | events applied/s | tag QPS | QPS share of tags alone | "
              "Redis CPU / event | consumer CPU / event | load avg |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     base = res["tags_alone"]["qps"]
-    lines.append(f"| 0 | yes | - | {base} | 100% | - | - | {res['tags_alone']['loadavg']} |")
+    lines.append(f"| - | 0 | yes | - | {base} | 100% | - | - | {res['tags_alone']['loadavg']} |")
     for row in res["apply"]:
         qps = row.get("qps")
         share = f"{100 * qps / base:.0f}%" if qps else "-"
-        lines.append(f"| {row['consumers']} | {'yes' if row['with_tags'] else 'no'} | {row['events_per_s']:,} | "
-                     f"{qps if qps else '-'} | {share} | {row['redis_cpu_us_per_event']} us | "
+        lines.append(f"| {row.get('code') or '-'} | {row['consumers']} | {'yes' if row['with_tags'] else 'no'} | "
+                     f"{row['events_per_s']:,} | {qps if qps else '-'} | {share} | {row['redis_cpu_us_per_event']} us | "
                      f"{row['consumer_cpu_us_per_event']} us | {row['loadavg']} |")
+    if "tags_alone_after_rows" in res:
+        again = res["tags_alone_after_rows"]
+        lines.append(f"| - | 0 | yes | - | {again['qps']} | {100 * again['qps'] / base:.0f}% | - | - | "
+                     f"{again['loadavg']} |")
     lines += ["", f"Stream memory: {res['apply'][0]['stream_bytes_per_entry']} bytes per entry (MEMORY USAGE / entries). "
               f"Per user after the runs (bytes, MEMORY USAGE): {json.dumps(res.get('state_memory', {}))}."]
     f = res["freshness"]
@@ -320,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probes", type=int, default=40, help="freshness probes (default 40)")
     p.add_argument("--fault-events", type=int, default=20_000)
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "events.json"))
+    p.add_argument("--before", type=Path, metavar="DIR",
+                   help="a checkout of the code to compare with (e.g. `git archive COMMIT | tar -x -C DIR`): "
+                        "each apply row runs its consumers, then this checkout's, back to back")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -342,14 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             log("a. tag requests alone, c=32")
             base = run_load(svc.port, reqs, 32, a.duration, warmup=1.0)
             res["tags_alone"] = {"qps": round(base["qps"]), "p99_ms": base.get("p99_ms"), "loadavg": loadavg()}
-            res["apply"] = []
-            for consumers in (1, 2):
-                for with_tags in (False, True):
-                    log(f"b. {consumers} consumer(s), tags {'on' if with_tags else 'off'}")
-                    res["apply"].append(apply_rate(r, server.url, rules, users, consumers,
-                                                   svc.port if with_tags else None, reqs, a.duration,
-                                                   f"rate-{consumers}-{int(with_tags)}"))
-                    log(json.dumps(res["apply"][-1]))
+            res["apply"] = apply_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.before)
+            if a.before:      # the baseline again, after the rows: how much the box moved meanwhile
+                again = run_load(svc.port, reqs, 32, a.duration, warmup=1.0)
+                res["tags_alone_after_rows"] = {"qps": round(again["qps"]), "p99_ms": again.get("p99_ms"),
+                                                "loadavg": loadavg()}
             res["state_memory"] = state_memory(r, users)
             log("c. freshness")
             res["freshness"] = freshness(r, server.url, rules, users, svc, reqs, a.probes)

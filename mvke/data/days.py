@@ -55,6 +55,15 @@ from mvke.data.synthetic import (
 from mvke.runtime.features import FeatureSchema, FieldSpec
 
 LOGS, SNAPSHOTS = "logs", "snapshots"
+
+# The tag histories of `DaysWorld.snapshot` as event rules (mvke/runtime/events.py): a click puts its
+# ad's tags in front of clicked_tags (the last listed first, as appending them reads backwards),
+# one entry per tag, capped; a conversion does the same to converted_tags. The snapshot at the end
+# of day d is the one before it with day d's events folded in (tests/data/test_days.py); the
+# category histories and statistics are drawn from the latent state, not from events.
+EVENT_RULES = {"histories": [{"field": name, "on": ["click" if space == "click" else "conversion"], "from": "tags",
+                              "distinct": True, "within_event": "reversed", "max_len": max_len}
+                             for name, (space, _, kind, max_len) in HISTORY_FIELDS.items() if kind == "tag"]}
 PART = "part-00000.parquet"
 USERS_FILE = "users.parquet"
 

@@ -1,8 +1,8 @@
-"""Apply events to the feature store: one Lua script per user, atomic, idempotent, in time order.
+"""Apply events to the feature store: one Lua function call per user, atomic, idempotent, in time order.
 
-`EventApplier.apply(events)` groups a batch by user and runs `APPLY_LUA` once per user (pipelined).
-The script touches only that user's three keys, which share one hash slot (mvke/runtime/keys.py:
-the user hash `mvke:user:<id>` and `{mvke:user:<id>}:ev|:seen`), so it runs on a Redis Cluster as
+`EventApplier.apply(events)` groups a batch by user and calls the apply function (`APPLY_LIBRARY`,
+a Redis Function loaded once per rule set) once per user, pipelined. A call touches only that
+user's three keys, which share one hash slot (mvke/runtime/keys.py: the user hash `mvke:user:<id>` and `{mvke:user:<id>}:ev|:seen`), so it runs on a Redis Cluster as
 on one node, and a reader sees the user before or after the whole batch, never half of it.
 
 Per event (the rules are data: mvke/runtime/events.py):
@@ -15,11 +15,13 @@ Per event (the rules are data: mvke/runtime/events.py):
   distinct value, caps the list; each counter rule of its type is incremented.
 After the events, every bucket rule is recomputed from the counters, and `_event_at` = Redis time.
 A user not seen before is created (cold start). The `:ev` order keys are reset when the user's
-`_loaded_at` changes (a batch reload replaced the values they described).
+`_loaded_at` changes (a batch reload replaced the values they described). A history is read and
+parsed only when an event of the call changes it (most events are impressions: counters only).
 """
 from __future__ import annotations
 
 import json
+import zlib
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -38,23 +40,21 @@ from mvke.runtime.redis_client import is_cluster
 # behind the entries it should precede). `mvke features stream --state-ttl`.
 AUX_TTL_S = 86_400
 
-# KEYS: user hash, its :ev hash, its :seen zset.  ARGV[1] rules (EventRules.to_lua), ARGV[2] JSON
-# [[event_id, order key, type, {list name: [values]}], ...], ARGV[3] TTL of the :ev/:seen keys.
-# Returns {applied, duplicate, late}.
-APPLY_LUA = r"""
-local R = cjson.decode(ARGV[1])
-local E = cjson.decode(ARGV[2])
-local user, aux, seen = KEYS[1], KEYS[2], KEYS[3]
+# A Redis Function library (FUNCTION LOAD, FCALL) per rule set: the rules are decoded once, by the
+# library's first call, not on every call (an EVAL script decodes its arguments each time).
+# KEYS: user hash, its :ev hash, its :seen zset.  ARGV[1] JSON [[event_id, order key, type,
+# {list name: [values]}], ...], ARGV[2] TTL of the :ev/:seen keys. Returns {applied, duplicate, late}.
+APPLY_LIBRARY = r"""#!lua name=%(name)s
 local SEP = '|'
-
--- everything the events may read, in two calls: the user's fields and its event state
-local want, auxwant = {'_loaded_at'}, {'base'}
-for _, h in ipairs(R.h) do want[#want + 1] = h.f; auxwant[#auxwant + 1] = 't:' .. h.f end
-for _, c in ipairs(R.c) do want[#want + 1] = c.f end
-local got = redis.call('HMGET', user, unpack(want))
-local auxgot = redis.call('HMGET', aux, unpack(auxwant))
-local loaded = got[1] or ''
-local fresh = (auxgot[1] or '') ~= loaded    -- the order keys describe other (reloaded) values: drop them
+local R, NH, WANT, AUXWANT          -- the rules, decoded by the first call (cjson is not there at load time)
+local function init()
+  R = cjson.decode(%(rules)s)
+  NH = #R.h
+  -- everything the events may read, in two calls: the user's fields and its event state
+  WANT, AUXWANT = {'_loaded_at'}, {'base'}
+  for _, h in ipairs(R.h) do WANT[#WANT + 1] = h.f; AUXWANT[#AUXWANT + 1] = 't:' .. h.f end
+  for _, c in ipairs(R.c) do WANT[#WANT + 1] = c.f end
+end
 
 local function split(s)
   local out = {}
@@ -62,17 +62,6 @@ local function split(s)
   for part in string.gmatch(s, '([^|]+)') do out[#out + 1] = part end
   return out
 end
-
-local state = {}
-for i, h in ipairs(R.h) do
-  local v = split(got[i + 1])
-  local o = fresh and {} or split(auxgot[i + 1])
-  local ord = {}
-  for j = 1, #v do ord[j] = (#o == #v) and tonumber(o[j]) or 0 end
-  state[h.f] = {v = v, o = ord}
-end
-local counts = {}
-for i, c in ipairs(R.c) do counts[c.f] = tonumber(got[#R.h + 1 + i]) end
 
 local function insert(st, values, key, cap, distinct, reversed)
   local v, o = st.v, st.o
@@ -104,27 +93,59 @@ local function insert(st, values, key, cap, distinct, reversed)
   return true
 end
 
-local applied, dup, late = 0, 0, 0
-local dirty, bumped = {}, {}
-local n = redis.call('ZCARD', seen)
-for _, e in ipairs(E) do
-  local id, key, typ, lists = e[1], e[2], e[3], e[4]
-  if redis.call('ZSCORE', seen, id) then
-    dup = dup + 1
-  else
-    local oldest = nil
-    if n >= R.k then oldest = tonumber(redis.call('ZRANGE', seen, 0, 0, 'WITHSCORES')[2]) end
-    if oldest and key < oldest then
-      late = late + 1
+-- is the event new? (remembered if so): a known id is a duplicate; with the id set full, an event
+-- older than all of it is late (a duplicate could no longer be told apart)
+local function admit(seen, S, id, key)
+  if S.n < R.k then
+    if redis.call('ZADD', seen, 'NX', string.format('%%.0f', key), id) == 0 then return 'dup' end
+    S.n = S.n + 1
+    return 'new'
+  end
+  if redis.call('ZSCORE', seen, id) then return 'dup' end
+  local oldest = tonumber(redis.call('ZRANGE', seen, 0, 0, 'WITHSCORES')[2])
+  if oldest and key < oldest then return 'late' end
+  redis.call('ZADD', seen, string.format('%%.0f', key), id)
+  redis.call('ZREMRANGEBYRANK', seen, 0, S.n - R.k)      -- the oldest beyond dedup_ids are forgotten
+  S.n = R.k
+  return 'new'
+end
+
+local function apply(KEYS, ARGV)
+  if not R then init() end
+  local E = cjson.decode(ARGV[1])
+  local user, aux, seen = KEYS[1], KEYS[2], KEYS[3]
+  local got = redis.call('HMGET', user, unpack(WANT))
+  local loaded = got[1] or ''
+  local counts = {}
+  for i, c in ipairs(R.c) do counts[c.f] = tonumber(got[NH + 1 + i]) end
+  local auxgot, fresh, state = nil, false, {}
+  local function history(i)     -- parsed when an event first touches it (an impression touches none)
+    if state[i] then return state[i] end
+    if not auxgot then
+      auxgot = redis.call('HMGET', aux, unpack(AUXWANT))
+      fresh = (auxgot[1] or '') ~= loaded    -- the order keys describe other (reloaded) values: drop them
+    end
+    local v = split(got[i + 1])
+    local o = fresh and {} or split(auxgot[i + 1])
+    local ord = {}
+    for j = 1, #v do ord[j] = (#o == #v) and tonumber(o[j]) or 0 end
+    state[i] = {v = v, o = ord}
+    return state[i]
+  end
+  local applied, dup, late = 0, 0, 0
+  local dirty, bumped = {}, {}
+  local S = {n = redis.call('ZCARD', seen)}
+  for _, e in ipairs(E) do
+    local key, typ, lists = e[2], e[3], e[4]
+    local verdict = admit(seen, S, e[1], key)
+    if verdict == 'dup' then dup = dup + 1
+    elseif verdict == 'late' then late = late + 1
     else
-      redis.call('ZADD', seen, string.format('%.0f', key), id)
-      n = n + 1
-      if n > R.k then redis.call('ZREMRANGEBYRANK', seen, 0, n - R.k - 1); n = R.k end
       applied = applied + 1
-      for _, h in ipairs(R.h) do
+      for i, h in ipairs(R.h) do
         local vals = lists[h.src]
         if h.on[typ] and vals and #vals > 0 then
-          if insert(state[h.f], vals, key, h.cap, h.d == 1, h.r == 1) then dirty[h.f] = true end
+          if insert(history(i), vals, key, h.cap, h.d == 1, h.r == 1) then dirty[i] = true end
         end
       end
       for _, c in ipairs(R.c) do
@@ -132,46 +153,63 @@ for _, e in ipairs(E) do
       end
     end
   end
+
+  if applied > 0 then
+    local hset, auxset, hdel = {}, {'base', loaded}, {}
+    for i, _ in pairs(dirty) do
+      local st = state[i]
+      local keys = {}
+      for j = 1, #st.o do keys[j] = string.format('%%.0f', st.o[j]) end
+      hset[#hset + 1] = R.h[i].f; hset[#hset + 1] = table.concat(st.v, SEP)
+      auxset[#auxset + 1] = 't:' .. R.h[i].f; auxset[#auxset + 1] = table.concat(keys, SEP)
+    end
+    for f, _ in pairs(bumped) do hset[#hset + 1] = f; hset[#hset + 1] = tostring(counts[f]) end
+    for _, b in ipairs(R.b) do
+      local value = counts[b.n] or 0
+      if b.d ~= '' then
+        local den = counts[b.d] or 0
+        if den == 0 then value = nil else value = value / den end
+      end
+      if value == nil then
+        hdel[#hdel + 1] = b.f
+      else
+        local i = 0
+        for _, edge in ipairs(b.e) do if edge < value then i = i + 1 end end
+        hset[#hset + 1] = b.f; hset[#hset + 1] = b.l[i + 1]
+      end
+    end
+    local now = redis.call('TIME')
+    hset[#hset + 1] = '_event_at'; hset[#hset + 1] = now[1] .. '.' .. string.format('%%06d', tonumber(now[2]))
+    redis.call('HSET', user, unpack(hset))
+    if #hdel > 0 then redis.call('HDEL', user, unpack(hdel)) end
+    if #auxset > 2 then          -- a history changed: its order keys (no history changed: nothing to say)
+      if fresh then redis.call('DEL', aux) end
+      redis.call('HSET', aux, unpack(auxset))
+    end
+  end
+  local ttl = tonumber(ARGV[2])
+  if ttl and ttl > 0 then
+    redis.call('EXPIRE', aux, ttl)
+    redis.call('EXPIRE', seen, ttl)
+  end
+  return {applied, dup, late}
 end
 
-if applied > 0 then
-  local hset, auxset, hdel = {}, {'base', loaded}, {}
-  for f, _ in pairs(dirty) do
-    local st = state[f]
-    local keys = {}
-    for i = 1, #st.o do keys[i] = string.format('%.0f', st.o[i]) end
-    hset[#hset + 1] = f; hset[#hset + 1] = table.concat(st.v, SEP)
-    auxset[#auxset + 1] = 't:' .. f; auxset[#auxset + 1] = table.concat(keys, SEP)
-  end
-  for f, _ in pairs(bumped) do hset[#hset + 1] = f; hset[#hset + 1] = tostring(counts[f]) end
-  for _, b in ipairs(R.b) do
-    local value = counts[b.n] or 0
-    if b.d ~= '' then
-      local den = counts[b.d] or 0
-      if den == 0 then value = nil else value = value / den end
-    end
-    if value == nil then
-      hdel[#hdel + 1] = b.f
-    else
-      local i = 0
-      for _, edge in ipairs(b.e) do if edge < value then i = i + 1 end end
-      hset[#hset + 1] = b.f; hset[#hset + 1] = b.l[i + 1]
-    end
-  end
-  local now = redis.call('TIME')
-  hset[#hset + 1] = '_event_at'; hset[#hset + 1] = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
-  redis.call('HSET', user, unpack(hset))
-  if #hdel > 0 then redis.call('HDEL', user, unpack(hdel)) end
-  if fresh then redis.call('DEL', aux) end
-  redis.call('HSET', aux, unpack(auxset))
-end
-local ttl = tonumber(ARGV[3])
-if ttl and ttl > 0 then
-  redis.call('EXPIRE', aux, ttl)
-  redis.call('EXPIRE', seen, ttl)
-end
-return {applied, dup, late}
+redis.register_function('%(name)s', apply)
 """
+
+
+def apply_library(rules_lua: str) -> tuple[str, str]:
+    """-> (library and function name, library code) of a rule set: one name per rule set, so
+    consumers of different rules (a new bundle's) do not replace each other's function."""
+    body = APPLY_LIBRARY % {"name": "NAME", "rules": "RULES"}
+    name = f"mvke_events_{zlib.crc32((body + rules_lua).encode()):08x}"
+    level = 1
+    while f"]{'=' * level}]" in rules_lua:      # a Lua long string that the rules cannot close
+        level += 1
+    literal = f"[{'=' * level}[{rules_lua}]{'=' * level}]"
+    return name, APPLY_LIBRARY % {"name": name, "rules": literal}
+
 
 assert LOADED_AT_FIELD == "_loaded_at" and EVENT_AT_FIELD == "_event_at"   # the names the script writes
 
@@ -200,8 +238,8 @@ except ImportError:        # pragma: no cover - the core install
     loads = json.loads
 
 
-def script_args(rules_lua: str, events: list[Event], aux_ttl_s: int) -> list[Any]:
-    return [rules_lua, _dumps([[e.event_id, e.order, e.type, e.lists] for e in events]), aux_ttl_s]
+def function_args(events: list[Event], aux_ttl_s: int) -> list[Any]:
+    return [_dumps([[e.event_id, e.order, e.type, e.lists] for e in events]), aux_ttl_s]
 
 
 def send_raw(client: Any, commands: list[tuple]) -> list[Any]:
@@ -233,8 +271,7 @@ class EventApplier:
 
     def __init__(self, client: Any, keys: Keys, rules: EventRules, aux_ttl_s: int = AUX_TTL_S):
         self.client, self.keys, self.rules, self.aux_ttl_s = client, keys, rules, aux_ttl_s
-        self.rules_lua = rules.to_lua()
-        self.sha = ""
+        self.function, self.library = apply_library(rules.to_lua())
         self.cluster = is_cluster(client)
         self._loaded = False
 
@@ -243,26 +280,26 @@ class EventApplier:
 
     def apply(self, events: Iterable[Event]) -> ApplyCounts:
         """Apply a batch; Redis connection errors raise (nothing is acknowledged, the batch is redone:
-        the script's idempotence makes that harmless); a user's script error fails only its events."""
+        the function's idempotence makes that harmless); a user's call error fails only its events."""
         groups = by_user(events)
         counts = ApplyCounts()
         if not groups:
             return counts
         users = list(groups)
         if not self._loaded:
-            self.sha = self.client.script_load(APPLY_LUA)    # a cluster loads it on every master
+            self.client.function_load(self.library, replace=True)    # a cluster loads it on every master
             self._loaded = True
-        commands = [("EVALSHA", self.sha, 3, *self.user_keys(u), *script_args(self.rules_lua, groups[u],
-                                                                              self.aux_ttl_s)) for u in users]
-        if self.cluster:   # a cluster pipeline routes each EVALSHA by its keys' slot
+        commands = [("FCALL", self.function, 3, *self.user_keys(u), *function_args(groups[u], self.aux_ttl_s))
+                    for u in users]
+        if self.cluster:   # a cluster pipeline routes each FCALL by its keys' slot
             pipe = self.client.pipeline(transaction=False)
             for c in commands:
                 pipe.execute_command(*c)
             replies = pipe.execute(raise_on_error=False)
         else:
             replies = send_raw(self.client, commands)
-        if any(isinstance(r, Exception) and "NOSCRIPT" in str(r) for r in replies):
-            self._loaded = False      # a restarted or new master forgot the script: load it, redo (idempotent)
+        if any(isinstance(r, Exception) and "Function not found" in str(r) for r in replies):
+            self._loaded = False      # a new master (or FUNCTION FLUSH) lost the library: load it, redo (idempotent)
             return self.apply([e for u in users for e in groups[u]])
         for u, reply in zip(users, replies):
             if isinstance(reply, Exception):

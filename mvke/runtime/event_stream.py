@@ -112,6 +112,11 @@ class ConsumerStats:
         return asdict(self)
 
 
+def _fields(flat: list | None) -> dict | None:
+    """A raw entry's [name, value, ...] as a dict (None: the entry was trimmed while pending)."""
+    return None if flat is None else dict(zip(flat[::2], flat[1::2]))
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -144,10 +149,14 @@ class StreamConsumer:
     def _read(self, last_id: str) -> list[tuple[str, str, dict]]:
         """-> [(stream, entry id, fields)] from every partition ('>' new, '0' this consumer's pending)."""
         block = self.block_ms if last_id == ">" else None
-        if not self.cluster:
-            reply = self.client.xreadgroup(GROUP, self.name, {s: last_id for s in self.streams},
-                                           count=self.batch, block=block)
-            return [(_text(s), _text(i), f) for s, entries in (reply or []) for i, f in entries]
+        if not self.cluster:   # one command, its raw reply (redis-py's parsing costs more than the read)
+            wait = ("BLOCK", block) if block is not None else ()
+            reply = send_raw(self.client, [("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", self.batch, *wait,
+                                            "STREAMS", *self.streams, *[last_id] * len(self.streams))])[0]
+            if isinstance(reply, Exception):
+                raise reply
+            streams = reply.items() if isinstance(reply, dict) else (reply or [])    # RESP3: a map; RESP2: pairs
+            return [(_text(s), i, _fields(f)) for s, entries in streams for i, f in entries]
         out = []
         for s in self.streams:   # one slot per command on a cluster
             for _, entries in self.client.xreadgroup(GROUP, self.name, {s: last_id}, count=self.batch) or []:

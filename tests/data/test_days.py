@@ -160,3 +160,28 @@ def test_split_daily_writes_the_days_layout(tmp_path, capsys):
     tags = layout.tags_in(layout.days()[:1])
     v = view(layout, layout.days()[:1])
     assert len(v.encode(build_schema(v.dataset(tags)), tags)) == len(layout.log(layout.days()[0]))
+
+
+def test_tag_histories_are_the_event_rules_folded_day_by_day(days_dir):
+    """One truth on the days world: each day's end snapshot = the day before's with that day's clicks
+    and conversions applied by the event rules (EVENT_RULES, the path of `mvke features stream`)."""
+    from mvke.data.days import EVENT_RULES
+    from mvke.runtime.events import EventRules, fold_user, log_row_events
+    layout = DaysLayout(days_dir)
+    rules = EventRules.from_dict(EVENT_RULES)
+    fields = [h.field for h in rules.histories]
+    assert fields == ["clicked_tags", "converted_tags"]
+
+    def stored(snap: pd.DataFrame) -> dict[str, dict[str, str]]:
+        return {u: {f: "|".join(row[f]) for f in fields if len(row[f])} for u, row in
+                zip(snap["user_id"], snap[fields].to_dict("records"))}
+    for day in layout.days()[1:]:
+        before = stored(layout.features_for(day)[0])
+        after = stored(pd.read_parquet(days_dir / "snapshots" / f"day={day}" / "users.parquet"))
+        events: dict[str, list] = {}
+        for i, row in enumerate(layout.log(day).to_dict("records")):
+            for e in log_row_events({**row, "tags": list(row["tags"])}, i):
+                events.setdefault(e.user_id, []).append(e)
+        assert sum(len(v) for v in events.values()) > len(layout.log(day))        # clicks and conversions too
+        folded = {u: fold_user(before.get(u, {}), events.get(u, []), rules) for u in after}
+        assert folded == after, day
