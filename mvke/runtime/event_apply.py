@@ -63,8 +63,10 @@ local function split(s)
   return out
 end
 
+-- st: a history's values v, their order keys o (numbers) and s (the stored text of each key, false
+-- for a new one: kept keys are written back as read, not formatted again)
 local function insert(st, values, key, cap, distinct, reversed)
-  local v, o = st.v, st.o
+  local v, o, s = st.v, st.o, st.s
   local own, inev = {}, {}
   local first, last, step = 1, #values, 1
   if reversed then first, last, step = #values, 1, -1 end
@@ -78,7 +80,7 @@ local function insert(st, values, key, cap, distinct, reversed)
       local newer = false
       for j = #v, 1, -1 do
         if v[j] == x then
-          if o[j] >= key then newer = true else table.remove(v, j); table.remove(o, j) end
+          if o[j] >= key then newer = true else table.remove(v, j); table.remove(o, j); table.remove(s, j) end
         end
       end
       if not newer then keep[#keep + 1] = x end
@@ -88,8 +90,8 @@ local function insert(st, values, key, cap, distinct, reversed)
   if #own == 0 then return false end
   local pos = #v + 1
   for i = 1, #v do if o[i] < key then pos = i; break end end
-  for k = #own, 1, -1 do table.insert(v, pos, own[k]); table.insert(o, pos, key) end
-  while #v > cap do table.remove(v); table.remove(o) end
+  for k = #own, 1, -1 do table.insert(v, pos, own[k]); table.insert(o, pos, key); table.insert(s, pos, false) end
+  while #v > cap do table.remove(v); table.remove(o); table.remove(s) end
   return true
 end
 
@@ -127,9 +129,13 @@ local function apply(KEYS, ARGV)
     end
     local v = split(got[i + 1])
     local o = fresh and {} or split(auxgot[i + 1])
-    local ord = {}
-    for j = 1, #v do ord[j] = (#o == #v) and tonumber(o[j]) or 0 end
-    state[i] = {v = v, o = ord}
+    local ord, txt = {}, {}
+    if #o == #v then
+      for j = 1, #v do ord[j] = tonumber(o[j]); txt[j] = o[j] end
+    else                                -- no order keys for these values: older than any event
+      for j = 1, #v do ord[j] = 0; txt[j] = '0' end
+    end
+    state[i] = {v = v, o = ord, s = txt}
     return state[i]
   end
   local applied, dup, late = 0, 0, 0
@@ -159,7 +165,7 @@ local function apply(KEYS, ARGV)
     for i, _ in pairs(dirty) do
       local st = state[i]
       local keys = {}
-      for j = 1, #st.o do keys[j] = string.format('%%.0f', st.o[j]) end
+      for j = 1, #st.o do keys[j] = st.s[j] or string.format('%%.0f', st.o[j]) end
       hset[#hset + 1] = R.h[i].f; hset[#hset + 1] = table.concat(st.v, SEP)
       auxset[#auxset + 1] = 't:' .. R.h[i].f; auxset[#auxset + 1] = table.concat(keys, SEP)
     end
