@@ -55,7 +55,9 @@ def log(msg: str) -> None:
 
 def make_events(users: list[str], n: int, run: str, seed: int, ts0: int | None = None) -> list[Event]:
     rng = random.Random(seed)
-    ts0 = ts0 or int(time.time())
+    # in the past (100 events a second up to now): a freshness probe at time.time() is then the user's
+    # newest event, not one placed behind bench events dated later (and cut by the history's cap)
+    ts0 = ts0 or int(time.time()) - n // 100 - 1
     out: list[Event] = []
     i = 0
     while len(out) < n:
@@ -160,11 +162,14 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
 
 
 def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
-               before: Path | None) -> list[dict]:
+               before: Path | None, after_first: bool = False) -> list[dict]:
     """Section b: 1 and 2 consumers, without and with tag requests; with `before`, each row twice,
-    back to back: the consumers of that checkout, then this one's (same service, Redis, events)."""
+    back to back: the consumers of that checkout, then this one's (same service, Redis, events);
+    `after_first` swaps the two (a second run cancels the drift of the box within a pair)."""
     rows = []
     codes = [("before", before), ("after", ROOT)] if before else [("", ROOT)]
+    if after_first:
+        codes.reverse()
     for consumers in (1, 2):
         for with_tags in (False, True):
             for code, root in codes:
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", type=Path, metavar="DIR",
                    help="a checkout of the code to compare with (e.g. `git archive COMMIT | tar -x -C DIR`): "
                         "each apply row runs its consumers, then this checkout's, back to back")
+    p.add_argument("--after-first", action="store_true", help="with --before: this checkout's consumers first")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -368,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             log("a. tag requests alone, c=32")
             base = run_load(svc.port, reqs, 32, a.duration, warmup=1.0)
             res["tags_alone"] = {"qps": round(base["qps"]), "p99_ms": base.get("p99_ms"), "loadavg": loadavg()}
-            res["apply"] = apply_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.before)
+            res["apply"] = apply_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.before,
+                                      a.after_first)
             if a.before:      # the baseline again, after the rows: how much the box moved meanwhile
                 again = run_load(svc.port, reqs, 32, a.duration, warmup=1.0)
                 res["tags_alone_after_rows"] = {"qps": round(again["qps"]), "p99_ms": again.get("p99_ms"),

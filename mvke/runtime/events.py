@@ -26,7 +26,7 @@ of a bundle manifest (`Manifest.events`), read by `EventRules.from_dict`:
   the denominator is 0), cut at `edges` the way the batch data cuts it: label i = number of
   edges strictly below the value (numpy's `searchsorted(edges, v)`, the synthetic data's rule).
 
-Applying (mvke/runtime/event_apply.py, one Lua script per user) and the batch derivation
+Applying (mvke/runtime/event_apply.py, one Lua function call per user) and the batch derivation
 `fold_user` below follow these rules; tests hold them equal field by field.
 """
 from __future__ import annotations
@@ -235,7 +235,7 @@ class EventRules:
         return [c.field for c in self.counters]
 
     def to_lua(self) -> str:
-        """The compact form the apply script decodes (mvke/runtime/event_apply.py)."""
+        """The compact form the apply function decodes (mvke/runtime/event_apply.py)."""
         return json.dumps({
             "h": [{"f": h.field, "on": {t: 1 for t in h.on}, "src": h.source, "cap": h.max_len,
                    "d": int(h.distinct), "r": int(h.reversed_within)} for h in self.histories],
