@@ -115,6 +115,21 @@ def test_idempotent_same_batch_twice(redis_client):
     assert state["clicks_n"] == "2" and state["clicked_tags"] == "t2|t1"
 
 
+def test_function_per_rule_set_and_reloaded_when_lost(redis_client):
+    """The apply function is loaded once per rule set (two rule sets live side by side); a server that
+    lost it (FUNCTION FLUSH, a new master) gets it again and the batch is applied, once."""
+    a = EventApplier(redis_client, Keys(), RULES)
+    other = EventApplier(redis_client, Keys("other"), EventRules.from_dict({"counters": [{"field": "n", "on": ["click"]}]}))
+    assert a.function != other.function
+    assert a.apply([ev(1, ts=1000)]).applied == 1 and other.apply([ev(1, ts=1000)]).applied == 1
+    listed = str(redis_client.function_list())        # RESP2 lists or RESP3 maps: the names are in it
+    assert a.function in listed and other.function in listed
+    redis_client.function_flush()
+    counts = a.apply([ev(1, ts=1000), ev(2, ts=1001)])
+    assert (counts.applied, counts.duplicate, counts.failed) == (1, 1, [])
+    assert stored(redis_client)["clicked_tags"] == "t1|t1"
+
+
 def test_out_of_order_event_lands_in_place_and_cap_holds(redis_client):
     applier = EventApplier(redis_client, Keys(), RULES)
     applier.apply([ev(i, ts=1000 + 10 * i, tags=(f"t{i}",)) for i in range(4)])    # t3|t2|t1|t0 (cap 4)
