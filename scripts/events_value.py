@@ -137,7 +137,22 @@ def score_arms(m, ds, arms: dict[str, pd.DataFrame], slices: dict[str, np.ndarra
     return out
 
 
-def main() -> None:
+def arms_and_slices(day_log: pd.DataFrame, start: pd.DataFrame, fresh: pd.DataFrame, fields: list[str]) -> tuple:
+    """-> (the day's rows joined with the start-of-day snapshot, the three arms' rows, the row slices)."""
+    joined = day_log.merge(start, on="user_id", how="left", validate="many_to_one")
+    as_lists = {f: fresh[f].map(lambda v: v.split("|") if v else []) for f in fields}
+    arms = {"snapshot": joined, "fresh": joined.assign(**as_lists),
+            "no_event_histories": joined.assign(**{f: [[]] * len(joined) for f in fields})}   # the control
+    changed = np.zeros(len(joined), bool)
+    cold = np.ones(len(joined), bool)
+    for f in fields:
+        changed |= fresh[f].to_numpy() != joined[f].map(_store).to_numpy()
+        cold &= joined[f].map(_store).to_numpy() == ""
+    return joined, arms, {"all_rows": np.ones(len(joined), bool), "rows_whose_features_changed": changed,
+                          "rows_of_users_without_event_history_at_day_start": cold}
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/events_value", help="days data and model (reused when there)")
     p.add_argument("--users", type=int, default=3000)
@@ -145,8 +160,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results/events_value.json")
-    a = p.parse_args()
+    return p.parse_args()
 
+
+def main() -> None:
+    a = parse_args()
     from mvke.data.dataset import RawDataset
     from mvke.data.days import EVENT_RULES, SNAPSHOTS, USERS_FILE, DaysConfig, DaysLayout, generate_days
     from mvke.data.synthetic import SynthConfig
@@ -164,25 +182,15 @@ def main() -> None:
     end = pd.read_parquet(data / SNAPSHOTS / f"day={test_day}" / USERS_FILE)
     day_log = layout.log(test_day)
     fields = [h["field"] for h in EVENT_RULES["histories"]]
-    log(f"replaying {test_day}: {len(day_log)} impressions through the apply script")
+    log(f"replaying {test_day}: {len(day_log)} impressions through the apply function")
     fresh, mismatch, apply_s, n_events = fresh_histories(day_log, start, end, fields)
-    joined = day_log.merge(start, on="user_id", how="left", validate="many_to_one")
+    joined, arms, slices = arms_and_slices(day_log, start, fresh, fields)
     ds = RawDataset(data, {**layout.meta, "tags": m.tags}, joined, joined, start)
-    as_lists = {f: fresh[f].map(lambda v: v.split("|") if v else []) for f in fields}
-    arms = {"snapshot": joined, "fresh": joined.assign(**as_lists),
-            "no_event_histories": joined.assign(**{f: [[]] * len(joined) for f in fields})}   # the control
-    changed = np.zeros(len(joined), bool)
-    cold = np.ones(len(joined), bool)
-    for f in fields:
-        changed |= fresh[f].to_numpy() != joined[f].map(_store).to_numpy()
-        cold &= joined[f].map(_store).to_numpy() == ""
-    res = score_arms(m, ds, arms, {"all_rows": np.ones(len(joined), bool), "rows_whose_features_changed": changed,
-                                   "rows_of_users_without_event_history_at_day_start": cold})
     doc = {"test_day": test_day, "rows": len(joined), "events_replayed": n_events, "fields_refreshed": fields,
            "arms": {"snapshot": "features at the end of the day before (how the model was trained)",
                     "fresh": "event-driven fields as the apply function leaves them just before the row",
                     "no_event_histories": "control: the event-driven fields empty"},
-           "figures": res,
+           "figures": score_arms(m, ds, arms, slices),
            "one_truth_mismatches_after_the_day": mismatch, "apply_seconds": round(apply_s, 2),
            "setup": {"users": a.users, "days": a.days, "train_window_days": a.days - 1, "epochs": a.epochs,
                      "model": "mvke-mt", "seed": a.seed},
