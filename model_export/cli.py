@@ -6,7 +6,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from mvke.runtime.options import add_max_reject_rate_option
+from mvke.runtime.options import DEFAULT_REJECT_WINDOW, add_max_reject_rate_option
 from mvke.runtime.redis_client import REDIS_URL_HELP
 
 EXTRA = "export"   # the pyproject extra these commands need (named by `mvke` when it is missing)
@@ -234,8 +234,8 @@ def register(sub) -> None:
     fs.add_argument("--max-events", type=int, metavar="N", help="stop after reading this many entries")
     add_max_reject_rate_option(fs, "the consumer stops; its entries are acknowledged, the bad ones in the "
                                "dead-letter stream", "events", "judged over the last --reject-window entries read")
-    fs.add_argument("--reject-window", type=int, default=10_000, metavar="N",
-                    help="entries over which the dead-letter rate is judged (default 10000)")
+    fs.add_argument("--reject-window", type=int, default=DEFAULT_REJECT_WINDOW, metavar="N",
+                    help=f"entries over which the dead-letter rate is judged (default {DEFAULT_REJECT_WINDOW})")
     fs.add_argument("--metrics-port", type=int, metavar="PORT",
                     help="serve Prometheus metrics (entries by outcome, the dead-letter rate) on this port")
     fs.set_defaults(func=_features_stream, extra=EXTRA)

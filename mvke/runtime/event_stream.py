@@ -31,6 +31,7 @@ from mvke.runtime.event_apply import AUX_TTL_S, EventApplier, loads, send_raw
 from mvke.runtime.events import Event, EventError, EventRules, parse_event
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import is_cluster
+from mvke.runtime.options import DEFAULT_REJECT_WINDOW
 from mvke.runtime.reject_rate import DEFAULT_MAX_REJECT_RATE, RejectWindow
 
 log = logging.getLogger("mvke.events")
@@ -41,7 +42,6 @@ DEFAULT_MAXLEN = 1_000_000          # entries per partition (approximate trimmin
 DEAD_MAXLEN = 100_000
 ENTRY_FIELD = "e"
 PARTITIONS_ENV = "MVKE_EVENT_PARTITIONS"   # producers and consumers must agree (service setting too)
-DEFAULT_REJECT_WINDOW = 10_000    # entries over which the dead-letter rate is judged
 STREAM_OUTCOME = "the consumer stopped"
 STREAM_HINT = ("The dead letters carry each entry and its reason (XRANGE on the dead-letter stream): fix the "
                "producer that sends them, or raise --max-reject-rate")

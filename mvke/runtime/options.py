@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_MAX_REJECT_RATE = 0.01     # `--max-reject-rate` of the jobs, `mvke features stream` and `mvke events replay`
+DEFAULT_REJECT_WINDOW = 10_000     # `mvke features stream --reject-window`: entries over which its rate is judged
 
 
 def share(text: str) -> float:
