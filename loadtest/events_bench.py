@@ -73,13 +73,18 @@ def make_events(users: list[str], n: int, run: str, seed: int, ts0: int | None =
     return out[:n]
 
 
+CONSUMER_NICE = [0]     # --consumer-nice: the consumers' niceness (0: the service's)
+
+
 def consumer(url: str, rules: Path, name: str, env: dict | None = None, *args: str,
              root: Path = ROOT) -> subprocess.Popen:
     """A `mvke features stream` process of the code under `root` (ROOT: this checkout; --before: another)."""
+    nice = CONSUMER_NICE[0]
     return subprocess.Popen([PY, "-m", "mvke.cli", "features", "stream", "--redis", url, "--rules", str(rules),
                              "--partitions", str(PARTITIONS), "--name", name, "--batch", "500", *args],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(root), **(env or {})})
+                            env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
+                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
 
 def backlog(r, keys: Keys) -> int:
@@ -352,11 +357,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="a checkout of the code to compare with (e.g. `git archive COMMIT | tar -x -C DIR`): "
                         "each apply row runs its consumers, then this checkout's, back to back")
     p.add_argument("--after-first", action="store_true", help="with --before: this checkout's consumers first")
+    p.add_argument("--consumer-nice", type=int, default=0, metavar="N",
+                   help="run the consumers at this niceness (the service and Redis stay at 0): what the event path "
+                        "gets when the service comes first")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    CONSUMER_NICE[0] = a.consumer_nice
     res: dict = {"machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "loadavg_start": loadavg()},
-                 "duration_s": a.duration}
+                 "duration_s": a.duration, "consumer_nice": a.consumer_nice}
     log("mvke pipeline (built once under --work)")
     done = pipeline(work, "mvke-mt", log=work / "pipeline_events.log")
     rules = work / "events_meta.json"
