@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=3, help="training window in days (default 3)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per candidate (default 2)")
     p.add_argument("--warm-start", action="store_true", help="warm-start each candidate from the active checkpoint")
+    p.add_argument("--policy", help="gate policy YAML (default: the documented defaults)")
     a = p.parse_args()
 
     from model_export.cycle import CycleConfig, _categories, run_cycle
@@ -54,7 +55,7 @@ def main() -> None:
             day = (start + timedelta(days=k - 1)).isoformat()
             cfg = CycleConfig(data, day, home, window=a.window, warm_start=a.warm_start,
                               train={"epochs": a.epochs, "threads": 2}, redis_url=srv.url,
-                              shuffle_labels=(k == a.bad_day))
+                              shuffle_labels=(k == a.bad_day), policy=a.policy)
             t0 = time.perf_counter()
             res = run_cycle(cfg, say=lambda m: None)
             gate = json.loads((home / f"day={day}" / "gate.json").read_text())

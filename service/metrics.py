@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 FEATURE_AGE_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86_400, 2 * 86_400, 7 * 86_400)
+JACCARD_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+SHIFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -31,6 +33,21 @@ class ServiceMetrics:
                                   "load (/readyz load_errors names why)", ["role"], registry=r)
         self.schema_mismatch = Gauge("mvke_schema_mismatch", "1 while this role's version does not match the feature "
                                      "store's schema (active: served anyway; canary: not served)", ["role"], registry=r)
+
+        # the canary's shadow on the active version's traffic and errors per version (service/shadow.py)
+        self.version_errors = Counter("mvke_version_errors_total", "users answered 5xx per model version",
+                                      ["version"], registry=r)
+        self.shadow_jaccard = Histogram("mvke_shadow_jaccard", "Jaccard of the active and canary top-20 lists "
+                                        "of a shadowed request", ["version"], buckets=JACCARD_BUCKETS, registry=r)
+        self.shadow_shift = Histogram("mvke_shadow_score_shift", "|mean canary score - mean active score| of "
+                                      "a shadowed request's top 20", ["version"], buckets=SHIFT_BUCKETS, registry=r)
+        self.shadow_seconds = Histogram("mvke_shadow_seconds", "the canary's encode + predict time of a shadowed "
+                                        "request (off the request path)", ["version"], buckets=LATENCY_BUCKETS,
+                                        registry=r)
+        self.shadow_dropped = Counter("mvke_shadow_dropped_total", "shadow samples dropped: the queue was full",
+                                      registry=r)
+        self.shadow_failed = Counter("mvke_shadow_failed_total", "shadow comparisons that failed", ["version"],
+                                     registry=r)
 
         # seconds since a stored user's features were loaded or last updated by an event (issue 22)
         self.feature_age = Histogram("mvke_feature_age_seconds", "age of the stored features an answer used",

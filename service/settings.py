@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     canary: str | None = Field(None, description="`<version>:<percent>`: serve that share of users (by a hash of "
                                                  "the user id) from a second published version; overrides the "
                                                  "canary set with `mvke publish --canary`")
+    shadow_share: float = Field(0.02, ge=0, le=1, description="share of the users the active version answers that "
+                                "the canary also scores off the request path while one is loaded (its top-20 overlap, "
+                                "score shift and latency: /metrics and {prefix}:v<id>:live for `mvke promote --auto`); "
+                                "0: no shadow")
+    shadow_queue: int = Field(64, ge=1, description="shadow samples waiting at most; more are dropped "
+                                                    "(mvke_shadow_dropped_total), never waited for")
+    live_flush_s: float = Field(1.0, gt=0, description="how often a worker adds its answers / errors / shadow "
+                                                        "counters per version to Redis ({prefix}:v<id>:live)")
     api_keys: str | None = Field(None, description="comma-separated API keys; when set (or api_keys_file), the "
                                                    "tag and model routes answer 401 without one")
     api_keys_file: str | None = Field(None, description="file of API keys' sha256 hex digests, one per line "

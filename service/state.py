@@ -23,6 +23,7 @@ from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry, RoutingError
 from service.schemas import TagRequest
 from service.settings import Settings
+from service.shadow import LiveRecorder
 from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
 
 
@@ -90,7 +91,8 @@ class ServiceState:
         self.redis_bundles = connect(self.redis_target, max_connections=2, socket_timeout=settings.model_read_timeout_s,
                                      socket_connect_timeout=settings.redis_timeout_s)
         self.registry = ModelRegistry(settings, self.redis_models, self.metrics, self.redis_bundles)
-        self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys, settings)
+        self.live = LiveRecorder(self.redis, self.keys, self.metrics, settings)
+        self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys, settings, self.live)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
                                       settings.max_queue, settings.request_timeout_s,
                                       settings.idle_bypass) if settings.batching else None
@@ -99,12 +101,14 @@ class ServiceState:
         # this worker process's thread limits, once, before a model loads (numpy's scoring GEMMs, FAISS)
         limit_threads(self.settings.blas_threads)
         await self.registry.start()
+        await self.live.start()
         if self.batcher:
             await self.batcher.start()
 
     async def stop(self) -> None:
         if self.batcher:
             await self.batcher.stop()
+        await self.live.stop()
         await self.registry.stop()
         await self.tagger.hash_reader.aclose()
         await self.redis.aclose()

@@ -23,6 +23,7 @@ from service.node_fetch import NodeHashReader, PipelineHashReader
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from service.settings import Settings
+from service.shadow import LiveRecorder
 
 
 class ServiceError(Exception):
@@ -72,9 +73,12 @@ class TagResult:
 
 
 class Tagger:
-    def __init__(self, registry: ModelRegistry, redis, metrics: ServiceMetrics, keys: Keys, settings: Settings):
-        """`redis`: an asyncio client of mvke.runtime.redis_client (one node or a cluster)."""
+    def __init__(self, registry: ModelRegistry, redis, metrics: ServiceMetrics, keys: Keys, settings: Settings,
+                 live: LiveRecorder | None = None):
+        """`redis`: an asyncio client of mvke.runtime.redis_client (one node or a cluster); `live`: where
+        answers / errors per version are counted and the canary's shadow sampled (service/shadow.py)."""
         self.registry, self.redis, self.metrics, self.keys = registry, redis, metrics, keys
+        self.live = live
         # Batches of at least this size run in a worker thread (the loop keeps reading requests while
         # ONNX Runtime and numpy, which release the GIL, work); 0: always on the loop (the default).
         self.offload_min_batch = settings.compute_offload_min_batch or (1 << 62)
@@ -106,8 +110,31 @@ class Tagger:
             return [e] * len(jobs)
         for job in jobs:
             if job.model is not None and job.model is not model:
-                return await self._process_versions(jobs, model)
-        return await self._process_one(jobs, model)
+                results = await self._process_versions(jobs, model)
+                break
+        else:
+            results = await self._process_one(jobs, model)
+        if self.live is not None:
+            self._record_live(jobs, results, model)
+        return results
+
+    def _record_live(self, jobs: list[TagJob], results: list, active: LoadedModel) -> None:
+        """Answers and 5xx per version that served them; the active's answered rows offered to the shadow."""
+        counts: dict[str, list[int]] = {}
+        shadow_rows = []
+        for job, res in zip(jobs, results):
+            model = job.model or active
+            c = counts.setdefault(model.version, [0, 0])
+            if type(res) is TagResult:
+                c[0] += 1
+                if model is active:
+                    shadow_rows.append(job.row)
+            elif res.status >= 500:
+                c[1] += 1
+        for version, (answers, errors) in counts.items():
+            self.live.count(version, answers, errors)
+        if shadow_rows:
+            self.live.offer(active, self.registry.canary, shadow_rows)
 
     async def _process_versions(self, jobs: list[TagJob], active: LoadedModel) -> list[TagResult | ServiceError]:
         groups: dict[int, list[int]] = {}
