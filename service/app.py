@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mvke.runtime.redis_client import REDIS_ERRORS
 from mvke.runtime.versions import published_versions
 from service import events as events_route
+from service import profiles
 from service.logs import setup_logging
 from service.middleware import EdgeMiddleware
 from service.oip.install import install_oip
@@ -175,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_tag_routes(app, state)
     _install_info_routes(app, state)
     events_route.install(app, state, error_responses(state, 400, 401, 413, 415, 422, 503), json_response)
+    profiles.install(app, state, error_responses(state, 401, 404, 422, 503), json_response)
     from service.audiences import install as install_audiences
     audiences = install_audiences(app, state, lambda *codes: error_responses(state, *codes), json_response)
     _install_pages(app)

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
                                    "latest) is reused before it is read again (0: every query reads it)")
     audience_cache_mb: int = Field(256, ge=0, description="deserialised audience bitmaps kept per worker, most "
                                    "recently used first (a version's bitmaps never change, so a hit is always right)")
+    profile_poll_s: float = Field(0.5, ge=0, description="how long the daily profiles' version ({prefix:usertags}:"
+                                  "latest, written by `mvke tag-all --to-redis`) is reused before it is read again "
+                                  "(0: every GET /users/{id}/profile reads it)")
     log_level: str = Field("INFO")
     access_log: bool = Field(False, description="one JSON log line per request")
     otel: bool = Field(False, description="FastAPI's own OpenTelemetry spans and metrics per request, when an "
