@@ -29,55 +29,64 @@ from mvke.training.trainer import TOP_K, predict, ranking_quality, test_users, t
 
 DEFAULT_POLICY = """\
 # Quality gate of `mvke cycle` (docs/OPERATIONS.md). Drops are absolute differences,
-# candidate minus active, on the same rows of the gated day; a check with no active model
+# active minus candidate, on the same rows of the gated day; a check with no active model
 # (the first day) uses only the absolute thresholds.
+#
+# How the numbers were chosen (docs/results/daily_loop/results.md): a calibration run of the
+# loop on the days world (2,000 users, window 3, 2 epochs from scratch, every candidate
+# promoted) gave the spread of good candidates on days 3-6; each change threshold is about
+# 1.5-2x the worst value a good candidate reached there, each floor well under the lowest.
+# A candidate trained on shuffled labels (AUC about 0.50) still fails auc_min and auc_max_drop,
+# and one that loses 0.02 AUC fails auc_max_drop (tests/export/test_cycle.py).
 tasks:                        # every task (interest, intention) unless overridden below
-  auc_min: 0.55               # floor on the candidate's AUC
-  auc_max_drop: 0.01          # largest AUC loss against the active model
-  gauc_max_drop: 0.02         # largest gAUC loss
-  recall_at_20_max_drop: 0.02 # largest Recall@20 loss
-  calibration_max_error: 0.25 # |mean predicted / observed rate - 1|
-  ece_max: 0.05               # expected calibration error, 10 equal-width bins
-  psi_max: 0.25               # score distribution shift against the active's scores
+  auc_min: 0.55               # good candidates 0.59-0.63; shuffled labels about 0.50
+  auc_max_drop: 0.015         # good candidates lost at most 0.008 (sampling noise of the day's rows)
+  gauc_max_drop: 0.02         # good candidates lost at most 0.008
+  recall_at_20_max_drop: 0.04 # Recall@20 is 0.02-0.05 here; good candidates lost up to 0.025
+  calibration_max_error: 0.3  # |mean predicted / observed rate - 1|; good candidates up to 0.19
+  ece_max: 0.05               # expected calibration error, 10 equal-width bins; good up to 0.038
+  psi_max: 1.5                # score shift vs the active's scores: 0.01-0.28 on ordinary days, 1.12
+                              # for the first model that saw users' histories against one that had none
 task_overrides: {}            # e.g. {intention: {auc_min: 0.6}}
 slices:                       # per category of the ad's first tag
-  min_samples: 500            # slices with fewer rows (or one class) are not judged
-  auc_max_drop: 0.03          # no judged slice may lose more AUC than this
+  min_samples: 2000           # smaller slices' AUC moved by up to 0.07 between good candidates
+  auc_max_drop: 0.05          # slices of 2,000+ rows: good candidates lost at most 0.032
 coverage:                     # share of the catalogue in some user's top 20, per task
-  min: 0.02
-  max_drop: 0.10
+  min: 0.01                   # good candidates 0.016-0.050
+  max_drop: 0.03              # good candidates lost at most 0.017
 ramp: [1, 10, 50, 100]        # canary percentages; a passed candidate starts at the first
 promotion:                    # `mvke promote --auto`: per ramp step, from the canary's live figures
   min_step_seconds: 3600      # a step lasts at least this long
   min_answers: 1000           # and until the canary answered this many users in it
   max_error_rate: 0.001       # errors / answers of the canary in the step; above: roll back
   min_shadow_samples: 200     # shadow figures are judged from this many shadowed requests
-  min_shadow_jaccard: 0.3     # mean Jaccard of the two top-20 lists; below: roll back
-  max_shadow_shift: 0.1       # mean |score shift| canary vs active; above: roll back
+  min_shadow_jaccard: 0.1     # mean Jaccard of the two top-20 lists; below: roll back. Consecutive
+                              # good candidates: 0.19-0.24 (from scratch); two random lists: 0.006
+  max_shadow_shift: 0.25      # mean |score shift| canary vs active; above: roll back (good: 0.06-0.12)
 """
 
 
 @dataclass
 class TaskRules:
-    auc_min: float = 0.55
-    auc_max_drop: float = 0.01
+    auc_min: float = 0.55          # the values of DEFAULT_POLICY (a test keeps them equal)
+    auc_max_drop: float = 0.015
     gauc_max_drop: float = 0.02
-    recall_at_20_max_drop: float = 0.02
-    calibration_max_error: float = 0.25
+    recall_at_20_max_drop: float = 0.04
+    calibration_max_error: float = 0.3
     ece_max: float = 0.05
-    psi_max: float = 0.25
+    psi_max: float = 1.5
 
 
 @dataclass
 class SliceRules:
-    min_samples: int = 500
-    auc_max_drop: float = 0.03
+    min_samples: int = 2000
+    auc_max_drop: float = 0.05
 
 
 @dataclass
 class CoverageRules:
-    min: float = 0.02
-    max_drop: float = 0.10
+    min: float = 0.01
+    max_drop: float = 0.03
 
 
 @dataclass
@@ -86,8 +95,8 @@ class PromotionRules:
     min_answers: int = 1000
     max_error_rate: float = 0.001
     min_shadow_samples: int = 200
-    min_shadow_jaccard: float = 0.3
-    max_shadow_shift: float = 0.1
+    min_shadow_jaccard: float = 0.1
+    max_shadow_shift: float = 0.25
 
 
 @dataclass

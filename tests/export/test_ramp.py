@@ -66,8 +66,8 @@ def test_the_ramp_steps_and_promotes(two_versions):
 
 @pytest.mark.parametrize("errors, shadow, reason", [
     (5, None, "error rate 0.0033 > 0.001"),
-    (0, (300, 0.1, 0.01), "shadow Jaccard@20 0.100 < 0.3"),
-    (0, (300, 0.9, 0.5), "shadow score shift 0.5000 > 0.1"),
+    (0, (300, 0.05, 0.01), "shadow Jaccard@20 0.050 < 0.1"),
+    (0, (300, 0.9, 0.5), "shadow score shift 0.5000 > 0.25"),
 ])
 def test_a_bad_canary_is_rolled_back(two_versions, errors, shadow, reason):
     r, policy = two_versions, load_policy(None)
