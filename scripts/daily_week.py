@@ -295,5 +295,85 @@ def main() -> None:
     print(json.dumps(doc["value_of_the_loop"], indent=1))
 
 
+# ---------------------------------------------------------------------------------- the report
+def _auc(d: dict | None) -> str:
+    return "-" if not d else " / ".join(f"{d[t]:.3f}" for t in ("interest", "intention"))
+
+
+def _ramp_text(entry: dict) -> str:
+    rp = entry.get("ramp")
+    if not rp:
+        return "-"
+    return ", ".join(f"{s['decision']} {s['percent']:g}%" + (f"->{s['to_percent']:g}%" if s.get("to_percent") else "")
+                     + f" @{s['at_s']:g}s" for s in rp["steps"])
+
+
+def _shadow(entry: dict) -> tuple[str, str, str]:
+    live = (entry.get("ramp") or {}).get("live")
+    if not live or not live.get("shadow_n"):
+        return "-", "-", "-"
+    return (f"{live['jaccard_at_20']:.3f} (n={live['shadow_n']})", f"{live['score_shift']:.3f}",
+            f"{live['canary_seconds'] * 1000:.2f}")
+
+
+def _step_text(entry: dict, name: str) -> str:
+    s = entry["steps"].get(name)
+    return "-" if not s or s.get("wall_s") is None else f"{s['wall_s']:.0f} / {s['cpu_s']:.0f}"
+
+
+def _reason(entry: dict) -> str:
+    reasons = list(entry.get("reasons") or []) + list((entry.get("ramp") or {}).get("steps", [{}])[-1].get("reasons")
+                                                      or [])
+    return "; ".join(r.split(" (rule")[0] for r in reasons[:3]) + (" ..." if len(reasons) > 3 else "") or "-"
+
+
+def report(doc: dict) -> str:
+    """results.md from results.json: the per-day table, step times, the value of the loop."""
+    lines = ["| day | decision | reason | active AUC (int / intent) | candidate AUC | ramp (step @ s since canary) "
+             "| shadow Jaccard@20 | shift | canary ms | requests | non-200 |", "|---" * 11 + "|"]
+    for e in doc["days"]:
+        jac, shift, ms = _shadow(e)
+        ld = e.get("load") or {}
+        lines.append(f"| {e['day']}{' (shuffled labels)' if e['injected_bad'] else ''} | {e['decision']} | "
+                     f"{_reason(e)} | {_auc(e['active_auc'])} | {_auc(e['candidate_auc'])} | {_ramp_text(e)} | "
+                     f"{jac} | {shift} | {ms} | {ld.get('requests', '-')} | {ld.get('non_200', '-')} |")
+    steps = ("train", "gate", "export", "publish", "ramp", "tag_all")
+    lines += ["", "Wall / CPU seconds per step (CPU: this process for the cycle's steps and the ramp, the child "
+                  "process for tag-all):", "",
+              "| day | " + " | ".join(steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    lines += [f"| {e['day']} | " + " | ".join(_step_text(e, s) for s in steps) + " |" for e in doc["days"]]
+    v = doc["value_of_the_loop"]
+    lines += ["", f"Value of the loop on {v['day']} (same rows): the model the loop ends with "
+                  f"({v['loop']['version']}) {_auc(v['loop']['auc'])}, the model frozen after the first cycle "
+                  f"({v['frozen_after_first_cycle']['version']}) {_auc(v['frozen_after_first_cycle']['auc'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def spread(home: Path, big_slice: int = 2000) -> dict:
+    """The gate's figures of every gated day of a cycle home (a calibration run: every candidate promoted):
+    per check and task, per day the value (absolute checks) or the loss against the active (change
+    checks); slices as the largest loss among small and among large (>= big_slice rows) slices."""
+    out: dict[str, dict] = {}
+    for f in sorted(home.glob("day=*/gate.json")):
+        g = json.loads(f.read_text())
+        if g["active"] is None:
+            continue
+        day = f.parent.name[4:]
+        for c in g["checks"]:
+            entry = out.setdefault(f"{c['check']}[{c['task']}]", {})
+            if c["check"] == "slice_auc_max_drop":
+                size = "n>=%d" % big_slice if g["candidate"]["slices"][c["slice"]]["n"] >= big_slice else "n<%d" % big_slice
+                loss = round(c["active"] - c["value"], 4)
+                entry.setdefault(day, {})[size] = max(entry.get(day, {}).get(size, -1.0), loss)
+            else:
+                entry[day] = round(c["value"] if c["active"] is None else c["active"] - c["value"], 4)
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--report-only":
+        print(report(json.loads(Path(sys.argv[2]).read_text())))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--spread":
+        print(json.dumps(spread(Path(sys.argv[2])), indent=1))
+    else:
+        main()

@@ -43,6 +43,24 @@ def test_a_full_shadow_queue_drops_and_never_blocks():
     assert asyncio.run(run()) == (2, 3.0)
 
 
+def test_live_counters_are_added_to_redis_and_kept_while_it_fails(redis_server, redis_client):
+    from mvke.runtime.redis_client import connect_async
+
+    async def run(url: str) -> LiveRecorder:
+        client = connect_async(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        rec = LiveRecorder(client, KEYS, ServiceMetrics(), make_settings(url, PREFIX))
+        rec.count("v1", 3, 1)
+        rec.count("v1", 2, 0)
+        await rec.flush()
+        await client.aclose()
+        return rec
+    dead = asyncio.run(run("redis://127.0.0.1:9/0"))           # nothing listens: kept for the next flush
+    assert (dead.pending["v1"].answers, dead.pending["v1"].errors) == (5, 1)
+    assert asyncio.run(run(redis_server.url)).pending == {}
+    live = read_live(redis_client, KEYS, "v1")
+    assert (live.answers, live.errors, live.shadow_n) == (5, 1, 0)
+
+
 @pytest.fixture
 def ramping(private_redis, bundle, dataset_dir, tmp_path):
     """Active A, canary B (same scores, another id) at 10%, the synthetic users in the store."""
