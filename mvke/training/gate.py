@@ -36,17 +36,22 @@ DEFAULT_POLICY = """\
 # loop on the days world (2,000 users, window 3, 2 epochs from scratch, every candidate
 # promoted) gave the spread of good candidates on days 3-6; each change threshold is about
 # 1.5-2x the worst value a good candidate reached there, each floor well under the lowest.
+# The first week run (another world seed, warm start) then rejected its day-3 candidate, the
+# first to see users' histories, on PSI 1.61 although its AUC rose by 0.028 / 0.023, and that
+# candidate came within 10% of the ECE and Recall@20 limits: those three were widened with it.
 # A candidate trained on shuffled labels (AUC about 0.50) still fails auc_min and auc_max_drop,
 # and one that loses 0.02 AUC fails auc_max_drop (tests/export/test_cycle.py).
 tasks:                        # every task (interest, intention) unless overridden below
   auc_min: 0.55               # good candidates 0.59-0.63; shuffled labels about 0.50
   auc_max_drop: 0.015         # good candidates lost at most 0.008 (sampling noise of the day's rows)
   gauc_max_drop: 0.02         # good candidates lost at most 0.008
-  recall_at_20_max_drop: 0.04 # Recall@20 is 0.02-0.05 here; good candidates lost up to 0.025
+  recall_at_20_max_drop: 0.06 # Recall@20 is 0.01-0.07 here; good candidates lost up to 0.037 (a
+                              # model without histories ranks popular tags: high recall, lower AUC)
   calibration_max_error: 0.3  # |mean predicted / observed rate - 1|; good candidates up to 0.19
-  ece_max: 0.05               # expected calibration error, 10 equal-width bins; good up to 0.038
-  psi_max: 1.5                # score shift vs the active's scores: 0.01-0.28 on ordinary days, 1.12
-                              # for the first model that saw users' histories against one that had none
+  ece_max: 0.07               # expected calibration error, 10 equal-width bins; good up to 0.048
+  psi_max: 3.0                # score shift vs the active's scores: 0.01-0.28 on ordinary days, 1.12
+                              # and 1.61 for the first model that saw users' histories against one
+                              # that had none; flattened scores (shuffled labels) about 7
 task_overrides: {}            # e.g. {intention: {auc_min: 0.6}}
 slices:                       # per category of the ad's first tag
   min_samples: 2000           # smaller slices' AUC moved by up to 0.07 between good candidates
@@ -71,10 +76,10 @@ class TaskRules:
     auc_min: float = 0.55          # the values of DEFAULT_POLICY (a test keeps them equal)
     auc_max_drop: float = 0.015
     gauc_max_drop: float = 0.02
-    recall_at_20_max_drop: float = 0.04
+    recall_at_20_max_drop: float = 0.06
     calibration_max_error: float = 0.3
-    ece_max: float = 0.05
-    psi_max: float = 1.5
+    ece_max: float = 0.07
+    psi_max: float = 3.0
 
 
 @dataclass
