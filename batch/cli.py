@@ -19,13 +19,15 @@ def _tag_all(a: argparse.Namespace) -> None:
         raise ValueError("tag-all needs --bundle DIR or --redis URL (the active model version)")
     if a.to_redis and not a.redis:
         raise ValueError("--to-redis needs --redis URL")
+    if a.if_new_version and not (a.to_redis and not a.bundle):
+        raise ValueError("--if-new-version needs --to-redis and the model from --redis (no --bundle)")
     cfg = TagAllConfig(users=a.users, out=a.out, bundle=a.bundle, redis_url=a.redis, top_k=a.top_k,
                        address=a.address, to_redis=a.to_redis, batch_size=a.batch_size, part_rows=a.part_rows,
                        workers=a.workers, provider=a.provider, ort_threads=a.ort_threads,
                        key_prefix=key_prefix(a.key_prefix), redis_ttl_s=a.redis_ttl, progress=not a.no_progress,
                        ann=a.ann, ann_min_tags=a.ann_min_tags, audiences=a.audiences,
                        audience_top_k=a.audience_top_k, audience_min_score=a.audience_min_score,
-                       max_reject_rate=a.max_reject_rate)
+                       max_reject_rate=a.max_reject_rate, if_new_version=a.if_new_version)
     if (a.audience_top_k is not None or a.audience_min_score is not None) and not a.audiences:
         raise ValueError("--audience-top-k / --audience-min-score need --audiences")
     summary = run(cfg)
@@ -42,7 +44,8 @@ def register(sub) -> None:
     t.add_argument("--redis", help="Redis URL: the model's source when no --bundle (the active version), "
                                    "and the target of --to-redis")
     t.add_argument("--users", required=True, help="Parquet file or directory: user_id + raw feature columns")
-    t.add_argument("--out", required=True, help="output directory (tags/, rejects/, _SUCCESS.json)")
+    t.add_argument("--out", required=True, help="output directory (tags/, rejects/, _SUCCESS.json); `{version}` in it "
+                   "becomes the model version")
     t.add_argument("--top-k", type=int, default=20, help="tags kept per task and user (default 20)")
     t.add_argument("--address", help="Ray cluster address (default: a local Ray on this machine)")
     t.add_argument("--to-redis", action="store_true", help="also write each user's tags to Redis "
@@ -68,5 +71,10 @@ def register(sub) -> None:
                         "(default: --top-k, every written row)")
     t.add_argument("--audience-min-score", type=float, metavar="S",
                    help="... and its score is at least S (default: no threshold)")
+    t.add_argument("--if-new-version", action="store_true",
+                   help="the daily profiles' refresh, for a scheduler to call as often as it likes: do nothing "
+                        "(exit 0) when the active version's profiles are already complete in Redis (the "
+                        "{prefix:usertags}:latest pointer names it), else tag every user with it; needs "
+                        "--to-redis and --redis. Pair it with --out DIR/{version}: one job directory per version")
     add_max_reject_rate_option(t, "no _SUCCESS.json, no Redis summary")
     t.set_defaults(func=_tag_all, extra=EXTRA)

@@ -46,6 +46,7 @@ shared filesystem at the same path.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -115,6 +116,7 @@ class TagAllConfig:
     audience_top_k: int | None = None  # its rule: rank <= this (default: top_k, i.e. every written row)
     audience_min_score: float | None = None   # ... and score >= this
     max_reject_rate: float = DEFAULT_MAX_REJECT_RATE   # more rejected users fail the job (no success marker)
+    if_new_version: bool = False       # with to_redis: nothing to do when Redis's profiles are this version's
 
     def redis(self) -> str:
         return redis_url(self.redis_url)
@@ -355,6 +357,22 @@ def _fail_on_rejects(cfg: TagAllConfig, jd: JobDir, counts: dict) -> None:
         raise RuntimeError(error)
 
 
+def _profiles_current(cfg: TagAllConfig, version: str) -> dict | None:
+    """--if-new-version: the summary of "nothing to do" when Redis's completed profiles are this version's
+    ({prefix:usertags}:latest, switched when a job completes), else None (run the job)."""
+    from mvke.runtime.redis_client import connect
+    keys = Keys(cfg.key_prefix)
+    r = connect(cfg.redis())
+    try:
+        latest = r.get(keys.user_tags_latest)
+    finally:
+        r.close()
+    if latest is None or latest.decode() != version:
+        return None
+    return {"model_version": version, "skipped": f"the profiles of v{version} are complete "
+            f"({keys.user_tags_latest} names it): nothing to do", "redis": {"latest": keys.user_tags_latest}}
+
+
 def run(cfg: TagAllConfig) -> dict:
     """Tag every user of cfg.users; returns the summary (also written to out/_SUCCESS.json)."""
     if cfg.top_k < 1:
@@ -362,13 +380,18 @@ def run(cfg: TagAllConfig) -> dict:
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     t0 = time.perf_counter()
+    manifest, blobs = load_model_source(cfg)
+    if cfg.if_new_version:
+        current = _profiles_current(cfg, manifest.version)
+        if current is not None:
+            return current
+    cfg = dataclasses.replace(cfg, out=cfg.out.replace("{version}", manifest.version))
     out_root = Path(cfg.out).resolve()
     # an --out inside the --users directory must not read its own results back as users on a rerun
     files = [f for f in list_inputs(cfg.users) if not f.resolve().is_relative_to(out_root)]
     if not files:
         raise FileNotFoundError(f"{cfg.users}: no input .parquet files outside --out")
     parts = plan_parts(files, cfg.part_rows)
-    manifest, blobs = load_model_source(cfg)
     jd = JobDir(cfg.out)
     jd.create()
     with job_lock(jd.root):

@@ -5,6 +5,8 @@ bundle and dataset come from tests/fixtures/model_fixtures.py.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -324,6 +326,13 @@ def test_to_redis_with_the_model_from_redis(ray_session, tiny, users_dir, redis_
             assert read_user_tags(redis_client, v, bad) is None
     meta = {k.decode(): x.decode() for k, x in redis_client.hgetall(keys.user_tags_summary(v)).items()}
     assert int(meta["users"]) == summary["users"] and int(meta["top_k"]) == K
+    assert redis_client.get(keys.user_tags_latest).decode() == v
+    # the scheduler's refresh: nothing to do while the latest profiles are the active version's ...
+    again = dataclasses.replace(cfg, out=str(tmp_path / "profiles" / "{version}"), if_new_version=True)
+    assert "skipped" in run(again) and not (tmp_path / "profiles").exists()
+    redis_client.set(keys.user_tags_latest, "an-older-version")     # ... and a whole job when they are not
+    assert run(again)["users"] == summary["users"]
+    assert (tmp_path / "profiles" / v / "_SUCCESS.json").exists()
     assert redis_client.get(keys.user_tags_latest).decode() == v
 
 
