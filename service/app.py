@@ -184,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     edge = EdgeMiddleware(app.handle, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                           access_log=settings.access_log, api_keys=state.api_keys)
     grpc_server, app.edge = install_oip(app, state, edge)   # /v2 routes; the edge's /v2 errors in the OIP shape
+    app.state.grpc_server = grpc_server
     return app
 
 

@@ -85,6 +85,43 @@ class DynamicBatcher:
         finally:
             self._inflight -= 1
 
+    async def submit_many(self, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
+        """Requests that arrived together (the rows of one OIP request, the gRPC calls the gRPC thread
+        hands over at once) -> per job its result or its error, not raised.
+
+        They enter the queue in one step, so the worker takes them as one batch; submit() per job
+        would run the first alone through the idle bypass and queue the rest behind it."""
+        if len(jobs) == 1:
+            try:
+                return [await self.submit(jobs[0])]
+            except ServiceError as e:
+                return [e]
+        if len(self.queue) + len(jobs) > self.max_queue:
+            self._shed_full.inc(len(jobs))
+            return [unavailable(f"overloaded: {len(self.queue)} requests queued")] * len(jobs)
+        loop = asyncio.get_running_loop()
+        all_done, left = loop.create_future(), [len(jobs)]
+
+        def one_done(_: asyncio.Future) -> None:
+            left[0] -= 1
+            if not left[0] and not all_done.done():
+                all_done.set_result(None)
+        for job in jobs:
+            job.future = loop.create_future()
+            job.future.add_done_callback(one_done)
+        self.queue.extend(jobs)
+        self._inflight += len(jobs)
+        self._wake_worker()
+        timer = loop.call_later(self.timeout, lambda: [self._expire(job) for job in jobs])
+        try:
+            await all_done
+        finally:
+            timer.cancel()
+            self._inflight -= len(jobs)
+            for job in jobs:        # the caller went away: the worker skips what is still queued
+                job.future.cancel()
+        return [job.future.result() for job in jobs]
+
     async def _queued(self, job: TagJob) -> TagResult:
         queue = self.queue
         if len(queue) >= self.max_queue:

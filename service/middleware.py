@@ -85,6 +85,7 @@ class EdgeMiddleware:
         self.api_keys = api_keys if api_keys is not None and api_keys.enabled else None
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._svc: Any = None
+        self._oip: Any = None        # the OIP inference fast path (service/oip/rest.py), False: none
         self._labels: RouteLabels | None = None     # built from the app's routes at the first request
 
     def _observe(self, route: str, code: int, elapsed: float) -> None:
@@ -150,9 +151,12 @@ class EdgeMiddleware:
         """The fast path for a tagging request; everything else (and what it hands back) to FastAPI, its body
         size limited as it streams in."""
         source = receive
-        if (scope.get("method") == "POST" and path.startswith("/users/") and path.endswith("/tags")
-                and not scope.get("root_path")):
-            pending = await self._fast(scope, receive, send, path, headers)
+        pending: list | None = []
+        if scope.get("method") == "POST" and not scope.get("root_path"):
+            if path.startswith("/users/") and path.endswith("/tags"):
+                pending = await self._fast(scope, receive, send, path, headers)
+            elif path.startswith("/v2/models/"):
+                pending = await self._fast_oip(scope, receive, send, path, headers)
             if pending is None:
                 return  # served
             if pending:
@@ -205,6 +209,21 @@ class EdgeMiddleware:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(out)).encode()), (b"content-type", _JSON_CT)]})
         await send({"type": "http.response.body", "body": out})
+        return None
+
+    async def _fast_oip(self, scope, receive, send, path: str, headers: dict) -> list | None:
+        """An Open Inference Protocol inference request (service/oip/rest.py FastInfer) -> None when served;
+        else the body messages read so far, to replay to FastAPI."""
+        if self._oip is None:
+            state = getattr(scope.get("app"), "state", None)
+            self._oip = getattr(state, "oip_infer", None) or False
+        where = self._oip.match(path) if self._oip else None
+        if where is None:
+            return []
+        messages, body = await self._read_body(receive)
+        if body is None:
+            return messages
+        await self._oip.serve(scope, receive, send, where, headers, body)
         return None
 
     def _service(self, scope):

@@ -123,6 +123,12 @@ class ServiceState:
             raise result
         return result
 
+    async def tag_many(self, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
+        """Jobs that arrived together -> per job its result or its error (not raised)."""
+        if self.batcher:
+            return await self.batcher.submit_many(jobs)
+        return await self.tagger.process(jobs)
+
 
 def validate_request(state: ServiceState, user_id: str, req: TagRequest) -> TagJob:
     """Check a request against the version that will answer it -> TagJob (else ServiceError naming the field)."""

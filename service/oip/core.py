@@ -29,7 +29,7 @@ from mvke.runtime.redis_client import REDIS_ERRORS
 from service.registry import RoutingError
 from service.schemas import TagRequest
 from service.state import ServiceState, validate_request
-from service.tagger import ServiceError, TagResult, unavailable
+from service.tagger import ServiceError, TagJob, TagResult, unavailable
 
 MODEL_NAME = "mvke"
 SERVER_NAME = "mvke"
@@ -194,13 +194,11 @@ def _tasks_of(outputs: list[str] | None, state: ServiceState) -> list[str] | Non
 
 def _rows(inputs: list[InferInput], limit: int) -> tuple[list[str], list[dict | None]]:
     """-> (user ids, per row its features from the feature inputs or None)."""
-    by_name = {}
+    by_name: dict[str, InferInput] = {}
     for t in inputs:
-        if t.datatype != "BYTES":
-            raise ServiceError(400, f"inputs.{t.name}: datatype must be BYTES, got {t.datatype}",
-                               field=f"inputs.{t.name}")
-        if t.name in by_name:
-            raise ServiceError(400, f"inputs.{t.name}: given twice", field=f"inputs.{t.name}")
+        if t.datatype != "BYTES" or t.name in by_name:
+            why = f"datatype must be BYTES, got {t.datatype}" if t.datatype != "BYTES" else "given twice"
+            raise ServiceError(400, f"inputs.{t.name}: {why}", field=f"inputs.{t.name}")
         by_name[t.name] = t
     users = by_name.pop(USER_INPUT, None)
     if users is None:
@@ -210,29 +208,27 @@ def _rows(inputs: list[InferInput], limit: int) -> tuple[list[str], list[dict | 
     if not 1 <= n <= limit:
         raise ServiceError(422, f"inputs.{USER_INPUT}: 1 to {limit} users per call, got {n}",
                            field=f"inputs.{USER_INPUT}")
-    ids = []
-    for raw in users.elements:
-        try:
-            uid = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ServiceError(400, f"inputs.{USER_INPUT}: a user id is not UTF-8", field="user_id") from None
-        if not 1 <= len(uid) <= MAX_USER_ID:
-            raise ServiceError(422, f"user_id: a user id has 1 to {MAX_USER_ID} characters, got {len(uid)}",
-                               field="user_id")
-        ids.append(uid)
+    ids = [_text(USER_INPUT, raw, "a user id") for raw in users.elements]
+    bad = next((uid for uid in ids if not 1 <= len(uid) <= MAX_USER_ID), None)
+    if bad is not None:
+        raise ServiceError(422, f"user_id: a user id has 1 to {MAX_USER_ID} characters, got {len(bad)}",
+                           field="user_id")
     features: list[dict | None] = [None] * n
     for name, t in by_name.items():
         if len(t.elements) != n:
             raise ServiceError(400, f"inputs.{name}: {len(t.elements)} elements for {n} users", field=f"inputs.{name}")
         for i, raw in enumerate(t.elements):
-            if raw:
-                try:
-                    value = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise ServiceError(400, f"inputs.{name}: a value is not UTF-8", field=f"inputs.{name}") from None
-                row = features[i] = features[i] or {}
-                row[name] = value
+            if raw:                           # an empty element leaves this row's feature out
+                features[i] = {**(features[i] or {}), name: _text(name, raw, "a value")}
     return ids, features
+
+
+def _text(name: str, raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        field = "user_id" if name == USER_INPUT else f"inputs.{name}"
+        raise ServiceError(400, f"inputs.{name}: {what} is not UTF-8", field=field) from None
 
 
 def _split_multi(state: ServiceState, user_id: str, req: TagRequest, features: dict[str, str]) -> dict:
@@ -249,9 +245,16 @@ def _split_multi(state: ServiceState, user_id: str, req: TagRequest, features: d
             for name, value in features.items()}
 
 
-async def infer(state: ServiceState, inputs: list[InferInput], parameters: dict, outputs: list[str] | None,
-                version: str | None) -> InferAnswer:
-    """One inference request: every row through the native validation and the batcher -> the output tensors."""
+@dataclass
+class Prepared:
+    """A request checked and turned into the batcher's jobs (one per row)."""
+    jobs: list[TagJob]
+    outputs: list[str] | None
+
+
+def prepare(state: ServiceState, inputs: list[InferInput], parameters: dict, outputs: list[str] | None,
+            version: str | None) -> Prepared:
+    """Every row through the native validation -> its job (a ServiceError naming the field otherwise)."""
     req = tag_request(parameters, version)
     tasks = _tasks_of(outputs, state)
     if tasks is not None and req.tasks is None:
@@ -260,14 +263,47 @@ async def infer(state: ServiceState, inputs: list[InferInput], parameters: dict,
     jobs = [validate_request(state, uid, req if feats is None else
                              req.model_copy(update={"features": _split_multi(state, uid, req, feats)}))
             for uid, feats in zip(ids, features)]
-    if len(jobs) == 1:
-        results = [await state.tag(jobs[0])]
-    else:
-        results = await asyncio.gather(*(state.tag(j) for j in jobs), return_exceptions=True)
-        for r in results:                     # the first failing row answers for the request
-            if isinstance(r, BaseException):
-                raise r
-    return _answer(results, outputs)
+    return Prepared(jobs, outputs)
+
+
+def finish(prepared: Prepared, results: list[TagResult | ServiceError]) -> InferAnswer:
+    """The rows' results -> the output tensors; the first failing row answers for the request."""
+    for r in results:
+        if isinstance(r, ServiceError):
+            raise r
+    return _answer(results, prepared.outputs)  # type: ignore[arg-type]
+
+
+async def infer(state: ServiceState, inputs: list[InferInput], parameters: dict, outputs: list[str] | None,
+                version: str | None) -> InferAnswer:
+    """One inference request: its rows through the batcher (queued together) -> the output tensors."""
+    prepared = prepare(state, inputs, parameters, outputs, version)
+    return finish(prepared, await state.tag_many(prepared.jobs))
+
+
+async def infer_many(state: ServiceState, calls: list[tuple]) -> list[InferAnswer | ServiceError]:
+    """Requests that arrived together (`infer`'s arguments each) -> per request its answer or its error.
+
+    All their rows enter the batcher in one step, so they share model calls (gRPC hands its calls
+    over this way: grpc_server.py)."""
+    prepared: list[Prepared | ServiceError] = []
+    for call in calls:
+        try:
+            prepared.append(prepare(state, *call))
+        except ServiceError as e:
+            prepared.append(e)
+    jobs = [job for p in prepared if isinstance(p, Prepared) for job in p.jobs]
+    results = iter(await state.tag_many(jobs) if jobs else [])
+    out: list[InferAnswer | ServiceError] = []
+    for p in prepared:
+        if isinstance(p, ServiceError):
+            out.append(p)
+            continue
+        try:
+            out.append(finish(p, [next(results) for _ in p.jobs]))
+        except ServiceError as e:
+            out.append(e)
+    return out
 
 
 def _answer(results: list[TagResult], outputs: list[str] | None) -> InferAnswer:

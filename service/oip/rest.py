@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from typing import Callable
 
 import orjson
 from fastapi import FastAPI, Request
@@ -172,22 +173,55 @@ class _Handlers:
     async def infer(self, request: Request) -> Response:
         """Open Inference Protocol: top tags per task for a batch of users (`user_id` BYTES [B]); JSON or the
         binary tensor extension; with a version: pinned to it."""
+        return await self.answer(request.path_params["model_name"], request.path_params.get("version"),
+                                 await request.body(), request.headers.get)
+
+    async def answer(self, model: str, version: str | None, raw: bytes, header: Callable[[str], str | None]
+                     ) -> Response:
+        """An inference request's body (and `header(name)`, for its encoding and binary header) -> the response."""
         try:
-            core.check_model(request.path_params["model_name"])
-            body = _body(await request.body(), request.headers.get("content-encoding"))
-            doc, inputs = parse_request(body, request.headers.get(HEADER_LENGTH))
+            core.check_model(model)
+            body = _body(raw, header("content-encoding"))
+            doc, inputs = parse_request(body, header(HEADER_LENGTH))
             parameters = doc.get("parameters") or {}
             if not isinstance(parameters, dict):
                 raise ServiceError(400, "parameters: a JSON object is expected", field="parameters")
             outputs, binary = _requested(doc)
-            answer = await core.infer(self.state, inputs, parameters, outputs, request.path_params.get("version"))
+            answer = await core.infer(self.state, inputs, parameters, outputs, version)
         except ServiceError as e:
             return oip_error(e)
         return render_answer(answer, doc.get("id"), parameters.get("binary_data_output") is True, binary)
 
 
+class FastInfer:
+    """`POST /v2/models/{model}[/versions/{v}]/infer` served by the edge middleware's fast path
+    (service/middleware.py), as the native route is: no router, no Request object. The Starlette
+    routes stay for what the fast path passes on (a body it could not read in one piece)."""
+
+    def __init__(self, handlers: _Handlers):
+        self.handlers = handlers
+
+    @staticmethod
+    def match(path: str) -> tuple[str, str | None] | None:
+        """(model, version or None) of an inference path; None for any other path."""
+        parts = path.split("/")        # '', 'v2', 'models', model, ['versions', version,] 'infer'
+        if len(parts) == 5 and parts[4] == "infer" and parts[3]:
+            return parts[3], None
+        if len(parts) == 7 and parts[4] == "versions" and parts[6] == "infer" and parts[3] and parts[5]:
+            return parts[3], parts[5]
+        return None
+
+    async def serve(self, scope, receive, send, where: tuple[str, str | None], headers: dict, body: bytes) -> None:
+        def header(name: str) -> str | None:
+            value = headers.get(name.encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
+        response = await self.handlers.answer(*where, body, header)
+        await response(scope, receive, send)
+
+
 def install_rest(app: FastAPI, state: ServiceState) -> None:
     h = _Handlers(state, app.version)
+    app.state.oip_infer = FastInfer(h)      # found by the edge middleware on the first request
     # Plain Starlette routes (each handler takes the Request only): no FastAPI dependency solving per
     # request, and out of /openapi.json (the protocol has its own spec, KServe's REST API).
     app.router.routes += [Route("/v2", h.server_metadata, methods=["GET"]),

@@ -8,7 +8,10 @@ same tags in the same order (ties included), same scores; errors carry the nativ
 from __future__ import annotations
 
 import gzip
+import re
 import struct
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -233,6 +236,59 @@ def test_raw_rest_requests(oip, users):
                                                         "data": [1]}]}), {})):
         resp = oip.client.post(path, content=content, headers=headers)
         assert 400 <= resp.status_code < 500 and set(resp.json()) == {"error"}, resp.text
+
+
+# ---------------------------------------------------------------------------
+# the batcher: OIP requests share model calls (no timing: the app's loop is held, not raced)
+# ---------------------------------------------------------------------------
+def model_calls(svc) -> tuple[float, float]:
+    """(requests, model calls) so far: the sum and count of the mvke_model_batch_size histogram."""
+    found = dict(re.findall(r"^mvke_model_batch_size_(sum|count) (\S+)$", svc.client.get("/metrics").text, re.M))
+    return float(found["sum"]), float(found["count"])
+
+
+def test_grpc_calls_share_model_calls(oip, users):
+    """gRPC calls that come in while the app's loop is busy (here: held) are taken in by the gRPC
+    thread and reach the batcher together: max_batch_size calls -> one model call. (With the gRPC
+    server on the app's loop, a busy loop took in one call per batch: batches of 1.1 at c=32.)"""
+    grpc_server, n = oip.app.state.grpc_server, oip.settings.max_batch_size
+    inbox = grpc_server.servicer.handoff.inbox
+    client = grpcclient.InferenceServerClient(oip.grpc_url)
+    done: list = []
+    before = model_calls(oip)
+    hold = threading.Event()
+    grpc_server.main_loop.call_soon_threadsafe(hold.wait, 60)
+    try:
+        for uid in users[:n]:
+            x = grpcclient.InferInput("user_id", [1], "BYTES")
+            x.set_data_from_numpy(np.array([uid], dtype=object))
+            client.async_infer(MODEL, [x], lambda result, error: done.append((result, error)), parameters={"top_k": 3})
+        deadline = time.monotonic() + 30
+        while len(inbox) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(inbox) == n, "every call waits in the hand-over while the app's loop is busy"
+    finally:
+        hold.set()
+    deadline = time.monotonic() + 30
+    while len(done) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close()
+    assert [e for _, e in done] == [None] * n
+    assert all(r.as_numpy("interest_tags").shape == (1, 3) for r, _ in done)
+    requests, calls = (a - b for a, b in zip(model_calls(oip), before))
+    assert (requests, calls) == (n, 1)
+
+
+def test_a_requests_rows_share_model_calls(oip, users):
+    """A request's 64 rows enter the batcher in one step: ceil(64 / max_batch_size) model calls
+    (queued one by one, the first row ran alone through the idle bypass: one call more)."""
+    doc = {"inputs": [{"name": "user_id", "shape": [64], "datatype": "BYTES", "data": users[:64]}],
+           "parameters": {"top_k": 2}}
+    before = model_calls(oip)
+    resp = oip.client.post(f"/v2/models/{MODEL}/infer", json=doc)
+    assert resp.status_code == 200, resp.text
+    requests, calls = (a - b for a, b in zip(model_calls(oip), before))
+    assert (requests, calls) == (64, -(-64 // oip.settings.max_batch_size))
 
 
 # ---------------------------------------------------------------------------
