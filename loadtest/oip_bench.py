@@ -13,12 +13,15 @@ Each is measured at concurrency 32 (QPS) and 1 (p50 latency), closed loop, the c
 same machine, in `--rounds` rounds whose order rotates (medians reported), with the server's
 CPU time per answer (psutil: on a shared machine QPS follows the other processes' load, CPU
 per answer much less) and the mean batch (requests per model call, from /metrics).
-Clients, the same shape for every kind: 4 processes of 8 connections or calls in flight at
-c=32, one process at c=1. HTTP rows: loadtest/loadgen.py (raw keep-alive sockets,
-pre-rendered requests: the cheapest client we have). gRPC: grpcio's asyncio channel, one per
-process, with pre-serialized ModelInferRequest bytes (built once with tritonclient's protobuf
-messages); one Python gRPC client process could not keep 32 calls in flight here. No client
-parses answers beyond the status. Prints a table with the CPU model and the load average;
+Clients, the same shape for every kind: `--client-procs` processes (default 2, one per core of
+the 2-core box) sharing the 32 connections or calls in flight at c=32, one process at c=1. HTTP
+rows: loadtest/loadgen.py (raw keep-alive sockets on uvloop, pre-rendered requests: the cheapest
+client we have). gRPC: grpcio's asyncio channel on uvloop, one per process, with pre-serialized
+ModelInferRequest bytes (built once with tritonclient's protobuf messages): the same kind of
+client (a loop, pre-built requests, nothing parsed beyond the status), so the rows compare the
+server's routes. `--baseline ROOT` also serves another checkout (e.g. `git archive main`) in
+the same run, its rows measured in turn with this checkout's: before/after at the same load.
+Prints a table with the CPU model and the load average;
 writes JSON.
 """
 from __future__ import annotations
@@ -115,10 +118,9 @@ async def _grpc_load(spec: dict) -> dict:
 
 
 def run_grpc(target: str, requests: list[str], concurrency: int, duration: float, warmup: float = 1.0,
-             processes: int = 4) -> dict:
+             processes: int = 2) -> dict:
     """Closed-loop gRPC load from `processes` client processes (a channel each; concurrency split
-    between them): one Python gRPC client process cannot keep 32 calls in flight on a busy 2-core
-    machine, which starves the server's batcher of concurrent requests."""
+    between them), as run_http's loadgen processes."""
     procs = max(1, min(processes, concurrency))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     running = [subprocess.Popen([PY, "-m", "loadtest.oip_bench", "--grpc-client"], stdin=subprocess.PIPE,
@@ -141,7 +143,7 @@ def run_grpc(target: str, requests: list[str], concurrency: int, duration: float
     return summarize(stats, max(seconds))
 
 
-def run_http(port: int, requests: list, concurrency: int, duration: float, processes: int = 4) -> dict:
+def run_http(port: int, requests: list, concurrency: int, duration: float, processes: int = 2) -> dict:
     """loadgen from `processes` processes at once (connections split between them), as the gRPC
     client: the same number of client processes for every kind. QPS and status add up; p50/p99 are
     the median of the processes' own (each saw the same server)."""
@@ -165,12 +167,14 @@ def batch_totals(server: Server) -> tuple[float, float]:
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
-def measure(server: Server, target: str, kind: str, requests: list, duration: float) -> dict:
+def measure(server: Server, target: str, kind: str, requests: list, duration: float, procs: int = 2) -> dict:
     """QPS at c=32 and latency at c=1 of one kind, with the server's CPU per answer and the mean batch."""
     row = {}
     for c in (32, 1):
         cpu0, t0, (req0, calls0) = cpu_seconds(server), time.monotonic(), batch_totals(server)
-        res = (run_grpc(target, requests, c, duration) if kind == "grpc" else run_http(server.port, requests, c, duration))
+        n = procs if c > 1 else 1
+        res = (run_grpc(target, requests, c, duration, processes=n) if kind == "grpc"
+               else run_http(server.port, requests, c, duration, processes=n))
         served = res["qps"] * (time.monotonic() - t0)           # about: the warm-up counted at the same rate
         row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
         # server CPU per answer: far less sensitive to the other processes on a shared machine than QPS
@@ -199,16 +203,65 @@ def check_answers(server: Server, grpc_target: str, uid: str, top_k: int) -> Non
         assert resp.status_code == 200, resp.text
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest.oip_bench", description=__doc__.split("\n")[0])
     p.add_argument("--grpc-client", action="store_true", help=argparse.SUPPRESS)   # the gRPC load process
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement (after 1 s warm-up)")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3, help="rounds of the four kinds (medians reported)")
+    p.add_argument("--kinds", default=",".join(KINDS), help="which of " + ", ".join(KINDS))
+    p.add_argument("--client-procs", type=int, default=2, help="client processes at c=32, for every kind")
+    p.add_argument("--baseline", help="another checkout to serve and measure in the same run (rows `<kind>@base`)")
     p.add_argument("--users", type=int, default=4096, help="synthetic users of the model (and of the requests)")
     p.add_argument("--work", default="/tmp/oip_bench", help="mvke pipeline's work dir (built once, reused)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "oip_bench.json"))
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _report(a: argparse.Namespace) -> dict:
+    http = f"loadtest/loadgen.py (raw HTTP/1.1 sockets, uvloop) in {a.client_procs} processes"
+    return {"machine": machine(), "loadavg_start": loadavg(), "duration_s": a.duration, "top_k": a.top_k,
+            "model": {"name": "mvke-mt", "users": a.users, "tags": 1780}, "workers": 1,
+            "clients": {"native": http, "rest-json": http, "rest-binary": http,
+                        "grpc": f"grpcio aio channels (uvloop) in {a.client_procs} processes, pre-serialized requests"},
+            "baseline": a.baseline, "rounds": {}, "rows": {}}
+
+
+def _rounds(a: argparse.Namespace, servers: dict, load: dict, report: dict) -> None:
+    """`--rounds` rounds of every kind on every server; the order rotates per round (drift spreads out)."""
+    runs = [(kind, name) for kind in a.kinds.split(",") for name in servers]
+    for r in range(a.rounds):
+        shift = r * len(servers) % len(runs)
+        for kind, name in runs[shift:] + runs[:shift]:
+            server, target = servers[name]
+            row = measure(server, target, kind, load[kind], a.duration, a.client_procs)
+            label = kind + name
+            report["rounds"].setdefault(label, []).append(row)
+            print(f"round {r + 1} {label:17s} c=32 {row['c32']['qps']:7.0f} QPS "
+                  f"({row['c32']['server_cpu_us']:.0f} us server CPU each, batch {row['c32']['mean_batch']:.1f})   "
+                  f"c=1 p50 {row['c1']['p50_ms']:.3f} ms   status {row['c32']['status']} / {row['c1']['status']}   "
+                  f"load {row['loadavg']}", flush=True)
+    for label, rows in report["rounds"].items():
+        report["rows"][label] = {"c32_qps": median(x["c32"]["qps"] for x in rows),
+                                 "c32_server_cpu_us": median(x["c32"]["server_cpu_us"] for x in rows),
+                                 "c32_mean_batch": median(x["c32"]["mean_batch"] for x in rows),
+                                 "c1_p50_ms": median(x["c1"]["p50_ms"] for x in rows),
+                                 "c1_server_cpu_us": median(x["c1"]["server_cpu_us"] for x in rows)}
+
+
+def _print(a: argparse.Namespace, report: dict) -> None:
+    print(f"\nmedians of {a.rounds} rounds, {a.duration:g} s each, 1 worker, top_k {a.top_k}, "
+          f"{a.client_procs} client processes at c=32:")
+    print(f"{'':17s} {'c=32 QPS':>9s} {'us CPU/ans':>10s} {'batch':>6s} {'c=1 p50 ms':>11s} {'us CPU/ans':>10s}")
+    for label, row in report["rows"].items():
+        print(f"{label:17s} {row['c32_qps']:9.0f} {row['c32_server_cpu_us']:10.0f} {row['c32_mean_batch']:6.1f} "
+              f"{row['c1_p50_ms']:11.3f} {row['c1_server_cpu_us']:10.0f}")
+    print(f"CPU: {report['machine']['cpu']} ({report['machine']['nproc']} CPUs); load average start "
+          f"{report['loadavg_start']}, end {report['loadavg_end']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
     if a.grpc_client:
         try:
             import uvloop
@@ -226,43 +279,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipeline(work, "mvke-mt", redis.url, log=work / "pipeline_publish.log", extra=size)   # publish + features
         ids = dataset_user_ids(data)[:4096]
-        gport = free_port()
-        target = f"127.0.0.1:{gport}"
         load = {"native": make_requests(ids, 4096, topk_mix=f"{a.top_k}:1", seed=1),
                 "rest-json": rest_requests(ids, False, a.top_k), "rest-binary": rest_requests(ids, True, a.top_k),
                 "grpc": grpc_requests(ids, a.top_k)}
-        report = {"machine": machine(), "loadavg_start": loadavg(), "duration_s": a.duration, "top_k": a.top_k,
-                  "model": {"name": "mvke-mt", "users": a.users, "tags": 1780},
-                  "workers": 1, "clients": {"native": "loadtest/loadgen.py (raw HTTP/1.1 sockets) in 4 processes",
-                                            "rest-json": "loadtest/loadgen.py in 4 processes",
-                                            "rest-binary": "loadtest/loadgen.py in 4 processes",
-                                            "grpc": "grpcio aio channels in 4 processes, pre-serialized requests"},
-                  "rounds": {}, "rows": {}}
-        with Server.service(redis.url, workers=1, env={"MVKE_GRPC_PORT": str(gport)}) as server:
-            check_answers(server, target, ids[0], a.top_k)
-            for r in range(a.rounds):       # the order rotates per round: drift of the machine's load spreads out
-                for kind in KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]:
-                    row = measure(server, target, kind, load[kind], a.duration)
-                    report["rounds"].setdefault(kind, []).append(row)
-                    print(f"round {r + 1} {kind:12s} c=32 {row['c32']['qps']:7.0f} QPS "
-                          f"({row['c32']['server_cpu_us']:.0f} us server CPU each, batch {row['c32']['mean_batch']:.1f})   c=1 p50 {row['c1']['p50_ms']:.3f} ms"
-                          f"   status {row['c32']['status']} / {row['c1']['status']}   load {row['loadavg']}", flush=True)
-        for kind, rows in report["rounds"].items():
-            report["rows"][kind] = {"c32_qps": median(x["c32"]["qps"] for x in rows),
-                                    "c32_server_cpu_us": median(x["c32"]["server_cpu_us"] for x in rows),
-                                    "c32_mean_batch": median(x["c32"]["mean_batch"] for x in rows),
-                                    "c1_p50_ms": median(x["c1"]["p50_ms"] for x in rows),
-                                    "c1_server_cpu_us": median(x["c1"]["server_cpu_us"] for x in rows)}
+        report = _report(a)
+        roots = {"": ROOT, **({"@base": Path(a.baseline)} if a.baseline else {})}
+        ports = {name: free_port() for name in roots}
+        servers = {name: (Server.service(redis.url, workers=1, env={"MVKE_GRPC_PORT": str(ports[name])}, root=root),
+                          f"127.0.0.1:{ports[name]}") for name, root in roots.items()}
+        try:
+            for server, target in servers.values():
+                server.start()
+                check_answers(server, target, ids[0], a.top_k)
+            _rounds(a, servers, load, report)
+        finally:
+            for server, _ in servers.values():
+                server.stop()
         report["loadavg_end"] = loadavg()
     finally:
         redis.stop()
-    print(f"\nmedians of {a.rounds} rounds, {a.duration:g} s each, 1 worker, top_k {a.top_k}:")
-    print(f"{'':12s} {'c=32 QPS':>9s} {'us CPU/ans':>10s} {'batch':>6s} {'c=1 p50 ms':>11s} {'us CPU/ans':>10s}")
-    for kind, row in report["rows"].items():
-        print(f"{kind:12s} {row['c32_qps']:9.0f} {row['c32_server_cpu_us']:10.0f} {row['c32_mean_batch']:6.1f} "
-              f"{row['c1_p50_ms']:11.3f} {row['c1_server_cpu_us']:10.0f}")
-    print(f"CPU: {report['machine']['cpu']} ({report['machine']['nproc']} CPUs); load average start "
-          f"{report['loadavg_start']}, end {report['loadavg_end']} (a shared machine)")
+    _print(a, report)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.out}")

@@ -6,7 +6,8 @@ request parameters are `TagRequest` fields (top_k, tasks, exclude_tags, tags, mi
 exact), other BYTES [B] inputs named after the model's features are raw feature values (an
 empty element leaves that row's feature out; a multi-valued feature's values `|`-joined), and the model version of the URL (or of the
 gRPC request) is the native `model_version` pin. Each row is validated by the native
-`validate_request` and tagged by `ServiceState.tag`, the dynamic batcher of the HTTP routes:
+`validate_request` and tagged through `ServiceState.tag_many`, the dynamic batcher of the HTTP
+routes (a request's rows, and the gRPC calls handed over together, enter its queue in one step):
 same routing (active, canary, pinned), same answers, same error messages.
 
 Outputs per task: `<task>_tags` BYTES [B, K] and `<task>_scores` FP32 [B, K]; K is the

@@ -1,12 +1,17 @@
 """The Open Inference Protocol over gRPC: `inference.GRPCInferenceService` on grpcio's asyncio server.
 
-It runs on the event loop of the HTTP app (started and stopped in its lifespan), so a
-ModelInfer goes through the same `ServiceState`, the same dynamic batcher and the same
-loaded versions as POST /users/{id}/tags. Its own port: `MVKE_GRPC_PORT` / `mvke serve
---grpc-port`. With several uvicorn workers every worker process binds that port with
-SO_REUSEPORT and the kernel spreads the (long-lived, HTTP/2) connections over them, one
-gRPC server per process; a client that opens a single channel therefore talks to one
-worker, so a client that should reach all of them opens several channels.
+The server runs on an event loop of its own, in a thread of the HTTP app's process (started and
+stopped in the app's lifespan); a ModelInfer is handed to the app's loop (InferHandoff), so it
+goes through the same `ServiceState`, the same dynamic batcher and the same loaded versions as
+POST /users/{id}/tags. Why a thread: grpcio's asyncio server takes in one new call per trip
+through its completion queue (its poller thread -> the loop -> a request for the next call), so
+on the app's loop, busy with model batches, it took in about one call per batch, and gRPC calls
+did not share model calls (1.1 requests per model call at c=32, against 15.8 for the native
+route: docs/results/oip_bench.md). Its own port: `MVKE_GRPC_PORT` / `mvke serve --grpc-port`.
+With several uvicorn workers every worker process binds that port with SO_REUSEPORT and the
+kernel spreads the (long-lived, HTTP/2) connections over them, one gRPC server per process; a
+client that opens a single channel therefore talks to one worker, so a client that should reach
+all of them opens several channels.
 
 API keys (when MVKE_API_KEYS is set) come as metadata, `authorization: Bearer <key>` or
 `x-api-key: <key>`; ServerLive and ServerReady are open, as /healthz and /readyz. Errors
@@ -16,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import threading
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import grpc
 
@@ -127,9 +133,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.keys = state.api_keys if state.api_keys.enabled else None
         self.handoff = InferHandoff(state, main_loop)
 
-    async def _on_main(self, fn: Callable[..., Awaitable[Any]], *args) -> Any:
-        """`await fn(*args)` run on the HTTP app's loop, where the state and Redis live."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(*args), self.main_loop))
+    async def _on_main(self, fn: Callable[..., Any], *args) -> Any:
+        """`fn(*args)` (awaited if it is a coroutine function) on the HTTP app's loop, where the state
+        (the registry, Redis) lives: nothing of it is read from the gRPC thread."""
+        async def call():
+            out = fn(*args)
+            return await out if inspect.isawaitable(out) else out
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), self.main_loop))
 
     async def _check_key(self, context) -> None:
         if self.keys is None:
@@ -149,7 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._check_key(context)
         try:
             core.check_model(request.name)
-            core.resolve(self.state, request.version or None)
+            await self._on_main(core.resolve, self.state, request.version or None)
         except ServiceError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self._on_main(core.not_ready, self.state) is None)
@@ -162,7 +172,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._check_key(context)
         try:
             core.check_model(request.name)
-            doc = core.model_metadata(self.state, request.version or None)
+            doc = await self._on_main(core.model_metadata, self.state, request.version or None)
         except ServiceError as e:
             await context.abort(grpc_code(e.status), e.message)
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -191,13 +201,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class GrpcServer:
-    """The gRPC server of one process: grpcio's asyncio server on an event loop of its own, in a thread.
-
-    Why a thread: grpcio's asyncio server accepts one call per trip through its completion queue
-    (a poller thread -> the loop -> a new request for the next call), so on the HTTP app's loop,
-    busy with model batches, it took in about one call per batch and the batcher got batches of
-    1.1 at c=32 (docs/results/oip_bench.md). On its own loop it accepts calls while a batch runs
-    and hands them to the app's loop, where they queue up together as HTTP requests do."""
+    """The gRPC server of one process: grpcio's asyncio server on an event loop of its own, in a
+    thread (see the module's docstring); it takes in calls while the app's loop runs a batch."""
 
     def __init__(self, state: ServiceState, host: str, port: int, server_version: str):
         self.state, self.host, self.port, self.server_version = state, host, port, server_version
@@ -220,9 +225,11 @@ class GrpcServer:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._serve(main_loop, started))
-        except BaseException as e:  # noqa: BLE001 - handed to start()
+        except BaseException as e:  # noqa: BLE001 - handed to start(), or logged once serving
             if not started.done():
                 started.set_exception(e)
+            else:
+                log.exception("gRPC server stopped")
         finally:
             loop.close()
 
