@@ -21,6 +21,9 @@ ModelInferRequest bytes (built once with tritonclient's protobuf messages): the 
 client (a loop, pre-built requests, nothing parsed beyond the status), so the rows compare the
 server's routes. `--baseline ROOT` also serves another checkout (e.g. `git archive main`) in
 the same run, its rows measured in turn with this checkout's: before/after at the same load.
+`--ceilings` adds the empty servers (loadtest/empty_app.py over HTTP, loadtest/empty_grpc.py:
+grpcio's asyncio server answering at once) under the same clients: what each transport costs
+by itself.
 Prints a table with the CPU model and the load average;
 writes JSON.
 """
@@ -36,7 +39,9 @@ from statistics import median
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import orjson
@@ -167,22 +172,48 @@ def batch_totals(server: Server) -> tuple[float, float]:
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
-def measure(server: Server, target: str, kind: str, requests: list, duration: float, procs: int = 2) -> dict:
+@dataclass
+class Endpoint:
+    """What a row's load goes to: the HTTP port and/or the gRPC target, the server's CPU seconds so far,
+    its (requests, model calls) so far (None: a ceiling server, no model)."""
+    port: int
+    target: str
+    cpu: Callable[[], float]
+    batches: Callable[[], tuple[float, float]] | None = None
+
+    @classmethod
+    def of(cls, server: Server, target: str) -> "Endpoint":
+        return cls(server.port, target, lambda: cpu_seconds(server), lambda: batch_totals(server))
+
+
+def measure(end: Endpoint, kind: str, requests: list, duration: float, procs: int = 2) -> dict:
     """QPS at c=32 and latency at c=1 of one kind, with the server's CPU per answer and the mean batch."""
     row = {}
     for c in (32, 1):
-        cpu0, t0, (req0, calls0) = cpu_seconds(server), time.monotonic(), batch_totals(server)
+        cpu0, t0, (req0, calls0) = end.cpu(), time.monotonic(), end.batches() if end.batches else (0, 0)
         n = procs if c > 1 else 1
-        res = (run_grpc(target, requests, c, duration, processes=n) if kind == "grpc"
-               else run_http(server.port, requests, c, duration, processes=n))
+        res = (run_grpc(end.target, requests, c, duration, processes=n) if kind == "grpc"
+               else run_http(end.port, requests, c, duration, processes=n))
         served = res["qps"] * (time.monotonic() - t0)           # about: the warm-up counted at the same rate
         row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
         # server CPU per answer: far less sensitive to the other processes on a shared machine than QPS
-        row[f"c{c}"]["server_cpu_us"] = round((cpu_seconds(server) - cpu0) * 1e6 / max(served, 1), 1)
-        req1, calls1 = batch_totals(server)
+        row[f"c{c}"]["server_cpu_us"] = round((end.cpu() - cpu0) * 1e6 / max(served, 1), 1)
+        req1, calls1 = end.batches() if end.batches else (0, 0)
         row[f"c{c}"]["mean_batch"] = round((req1 - req0) / max(calls1 - calls0, 1), 2)   # requests per model call
     row["loadavg"] = loadavg()
     return row
+
+
+def start_grpc_ceiling() -> tuple[subprocess.Popen, Endpoint]:
+    """loadtest/empty_grpc.py on a free port, once it accepts calls."""
+    import grpc
+    import psutil
+    port = free_port()
+    proc = subprocess.Popen([PY, "-m", "loadtest.empty_grpc", str(port)], cwd=ROOT, start_new_session=True)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+    ps = psutil.Process(proc.pid)
+    return proc, Endpoint(0, f"127.0.0.1:{port}", lambda: sum(ps.cpu_times()[:2]))
 
 
 def check_answers(server: Server, grpc_target: str, uid: str, top_k: int) -> None:
@@ -212,6 +243,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS), help="which of " + ", ".join(KINDS))
     p.add_argument("--client-procs", type=int, default=2, help="client processes at c=32, for every kind")
     p.add_argument("--baseline", help="another checkout to serve and measure in the same run (rows `<kind>@base`)")
+    p.add_argument("--ceilings", action="store_true", help="also the empty servers: loadtest/empty_app.py (HTTP) "
+                                                           "and loadtest/empty_grpc.py (gRPC), rows http-empty, grpc-empty")
     p.add_argument("--users", type=int, default=4096, help="synthetic users of the model (and of the requests)")
     p.add_argument("--work", default="/tmp/oip_bench", help="mvke pipeline's work dir (built once, reused)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "oip_bench.json"))
@@ -227,15 +260,12 @@ def _report(a: argparse.Namespace) -> dict:
             "baseline": a.baseline, "rounds": {}, "rows": {}}
 
 
-def _rounds(a: argparse.Namespace, servers: dict, load: dict, report: dict) -> None:
-    """`--rounds` rounds of every kind on every server; the order rotates per round (drift spreads out)."""
-    runs = [(kind, name) for kind in a.kinds.split(",") for name in servers]
+def _rounds(a: argparse.Namespace, runs: list[tuple[str, str, Endpoint]], load: dict, report: dict) -> None:
+    """`--rounds` rounds of every (label, kind, endpoint); the order rotates per round (drift spreads out)."""
     for r in range(a.rounds):
-        shift = r * len(servers) % len(runs)
-        for kind, name in runs[shift:] + runs[:shift]:
-            server, target = servers[name]
-            row = measure(server, target, kind, load[kind], a.duration, a.client_procs)
-            label = kind + name
+        shift = r * 2 % len(runs)
+        for label, kind, end in runs[shift:] + runs[:shift]:
+            row = measure(end, kind, load[kind], a.duration, a.client_procs)
             report["rounds"].setdefault(label, []).append(row)
             print(f"round {r + 1} {label:17s} c=32 {row['c32']['qps']:7.0f} QPS "
                   f"({row['c32']['server_cpu_us']:.0f} us server CPU each, batch {row['c32']['mean_batch']:.1f})   "
@@ -258,6 +288,36 @@ def _print(a: argparse.Namespace, report: dict) -> None:
               f"{row['c1_p50_ms']:11.3f} {row['c1_server_cpu_us']:10.0f}")
     print(f"CPU: {report['machine']['cpu']} ({report['machine']['nproc']} CPUs); load average start "
           f"{report['loadavg_start']}, end {report['loadavg_end']}")
+
+
+def _measure_all(a: argparse.Namespace, redis_url: str, ids: list[str], load: dict, report: dict) -> None:
+    """Serve this checkout (and --baseline, --ceilings), check their answers, measure every row."""
+    roots = {"": ROOT, **({"@base": Path(a.baseline)} if a.baseline else {})}
+    ports = {name: free_port() for name in roots}
+    servers = {name: Server.service(redis_url, workers=1, env={"MVKE_GRPC_PORT": str(ports[name])}, root=root)
+               for name, root in roots.items()}
+    ceilings: list = []
+    try:
+        runs = []
+        for name, server in servers.items():
+            server.start()
+            check_answers(server, f"127.0.0.1:{ports[name]}", ids[0], a.top_k)
+            runs += [(kind + name, kind, Endpoint.of(server, f"127.0.0.1:{ports[name]}"))
+                     for kind in a.kinds.split(",")]
+        if a.ceilings:     # the empty servers: what HTTP (uvicorn) and gRPC (grpcio) cost by themselves
+            empty = Server.asgi("loadtest.empty_app:app", workers=1).start()
+            grpc_proc, grpc_end = start_grpc_ceiling()
+            ceilings = [empty, grpc_proc]
+            runs += [("http-empty", "native", Endpoint(empty.port, "", lambda: cpu_seconds(empty))),
+                     ("grpc-empty", "grpc", grpc_end)]
+        _rounds(a, runs, load, report)
+    finally:
+        for server in [*servers.values(), *ceilings]:
+            if isinstance(server, Server):
+                server.stop()
+            else:
+                server.terminate()
+                server.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,18 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rest-json": rest_requests(ids, False, a.top_k), "rest-binary": rest_requests(ids, True, a.top_k),
                 "grpc": grpc_requests(ids, a.top_k)}
         report = _report(a)
-        roots = {"": ROOT, **({"@base": Path(a.baseline)} if a.baseline else {})}
-        ports = {name: free_port() for name in roots}
-        servers = {name: (Server.service(redis.url, workers=1, env={"MVKE_GRPC_PORT": str(ports[name])}, root=root),
-                          f"127.0.0.1:{ports[name]}") for name, root in roots.items()}
-        try:
-            for server, target in servers.values():
-                server.start()
-                check_answers(server, target, ids[0], a.top_k)
-            _rounds(a, servers, load, report)
-        finally:
-            for server, _ in servers.values():
-                server.stop()
+        _measure_all(a, redis.url, ids, load, report)
         report["loadavg_end"] = loadavg()
     finally:
         redis.stop()
