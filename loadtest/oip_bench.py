@@ -12,7 +12,8 @@ top_k 20, every task:
 Each is measured at concurrency 32 (QPS) and 1 (p50 latency), closed loop, the client on the
 same machine, in `--rounds` rounds whose order rotates (medians reported), with the server's
 CPU time per answer (psutil: on a shared machine QPS follows the other processes' load, CPU
-per answer much less) and the mean batch (requests per model call, from /metrics).
+per answer much less), the client processes' CPU per answer, and the mean batch (requests per
+model call, from /metrics).
 Clients, the same shape for every kind: `--client-procs` processes (default 2, one per core of
 the 2-core box) sharing the 32 connections or calls in flight at c=32, one process at c=1. HTTP
 rows: loadtest/loadgen.py (raw keep-alive sockets on uvloop, pre-rendered requests: the cheapest
@@ -191,6 +192,7 @@ def measure(end: Endpoint, kind: str, requests: list, duration: float, procs: in
     row = {}
     for c in (32, 1):
         cpu0, t0, (req0, calls0) = end.cpu(), time.monotonic(), end.batches() if end.batches else (0, 0)
+        client0 = _children_cpu()
         n = procs if c > 1 else 1
         res = (run_grpc(end.target, requests, c, duration, processes=n) if kind == "grpc"
                else run_http(end.port, requests, c, duration, processes=n))
@@ -198,10 +200,18 @@ def measure(end: Endpoint, kind: str, requests: list, duration: float, procs: in
         row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
         # server CPU per answer: far less sensitive to the other processes on a shared machine than QPS
         row[f"c{c}"]["server_cpu_us"] = round((end.cpu() - cpu0) * 1e6 / max(served, 1), 1)
+        row[f"c{c}"]["client_cpu_us"] = round((_children_cpu() - client0) * 1e6 / max(served, 1), 1)
         req1, calls1 = end.batches() if end.batches else (0, 0)
         row[f"c{c}"]["mean_batch"] = round((req1 - req0) / max(calls1 - calls0, 1), 2)   # requests per model call
     row["loadavg"] = loadavg()
     return row
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the client processes so far (every loadgen and gRPC client is a waited-for child)."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def start_grpc_ceiling() -> tuple[subprocess.Popen, Endpoint]:
@@ -275,6 +285,7 @@ def _rounds(a: argparse.Namespace, runs: list[tuple[str, str, Endpoint]], load: 
         report["rows"][label] = {"c32_qps": median(x["c32"]["qps"] for x in rows),
                                  "c32_server_cpu_us": median(x["c32"]["server_cpu_us"] for x in rows),
                                  "c32_mean_batch": median(x["c32"]["mean_batch"] for x in rows),
+                                 "c32_client_cpu_us": median(x["c32"]["client_cpu_us"] for x in rows),
                                  "c1_p50_ms": median(x["c1"]["p50_ms"] for x in rows),
                                  "c1_server_cpu_us": median(x["c1"]["server_cpu_us"] for x in rows)}
 
@@ -282,10 +293,11 @@ def _rounds(a: argparse.Namespace, runs: list[tuple[str, str, Endpoint]], load: 
 def _print(a: argparse.Namespace, report: dict) -> None:
     print(f"\nmedians of {a.rounds} rounds, {a.duration:g} s each, 1 worker, top_k {a.top_k}, "
           f"{a.client_procs} client processes at c=32:")
-    print(f"{'':17s} {'c=32 QPS':>9s} {'us CPU/ans':>10s} {'batch':>6s} {'c=1 p50 ms':>11s} {'us CPU/ans':>10s}")
+    print(f"{'':17s} {'c=32 QPS':>9s} {'us CPU/ans':>10s} {'client us':>10s} {'batch':>6s} {'c=1 p50 ms':>11s} "
+          f"{'us CPU/ans':>10s}")
     for label, row in report["rows"].items():
-        print(f"{label:17s} {row['c32_qps']:9.0f} {row['c32_server_cpu_us']:10.0f} {row['c32_mean_batch']:6.1f} "
-              f"{row['c1_p50_ms']:11.3f} {row['c1_server_cpu_us']:10.0f}")
+        print(f"{label:17s} {row['c32_qps']:9.0f} {row['c32_server_cpu_us']:10.0f} {row['c32_client_cpu_us']:10.0f} "
+              f"{row['c32_mean_batch']:6.1f} {row['c1_p50_ms']:11.3f} {row['c1_server_cpu_us']:10.0f}")
     print(f"CPU: {report['machine']['cpu']} ({report['machine']['nproc']} CPUs); load average start "
           f"{report['loadavg_start']}, end {report['loadavg_end']}")
 
