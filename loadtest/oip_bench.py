@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import re
 import struct
 from statistics import median
@@ -340,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        print(json.dumps(asyncio.run(_grpc_load(json.loads(sys.stdin.read())))))
+        result = json.dumps(asyncio.run(_grpc_load(json.loads(sys.stdin.read()))))
+        os.set_blocking(sys.stdout.fileno(), True)   # left non-blocking by the loop: a long line was cut at 64 KiB
+        print(result)
         return 0
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
