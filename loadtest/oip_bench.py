@@ -34,12 +34,12 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import re
 import struct
 from statistics import median
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,23 +130,24 @@ def run_grpc(target: str, requests: list[str], concurrency: int, duration: float
     between them), as run_http's loadgen processes."""
     procs = max(1, min(processes, concurrency))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    running = [subprocess.Popen([PY, "-m", "loadtest.oip_bench", "--grpc-client"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-               for _ in shares]
-    for p, c in zip(running, shares):
-        p.stdin.write(json.dumps({"target": target, "requests": requests, "concurrency": c, "duration": duration,
-                                  "warmup": warmup}))
-        p.stdin.close()
     stats, seconds = Stats(False), []
-    for p in running:
-        out, err = p.stdout.read(), p.stderr.read()
-        if p.wait(warmup + duration + 60) != 0:
-            raise RuntimeError(f"gRPC client failed: {err[-2000:]}")
-        part = json.loads(out.strip().splitlines()[-1])
-        stats.lat += part["lat"]
-        for k, v in part["status"].items():
-            stats.status[k] = stats.status.get(k, 0) + v
-        seconds.append(part["seconds"])
+    with tempfile.TemporaryDirectory() as tmp:      # results as files: a pipe cut long lines at 64 KiB
+        outs = [str(Path(tmp) / f"client{i}.json") for i in range(procs)]
+        running = [subprocess.Popen([PY, "-m", "loadtest.oip_bench", "--grpc-client"], stdin=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in shares]
+        for p, c, out in zip(running, shares, outs):
+            p.stdin.write(json.dumps({"target": target, "requests": requests, "concurrency": c, "duration": duration,
+                                      "warmup": warmup, "out": out}))
+            p.stdin.close()
+        for p, out in zip(running, outs):
+            err = p.stderr.read()
+            if p.wait(warmup + duration + 60) != 0:
+                raise RuntimeError(f"gRPC client failed: {err[-2000:]}")
+            part = json.loads(Path(out).read_text())
+            stats.lat += part["lat"]
+            for k, v in part["status"].items():
+                stats.status[k] = stats.status.get(k, 0) + v
+            seconds.append(part["seconds"])
     return summarize(stats, max(seconds))
 
 
@@ -341,9 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        result = json.dumps(asyncio.run(_grpc_load(json.loads(sys.stdin.read()))))
-        os.set_blocking(sys.stdout.fileno(), True)   # left non-blocking by the loop: a long line was cut at 64 KiB
-        print(result)
+        spec = json.loads(sys.stdin.read())
+        Path(spec["out"]).write_text(json.dumps(asyncio.run(_grpc_load(spec))))
         return 0
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

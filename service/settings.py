@@ -100,6 +100,10 @@ class Settings(BaseSettings):
                                   "on this port too (`mvke serve --grpc-port`); every worker binds it with "
                                   "SO_REUSEPORT. Unset: no gRPC")
     grpc_host: str = Field("127.0.0.1", description="address of the gRPC port (`mvke serve` sets it to its --host)")
+    grpc_switch_interval_ms: float = Field(0.5, gt=0, description="CPython's GIL switch interval while the gRPC "
+                                           "thread runs (service/oip/grpc_server.py); Python's 5 ms let the app's "
+                                           "loop keep the GIL that long while gRPC calls wait: 0.5 ms measured "
+                                           "+40% gRPC QPS at c=32 (docs/results/oip_bench.md)")
     audience_poll_s: float = Field(0.5, ge=0, description="how long the audience index version ({prefix:audiences}:"
                                    "latest) is reused before it is read again (0: every query reads it)")
     audience_cache_mb: int = Field(256, ge=0, description="deserialised audience bitmaps kept per worker, most "

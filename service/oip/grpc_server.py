@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import sys
 import threading
 from collections import deque
 from typing import Any, Callable
@@ -213,6 +214,8 @@ class GrpcServer:
         self.thread: threading.Thread | None = None
 
     async def start(self) -> None:
+        # two busy threads now share the GIL: a holder drops it after the switch interval at the latest
+        sys.setswitchinterval(self.state.settings.grpc_switch_interval_ms / 1000)
         started: concurrent.futures.Future = concurrent.futures.Future()
         main_loop = self.main_loop = asyncio.get_running_loop()
         self.thread = threading.Thread(target=self._thread, args=(main_loop, started), name="grpc", daemon=True)
