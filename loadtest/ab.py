@@ -8,6 +8,10 @@ and written as JSON, with the CPU model and the load average of every row.
 
     git worktree add /tmp/old 43c4d58
     python -m loadtest.ab --baseline /tmp/old --rounds 4 --out docs/results/arch_ab.json
+
+`--straight` loads the straightforward FastAPI + ONNX Runtime + redis-py endpoint
+(loadtest/straight_app.py, the same bundle, the same number of workers, BLAS 1 thread) as the
+other side instead of another checkout.
 """
 from __future__ import annotations
 
@@ -46,6 +50,16 @@ def baseline_bundle(bundle: Path, baseline: Path, out: Path) -> Path:
     return out
 
 
+def publish_for_baseline(bundle: Path, baseline: Path, work: Path, redis_url: str) -> None:
+    """The baseline publishes the same bundle with its own code: its model keys may be laid out
+    differently (before the Redis Cluster work: `mvke:active`, now `{mvke}:active`)."""
+    copy = baseline_bundle(bundle, baseline, work / "bundle-baseline")
+    publish = subprocess.run([sys.executable, "-m", "mvke.cli", "publish", str(copy), "--redis", redis_url],
+                             cwd=baseline, capture_output=True, text=True)
+    if publish.returncode != 0:
+        raise SystemExit(f"the baseline could not publish {copy}: {publish.stderr[-1500:]}")
+
+
 def ab_rounds(ports: dict[str, int], reqs: list, rounds: int, duration: float, warmup: float,
               log=print) -> list[dict]:
     """Every round loads each side at c=1 then c=32; the side that goes first alternates."""
@@ -70,31 +84,34 @@ def medians(rows: list[dict], names: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", required=True, help="a checkout of another commit (git worktree add DIR REV)")
+    other = p.add_mutually_exclusive_group(required=True)
+    other.add_argument("--baseline", help="a checkout of another commit (git worktree add DIR REV)")
+    other.add_argument("--straight", action="store_true", help="loadtest/straight_app.py as the other side")
     p.add_argument("--work", default=".mvke-local/ab", help="dataset, checkpoint and bundle (built when missing)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per row")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers of each service")
     p.add_argument("--out", help="write the report (JSON) here")
     a = p.parse_args(argv)
-    sides = {"baseline": Path(a.baseline).resolve(), "this tree": ROOT}
+    base = "straight" if a.straight else "baseline"
+    sides = {base: ROOT if a.straight else Path(a.baseline).resolve(), "this tree": ROOT}
     report = {"machine": machine(), "load_start": loadavg(), "revs": {n: git_rev(r) for n, r in sides.items()},
               "rounds": a.rounds, "duration_s": a.duration, "workers": a.workers}
     redis = start_redis()
     servers: dict[str, Server] = {}
     try:
         built = pipeline(a.work, "mvke-mt", redis.url)  # data, train 1 epoch, export, publish, features
-        # The baseline publishes the same bundle with its own code: its model keys may be laid out
-        # differently (before the Redis Cluster work: `mvke:active`, now `{mvke}:active`).
-        bundle = baseline_bundle(Path(built["bundle"]), sides["baseline"], Path(a.work) / "bundle-baseline")
-        publish = subprocess.run([sys.executable, "-m", "mvke.cli", "publish", str(bundle), "--redis", redis.url],
-                                 cwd=sides["baseline"], capture_output=True, text=True)
-        if publish.returncode != 0:
-            raise SystemExit(f"the baseline could not publish {bundle}: {publish.stderr[-1500:]}")
+        if a.straight:
+            servers[base] = Server.asgi("loadtest.straight_app:app", workers=a.workers, log=Path(a.work) / "ab-straight.log",
+                                        env={"REDIS_URL": redis.url, "MVKE_STRAIGHT_BUNDLE": built["bundle"],
+                                             "OPENBLAS_NUM_THREADS": "1"}).start()
+        else:
+            publish_for_baseline(Path(built["bundle"]), sides[base], Path(a.work), redis.url)
         reqs = make_requests(scan_user_ids(redis.url), 8192, zipf=0.0, topk_mix="20:1", seed=1)
         for name, root in sides.items():
-            log = Path(a.work) / f"ab-{name.replace(' ', '-')}.log"
-            servers[name] = Server.service(redis.url, workers=a.workers, root=root, log=log).start()
+            if name not in servers:
+                log = Path(a.work) / f"ab-{name.replace(' ', '-')}.log"
+                servers[name] = Server.service(redis.url, workers=a.workers, root=root, log=log).start()
         t0 = time.time()
         rows = ab_rounds({n: s.port for n, s in servers.items()}, reqs, a.rounds, a.duration, 1.0)
         report["seconds"] = round(time.time() - t0, 1)
@@ -104,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         redis.stop()
     med = medians(rows, list(sides))
     report.update(rows=rows, median=med, load_end=loadavg(),
-                  ratio={"c32_qps": med["this tree"]["c32_qps"] / med["baseline"]["c32_qps"],
-                         "c1_p50_ms": med["this tree"]["c1_p50_ms"] / med["baseline"]["c1_p50_ms"]})
+                  ratio={"c32_qps": med["this tree"]["c32_qps"] / med[base]["c32_qps"],
+                         "c1_p50_ms": med["this tree"]["c1_p50_ms"] / med[base]["c1_p50_ms"]})
     print(json.dumps({k: report[k] for k in ("revs", "median", "ratio", "load_start", "load_end")}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
