@@ -8,6 +8,7 @@ top_k 20, every task:
     rest-json    POST /v2/models/mvke/infer                    JSON tensors in and out
     rest-binary  POST /v2/models/mvke/infer                    binary tensor extension in and out
     grpc         inference.GRPCInferenceService/ModelInfer     raw_input_contents / raw_output_contents
+    grpc-stream  inference.GRPCInferenceService/ModelStreamInfer   the same messages on long-lived streams
 
 Each is measured at concurrency 32 (QPS) and 1 (p50 latency), closed loop, the client on the
 same machine, in `--rounds` rounds whose order rotates (medians reported), with the server's
@@ -57,7 +58,9 @@ from mvke.runtime.system import loadavg
 
 INFER = "/v2/models/mvke/infer"
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
-KINDS = ("native", "rest-json", "rest-binary", "grpc")
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+KINDS = ("native", "rest-json", "rest-binary", "grpc", "grpc-stream")
+STREAM_ERROR = b"\x0a"     # a ModelStreamInferResponse that starts with field 1: a non-empty error_message
 
 
 def rest_requests(ids: list[str], binary: bool, top_k: int) -> list[list]:
@@ -104,15 +107,25 @@ async def _grpc_load(spec: dict) -> dict:
         counter = iter(range(1 << 62))
 
         async def worker():
+            # grpc-stream: one ModelStreamInfer call per worker, one request in flight on it at a time
+            stream = channel.stream_stream(STREAM_METHOD)() if spec.get("stream") else None
             while time.perf_counter() < stop_at:
                 req = reqs[next(counter) % len(reqs)]
                 start = time.perf_counter_ns()
                 try:
-                    await call(req)
+                    if stream is None:
+                        await call(req)
+                    else:
+                        await stream.write(req)
+                        if (await stream.read())[:1] == STREAM_ERROR:
+                            stats.error("stream error_message")
+                            continue
                 except grpc.aio.AioRpcError as e:
                     stats.error(e.code().name)
                     continue
                 stats.record(200, time.perf_counter_ns() - start)
+            if stream is not None:
+                await stream.done_writing()
 
         async def measure():
             await asyncio.sleep(spec["warmup"])
@@ -125,7 +138,7 @@ async def _grpc_load(spec: dict) -> dict:
 
 
 def run_grpc(target: str, requests: list[str], concurrency: int, duration: float, warmup: float = 1.0,
-             processes: int = 2) -> dict:
+             processes: int = 2, stream: bool = False) -> dict:
     """Closed-loop gRPC load from `processes` client processes (a channel each; concurrency split
     between them), as run_http's loadgen processes."""
     procs = max(1, min(processes, concurrency))
@@ -137,7 +150,7 @@ def run_grpc(target: str, requests: list[str], concurrency: int, duration: float
                                     stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in shares]
         for p, c, out in zip(running, shares, outs):
             p.stdin.write(json.dumps({"target": target, "requests": requests, "concurrency": c, "duration": duration,
-                                      "warmup": warmup, "out": out}))
+                                      "warmup": warmup, "out": out, "stream": stream}))
             p.stdin.close()
         for p, out in zip(running, outs):
             err = p.stderr.read()
@@ -196,8 +209,8 @@ def measure(end: Endpoint, kind: str, requests: list, duration: float, procs: in
         cpu0, t0, (req0, calls0) = end.cpu(), time.monotonic(), end.batches() if end.batches else (0, 0)
         client0 = _children_cpu()
         n = procs if c > 1 else 1
-        res = (run_grpc(end.target, requests, c, duration, processes=n) if kind == "grpc"
-               else run_http(end.port, requests, c, duration, processes=n))
+        res = (run_grpc(end.target, requests, c, duration, processes=n, stream=kind == "grpc-stream")
+               if kind.startswith("grpc") else run_http(end.port, requests, c, duration, processes=n))
         served = res["qps"] * (time.monotonic() - t0)           # about: the warm-up counted at the same rate
         row[f"c{c}"] = {k: res[k] for k in ("qps", "p50_ms", "p99_ms", "status")}
         # server CPU per answer: far less sensitive to the other processes on a shared machine than QPS
@@ -268,7 +281,9 @@ def _report(a: argparse.Namespace) -> dict:
     return {"machine": machine(), "loadavg_start": loadavg(), "duration_s": a.duration, "top_k": a.top_k,
             "model": {"name": "mvke-mt", "users": a.users, "tags": 1780}, "workers": 1,
             "clients": {"native": http, "rest-json": http, "rest-binary": http,
-                        "grpc": f"grpcio aio channels (uvloop) in {a.client_procs} processes, pre-serialized requests"},
+                        "grpc": f"grpcio aio channels (uvloop) in {a.client_procs} processes, pre-serialized requests",
+                        "grpc-stream": "the same, one ModelStreamInfer call per in-flight slot (a request "
+                                       "written, its answer read, the next written on the same stream)"},
             "baseline": a.baseline, "rounds": {}, "rows": {}}
 
 
@@ -357,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         load = {"native": make_requests(ids, 4096, topk_mix=f"{a.top_k}:1", seed=1),
                 "rest-json": rest_requests(ids, False, a.top_k), "rest-binary": rest_requests(ids, True, a.top_k),
                 "grpc": grpc_requests(ids, a.top_k)}
+        load["grpc-stream"] = load["grpc"]
         report = _report(a)
         _measure_all(a, redis.url, ids, load, report)
         report["loadavg_end"] = loadavg()

@@ -209,6 +209,34 @@ def test_unknown_user_and_bad_parameters(oip, clients, users, kind):
     assert "outputs: unknown output 'bogus_tags'" in e.value.message()
 
 
+def test_stream_infer_equals_native_route_and_answers_errors_in_the_stream(oip, users):
+    """ModelStreamInfer (Triton's streaming extension, tritonclient's start_stream): every request of the
+    stream answered by its id with the native route's tags and scores; a bad request answered with its
+    error message while the stream goes on."""
+    import queue
+    chosen = users[:24]
+    want = {u: native(oip, u, {"top_k": 10}) for u in chosen}
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=oip.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for i, uid in enumerate([*chosen, "nobody-here"]):
+            x = grpcclient.InferInput("user_id", [1], "BYTES")
+            x.set_data_from_numpy(np.array([uid], dtype=object))
+            client.async_stream_infer(MODEL, [x], request_id=uid, parameters={"top_k": 10})
+        answers = [results.get(timeout=30) for _ in range(len(chosen) + 1)]
+    finally:
+        client.stop_stream()
+        client.close()
+    errors = [e for _, e in answers if e is not None]
+    assert len(errors) == 1 and errors[0].message() == oip.tag("nobody-here", {}).json()["detail"]
+    by_id = {r.get_response().id: r for r, e in answers if e is None}
+    assert sorted(by_id) == sorted(chosen)
+    for uid, res in by_id.items():
+        assert_same_as_native({n: res.as_numpy(n) for n in ("interest_tags", "interest_scores",
+                                                               "intention_tags", "intention_scores")}, [want[uid]])
+
+
 def test_raw_rest_requests(oip, users):
     """JSON nested by shape, gzip, and malformed binary data: 4xx naming the input, never a 500."""
     path = f"/v2/models/{MODEL}/infer"
