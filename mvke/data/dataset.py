@@ -222,11 +222,49 @@ def load_dataset(path: str | Path) -> RawDataset:
 
 
 @dataclass
+class Gathered:
+    """An [N, ...] array read as `table[index]` on access, never held whole: a split keeps each
+    user's encoded fields once instead of once per impression (a synthetic user has ~16
+    training impressions, so 16x less memory for the fields). Indexing with rows gives a
+    plain array; `take` gives another Gathered. Only row indexing is supported (enough for
+    the trainer, the test metrics and MVKE's diagnostics)."""
+
+    table: np.ndarray         # [U, ...] one row per user
+    index: np.ndarray         # [N] row of `table` for each sample
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.table.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.table.dtype
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.table[self.index[rows]]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:   # np.asarray: the whole array, materialised
+        out = self.table[self.index]
+        return out if dtype is None else out.astype(dtype)
+
+    def take(self, rows: np.ndarray) -> "Gathered":
+        return Gathered(self.table, self.index[rows])
+
+
+def take_rows(a: np.ndarray | Gathered, rows: np.ndarray) -> np.ndarray | Gathered:
+    """a[rows], a Gathered staying one (np.ndarray.take flattens: not the same operation)."""
+    return a.take(rows) if isinstance(a, Gathered) else a[rows]
+
+
+@dataclass
 class EncodedSplit:
     """Model-ready arrays of one split (rows aligned)."""
 
-    cat_ids: np.ndarray       # [N, F_cat] int64
-    multi_ids: np.ndarray     # [N, F_multi, L] int64
+    cat_ids: np.ndarray | Gathered    # [N, F_cat] int64
+    multi_ids: np.ndarray | Gathered  # [N, F_multi, L] int64
     tag_ids: np.ndarray       # [N, MAX_TAGS_PER_AD] int64, 0 = padding
     labels: np.ndarray        # [N, n_tasks] float32, columns in TASKS order
     true_probs: np.ndarray | None  # [N, n_tasks] float32 (synthetic only)
@@ -236,8 +274,9 @@ class EncodedSplit:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> "EncodedSplit":
-        return EncodedSplit(self.cat_ids[idx], self.multi_ids[idx], self.tag_ids[idx], self.labels[idx],
-                            None if self.true_probs is None else self.true_probs[idx], self.user_ids[idx])
+        return EncodedSplit(take_rows(self.cat_ids, idx), take_rows(self.multi_ids, idx), self.tag_ids[idx],
+                            self.labels[idx], None if self.true_probs is None else self.true_probs[idx],
+                            self.user_ids[idx])
 
 
 def build_schema(ds: RawDataset) -> FeatureSchema:
@@ -255,26 +294,50 @@ def tag_index(tags: list[str]) -> dict[str, int]:
     return {t: i + 1 for i, t in enumerate(tags)}
 
 
+@dataclass
+class EncodedUsers:
+    """Each user's encoded fields once (the last feature row of a user wins)."""
+    user_ids: np.ndarray      # [U] str
+    cat_ids: np.ndarray       # [U, F_cat] int64
+    multi_ids: np.ndarray     # [U, F_multi, L] int64
+
+    def rows_of(self, df: pd.DataFrame, path: Path) -> np.ndarray:
+        """Row of each sample's user ([N] int64); DataError naming the first user without a feature row."""
+        pos = pd.Index(self.user_ids).get_indexer(df["user_id"])
+        if (pos < 0).any():
+            missing = df["user_id"][pos < 0].iloc[0]
+            raise DataError(path / "users.parquet", "user_id", f"no feature row for user {missing!r}")
+        return pos
+
+
+def encode_users(users: pd.DataFrame, schema: FeatureSchema) -> EncodedUsers:
+    users = users.drop_duplicates("user_id", keep="last")
+    cat, multi = schema.encode(users[schema.names].to_dict("records")).ids()
+    return EncodedUsers(users["user_id"].to_numpy(), cat, multi)
+
+
+def encode_samples(df: pd.DataFrame, tags: list[str], cat, multi, user_ids: np.ndarray | None = None) -> EncodedSplit:
+    """A split from its rows' encoded user fields (arrays or Gathered) and the rows' tags and labels;
+    `user_ids`: the rows' user ids if already at hand (shared strings: less memory than the column's)."""
+    tix = tag_index(tags)
+    tag_ids = np.zeros((len(df), MAX_TAGS_PER_AD), dtype=np.int64)
+    for i, row_tags in enumerate(df["tags"]):
+        for j, t in enumerate(list(row_tags)[:MAX_TAGS_PER_AD]):
+            tag_ids[i, j] = tix.get(t, 0)
+    labels = np.stack([df[TASK_LABELS[t]].to_numpy(np.float32) for t in TASKS], 1)
+    probs = None
+    if "p_click" in df.columns:
+        probs = np.stack([df["p_click"].to_numpy(np.float32), df["p_conversion"].to_numpy(np.float32)], 1)
+    return EncodedSplit(cat, multi, tag_ids, labels, probs, df["user_id"].to_numpy() if user_ids is None else user_ids)
+
+
 def encode_split(ds: RawDataset, df: pd.DataFrame, schema: FeatureSchema) -> EncodedSplit:
     names = schema.names
     if all(n in df.columns for n in names):
         cat, multi = schema.encode(df[names].to_dict("records")).ids()
     else:
         # Encode each user once, then gather per sample.
-        users = ds.users.drop_duplicates("user_id", keep="last")
-        ucat, umulti = schema.encode(users[names].to_dict("records")).ids()
-        pos = pd.Index(users["user_id"]).get_indexer(df["user_id"])
-        if (pos < 0).any():
-            missing = df["user_id"][pos < 0].iloc[0]
-            raise DataError(ds.path / "users.parquet", "user_id", f"no feature row for user {missing!r}")
-        cat, multi = ucat[pos], umulti[pos]
-    tix = tag_index(ds.tags)
-    tag_ids = np.zeros((len(df), MAX_TAGS_PER_AD), dtype=np.int64)
-    for i, tags in enumerate(df["tags"]):
-        for j, t in enumerate(list(tags)[:MAX_TAGS_PER_AD]):
-            tag_ids[i, j] = tix.get(t, 0)
-    labels = np.stack([df[TASK_LABELS[t]].to_numpy(np.float32) for t in TASKS], 1)
-    probs = None
-    if "p_click" in df.columns:
-        probs = np.stack([df["p_click"].to_numpy(np.float32), df["p_conversion"].to_numpy(np.float32)], 1)
-    return EncodedSplit(cat, multi, tag_ids, labels, probs, df["user_id"].to_numpy())
+        users = encode_users(ds.users, schema)
+        pos = users.rows_of(df, ds.path)
+        cat, multi = users.cat_ids[pos], users.multi_ids[pos]
+    return encode_samples(df, ds.tags, cat, multi)

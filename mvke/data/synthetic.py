@@ -240,15 +240,21 @@ class World:
         rows = np.repeat(np.arange(len(users)), n)
         ads = rng.choice(self.cfg.ads, len(rows), p=self.ad_pop[day])
         tags = self.ad_tags[ads]                                                          # [N, 3]
-        n_tags = (tags >= 0).sum(1)
-        aff_c = sum(self.affinity(users, rows, tags[:, j], "click") for j in range(3)) / n_tags
-        aff_v = sum(self.affinity(users, rows, tags[:, j], "conv") for j in range(3)) / n_tags
+        logit_click, logit_conv = self.logits(users, rows, tags)
         # Seconds since the start of the log, sorted within each user (lexsort: user, then time).
         start = 0 if day == "train" else DAY_SECONDS
         ts = start + rng.integers(0, DAY_SECONDS, len(rows))
         order = np.lexsort((ts, rows))
         return {"rows": rows[order], "tags": tags[order], "timestamp": ts[order],
-                "logit_click": (users.beta[rows] + aff_c)[order], "logit_conv": (users.gamma[rows] + aff_v)[order]}
+                "logit_click": logit_click[order], "logit_conv": logit_conv[order]}
+
+    def logits(self, users: Users, rows: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Click and conversion logits before the intercepts of the ads with `tags` ([N, 3], -1 padded)
+        shown to users[rows]: propensity + the mean affinity over the ad's tags."""
+        n_tags = (tags >= 0).sum(1)
+        aff_c = sum(self.affinity(users, rows, tags[:, j], "click") for j in range(3)) / n_tags
+        aff_v = sum(self.affinity(users, rows, tags[:, j], "conv") for j in range(3)) / n_tags
+        return users.beta[rows] + aff_c, users.gamma[rows] + aff_v
 
     def _raw_statistics(self, users: Users, rng: np.random.Generator) -> dict[str, np.ndarray]:
         U = len(users)
@@ -349,8 +355,17 @@ def blocks(cfg: SynthConfig) -> range:
     return range((cfg.users + USER_BLOCK - 1) // USER_BLOCK)
 
 
-def generate_block(world: World, block: int) -> dict[str, pd.DataFrame]:
-    """Users `block * USER_BLOCK ..` (at most USER_BLOCK): their feature rows and both days' samples."""
+@dataclass
+class Block:
+    """One block of users: the latent state behind it and the tables written from it."""
+    users: Users                      # training-day state (the features' snapshot)
+    test_users: Users                 # drifted test-day state
+    test_impressions: dict            # World.impressions of the test day (rows align with frames["test"])
+    frames: dict[str, pd.DataFrame]   # users, train, test
+
+
+def draw_block(world: World, block: int) -> Block:
+    """Users `block * USER_BLOCK ..` (at most USER_BLOCK): their latent state, feature rows and both days' samples."""
     cfg = world.cfg
     rng = np.random.default_rng([cfg.seed, 1, block])
     lo = block * USER_BLOCK
@@ -361,8 +376,14 @@ def generate_block(world: World, block: int) -> dict[str, pd.DataFrame]:
     fields |= world.statistics(users, rng)
     train = world.labelled(users, world.impressions(users, cfg.train_impressions_per_user, "train", rng), rng)
     test_users = world.drifted(users, rng)
-    test = world.labelled(test_users, world.impressions(test_users, cfg.test_impressions_per_user, "test", rng), rng)
-    return {"users": pd.DataFrame(fields), "train": train, "test": test}
+    test_imp = world.impressions(test_users, cfg.test_impressions_per_user, "test", rng)
+    test = world.labelled(test_users, test_imp, rng)
+    return Block(users, test_users, test_imp, {"users": pd.DataFrame(fields), "train": train, "test": test})
+
+
+def generate_block(world: World, block: int) -> dict[str, pd.DataFrame]:
+    """Users `block * USER_BLOCK ..` (at most USER_BLOCK): their feature rows and both days' samples."""
+    return draw_block(world, block).frames
 
 
 def dataset_meta(world: World) -> dict:

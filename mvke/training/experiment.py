@@ -41,7 +41,8 @@ from mvke.data.dataset import TASKS
 from mvke.models import MODELS, build_torch_model
 from mvke.training import plots
 from mvke.training.diagnostics import TASK_KEYS, mvke_diagnostics
-from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, prepare, test_metrics, train_model
+from mvke.training.parts_data import prepare_any
+from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, test_metrics, train_model
 from mvke.training.tune import load_tuned
 
 SWEEP_EXPERTS = range(4, 11)
@@ -69,16 +70,23 @@ def sweep_task_experts(k: int) -> dict[str, list[int]]:
 # -- data per seed ---------------------------------------------------------------------
 def seed_data_dir(data_dir: str | Path, seed: int) -> Path:
     """The dataset of one seed: synthetic data is regenerated with generator seed + seed (cached
-    in `<data_dir>-seeds/seed-<seed>`); other datasets are the same for every seed."""
+    in `<data_dir>-seeds/seed-<seed>`); other datasets are the same for every seed.
+
+    A world written in parts (above 65,536 users) is generated in place with `resume`: an
+    interrupted generation keeps its finished parts (meta.json, written last, marks it done);
+    one process per seed directory."""
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
     if seed == 0 or "generator" not in meta:
         return data_dir
-    from mvke.data.synthetic import SynthConfig, generate
+    from mvke.data.synthetic import SynthConfig, generate, part_blocks
     out = data_dir.parent / f"{data_dir.name}-seeds" / f"seed-{seed}"
     if not (out / "meta.json").exists():
         gen = dict(meta["generator"])
         gen["seed"] = gen["seed"] + seed
+        if part_blocks(SynthConfig(**gen), None):
+            generate(SynthConfig(**gen), out, progress=False, resume=True)
+            return out
         tmp = out.parent / f".{out.name}.{os.getpid()}"
         generate(SynthConfig(**gen), tmp, progress=False)
         try:
@@ -371,7 +379,7 @@ def _run_experiment(spec: ExperimentSpec, dist) -> dict:
     n_runs = len(models) * spec.seeds + (len(SWEEP_EXPERTS) if spec.sweep_experts else 0)
     bar = tqdm(total=n_runs, desc="experiment", unit="run", disable=not spec.progress)
     for seed in range(1 if spec.aggregate_only else spec.seeds):
-        data = prepare(seed_data_dir(spec.data_dir, seed))
+        data = prepare_any(seed_data_dir(spec.data_dir, seed))   # parts: bounded memory
         if spec.match_params and seed == 0:
             unmatched = _add_matched(cfgs, models, data)
         if spec.aggregate_only:

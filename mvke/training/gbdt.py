@@ -25,9 +25,10 @@ MAX_ROUNDS, EARLY_STOP = 1000, 30
 def features(split: EncodedSplit, num_ids: int) -> sp.csr_matrix:
     """[N, F_cat + 3 + num_ids]: categorical ids, tag slots, multi-hot history ids."""
     n = len(split)
-    dense = np.concatenate([split.cat_ids, split.tag_ids[:, :MAX_TAGS_PER_AD]], 1).astype(np.float32)
-    rows, cols = np.nonzero(split.multi_ids.reshape(n, -1))
-    ids = split.multi_ids.reshape(n, -1)[rows, cols]
+    dense = np.concatenate([np.asarray(split.cat_ids), split.tag_ids[:, :MAX_TAGS_PER_AD]], 1).astype(np.float32)
+    flat = np.asarray(split.multi_ids).reshape(n, -1)     # a Gathered split (prepare_parts) materialises here
+    rows, cols = np.nonzero(flat)
+    ids = flat[rows, cols]
     multi = sp.csr_matrix((np.ones(len(ids), np.float32), (rows, ids)), shape=(n, num_ids))
     multi.sum_duplicates()
     multi.data[:] = 1.0

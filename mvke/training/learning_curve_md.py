@@ -1,0 +1,136 @@
+"""results.md of the learning curve (docs/results/learning_curve/), from results.json's content."""
+from __future__ import annotations
+
+from mvke.training.learning_curve_plan import BATCH_CAP, MAX_EPOCHS
+
+GOAL = {"ctr": 0.80, "cvr": 0.83}     # issue 27: the linear probe's level measured in docs/MODELS.md
+
+PROTOCOL = """\
+## Protocol (fixed before the runs; mvke/training/learning_curve.py)
+
+* World: the default (facets) synthetic world, `mvke data synth --users N --seed 0`, at
+  N = 20,000, 80,000, 320,000 and 1,280,000 users (~16 training-day impressions per user: 1.28M
+  users is ~20M impressions, the paper's Offline-small size). Seed s of a size regenerates the world
+  with generator seed s, as `mvke experiment` does. Worlds above 65,536 users are written and read in
+  parts (the generator's blocks; bounded memory; `trainer.prepare_parts` keeps each user's encoded
+  fields once, tested equal to the in-memory `prepare`).
+* Models and configurations: mvke-mt, moe, mmoe, cgc, nomtl with their tuned configurations
+  (docs/results/tuning-synthetic, 8-trial Optuna studies on the 20k tuning world), one budget of
+  {epochs} epochs, early stopping on the time-based validation (patience 1), test day scored once per
+  run, one torch thread. No @matched rows, no LightGBM.
+* **Batch size and learning rate rule, the same for every model:** B(N) = min({cap}, B_tuned x N / 20,000),
+  lr(N) = lr_tuned x sqrt(B(N) / B_tuned) (square-root rule for Adam-type optimisers). So 20k keeps
+  the tuned 256 and every larger size trains at 1,024 with twice the tuned learning rate. Why a cap of
+  1,024: samples per CPU-second on this 2-core AMD EPYC box (one thread, 20k world, 120k samples
+  per measurement, two rounds, load average 5-8 from other work), mvke-mt / moe: batch 256 16.2k /
+  10.9k, 1,024 19.9k / 13.1k, 4,096 14.2k / 11.9k.
+* Plan: 5 models x 5 seeds at 20k, x 3 seeds at 80k; mvke-mt, the best baseline of the smaller
+  sizes (moe, mmoe or cgc with the highest mean validation AUC at the largest smaller size where all
+  three finished: chosen on validation, not test) and nomtl (the paper's online baseline) at 320k
+  and 1.28M, 1 seed each (more if the budget allows).
+* The 20k point reuses issue 10's runs (docs/results/synthetic/cells): same world, same tuned
+  configurations, `--max-epochs 10`, same early stopping and test scoring; their cell keys equal the
+  keys this protocol computes (`learning_curve.expected_key`), which is how the aggregation accepts
+  a cell at all.
+"""
+
+
+def _auc(r: dict, key: str) -> str:
+    a = r[f"{key}_auc"]
+    return f"{a['mean']:.4f} ± {a['std']:.4f}" if r["seeds"] > 1 else f"{a['mean']:.4f}"
+
+
+def _size_rows(s: dict) -> list[str]:
+    rows = []
+    imp = s.get("impressions", {}).get("train_day")
+    for m, r in s["models"].items():
+        planned = s["planned"]["seeds"] if m in s["planned"]["models"] or "best-baseline" in s["planned"]["models"] else 0
+        seeds = f"{r['seeds']}" + (f" of {planned}" if r["seeds"] < planned else "")
+        rows.append(f"| {s['users']:,} | {imp:,} | {m} | {_auc(r, 'ctr')} | {_auc(r, 'cvr')} | {seeds} | "
+                    f"{'/'.join(map(str, r['best_epochs']))} | {r['batch_size']} / {r['lr']:.2e} | "
+                    f"{r['cpu_seconds_per_run'] / 3600:.2f} |")
+    if not s["models"]:
+        rows.append(f"| {s['users']:,} | | (no finished run yet) | | | 0 of {s['planned']['seeds']} | | | |")
+    return rows
+
+
+def _ref(s: dict, name: str) -> str:
+    r = s.get(name)
+    return f"{r['ctr']:.4f} / {r['cvr']:.4f}" if r else "not measured"
+
+
+def results_table(res: dict) -> list[str]:
+    out = ["| users | training-day impressions | model | CTR AUC | CVR AUC | seeds | best epoch per seed | batch / lr | "
+           "CPU h per run |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in res["sizes"]:
+        out += _size_rows(s)
+    out += ["", "| users | oracle CTR / CVR | linear probe CTR / CVR | CPU h, training loops of its runs | "
+            "CPU h, every process of this curve (data, training, scoring) |", "|---|---|---|---|---|"]
+    for s in res["sizes"]:
+        proc = f"{s['cpu_seconds_processes'] / 3600:.2f}" if s["cpu_seconds_processes"] else \
+            ("issue 10's runs (not rerun)" if s["users"] == 20_000 else "0")
+        out.append(f"| {s['users']:,} | {_ref(s, 'oracle')} | {_ref(s, 'probe')} | "
+                   f"{s.get('cpu_seconds_runs', 0) / 3600:.2f} | {proc} |")
+    return out
+
+
+def goal_lines(res: dict) -> list[str]:
+    done = [s for s in res["sizes"] if "mvke-mt" in s["models"]]
+    if not done:
+        return ["No mvke-mt run has finished yet."]
+    s = done[-1]
+    r = s["models"]["mvke-mt"]
+    got = {k: r[f"{k}_auc"]["mean"] for k in GOAL}
+    met = all(got[k] >= GOAL[k] for k in GOAL)
+    line = (f"Largest size with a finished mvke-mt run: {s['users']:,} users ({r['seeds']} seed(s)): "
+            f"{got['ctr']:.4f} / {got['cvr']:.4f} against the goal {GOAL['ctr']:.2f} / {GOAL['cvr']:.2f}: "
+            f"**{'reached' if met else 'not reached'}**.")
+    if s.get("oracle"):
+        line += (f" Oracle {s['oracle']['ctr']:.4f} / {s['oracle']['cvr']:.4f}: the gap to it is "
+                 f"{100 * (s['oracle']['ctr'] - got['ctr']):.1f} / {100 * (s['oracle']['cvr'] - got['cvr']):.1f} points")
+        if s.get("probe"):
+            line += (f", to the linear probe {100 * (s['probe']['ctr'] - got['ctr']):+.1f} / "
+                     f"{100 * (s['probe']['cvr'] - got['cvr']):+.1f}")
+        line += "."
+    return [line]
+
+
+def open_lines(res: dict) -> list[str]:
+    out = []
+    for s in res["sizes"]:
+        want, planned = s["planned"]["seeds"], s["planned"]["models"]
+        short = [f"{m} {s['models'][m]['seeds'] if m in s['models'] else 0}/{want}" for m in planned
+                 if m != "best-baseline" and s["models"].get(m, {}).get("seeds", 0) < want]
+        if "best-baseline" in planned and not any(m in s["models"] for m in ("moe", "mmoe", "cgc")):
+            short.append(f"best baseline 0/{want}")
+        if short:
+            out.append(f"* {s['users']:,} users: {', '.join(short)} seeds finished")
+    return out or ["* none: every planned run finished"]
+
+
+def render(res: dict) -> str:
+    p = res["protocol"]
+    lines = ["# Learning curve: the tuned models from 20k to 1.28M users (issue 27)", "",
+             "Test AUC (mean ± sample std over seeds) of the tuned models as the default synthetic world grows; "
+             "the figure: [auc_vs_users.png](auc_vs_users.png). CTR = interest task (click), CVR = intention "
+             "(conversion). Rebuilt from the finished runs by one command (see Reproduce); runs still open are listed.",
+             "", PROTOCOL.format(epochs=MAX_EPOCHS, cap=BATCH_CAP), "## Results", "", *results_table(res), "",
+             "CPU h per run: the training loop's process CPU time (validation each epoch included; data loading and "
+             "test scoring not); the 20k runs are issue 10's, timed on an Intel Xeon, the others on the AMD EPYC below. The linear probe: mvke/training/latent_probe.py (definition there and below).", "",
+             "## MVKE's lead over the best other model, per size", "",
+             "Paired per-seed difference mvke-mt minus the model with the highest mean test AUC at that size "
+             "(per task), in AUC points (x100), mean ± std over the common seeds.", ""]
+    lines += [f"* {s['sentence']}" for s in res["sizes"]]
+    lines += ["", "## Goal at the largest size (mvke-mt ≥ 0.80 / 0.83)", "", *goal_lines(res), "",
+              "## Still open", "", *open_lines(res), "",
+              "## Reproduce", "", "```",
+              "setsid nohup bash scripts/learning_curve.sh >/dev/null 2>&1 &   # resumes: finished runs are kept",
+              "PYTHONPATH=$PWD python -m mvke.training.latent_probe            # the linear probe per size",
+              "PYTHONPATH=$PWD python -m mvke.training.learning_curve aggregate  # this page, results.json, the PNG",
+              "```", "",
+              f"Machine: {res['machine']['processor']}, {res['machine']['cores']} cores, no GPU, shared with other "
+              "work (the background runs at nice 19: their wall time says little; the CPU times are process CPU). "
+              f"CPU hours of this curve's processes so far: {res['cpu_hours']['this_curve_processes']:.2f} "
+              f"(cpu_ledger.json: every data generation and experiment call with its load average); the reused 20k "
+              f"runs' training loops: {res['cpu_hours']['reused_20k_training_loops']:.2f}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Issue 27's learning curve: the batch/lr rule, the baseline choice, the aggregation on partial
+results, and the bounded-memory data path the large sizes train on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mvke.training import learning_curve_plan as lc
+from mvke.training import learning_curve_md, learning_curve_report as report
+
+
+def test_rule_keeps_20k_and_scales_batch_and_lr_by_the_square_root_up_to_the_cap():
+    tuned = {"lr": 4e-4, "batch_size": 256, "epochs": 3, "weight_decay": 0.01}
+    assert lc.scaled_train(tuned, 20_000) == {**tuned, "epochs": lc.MAX_EPOCHS}
+    at80k = lc.scaled_train(tuned, 80_000)
+    assert (at80k["batch_size"], at80k["lr"]) == (1024, pytest.approx(8e-4))
+    assert lc.scaled_train(tuned, 1_280_000)["batch_size"] == lc.BATCH_CAP
+    # a configuration tuned at the cap or above keeps its own batch and learning rate
+    assert lc.scaled_train({**tuned, "batch_size": 2048}, 1_280_000)["lr"] == pytest.approx(4e-4)
+
+
+def test_best_baseline_is_chosen_on_validation_at_the_largest_complete_size():
+    valid = {"u20k": {"moe": [0.70], "mmoe": [0.71], "cgc": [0.72]},
+             "u80k": {"moe": [0.75, 0.77], "mmoe": [0.74], "cgc": [0.73]}}
+    assert lc.best_baseline(valid, ["u20k", "u80k"]) == "moe"
+    del valid["u80k"]["cgc"]                       # 80k incomplete: the 20k choice
+    assert lc.best_baseline(valid, ["u20k", "u80k"]) == "cgc"
+    assert lc.best_baseline({}, ["u20k"]) is None
+    plan = lc.SizePlan(320_000, ("mvke-mt", lc.BEST_BASELINE, "nomtl"), 1)
+    assert lc.resolve_models(plan, valid) == ["mvke-mt", "cgc", "nomtl"]
+
+
+def test_issue10_cells_are_accepted_as_the_20k_point():
+    """They were made with the tuned configurations and 10 epochs: their keys are the protocol's."""
+    cells = lc.read_cells("u20k", 20_000, lc.MODELS, 5)
+    assert {m: len(c) for m, c in cells.items()} == {m: 5 for m in lc.MODELS}
+    assert lc.read_cells("u20k", 80_000, lc.MODELS, 5) == {}      # another batch/lr: another key
+
+
+def _cell(model: str, seed: int, ctr: float, cvr: float) -> dict:
+    cfg = lc.size_config(model, 80_000)
+    return {"config_key": lc.expected_key(model, 80_000), "config": cfg, "seed": seed, "best_epoch": 2,
+            "test_auc": {"interest": ctr, "intention": cvr}, "best_valid_mean_auc": (ctr + cvr) / 2,
+            "cpu_seconds": 360.0, "samples_per_cpu_second": 2e4, "n_train": 1000, "n_valid": 100, "n_test": 500,
+            "oracle_test_auc": {"interest": 0.88, "intention": 0.92}}
+
+
+def test_aggregation_reports_partial_results_with_their_seed_counts(tmp_path):
+    for model, seed, ctr, cvr in [("mvke-mt", 0, 0.780, 0.800), ("mvke-mt", 1, 0.790, 0.805),
+                                  ("cgc", 0, 0.775, 0.790), ("moe", 1, 0.770, 0.810)]:
+        path = tmp_path / "cells" / "u80k" / model / f"seed-{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_cell(model, seed, ctr, cvr)))
+    res = report.build(tmp_path)
+    s80 = next(s for s in res["sizes"] if s["size"] == "u80k")
+    assert s80["models"]["mvke-mt"]["seeds"] == 2 and s80["models"]["cgc"]["seeds"] == 1
+    # CVR: moe has the higher mean; the pair is over their one common seed
+    assert s80["lead"]["cvr"]["baseline"] == "moe" and s80["lead"]["cvr"]["seeds"] == [1]
+    assert s80["lead"]["cvr"]["points"]["mean"] == pytest.approx(-0.5)
+    assert "one seed" in s80["sentence"]
+    md = learning_curve_md.render(res)
+    assert "| 80,000 | 1,100 | cgc | 0.7750 | 0.7900 | 1 of 3 |" in md
+    assert "320,000 users: mvke-mt 0/1" in md
+
+
+def test_prepare_parts_gives_the_arrays_of_prepare(tmp_path):
+    """The large sizes' data path: parts, each user's fields once (Gathered), the same splits and rows."""
+    from mvke.data.dataset import Gathered
+    from mvke.data.synthetic import SynthConfig, generate
+    from mvke.training.parts_data import prepare_parts
+    from mvke.training.trainer import prepare
+    d = generate(SynthConfig(users=5000, tags=50, categories=10, ads=200), tmp_path / "d", progress=False,
+                 part_users=4096)
+    full, parts = prepare(d), prepare_parts(d)
+    assert (d / "train.parquet").is_dir() and parts.schema.to_dict() == full.schema.to_dict()
+    assert isinstance(parts.train.multi_ids, Gathered)
+    for name in ("train", "valid", "test"):
+        a, b = getattr(full, name), getattr(parts, name)
+        for f in ("cat_ids", "multi_ids", "tag_ids", "labels", "true_probs", "user_ids"):
+            assert np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f))), (name, f)
+    rows = np.array([5, 0, 17])
+    assert np.array_equal(parts.train.subset(rows).multi_ids[:], full.train.multi_ids[rows])
