@@ -111,10 +111,10 @@ def probe(users: int, seed: int = 0) -> dict:
 def main() -> None:
     from mvke.training.learning_curve_plan import OUT, PLAN
     out = {}
-    for plan in PLAN:
+    for plan in PLAN:          # written after each size: a partial file is usable
         out[plan.name] = probe(plan.users)
         print(plan.name, out[plan.name], flush=True)
-    (OUT / "probe.json").write_text(json.dumps(out, indent=1))
+        (OUT / "probe.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
