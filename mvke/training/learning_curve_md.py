@@ -99,11 +99,12 @@ def goal_lines(res: dict) -> list[str]:
             f"{got['ctr']:.4f} / {got['cvr']:.4f} against the goal {GOAL['ctr']:.2f} / {GOAL['cvr']:.2f}: "
             f"**{'reached' if met else 'not reached'}**.")
     if s.get("oracle"):
-        line += (f" Oracle {s['oracle']['ctr']:.4f} / {s['oracle']['cvr']:.4f}: the gap to it is "
-                 f"{100 * (s['oracle']['ctr'] - got['ctr']):.1f} / {100 * (s['oracle']['cvr'] - got['cvr']):.1f} points")
+        line += (f" Where the rest sits: oracle minus mvke-mt {100 * (s['oracle']['ctr'] - got['ctr']):+.1f} / "
+                 f"{100 * (s['oracle']['cvr'] - got['cvr']):+.1f} points")
         if s.get("probe"):
-            line += (f", to the linear probe {100 * (s['probe']['ctr'] - got['ctr']):+.1f} / "
-                     f"{100 * (s['probe']['cvr'] - got['cvr']):+.1f}")
+            line += (f", linear probe minus mvke-mt {100 * (s['probe']['ctr'] - got['ctr']):+.1f} / "
+                     f"{100 * (s['probe']['cvr'] - got['cvr']):+.1f} (the oracle {s['oracle']['ctr']:.4f} / "
+                     f"{s['oracle']['cvr']:.4f}, the probe {s['probe']['ctr']:.4f} / {s['probe']['cvr']:.4f})")
         line += "."
     return [line]
 
