@@ -41,7 +41,7 @@ def lead(rows: dict[str, dict]) -> dict | None:
     others = {m: r for m, r in rows.items() if m != "mvke-mt"}
     if not mt or not others:
         return None
-    out = {}
+    out: dict = {"competitors": sorted(others)}
     for key in TASKS.values():
         best = max(others, key=lambda m: others[m][f"{key}_auc"]["mean"])
         seeds = sorted(set(mt["per_seed"]) & set(others[best]["per_seed"]))
@@ -51,7 +51,7 @@ def lead(rows: dict[str, dict]) -> dict | None:
 
 
 def lead_sentence(size: str, users: int, lead_now: dict | None, lead_before: dict | None) -> str:
-    """One sentence on MVKE's lead at a size, with its spread and how it moved from the size before."""
+    """One sentence on MVKE's lead at a size, with its spread and the lead at the size before."""
     if lead_now is None:
         return f"{users:,} users: no paired runs of mvke-mt and a baseline yet."
     parts = []
@@ -61,16 +61,14 @@ def lead_sentence(size: str, users: int, lead_now: dict | None, lead_before: dic
             parts.append(f"{name}: no common seed with {d['baseline']}")
             continue
         n = len(d["seeds"])
-        spread = f" ± {d['points']['std']:.2f}" if n > 1 else " (one seed: no spread)"
-        trend = ""
+        spread = f" ± {d['points']['std']:.2f}" if n > 1 else ""
+        note = f"{n} paired seeds" if n > 1 else "1 seed, no spread"
         if lead_before and lead_before[key]["points"]:
-            was = lead_before[key]["points"]["mean"]
-            now = d["points"]["mean"]
-            trend = f", {'up' if now > was else 'down'} from {was:+.2f}"
-        parts.append(f"{name} {d['points']['mean']:+.2f}{spread} points over {d['baseline']} "
-                     f"({n} paired seed{'s' if n > 1 else ''}{trend})")
-    verdict = _verdict(lead_now)
-    return f"{users:,} users: mvke-mt minus the best other model, {'; '.join(parts)}: {verdict}."
+            note += f"; {lead_before[key]['points']['mean']:+.2f} at the size before"
+        parts.append(f"{name} {d['points']['mean']:+.2f}{spread} points over {d['baseline']} ({note})")
+    among = "" if len(lead_now["competitors"]) >= len(MODELS) - 1 else \
+        f" (finished so far beside mvke-mt: {', '.join(lead_now['competitors'])})"
+    return f"{users:,} users{among}: mvke-mt minus the best other model: {', '.join(parts)}: {_verdict(lead_now)}."
 
 
 def _verdict(lead_now: dict) -> str:
@@ -80,12 +78,13 @@ def _verdict(lead_now: dict) -> str:
         p = lead_now[key]["points"]
         if p is None:
             continue
+        side = "ahead" if p["mean"] > 0 else "behind"
         if len(lead_now[key]["seeds"]) < 2:
-            words.append(f"{name} {'ahead' if p['mean'] > 0 else 'behind'} on one seed, not a measured lead")
+            words.append(f"{name} {side} on one seed (not yet a measured lead)")
         elif abs(p["mean"]) <= p["std"]:
             words.append(f"{name} inside the seed spread")
         else:
-            words.append(f"{name} {'ahead' if p['mean'] > 0 else 'behind'} by more than the seed spread")
+            words.append(f"{name} {side} by more than the seed spread")
     return ", ".join(words)
 
 
