@@ -357,18 +357,20 @@ def _fail_on_rejects(cfg: TagAllConfig, jd: JobDir, counts: dict) -> None:
         raise RuntimeError(error)
 
 
-def _profiles_current(cfg: TagAllConfig, version: str) -> dict | None:
-    """--if-new-version: the summary of "nothing to do" when Redis's completed profiles are this version's
-    ({prefix:usertags}:latest, switched when a job completes), else None (run the job)."""
+def _profiles_current(cfg: TagAllConfig) -> dict | None:
+    """--if-new-version: the summary of "nothing to do" when Redis's completed profiles
+    ({prefix:usertags}:latest, switched when a job completes) are the active version's, else None (run
+    the job). Two reads, before the model's files are fetched: a scheduler may call this every hour."""
     from mvke.runtime.redis_client import connect
+    from mvke.runtime.versions import active_version
     keys = Keys(cfg.key_prefix)
-    r = connect(cfg.redis())
+    r = connect(cfg.redis(), socket_timeout=30)
     try:
-        latest = r.get(keys.user_tags_latest)
+        version, latest = active_version(r, keys), r.get(keys.user_tags_latest)
     finally:
         r.close()
-    if latest is None or latest.decode() != version:
-        return None
+    if version is None or latest is None or latest.decode() != version:
+        return None     # no active version: load_model_source says so
     return {"model_version": version, "skipped": f"the profiles of v{version} are complete "
             f"({keys.user_tags_latest} names it): nothing to do", "redis": {"latest": keys.user_tags_latest}}
 
@@ -380,11 +382,9 @@ def run(cfg: TagAllConfig) -> dict:
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     t0 = time.perf_counter()
+    if cfg.if_new_version and (current := _profiles_current(cfg)) is not None:
+        return current
     manifest, blobs = load_model_source(cfg)
-    if cfg.if_new_version:
-        current = _profiles_current(cfg, manifest.version)
-        if current is not None:
-            return current
     cfg = dataclasses.replace(cfg, out=cfg.out.replace("{version}", manifest.version))
     out_root = Path(cfg.out).resolve()
     # an --out inside the --users directory must not read its own results back as users on a rerun
