@@ -120,7 +120,9 @@ def build(out: Path = OUT) -> dict:
         before = e["lead"] or before
         sizes.append(e)
     reused = sizes[0].get("cpu_seconds_runs", 0.0)
-    return {"protocol": protocol(), "sizes": sizes, "ledger_entries": len(ledger),
+    # every choice read validation only: each run's best epoch (early stopping), the baseline run at the
+    # large sizes (best_baseline); the test day is scored once per run (experiment.py's "selection" too)
+    return {"selection": "valid", "protocol": protocol(), "sizes": sizes, "ledger_entries": len(ledger),
             "cpu_hours": {"this_curve_processes": round(sum(r["cpu_seconds"] for r in ledger) / 3600, 3),
                           "reused_20k_training_loops": round(reused / 3600, 3)},
             "machine": {"processor": _cpu_name(), "cores": __import__("os").cpu_count(),

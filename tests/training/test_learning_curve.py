@@ -54,6 +54,7 @@ def test_aggregation_reports_partial_results_with_their_seed_counts(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_cell(model, seed, ctr, cvr)))
     res = report.build(tmp_path)
+    assert res["selection"] == "valid"
     s80 = next(s for s in res["sizes"] if s["size"] == "u80k")
     assert s80["models"]["mvke-mt"]["seeds"] == 2 and s80["models"]["cgc"]["seeds"] == 1
     # CVR: moe has the higher mean; the pair is over their one common seed
