@@ -209,13 +209,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(request) -> None:
             try:
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(request)))
+                return
             except ServiceError as e:
-                answers.put_nowait(pb.ModelStreamInferResponse(
-                    error_message=e.message, infer_response=pb.ModelInferResponse(id=request.id)))
+                error = e.message
             except Exception as e:     # never a silent gap in the stream: the request is answered
                 log.exception("stream inference %r failed", request.id)
-                answers.put_nowait(pb.ModelStreamInferResponse(
-                    error_message=f"internal error: {type(e).__name__}", infer_response=pb.ModelInferResponse(id=request.id)))
+                error = f"internal error: {type(e).__name__}"
+            answers.put_nowait(pb.ModelStreamInferResponse(error_message=error,
+                                                           infer_response=pb.ModelInferResponse(id=request.id)))
         try:
             async for request in request_iterator:
                 task = asyncio.ensure_future(one(request))
