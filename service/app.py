@@ -183,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = ServedOpenAPI(app, state)
     edge = EdgeMiddleware(app.handle, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                           access_log=settings.access_log, api_keys=state.api_keys)
+    app.state.edge = edge                                   # the HTTP protocol's way in (service/http_protocol.py)
     grpc_server, app.edge = install_oip(app, state, edge)   # /v2 routes; the edge's /v2 errors in the OIP shape
     app.state.grpc_server = grpc_server
     return app

@@ -34,6 +34,7 @@ log = logging.getLogger("mvke.service.access")
 TAG_ROUTE = "/users/{user_id}/tags"
 _JSON_CT = b"application/json"
 _NO_BODY = TagRequest()   # the request without a body (shared: nothing mutates a request)
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]   # status, headers, body
 
 
 class RouteLabels:
@@ -101,9 +102,7 @@ class EdgeMiddleware:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or os.urandom(8).hex()
-        rid_header = (b"x-request-id", rid.encode("latin-1"))
-        token = request_id.set(rid)
+        rid_header, token = self._request_id(headers)
         status = [500]
 
         async def send_wrapper(message):
@@ -114,38 +113,69 @@ class EdgeMiddleware:
 
         path = scope.get("path", "")
         try:
-            if not await self._refused(scope, headers, path, send_wrapper):
+            refusal = self.refusal(scope.get("method"), path, headers)
+            if refusal is not None:
+                await send_answer(send_wrapper, refusal)
+            else:
                 await self._forward(scope, receive, send_wrapper, path, headers)
         finally:
-            elapsed = time.perf_counter() - t0
-            if self._labels is None:
-                self._labels = RouteLabels(getattr(scope.get("app"), "routes", ()))
-            self._observe(self._labels(path), status[0], elapsed)
-            if self.access_log:
-                log.info("request", extra={"method": scope.get("method"), "path": path,
-                                           "status": status[0], "ms": round(elapsed * 1000, 3)})
-            request_id.reset(token)
+            self._finish(scope.get("app"), scope.get("method"), path, status[0], t0, token)
 
-    async def _refused(self, scope, headers: dict, path: str, send) -> bool:
-        """Refuse at the edge what no route may take (no API key 401, too large 413, not JSON 415) -> refused."""
+    async def serve_read(self, app, path: str, headers: dict, body: bytes) -> Answer | None:
+        """A POST to the tag route whose body the HTTP protocol has read whole (service/http_protocol.py),
+        answered here without ASGI: the same edge (request id, refusals, metrics, access log) and the same
+        bytes as `__call__`; None, before anything is counted, when FastAPI must answer it."""
+        t0 = time.perf_counter()
+        refusal = self.refusal("POST", path, headers)
+        svc = self._service_of(app)
+        user_id = req = None
+        if refusal is None:
+            user_id = self._fast_user(svc, path, headers)
+            req = None if user_id is None else self._tag_request(headers, body)
+            if req is None:
+                return None
+        rid_header, token = self._request_id(headers)
+        status = 500
+        try:
+            answer = refusal if refusal is not None else await self._tag(svc, user_id, req)
+            status = answer[0]
+            return answer[0], [*answer[1], rid_header], answer[2]
+        finally:
+            self._finish(app, "POST", path, status, t0, token)
+
+    @staticmethod
+    def _request_id(headers: dict):
+        """(the x-request-id response header, the context token): the client's id, else a new one."""
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or os.urandom(8).hex()
+        return (b"x-request-id", rid.encode("latin-1")), request_id.set(rid)
+
+    def _finish(self, app, method, path: str, status: int, t0: float, token) -> None:
+        elapsed = time.perf_counter() - t0
+        if self._labels is None:
+            self._labels = RouteLabels(getattr(app, "routes", ()))
+        self._observe(self._labels(path), status, elapsed)
+        if self.access_log:
+            log.info("request", extra={"method": method, "path": path, "status": status,
+                                       "ms": round(elapsed * 1000, 3)})
+        request_id.reset(token)
+
+    def refusal(self, method, path: str, headers: dict) -> Answer | None:
+        """What no route may take, refused at the edge (no API key 401, too large 413, not JSON 415); else None."""
         if self.api_keys is not None and self.api_keys.protects(path) and not self.api_keys.allows(headers):
-            await self._refuse(send, 401, "authorization: this route needs an API key "
-                               "(Authorization: Bearer <key> or X-API-Key: <key>)", "authorization",
-                               [(b"www-authenticate", b'Bearer realm="mvke"')])
-            return True
+            return refusal_answer(401, "authorization: this route needs an API key "
+                                  "(Authorization: Bearer <key> or X-API-Key: <key>)", "authorization",
+                                  [(b"www-authenticate", b'Bearer realm="mvke"')])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await self._too_large(send)
-            return True
-        if scope.get("method") == "POST":
+            return self._too_large()
+        if method == "POST":
             ct = headers.get(b"content-type")
             # the Open Inference routes (/v2) also take the binary tensor extension (service/oip)
             if ct != _JSON_CT and not is_json_type(ct) and has_body(headers) and not path.startswith("/v2/"):
                 got = ct.decode("latin-1")[:100] if ct else "no Content-Type"
-                await self._refuse(send, 415, f"body: send it as JSON with the header "
-                                   f"Content-Type: application/json (got {got})", "body")
-                return True
-        return False
+                return refusal_answer(415, f"body: send it as JSON with the header "
+                                      f"Content-Type: application/json (got {got})", "body")
+        return None
 
     async def _forward(self, scope, receive, send, path: str, headers: dict) -> None:
         """The fast path for a tagging request; everything else (and what it hands back) to FastAPI, its body
@@ -179,37 +209,54 @@ class EdgeMiddleware:
         """Serve a well-formed tagging request -> None; else the body messages read so far
         (to replay to FastAPI; [] when nothing was read)."""
         svc = self._service(scope)
-        if svc is None or not svc.settings.fast_path:
+        user_id = self._fast_user(svc, path, headers)
+        if user_id is None:
             return []
-        user_id = path[7:-5]
-        if not user_id or "/" in user_id or len(user_id) > 128:
-            return []
-        ct = headers.get(b"content-type")
-        if ct is not None and ct.split(b";", 1)[0].strip().lower() != _JSON_CT:
-            return []
-        # FastAPI (strict_content_type, its default) parses a body as JSON only under a JSON content type
         messages, body = await self._read_body(receive)
         if body is None:
             return messages
-        req = _NO_BODY
-        if body:
-            try:
-                req = TagRequest.model_validate_json(body) if ct is not None else None
-            except ValidationError:
-                req = None
-            if req is None:
-                return [{"type": "http.request", "body": body, "more_body": False}]
+        req = self._tag_request(headers, body)
+        if req is None:
+            return [{"type": "http.request", "body": body, "more_body": False}]
+        await send_answer(send, await self._tag(svc, user_id, req))
+        return None
+
+    @staticmethod
+    def _fast_user(svc, path: str, headers: dict) -> str | None:
+        """The user of a tagging request the fast path may serve (before its body is read), else None."""
+        if svc is None or not svc.settings.fast_path:
+            return None
+        user_id = path[7:-5]
+        if not user_id or "/" in user_id or len(user_id) > 128:
+            return None
+        ct = headers.get(b"content-type")
+        if ct is not None and ct.split(b";", 1)[0].strip().lower() != _JSON_CT:
+            return None
+        return user_id
+
+    @staticmethod
+    def _tag_request(headers: dict, body: bytes) -> TagRequest | None:
+        """The body as a TagRequest; None when FastAPI must answer it (its 422 / 400 messages)."""
+        if not body:
+            return _NO_BODY
+        # FastAPI (strict_content_type, its default) parses a body as JSON only under a JSON content type
+        if headers.get(b"content-type") is None:
+            return None
+        try:
+            return TagRequest.model_validate_json(body)
+        except ValidationError:
+            return None
+
+    @staticmethod
+    async def _tag(svc, user_id: str, req: TagRequest) -> Answer:
         try:
             job = validate_request(svc, user_id, req)
             out = orjson.dumps(render(await svc.tag(job)))
         except ServiceError as e:
             # the response of the app's ServiceError handler, as when the route raises it
-            await error_response(e)(scope, receive, send)
-            return None
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(out)).encode()), (b"content-type", _JSON_CT)]})
-        await send({"type": "http.response.body", "body": out})
-        return None
+            r = error_response(e)
+            return r.status_code, r.raw_headers, r.body
+        return 200, [(b"content-length", str(len(out)).encode()), (b"content-type", _JSON_CT)], out
 
     async def _fast_oip(self, scope, receive, send, path: str, headers: dict) -> list | None:
         """An Open Inference Protocol inference request (service/oip/rest.py FastInfer) -> None when served;
@@ -227,9 +274,12 @@ class EdgeMiddleware:
         return None
 
     def _service(self, scope):
+        return self._service_of(scope.get("app"))
+
+    def _service_of(self, app):
         """The app's ServiceState (found on the first request)."""
         if self._svc is None:
-            state = getattr(scope.get("app"), "state", None)
+            state = getattr(app, "state", None)
             self._svc = getattr(state, "svc", None) if state is not None else None
         return self._svc
 
@@ -248,13 +298,17 @@ class EdgeMiddleware:
         return messages, messages[0].get("body", b"") if len(messages) == 1 else \
             b"".join(m.get("body", b"") for m in messages)
 
-    async def _too_large(self, send) -> None:
-        await self._refuse(send, 413, f"request body larger than {self.max_body} bytes", "body")
+    def _too_large(self) -> Answer:
+        return refusal_answer(413, f"request body larger than {self.max_body} bytes", "body")
 
-    @staticmethod
-    async def _refuse(send, status: int, detail: str, field: str | None, extra: list | None = None) -> None:
-        body = orjson.dumps({"detail": detail, "field": field})
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                *(extra or [])]})
-        await send({"type": "http.response.body", "body": body})
+
+def refusal_answer(status: int, detail: str, field: str | None, extra: list | None = None) -> Answer:
+    body = orjson.dumps({"detail": detail, "field": field})
+    return status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    *(extra or [])], body
+
+
+async def send_answer(send, answer: Answer) -> None:
+    status, headers, body = answer
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
