@@ -136,6 +136,15 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return length or 0
 
 
+_rendered = [None, b""]   # uvicorn's default headers (date, server) as bytes; uvicorn swaps the list each second
+
+
+def rendered_defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
+    if _rendered[0] is not headers:
+        _rendered[:] = [headers, b"".join(b"".join((name, b": ", value, b"\r\n")) for name, value in headers)]
+    return _rendered[1]
+
+
 class ReadCycle:
     """One tagging request read whole, then answered by the edge; the attributes are those of uvicorn's
     `RequestResponseCycle` that the protocol reads and writes (body, flags, the event)."""
@@ -175,8 +184,8 @@ class ReadCycle:
 
     def _write(self, status_line: bytes, head: list, tail: bytes, close: bool) -> None:
         p = self.protocol
-        defaults = [b"".join((name, b": ", value, b"\r\n")) for name, value in p.server_state.default_headers]
-        p.transport.write(b"".join((status_line, *defaults, *head, b"connection: close\r\n" if close else b"", tail)))
+        p.transport.write(b"".join((status_line, rendered_defaults(p.server_state.default_headers), *head,
+                                    b"connection: close\r\n" if close else b"", tail)))
 
     def _done(self) -> None:
         self.response_complete = True
