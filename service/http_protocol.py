@@ -4,13 +4,14 @@
   65,535 bytes, e.g. a 100k-character user id: llhttp keeps URL offsets in 16 bits) or otherwise
   malformed never reaches the app; stock uvicorn answers it with a plain-text 400. This answers the same
   errors in the service's error shape: 414 naming `user_id` for an overlong tag route, else 400.
-* The tag route without ASGI. A `POST /users/{id}/tags` with a Content-Length within the body limit is
-  read whole here and handed to the edge (`EdgeMiddleware.serve_read`: the same request id, refusals,
-  metrics and answer bytes as the ASGI path), and the answer is written in one `transport.write`. What it
-  skips is uvicorn's per-request ASGI plumbing (the request/response cycle object, its receive/send
-  messages and event, the proxy-headers layer, two writes per answer): about a fifth of a tagging
-  request's CPU on 2 cores (docs/results/predictor_ab). A request the edge does not serve (a body the
-  schema refuses, a non-JSON type, ...) goes on through uvicorn's own cycle with the body already read,
+* The inference routes without ASGI. A `POST /users/{id}/tags` or an Open Inference
+  `POST /v2/models/.../infer` with a Content-Length within the body limit is read whole here and handed
+  to the edge (`EdgeMiddleware.serve_read`: the same request id, refusals, metrics and answer bytes as
+  the ASGI path), and the answer is written in one `transport.write`. What it skips is uvicorn's
+  per-request ASGI plumbing (the request/response cycle object, its receive/send messages and event,
+  the proxy-headers layer, two writes per answer): +11% tagging QPS at c=32 on 2 cores
+  (docs/results/predictor_ab/session4). A request the edge does not serve (a body the schema refuses,
+  a non-JSON type, a /v2 refusal, ...) goes on through uvicorn's own cycle with the body already read,
   so its answer is the app's as before. Pipelined requests keep their order (uvicorn's queue); the
   keep-alive timer, graceful shutdown and a client that disconnects mid-request behave as in uvicorn.
 
@@ -93,9 +94,11 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
             self.pipeline.appendleft((self.cycle, self.app))
 
     def _read_whole(self) -> bool:
-        """Whether this request is one for `ReadCycle`: a plain POST /users/.../tags whose body has a length
+        """Whether this request is one for `ReadCycle`: a plain POST /users/.../tags or /v2/models/.../infer
+        whose body has a length
         within the limit (no chunks, no 100-continue, no upgrade, no root path, under the concurrency limit)."""
-        if not self.url.startswith(b"/users/") or self.parser.get_method() != b"POST":
+        url = self.url
+        if not (url.startswith(b"/users/") or url.startswith(b"/v2/models/")) or self.parser.get_method() != b"POST":
             return False
         if self._edge is None:
             found = _EDGES.get(self.app)
@@ -103,7 +106,7 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
                 found = _EDGES[self.app] = find_edge(self.app)
             self._service_app, self._edge = found
         edge = self._edge
-        if edge is None or self.expect_100_continue or self.root_path or b"%" in self.url:
+        if edge is None or self.expect_100_continue or self.root_path or b"%" in url:
             return False
         if self.parser.should_upgrade():
             return False
@@ -113,7 +116,8 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             return False
-        return self.url.split(b"?", 1)[0].endswith(b"/tags")
+        path = url.split(b"?", 1)[0]
+        return path.endswith(b"/tags" if url.startswith(b"/users/") else b"/infer")
 
     def _start_asgi_task(self, cycle, app) -> None:
         if type(cycle) is not ReadCycle:

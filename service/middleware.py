@@ -122,22 +122,30 @@ class EdgeMiddleware:
             self._finish(scope.get("app"), scope.get("method"), path, status[0], t0, token)
 
     async def serve_read(self, app, path: str, headers: dict, body: bytes) -> Answer | None:
-        """A POST to the tag route whose body the HTTP protocol has read whole (service/http_protocol.py),
-        answered here without ASGI: the same edge (request id, refusals, metrics, access log) and the same
-        bytes as `__call__`; None, before anything is counted, when FastAPI must answer it."""
+        """A POST to the tag route or to an Open Inference `.../infer` whose body the HTTP protocol has read
+        whole (service/http_protocol.py), answered here without ASGI: the same edge (request id, refusals,
+        metrics, access log) and the same bytes as `__call__`; None, before anything is counted, when the
+        ASGI path must answer it (FastAPI's errors, and /v2 refusals, which take the protocol's shape there)."""
         t0 = time.perf_counter()
         refusal = self.refusal("POST", path, headers)
-        svc = self._service_of(app)
-        user_id = req = None
-        if refusal is None:
+        work = None
+        if path.startswith("/v2/"):
+            oip = self._oip_of(app)
+            where = oip.match(path) if oip and refusal is None else None
+            if where is None:
+                return None
+            work = self._oip_answer(oip, where, headers, body)
+        elif refusal is None:
+            svc = self._service_of(app)
             user_id = self._fast_user(svc, path, headers)
             req = None if user_id is None else self._tag_request(headers, body)
             if req is None:
                 return None
+            work = self._tag(svc, user_id, req)
         rid_header, token = self._request_id(headers)
         status = 500
         try:
-            answer = refusal if refusal is not None else await self._tag(svc, user_id, req)
+            answer = refusal if work is None else await work
             status = answer[0]
             return answer[0], [*answer[1], rid_header], answer[2]
         finally:
@@ -254,24 +262,32 @@ class EdgeMiddleware:
             out = orjson.dumps(render(await svc.tag(job)))
         except ServiceError as e:
             # the response of the app's ServiceError handler, as when the route raises it
-            r = error_response(e)
-            return r.status_code, r.raw_headers, r.body
+            return response_answer(error_response(e))
         return 200, [(b"content-length", str(len(out)).encode()), (b"content-type", _JSON_CT)], out
 
     async def _fast_oip(self, scope, receive, send, path: str, headers: dict) -> list | None:
         """An Open Inference Protocol inference request (service/oip/rest.py FastInfer) -> None when served;
         else the body messages read so far, to replay to FastAPI."""
-        if self._oip is None:
-            state = getattr(scope.get("app"), "state", None)
-            self._oip = getattr(state, "oip_infer", None) or False
-        where = self._oip.match(path) if self._oip else None
+        oip = self._oip_of(scope.get("app"))
+        where = oip.match(path) if oip else None
         if where is None:
             return []
         messages, body = await self._read_body(receive)
         if body is None:
             return messages
-        await self._oip.serve(scope, receive, send, where, headers, body)
+        await send_answer(send, await self._oip_answer(oip, where, headers, body))
         return None
+
+    @staticmethod
+    async def _oip_answer(oip, where, headers: dict, body: bytes) -> Answer:
+        return response_answer(await oip.answer(where, headers, body))
+
+    def _oip_of(self, app):
+        """The app's OIP inference fast path (found on the first request); False: none."""
+        if self._oip is None:
+            state = getattr(app, "state", None)
+            self._oip = getattr(state, "oip_infer", None) or False
+        return self._oip
 
     def _service(self, scope):
         return self._service_of(scope.get("app"))
@@ -300,6 +316,11 @@ class EdgeMiddleware:
 
     def _too_large(self) -> Answer:
         return refusal_answer(413, f"request body larger than {self.max_body} bytes", "body")
+
+
+def response_answer(response) -> Answer:
+    """A Starlette response's (status, headers, body)."""
+    return response.status_code, response.raw_headers, response.body
 
 
 def refusal_answer(status: int, detail: str, field: str | None, extra: list | None = None) -> Answer:

@@ -211,12 +211,12 @@ class FastInfer:
             return parts[3], parts[5]
         return None
 
-    async def serve(self, scope, receive, send, where: tuple[str, str | None], headers: dict, body: bytes) -> None:
+    async def answer(self, where: tuple[str, str | None], headers: dict, body: bytes) -> Response:
+        """The response to an inference request; `headers` as the edge holds them (bytes names)."""
         def header(name: str) -> str | None:
             value = headers.get(name.encode("latin-1"))
             return None if value is None else value.decode("latin-1")
-        response = await self.handlers.answer(*where, body, header)
-        await response(scope, receive, send)
+        return await self.handlers.answer(*where, body, header)
 
 
 def install_rest(app: FastAPI, state: ServiceState) -> None:

@@ -59,10 +59,14 @@ def tag_requests_counted(svc) -> float:
 
 
 def test_pipelined_requests_are_answered_in_order(svc, synth_user):
-    """Five requests in one write (read-whole ones, one the app answers, one with a body the schema refuses,
-    an unknown user): five answers in the order asked, each equal to the same request sent alone."""
+    """Six requests in one write (read-whole ones, one the app answers, one with a body the schema refuses,
+    an unknown user, an Open Inference one): six answers in the order asked, each equal to the same request
+    sent alone."""
+    oip = json.dumps({"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [1], "data": [synth_user]}],
+                      "parameters": {"top_k": 2}}).encode()
     asks = [request(TAG.format(synth_user), b'{"top_k": 3}'), request("/healthz", None, "GET"),
             request(TAG.format(synth_user), b'{"top_k": 0}'), request(TAG.format("nobody-here")),
+            request("/v2/models/mvke/infer", oip),
             request(TAG.format(synth_user), b'{"top_k": 1, "tasks": ["intention"]}')]
     with socket.create_connection(("127.0.0.1", svc.port)) as sock:
         sock.sendall(b"".join(asks))
@@ -72,9 +76,10 @@ def test_pipelined_requests_are_answered_in_order(svc, synth_user):
         with socket.create_connection(("127.0.0.1", svc.port)) as sock:
             sock.sendall(ask)
             alone += read_answers(sock, 1)
-    assert [a[0] for a in together] == [200, 200, 422, 404, 200]
+    assert [a[0] for a in together] == [200, 200, 422, 404, 200, 200]
     assert [(a[0], a[2]) for a in together] == [(a[0], a[2]) for a in alone]
-    assert list(json.loads(together[4][2])["tasks"]) == ["intention"]
+    assert list(json.loads(together[5][2])["tasks"]) == ["intention"]
+    assert {o["name"] for o in json.loads(together[4][2])["outputs"]} >= {"interest_tags", "interest_scores"}
 
 
 def test_body_arriving_late_and_chunked_bodies(svc, synth_user):
