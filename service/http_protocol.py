@@ -13,7 +13,10 @@
   (docs/results/predictor_ab/session4). A request the edge does not serve (a body the schema refuses,
   a non-JSON type, a /v2 refusal, ...) goes on through uvicorn's own cycle with the body already read,
   so its answer is the app's as before. Pipelined requests keep their order (uvicorn's queue); the
-  keep-alive timer, graceful shutdown and a client that disconnects mid-request behave as in uvicorn.
+  keep-alive timer, graceful shutdown (a request cancelled at its end gets uvicorn's 500 and a closed
+  connection) and a client that disconnects mid-request behave as in uvicorn. Differences: uvicorn's own
+  access log line is not written for these answers (`mvke serve` turns it off; the edge's access log,
+  `MVKE_ACCESS_LOG`, covers every request), and their latency in /metrics starts once the body is in.
 
 `mvke serve` uses it (`HTTP_PROTOCOL` in service/cli.py); `MVKE_FAST_PATH=false` turns the second
 addition off with the edge's own fast path.
@@ -21,8 +24,8 @@ addition off with the edge's own fast path.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-import weakref
 
 import httptools
 import orjson
@@ -30,7 +33,6 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 MAX_URL = 65535
 log = logging.getLogger("mvke.service")
-_EDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # uvicorn's app -> (service app, edge)
 _INTERNAL_ERROR = (b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\n"
                    b"Internal Server Error")
 
@@ -100,10 +102,10 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
         url = self.url
         if not (url.startswith(b"/users/") or url.startswith(b"/v2/models/")) or self.parser.get_method() != b"POST":
             return False
-        if self._edge is None:
-            found = _EDGES.get(self.app)
+        if self._edge is None:   # found once per server (uvicorn's ServerState), not kept beyond it
+            found = getattr(self.server_state, "mvke_edge", None)
             if found is None:
-                found = _EDGES[self.app] = find_edge(self.app)
+                found = self.server_state.mvke_edge = find_edge(self.app)
             self._service_app, self._edge = found
         edge = self._edge
         if edge is None or self.expect_100_continue or self.root_path or b"%" in url:
@@ -122,7 +124,8 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle, app) -> None:
         if type(cycle) is not ReadCycle:
             return super()._start_asgi_task(cycle, app)
-        task = self.loop.create_task(cycle.run())
+        context = contextvars.Context() if self.config.reset_contextvars else None   # as uvicorn does
+        task = self.loop.create_task(cycle.run(), context=context)
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
@@ -140,13 +143,15 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return length or 0
 
 
-_rendered = [None, b""]   # uvicorn's default headers (date, server) as bytes; uvicorn swaps the list each second
-
-
-def rendered_defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
-    if _rendered[0] is not headers:
-        _rendered[:] = [headers, b"".join(b"".join((name, b": ", value, b"\r\n")) for name, value in headers)]
-    return _rendered[1]
+def rendered_defaults(server_state) -> bytes:
+    """uvicorn's default headers (date, server) as bytes, rendered once per list (uvicorn swaps the list each
+    second); kept on the server's own state."""
+    headers = server_state.default_headers
+    cached = getattr(server_state, "mvke_rendered", None)
+    if cached is None or cached[0] is not headers:
+        cached = server_state.mvke_rendered = (headers, b"".join(b"".join((name, b": ", value, b"\r\n"))
+                                                                 for name, value in headers))
+    return cached[1]
 
 
 class ReadCycle:
@@ -161,6 +166,19 @@ class ReadCycle:
         self.message_event = asyncio.Event()
 
     async def run(self) -> None:
+        try:
+            await self._answer()
+        except BaseException as exc:   # a bug, or cancelled at shutdown: uvicorn's 500, and the connection closed
+            log.error("exception while answering a request read whole", exc_info=exc)
+            if not self.response_complete:
+                self.keep_alive = False
+                if not self.disconnected and not self.protocol.transport.is_closing():
+                    self._write(STATUS_LINE[500], [], _INTERNAL_ERROR, close=False)
+                self._done()
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _answer(self) -> None:
         p = self.protocol
         while self.more_body and not self.disconnected:
             p.flow.resume_reading()
@@ -168,14 +186,8 @@ class ReadCycle:
             self.message_event.clear()
         if self.disconnected:
             return
-        try:
-            answer = await p._edge.serve_read(p._service_app, self.scope["path"], dict(self.scope["headers"]),
-                                              bytes(self.body))
-        except Exception:   # a bug, not a request's error: uvicorn's 500, and the connection closed
-            log.exception("exception while answering a tagging request")
-            self.keep_alive = False
-            self._write(STATUS_LINE[500], [], _INTERNAL_ERROR, close=False)
-            return self._done()
+        answer = await p._edge.serve_read(p._service_app, self.scope["path"], dict(self.scope["headers"]),
+                                          bytes(self.body))
         if answer is None:
             return await self._through_asgi()
         status, headers, body = answer
@@ -188,7 +200,7 @@ class ReadCycle:
 
     def _write(self, status_line: bytes, head: list, tail: bytes, close: bool) -> None:
         p = self.protocol
-        p.transport.write(b"".join((status_line, rendered_defaults(p.server_state.default_headers), *head,
+        p.transport.write(b"".join((status_line, rendered_defaults(p.server_state), *head,
                                     b"connection: close\r\n" if close else b"", tail)))
 
     def _done(self) -> None:

@@ -128,7 +128,7 @@ class EdgeMiddleware:
         ASGI path must answer it (FastAPI's errors, and /v2 refusals, which take the protocol's shape there)."""
         t0 = time.perf_counter()
         refusal = self.refusal("POST", path, headers)
-        work = None
+        work = oip = None
         if path.startswith("/v2/"):
             oip = self._oip_of(app)
             where = oip.match(path) if oip and refusal is None else None
@@ -145,9 +145,11 @@ class EdgeMiddleware:
         rid_header, token = self._request_id(headers)
         status = 500
         try:
-            answer = refusal if work is None else await work
-            status = answer[0]
-            return answer[0], [*answer[1], rid_header], answer[2]
+            status, out_headers, out = refusal if work is None else await work
+            out_headers = [*out_headers, rid_header]
+            if status >= 400 and oip:   # as OipErrorShape leaves it on the ASGI path
+                out_headers, out = oip.reshape_error(out_headers, out)
+            return status, out_headers, out
         finally:
             self._finish(app, "POST", path, status, t0, token)
 

@@ -218,6 +218,10 @@ class FastInfer:
             return None if value is None else value.decode("latin-1")
         return await self.handlers.answer(*where, body, header)
 
+    @staticmethod
+    def reshape_error(headers, body: bytes) -> tuple[list, bytes]:
+        return in_oip_shape(headers, body)
+
 
 def install_rest(app: FastAPI, state: ServiceState) -> None:
     h = _Handlers(state, app.version)
@@ -231,6 +235,19 @@ def install_rest(app: FastAPI, state: ServiceState) -> None:
         app.router.routes += [Route(base, h.metadata, methods=["GET"]),
                               Route(base + "/ready", h.model_ready, methods=["GET"]),
                               Route(base + "/infer", h.infer, methods=["POST"])]
+
+
+def in_oip_shape(headers, body: bytes) -> tuple[list, bytes]:
+    """An error answer under /v2 in the protocol's shape: `{"detail": ...}` becomes `{"error": ...}`, and
+    content-length is stated last (OipErrorShape on the ASGI path, the edge's `serve_read` without it)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict) and "detail" in doc and "error" not in doc:
+        body = orjson.dumps({"error": doc["detail"]})
+    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+    return [*headers, (b"content-length", str(len(body)).encode())], body
 
 
 class OipErrorShape:
@@ -251,15 +268,8 @@ class OipErrorShape:
                 start = message          # held until the body shows whether it needs reshaping
                 return
             if start is not None and message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                try:
-                    doc = orjson.loads(body)
-                except orjson.JSONDecodeError:
-                    doc = None
-                if isinstance(doc, dict) and "detail" in doc and "error" not in doc:
-                    body = orjson.dumps({"error": doc["detail"]})
-                headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
-                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                headers, body = in_oip_shape(start.get("headers", ()), message.get("body", b""))
+                await send({**start, "headers": headers})
                 message = {**message, "body": body, "more_body": False}
             await send(message)
 

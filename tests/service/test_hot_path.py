@@ -17,7 +17,8 @@ from loadtest.harness import Server, scan_user_ids
 
 @pytest.mark.integration
 def test_fast_path_answers_exactly_like_fastapi(served):
-    """Status, headers and body bytes of the fast path == the FastAPI route (MVKE_FAST_PATH=false)."""
+    """Status, headers and body bytes of the fast path == the FastAPI route (MVKE_FAST_PATH=false), and of
+    the Open Inference route read whole by the HTTP protocol == its ASGI path."""
     import httpx
     tiny_service, redis_server = served
     uid = scan_user_ids(redis_server.url)[0]
@@ -41,6 +42,13 @@ def test_fast_path_answers_exactly_like_fastapi(served):
             (b'{"features": {"age_bucket": "\\ud800"}}', "application/json"), (b' {"top_k": 2} ', "application/json"),
             (b'{"top_k": 2}\n{"top_k": 3}', "application/json")]
 
+    def tensor(users):
+        return {"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [len(users)], "data": users}]}
+    oip = [("/v2/models/mvke/infer", tensor([uid])), ("/v2/models/mvke/infer", {**tensor([uid]), "parameters": {"top_k": 3}}),
+           ("/v2/models/nope/infer", tensor([uid])), ("/v2/models/mvke/infer", tensor(["nobody-here"])),
+           ("/v2/models/mvke/versions/nope/infer", tensor([uid])), ("/v2/models/mvke/infer", {"inputs": []}),
+           ("/v2/models/mvke/infer", {**tensor([uid]), "parameters": {"top_k": "x"}})]
+
     def answers(url: str) -> list:
         out = []
         with httpx.Client(base_url=url, timeout=10) as c:
@@ -50,8 +58,12 @@ def test_fast_path_answers_exactly_like_fastapi(served):
             for raw, ct in raws:
                 out.append(c.post(f"/users/{uid}/tags", content=raw, headers={"content-type": ct} if ct else {}))
             out.append(c.get(f"/users/{uid}/tags"))
-        return [(r.status_code, r.content, sorted((k, v) for k, v in r.headers.items()
-                                                  if k not in ("date", "x-request-id"))) for r in out]
+            for path, doc in oip:     # Open Inference inference: answers and errors in the protocol's shape
+                out.append(c.post(path, json=doc))
+            out.append(c.post("/v2/models/mvke/infer", content=b"{bad", headers={"content-type": "application/json"}))
+        # headers in the order sent (a per-request id and the date are only placeholders)
+        return [(r.status_code, r.content, [(k, b"*" if k in (b"date", b"x-request-id") else v)
+                                            for k, v in r.headers.raw]) for r in out]
     fast = answers(tiny_service.url)
     with Server.service(redis_server.url, workers=1, env={"MVKE_FAST_PATH": "false"}) as slow_service:
         slow = answers(slow_service.url)

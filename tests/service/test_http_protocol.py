@@ -5,13 +5,16 @@ tests/service/test_hot_path.py's (its service runs this protocol)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import time
 
 import httpx
 
-from tests.service.test_service import published, svc, svc_r, svc_redis, synth_user  # noqa: F401  (fixtures)
+from tests.service.test_service import (LiveService, make_settings, published, svc, svc_r,  # noqa: F401  (fixtures)
+                                        svc_redis, synth_user)
 
 TAG = "/users/{}/tags"
 
@@ -154,3 +157,25 @@ def test_content_length_rules():
     assert content_length([(b"content-length", b"3"), (b"content-length", b"3")]) is None
     assert content_length([(b"content-length", b"-1")]) is None
     assert content_length([(b"content-length", b"4"), (b"transfer-encoding", b"chunked")]) is None
+
+
+def test_a_request_cancelled_at_shutdown_gets_500_and_the_connection_closes(svc_redis, published, synth_user):
+    """A request still waiting (on a stopped Redis) when the graceful-shutdown period ends is cancelled: it
+    gets uvicorn's 500 and its connection is closed, as on the ASGI path (not silence on an open socket)."""
+    s = LiveService(make_settings(svc_redis.url, published("mvke-mt"), redis_timeout_s=30, request_timeout_s=30))
+    s.server.config.timeout_graceful_shutdown = 0.5
+    s.start()
+    try:
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            os.kill(svc_redis.proc.pid, signal.SIGSTOP)
+            try:
+                sock.sendall(request(TAG.format(synth_user)))
+                time.sleep(0.3)                      # it waits on the stopped feature store
+                s.server.should_exit = True
+                ((status, headers, body),) = read_answers(sock, 1)
+                closed = closed_by_server(sock)
+            finally:
+                os.kill(svc_redis.proc.pid, signal.SIGCONT)
+    finally:
+        s.stop()
+    assert (status, body, headers["connection"], closed) == (500, b"Internal Server Error", "close", True)
