@@ -68,9 +68,7 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         status, body = parse_error_body(getattr(self, "url", b""), msg)
         reason = b"URI Too Long" if status == 414 else b"Bad Request"
-        head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, reason), rendered_defaults(self.server_state)]
         head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
                  b"connection: close\r\n\r\n", body]
         self.transport.write(b"".join(head))
@@ -143,14 +141,18 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return length or 0
 
 
+def render_headers(headers) -> bytes:
+    """(name, value) pairs as HTTP/1.1 header lines."""
+    return b"".join(b"".join((name, b": ", value, b"\r\n")) for name, value in headers)
+
+
 def rendered_defaults(server_state) -> bytes:
     """uvicorn's default headers (date, server) as bytes, rendered once per list (uvicorn swaps the list each
     second); kept on the server's own state."""
     headers = server_state.default_headers
     cached = getattr(server_state, "mvke_rendered", None)
     if cached is None or cached[0] is not headers:
-        cached = server_state.mvke_rendered = (headers, b"".join(b"".join((name, b": ", value, b"\r\n"))
-                                                                 for name, value in headers))
+        cached = server_state.mvke_rendered = (headers, render_headers(headers))
     return cached[1]
 
 
@@ -173,7 +175,7 @@ class ReadCycle:
             if not self.response_complete:
                 self.keep_alive = False
                 if not self.disconnected and not self.protocol.transport.is_closing():
-                    self._write(STATUS_LINE[500], [], _INTERNAL_ERROR, close=False)
+                    self._write(STATUS_LINE[500], b"", _INTERNAL_ERROR, close=False)
                 self._done()
             if not isinstance(exc, Exception):
                 raise
@@ -194,13 +196,12 @@ class ReadCycle:
         if p.flow.write_paused and not self.disconnected:
             await p.flow.drain()
         if not self.disconnected:
-            head = [b"".join((name, b": ", value, b"\r\n")) for name, value in headers]
-            self._write(STATUS_LINE[status], head, b"\r\n" + body, close=not self.keep_alive)
+            self._write(STATUS_LINE[status], render_headers(headers), b"\r\n" + body, close=not self.keep_alive)
         self._done()
 
-    def _write(self, status_line: bytes, head: list, tail: bytes, close: bool) -> None:
+    def _write(self, status_line: bytes, head: bytes, tail: bytes, close: bool) -> None:
         p = self.protocol
-        p.transport.write(b"".join((status_line, rendered_defaults(p.server_state), *head,
+        p.transport.write(b"".join((status_line, rendered_defaults(p.server_state), head,
                                     b"connection: close\r\n" if close else b"", tail)))
 
     def _done(self) -> None:

@@ -218,7 +218,7 @@ class EdgeMiddleware:
     async def _fast(self, scope, receive, send, path: str, headers: dict) -> list | None:
         """Serve a well-formed tagging request -> None; else the body messages read so far
         (to replay to FastAPI; [] when nothing was read)."""
-        svc = self._service(scope)
+        svc = self._service_of(scope.get("app"))
         user_id = self._fast_user(svc, path, headers)
         if user_id is None:
             return []
@@ -290,9 +290,6 @@ class EdgeMiddleware:
             state = getattr(app, "state", None)
             self._oip = getattr(state, "oip_infer", None) or False
         return self._oip
-
-    def _service(self, scope):
-        return self._service_of(scope.get("app"))
 
     def _service_of(self, app):
         """The app's ServiceState (found on the first request)."""
