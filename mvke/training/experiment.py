@@ -42,6 +42,7 @@ from mvke.models import MODELS, build_torch_model
 from mvke.training import plots
 from mvke.training.diagnostics import TASK_KEYS, mvke_diagnostics
 from mvke.training.parts_data import prepare_any
+from mvke.training.resume import RunCheckpoint
 from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, test_metrics, train_model
 from mvke.training.tune import load_tuned
 
@@ -154,6 +155,10 @@ class Cells:
     def path(self, label: str, seed: int) -> Path:
         return self.root / label.replace("/", "_") / f"seed-{seed}.json"
 
+    def state_path(self, label: str, seed: int) -> Path:
+        """Where an unfinished run's state lives (mvke/training/resume.py) until its cell is written."""
+        return self.root.parent / "inflight" / label.replace("/", "_") / f"seed-{seed}.pt"
+
     def get(self, label: str, seed: int, key: str) -> dict | None:
         p = self.path(label, seed)
         if not p.exists():
@@ -170,11 +175,15 @@ class Cells:
 
 
 def run_cell(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, diagnostics: bool,
-             dist=None) -> dict:
-    """One (model, seed) run; `dist` (a DistributedConfig): trained on Ray Train, scored in memory as here."""
+             dist=None, state_file: Path | None = None) -> dict:
+    """One (model, seed) run; `dist` (a DistributedConfig): trained on Ray Train, scored in memory as here.
+    state_file: the in-process run's state (continued if there, saved as it trains; mvke/training/resume.py)."""
     if dist is None:
         tc = TrainConfig(**{**cfg["train"], "seed": seed, "threads": threads, "progress": False, "score_test": True})
-        result = train_model(data, model_config_for(name, data, **cfg["model"]), tc)
+        checkpoint = None
+        if state_file is not None:
+            checkpoint = RunCheckpoint(state_file, f"{cell_key(cfg)} seed {seed} {data_fingerprint(data)}")
+        result = train_model(data, model_config_for(name, data, **cfg["model"]), tc, checkpoint=checkpoint)
     else:
         result = train_on_workers(data, name, cfg, seed, threads, dist)
     cell = {"config_key": cell_key(cfg, dist), "config": cfg, "data": data.dataset.path.name, **result.metrics}
@@ -184,6 +193,12 @@ def run_cell(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, d
         cell["diagnostics"] = mvke_diagnostics(result.model, data.test, data.train.tag_ids, data.schema,
                                                data.dataset.tags)
     return cell
+
+
+def data_fingerprint(data: EncodedData) -> str:
+    """Rows and positives per split: a state saved on one world is not continued on another."""
+    return " ".join(f"{name}:{len(split)}/{int(split.labels.sum())}"
+                    for name, split in (("train", data.train), ("valid", data.valid)))
 
 
 def train_on_workers(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, dist):
@@ -436,8 +451,12 @@ def _run_seed(spec: ExperimentSpec, cells: Cells, cfgs: dict[str, dict], data: E
         name, cfg = base_name(label), cfgs[label]
         bar.set_postfix_str(f"{label} seed {seed}")
         if cells.get(label, seed, cell_key(cfg, dist)) is None:
-            cell = run_cell(data, name, cfg, seed, spec.threads, diagnostics=name.startswith("mvke"), dist=dist)
+            state_file = cells.state_path(label, seed) if dist is None else None
+            cell = run_cell(data, name, cfg, seed, spec.threads, diagnostics=name.startswith("mvke"), dist=dist,
+                            state_file=state_file)
             cells.put(label, seed, cell)
+            if state_file is not None:
+                state_file.unlink(missing_ok=True)
             if spec.progress:
                 tqdm.write(f"{label} seed {seed}: CTR AUC {cell['test_auc']['interest']:.4f} "
                            f"CVR AUC {cell['test_auc']['intention']:.4f} (best epoch {cell['best_epoch']}, "

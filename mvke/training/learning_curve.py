@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from mvke.training.learning_curve_plan import (BEST_BASELINE, DATA_ROOT, MAX_EPOCHS, OUT, PLAN, REPO, SizePlan,
-                                               resolve_models, sync_cells, write_configs)
+                                               resolve_models, sync_cells, sync_states, write_configs)
 from mvke.training.learning_curve_report import aggregate, valid_aucs
 
 
@@ -79,10 +79,12 @@ def run_size(plan: SizePlan, log, data_root: Path = DATA_ROOT) -> None:
                          *(["--resume"] if plan.users > 65_536 else [])), plan.name, "data seed 0", log)
     configs = write_configs(data_root / plan.name / "configs", models, plan.users)
     runs = data_root / plan.name / "runs"
+    sync_states(runs, plan.name)     # an unfinished run of an earlier machine continues here
     run_logged(_mvke("experiment", "--data", str(world), "--out", str(runs), "--seeds", str(plan.seeds),
                      "--models", ",".join(models), "--configs", str(configs), "--max-epochs", str(MAX_EPOCHS),
                      "--no-reference", "--no-matched", "--threads", "1"), plan.name, f"experiment {models}", log)
     sync_cells(runs, plan.name)
+    sync_states(runs, plan.name)
     try:     # the cells are what matters: a report that fails is rewritten by `aggregate` later
         aggregate()
     except Exception as e:  # noqa: BLE001
@@ -94,6 +96,7 @@ def sync_all(data_root: Path = DATA_ROOT) -> None:
         runs = data_root / plan.name / "runs"
         if runs.exists():
             sync_cells(runs, plan.name)
+            sync_states(runs, plan.name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,3 +140,24 @@ def sync_cells(runs_dir: Path, size: str, out: Path = OUT) -> int:
             shutil.copyfile(f, target)
             new += 1
     return new
+
+
+def sync_states(runs_dir: Path, size: str, out: Path = OUT) -> int:
+    """Unfinished runs' state files (mvke/training/resume.py) between the run directory, which a machine
+    takes with it, and the repository, which the next machine clones: the newer copy (by modification
+    time, kept by the copy) replaces the older; a run whose cell is written has no state left anywhere.
+    Returns how many files were copied."""
+    here, kept, copied = runs_dir / "inflight", out / "inflight" / size, 0
+    names = {p.relative_to(d) for d in (here, kept) if d.exists() for p in d.glob("*/seed-*.pt")}
+    for name in sorted(names):
+        a, b = here / name, kept / name
+        if (runs_dir / "cells" / name.parent / name.with_suffix(".json").name).exists():
+            a.unlink(missing_ok=True)
+            b.unlink(missing_ok=True)
+            continue
+        src, dst = (a, b) if a.exists() and (not b.exists() or a.stat().st_mtime > b.stat().st_mtime) else (b, a)
+        if not dst.exists() or src.stat().st_mtime > dst.stat().st_mtime:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            copied += 1
+    return copied

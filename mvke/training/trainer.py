@@ -31,6 +31,7 @@ from mvke.models import ModelConfig, TwoTowerTagger, build_torch_model
 from mvke.models.layers import tag_groups_of
 from mvke.runtime.features import FeatureSchema
 from mvke.training.metrics import auc, gauc, ranking_metrics
+from mvke.training.resume import PartialEpoch, RunCheckpoint
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "schema.json", "metrics.json")
 LR_SCHEDULES = ("constant", "cosine")
@@ -104,10 +105,12 @@ def _tensors(split: EncodedSplit, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
             torch.from_numpy(split.tag_ids[idx]), torch.from_numpy(split.labels[idx]))
 
 
-def batches(split: EncodedSplit, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One shuffled pass over a split: (cat_ids, multi_ids, tag_ids, labels) per batch."""
+def batches(split: EncodedSplit, batch_size: int, rng: np.random.Generator,
+            skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One shuffled pass over a split: (cat_ids, multi_ids, tag_ids, labels) per batch; `skip_batches`:
+    start after that many (a resumed epoch, mvke/training/resume.py)."""
     perm = rng.permutation(len(split))
-    for start in range(0, len(perm), batch_size):
+    for start in range(skip_batches * batch_size, len(perm), batch_size):
         yield _tensors(split, perm[start:start + batch_size])
 
 
@@ -151,10 +154,12 @@ class EpochStats:
 
 
 def train_epoch(model: torch.nn.Module, opt, batch_iter, sched=None, desc: str = "",
-                progress: bool = False) -> EpochStats:
-    """Train over an iterator of batches."""
+                progress: bool = False, partial: PartialEpoch | None = None, after_step=None) -> EpochStats:
+    """Train over an iterator of batches. partial: the totals of a resumed epoch to continue from;
+    after_step(PartialEpoch) is called after every step (the run's checkpoint)."""
     model.train()
-    t0, total, seen, steps = time.perf_counter(), 0.0, 0, 0
+    done = partial or PartialEpoch()
+    t0, total, seen, steps = time.perf_counter() - done.seconds, done.loss_total, done.seen, done.steps
     bar = tqdm(batch_iter, desc=desc, disable=not progress, leave=False, unit="batch")
     for batch in bar:
         loss = train_step(model, opt, batch, sched)
@@ -162,6 +167,8 @@ def train_epoch(model: torch.nn.Module, opt, batch_iter, sched=None, desc: str =
         total, seen, steps = total + loss * n, seen + n, steps + 1
         if progress:
             bar.set_postfix(loss=f"{loss:.4f}")
+        if after_step is not None:
+            after_step(PartialEpoch(total, seen, steps, time.perf_counter() - t0))
     return EpochStats(total / max(seen, 1), seen, steps, time.perf_counter() - t0)
 
 
@@ -238,26 +245,36 @@ class FitResult:
 
 
 def fit(model: torch.nn.Module, opt, sched, epochs: int, patience: int, epoch_batches, validate,
-        on_epoch=None, max_steps: int = 0, desc: str = "", progress: bool = False) -> FitResult:
+        on_epoch=None, max_steps: int = 0, desc: str = "", progress: bool = False,
+        run: FitResult | None = None, first_epoch: int = 1, partial: PartialEpoch | None = None,
+        checkpoint: RunCheckpoint | None = None) -> FitResult:
     """The one training loop (single process and every DDP worker): per epoch, train over
     `epoch_batches(epoch)`, `validate()` -> {task: AUC}, early stopping; the best weights are in
     the result, not loaded.
 
     on_epoch(epoch, mean_auc, best_so_far) is called after each epoch; it may raise (Optuna
-    pruning) or return True to stop. max_steps > 0: stop after that many steps in all."""
-    stopping = EarlyStopping(patience)
-    run = FitResult(stopping)
-    for epoch in range(1, epochs + 1):
+    pruning) or return True to stop. max_steps > 0: stop after that many steps in all.
+    A resumed run (train_model): `run`, `first_epoch` and `partial` as restored by `checkpoint`,
+    which saves the state after every epoch (and inside one, at its own interval)."""
+    run = run or FitResult(EarlyStopping(patience))
+    stopping = run.stopping
+    if first_epoch > 1 and partial is None and stopping.stop(first_epoch - 1):
+        return run                                  # stopped before the process that saved it ended
+    for epoch in range(first_epoch, epochs + 1):
         batch_iter = epoch_batches(epoch)
         if max_steps:
             batch_iter = itertools.islice(batch_iter, max_steps - run.steps)
-        stats = train_epoch(model, opt, batch_iter, sched, f"{desc} epoch {epoch}", progress)
+        after_step = (lambda p, e=epoch: checkpoint.after_step(e, p)) if checkpoint is not None else None
+        stats = train_epoch(model, opt, batch_iter, sched, f"{desc} epoch {epoch}", progress,
+                            partial if epoch == first_epoch else None, after_step)
         run.add(stats)
         valid = validate()
         mean_auc = stopping.record(epoch, stats.loss, valid, model)
         if progress:
             tqdm.write(f"[{desc}] epoch {epoch}: loss {stats.loss:.4f} "
                        + " ".join(f"valid {k} AUC {v:.4f}" for k, v in valid.items()))
+        if checkpoint is not None:
+            checkpoint.after_epoch(epoch)
         if on_epoch is not None and on_epoch(epoch, mean_auc, stopping.best):
             break
         if stopping.stop(epoch) or (max_steps and run.steps >= max_steps):
@@ -266,11 +283,13 @@ def fit(model: torch.nn.Module, opt, sched, epochs: int, patience: int, epoch_ba
 
 
 def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_epoch=None,
-                initial_state: dict | None = None) -> TrainResult:
+                initial_state: dict | None = None, checkpoint: RunCheckpoint | None = None) -> TrainResult:
     """Train with early stopping on the mean validation AUC; restore the best epoch's weights.
 
     on_epoch(epoch, valid_mean_auc, best_so_far) is called after each epoch (Optuna pruning); it may raise to stop.
     initial_state: weights to start from instead of the random init (the daily cycle's warm start).
+    checkpoint: the run's state file: continued from when it exists, saved as the run goes
+    (mvke/training/resume.py); CPU and wall seconds then count every process of the run.
     """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -281,9 +300,19 @@ def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_
     opt, sched = make_optimizer(model, cfg, steps)
     rng = np.random.default_rng(cfg.seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    run = fit(model, opt, sched, cfg.epochs, cfg.patience, lambda _: batches(data.train, cfg.batch_size, rng),
-              lambda: evaluate(model, data.valid), on_epoch, desc=model_cfg.name, progress=cfg.progress)
+    run, first_epoch, partial = FitResult(EarlyStopping(cfg.patience)), 1, None
+    epoch_batches = lambda _: batches(data.train, cfg.batch_size, rng)  # noqa: E731
+    if checkpoint is not None:
+        checkpoint.bind(model, opt, sched, rng, lambda skip: batches(data.train, cfg.batch_size, rng, skip),
+                        run.stopping, run)
+        first_epoch, partial = checkpoint.restore()
+        epoch_batches = checkpoint.epoch_batches
+    run = fit(model, opt, sched, cfg.epochs, cfg.patience, epoch_batches, lambda: evaluate(model, data.valid),
+              on_epoch, desc=model_cfg.name, progress=cfg.progress, run=run, first_epoch=first_epoch,
+              partial=partial, checkpoint=checkpoint)
     train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    if checkpoint is not None:
+        train_seconds, cpu_seconds = checkpoint.wall_seconds(), checkpoint.cpu_seconds()
     model.load_state_dict(run.stopping.best_state)
     model.eval()
     metrics = {

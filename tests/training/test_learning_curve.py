@@ -83,3 +83,22 @@ def test_prepare_parts_gives_the_arrays_of_prepare(tmp_path):
             assert np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f))), (name, f)
     rows = np.array([5, 0, 17])
     assert np.array_equal(parts.train.subset(rows).multi_ids[:], full.train.multi_ids[rows])
+
+
+def test_run_states_travel_between_the_run_directory_and_the_repository(tmp_path):
+    import os
+    from mvke.training.learning_curve_plan import sync_states
+    runs, out = tmp_path / "runs", tmp_path / "repo"
+    here, kept = runs / "inflight" / "mvke-mt" / "seed-0.pt", out / "inflight" / "u1280k" / "mvke-mt" / "seed-0.pt"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"epoch 3")                       # a fresh machine: only the repository has it
+    assert sync_states(runs, "u1280k", out) == 1 and here.read_bytes() == b"epoch 3"
+    assert sync_states(runs, "u1280k", out) == 0       # same age: nothing to do
+    here.write_bytes(b"epoch 4")                       # the run went on here
+    os.utime(here, (kept.stat().st_mtime + 10,) * 2)
+    assert sync_states(runs, "u1280k", out) == 1 and kept.read_bytes() == b"epoch 4"
+    cell = runs / "cells" / "mvke-mt" / "seed-0.json"  # the run finished: no state left anywhere
+    cell.parent.mkdir(parents=True)
+    cell.write_text("{}")
+    sync_states(runs, "u1280k", out)
+    assert not here.exists() and not kept.exists()
