@@ -120,16 +120,18 @@ def reset_streams(r, keys: Keys) -> None:
 
 
 def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int, port: int | None,
-               reqs: list, duration: float, run: str, root: Path = ROOT) -> dict:
-    """Events/s of `consumers` processes over a window in which they never run dry (and QPS beside)."""
+               reqs: list, duration: float, run: str, root: Path = ROOT, max_rate: float = 0.0) -> dict:
+    """Events/s of `consumers` processes over a window in which they never run dry (and QPS beside);
+    max_rate > 0: the consumers together paced to that many events/s (`--max-rate`, split evenly)."""
     keys = Keys()
     reset_streams(r, keys)
-    n = 250_000
+    n = 250_000 if not max_rate else int(max_rate * (duration + 15))
     events = make_events(users, n, run, seed=hash(run) % 1000)
     for i in range(0, n, 20_000):
         publish_events(r, keys, events[i:i + 20_000], PARTITIONS, maxlen=n * 2)
     stream_bytes = sum(r.memory_usage(keys.events_stream(p), samples=0) or 0 for p in range(PARTITIONS))
-    procs = [consumer(redis_url, rules, f"{run}-{k}", root=root) for k in range(consumers)]
+    pace = ("--max-rate", str(max_rate / consumers)) if max_rate else ()
+    procs = [consumer(redis_url, rules, f"{run}-{k}", None, *pace, root=root) for k in range(consumers)]
     load: dict = {}
     thread = None
     if port:
@@ -143,10 +145,12 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
     samples = []
     t_end = time.monotonic() + duration
     cpu0 = (redis_cpu(r), procs_cpu(procs))
+    stats0 = r.info("commandstats")
     while time.monotonic() < t_end:
         samples.append((time.monotonic(), n - backlog(r, keys)))
         time.sleep(0.25)
     cpu1 = (redis_cpu(r), procs_cpu(procs))
+    stats1 = r.info("commandstats")
     if thread:
         thread.join()
     for p in procs:
@@ -156,14 +160,28 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
     (t0, a0), (t1, a1) = samples[1], samples[-1]
     left = backlog(r, keys)
     done = samples[-1][1] - samples[0][1]
-    out = {"consumers": consumers, "with_tags": bool(port), "events_per_s": round((a1 - a0) / (t1 - t0)),
+    out = {"consumers": consumers, "with_tags": bool(port), "max_rate": max_rate, "events_per_s": round((a1 - a0) / (t1 - t0)),
            "window_s": round(t1 - t0, 2), "ran_dry": left == 0, "loadavg": loadavg(),
            "stream_bytes_per_entry": round(stream_bytes / n),
            "redis_cpu_us_per_event": round(1e6 * (cpu1[0] - cpu0[0]) / done, 1) if done else None,
            "consumer_cpu_us_per_event": round(1e6 * (cpu1[1] - cpu0[1]) / done, 1) if done else None}
     if load:
         out.update(qps=round(load["qps"]), p99_ms=load.get("p99_ms"), status=load.get("status"))
+    out["redis_commands"] = command_costs(stats0, stats1, done)
     return out
+
+
+def command_costs(before: dict, after: dict, events: int) -> dict:
+    """Per Redis command over the window: calls per event and Redis CPU us per event (INFO commandstats;
+    a function's inner calls are in its FCALL's time)."""
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, {"calls": 0, "usec": 0})
+        calls, usec = a["calls"] - b["calls"], a["usec"] - b["usec"]
+        if calls and events:
+            out[name.removeprefix("cmdstat_")] = {"calls_per_event": round(calls / events, 3),
+                                                  "us_per_event": round(usec / events, 2)}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["us_per_event"]))
 
 
 def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
@@ -183,6 +201,21 @@ def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
                                  f"rate-{consumers}-{int(with_tags)}-{code}", root)
                 rows.append({"code": code, **row} if code else row)
                 log(json.dumps(rows[-1]))
+    return rows
+
+
+def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
+               rate: float, tags_alone_qps: float) -> list[dict]:
+    """1 and 2 consumers paced to `rate` events/s in all, beside tag requests at c=32: events/s applied and
+    the service's QPS as a share of the tags-alone row (the goal: >= rate with >= 80%)."""
+    rows = []
+    for consumers in (1, 2):
+        log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on")
+        row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration, f"paced-{consumers}",
+                         max_rate=rate)
+        row["qps_share_of_alone"] = round(row["qps"] / tags_alone_qps, 3) if row.get("qps") else None
+        rows.append(row)
+        log(json.dumps(row))
     return rows
 
 
@@ -360,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consumer-nice", type=int, default=0, metavar="N",
                    help="run the consumers at this niceness (the service and Redis stay at 0): what the event path "
                         "gets when the service comes first")
+    p.add_argument("--event-rate", type=float, default=0.0, metavar="EPS",
+                   help="also rows with the consumers paced to EPS events/s in all (`--max-rate`) beside tag requests "
+                        "at c=32: the issue's goal measured at its rate (QPS share of the tags-alone row)")
+    p.add_argument("--paced-only", action="store_true",
+                   help="with --event-rate: only the tags-alone row and the paced rows (no other section)")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -383,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
             log("a. tag requests alone, c=32")
             base = run_load(svc.port, reqs, 32, a.duration, warmup=1.0)
             res["tags_alone"] = {"qps": round(base["qps"]), "p99_ms": base.get("p99_ms"), "loadavg": loadavg()}
+            if a.event_rate:
+                res["paced"] = paced_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.event_rate,
+                                          res["tags_alone"]["qps"])
+            if a.paced_only:
+                return _write(res, Path(a.out))
             res["apply"] = apply_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.before,
                                       a.after_first)
             if a.before:      # the baseline again, after the rows: how much the box moved meanwhile
@@ -398,11 +441,15 @@ def main(argv: list[str] | None = None) -> int:
         res["fault_redis"] = fault_redis_kill(work, users, a.fault_events)
     finally:
         server.stop()
+    return _write(res, Path(a.out))
+
+
+def _write(res: dict, out: Path) -> int:
     res["machine"]["loadavg_end"] = loadavg()
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text("# Event path figures (issue 22)\n\n" + markdown(res))
+    if "apply" in res:
+        out.with_suffix(".md").write_text("# Event path figures (issue 22)\n\n" + markdown(res))
     print(json.dumps(res, indent=1))
     return 0
 

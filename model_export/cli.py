@@ -103,7 +103,7 @@ def _features_stream(a: argparse.Namespace) -> None:
     summary = run_consumer(r, keys, rules, partitions=a.partitions, name=a.name, batch=a.batch,
                            block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms, state_ttl_s=a.state_ttl,
                            max_idle_s=a.max_idle_s, max_events=a.max_events, max_reject_rate=a.max_reject_rate,
-                           reject_window=a.reject_window, metrics_port=a.metrics_port)
+                           reject_window=a.reject_window, metrics_port=a.metrics_port, max_rate=a.max_rate)
     print(json.dumps(summary), flush=True)
     if summary["error"]:
         raise RuntimeError(summary["error"])
@@ -232,6 +232,9 @@ def register(sub) -> None:
                          "the horizon for duplicates and late events (default 86400)")
     fs.add_argument("--max-idle-s", type=float, metavar="S", help="stop after this long without entries")
     fs.add_argument("--max-events", type=int, metavar="N", help="stop after reading this many entries")
+    fs.add_argument("--max-rate", type=float, default=0.0, metavar="EPS",
+                    help="apply at most EPS entries per second (default 0: as fast as it can); on a box shared with "
+                         "the service, the event path then leaves serving its share, and a burst waits in the stream")
     add_max_reject_rate_option(fs, "the consumer stops; its entries are acknowledged, the bad ones in the "
                                "dead-letter stream", "events", "judged over the last --reject-window entries read")
     fs.add_argument("--reject-window", type=int, default=DEFAULT_REJECT_WINDOW, metavar="N",

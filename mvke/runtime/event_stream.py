@@ -112,9 +112,22 @@ class ConsumerStats:
         return asdict(self)
 
 
-def _fields(flat: list | None) -> dict | None:
-    """A raw entry's [name, value, ...] as a dict (None: the entry was trimmed while pending)."""
-    return None if flat is None else dict(zip(flat[::2], flat[1::2]))
+RATE_CATCH_UP_S = 1.0   # --max-rate: how far behind its pace a consumer may catch up
+_NO_EVENT = object()     # an entry without the ENTRY_FIELD field (a dead letter)
+_ENTRY_KEY = ENTRY_FIELD.encode()
+
+
+def _event_text(fields: list | dict | None) -> Any:
+    """A stream entry's event text from its fields (a raw reply's [name, value, ...] or redis-py's
+    dict): None when the entry was trimmed while pending, _NO_EVENT when it has no ENTRY_FIELD.
+    No dict per entry on the raw path: the producers write one field."""
+    if fields is None:
+        return None
+    if type(fields) is list:
+        if len(fields) == 2 and fields[0] == _ENTRY_KEY:
+            return fields[1]
+        fields = dict(zip(fields[::2], fields[1::2]))
+    return fields.get(_ENTRY_KEY, fields.get(ENTRY_FIELD, _NO_EVENT))
 
 
 def _text(v: Any) -> str:
@@ -128,7 +141,7 @@ class StreamConsumer:
                  name: str | None = None, batch: int = 500, block_ms: int = 100, claim_idle_ms: int = 30_000,
                  claim_every_s: float = 5.0, state_ttl_s: int = AUX_TTL_S,
                  max_reject_rate: float = DEFAULT_MAX_REJECT_RATE, reject_window: int = DEFAULT_REJECT_WINDOW,
-                 on_batch: Callable[[ConsumerStats], None] | None = None):
+                 on_batch: Callable[[ConsumerStats], None] | None = None, max_rate: float = 0.0):
         self.client, self.keys = client, keys
         self.partitions = partitions or default_partitions()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -141,13 +154,17 @@ class StreamConsumer:
         self.max_reject_rate, self.window, self.on_batch = max_reject_rate, RejectWindow(reject_window), on_batch
         self._stop = False
         self._pause = float(os.environ.get(PAUSE_BEFORE_ACK_ENV) or 0)
+        # max_rate > 0: entries per second at most (the event path yields the box to serving; a backlog
+        # waits in the stream, bounded by its MAXLEN). The time at which the entries taken so far are paid for:
+        self.max_rate, self._paid_until = max_rate, 0.0
 
     def stop(self) -> None:
         self._stop = True
 
     # ---- reading ----
-    def _read(self, last_id: str) -> list[tuple[str, str, dict]]:
-        """-> [(stream, entry id, fields)] from every partition ('>' new, '0' this consumer's pending)."""
+    def _read(self, last_id: str) -> list[tuple[str, str, Any]]:
+        """-> [(stream, entry id, event text (`_event_text`))] from every partition ('>' new, '0' this
+        consumer's pending)."""
         block = self.block_ms if last_id == ">" else None
         if not self.cluster:   # one command, its raw reply (redis-py's parsing costs more than the read)
             wait = ("BLOCK", block) if block is not None else ()
@@ -156,16 +173,16 @@ class StreamConsumer:
             if isinstance(reply, Exception):
                 raise reply
             streams = reply.items() if isinstance(reply, dict) else (reply or [])    # RESP3: a map; RESP2: pairs
-            return [(_text(s), i, _fields(f)) for s, entries in streams for i, f in entries]
+            return [(_text(s), i, _event_text(f)) for s, entries in streams for i, f in entries]
         out = []
         for s in self.streams:   # one slot per command on a cluster
             for _, entries in self.client.xreadgroup(GROUP, self.name, {s: last_id}, count=self.batch) or []:
-                out += [(s, _text(i), f) for i, f in entries]
+                out += [(s, _text(i), _event_text(f)) for i, f in entries]
         if not out and last_id == ">":
             time.sleep(self.block_ms / 1000)
         return out
 
-    def _claim(self) -> list[tuple[str, str, dict]]:
+    def _claim(self) -> list[tuple[str, str, Any]]:
         """Entries another consumer took and left unacknowledged for claim_idle_ms (it died)."""
         out = []
         for s in self.streams:
@@ -174,14 +191,14 @@ class StreamConsumer:
                 reply = self.client.xautoclaim(s, GROUP, self.name, self.claim_idle_ms, start_id=start,
                                                count=self.batch)
                 start, entries = _text(reply[0]), reply[1]
-                out += [(s, _text(i), f) for i, f in entries if f is not None]
+                out += [(s, _text(i), _event_text(f)) for i, f in entries if f is not None]
                 if start == "0-0" or not entries:
                     break
         self.stats.claimed += len(out)
         return out
 
     # ---- one batch ----
-    def handle(self, entries: list[tuple[str, str, dict]]) -> None:
+    def handle(self, entries: list[tuple[str, str, Any]]) -> None:
         """Parse, apply, dead-letter, acknowledge (in that order: an entry is acked only once applied)."""
         if not entries:
             return
@@ -214,22 +231,21 @@ class StreamConsumer:
         if self.on_batch is not None:
             self.on_batch(self.stats)
 
-    def _parse(self, entries: list[tuple[str, str, dict]]) -> tuple[list[Event], list[tuple[str, str, str, str]]]:
+    def _parse(self, entries: list[tuple[str, str, Any]]) -> tuple[list[Event], list[tuple[str, str, str, str]]]:
         """-> (events, dead letters (stream, entry id, raw text, reason)); trimmed entries are counted."""
         events, dead = [], []
-        for stream, entry_id, fields in entries:
-            if fields is None:     # trimmed (MAXLEN) while pending: nothing left to apply
+        for stream, entry_id, raw in entries:
+            if raw is None:     # trimmed (MAXLEN) while pending: nothing left to apply
                 self.stats.trimmed += 1
                 continue
-            raw = fields.get(ENTRY_FIELD.encode(), fields.get(ENTRY_FIELD))
             try:
-                doc = loads(raw) if raw is not None else None
+                doc = loads(raw) if raw is not _NO_EVENT else None
                 if doc is None:
                     raise EventError("event", f"stream entry has no `{ENTRY_FIELD}` field")
                 events.append(parse_event(doc))
             except (ValueError, EventError) as e:
                 reason = str(e) if isinstance(e, EventError) else f"event: not JSON ({e})"
-                dead.append((stream, entry_id, _text(raw) if raw is not None else "", reason))
+                dead.append((stream, entry_id, _text(raw) if raw is not _NO_EVENT else "", reason))
         return events, dead
 
     def _dead_letters(self, dead: list[tuple[str, str, str, str]]) -> None:
@@ -242,7 +258,7 @@ class StreamConsumer:
                       maxlen=DEAD_MAXLEN, approximate=True)
         pipe.execute()
 
-    def _ack(self, entries: list[tuple[str, str, dict]]) -> None:
+    def _ack(self, entries: list[tuple[str, str, Any]]) -> None:
         acks: dict[str, list[str]] = defaultdict(list)
         for stream, entry_id, _ in entries:
             acks[stream].append(entry_id)
@@ -253,6 +269,19 @@ class StreamConsumer:
             pipe.execute()
         else:
             send_raw(self.client, [("XACK", stream, GROUP, *ids) for stream, ids in acks.items()])
+
+    def _keep_rate(self, taken: int, read_at: float) -> None:
+        """Sleep as long as the entries taken so far are ahead of max_rate; `read_at`: when this batch was
+        read (its handling counts toward its time: a consumer slower than max_rate never sleeps)."""
+        if self.max_rate <= 0:
+            return
+        # a slow patch (the box busy) or a quiet one may be made up within RATE_CATCH_UP_S, not more:
+        # a long stall does not turn into a long burst
+        start = max(self._paid_until, read_at - RATE_CATCH_UP_S) if self._paid_until else read_at
+        self._paid_until = start + taken / self.max_rate
+        wait = self._paid_until - time.monotonic()
+        if wait > 0 and not self._stop:
+            time.sleep(wait)
 
     def run(self, max_idle_s: float | None = None, max_events: int | None = None) -> ConsumerStats:
         """Own pending entries first (a restart under the same name), then new ones; every
@@ -274,6 +303,7 @@ class StreamConsumer:
             if entries:
                 self.handle(entries)
                 last_seen = now
+                self._keep_rate(len(entries), now)
             elif max_idle_s is not None and now - last_seen >= max_idle_s:
                 break
         return self.stats

@@ -201,3 +201,20 @@ def test_redis_killed_with_aof_loses_no_acknowledged_event(tmp_path):
         r.close()
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+def test_max_rate_paces_the_consumer_and_applies_everything(redis_client):
+    """--max-rate: 600 events at 2,000/s take at least 0.3 s minus the first batch's share (batches of 100 are
+    paid for after they are applied); unpaced, the same events are not held back at all."""
+    import time
+    keys = Keys()
+    events = [e for i in range(300) for e in log_row_events(
+        {"user_id": f"r{i % 50}", "timestamp": 10 + i, "tags": ["t1"], "click": 1, "conversion": 0}, i)][:600]
+    publish_events(redis_client, keys, events, partitions=2)
+    consumer = StreamConsumer(redis_client, keys, RULES, partitions=2, batch=50, block_ms=10, max_rate=2000)
+    t0 = time.monotonic()
+    stats = consumer.run(max_events=len(events))
+    took = time.monotonic() - t0
+    assert stats.applied == len(events) and stats.dead == 0
+    assert took >= (len(events) - 100) / 2000, took
