@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from mvke.data.dataset import TASKS
 from mvke.models import MODELS, build_torch_model
+from mvke.runtime.system import cpu_model
 from mvke.training import plots
 from mvke.training.diagnostics import TASK_KEYS, mvke_diagnostics
 from mvke.training.parts_data import prepare_any
@@ -178,15 +179,16 @@ def run_cell(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, d
              dist=None, state_file: Path | None = None) -> dict:
     """One (model, seed) run; `dist` (a DistributedConfig): trained on Ray Train, scored in memory as here.
     state_file: the in-process run's state (continued if there, saved as it trains; mvke/training/resume.py)."""
+    checkpoint = None
     if dist is None:
         tc = TrainConfig(**{**cfg["train"], "seed": seed, "threads": threads, "progress": False, "score_test": True})
-        checkpoint = None
         if state_file is not None:
             checkpoint = RunCheckpoint(state_file, f"{cell_key(cfg)} seed {seed} {data_fingerprint(data)}")
         result = train_model(data, model_config_for(name, data, **cfg["model"]), tc, checkpoint=checkpoint)
     else:
         result = train_on_workers(data, name, cfg, seed, threads, dist)
-    cell = {"config_key": cell_key(cfg, dist), "config": cfg, "data": data.dataset.path.name, **result.metrics}
+    cell = {"config_key": cell_key(cfg, dist), "config": cfg, "data": data.dataset.path.name, **result.metrics,
+            "cpus": checkpoint.cpus if checkpoint is not None else [cpu_model()]}   # where it trained
     cell["model_config"] = {k: v for k, v in asdict(result.model.cfg).items()
                             if k not in ("num_ids", "num_cat_fields", "num_multi_fields", "num_tags")}
     if diagnostics:

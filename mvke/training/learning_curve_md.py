@@ -122,6 +122,12 @@ def open_lines(res: dict) -> list[str]:
     return out or ["* none: every planned run finished"]
 
 
+def cpu_line(res: dict) -> str:
+    parts = [f"{s['users']:,}: " + ", ".join(f"{cpu} ({n})" for cpu, n in s["cpus"].items())
+             for s in res["sizes"] if s.get("cpus")]
+    return "; ".join(parts) or "no runs yet"
+
+
 def render(res: dict) -> str:
     p = res["protocol"]
     lines = ["# Learning curve: the tuned models from 20k to 1.28M users (issue 27)", "",
@@ -130,7 +136,9 @@ def render(res: dict) -> str:
              "(conversion). Rebuilt from the finished runs by one command (see Reproduce); runs still open are listed.",
              "", PROTOCOL.format(epochs=MAX_EPOCHS, cap=BATCH_CAP), "## Results", "", *results_table(res), "",
              "CPU h per run: the training loop's process CPU time (validation each epoch included; data loading and "
-             "test scoring not); the 20k runs are issue 10's, timed on an Intel Xeon, the others on the AMD EPYC below.", "",
+             "test scoring not). Where the runs trained (runs per CPU model; a run continued on another machine "
+             "counts on each): " + cpu_line(res) + ". The 20k runs are issue 10's, on an Intel Xeon; the runs that "
+             "do not record it trained on the 2-core AMD EPYC of the sessions before 2026-12-06 14:20 UTC.", "",
              PROBE, "",
              "## MVKE's lead over the best other model, per size", "",
              "Paired per-seed difference mvke-mt minus the model with the highest mean test AUC at that size "

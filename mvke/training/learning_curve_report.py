@@ -103,7 +103,21 @@ def size_entry(plan: SizePlan, out: Path = OUT) -> dict:
         entry["oracle"] = {k: float(np.mean([c["oracle_test_auc"][t] for c in by_seed.values()]))
                            for t, k in TASKS.items()}
         entry["cpu_seconds_runs"] = float(sum(c["cpu_seconds"] for cs in cells.values() for c in cs))
+        entry["cpus"] = run_cpus(cells)
     return entry
+
+
+CPU_NOT_RECORDED = "not recorded in the cell"
+
+
+def run_cpus(cells: dict[str, list[dict]]) -> dict[str, int]:
+    """{CPU model: runs that trained (partly) on it}; cells written before runs recorded it count apart."""
+    count: dict[str, int] = {}
+    for cs in cells.values():
+        for c in cs:
+            for cpu in dict.fromkeys(c.get("cpus") or [CPU_NOT_RECORDED]):
+                count[cpu] = count.get(cpu, 0) + 1
+    return count
 
 
 def build(out: Path = OUT) -> dict:

@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mvke.runtime.system import cpu_model
+
 
 @dataclass
 class PartialEpoch:
@@ -44,6 +46,7 @@ class RunCheckpoint:
         self._epoch_rng: dict | None = None      # numpy's generator state before the epoch's permutation
         self._objects: dict = {}
         self.cpu_before = self.wall_before = 0.0  # of the processes before this one
+        self.cpus = [cpu_model()]                # the CPU model of each process that trained the run
         self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -75,6 +78,8 @@ class RunCheckpoint:
         for k, v in state["run"].items():
             setattr(o["run"], k, v)
         self.cpu_before, self.wall_before = state["cpu_seconds"], state["wall_seconds"]
+        earlier = state.get("cpus") or ["not recorded"]    # states saved before the field existed
+        self.cpus = earlier + [c for c in self.cpus if c != earlier[-1]]
         partial = PartialEpoch(**state["partial"]) if state["partial"] else None
         self._skip = partial.steps if partial else 0
         return state["epoch"] + (0 if partial else 1), partial
@@ -111,7 +116,7 @@ class RunCheckpoint:
             "sched": o["sched"].state_dict() if o["sched"] is not None else None,
             "stopping": {k: getattr(stopping, k) for k in ("best", "best_epoch", "best_state", "history")},
             "run": {k: getattr(run, k) for k in ("samples", "steps", "step_seconds")},
-            "cpu_seconds": self.cpu_seconds(), "wall_seconds": self.wall_seconds(),
+            "cpu_seconds": self.cpu_seconds(), "wall_seconds": self.wall_seconds(), "cpus": self.cpus,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")

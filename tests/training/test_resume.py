@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mvke.runtime.system import cpu_model
 from mvke.training.resume import RunCheckpoint
 from mvke.training.trainer import EncodedData, TrainConfig, model_config_for, train_model
 
@@ -66,8 +67,10 @@ def test_a_stopped_run_continues_as_the_same_run(small, tiny_model_sizes, uninte
     assert path.exists()
     saved = torch.load(path, weights_only=False)
     assert saved["epoch"] == epoch and (saved["partial"] or {}).get("steps") == step
-    resumed = train_model(small, cfg, TrainConfig(**FAST), checkpoint=RunCheckpoint(path, "k"))
+    second = RunCheckpoint(path, "k")
+    resumed = train_model(small, cfg, TrainConfig(**FAST), checkpoint=second)
     _same_run(resumed, uninterrupted)
+    assert second.cpus == [cpu_model()]        # both processes on this machine: named once
     # CPU time counts both processes' share: at least what the first one had spent when it saved.
     assert resumed.metrics["cpu_seconds"] >= saved["cpu_seconds"] > 0
 
@@ -79,3 +82,16 @@ def test_a_state_of_another_run_is_refused(small, tiny_model_sizes, tmp_path):
         train_model(small, cfg, TrainConfig(**FAST), checkpoint=KilledAfter(path, "seed 3", 1, None))
     with pytest.raises(RuntimeError, match="saved for another run"):
         train_model(small, cfg, TrainConfig(**FAST), checkpoint=RunCheckpoint(path, "seed 4"))
+
+
+def test_a_state_from_before_cpus_were_recorded_says_so(small, tiny_model_sizes, tmp_path):
+    cfg = model_config_for("mvke-mt", small, **tiny_model_sizes)
+    path = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        train_model(small, cfg, TrainConfig(**FAST), checkpoint=KilledAfter(path, "k", 1, None))
+    state = torch.load(path, weights_only=False)
+    del state["cpus"]
+    torch.save(state, path)
+    ck = RunCheckpoint(path, "k")
+    train_model(small, cfg, TrainConfig(**FAST), checkpoint=ck)
+    assert ck.cpus == ["not recorded", cpu_model()]
