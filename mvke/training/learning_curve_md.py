@@ -109,8 +109,18 @@ def goal_lines(res: dict) -> list[str]:
     return [line]
 
 
+def inflight_lines(res: dict) -> list[str]:
+    return [f"* in progress: {r['size']} {r['model']} seed {r['seed']}, {r['epochs_done']} epoch(s) done"
+            + (f" and {r['steps_into_next']:,} steps of the next" if r["steps_into_next"] else "")
+            + f", {r['cpu_hours']:.2f} CPU h so far"
+            + (f", best validation mean AUC {r['best_valid_mean_auc']:.4f} at epoch {r['best_epoch']}"
+               if r["best_valid_mean_auc"] is not None else "")
+            + f" (state: {r['file']}, continued by the next `scripts/learning_curve.sh`)"
+            for r in res.get("inflight", [])]
+
+
 def open_lines(res: dict) -> list[str]:
-    out = []
+    out = inflight_lines(res)
     for s in res["sizes"]:
         want, planned = s["planned"]["seeds"], s["planned"]["models"]
         short = [f"{m} {s['models'][m]['seeds'] if m in s['models'] else 0}/{want}" for m in planned
@@ -147,7 +157,9 @@ def render(res: dict) -> str:
     lines += ["", "## Goal at the largest size (mvke-mt ≥ 0.80 / 0.83)", "", *goal_lines(res), "",
               "## Still open", "", *open_lines(res), "",
               "## Reproduce", "", "```",
-              "setsid nohup bash scripts/learning_curve.sh >/dev/null 2>&1 &   # resumes: finished runs are kept",
+              "setsid nohup bash scripts/learning_curve.sh >/dev/null 2>&1 &   # resumes: finished runs are kept,",
+              "#   unfinished ones continue from their state under inflight/ (saved every epoch and every 10 min;",
+              "#   `... learning_curve aggregate` copies the newest states here: commit them before the machine goes)",
               "PYTHONPATH=$PWD python -m mvke.training.latent_probe            # the linear probe per size",
               "PYTHONPATH=$PWD python -m mvke.training.learning_curve aggregate  # this page, results.json, the PNG",
               "```", "",

@@ -110,6 +110,22 @@ def size_entry(plan: SizePlan, out: Path = OUT) -> dict:
 CPU_NOT_RECORDED = "not recorded in the cell"
 
 
+def inflight_runs(out: Path = OUT) -> list[dict]:
+    """The unfinished runs whose state the repository carries (mvke/training/resume.py): how far each is."""
+    import torch
+    runs = []
+    for f in sorted((out / "inflight").glob("*/*/seed-*.pt")):
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        stop = state["stopping"]
+        runs.append({"size": f.parent.parent.name, "model": f.parent.name, "seed": int(f.stem.split("-")[1]),
+                     "file": str(f.relative_to(out)), "epochs_done": state["epoch"] - (1 if state["partial"] else 0),
+                     "steps_into_next": (state["partial"] or {}).get("steps", 0),
+                     "cpu_hours": round(state["cpu_seconds"] / 3600, 3), "cpus": state.get("cpus") or [],
+                     "best_epoch": stop["best_epoch"],
+                     "best_valid_mean_auc": None if not stop["history"] else round(float(stop["best"]), 5)})
+    return runs
+
+
 def run_cpus(cells: dict[str, list[dict]]) -> dict[str, int]:
     """{CPU model: runs that trained (partly) on it}; cells written before runs recorded it count apart."""
     count: dict[str, int] = {}
@@ -137,6 +153,7 @@ def build(out: Path = OUT) -> dict:
     # every choice read validation only: each run's best epoch (early stopping), the baseline run at the
     # large sizes (best_baseline); the test day is scored once per run (experiment.py's "selection" too)
     return {"selection": "valid", "protocol": protocol(), "sizes": sizes, "ledger_entries": len(ledger),
+            "inflight": inflight_runs(out),
             "cpu_hours": {"this_curve_processes": round(sum(r["cpu_seconds"] for r in ledger) / 3600, 3),
                           "reused_20k_training_loops": round(reused / 3600, 3)},
             "machine": {"processor": _cpu_name(), "cores": __import__("os").cpu_count(),

@@ -64,6 +64,23 @@ def test_aggregation_reports_partial_results_with_their_seed_counts(tmp_path):
     md = learning_curve_md.render(res)
     assert "| 80,000 | 1,100 | cgc | 0.7750 | 0.7900 | 1 of 3 |" in md
     assert "320,000 users: mvke-mt 0/1" in md
+    assert "in progress" not in md and res["inflight"] == []
+    assert "80,000: not recorded in the cell (4)" in md     # cells from before runs recorded their CPU
+
+
+def test_aggregation_lists_runs_in_progress_from_their_states(tmp_path):
+    import torch
+    state = {"epoch": 3, "partial": {"steps": 500}, "cpu_seconds": 5400.0, "cpus": ["Some CPU"],
+             "stopping": {"best": 0.8123, "best_epoch": 2, "best_state": None, "history": [{}, {}]}}
+    path = tmp_path / "inflight" / "u1280k" / "mvke-mt" / "seed-0.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    res = report.build(tmp_path)
+    assert res["inflight"] == [{"size": "u1280k", "model": "mvke-mt", "seed": 0, "file": "inflight/u1280k/mvke-mt/seed-0.pt",
+                                "epochs_done": 2, "steps_into_next": 500, "cpu_hours": 1.5, "cpus": ["Some CPU"],
+                                "best_epoch": 2, "best_valid_mean_auc": 0.8123}]
+    assert ("* in progress: u1280k mvke-mt seed 0, 2 epoch(s) done and 500 steps of the next, 1.50 CPU h so far, "
+            "best validation mean AUC 0.8123 at epoch 2") in learning_curve_md.render(res)
 
 
 def test_prepare_parts_gives_the_arrays_of_prepare(tmp_path):
