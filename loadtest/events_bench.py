@@ -173,7 +173,8 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
 
 def command_costs(before: dict, after: dict, events: int) -> dict:
     """Per Redis command over the window: calls per event and Redis CPU us per event (INFO commandstats;
-    a function's inner calls are in its FCALL's time)."""
+    a function's inner calls are also in its FCALL's time). Every client's commands count: with tag
+    requests beside, HGETALL is the service's, and XINFO / INFO are this bench's polling."""
     out = {}
     for name, a in after.items():
         b = before.get(name, {"calls": 0, "usec": 0})

@@ -113,6 +113,7 @@ class ConsumerStats:
 
 
 RATE_CATCH_UP_S = 1.0   # --max-rate: how far behind its pace a consumer may catch up
+PACE_SLICE_S = 0.05     # --max-rate: a read takes about this long's worth of entries; sleeps are this long at most
 _NO_EVENT = object()     # an entry without the ENTRY_FIELD field (a dead letter)
 _ENTRY_KEY = ENTRY_FIELD.encode()
 
@@ -166,9 +167,12 @@ class StreamConsumer:
         """-> [(stream, entry id, event text (`_event_text`))] from every partition ('>' new, '0' this
         consumer's pending)."""
         block = self.block_ms if last_id == ">" else None
+        count = self.batch
+        if self.max_rate > 0:   # paced: reads of ~PACE_SLICE_S worth of entries, so the pace has no long bursts
+            count = max(1, min(count, int(self.max_rate * PACE_SLICE_S / len(self.streams))))
         if not self.cluster:   # one command, its raw reply (redis-py's parsing costs more than the read)
             wait = ("BLOCK", block) if block is not None else ()
-            reply = send_raw(self.client, [("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", self.batch, *wait,
+            reply = send_raw(self.client, [("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, *wait,
                                             "STREAMS", *self.streams, *[last_id] * len(self.streams))])[0]
             if isinstance(reply, Exception):
                 raise reply
@@ -176,7 +180,7 @@ class StreamConsumer:
             return [(_text(s), i, _event_text(f)) for s, entries in streams for i, f in entries]
         out = []
         for s in self.streams:   # one slot per command on a cluster
-            for _, entries in self.client.xreadgroup(GROUP, self.name, {s: last_id}, count=self.batch) or []:
+            for _, entries in self.client.xreadgroup(GROUP, self.name, {s: last_id}, count=count) or []:
                 out += [(s, _text(i), _event_text(f)) for i, f in entries]
         if not out and last_id == ">":
             time.sleep(self.block_ms / 1000)
@@ -245,7 +249,9 @@ class StreamConsumer:
                 events.append(parse_event(doc))
             except (ValueError, EventError) as e:
                 reason = str(e) if isinstance(e, EventError) else f"event: not JSON ({e})"
-                dead.append((stream, entry_id, _text(raw) if raw is not _NO_EVENT else "", reason))
+                text = "" if raw is _NO_EVENT else (raw.decode("utf-8", "backslashreplace")
+                                                    if isinstance(raw, bytes) else str(raw))   # not UTF-8: kept, escaped
+                dead.append((stream, entry_id, text, reason))
         return events, dead
 
     def _dead_letters(self, dead: list[tuple[str, str, str, str]]) -> None:
@@ -279,9 +285,8 @@ class StreamConsumer:
         # a long stall does not turn into a long burst
         start = max(self._paid_until, read_at - RATE_CATCH_UP_S) if self._paid_until else read_at
         self._paid_until = start + taken / self.max_rate
-        wait = self._paid_until - time.monotonic()
-        if wait > 0 and not self._stop:
-            time.sleep(wait)
+        while not self._stop and (wait := self._paid_until - time.monotonic()) > 0:
+            time.sleep(min(wait, PACE_SLICE_S))     # in slices: a stop() is honoured within one
 
     def run(self, max_idle_s: float | None = None, max_events: int | None = None) -> ConsumerStats:
         """Own pending entries first (a restart under the same name), then new ones; every

@@ -199,7 +199,7 @@ def run_cell(data: EncodedData, name: str, cfg: dict, seed: int, threads: int, d
 
 def data_fingerprint(data: EncodedData) -> str:
     """Rows and positives per split: a state saved on one world is not continued on another."""
-    return " ".join(f"{name}:{len(split)}/{int(split.labels.sum())}"
+    return " ".join(f"{name}:{len(split)}/{int(np.count_nonzero(split.labels))}"
                     for name, split in (("train", data.train), ("valid", data.valid)))
 
 

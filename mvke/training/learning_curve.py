@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from mvke.training.learning_curve_plan import (BEST_BASELINE, DATA_ROOT, MAX_EPOCHS, OUT, PLAN, REPO, SizePlan,
-                                               resolve_models, sync_cells, sync_states, write_configs)
+                                               resolve_models, restore_cells, sync_cells, sync_states,
+                                               write_configs)
 from mvke.training.learning_curve_report import aggregate, valid_aucs
 
 
@@ -79,6 +80,7 @@ def run_size(plan: SizePlan, log, data_root: Path = DATA_ROOT) -> None:
                          *(["--resume"] if plan.users > 65_536 else [])), plan.name, "data seed 0", log)
     configs = write_configs(data_root / plan.name / "configs", models, plan.users)
     runs = data_root / plan.name / "runs"
+    restore_cells(runs, plan.users)  # finished runs of an earlier machine are kept, not trained again
     sync_states(runs, plan.name)     # an unfinished run of an earlier machine continues here
     run_logged(_mvke("experiment", "--data", str(world), "--out", str(runs), "--seeds", str(plan.seeds),
                      "--models", ",".join(models), "--configs", str(configs), "--max-epochs", str(MAX_EPOCHS),

@@ -142,22 +142,62 @@ def sync_cells(runs_dir: Path, size: str, out: Path = OUT) -> int:
     return new
 
 
+def restore_cells(runs_dir: Path, users: int, out: Path = OUT) -> int:
+    """The repository's finished cells of this protocol into a run directory that lacks them (a fresh
+    machine), so that `mvke experiment` keeps them instead of training them again; returns how many."""
+    size, copied = size_name(users), 0
+    for f in sorted((out / "cells" / size).glob("*/seed-*.json")):
+        target = runs_dir / "cells" / f.parent.name / f.name
+        if target.exists() or json.loads(f.read_text()).get("config_key") != expected_key(f.parent.name, users):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+        copied += 1
+    return copied
+
+
+def _state_progress(path: Path) -> tuple[tuple[int, int], str | None]:
+    """((epochs done, steps into the next), key) of a run's state file; ((-1, 0), None) when it does not load."""
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        partial = state["partial"] or {}
+        return (state["epoch"] - (1 if partial else 0), partial.get("steps", 0)), state["key"]
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: the other copy wins
+        return (-1, 0), None
+
+
+def _finished(key: str | None, cells: list[Path]) -> bool:
+    """A cell of the same configuration as the state (its key starts with the cell's key) is written."""
+    for cell in cells:
+        if key and cell.exists() and key.startswith(json.loads(cell.read_text()).get("config_key", "\0") + " "):
+            return True
+    return False
+
+
 def sync_states(runs_dir: Path, size: str, out: Path = OUT) -> int:
     """Unfinished runs' state files (mvke/training/resume.py) between the run directory, which a machine
-    takes with it, and the repository, which the next machine clones: the newer copy (by modification
-    time, kept by the copy) replaces the older; a run whose cell is written has no state left anywhere.
+    takes with it, and the repository, which the next machine clones: the copy further on (epochs and
+    steps, read from the files: a git checkout rewrites modification times) replaces the other, through a
+    temporary file; a run whose cell of the same configuration is written has no state left anywhere.
     Returns how many files were copied."""
     here, kept, copied = runs_dir / "inflight", out / "inflight" / size, 0
     names = {p.relative_to(d) for d in (here, kept) if d.exists() for p in d.glob("*/seed-*.pt")}
     for name in sorted(names):
         a, b = here / name, kept / name
-        if (runs_dir / "cells" / name.parent / name.with_suffix(".json").name).exists():
+        (pa, ka), (pb, kb) = (_state_progress(a) if a.exists() else ((-2, 0), None),
+                              _state_progress(b) if b.exists() else ((-2, 0), None))
+        cell = name.parent / name.with_suffix(".json").name
+        if _finished(ka or kb, [runs_dir / "cells" / cell, out / "cells" / size / cell]):
             a.unlink(missing_ok=True)
             b.unlink(missing_ok=True)
             continue
-        src, dst = (a, b) if a.exists() and (not b.exists() or a.stat().st_mtime > b.stat().st_mtime) else (b, a)
-        if not dst.exists() or src.stat().st_mtime > dst.stat().st_mtime:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-            copied += 1
+        if pa == pb:
+            continue
+        src, dst = (a, b) if pa > pb else (b, a)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)        # a copy cut short leaves the old state, never half a new one
+        copied += 1
     return copied

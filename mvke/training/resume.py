@@ -1,6 +1,8 @@
 """A single-process training run that outlives its machine: its whole state on disk, so that a stopped
 run continues where it stopped and ends as the same run (the same weights, bit for bit, as one without a
-stop: tests/training/test_resume.py).
+stop, when both run the same CPU kernels: tests/training/test_resume.py; continued on a machine whose
+PyTorch picks other kernels, e.g. AVX2 instead of AVX-512, it goes on deterministically from the same
+state, with last-bit differences from there on).
 
 Why: a learning-curve run at 1.28M users (issue 27) takes hours of CPU, longer than the machine it
 starts on is lent; cells only hold finished runs. The state is saved at the end of every epoch and every
@@ -65,7 +67,8 @@ class RunCheckpoint:
         state = torch.load(self.path, map_location="cpu", weights_only=False)
         if state["key"] != self.key:
             raise RuntimeError(f"{self.path}: saved for another run ({state['key']!r}, this one is {self.key!r}); "
-                               f"remove it to start this run afresh")
+                               f"remove it (and the copy the learning curve keeps under docs/results/learning_curve/"
+                               f"inflight/) to start this run afresh")
         o = self._objects
         o["model"].load_state_dict(state["model"])
         o["opt"].load_state_dict(state["opt"])
@@ -120,8 +123,11 @@ class RunCheckpoint:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        tmp.replace(self.path)   # a reader (or a kill) sees the old state or the new one, never half of one
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())   # on disk before the rename: a machine stopped hard keeps a whole state
+        tmp.replace(self.path)     # a reader (or a kill) sees the old state or the new one, never half of one
         self._last_save = time.monotonic()
 
     def remove(self) -> None:

@@ -256,6 +256,8 @@ def fit(model: torch.nn.Module, opt, sched, epochs: int, patience: int, epoch_ba
     pruning) or return True to stop. max_steps > 0: stop after that many steps in all.
     A resumed run (train_model): `run`, `first_epoch` and `partial` as restored by `checkpoint`,
     which saves the state after every epoch (and inside one, at its own interval)."""
+    if checkpoint is not None and (max_steps or on_epoch is not None):
+        raise ValueError("a checkpointed run stops on early stopping alone (max_steps and on_epoch are not saved)")
     run = run or FitResult(EarlyStopping(patience))
     stopping = run.stopping
     if first_epoch > 1 and partial is None and stopping.stop(first_epoch - 1):

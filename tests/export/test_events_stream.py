@@ -218,3 +218,15 @@ def test_max_rate_paces_the_consumer_and_applies_everything(redis_client):
     took = time.monotonic() - t0
     assert stats.applied == len(events) and stats.dead == 0
     assert took >= (len(events) - 100) / 2000, took
+
+
+@pytest.mark.integration
+def test_an_entry_that_is_not_utf8_is_a_dead_letter_with_its_bytes_escaped(redis_client):
+    keys = Keys()
+    redis_client.xadd(keys.events_stream(0), {"e": b"\xff\xfe{"})
+    good = log_row_events({"user_id": "u9", "timestamp": 5, "tags": ["t1"], "click": 0, "conversion": 0}, 0)
+    publish_events(redis_client, keys, good, partitions=2)
+    stats = StreamConsumer(redis_client, keys, RULES, partitions=2, block_ms=10).run(max_idle_s=0.2)
+    assert (stats.applied, stats.dead) == (1, 1)
+    (_, dead), = redis_client.xrange(keys.events_dead)
+    assert dead[b"event"] == b"\\xff\\xfe{" and dead[b"reason"].startswith(b"event: not JSON")

@@ -104,18 +104,43 @@ def test_prepare_parts_gives_the_arrays_of_prepare(tmp_path):
 
 def test_run_states_travel_between_the_run_directory_and_the_repository(tmp_path):
     import os
-    from mvke.training.learning_curve_plan import sync_states
+    import torch
+    from mvke.training.learning_curve_plan import restore_cells, sync_states
+
+    def state(path, epoch, steps=0, key="K seed 0 data"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "epoch": epoch, "partial": {"steps": steps} if steps else None}, path)
+
+    def epoch_of(path):
+        return torch.load(path, weights_only=False)["epoch"]
+
     runs, out = tmp_path / "runs", tmp_path / "repo"
     here, kept = runs / "inflight" / "mvke-mt" / "seed-0.pt", out / "inflight" / "u1280k" / "mvke-mt" / "seed-0.pt"
-    kept.parent.mkdir(parents=True)
-    kept.write_bytes(b"epoch 3")                       # a fresh machine: only the repository has it
-    assert sync_states(runs, "u1280k", out) == 1 and here.read_bytes() == b"epoch 3"
-    assert sync_states(runs, "u1280k", out) == 0       # same age: nothing to do
-    here.write_bytes(b"epoch 4")                       # the run went on here
-    os.utime(here, (kept.stat().st_mtime + 10,) * 2)
-    assert sync_states(runs, "u1280k", out) == 1 and kept.read_bytes() == b"epoch 4"
-    cell = runs / "cells" / "mvke-mt" / "seed-0.json"  # the run finished: no state left anywhere
-    cell.parent.mkdir(parents=True)
-    cell.write_text("{}")
+    state(kept, 3)                                      # a fresh machine: only the repository has it
+    assert sync_states(runs, "u1280k", out) == 1 and epoch_of(here) == 3
+    assert sync_states(runs, "u1280k", out) == 0       # as far on both sides: nothing to do
+    state(here, 5, steps=100)                           # the run went on here
+    state(kept, 3)                                      # ... and a checkout rewrote the older copy (newer mtime)
+    os.utime(kept, (here.stat().st_mtime + 60,) * 2)
+    assert sync_states(runs, "u1280k", out) == 1 and epoch_of(kept) == 5 and epoch_of(here) == 5
+    kept.write_bytes(b"cut short")                      # a broken copy never wins
+    assert sync_states(runs, "u1280k", out) == 1 and epoch_of(kept) == 5
+    other = runs / "cells" / "mvke-mt" / "seed-0.json"  # a cell of another configuration: the run goes on
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({"config_key": "OLD"}))
+    sync_states(runs, "u1280k", out)
+    assert here.exists() and kept.exists()
+    other.write_text(json.dumps({"config_key": "K"}))   # the run finished: no state left anywhere
     sync_states(runs, "u1280k", out)
     assert not here.exists() and not kept.exists()
+    # a fresh machine keeps the repository's finished cells of this protocol instead of training them again
+    key = lc.expected_key("moe", 1_280_000)
+    cell = out / "cells" / "u1280k" / "moe" / "seed-0.json"
+    cell.parent.mkdir(parents=True)
+    cell.write_text(json.dumps({"config_key": key}))
+    stale = out / "cells" / "u1280k" / "nomtl" / "seed-0.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"config_key": "another protocol"}))
+    fresh = tmp_path / "fresh"
+    assert restore_cells(fresh, 1_280_000, out) == 1
+    assert (fresh / "cells" / "moe" / "seed-0.json").exists() and not (fresh / "cells" / "nomtl").exists()
