@@ -113,7 +113,10 @@ class ConsumerStats:
 
 
 RATE_CATCH_UP_S = 1.0   # --max-rate: how far behind its pace a consumer may catch up
-PACE_SLICE_S = 0.05     # --max-rate: a read takes about this long's worth of entries; sleeps are this long at most
+# --max-rate: a read takes at most this long's worth of entries (shorter reads cost Redis more per event:
+# 50 ms reads at 20,000/s left the service 2-4 points less of its QPS than 200 ms ones) ...
+PACE_READ_S = 0.25
+PACE_SLICE_S = 0.05     # ... and a sleep is at most this long, so that stop() is honoured within it
 _NO_EVENT = object()     # an entry without the ENTRY_FIELD field (a dead letter)
 _ENTRY_KEY = ENTRY_FIELD.encode()
 
@@ -168,8 +171,8 @@ class StreamConsumer:
         consumer's pending)."""
         block = self.block_ms if last_id == ">" else None
         count = self.batch
-        if self.max_rate > 0:   # paced: reads of ~PACE_SLICE_S worth of entries, so the pace has no long bursts
-            count = max(1, min(count, int(self.max_rate * PACE_SLICE_S / len(self.streams))))
+        if self.max_rate > 0:   # paced: reads of at most ~PACE_READ_S worth of entries, no long bursts
+            count = max(1, min(count, int(self.max_rate * PACE_READ_S / len(self.streams))))
         if not self.cluster:   # one command, its raw reply (redis-py's parsing costs more than the read)
             wait = ("BLOCK", block) if block is not None else ()
             reply = send_raw(self.client, [("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, *wait,
