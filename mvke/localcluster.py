@@ -10,6 +10,7 @@ the feature store).
 """
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import socket
@@ -21,6 +22,13 @@ from pathlib import Path
 import redis
 
 from mvke.localredis import LocalRedis, TlsFiles, redis_server_binary
+
+log = logging.getLogger(__name__)
+
+
+class ClusterNotReady(RuntimeError):
+    """The nodes did not agree on one cluster in time."""
+
 
 CLUSTER_SLOTS = 16384
 
@@ -75,9 +83,13 @@ class LocalRedisCluster:
             extra += ["--tls-cluster", "yes", "--tls-replication", "yes"]
         if password:
             extra += ["--masterauth", password] + (["--masteruser", username] if username else [])
-        self.nodes = [LocalRedis(port=free_cluster_port(), data_dir=self.root / f"node{i}", password=password, username=username, tls=tls,
-                                 extra_args=extra)
-                      for i in range(masters * (1 + replicas))]
+        self._node_options = dict(password=password, username=username, tls=tls, extra_args=extra)
+        self._count = masters * (1 + replicas)
+        self.nodes = self._new_nodes("")
+
+    def _new_nodes(self, prefix: str) -> list[LocalRedis]:
+        return [LocalRedis(port=free_cluster_port(), data_dir=self.root / f"{prefix}node{i}", **self._node_options)
+                for i in range(self._count)]
 
     @property
     def url(self) -> str:
@@ -92,17 +104,29 @@ class LocalRedisCluster:
             args += ["--tls", "--cacert", str(self.tls.ca)]
         return args
 
-    def start(self, timeout: float = 30.0) -> "LocalRedisCluster":
-        try:
-            for node in self.nodes:
-                node.start()
-            addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
-            self._cli(["--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"])
-            self.wait_ok(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def start(self, timeout: float = 30.0, attempts: int = 2) -> "LocalRedisCluster":
+        """Start the nodes and join them; a cluster that does not agree within `timeout` (seen once in CI on
+        a loaded 2-core box) is stopped and made again on fresh ports, up to `attempts` times."""
+        for attempt in range(attempts):
+            if attempt:
+                self.nodes = self._new_nodes(f"try{attempt}-")
+            try:
+                for node in self.nodes:
+                    node.start()
+                addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+                self._cli(["--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"])
+                self.wait_ok(timeout)
+                return self
+            except ClusterNotReady as e:
+                if attempt == attempts - 1:
+                    self.stop()
+                    raise
+                self._stop_nodes()
+                log.warning("%s; making it again on fresh ports", e)
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _cli(self, args: list[str], timeout: float = 120.0) -> str:
         out = subprocess.run(self.cli_args() + args, capture_output=True, text=True, timeout=timeout)
@@ -117,16 +141,22 @@ class LocalRedisCluster:
         """Until every live node reports cluster_state:ok with all slots assigned and agrees on the topology."""
         deadline = time.monotonic() + timeout
         want = len(self.nodes)
+        seen: object = None
         while True:
             try:
-                infos = [n.client().cluster("info") for n in self.live_nodes()]
+                infos = []
+                for n in self.live_nodes():
+                    with n.client() as c:
+                        infos.append(c.cluster("info"))
+                seen = [{k: i.get(k) for k in ("cluster_state", "cluster_slots_assigned", "cluster_known_nodes")}
+                        for i in infos]
                 if all(i["cluster_state"] == "ok" and int(i["cluster_slots_assigned"]) == CLUSTER_SLOTS
                        and int(i["cluster_known_nodes"]) == want for i in infos):
                     return
-            except redis.RedisError:
-                pass
+            except redis.RedisError as e:
+                seen = repr(e)
             if time.monotonic() > deadline:
-                raise RuntimeError("the Redis Cluster did not become ready")
+                raise ClusterNotReady(f"the Redis Cluster did not become ready in {timeout:.0f} s (last seen: {seen})")
             time.sleep(0.05)
 
     def node_id(self, node: LocalRedis) -> str:
@@ -159,9 +189,12 @@ class LocalRedisCluster:
             with n.client() as c:
                 c.flushall()
 
-    def stop(self) -> None:
+    def _stop_nodes(self) -> None:
         for n in self.nodes:
             n.stop()
+
+    def stop(self) -> None:
+        self._stop_nodes()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "LocalRedisCluster":
