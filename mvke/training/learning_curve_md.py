@@ -112,7 +112,7 @@ def goal_lines(res: dict) -> list[str]:
 def inflight_lines(res: dict) -> list[str]:
     return [f"* in progress: {r['size']} {r['model']} seed {r['seed']}, {r['epochs_done']} epoch(s) done"
             + (f" and {r['steps_into_next']:,} steps of the next" if r["steps_into_next"] else "")
-            + f", {r['cpu_hours']:.2f} CPU h so far"
+            + f", {r['cpu_hours']:.2f} CPU h so far" + (f" on {', '.join(r['cpus'])}" if r["cpus"] else "")
             + (f", best validation mean AUC {r['best_valid_mean_auc']:.4f} at epoch {r['best_epoch']}"
                if r["best_valid_mean_auc"] is not None else "")
             + f" (state: {r['file']}, continued by the next `scripts/learning_curve.sh`)"

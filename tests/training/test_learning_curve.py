@@ -79,7 +79,7 @@ def test_aggregation_lists_runs_in_progress_from_their_states(tmp_path):
     assert res["inflight"] == [{"size": "u1280k", "model": "mvke-mt", "seed": 0, "file": "inflight/u1280k/mvke-mt/seed-0.pt",
                                 "epochs_done": 2, "steps_into_next": 500, "cpu_hours": 1.5, "cpus": ["Some CPU"],
                                 "best_epoch": 2, "best_valid_mean_auc": 0.8123}]
-    assert ("* in progress: u1280k mvke-mt seed 0, 2 epoch(s) done and 500 steps of the next, 1.50 CPU h so far, "
+    assert ("* in progress: u1280k mvke-mt seed 0, 2 epoch(s) done and 500 steps of the next, 1.50 CPU h so far on Some CPU, "
             "best validation mean AUC 0.8123 at epoch 2") in learning_curve_md.render(res)
 
 
