@@ -135,7 +135,8 @@ def _event_text(fields: list | dict | None) -> Any:
 
 
 def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    """Text of a raw reply value; bytes that are not UTF-8 (a bad event) are kept, escaped."""
+    return v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v)
 
 
 class StreamConsumer:
@@ -252,9 +253,7 @@ class StreamConsumer:
                 events.append(parse_event(doc))
             except (ValueError, EventError) as e:
                 reason = str(e) if isinstance(e, EventError) else f"event: not JSON ({e})"
-                text = "" if raw is _NO_EVENT else (raw.decode("utf-8", "backslashreplace")
-                                                    if isinstance(raw, bytes) else str(raw))   # not UTF-8: kept, escaped
-                dead.append((stream, entry_id, text, reason))
+                dead.append((stream, entry_id, _text(raw) if raw is not _NO_EVENT else "", reason))
         return events, dead
 
     def _dead_letters(self, dead: list[tuple[str, str, str, str]]) -> None:

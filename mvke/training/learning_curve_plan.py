@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvke.training.experiment import config_key
+from mvke.training.resume import progress
 
 BASE_USERS = 20_000
 BATCH_CAP = 1024
@@ -161,8 +162,7 @@ def _state_progress(path: Path) -> tuple[tuple[int, int], str | None]:
     import torch
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        partial = state["partial"] or {}
-        return (state["epoch"] - (1 if partial else 0), partial.get("steps", 0)), state["key"]
+        return progress(state), state["key"]
     except Exception:  # noqa: BLE001 - a truncated or foreign file: the other copy wins
         return (-1, 0), None
 

@@ -15,6 +15,7 @@ import numpy as np
 from mvke.training.experiment import _ms
 from mvke.training.learning_curve_plan import (BASE_USERS, BATCH_CAP, MAX_EPOCHS, MODELS, OUT, PLAN, TUNED, SizePlan,
                                           read_cells, scaled_train)
+from mvke.training.resume import progress
 
 TASKS = {"interest": "ctr", "intention": "cvr"}
 PROBE_FILE = "probe.json"       # written by mvke/training/latent_probe.py, one entry per size
@@ -116,10 +117,10 @@ def inflight_runs(out: Path = OUT) -> list[dict]:
     runs = []
     for f in sorted((out / "inflight").glob("*/*/seed-*.pt")):
         state = torch.load(f, map_location="cpu", weights_only=False)
-        stop = state["stopping"]
+        stop, (epochs_done, steps_into_next) = state["stopping"], progress(state)
         runs.append({"size": f.parent.parent.name, "model": f.parent.name, "seed": int(f.stem.split("-")[1]),
-                     "file": str(f.relative_to(out)), "epochs_done": state["epoch"] - (1 if state["partial"] else 0),
-                     "steps_into_next": (state["partial"] or {}).get("steps", 0),
+                     "file": str(f.relative_to(out)), "epochs_done": epochs_done,
+                     "steps_into_next": steps_into_next,
                      "cpu_hours": round(state["cpu_seconds"] / 3600, 3), "cpus": state.get("cpus") or [],
                      "best_epoch": stop["best_epoch"],
                      "best_valid_mean_auc": None if not stop["history"] else round(float(stop["best"]), 5)})

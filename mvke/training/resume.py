@@ -26,6 +26,12 @@ import torch
 from mvke.runtime.system import cpu_model
 
 
+def progress(state: dict) -> tuple[int, int]:
+    """(epochs done, steps into the next) of a saved state."""
+    partial = state["partial"] or {}
+    return state["epoch"] - (1 if partial else 0), partial.get("steps", 0)
+
+
 @dataclass
 class PartialEpoch:
     """Running totals of an epoch in progress (the trainer's `train_epoch` continues from them)."""
@@ -40,7 +46,7 @@ class RunCheckpoint:
 
     Use: `restore(...)` once before the loop (returns the epoch to start and the partial epoch, if
     any); `epoch_batches(epoch)` as the loop's batch source; `after_step` and `after_epoch` from the
-    loop; `remove()` when the run's result is written."""
+    loop. The caller removes the file once the run's result is written (experiment._run_seed)."""
 
     def __init__(self, path: str | Path, key: str, every_s: float = 600.0):
         self.path, self.key, self.every_s = Path(path), key, every_s
@@ -129,6 +135,3 @@ class RunCheckpoint:
             os.fsync(f.fileno())   # on disk before the rename: a machine stopped hard keeps a whole state
         tmp.replace(self.path)     # a reader (or a kill) sees the old state or the new one, never half of one
         self._last_save = time.monotonic()
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

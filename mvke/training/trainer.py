@@ -303,10 +303,12 @@ def train_model(data: EncodedData, model_cfg: ModelConfig, cfg: TrainConfig, on_
     rng = np.random.default_rng(cfg.seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
     run, first_epoch, partial = FitResult(EarlyStopping(cfg.patience)), 1, None
-    epoch_batches = lambda _: batches(data.train, cfg.batch_size, rng)  # noqa: E731
+    def make_batches(skip: int = 0):
+        return batches(data.train, cfg.batch_size, rng, skip)
+
+    epoch_batches = lambda _: make_batches()  # noqa: E731
     if checkpoint is not None:
-        checkpoint.bind(model, opt, sched, rng, lambda skip: batches(data.train, cfg.batch_size, rng, skip),
-                        run.stopping, run)
+        checkpoint.bind(model, opt, sched, rng, make_batches, run.stopping, run)
         first_epoch, partial = checkpoint.restore()
         epoch_batches = checkpoint.epoch_batches
     run = fit(model, opt, sched, cfg.epochs, cfg.patience, epoch_batches, lambda: evaluate(model, data.valid),
