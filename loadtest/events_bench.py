@@ -74,13 +74,15 @@ def make_events(users: list[str], n: int, run: str, seed: int, ts0: int | None =
 
 
 CONSUMER_NICE = [0]     # --consumer-nice: the consumers' niceness (0: the service's)
+APPLY_VARIANT = [""]    # --variants: "" the real apply function, else loadtest/apply_floor.py's lower bound
 
 
 def consumer(url: str, rules: Path, name: str, env: dict | None = None, *args: str,
              root: Path = ROOT) -> subprocess.Popen:
     """A `mvke features stream` process of the code under `root` (ROOT: this checkout; --before: another)."""
-    nice = CONSUMER_NICE[0]
-    return subprocess.Popen([PY, "-m", "mvke.cli", "features", "stream", "--redis", url, "--rules", str(rules),
+    nice, variant = CONSUMER_NICE[0], APPLY_VARIANT[0]
+    stream = ["-m", "loadtest.apply_floor", variant] if variant else ["-m", "mvke.cli", "features", "stream"]
+    return subprocess.Popen([PY, *stream, "--redis", url, "--rules", str(rules),
                              "--partitions", str(PARTITIONS), "--name", name, "--batch", "500", *args],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
@@ -206,17 +208,30 @@ def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
 
 
 def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
-               rate: float, tags_alone_qps: float) -> list[dict]:
-    """1 and 2 consumers paced to `rate` events/s in all, beside tag requests at c=32: events/s applied and
-    the service's QPS as a share of the tags-alone row (the goal: >= rate with >= 80%)."""
+               rate: float, tags_alone_qps: float, consumer_counts: tuple[int, ...] = (1, 2),
+               variants: tuple[str, ...] = ("",), paired: bool = False) -> list[dict]:
+    """Consumers paced to `rate` events/s in all, beside tag requests at c=32: events/s applied and the
+    service's QPS as a share of the tags-alone row (the goal: >= rate with >= 80%); per apply variant
+    ("": the real function; `floor` / `noop`: loadtest/apply_floor.py's lower bounds), in turn.
+    `paired`: a tags-alone row right before each, and the share of that one too (the box drifts)."""
     rows = []
-    for consumers in (1, 2):
-        log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on")
-        row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration, f"paced-{consumers}",
-                         max_rate=rate)
-        row["qps_share_of_alone"] = round(row["qps"] / tags_alone_qps, 3) if row.get("qps") else None
-        rows.append(row)
-        log(json.dumps(row))
+    for consumers in consumer_counts:
+        for variant in variants:
+            alone = run_load(port, reqs, 32, duration, warmup=1.0)["qps"] if paired else None
+            APPLY_VARIANT[0] = variant
+            log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on, apply {variant or 'real'}")
+            try:
+                row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration,
+                                 f"paced-{consumers}-{variant or 'real'}", max_rate=rate)
+            finally:
+                APPLY_VARIANT[0] = ""
+            row["apply"] = variant or "real"
+            row["qps_share_of_alone"] = round(row["qps"] / tags_alone_qps, 3) if row.get("qps") else None
+            if alone:
+                row["tags_alone_just_before"] = round(alone)
+                row["qps_share_of_just_before"] = round(row["qps"] / alone, 3) if row.get("qps") else None
+            rows.append(row)
+            log(json.dumps(row))
     return rows
 
 
@@ -399,7 +414,14 @@ def main(argv: list[str] | None = None) -> int:
                         "at c=32: the issue's goal measured at its rate (QPS share of the tags-alone row)")
     p.add_argument("--paced-only", action="store_true",
                    help="with --event-rate: only the tags-alone row and the paced rows (no other section)")
+    p.add_argument("--consumers", default="1,2", help="with --event-rate: consumer counts of the paced rows")
+    p.add_argument("--paired", action="store_true",
+                   help="with --event-rate: a tags-alone row right before each paced row (its share of that too)")
+    p.add_argument("--variants", default="real",
+                   help="with --event-rate: apply functions of the paced rows, in turn: real (the one the "
+                        "consumer ships), floor, noop (loadtest/apply_floor.py's lower bounds)")
     a = p.parse_args(argv)
+    variants = tuple("" if v == "real" else v for v in a.variants.split(","))
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     CONSUMER_NICE[0] = a.consumer_nice
@@ -424,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             res["tags_alone"] = {"qps": round(base["qps"]), "p99_ms": base.get("p99_ms"), "loadavg": loadavg()}
             if a.event_rate:
                 res["paced"] = paced_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.event_rate,
-                                          res["tags_alone"]["qps"])
+                                          res["tags_alone"]["qps"], tuple(int(c) for c in a.consumers.split(",")),
+                                          variants, a.paired)
             if a.paced_only:
                 return _write(res, Path(a.out))
             res["apply"] = apply_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.before,

@@ -262,3 +262,34 @@ def test_scoring_bench_measures_both_paths_on_the_same_answer(bundle, tmp_path):
     text = md.read_text()
     assert text.startswith("# kept heading") and text.rstrip().endswith("kept tail") and "\nold\n" not in text
     assert f"| {cat['tags']:,} | 4 |" in text and doc["cpu"] in text
+
+
+def test_apply_lower_bounds_keep_the_real_functions_reply(tmp_path):
+    """loadtest/apply_floor.py's variants answer like the real apply function: `floor` counts the same
+    applied events and duplicates and the same counters; `noop` touches no key."""
+    from loadtest.apply_floor import VARIANTS
+    from loadtest.events_bench import RULES, make_events
+    from mvke.localredis import LocalRedis
+    from mvke.runtime import event_apply
+    from mvke.runtime.events import EventRules
+    from mvke.runtime.keys import Keys
+    rules = EventRules.from_dict(RULES)
+    events = make_events([f"u{i}" for i in range(30)], 400, "lb", seed=3)
+    server = LocalRedis().start()
+    real = event_apply.APPLY_LIBRARY
+    try:
+        r = server.client()
+        seen: dict[str, tuple] = {}
+        for name in ("real", "floor", "noop"):
+            event_apply.APPLY_LIBRARY = real if name == "real" else VARIANTS[name]
+            keys = Keys(f"lb-{name}")
+            applier = event_apply.EventApplier(r, keys, rules)
+            first, again = applier.apply(events), applier.apply(events[:100])
+            counters = [r.hmget(keys.user(u), ["impressions_n", "clicks_n", "conversions_n"])
+                        for u in sorted({e.user_id for e in events})]
+            seen[name] = (first.applied, first.duplicate, again.duplicate, counters)
+        assert seen["real"][:3] == (400, 0, 100) and seen["floor"] == seen["real"]
+        assert seen["noop"][0] == 400 and seen["noop"][3] == [[None] * 3] * 30
+    finally:
+        event_apply.APPLY_LIBRARY = real
+        server.stop()

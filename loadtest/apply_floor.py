@@ -1,0 +1,65 @@
+"""`mvke features stream` with a lower-bound apply function in place of the real one (bench only).
+
+Issue 22 prescribes one Lua script per user key, called by the Python consumer. These variants ask
+how cheap that design can be at all, so that a goal missed by the real function can be told apart
+from a goal the design cannot reach:
+
+* `noop`:  the function decodes its batch and returns; no key is touched. What is left is the stream
+  transport (XADD, XREADGROUP, XACK), the consumer's parsing and packing, and one FCALL per user.
+* `floor`: the least an idempotent apply must do: the id into the user's seen set (ZADD NX: a
+  duplicate changes nothing), one HINCRBY per counter rule of the event's type, `_event_at`, the TTL
+  of the seen set. No histories, no ordering, no buckets, no reload check: less than the issue asks.
+
+    python -m loadtest.apply_floor noop|floor <the arguments of `mvke features stream`>
+"""
+from __future__ import annotations
+
+import sys
+
+# Same KEYS and ARGV as mvke/runtime/event_apply.py's library, same reply {applied, duplicate, late}.
+_HEAD = r"""#!lua name=%(name)s
+local R
+local function apply(KEYS, ARGV)
+  if not R then R = cjson.decode(%(rules)s) end
+  local E = cjson.decode(ARGV[1])
+"""
+_TAIL = r"""
+redis.register_function('%(name)s', apply)
+"""
+VARIANTS = {
+    "noop": _HEAD + r"""  return {#E, 0, 0}
+end
+""" + _TAIL,
+    "floor": _HEAD + r"""  local user, seen = KEYS[1], KEYS[3]
+  local applied, dup = 0, 0
+  for _, e in ipairs(E) do
+    if redis.call('ZADD', seen, 'NX', string.format('%%.0f', e[2]), e[1]) == 0 then dup = dup + 1
+    else
+      applied = applied + 1
+      for _, c in ipairs(R.c) do
+        if c.on[e[3]] then redis.call('HINCRBY', user, c.f, 1) end
+      end
+    end
+  end
+  if applied > 0 then
+    local now = redis.call('TIME')
+    redis.call('HSET', user, '_event_at', now[1] .. '.' .. string.format('%%06d', tonumber(now[2])))
+  end
+  local ttl = tonumber(ARGV[2])
+  if ttl and ttl > 0 then redis.call('EXPIRE', seen, ttl) end
+  return {applied, dup, 0}
+end
+""" + _TAIL,
+}
+
+
+def main(argv: list[str]) -> int:
+    variant, rest = argv[0], argv[1:]
+    from mvke.runtime import event_apply
+    event_apply.APPLY_LIBRARY = VARIANTS[variant]    # read by apply_library() when the applier is built
+    from mvke.cli import main as cli_main
+    return cli_main(["features", "stream", *rest]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
