@@ -15,6 +15,8 @@ from a goal the design cannot reach:
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 # Same KEYS and ARGV as mvke/runtime/event_apply.py's library, same reply {applied, duplicate, late}.
 _HEAD = r"""#!lua name=%(name)s
@@ -53,12 +55,24 @@ end
 }
 
 
+@contextmanager
+def using_library(library: str) -> Iterator[None]:
+    """Appliers built inside use `library` (an APPLY_LIBRARY text) in place of the shipped one: apply_library()
+    reads the module's APPLY_LIBRARY when an applier is built. Restored on the way out."""
+    from mvke.runtime import event_apply
+    shipped = event_apply.APPLY_LIBRARY
+    event_apply.APPLY_LIBRARY = library
+    try:
+        yield
+    finally:
+        event_apply.APPLY_LIBRARY = shipped
+
+
 def main(argv: list[str]) -> int:
     variant, rest = argv[0], argv[1:]
-    from mvke.runtime import event_apply
-    event_apply.APPLY_LIBRARY = VARIANTS[variant]    # read by apply_library() when the applier is built
     from mvke.cli import main as cli_main
-    return cli_main(["features", "stream", *rest]) or 0
+    with using_library(VARIANTS[variant]):
+        return cli_main(["features", "stream", *rest]) or 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.apply_floor import VARIANTS
 from loadtest.harness import PY, ROOT, Server, make_requests, pipeline, run_load
 from mvke.localredis import LocalRedis
 from mvke.runtime.event_apply import EventApplier
@@ -74,14 +75,14 @@ def make_events(users: list[str], n: int, run: str, seed: int, ts0: int | None =
 
 
 CONSUMER_NICE = [0]     # --consumer-nice: the consumers' niceness (0: the service's)
-APPLY_VARIANT = [""]    # --variants: "" the real apply function, else loadtest/apply_floor.py's lower bound
 
 
 def consumer(url: str, rules: Path, name: str, env: dict | None = None, *args: str,
-             root: Path = ROOT) -> subprocess.Popen:
-    """A `mvke features stream` process of the code under `root` (ROOT: this checkout; --before: another)."""
-    nice, variant = CONSUMER_NICE[0], APPLY_VARIANT[0]
-    stream = ["-m", "loadtest.apply_floor", variant] if variant else ["-m", "mvke.cli", "features", "stream"]
+             root: Path = ROOT, apply: str = "real") -> subprocess.Popen:
+    """A `mvke features stream` process of the code under `root` (ROOT: this checkout; --before: another);
+    `apply`: "real" (the function it ships) or a lower bound of loadtest/apply_floor.py."""
+    nice = CONSUMER_NICE[0]
+    stream = ["-m", "mvke.cli", "features", "stream"] if apply == "real" else ["-m", "loadtest.apply_floor", apply]
     return subprocess.Popen([PY, *stream, "--redis", url, "--rules", str(rules),
                              "--partitions", str(PARTITIONS), "--name", name, "--batch", "500", *args],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -122,7 +123,8 @@ def reset_streams(r, keys: Keys) -> None:
 
 
 def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int, port: int | None,
-               reqs: list, duration: float, run: str, root: Path = ROOT, max_rate: float = 0.0) -> dict:
+               reqs: list, duration: float, run: str, root: Path = ROOT, max_rate: float = 0.0,
+               apply: str = "real") -> dict:
     """Events/s of `consumers` processes over a window in which they never run dry (and QPS beside);
     max_rate > 0: the consumers together paced to that many events/s (`--max-rate`, split evenly)."""
     keys = Keys()
@@ -133,7 +135,7 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
         publish_events(r, keys, events[i:i + 20_000], PARTITIONS, maxlen=n * 2)
     stream_bytes = sum(r.memory_usage(keys.events_stream(p), samples=0) or 0 for p in range(PARTITIONS))
     pace = ("--max-rate", str(max_rate / consumers)) if max_rate else ()
-    procs = [consumer(redis_url, rules, f"{run}-{k}", None, *pace, root=root) for k in range(consumers)]
+    procs = [consumer(redis_url, rules, f"{run}-{k}", None, *pace, root=root, apply=apply) for k in range(consumers)]
     load: dict = {}
     thread = None
     if port:
@@ -209,23 +211,19 @@ def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
 
 def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
                rate: float, tags_alone_qps: float, consumer_counts: tuple[int, ...] = (1, 2),
-               variants: tuple[str, ...] = ("",), paired: bool = False) -> list[dict]:
+               variants: tuple[str, ...] = ("real",), paired: bool = False) -> list[dict]:
     """Consumers paced to `rate` events/s in all, beside tag requests at c=32: events/s applied and the
     service's QPS as a share of the tags-alone row (the goal: >= rate with >= 80%); per apply variant
-    ("": the real function; `floor` / `noop`: loadtest/apply_floor.py's lower bounds), in turn.
+    ("real": the shipped function; `floor` / `noop`: loadtest/apply_floor.py's lower bounds), in turn.
     `paired`: a tags-alone row right before each, and the share of that one too (the box drifts)."""
     rows = []
     for consumers in consumer_counts:
         for variant in variants:
             alone = run_load(port, reqs, 32, duration, warmup=1.0)["qps"] if paired else None
-            APPLY_VARIANT[0] = variant
-            log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on, apply {variant or 'real'}")
-            try:
-                row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration,
-                                 f"paced-{consumers}-{variant or 'real'}", max_rate=rate)
-            finally:
-                APPLY_VARIANT[0] = ""
-            row["apply"] = variant or "real"
+            log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on, apply {variant}")
+            row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration,
+                             f"paced-{consumers}-{variant}", max_rate=rate, apply=variant)
+            row["apply"] = variant
             row["qps_share_of_alone"] = round(row["qps"] / tags_alone_qps, 3) if row.get("qps") else None
             if alone:
                 row["tags_alone_just_before"] = round(alone)
@@ -421,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --event-rate: apply functions of the paced rows, in turn: real (the one the "
                         "consumer ships), floor, noop (loadtest/apply_floor.py's lower bounds)")
     a = p.parse_args(argv)
-    variants = tuple("" if v == "real" else v for v in a.variants.split(","))
+    unknown = set(a.variants.split(",")) - {"real", *VARIANTS}
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real, {', '.join(VARIANTS)})")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     CONSUMER_NICE[0] = a.consumer_nice
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.event_rate:
                 res["paced"] = paced_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.event_rate,
                                           res["tags_alone"]["qps"], tuple(int(c) for c in a.consumers.split(",")),
-                                          variants, a.paired)
+                                          tuple(a.variants.split(",")), a.paired)
             if a.paced_only:
                 return _write(res, Path(a.out))
             res["apply"] = apply_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.before,

@@ -19,8 +19,8 @@ import json
 import os
 import time
 
-from loadtest.apply_floor import VARIANTS
-from loadtest.events_bench import RULES, make_events
+from loadtest.apply_floor import VARIANTS, using_library
+from loadtest.events_bench import RULES, make_events, redis_cpu
 from mvke.localredis import LocalRedis
 from mvke.runtime import event_apply
 from mvke.runtime.events import EventRules
@@ -62,11 +62,6 @@ LIBRARIES = {
 }
 
 
-def _redis_cpu(r) -> float:
-    info = r.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cap", type=int, default=30, help="history length (distinct values), default 30")
@@ -84,16 +79,16 @@ def main(argv: list[str] | None = None) -> None:
         reference = None
         for rnd in range(a.rounds):
             for name, library in LIBRARIES.items():
-                event_apply.APPLY_LIBRARY = library()
                 keys = Keys(f"micro-{name}-{rnd}")
-                applier = event_apply.EventApplier(r, keys, rules)
+                with using_library(library()):
+                    applier = event_apply.EventApplier(r, keys, rules)
                 for i in range(0, len(fill), 5_000):
                     applier.apply(fill[i:i + 5_000])
-                before = _redis_cpu(r)
+                before = redis_cpu(r)
                 for i in range(0, len(measured), 5_000):
                     counts = applier.apply(measured[i:i + 5_000])
                     assert not counts.failed, counts.failed[:1]
-                us.setdefault(name, []).append(round((_redis_cpu(r) - before) / len(measured) * 1e6, 2))
+                us.setdefault(name, []).append(round((redis_cpu(r) - before) / len(measured) * 1e6, 2))
                 if name in ("real", "lazy"):       # lazy must write what real writes
                     state = [{k: v for k, v in r.hgetall(keys.user(u)).items() if k != b"_event_at"}
                              for u in users[:500]]
@@ -101,7 +96,6 @@ def main(argv: list[str] | None = None) -> None:
                     reference = state
                 r.delete(*r.keys(f"micro-{name}-{rnd}*"))
     finally:
-        event_apply.APPLY_LIBRARY = REAL
         server.stop()
     print(json.dumps({"cpu": cpu_model(), "loadavg": os.getloadavg(), "cap": a.cap,
                       "redis_cpu_us_per_event": us}, indent=1))

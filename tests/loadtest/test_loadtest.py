@@ -267,7 +267,7 @@ def test_scoring_bench_measures_both_paths_on_the_same_answer(bundle, tmp_path):
 def test_apply_lower_bounds_keep_the_real_functions_reply(tmp_path):
     """loadtest/apply_floor.py's variants answer like the real apply function: `floor` counts the same
     applied events and duplicates and the same counters; `noop` touches no key."""
-    from loadtest.apply_floor import VARIANTS
+    from loadtest.apply_floor import VARIANTS, using_library
     from loadtest.events_bench import RULES, make_events
     from mvke.localredis import LocalRedis
     from mvke.runtime import event_apply
@@ -276,14 +276,15 @@ def test_apply_lower_bounds_keep_the_real_functions_reply(tmp_path):
     rules = EventRules.from_dict(RULES)
     events = make_events([f"u{i}" for i in range(30)], 400, "lb", seed=3)
     server = LocalRedis().start()
-    real = event_apply.APPLY_LIBRARY
+    libraries = {"real": event_apply.APPLY_LIBRARY, **VARIANTS}
     try:
         r = server.client()
         seen: dict[str, tuple] = {}
         for name in ("real", "floor", "noop"):
-            event_apply.APPLY_LIBRARY = real if name == "real" else VARIANTS[name]
             keys = Keys(f"lb-{name}")
-            applier = event_apply.EventApplier(r, keys, rules)
+            with using_library(libraries[name]):
+                applier = event_apply.EventApplier(r, keys, rules)
+            assert (name == "real") == (applier.library == event_apply.apply_library(rules.to_lua())[1])
             first, again = applier.apply(events), applier.apply(events[:100])
             counters = [r.hmget(keys.user(u), ["impressions_n", "clicks_n", "conversions_n"])
                         for u in sorted({e.user_id for e in events})]
@@ -291,5 +292,4 @@ def test_apply_lower_bounds_keep_the_real_functions_reply(tmp_path):
         assert seen["real"][:3] == (400, 0, 100) and seen["floor"] == seen["real"]
         assert seen["noop"][0] == 400 and seen["noop"][3] == [[None] * 3] * 30
     finally:
-        event_apply.APPLY_LIBRARY = real
         server.stop()
