@@ -21,9 +21,17 @@ from typing import Iterator
 # Same KEYS and ARGV as mvke/runtime/event_apply.py's library, same reply {applied, duplicate, late}.
 _HEAD = r"""#!lua name=%(name)s
 local R
+local function events(ARGV)     -- the flat ARGV after the TTL and time: {id, order key text, type} per event
+  local E, a = {}, 3
+  while a <= #ARGV do
+    E[#E + 1] = {ARGV[a], ARGV[a + 1], ARGV[a + 2]}
+    a = a + 4 + 2 * tonumber(ARGV[a + 3])
+  end
+  return E
+end
 local function apply(KEYS, ARGV)
   if not R then R = cjson.decode(%(rules)s) end
-  local E = cjson.decode(ARGV[1])
+  local E = events(ARGV)
 """
 _TAIL = r"""
 redis.register_function('%(name)s', apply)
@@ -35,7 +43,7 @@ end
     "floor": _HEAD + r"""  local user, seen = KEYS[1], KEYS[3]
   local applied, dup = 0, 0
   for _, e in ipairs(E) do
-    if redis.call('ZADD', seen, 'NX', string.format('%%.0f', e[2]), e[1]) == 0 then dup = dup + 1
+    if redis.call('ZADD', seen, 'NX', e[2], e[1]) == 0 then dup = dup + 1
     else
       applied = applied + 1
       for _, c in ipairs(R.c) do
@@ -44,10 +52,9 @@ end
     end
   end
   if applied > 0 then
-    local now = redis.call('TIME')
-    redis.call('HSET', user, '_event_at', now[1] .. '.' .. string.format('%%06d', tonumber(now[2])))
+    redis.call('HSET', user, '_event_at', ARGV[2])
   end
-  local ttl = tonumber(ARGV[2])
+  local ttl = tonumber(ARGV[1])
   if ttl and ttl > 0 then redis.call('EXPIRE', seen, ttl) end
   return {applied, dup, 0}
 end

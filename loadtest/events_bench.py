@@ -211,18 +211,20 @@ def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
 
 def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
                rate: float, tags_alone_qps: float, consumer_counts: tuple[int, ...] = (1, 2),
-               variants: tuple[str, ...] = ("real",), paired: bool = False) -> list[dict]:
+               variants: tuple[str, ...] = ("real",), paired: bool = False, before: Path | None = None) -> list[dict]:
     """Consumers paced to `rate` events/s in all, beside tag requests at c=32: events/s applied and the
     service's QPS as a share of the tags-alone row (the goal: >= rate with >= 80%); per apply variant
-    ("real": the shipped function; `floor` / `noop`: loadtest/apply_floor.py's lower bounds), in turn.
+    ("real": the shipped function; `floor` / `noop`: loadtest/apply_floor.py's lower bounds; "before": the
+    shipped function of the `before` checkout), in turn.
     `paired`: a tags-alone row right before each, and the share of that one too (the box drifts)."""
     rows = []
     for consumers in consumer_counts:
         for variant in variants:
             alone = run_load(port, reqs, 32, duration, warmup=1.0)["qps"] if paired else None
             log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on, apply {variant}")
+            root, apply = (before, "real") if variant == "before" else (ROOT, variant)
             row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration,
-                             f"paced-{consumers}-{variant}", max_rate=rate, apply=variant)
+                             f"paced-{consumers}-{variant}", root, max_rate=rate, apply=apply)
             row["apply"] = variant
             row["qps_share_of_alone"] = round(row["qps"] / tags_alone_qps, 3) if row.get("qps") else None
             if alone:
@@ -417,11 +419,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --event-rate: a tags-alone row right before each paced row (its share of that too)")
     p.add_argument("--variants", default="real",
                    help="with --event-rate: apply functions of the paced rows, in turn: real (the one the "
-                        "consumer ships), floor, noop (loadtest/apply_floor.py's lower bounds)")
+                        "consumer ships), floor, noop (loadtest/apply_floor.py's lower bounds), before (the "
+                        "--before checkout's consumer)")
     a = p.parse_args(argv)
-    unknown = set(a.variants.split(",")) - {"real", *VARIANTS}
+    unknown = set(a.variants.split(",")) - {"real", "before", *VARIANTS}
     if unknown:
-        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real, {', '.join(VARIANTS)})")
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real, before, {', '.join(VARIANTS)})")
+    if "before" in a.variants.split(",") and not a.before:
+        p.error("--variants before needs --before DIR")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     CONSUMER_NICE[0] = a.consumer_nice
@@ -447,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.event_rate:
                 res["paced"] = paced_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.event_rate,
                                           res["tags_alone"]["qps"], tuple(int(c) for c in a.consumers.split(",")),
-                                          tuple(a.variants.split(",")), a.paired)
+                                          tuple(a.variants.split(",")), a.paired, a.before)
             if a.paced_only:
                 return _write(res, Path(a.out))
             res["apply"] = apply_rows(r, server.url, rules, users, svc.port, reqs, a.duration, a.before,

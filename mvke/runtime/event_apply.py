@@ -13,18 +13,19 @@ Per event (the rules are data: mvke/runtime/events.py):
   inserts its values at the place of its order key (the `:ev` hash keeps each history's order keys;
   the values a batch load wrote count as older than any event), drops the older entry of a
   distinct value, caps the list; each counter rule of its type is incremented.
-After the events, every bucket rule is recomputed from the counters, and `_event_at` = Redis time.
+After the events, every bucket rule is recomputed from the counters, and `_event_at` = the applier's clock.
 A user not seen before is created (cold start). The `:ev` order keys are reset when the user's
 `_loaded_at` changes (a batch reload replaced the values they described). A history is read and
 parsed only when an event of the call changes it (most events are impressions: counters only).
 """
 from __future__ import annotations
 
-import json
+import time
 import zlib
 from collections import defaultdict
 from typing import Any, Iterable
 
+from mvke.runtime.encoded import MULTI_SEP
 from mvke.runtime.events import (
     EVENT_AT_FIELD,
     LOADED_AT_FIELD,
@@ -42,8 +43,11 @@ AUX_TTL_S = 86_400
 
 # A Redis Function library (FUNCTION LOAD, FCALL) per rule set: the rules are decoded once, by the
 # library's first call, not on every call (an EVAL script decodes its arguments each time).
-# KEYS: user hash, its :ev hash, its :seen zset.  ARGV[1] JSON [[event_id, order key, type,
-# {list name: [values]}], ...], ARGV[2] TTL of the :ev/:seen keys. Returns {applied, duplicate, late}.
+# KEYS: user hash, its :ev hash, its :seen zset.  ARGV: the TTL of the :ev/:seen keys, the applier's
+# clock (unix seconds, the `_event_at` written), then each event flat (`function_args`): event_id, order key as text, type, n, then n pairs (list name, its values
+# joined by '|'). Flat text, not JSON: decoding a JSON batch cost the function more than its whole
+# bookkeeping, and the order key comes as its text, ready for ZADD and the order keys, not
+# formatted again. Returns {applied, duplicate, late}.
 APPLY_LIBRARY = r"""#!lua name=%(name)s
 local SEP = '|'
 local R, NH, WANT, AUXWANT          -- the rules, decoded by the first call (cjson is not there at load time)
@@ -63,17 +67,58 @@ local function split(s)
   return out
 end
 
--- st: a history's values v, their order keys o (numbers) and s (the stored text of each key, false
--- for a new one: kept keys are written back as read, not formatted again)
-local function insert(st, values, key, cap, distinct, reversed)
-  local v, o, s = st.v, st.o, st.s
-  local own, inev = {}, {}
+-- an event's values of one history (their text joined by '|'), in the order they enter it (each
+-- once where it is distinct)
+local function own_values(joined, distinct, reversed)
+  if not string.find(joined, SEP, 1, true) then return {joined} end
+  local values, own, inev = split(joined), {}, {}
   local first, last, step = 1, #values, 1
   if reversed then first, last, step = #values, 1, -1 end
   for j = first, last, step do
     local x = values[j]
     if not (distinct and inev[x]) then inev[x] = true; own[#own + 1] = x end
   end
+  return own
+end
+
+local function count(s)         -- entries of a stored list ('' has none)
+  if s == '' then return 0 end
+  local _, seps = string.gsub(s, SEP, SEP)
+  return seps + 1
+end
+
+local function drop_last(s, m)  -- a stored list without its last m entries (one match, from the end)
+  return string.match(s, '^(.*)' .. string.rep('|[^|]*', m) .. '$')
+end
+
+-- The common case, on the stored text itself: the event is newer than every entry and (distinct
+-- history) brings no value the history holds, so its values go in front and the cap cuts the tail.
+-- What the general insert below would write, without splitting the list into tables (most of
+-- the function's time on a click). st: {v, o texts, n entries, newest order key}. -> done?
+local function prepend(st, own, key, ks, cap, distinct)
+  if st.n > 0 and key <= st.newest then return false end
+  if distinct and st.n > 0 then
+    local padded = SEP .. st.v .. SEP
+    for _, x in ipairs(own) do
+      if string.find(padded, SEP .. x .. SEP, 1, true) then return false end
+    end
+  end
+  local k = #own
+  local v, o = table.concat(own, SEP), string.rep(ks .. SEP, k - 1) .. ks
+  if st.n > 0 then v = v .. SEP .. st.v; o = o .. SEP .. st.o end
+  local n = st.n + k
+  if n > cap then
+    v, o = drop_last(v, n - cap), drop_last(o, n - cap)
+    n = cap
+  end
+  st.v, st.o, st.n, st.newest = v, o, n, key
+  return true
+end
+
+-- st: a history's values v, their order keys o (numbers) and s (the text of each key, written back
+-- as it came)
+local function insert(st, own, key, ks, cap, distinct)
+  local v, o, s = st.v, st.o, st.s
   if distinct then
     local keep = {}
     for _, x in ipairs(own) do
@@ -90,23 +135,23 @@ local function insert(st, values, key, cap, distinct, reversed)
   if #own == 0 then return false end
   local pos = #v + 1
   for i = 1, #v do if o[i] < key then pos = i; break end end
-  for k = #own, 1, -1 do table.insert(v, pos, own[k]); table.insert(o, pos, key); table.insert(s, pos, false) end
+  for k = #own, 1, -1 do table.insert(v, pos, own[k]); table.insert(o, pos, key); table.insert(s, pos, ks) end
   while #v > cap do table.remove(v); table.remove(o); table.remove(s) end
   return true
 end
 
 -- is the event new? (remembered if so): a known id is a duplicate; with the id set full, an event
 -- older than all of it is late (a duplicate could no longer be told apart)
-local function admit(seen, S, id, key)
+local function admit(seen, S, id, key, ks)
   if S.n < R.k then
-    if redis.call('ZADD', seen, 'NX', string.format('%%.0f', key), id) == 0 then return 'dup' end
+    if redis.call('ZADD', seen, 'NX', ks, id) == 0 then return 'dup' end
     S.n = S.n + 1
     return 'new'
   end
   if redis.call('ZSCORE', seen, id) then return 'dup' end
   local oldest = tonumber(redis.call('ZRANGE', seen, 0, 0, 'WITHSCORES')[2])
   if oldest and key < oldest then return 'late' end
-  redis.call('ZADD', seen, string.format('%%.0f', key), id)
+  redis.call('ZADD', seen, ks, id)
   redis.call('ZREMRANGEBYRANK', seen, 0, S.n - R.k)      -- the oldest beyond dedup_ids are forgotten
   S.n = R.k
   return 'new'
@@ -114,48 +159,68 @@ end
 
 local function apply(KEYS, ARGV)
   if not R then init() end
-  local E = cjson.decode(ARGV[1])
   local user, aux, seen = KEYS[1], KEYS[2], KEYS[3]
   local got = redis.call('HMGET', user, unpack(WANT))
   local loaded = got[1] or ''
-  local counts = {}
-  for i, c in ipairs(R.c) do counts[c.f] = tonumber(got[NH + 1 + i]) end
+  local counts, stored = {}, {}
+  for i, c in ipairs(R.c) do stored[c.f] = got[NH + 1 + i] end
+  local function count_of(f)    -- a counter's number, parsed when first needed (a call bumps one or two)
+    local n = counts[f]
+    if n == nil then n = tonumber(stored[f]) or 0; counts[f] = n end
+    return n
+  end
   local auxgot, fresh, state = nil, false, {}
-  local function history(i)     -- parsed when an event first touches it (an impression touches none)
+  local function history(i)     -- read when an event first touches it (an impression touches none)
     if state[i] then return state[i] end
     if not auxgot then
       auxgot = redis.call('HMGET', aux, unpack(AUXWANT))
       fresh = (auxgot[1] or '') ~= loaded    -- the order keys describe other (reloaded) values: drop them
     end
-    local v = split(got[i + 1])
-    local o = fresh and {} or split(auxgot[i + 1])
-    local ord, txt = {}, {}
-    if #o == #v then
-      for j = 1, #v do ord[j] = tonumber(o[j]); txt[j] = o[j] end
-    else                                -- no order keys for these values: older than any event
-      for j = 1, #v do ord[j] = 0; txt[j] = '0' end
+    local v = got[i + 1] or ''
+    local o = fresh and '' or (auxgot[i + 1] or '')
+    local n = count(v)
+    if count(o) ~= n then               -- no order keys for these values: older than any event
+      o = n > 0 and string.rep('0' .. SEP, n - 1) .. '0' or ''
     end
-    state[i] = {v = v, o = ord, s = txt}
+    state[i] = {text = true, v = v, o = o, n = n, newest = tonumber(string.match(o, '^[^|]*'))}
     return state[i]
+  end
+  local function parsed(i)      -- the history as tables, for the general insert
+    local st = history(i)
+    if st.text then
+      local v, o = split(st.v), split(st.o)
+      local ord = {}
+      for j = 1, #o do ord[j] = tonumber(o[j]) end
+      st = {v = v, o = ord, s = o}
+      state[i] = st
+    end
+    return st
   end
   local applied, dup, late = 0, 0, 0
   local dirty, bumped = {}, {}
   local S = {n = redis.call('ZCARD', seen)}
-  for _, e in ipairs(E) do
-    local key, typ, lists = e[2], e[3], e[4]
-    local verdict = admit(seen, S, e[1], key)
+  local a = 3
+  while a <= #ARGV do
+    local id, ks, typ, nl, lists = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), {}
+    local key = tonumber(ks)
+    for j = 1, nl do lists[ARGV[a + 2 + 2 * j]] = ARGV[a + 3 + 2 * j] end
+    a = a + 4 + 2 * nl
+    local verdict = admit(seen, S, id, key, ks)
     if verdict == 'dup' then dup = dup + 1
     elseif verdict == 'late' then late = late + 1
     else
       applied = applied + 1
       for i, h in ipairs(R.h) do
         local vals = lists[h.src]
-        if h.on[typ] and vals and #vals > 0 then
-          if insert(history(i), vals, key, h.cap, h.d == 1, h.r == 1) then dirty[i] = true end
+        if h.on[typ] and vals and vals ~= '' then
+          local own, distinct, st = own_values(vals, h.d == 1, h.r == 1), h.d == 1, history(i)
+          if (st.text and prepend(st, own, key, ks, h.cap, distinct)) or insert(parsed(i), own, key, ks, h.cap, distinct) then
+            dirty[i] = true
+          end
         end
       end
       for _, c in ipairs(R.c) do
-        if c.on[typ] then counts[c.f] = (counts[c.f] or 0) + 1; bumped[c.f] = true end
+        if c.on[typ] then counts[c.f] = count_of(c.f) + 1; bumped[c.f] = true end
       end
     end
   end
@@ -163,17 +228,17 @@ local function apply(KEYS, ARGV)
   if applied > 0 then
     local hset, auxset, hdel = {}, {'base', loaded}, {}
     for i, _ in pairs(dirty) do
-      local st = state[i]
-      local keys = {}
-      for j = 1, #st.o do keys[j] = st.s[j] or string.format('%%.0f', st.o[j]) end
-      hset[#hset + 1] = R.h[i].f; hset[#hset + 1] = table.concat(st.v, SEP)
-      auxset[#auxset + 1] = 't:' .. R.h[i].f; auxset[#auxset + 1] = table.concat(keys, SEP)
+      local st, values, keys = state[i], nil, nil
+      if st.text then values, keys = st.v, st.o
+      else values, keys = table.concat(st.v, SEP), table.concat(st.s, SEP) end
+      hset[#hset + 1] = R.h[i].f; hset[#hset + 1] = values
+      auxset[#auxset + 1] = 't:' .. R.h[i].f; auxset[#auxset + 1] = keys
     end
     for f, _ in pairs(bumped) do hset[#hset + 1] = f; hset[#hset + 1] = tostring(counts[f]) end
     for _, b in ipairs(R.b) do
-      local value = counts[b.n] or 0
+      local value = count_of(b.n)
       if b.d ~= '' then
-        local den = counts[b.d] or 0
+        local den = count_of(b.d)
         if den == 0 then value = nil else value = value / den end
       end
       if value == nil then
@@ -184,8 +249,7 @@ local function apply(KEYS, ARGV)
         hset[#hset + 1] = b.f; hset[#hset + 1] = b.l[i + 1]
       end
     end
-    local now = redis.call('TIME')
-    hset[#hset + 1] = '_event_at'; hset[#hset + 1] = now[1] .. '.' .. string.format('%%06d', tonumber(now[2]))
+    hset[#hset + 1] = '_event_at'; hset[#hset + 1] = ARGV[2]
     redis.call('HSET', user, unpack(hset))
     if #hdel > 0 then redis.call('HDEL', user, unpack(hdel)) end
     if #auxset > 2 then          -- a history changed: its order keys (no history changed: nothing to say)
@@ -193,7 +257,7 @@ local function apply(KEYS, ARGV)
       redis.call('HSET', aux, unpack(auxset))
     end
   end
-  local ttl = tonumber(ARGV[2])
+  local ttl = tonumber(ARGV[1])
   if ttl and ttl > 0 then
     redis.call('EXPIRE', aux, ttl)
     redis.call('EXPIRE', seen, ttl)
@@ -231,21 +295,20 @@ def by_user(events: Iterable[Event]) -> dict[str, list[Event]]:
 
 
 try:                       # 5-10x faster than json where installed (the service extras have it)
-    import orjson
-
-    def _dumps(doc: Any) -> bytes:
-        return orjson.dumps(doc)
-
-    loads = orjson.loads
+    from orjson import loads
 except ImportError:        # pragma: no cover - the core install
-    def _dumps(doc: Any) -> bytes:
-        return json.dumps(doc, separators=(",", ":")).encode()
-
-    loads = json.loads
+    from json import loads
 
 
 def function_args(events: list[Event], aux_ttl_s: int) -> list[Any]:
-    return [_dumps([[e.event_id, e.order, e.type, e.lists] for e in events]), aux_ttl_s]
+    """The apply function's ARGV (see APPLY_LIBRARY): the TTL, the time, then each event flat."""
+    args: list[Any] = [aux_ttl_s, f"{time.time():.6f}"]
+    for e in events:
+        lists = [(name, MULTI_SEP.join(values)) for name, values in e.lists.items() if values]
+        args += (e.event_id, str(e.order), e.type, len(lists))
+        for pair in lists:
+            args += pair
+    return args
 
 
 def send_raw(client: Any, commands: list[tuple]) -> list[Any]:

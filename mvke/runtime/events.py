@@ -45,7 +45,7 @@ MAX_ID_LEN = 128
 MAX_VALUES = 64                 # values per list of one event (an ad has 1-3 tags)
 MAX_TS = 1 << 33                # Unix seconds below year 2242: ts * 1e6 + hash stays an exact double
 LOADED_AT_FIELD = "_loaded_at"  # set by `mvke features load` (model_export/feature_writer.py)
-EVENT_AT_FIELD = "_event_at"    # set by the event script: Redis time of the last applied event
+EVENT_AT_FIELD = "_event_at"    # set by the event script: the applier's clock when it applied the last event
 DEFAULT_DEDUP_IDS = 256
 EVENT_FIELDS = frozenset({"event_id", "user_id", "ts", "type", "tags", "attrs"})
 

@@ -104,6 +104,32 @@ def test_lua_matches_batch_fold_in_any_order(redis_client):
         assert stored(redis_client, f"u{u}") == want
 
 
+def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client):
+    """Mostly in time order (the function's fast path: the values go in front of the stored text)
+    with every 7th event held back and sent late (the general insert, which must read the order keys
+    the fast path wrote), over batch-loaded values that have no order keys: equal to the fold."""
+    events = sorted(random_events(600, users=4, seed=7), key=lambda e: e.order)
+    base = {"clicked_tags": "p|q|r", "converted_tags": "t1|p", "clicked_back": "x|t2", LOADED_AT_FIELD: "5.0"}
+    keys = Keys("inorder")
+    for u in range(4):
+        redis_client.hset(keys.user(f"u{u}"), mapping=base)
+    applier = EventApplier(redis_client, keys, RULES)
+    held: list[Event] = []
+    for i, e in enumerate(events):
+        if i % 7 == 0:
+            held.append(e)
+        else:
+            assert applier.apply([e]).applied == 1
+        if i % 50 == 49:                  # the held-back ones, now behind newer entries
+            assert applier.apply(held).applied == len(held)
+            held = []
+    assert applier.apply(held).applied == len(held)
+    for u in range(4):
+        mine = [e for e in events if e.user_id == f"u{u}"]
+        want = fold_user({k: v for k, v in base.items() if not k.startswith("_")}, mine, RULES)
+        assert stored(redis_client, f"u{u}", keys) == want
+
+
 def test_idempotent_same_batch_twice(redis_client):
     applier = EventApplier(redis_client, Keys(), RULES)
     batch = [ev(1, ts=1000), ev(2, ts=1001, kind="impression", category=["c1"]), ev(3, ts=1002, tags=("t2",))]
