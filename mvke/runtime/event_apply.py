@@ -87,8 +87,13 @@ local function count(s)         -- entries of a stored list ('' has none)
   return seps + 1
 end
 
-local function drop_last(s, m)  -- a stored list without its last m entries (one match, from the end)
-  return string.match(s, '^(.*)' .. string.rep('|[^|]*', m) .. '$')
+-- a stored list without its last m entries (m below its count). Linear: the m-th separator from the
+-- end, found in the reversed text (a pattern anchored at the end backtracks quadratically in m, and m
+-- is large once, on a batch-loaded history far over the cap)
+local function drop_last(s, m)
+  local r, at = string.reverse(s), 0
+  for _ = 1, m do at = string.find(r, SEP, at + 1, true) end
+  return string.sub(s, 1, #s - at)
 end
 
 -- The common case, on the stored text itself: the event is newer than every entry and (distinct

@@ -130,6 +130,17 @@ def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client):
         assert stored(redis_client, f"u{u}", keys) == want
 
 
+def test_a_batch_history_far_over_the_cap_is_cut_by_the_first_event(redis_client):
+    """Batch data need not respect the events' caps: the first event cuts 3,000 entries to 4 (the fast
+    path's tail cut is linear; an end-anchored pattern took seconds here, blocking Redis)."""
+    keys = Keys("overcap")
+    base = {"clicked_tags": "|".join(f"v{i}" for i in range(3000))}
+    redis_client.hset(keys.user("u1"), mapping={**base, LOADED_AT_FIELD: "5.0"})
+    assert EventApplier(redis_client, keys, RULES).apply([ev(1, ts=1000, tags=("x", "y"))]).applied == 1
+    got = stored(redis_client, "u1", keys)
+    assert got["clicked_tags"] == "x|y|v0|v1" == fold_user(base, [ev(1, ts=1000, tags=("x", "y"))], RULES)["clicked_tags"]
+
+
 def test_idempotent_same_batch_twice(redis_client):
     applier = EventApplier(redis_client, Keys(), RULES)
     batch = [ev(1, ts=1000), ev(2, ts=1001, kind="impression", category=["c1"]), ev(3, ts=1002, tags=("t2",))]
