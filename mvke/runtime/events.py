@@ -58,7 +58,7 @@ class EventError(ValueError):
         self.field, self.reason = field, reason
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)     # not frozen: a frozen dataclass's __init__ costs 2.4 us against 1 (the consumer makes one per event)
 class Event:
     event_id: str
     user_id: str
@@ -69,7 +69,7 @@ class Event:
     order: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "order", order_key(self.ts, self.event_id))
+        self.order = order_key(self.ts, self.event_id)
 
     def to_json(self) -> str:
         """The stream entry / replay line (what `parse_event` reads back)."""
