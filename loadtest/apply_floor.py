@@ -4,8 +4,9 @@ Issue 22 prescribes one Lua script per user key, called by the Python consumer. 
 how cheap that design can be at all, so that a goal missed by the real function can be told apart
 from a goal the design cannot reach:
 
-* `noop`:  the function decodes its batch and returns; no key is touched. What is left is the stream
-  transport (XADD, XREADGROUP, XACK), the consumer's parsing and packing, and one FCALL per user.
+* `noop`:  the function walks its batch (the flat arguments) and returns; no key is touched. What is
+  left is the stream transport (XADD, XREADGROUP, XACK), the consumer's parsing and packing, and one
+  FCALL per user.
 * `floor`: the least an idempotent apply must do: the id into the user's seen set (ZADD NX: a
   duplicate changes nothing), one HINCRBY per counter rule of the event's type, `_event_at`, the TTL
   of the seen set. No histories, no ordering, no buckets, no reload check: less than the issue asks.
