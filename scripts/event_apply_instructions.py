@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         got[name] = round(instructions_per_event(libraries[name](), rules, fill, measured))
         print(f"{name}: {got[name]:,} instructions per event", file=sys.stderr, flush=True)
     print(json.dumps({"code": str(a.code or "this checkout"), "cpu": cpu_model(),
+                      "loadavg": [round(x, 2) for x in os.getloadavg()],   # counts do not depend on it
                       "instructions_per_event": got}, indent=1))
 
 
