@@ -26,6 +26,7 @@ The aggregation (mvke/training/learning_curve_report.py) works on whatever cells
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
                         "from the run directories and write results.json/md and the PNG")
     p.add_argument("--sizes", default=",".join(str(s.users) for s in PLAN[1:]),
                    help="users of the sizes to run, in order (default: every size after 20k)")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="run: seeds per size instead of the plan's (more seeds where the budget allows; the "
+                        "finished seeds are kept)")
     p.add_argument("--log", default=str(DATA_ROOT / "driver.log"), help="progress log of `run`")
     a = p.parse_args(argv)
     if a.action == "aggregate":
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(a.log, "a") as log:
         for plan in PLAN:
             if plan.users in wanted:
-                run_size(plan, log)
+                run_size(dataclasses.replace(plan, seeds=a.seeds) if a.seeds else plan, log)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def render(res: dict) -> str:
               "setsid nohup bash scripts/learning_curve.sh >/dev/null 2>&1 &   # resumes: finished runs are kept,",
               "#   unfinished ones continue from their state under inflight/ (saved every epoch and every 10 min;",
               "#   `... learning_curve aggregate` copies the newest states here: commit them before the machine goes)",
+              "LC_SEEDS=2 setsid nohup bash scripts/learning_curve.sh 320000 >/dev/null 2>&1 &   # a size's extra seeds",
               "PYTHONPATH=$PWD python -m mvke.training.latent_probe            # the linear probe per size",
               "PYTHONPATH=$PWD python -m mvke.training.learning_curve aggregate  # this page, results.json, the PNG",
               "```", "",

@@ -144,3 +144,14 @@ def test_run_states_travel_between_the_run_directory_and_the_repository(tmp_path
     fresh = tmp_path / "fresh"
     assert restore_cells(fresh, 1_280_000, out) == 1
     assert (fresh / "cells" / "moe" / "seed-0.json").exists() and not (fresh / "cells" / "nomtl").exists()
+
+def test_run_takes_more_seeds_than_the_plan_where_asked(tmp_path, monkeypatch):
+    """`run --seeds N` runs the asked sizes with N seeds (the plan's models kept); without it, the plan's."""
+    from mvke.training import learning_curve as driver
+    ran = []
+    monkeypatch.setattr(driver, "run_size", lambda plan, log: ran.append(plan))
+    driver.main(["run", "--sizes", "320000", "--seeds", "2", "--log", str(tmp_path / "log")])
+    driver.main(["run", "--sizes", "320000", "--log", str(tmp_path / "log")])
+    planned = next(p for p in lc.PLAN if p.users == 320_000)
+    assert [(p.users, p.models, p.seeds) for p in ran] == [(320_000, planned.models, 2),
+                                                          (320_000, planned.models, planned.seeds)]
