@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 USERS, FILL, MEASURED, BATCH = 2_000, 20_000, 6_000, 2_000
@@ -37,41 +36,32 @@ def _counted(out_dir: Path) -> int:
 
 
 def instructions_per_event(library: str, rules, fill, measured) -> float:
-    import redis
-
     from loadtest.apply_floor import using_library
-    from mvke.localredis import free_port, redis_server_binary
+    from mvke.localredis import LocalRedis
     from mvke.runtime import event_apply
     from mvke.runtime.keys import Keys
+
+    class CallgrindRedis(LocalRedis):
+        """The private redis-server, run under callgrind (counting only inside FCALL, from the zeroing on)."""
+        def server_args(self) -> list[str]:
+            return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.dir}/cg.out", "--collect-atstart=no",
+                    "--toggle-collect=fcallCommand", *super().server_args()]
+
     with tempfile.TemporaryDirectory() as tmp:
-        port, out = free_port(), Path(tmp)
-        server = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.out", "--collect-atstart=no",
-             "--toggle-collect=fcallCommand", redis_server_binary(), "--port", str(port), "--save", "",
-             "--appendonly", "no"], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = CallgrindRedis(data_dir=tmp).start(timeout=60)     # valgrind starts Redis in seconds
         try:
-            r = redis.Redis(port=port)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    r.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+            r = server.client()
             with using_library(library):
                 applier = event_apply.EventApplier(r, Keys("instr"), rules)
             for i in range(0, len(fill), BATCH):
                 applier.apply(fill[i:i + BATCH])
-            subprocess.run(["callgrind_control", "-z", str(server.pid)], cwd=tmp, check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-z", str(server.proc.pid)], cwd=tmp, check=True, capture_output=True)
             for i in range(0, len(measured), BATCH):
                 assert not applier.apply(measured[i:i + BATCH]).failed
-            subprocess.run(["callgrind_control", "-d", str(server.pid)], cwd=tmp, check=True, capture_output=True)
-            return _counted(out) / len(measured)
+            subprocess.run(["callgrind_control", "-d", str(server.proc.pid)], cwd=tmp, check=True, capture_output=True)
+            return _counted(Path(tmp)) / len(measured)
         finally:
             server.kill()      # SIGTERM under valgrind can leave it running for minutes
-            server.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

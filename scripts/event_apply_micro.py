@@ -45,7 +45,7 @@ def lazy_library() -> str:
          "  for _, h in ipairs(R.h) do WANT[#WANT + 1] = h.f; AUXWANT[#AUXWANT + 1] = 't:' .. h.f end",
          "  WANT, HWANT, AUXWANT = {'_loaded_at'}, {}, {'base'}\n"
          "  for _, h in ipairs(R.h) do HWANT[#HWANT + 1] = h.f; AUXWANT[#AUXWANT + 1] = 't:' .. h.f end"),
-        ("counts[c.f] = tonumber(got[NH + 1 + i])", "counts[c.f] = tonumber(got[1 + i])"),
+        ("stored[c.f] = got[NH + 1 + i]", "stored[c.f] = got[1 + i]"),
         ("local auxgot, fresh, state = nil, false, {}", "local auxgot, histgot, fresh, state = nil, nil, false, {}"),
         ("drop them\n    end\n    local v = got[i + 1] or ''",
          "drop them\n      histgot = redis.call('HMGET', user, unpack(HWANT))\n    end\n    local v = histgot[i] or ''"),

@@ -44,8 +44,8 @@ AUX_TTL_S = 86_400
 # A Redis Function library (FUNCTION LOAD, FCALL) per rule set: the rules are decoded once, by the
 # library's first call, not on every call (an EVAL script decodes its arguments each time).
 # KEYS: user hash, its :ev hash, its :seen zset.  ARGV: the TTL of the :ev/:seen keys, the applier's
-# clock (unix seconds, the `_event_at` written), then each event flat (`function_args`): event_id, order key as text, type, n, then n pairs (list name, its values
-# joined by '|'). Flat text, not JSON: decoding a JSON batch cost the function more than its whole
+# clock (unix seconds, the `_event_at` written), then each event flat (`function_args`): event_id,
+# order key as text, type, n, then n pairs (list name, its values joined by '|'). Flat text, not JSON: decoding a JSON batch cost the function more than its whole
 # bookkeeping, and the order key comes as its text, ready for ZADD and the order keys, not
 # formatted again. Returns {applied, duplicate, late}.
 APPLY_LIBRARY = r"""#!lua name=%(name)s
@@ -218,7 +218,8 @@ local function apply(KEYS, ARGV)
       for i, h in ipairs(R.h) do
         local vals = lists[h.src]
         if h.on[typ] and vals and vals ~= '' then
-          local own, distinct, st = own_values(vals, h.d == 1, h.r == 1), h.d == 1, history(i)
+          local distinct, st = h.d == 1, history(i)
+          local own = own_values(vals, distinct, h.r == 1)
           if (st.text and prepend(st, own, key, ks, h.cap, distinct)) or insert(parsed(i), own, key, ks, h.cap, distinct) then
             dirty[i] = true
           end
@@ -305,9 +306,10 @@ except ImportError:        # pragma: no cover - the core install
     from json import loads
 
 
-def function_args(events: list[Event], aux_ttl_s: int) -> list[Any]:
-    """The apply function's ARGV (see APPLY_LIBRARY): the TTL, the time, then each event flat."""
-    args: list[Any] = [aux_ttl_s, f"{time.time():.6f}"]
+def function_args(events: list[Event], aux_ttl_s: int, now: str) -> list[Any]:
+    """The apply function's ARGV (see APPLY_LIBRARY): the TTL, the applier's clock `now` (unix seconds as
+    text, one reading per batch), then each event flat."""
+    args: list[Any] = [aux_ttl_s, now]
     for e in events:
         lists = [(name, MULTI_SEP.join(values)) for name, values in e.lists.items() if values]
         args += (e.event_id, str(e.order), e.type, len(lists))
@@ -363,7 +365,8 @@ class EventApplier:
         if not self._loaded:
             self.client.function_load(self.library, replace=True)    # a cluster loads it on every master
             self._loaded = True
-        commands = [("FCALL", self.function, 3, *self.user_keys(u), *function_args(groups[u], self.aux_ttl_s))
+        now = f"{time.time():.6f}"
+        commands = [("FCALL", self.function, 3, *self.user_keys(u), *function_args(groups[u], self.aux_ttl_s, now))
                     for u in users]
         if self.cluster:   # a cluster pipeline routes each FCALL by its keys' slot
             pipe = self.client.pipeline(transaction=False)

@@ -181,7 +181,11 @@ class StreamConsumer:
             if isinstance(reply, Exception):
                 raise reply
             streams = reply.items() if isinstance(reply, dict) else (reply or [])    # RESP3: a map; RESP2: pairs
-            return [(name, i, _event_text(f)) for s, entries in streams for name in (_text(s),) for i, f in entries]
+            out = []
+            for s, entries in streams:
+                name = _text(s)      # once per partition, not per entry
+                out += [(name, i, _event_text(f)) for i, f in entries]
+            return out
         out = []
         for s in self.streams:   # one slot per command on a cluster
             for _, entries in self.client.xreadgroup(GROUP, self.name, {s: last_id}, count=count) or []:
