@@ -5,8 +5,8 @@ how cheap that design can be at all, so that a goal missed by the real function 
 from a goal the design cannot reach:
 
 * `noop`:  the function walks its batch (the flat arguments) and returns; no key is touched. What is
-  left is the stream transport (XADD, XREADGROUP, XACK), the consumer's parsing and packing, and one
-  FCALL per user.
+  left is the stream transport (XADD, XREADGROUP, XACK), the consumer's parsing and packing, and the
+  FCALLs (one per 16 users on one node, as for the real function).
 * `floor`: the least an idempotent apply must do: the id into the user's seen set (ZADD NX: a
   duplicate changes nothing), one HINCRBY per counter rule of the event's type, `_event_at`, the TTL
   of the seen set. No histories, no ordering, no buckets, no reload check: less than the issue asks.
@@ -19,24 +19,23 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-# Same KEYS and ARGV as mvke/runtime/event_apply.py's library, same reply {applied, duplicate, late}.
+# Same KEYS and ARGV as mvke/runtime/event_apply.py's library (its `apply(KEYS, ARGV, first, last)`, which
+# event_apply.REGISTER wraps), same reply {applied, duplicate, late}.
 _HEAD = r"""#!lua name=%(name)s
 local R
-local function events(ARGV)     -- the flat ARGV after the TTL and time: {id, order key text, type} per event
-  local E, a = {}, 3
-  while a <= #ARGV do
+local function events(ARGV, first, last)   -- a user's flat events in ARGV: {id, order key text, type} each
+  local E, a, last = {}, first or 3, last or #ARGV
+  while a <= last do
     E[#E + 1] = {ARGV[a], ARGV[a + 1], ARGV[a + 2]}
     a = a + 4 + 2 * tonumber(ARGV[a + 3])
   end
   return E
 end
-local function apply(KEYS, ARGV)
+local function apply(KEYS, ARGV, first, last)
   if not R then R = cjson.decode(%(rules)s) end
-  local E = events(ARGV)
+  local E = events(ARGV, first, last)
 """
-_TAIL = r"""
-redis.register_function('%(name)s', apply)
-"""
+_TAIL = ""     # event_apply.REGISTER follows: the per-user function and `_many`, as for the real one
 VARIANTS = {
     "noop": _HEAD + r"""  return {#E, 0, 0}
 end

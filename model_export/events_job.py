@@ -43,6 +43,7 @@ from mvke.runtime.events import (
 )
 from mvke.runtime.keys import Keys
 from mvke.runtime.reject_rate import reject_rate_error
+from mvke.runtime.system import freeze_startup_heap
 
 REPLAY_BATCH = 500
 REPLAY_HINT = "Fix the log (each reason names the field) or raise --max-reject-rate"
@@ -216,6 +217,7 @@ def run_consumer(client: Any, keys: Keys, rules: EventRules, metrics_port: int |
     if metrics_port is not None:
         kw["on_batch"], _ = consumer_metrics(metrics_port)
     consumer = StreamConsumer(client, keys, rules, **kw)
+    freeze_startup_heap()
     t0 = time.perf_counter()
     import signal
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())

@@ -10,6 +10,8 @@ Redis ~50x slower).
     PYTHONPATH=. python scripts/event_apply_instructions.py [--variants real,general,nohist,floor,noop]
     # another checkout's shipped function (e.g. the one before a change), same events:
     PYTHONPATH=. python scripts/event_apply_instructions.py --code DIR --variants real
+    # also each command's parsing and dispatch (what one call for several users saves besides the function)
+    PYTHONPATH=. python scripts/event_apply_instructions.py --inside processInputBuffer --variants real,noop
 
 Needs `valgrind` (apt) and `callgrind_control` (same package). ~40 s per variant.
 """
@@ -25,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 USERS, FILL, MEASURED, BATCH = 2_000, 20_000, 6_000, 2_000
+INSIDE = ["fcallCommand"]    # --inside: the Redis function whose inclusive instructions are counted
 
 
 def _counted(out_dir: Path) -> int:
@@ -45,7 +48,7 @@ def instructions_per_event(library: str, rules, fill, measured) -> float:
         """The private redis-server, run under callgrind (counting only inside FCALL, from the zeroing on)."""
         def server_args(self) -> list[str]:
             return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.dir}/cg.out", "--collect-atstart=no",
-                    "--toggle-collect=fcallCommand", *super().server_args()]
+                    f"--toggle-collect={INSIDE[0]}", *super().server_args()]
 
     with tempfile.TemporaryDirectory() as tmp:
         server = CallgrindRedis(data_dir=tmp).start(timeout=60)     # valgrind starts Redis in seconds
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="real,general,nohist,floor,noop",
                    help="scripts/event_apply_micro.py's variants and loadtest/apply_floor.py's noop")
     p.add_argument("--code", type=Path, help="import the code of this checkout instead (its `real` only)")
+    p.add_argument("--inside", default="fcallCommand",
+                   help="count inside this Redis function (default fcallCommand: the function's work; "
+                        "processInputBuffer: also each command's parsing and dispatch)")
     a = p.parse_args(argv)
+    INSIDE[0] = a.inside
     if not shutil.which("valgrind"):
         sys.exit("valgrind is not installed (apt install valgrind)")
     if a.code:
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.variants.split(","):
         got[name] = round(instructions_per_event(libraries[name](), rules, fill, measured))
         print(f"{name}: {got[name]:,} instructions per event", file=sys.stderr, flush=True)
-    print(json.dumps({"code": str(a.code or "this checkout"), "cpu": cpu_model(),
+    print(json.dumps({"code": str(a.code or "this checkout"), "inside": a.inside, "cpu": cpu_model(),
                       "loadavg": [round(x, 2) for x in os.getloadavg()],   # counts do not depend on it
                       "instructions_per_event": got}, indent=1))
 

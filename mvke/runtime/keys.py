@@ -168,10 +168,15 @@ class Keys:
     # ---- events ------------------------------------------------------------
     def user_events(self, user_id: str) -> str:
         """Per-user event state: the same slot as `user(user_id)` (its name is the hash tag)."""
-        return f"{{{self.user(user_id)}}}:ev"
+        return self.user_event_keys(user_id)[1]
 
     def user_seen(self, user_id: str) -> str:
-        return f"{{{self.user(user_id)}}}:seen"
+        return self.user_event_keys(user_id)[2]
+
+    def user_event_keys(self, user_id: str) -> tuple[str, str, str]:
+        """(user, user_events, user_seen): the keys of one user's event script, the user key built once."""
+        user = self.user(user_id)
+        return user, f"{{{user}}}:ev", f"{{{user}}}:seen"
 
     def events_stream(self, partition: int) -> str:
         return f"{{{self.prefix}:events:{partition}}}"

@@ -50,6 +50,18 @@ def limit_threads(n: int) -> list[str]:
     return limit_blas_threads(n)
 
 
+def freeze_startup_heap(gen0_threshold: int = 50_000) -> None:
+    """Where a long-running loop starts (the event consumer), after its imports and set-up: the objects
+    that live for the whole process leave the garbage collector's view (`gc.freeze`), and the youngest
+    generation is collected every `gen0_threshold` allocations instead of 700. A batch of thousands of
+    events, their commands and replies otherwise survives several young collections and triggers full
+    ones over every module's objects: 7% of the consumer's instructions per event (valgrind)."""
+    import gc
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
+
+
 def loadavg() -> list[float]:
     """1, 5 and 15 minute load averages, rounded (printed beside every benchmark figure)."""
     return [round(x, 2) for x in os.getloadavg()]

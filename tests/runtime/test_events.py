@@ -104,6 +104,28 @@ def test_lua_matches_batch_fold_in_any_order(redis_client):
         assert stored(redis_client, f"u{u}") == want
 
 
+def test_users_grouped_in_one_call_match_one_call_each_and_fail_alone(redis_client):
+    """On one node `_many` runs 16 users per call: the same hashes and counts as one call per user
+    (the cluster path, here through a plain pipeline), and a user whose key holds another type fails
+    alone, in the middle of a group, without its neighbours' events counted twice or lost."""
+    events = random_events(900, users=40, seed=11)
+    grouped, each = Keys("grouped"), Keys("each")
+    for k in (grouped, each):
+        redis_client.set(k.user("u17"), "not a hash")
+    a, b = EventApplier(redis_client, grouped, RULES), EventApplier(redis_client, each, RULES)
+    b.cluster = True
+    bad = sum(e.user_id == "u17" for e in events)
+    for applier in (a, b):
+        counts = applier.apply(events)
+        assert counts.applied == len(events) - bad and counts.duplicate == 0
+        assert len(counts.failed) == bad and all("WRONGTYPE" in why for _, why in counts.failed)
+        again = applier.apply(events)
+        assert (again.applied, again.duplicate, len(again.failed)) == (0, len(events) - bad, bad)
+    for u in range(40):
+        if u != 17:
+            assert stored(redis_client, f"u{u}", grouped) == stored(redis_client, f"u{u}", each) != {}
+
+
 def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client):
     """Mostly in time order (the function's fast path: the values go in front of the stored text)
     with every 7th event held back and sent late (the general insert, which must read the order keys
