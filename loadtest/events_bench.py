@@ -219,12 +219,12 @@ def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
     `paired`: a tags-alone row right before each, and the share of that one too (the box drifts)."""
     rows = []
     for consumers in consumer_counts:
-        for variant in variants:
+        for i, variant in enumerate(variants):     # a variant may come again (ABBA orders): own event ids
             alone = run_load(port, reqs, 32, duration, warmup=1.0)["qps"] if paired else None
             log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on, apply {variant}")
             root, apply = (before, "real") if variant == "before" else (ROOT, variant)
             row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration,
-                             f"paced-{consumers}-{variant}", root, max_rate=rate, apply=apply)
+                             f"paced-{consumers}-{variant}-{i}", root, max_rate=rate, apply=apply)
             row["apply"] = variant
             row["qps_share_of_alone"] = round(row["qps"] / tags_alone_qps, 3) if row.get("qps") else None
             if alone:

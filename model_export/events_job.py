@@ -6,7 +6,7 @@ or a JSON-lines file of events, and sends them in time order:
 
     --to http     POST /events of a running service, batches of --batch (API key: --api-key / $MVKE_API_KEY)
     --to stream   XADD to the partition streams directly (what the service does with POST /events)
-    --to apply    apply them here, one Lua function call per user (needs --rules; no consumer involved)
+    --to apply    apply them here, one Lua function per user (needs --rules; no consumer involved)
 
 `--rate R` caps the events per second (default: as fast as the target takes them). Rows or lines
 that are no valid event (parse_event's rule), events the service rejects and events that fail to

@@ -4,8 +4,8 @@
 a Redis Function loaded once per rule set) on each user's events, pipelined. Its work touches only
 that user's three keys, which share one hash slot (mvke/runtime/keys.py: the user hash
 `mvke:user:<id>` and `{mvke:user:<id>}:ev|:seen`), so on a Redis Cluster each user is one call (to
-its slot's master); on one node `<function>_many` runs the same per-user function for 16 users in
-one call (REGISTER). Either way a reader sees a user before or after all of its batch, never half.
+its slot's master); on one node `<function>_many` runs the same per-user function for up to 16 users
+(32 events) in one call (REGISTER). Either way a reader sees a user before or after all of its batch, never half.
 
 Per event (the rules are data: mvke/runtime/events.py):
 * duplicate: its id is in the user's `:seen` set -> nothing changes;
@@ -311,7 +311,10 @@ def apply_library(rules_lua: str) -> tuple[str, str]:
     return name, APPLY_LIBRARY % {"name": name, "rules": literal} + REGISTER % {"name": name}
 
 
-USERS_PER_CALL = 16    # users per `_many` call on one node (a call blocks Redis for ~16 x 30 us)
+# A `_many` call on one node takes users until it holds 16 of them or 32 events: it blocks Redis for
+# ~0.5-1 ms (~30 us per event), where an unbounded group could hold a batch's 500 events (15 ms). A
+# user with more events than that is one call of its own, as it always was.
+USERS_PER_CALL, EVENTS_PER_CALL = 16, 32
 
 assert LOADED_AT_FIELD == "_loaded_at" and EVENT_AT_FIELD == "_event_at"   # the names the script writes
 
@@ -338,6 +341,22 @@ try:                       # 5-10x faster than json where installed (the service
     from orjson import loads
 except ImportError:        # pragma: no cover - the core install
     from json import loads
+
+
+def call_groups(users: list[str], groups: dict[str, list[Event]]) -> list[list[str]]:
+    """Users in order, cut into the groups of one `_many` call: USERS_PER_CALL users or EVENTS_PER_CALL events."""
+    out: list[list[str]] = []
+    chunk: list[str] = []
+    events = 0
+    for u in users:
+        chunk.append(u)
+        events += len(groups[u])
+        if len(chunk) == USERS_PER_CALL or events >= EVENTS_PER_CALL:
+            out.append(chunk)
+            chunk, events = [], 0
+    if chunk:
+        out.append(chunk)
+    return out
 
 
 def event_args(events: list[Event]) -> list[Any]:
@@ -448,11 +467,11 @@ class EventApplier:
         return pipe.execute(raise_on_error=False)
 
     def _grouped(self, users: list[str], groups: dict[str, list[Event]], now: str) -> list[Any]:
-        """`<function>_many` per USERS_PER_CALL users -> one reply per user, as `_one_each` (a user's
+        """`<function>_many` per group of users (`call_groups`) -> one reply per user, as `_one_each` (a user's
         error is its own element). A group's call that fails as a whole (not a user's error: the
         function's) is redone one call per user."""
         ttl, user_keys, many = self.aux_ttl_s, self.keys.user_event_keys, f"{self.function}_many"
-        chunks = [users[i:i + USERS_PER_CALL] for i in range(0, len(users), USERS_PER_CALL)]
+        chunks = call_groups(users, groups)
         commands = [("FCALL", many, 3 * len(c), *[k for u in c for k in user_keys(u)],
                      *many_args([groups[u] for u in c], ttl, now)) for c in chunks]
         out: list[Any] = []

@@ -4,7 +4,7 @@ consumer of `mvke features stream`.
     producer --XADD MAXLEN ~ L--> {mvke:events:<crc32(user_id) % N>}  --XREADGROUP (group `apply`)-->
     consumers (any number, each reads every partition; the group gives each entry to one of them)
       -> parse (a malformed entry goes to {mvke:events}:dead with its reason) -> EventApplier (one Lua
-         script per user: idempotent by event id) -> XACK
+         function per user, 16 users a call on one node: idempotent by event id) -> XACK
     more than `max_reject_rate` dead letters among the last `reject_window` entries read stops the
     consumer with the reason (mvke/runtime/reject_rate.py: the rule of the batch jobs);
     a consumer killed between apply and XACK leaves its entries pending: the next consumer to start

@@ -26,7 +26,7 @@ of a bundle manifest (`Manifest.events`), read by `EventRules.from_dict`:
   the denominator is 0), cut at `edges` the way the batch data cuts it: label i = number of
   edges strictly below the value (numpy's `searchsorted(edges, v)`, the synthetic data's rule).
 
-Applying (mvke/runtime/event_apply.py, one Lua function call per user) and the batch derivation
+Applying (mvke/runtime/event_apply.py, one Lua function per user, atomic) and the batch derivation
 `fold_user` below follow these rules; tests hold them equal field by field.
 """
 from __future__ import annotations

@@ -55,7 +55,9 @@ def freeze_startup_heap(gen0_threshold: int = 50_000) -> None:
     that live for the whole process leave the garbage collector's view (`gc.freeze`), and the youngest
     generation is collected every `gen0_threshold` allocations instead of 700. A batch of thousands of
     events, their commands and replies otherwise survives several young collections and triggers full
-    ones over every module's objects: 7% of the consumer's instructions per event (valgrind)."""
+    ones over every module's objects: 7% of the consumer's instructions per event (valgrind). For a process
+    of its own (the CLI's): the freeze is process-wide, and start-up objects that become cyclic garbage
+    later are never freed (a bounded amount)."""
     import gc
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
