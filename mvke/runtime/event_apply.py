@@ -276,7 +276,7 @@ end
 
 # Appended to the library (and to loadtest/apply_floor.py's lower bounds): the function per user and
 # `<name>_many`, several users in one call (one Redis node: the consumer packs one command and parses
-# one reply per group, and Redis dispatches one; with the consumer's other savings, 26% fewer of its
+# one reply per group, and Redis dispatches one; with the consumer's other savings, 25% fewer of its
 # instructions per event, Redis's 3.6% fewer: docs/results/events.md).
 # KEYS: 3 per user; ARGV: the TTL, the clock, then per user the count m of its event arguments and
 # those m arguments. Returns per user its {applied, duplicate, late}, or its error: a user whose call
