@@ -439,7 +439,7 @@ class EventApplier:
             self._loaded = True
         now = f"{time.time():.6f}"
         users = list(groups)
-        # one node: users in groups of USERS_PER_CALL; a cluster: one call per user (its keys' slot)
+        # one node: users in groups (`call_groups`); a cluster: one call per user (its keys' slot)
         replies = self._one_each(users, groups, now) if self.cluster else self._grouped(users, groups, now)
         if any(isinstance(r, Exception) and "Function not found" in str(r) for r in replies):
             self._loaded = False      # a new master (or FUNCTION FLUSH) lost the library: load it, redo (idempotent)
