@@ -6,7 +6,7 @@ from a goal the design cannot reach:
 
 * `noop`:  the function walks its batch (the flat arguments) and returns; no key is touched. What is
   left is the stream transport (XADD, XREADGROUP, XACK), the consumer's parsing and packing, and the
-  FCALLs (one per 16 users on one node, as for the real function).
+  FCALLs (one per user, or per N with --users-per-call, as for the real function).
 * `floor`: the least an idempotent apply must do: the id into the user's seen set (ZADD NX: a
   duplicate changes nothing), one HINCRBY per counter rule of the event's type, `_event_at`, the TTL
   of the seen set. No histories, no ordering, no buckets, no reload check: less than the issue asks.

@@ -124,7 +124,7 @@ def reset_streams(r, keys: Keys) -> None:
 
 def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int, port: int | None,
                reqs: list, duration: float, run: str, root: Path = ROOT, max_rate: float = 0.0,
-               apply: str = "real") -> dict:
+               apply: str = "real", consumer_args: tuple[str, ...] = ()) -> dict:
     """Events/s of `consumers` processes over a window in which they never run dry (and QPS beside);
     max_rate > 0: the consumers together paced to that many events/s (`--max-rate`, split evenly)."""
     keys = Keys()
@@ -135,7 +135,8 @@ def apply_rate(r, redis_url: str, rules: Path, users: list[str], consumers: int,
         publish_events(r, keys, events[i:i + 20_000], PARTITIONS, maxlen=n * 2)
     stream_bytes = sum(r.memory_usage(keys.events_stream(p), samples=0) or 0 for p in range(PARTITIONS))
     pace = ("--max-rate", str(max_rate / consumers)) if max_rate else ()
-    procs = [consumer(redis_url, rules, f"{run}-{k}", None, *pace, root=root, apply=apply) for k in range(consumers)]
+    procs = [consumer(redis_url, rules, f"{run}-{k}", None, *pace, *consumer_args, root=root, apply=apply)
+             for k in range(consumers)]
     load: dict = {}
     thread = None
     if port:
@@ -209,6 +210,16 @@ def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
     return rows
 
 
+def variant_consumer(variant: str, before: Path | None) -> tuple[Path, str, tuple[str, ...]]:
+    """A --variants name -> (checkout, apply function, consumer arguments): "before" (the --before
+    checkout's shipped function), "real-uN" (this one's, N users per FCALL), else this checkout's `variant`."""
+    if variant == "before":
+        return before, "real", ()
+    if variant.startswith("real-u"):
+        return ROOT, "real", ("--users-per-call", variant.removeprefix("real-u"))
+    return ROOT, variant, ()
+
+
 def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
                rate: float, tags_alone_qps: float, consumer_counts: tuple[int, ...] = (1, 2),
                variants: tuple[str, ...] = ("real",), paired: bool = False, before: Path | None = None) -> list[dict]:
@@ -222,9 +233,9 @@ def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
         for i, variant in enumerate(variants):     # a variant may come again (ABBA orders): own event ids
             alone = run_load(port, reqs, 32, duration, warmup=1.0)["qps"] if paired else None
             log(f"b'. {consumers} consumer(s) paced to {rate:,.0f} events/s in all, tags on, apply {variant}")
-            root, apply = (before, "real") if variant == "before" else (ROOT, variant)
+            root, apply, extra = variant_consumer(variant, before)
             row = apply_rate(r, redis_url, rules, users, consumers, port, reqs, duration,
-                             f"paced-{consumers}-{variant}-{i}", root, max_rate=rate, apply=apply)
+                             f"paced-{consumers}-{variant}-{i}", root, max_rate=rate, apply=apply, consumer_args=extra)
             row["apply"] = variant
             row["qps_share_of_alone"] = round(row["qps"] / tags_alone_qps, 3) if row.get("qps") else None
             if alone:
@@ -419,12 +430,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --event-rate: a tags-alone row right before each paced row (its share of that too)")
     p.add_argument("--variants", default="real",
                    help="with --event-rate: apply functions of the paced rows, in turn: real (the one the "
-                        "consumer ships), floor, noop (loadtest/apply_floor.py's lower bounds), before (the "
-                        "--before checkout's consumer)")
+                        "consumer ships), real-uN (the same with `--users-per-call N`), floor, noop "
+                        "(loadtest/apply_floor.py's lower bounds), before (the --before checkout's consumer)")
     a = p.parse_args(argv)
-    unknown = set(a.variants.split(",")) - {"real", "before", *VARIANTS}
+    unknown = {v for v in a.variants.split(",") if not v.removeprefix("real-u").isdigit()} - {"real", "before", *VARIANTS}
     if unknown:
-        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real, before, {', '.join(VARIANTS)})")
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real, real-uN, before, {', '.join(VARIANTS)})")
     if "before" in a.variants.split(",") and not a.before:
         p.error("--variants before needs --before DIR")
     work = Path(a.work)

@@ -4,8 +4,8 @@
 a Redis Function loaded once per rule set) on each user's events, pipelined. Its work touches only
 that user's three keys, which share one hash slot (mvke/runtime/keys.py: the user hash
 `mvke:user:<id>` and `{mvke:user:<id>}:ev|:seen`), so on a Redis Cluster each user is one call (to
-its slot's master); on one node `<function>_many` runs the same per-user function for up to 16 users
-(32 events) in one call (REGISTER). Either way a reader sees a user before or after all of its batch, never half.
+its slot's master); on one node `--users-per-call N` > 1 makes `<function>_many` run the same per-user
+function for up to N users (2N events) in one call (REGISTER; default 1: one call per user). Either way a reader sees a user before or after all of its batch, never half.
 
 Per event (the rules are data: mvke/runtime/events.py):
 * duplicate: its id is in the user's `:seen` set -> nothing changes;
@@ -311,10 +311,12 @@ def apply_library(rules_lua: str) -> tuple[str, str]:
     return name, APPLY_LIBRARY % {"name": name, "rules": literal} + REGISTER % {"name": name}
 
 
-# A `_many` call on one node takes users until it holds 16 of them or 32 events: it blocks Redis for
-# ~0.5-1 ms (~30 us per event), where an unbounded group could hold a batch's 500 events (15 ms). A
-# user with more events than that is one call of its own, as it always was.
-USERS_PER_CALL, EVENTS_PER_CALL = 16, 32
+# Users per call on one node (`mvke features stream --users-per-call`): 1 by default, one call per user.
+# A `_many` call of N users (at most 2N events) saves the consumer ~10% of its CPU per event at N = 16,
+# but holds Redis for ~0.5 ms in one piece, and the service's reads wait behind it: beside tag
+# requests at c=32 the service kept ~6 points less of its QPS with 16 than with 1 (ABBA run,
+# docs/results/events.md). N > 1 is for catching up a backlog without a service beside it.
+USERS_PER_CALL = 1
 
 assert LOADED_AT_FIELD == "_loaded_at" and EVENT_AT_FIELD == "_event_at"   # the names the script writes
 
@@ -343,15 +345,15 @@ except ImportError:        # pragma: no cover - the core install
     from json import loads
 
 
-def call_groups(users: list[str], groups: dict[str, list[Event]]) -> list[list[str]]:
-    """Users in order, cut into the groups of one `_many` call: USERS_PER_CALL users or EVENTS_PER_CALL events."""
+def call_groups(users: list[str], groups: dict[str, list[Event]], per_call: int = USERS_PER_CALL) -> list[list[str]]:
+    """Users in order, cut into the groups of one `_many` call: `per_call` users or twice as many events."""
     out: list[list[str]] = []
     chunk: list[str] = []
     events = 0
     for u in users:
         chunk.append(u)
         events += len(groups[u])
-        if len(chunk) == USERS_PER_CALL or events >= EVENTS_PER_CALL:
+        if len(chunk) >= per_call or events >= 2 * per_call:
             out.append(chunk)
             chunk, events = [], 0
     if chunk:
@@ -418,8 +420,12 @@ def send_raw(client: Any, commands: list[tuple]) -> list[Any]:
 class EventApplier:
     """Applies batches of events with a sync client (one node or a cluster: `redis_client.connect`)."""
 
-    def __init__(self, client: Any, keys: Keys, rules: EventRules, aux_ttl_s: int = AUX_TTL_S):
+    def __init__(self, client: Any, keys: Keys, rules: EventRules, aux_ttl_s: int = AUX_TTL_S,
+                 users_per_call: int = USERS_PER_CALL):
+        if users_per_call < 1:
+            raise ValueError(f"users_per_call must be >= 1, got {users_per_call}")
         self.client, self.keys, self.rules, self.aux_ttl_s = client, keys, rules, aux_ttl_s
+        self.users_per_call = users_per_call
         self.function, self.library = apply_library(rules.to_lua())
         self.cluster = is_cluster(client)
         self._loaded = False
@@ -440,7 +446,8 @@ class EventApplier:
         now = f"{time.time():.6f}"
         users = list(groups)
         # one node: users in groups (`call_groups`); a cluster: one call per user (its keys' slot)
-        replies = self._one_each(users, groups, now) if self.cluster else self._grouped(users, groups, now)
+        one_each = self.cluster or self.users_per_call == 1
+        replies = self._one_each(users, groups, now) if one_each else self._grouped(users, groups, now)
         if any(isinstance(r, Exception) and "Function not found" in str(r) for r in replies):
             self._loaded = False      # a new master (or FUNCTION FLUSH) lost the library: load it, redo (idempotent)
             return self.apply([e for u in users for e in groups[u]])
@@ -471,7 +478,7 @@ class EventApplier:
         error is its own element). A group's call that fails as a whole (not a user's error: the
         function's) is redone one call per user."""
         ttl, user_keys, many = self.aux_ttl_s, self.keys.user_event_keys, f"{self.function}_many"
-        chunks = call_groups(users, groups)
+        chunks = call_groups(users, groups, self.users_per_call)
         commands = [("FCALL", many, 3 * len(c), *[k for u in c for k in user_keys(u)],
                      *many_args([groups[u] for u in c], ttl, now)) for c in chunks]
         out: list[Any] = []

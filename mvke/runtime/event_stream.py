@@ -4,7 +4,7 @@ consumer of `mvke features stream`.
     producer --XADD MAXLEN ~ L--> {mvke:events:<crc32(user_id) % N>}  --XREADGROUP (group `apply`)-->
     consumers (any number, each reads every partition; the group gives each entry to one of them)
       -> parse (a malformed entry goes to {mvke:events}:dead with its reason) -> EventApplier (one Lua
-         function per user, 16 users a call on one node: idempotent by event id) -> XACK
+         function call per user, or per N with --users-per-call: idempotent by event id) -> XACK
     more than `max_reject_rate` dead letters among the last `reject_window` entries read stops the
     consumer with the reason (mvke/runtime/reject_rate.py: the rule of the batch jobs);
     a consumer killed between apply and XACK leaves its entries pending: the next consumer to start
@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
-from mvke.runtime.event_apply import AUX_TTL_S, EventApplier, loads, send_raw
+from mvke.runtime.event_apply import AUX_TTL_S, USERS_PER_CALL, EventApplier, loads, send_raw
 from mvke.runtime.events import Event, EventError, EventRules, parse_event
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import is_cluster
@@ -146,13 +146,14 @@ class StreamConsumer:
                  name: str | None = None, batch: int = 500, block_ms: int = 100, claim_idle_ms: int = 30_000,
                  claim_every_s: float = 5.0, state_ttl_s: int = AUX_TTL_S,
                  max_reject_rate: float = DEFAULT_MAX_REJECT_RATE, reject_window: int = DEFAULT_REJECT_WINDOW,
-                 on_batch: Callable[[ConsumerStats], None] | None = None, max_rate: float = 0.0):
+                 on_batch: Callable[[ConsumerStats], None] | None = None, max_rate: float = 0.0,
+                 users_per_call: int = USERS_PER_CALL):
         self.client, self.keys = client, keys
         self.partitions = partitions or default_partitions()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.batch, self.block_ms = batch, block_ms
         self.claim_idle_ms, self.claim_every_s = claim_idle_ms, claim_every_s
-        self.applier = EventApplier(client, keys, rules, state_ttl_s)
+        self.applier = EventApplier(client, keys, rules, state_ttl_s, users_per_call)
         self.cluster = is_cluster(client)
         self.streams = [keys.events_stream(p) for p in range(self.partitions)]
         self.stats = ConsumerStats()

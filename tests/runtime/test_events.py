@@ -105,28 +105,35 @@ def test_lua_matches_batch_fold_in_any_order(redis_client):
 
 
 def test_call_groups_bound_users_and_events_per_call():
-    """16 users a call, fewer where their events reach 32 (a call blocks Redis); a heavy user is not split."""
+    """--users-per-call 16: 16 users a call, fewer where their events reach 32 (a call blocks Redis); a heavy
+    user is not split."""
     def sizes(counts):
         groups = {f"u{i}": [None] * n for i, n in enumerate(counts)}
-        return [len(g) for g in call_groups(list(groups), groups)]
+        return [len(g) for g in call_groups(list(groups), groups, 16)]
     assert sizes([1] * 40) == [16, 16, 8]
     assert sizes([1, 1, 500, 1, 1]) == [3, 2]
     assert sizes([10] * 7) == [4, 3]
     assert sizes([]) == []
+    groups = {f"u{i}": [None] for i in range(5)}
+    assert [len(g) for g in call_groups(list(groups), groups, 2)] == [2, 2, 1]
+    with pytest.raises(ValueError, match="users_per_call"):
+        EventApplier(None, Keys(), RULES, users_per_call=0)
 
 
 def test_users_grouped_in_one_call_match_one_call_each_and_fail_alone(redis_client):
-    """On one node `_many` runs 16 users per call: the same hashes and counts as one call per user
-    (the cluster path, here through a plain pipeline), and a user whose key holds another type fails
+    """`--users-per-call 16`: `_many` runs groups of users per call, with the same hashes and counts as one
+    call per user (the default, and the cluster path here through a plain pipeline); a user whose key holds another type fails
     alone, in the middle of a group, without its neighbours' events counted twice or lost."""
     events = random_events(120, users=40, seed=11)       # ~3 per user: groups of ~10 users
     grouped, each = Keys("grouped"), Keys("each")
     for k in (grouped, each):
         redis_client.set(k.user("u17"), "not a hash")
-    a, b = EventApplier(redis_client, grouped, RULES), EventApplier(redis_client, each, RULES)
-    b.cluster = True
+    a, b = EventApplier(redis_client, grouped, RULES, users_per_call=16), EventApplier(redis_client, each, RULES)
+    b.cluster = True          # the cluster path, through a plain pipeline
+    c = EventApplier(redis_client, Keys("one"), RULES)     # the default: one call per user, through send_raw
+    redis_client.set(Keys("one").user("u17"), "not a hash")
     bad = sum(e.user_id == "u17" for e in events)
-    for applier in (a, b):
+    for applier in (a, b, c):
         counts = applier.apply(events)
         assert counts.applied == len(events) - bad and counts.duplicate == 0
         assert len(counts.failed) == bad and all("WRONGTYPE" in why for _, why in counts.failed)
@@ -135,7 +142,7 @@ def test_users_grouped_in_one_call_match_one_call_each_and_fail_alone(redis_clie
     users = {e.user_id for e in events} - {"u17"}
     assert len(users) > 30
     for u in users:
-        assert stored(redis_client, u, grouped) == stored(redis_client, u, each) != {}
+        assert stored(redis_client, u, grouped) == stored(redis_client, u, each) == stored(redis_client, u, Keys("one")) != {}
 
 
 def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client):
