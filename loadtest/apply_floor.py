@@ -35,11 +35,11 @@ local function apply(KEYS, ARGV, first, last)
   if not R then R = cjson.decode(%(rules)s) end
   local E = events(ARGV, first, last)
 """
-_TAIL = ""     # event_apply.REGISTER follows: the per-user function and `_many`, as for the real one
+# event_apply.apply_library appends REGISTER (the per-user function and `_many`), as for the real one.
 VARIANTS = {
     "noop": _HEAD + r"""  return {#E, 0, 0}
 end
-""" + _TAIL,
+""",
     "floor": _HEAD + r"""  local user, seen = KEYS[1], KEYS[3]
   local applied, dup = 0, 0
   for _, e in ipairs(E) do
@@ -58,7 +58,7 @@ end
   if ttl and ttl > 0 then redis.call('EXPIRE', seen, ttl) end
   return {applied, dup, 0}
 end
-""" + _TAIL,
+""",
 }
 
 

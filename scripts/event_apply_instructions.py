@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 USERS, FILL, MEASURED, BATCH = 2_000, 20_000, 6_000, 2_000
-INSIDE = ["fcallCommand"]    # --inside: the Redis function whose inclusive instructions are counted
 
 
 def _counted(out_dir: Path) -> int:
@@ -38,17 +37,18 @@ def _counted(out_dir: Path) -> int:
     raise RuntimeError(f"no totals in {out_dir / 'cg.out.1'}")
 
 
-def instructions_per_event(library: str, rules, fill, measured) -> float:
+def instructions_per_event(library: str, rules, fill, measured, inside: str = "fcallCommand") -> float:
+    """Instructions per measured event, counted inclusively inside the Redis function `inside`."""
     from loadtest.apply_floor import using_library
     from mvke.localredis import LocalRedis
     from mvke.runtime import event_apply
     from mvke.runtime.keys import Keys
 
     class CallgrindRedis(LocalRedis):
-        """The private redis-server, run under callgrind (counting only inside FCALL, from the zeroing on)."""
+        """The private redis-server, run under callgrind (counting only inside `inside`, from the zeroing on)."""
         def server_args(self) -> list[str]:
             return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.dir}/cg.out", "--collect-atstart=no",
-                    f"--toggle-collect={INSIDE[0]}", *super().server_args()]
+                    f"--toggle-collect={inside}", *super().server_args()]
 
     with tempfile.TemporaryDirectory() as tmp:
         server = CallgrindRedis(data_dir=tmp).start(timeout=60)     # valgrind starts Redis in seconds
@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="count inside this Redis function (default fcallCommand: the function's work; "
                         "processInputBuffer: also each command's parsing and dispatch)")
     a = p.parse_args(argv)
-    INSIDE[0] = a.inside
     if not shutil.which("valgrind"):
         sys.exit("valgrind is not installed (apt install valgrind)")
     if a.code:
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     measured = make_events(users, MEASURED, "m", 2, ts0=1_700_003_000)
     got = {}
     for name in a.variants.split(","):
-        got[name] = round(instructions_per_event(libraries[name](), rules, fill, measured))
+        got[name] = round(instructions_per_event(libraries[name](), rules, fill, measured, a.inside))
         print(f"{name}: {got[name]:,} instructions per event", file=sys.stderr, flush=True)
     print(json.dumps({"code": str(a.code or "this checkout"), "inside": a.inside, "cpu": cpu_model(),
                       "loadavg": [round(x, 2) for x in os.getloadavg()],   # counts do not depend on it

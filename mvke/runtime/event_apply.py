@@ -5,7 +5,8 @@ a Redis Function loaded once per rule set) on each user's events, pipelined. Its
 that user's three keys, which share one hash slot (mvke/runtime/keys.py: the user hash
 `mvke:user:<id>` and `{mvke:user:<id>}:ev|:seen`), so on a Redis Cluster each user is one call (to
 its slot's master); on one node `--users-per-call N` > 1 makes `<function>_many` run the same per-user
-function for up to N users (2N events) in one call (REGISTER; default 1: one call per user). Either way a reader sees a user before or after all of its batch, never half.
+function for up to N users (2N events) in one call (REGISTER; default 1: one call per user). Either
+way a reader sees a user before or after all of its batch, never half.
 
 Per event (the rules are data: mvke/runtime/events.py):
 * duplicate: its id is in the user's `:seen` set -> nothing changes;
@@ -275,9 +276,9 @@ end
 """
 
 # Appended to the library (and to loadtest/apply_floor.py's lower bounds): the function per user and
-# `<name>_many`, several users in one call (one Redis node: the consumer packs one command and parses
-# one reply per group, and Redis dispatches one; with the consumer's other savings, 25% fewer of its
-# instructions per event, Redis's 3.6% fewer: docs/results/events.md).
+# `<name>_many`, several users in one call (one Redis node, `--users-per-call N` > 1: the consumer packs
+# one command and parses one reply per group, and Redis dispatches one; at N = 16 the consumer's
+# instructions per event are 12% fewer than at 1, Redis's 3.6% fewer: docs/results/events.md).
 # KEYS: 3 per user; ARGV: the TTL, the clock, then per user the count m of its event arguments and
 # those m arguments. Returns per user its {applied, duplicate, late}, or its error: a user whose call
 # fails (its keys hold another type) fails alone, as in a call of its own.
@@ -429,9 +430,6 @@ class EventApplier:
         self.function, self.library = apply_library(rules.to_lua())
         self.cluster = is_cluster(client)
         self._loaded = False
-
-    def user_keys(self, user_id: str) -> tuple[str, str, str]:
-        return self.keys.user_event_keys(user_id)
 
     def apply(self, events: Iterable[Event]) -> ApplyCounts:
         """Apply a batch; Redis connection errors raise (nothing is acknowledged, the batch is redone:
