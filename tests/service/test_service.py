@@ -98,7 +98,10 @@ class LiveService:
 
 
 def make_settings(redis_url: str, prefix: str = "mvke", **kw) -> Settings:
-    base = dict(redis_url=redis_url, key_prefix=prefix, model_poll_s=0.05, log_level="WARNING")
+    # The service runs in this process's thread beside the test's client threads: on a loaded 2-core CI box its
+    # event loop can wait longer than the production 0.5 s socket timeout for the GIL, and a parity test then
+    # fails with a 503 (CI stop 35). Tests of timeouts pass their own, shorter redis_timeout_s.
+    base = dict(redis_url=redis_url, key_prefix=prefix, model_poll_s=0.05, log_level="WARNING", redis_timeout_s=5.0)
     base.update(kw)
     return Settings(**base)
 
