@@ -46,7 +46,7 @@ def test_prefix_from_the_environment_reaches_every_command_and_the_service(
     assert mvke_main(["publish", "--rollback", "--redis", url]) == 0
     assert active_version(redis_client, acme) == v1
 
-    settings = Settings(redis_url=url, key_prefix="acme", model_poll_s=0.05, log_level="WARNING")
+    settings = Settings(redis_url=url, key_prefix="acme", model_poll_s=0.05, log_level="WARNING", redis_timeout_s=5.0)
     with LiveService(settings) as svc:
         svc.wait_version(v1)
         r = svc.tag("u0000001", {"top_k": 2})

@@ -69,7 +69,7 @@ def test_noeviction_full_memory_what_writes_and_reads_do(private_redis, bundle, 
     assert mvke_main(["publish", str(first), "--redis", url]) == 0
     assert mvke_main(["features", "load", "--data", str(data), "--redis", url, "--workers", "1",
                       "--job-dir", str(tmp_path / "job0")]) == 0
-    settings = Settings(redis_url=url, model_poll_s=0.05, log_level="WARNING")
+    settings = Settings(redis_url=url, model_poll_s=0.05, log_level="WARNING", redis_timeout_s=5.0)
     with LiveService(settings) as running:
         running.wait_version(_version(first))
         # Already above maxmemory: no write fits. The margin is wider than what client buffers and the
