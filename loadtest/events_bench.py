@@ -210,13 +210,19 @@ def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
     return rows
 
 
+def users_per_call(variant: str) -> int | None:
+    """N of a "real-uN" variant (N >= 1, what `--users-per-call` accepts), else None."""
+    n = variant.removeprefix("real-u")
+    return int(n) if variant.startswith("real-u") and n.isdigit() and int(n) >= 1 else None
+
+
 def variant_consumer(variant: str, before: Path | None) -> tuple[Path, str, tuple[str, ...]]:
     """A --variants name -> (checkout, apply function, consumer arguments): "before" (the --before
     checkout's shipped function), "real-uN" (this one's, N users per FCALL), else this checkout's `variant`."""
     if variant == "before":
         return before, "real", ()
-    if variant.startswith("real-u"):
-        return ROOT, "real", ("--users-per-call", variant.removeprefix("real-u"))
+    if (n := users_per_call(variant)) is not None:
+        return ROOT, "real", ("--users-per-call", str(n))
     return ROOT, variant, ()
 
 
@@ -433,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                         "consumer ships), real-uN (the same with `--users-per-call N`), floor, noop "
                         "(loadtest/apply_floor.py's lower bounds), before (the --before checkout's consumer)")
     a = p.parse_args(argv)
-    unknown = {v for v in a.variants.split(",") if not v.removeprefix("real-u").isdigit()} - {"real", "before", *VARIANTS}
+    unknown = {v for v in a.variants.split(",") if users_per_call(v) is None} - {"real", "before", *VARIANTS}
     if unknown:
         p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real, real-uN, before, {', '.join(VARIANTS)})")
     if "before" in a.variants.split(",") and not a.before:

@@ -293,3 +293,14 @@ def test_apply_lower_bounds_keep_the_real_functions_reply(tmp_path):
         assert seen["noop"][0] == 400 and seen["noop"][3] == [[None] * 3] * 30
     finally:
         server.stop()
+
+
+def test_events_bench_variant_names():
+    """`real-uN` means N users per call for N >= 1 only (what the consumer accepts); `real-u0` and bare
+    numbers are refused before any run starts."""
+    from loadtest.events_bench import ROOT, main, users_per_call, variant_consumer
+    assert users_per_call("real-u16") == 16 and variant_consumer("real-u16", None) == (ROOT, "real", ("--users-per-call", "16"))
+    assert users_per_call("real-u0") is None and users_per_call("16") is None and users_per_call("real") is None
+    for bad in ("real-u0", "16", "real-ux"):
+        with pytest.raises(SystemExit):
+            main(["--work", "/nonexistent/never-made", "--event-rate", "100", "--variants", f"real,{bad}"])
