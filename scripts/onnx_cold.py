@@ -4,7 +4,9 @@ neighbours on the box) have pushed the 1.6 MB of tag matrices out of the core's 
 
     python scripts/onnx_cold.py BUNDLE_DIR [--calls 400]
 
-Prints the median per call of each, the CPU model and the load average (issue 21's c=1 figure).
+Prints the median per call of each, the CPU model and the load average (issue 21's c=1 figure); also
+the cost of reading the matrices back into the caches (one byte per 64-byte line) alone and before a
+cold call: what a request would pay to prefetch them while it waits for Redis.
 """
 from __future__ import annotations
 
@@ -35,13 +37,24 @@ def main() -> None:
     sweep = np.ones(64 * 2**20 // 8)
     weights = sum(np.asarray(v).nbytes for v in model.topk_feeds.values())
     print(f"{cpu_model()}, load {loadavg()}; tag-side matrices {weights / 2**20:.2f} MiB")
-    for label, cold in (("in cache", False), ("after a 64 MB sweep", True)) * 2:
+    lines = [np.asarray(v).reshape(-1).view(np.uint8)[::64] for v in model.topk_feeds.values()]
+
+    def prefetch() -> None:
+        for line in lines:
+            line.sum()
+
+    rows = (("in cache", False, True, False), ("after a 64 MB sweep", True, True, False),
+            ("prefetch alone, after a sweep", True, False, True), ("prefetch + call, after a sweep", True, True, True))
+    for label, cold, call, touch in rows * 2:
         times = []
         for _ in range(a.calls):
             if cold:
                 sweep += 1.0
             t = time.perf_counter()
-            model.rank(users, 20, mode="fused")
+            if touch:
+                prefetch()
+            if call:
+                model.rank(users, 20, mode="fused")
             times.append(time.perf_counter() - t)
         print(f"batch 1, {label}: {np.median(times) * 1e6:.1f} us median")
 
