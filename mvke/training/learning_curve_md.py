@@ -78,7 +78,8 @@ def results_table(res: dict) -> list[str]:
     for s in res["sizes"]:
         out += _size_rows(s)
     out += ["", "| users | oracle CTR / CVR | linear probe CTR / CVR | CPU h, training loops of its runs | "
-            "CPU h, every process of this curve (data, training, scoring) |", "|---|---|---|---|---|"]
+            "CPU h, its processes in cpu_ledger.json (data, training, scoring; those that ended) |",
+            "|---|---|---|---|---|"]
     for s in res["sizes"]:
         proc = f"{s['cpu_seconds_processes'] / 3600:.2f}" if s["cpu_seconds_processes"] else \
             ("issue 10's runs (not rerun)" if s["users"] == 20_000 else "0")
@@ -139,7 +140,7 @@ def cpu_line(res: dict) -> str:
 
 
 def render(res: dict) -> str:
-    p = res["protocol"]
+    p, loops = res["protocol"], res["cpu_hours"]
     lines = ["# Learning curve: the tuned models from 20k to 1.28M users (issue 27)", "",
              "Test AUC (mean ± sample std over seeds) of the tuned models as the default synthetic world grows; "
              "the figure: [auc_vs_users.png](auc_vs_users.png). CTR = interest task (click), CVR = intention "
@@ -166,7 +167,11 @@ def render(res: dict) -> str:
               "```", "",
               f"Machine: {res['machine']['processor']}, {res['machine']['cores']} cores, no GPU, shared with other "
               "work (the background runs at nice 19: their wall time says little; the CPU times are process CPU). "
-              f"CPU hours of this curve's processes so far: {res['cpu_hours']['this_curve_processes']:.2f} "
-              f"(cpu_ledger.json: every data generation and experiment call with its load average); the reused 20k "
-              f"runs' training loops: {res['cpu_hours']['reused_20k_training_loops']:.2f}.", ""]
+              f"CPU hours in training loops: {loops['finished_training_loops']:.2f} of the finished runs (the reused 20k "
+              f"runs' {loops['reused_20k_training_loops']:.2f} included) and {loops['unfinished_training_loops']:.2f} of "
+              f"the unfinished ones: {loops['finished_training_loops'] + loops['unfinished_training_loops']:.2f} in all, "
+              "a lower bound of what the curve cost (data generation, loading and test scoring add to it). "
+              f"cpu_ledger.json holds every data generation and experiment process that ended, with its load average: "
+              f"{loops['this_curve_processes']:.2f} h (loops included; a process stopped with its machine is not "
+              "there, its run's loop time is).", ""]
     return "\n".join(lines)

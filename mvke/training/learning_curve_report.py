@@ -154,9 +154,12 @@ def build(out: Path = OUT) -> dict:
     # every choice read validation only: each run's best epoch (early stopping), the baseline run at the
     # large sizes (best_baseline); the test day is scored once per run (experiment.py's "selection" too)
     return {"selection": "valid", "protocol": protocol(), "sizes": sizes, "ledger_entries": len(ledger),
-            "inflight": inflight_runs(out),
+            "inflight": (inflight := inflight_runs(out)),
+            # the loops are recorded per run (cells and states); the ledger only holds processes that ended
             "cpu_hours": {"this_curve_processes": round(sum(r["cpu_seconds"] for r in ledger) / 3600, 3),
-                          "reused_20k_training_loops": round(reused / 3600, 3)},
+                          "reused_20k_training_loops": round(reused / 3600, 3),
+                          "finished_training_loops": round(sum(e.get("cpu_seconds_runs", 0.0) for e in sizes) / 3600, 3),
+                          "unfinished_training_loops": round(sum(r["cpu_hours"] for r in inflight), 3)},
             "machine": {"processor": _cpu_name(), "cores": __import__("os").cpu_count(),
                         "python": platform.python_version()}}
 

@@ -66,6 +66,10 @@ def test_aggregation_reports_partial_results_with_their_seed_counts(tmp_path):
     assert "320,000 users: mvke-mt 0/1" in md
     assert "in progress" not in md and res["inflight"] == []
     assert "80,000: not recorded in the cell (4)" in md     # cells from before runs recorded their CPU
+    # four finished 80k runs of 360 CPU s each beside the reused 20k runs, nothing unfinished: the lower bound
+    hours = res["cpu_hours"]
+    assert hours["finished_training_loops"] == pytest.approx(hours["reused_20k_training_loops"] + 0.4, abs=2e-3)
+    assert f"{hours['finished_training_loops']:.2f} of the finished runs" in md and "0.00 of the unfinished ones" in md
 
 
 def test_aggregation_lists_runs_in_progress_from_their_states(tmp_path):
@@ -81,6 +85,7 @@ def test_aggregation_lists_runs_in_progress_from_their_states(tmp_path):
                                 "best_epoch": 2, "best_valid_mean_auc": 0.8123}]
     assert ("* in progress: u1280k mvke-mt seed 0, 2 epoch(s) done and 500 steps of the next, 1.50 CPU h so far on Some CPU, "
             "best validation mean AUC 0.8123 at epoch 2") in learning_curve_md.render(res)
+    assert res["cpu_hours"]["unfinished_training_loops"] == 1.5 and "1.50 of the unfinished ones" in learning_curve_md.render(res)
 
 
 def test_prepare_parts_gives_the_arrays_of_prepare(tmp_path):
