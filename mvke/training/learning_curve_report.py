@@ -151,10 +151,11 @@ def build(out: Path = OUT) -> dict:
         before = e["lead"] or before
         sizes.append(e)
     reused = sizes[0].get("cpu_seconds_runs", 0.0)
+    inflight = inflight_runs(out)
     # every choice read validation only: each run's best epoch (early stopping), the baseline run at the
     # large sizes (best_baseline); the test day is scored once per run (experiment.py's "selection" too)
     return {"selection": "valid", "protocol": protocol(), "sizes": sizes, "ledger_entries": len(ledger),
-            "inflight": (inflight := inflight_runs(out)),
+            "inflight": inflight,
             # the loops are recorded per run (cells and states); the ledger only holds processes that ended
             "cpu_hours": {"this_curve_processes": round(sum(r["cpu_seconds"] for r in ledger) / 3600, 3),
                           "reused_20k_training_loops": round(reused / 3600, 3),

@@ -14,9 +14,8 @@ from mvke.cli import main as mvke_main
 from mvke.pipeline import PipelineConfig, run_dirs, run_pipeline
 from mvke.runtime.keys import Keys
 from mvke.runtime.versions import active_version
-from service.settings import Settings
 from tests.export.test_publish import make_variant
-from tests.service.test_service import LiveService
+from tests.service.test_service import LiveService, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +45,7 @@ def test_prefix_from_the_environment_reaches_every_command_and_the_service(
     assert mvke_main(["publish", "--rollback", "--redis", url]) == 0
     assert active_version(redis_client, acme) == v1
 
-    settings = Settings(redis_url=url, key_prefix="acme", model_poll_s=0.05, log_level="WARNING", redis_timeout_s=5.0)
+    settings = make_settings(url, "acme")
     with LiveService(settings) as svc:
         svc.wait_version(v1)
         r = svc.tag("u0000001", {"top_k": 2})

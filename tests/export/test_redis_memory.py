@@ -14,9 +14,8 @@ import pytest
 from mvke.cli import main as mvke_main
 from mvke.runtime.keys import Keys
 from mvke.runtime.versions import active_version, read_version
-from service.settings import Settings
 from tests.export.test_publish import make_variant
-from tests.service.test_service import LiveService
+from tests.service.test_service import LiveService, make_settings
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +68,7 @@ def test_noeviction_full_memory_what_writes_and_reads_do(private_redis, bundle, 
     assert mvke_main(["publish", str(first), "--redis", url]) == 0
     assert mvke_main(["features", "load", "--data", str(data), "--redis", url, "--workers", "1",
                       "--job-dir", str(tmp_path / "job0")]) == 0
-    settings = Settings(redis_url=url, model_poll_s=0.05, log_level="WARNING", redis_timeout_s=5.0)
+    settings = make_settings(url)
     with LiveService(settings) as running:
         running.wait_version(_version(first))
         # Already above maxmemory: no write fits. The margin is wider than what client buffers and the
