@@ -40,6 +40,7 @@ from mvke.runtime.event_apply import EventApplier
 from mvke.runtime.event_stream import GROUP, publish_events
 from mvke.runtime.events import Event, EventRules
 from mvke.runtime.keys import Keys
+from mvke.runtime.options import at_least_one
 from mvke.runtime.system import cpu_model, loadavg
 
 PARTITIONS = 8
@@ -211,9 +212,13 @@ def apply_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs
 
 
 def users_per_call(variant: str) -> int | None:
-    """N of a "real-uN" variant (N >= 1, what `--users-per-call` accepts), else None."""
-    n = variant.removeprefix("real-u")
-    return int(n) if variant.startswith("real-u") and n.isdigit() and int(n) >= 1 else None
+    """N of a "real-uN" variant (what `--users-per-call` accepts: `at_least_one`), else None."""
+    if not variant.startswith("real-u"):
+        return None
+    try:
+        return at_least_one(variant.removeprefix("real-u"))
+    except (ValueError, argparse.ArgumentTypeError):
+        return None
 
 
 def variant_consumer(variant: str, before: Path | None) -> tuple[Path, str, tuple[str, ...]]:

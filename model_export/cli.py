@@ -7,7 +7,7 @@ import sys
 from datetime import datetime, timezone
 
 from mvke.runtime.event_apply import USERS_PER_CALL
-from mvke.runtime.options import DEFAULT_REJECT_WINDOW, add_max_reject_rate_option
+from mvke.runtime.options import DEFAULT_REJECT_WINDOW, add_max_reject_rate_option, at_least_one
 from mvke.runtime.redis_client import REDIS_URL_HELP
 
 EXTRA = "export"   # the pyproject extra these commands need (named by `mvke` when it is missing)
@@ -226,7 +226,7 @@ def register(sub) -> None:
                                                                 "or 8; the same as the producers')")
     fs.add_argument("--name", help="consumer name (default host-pid)")
     fs.add_argument("--batch", type=int, default=500, metavar="N", help="entries per read and partition (default 500)")
-    fs.add_argument("--users-per-call", type=int, default=USERS_PER_CALL, metavar="N",
+    fs.add_argument("--users-per-call", type=at_least_one, default=USERS_PER_CALL, metavar="N",
                     help=f"one Redis node: users per FCALL (at most 2N events; default {USERS_PER_CALL}). 1: one call per "
                          "user, the shortest time Redis is held from the service's reads; 16: ~10%% less consumer CPU per "
                          "event, for catching up a backlog with no service beside. A cluster always makes one call per user")

@@ -22,14 +22,6 @@ HELP_ORDER = ("data", "train", "export", "serve", "tag-all", "pipeline")   # sta
 PROJECT_PACKAGES = {"mvke", "model_export", "service", "batch", "loadtest"}
 
 
-def at_least_one(text: str) -> int:
-    """argparse type of the stages' counts (--workers, --jobs): an int >= 1, else exit 2 naming the flag."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
 def _unavailable(sub, ep: EntryPoint, error: Exception) -> None:
     """A stand-in for a stage whose command module failed to load: the command exists and says why."""
     why = f"{type(error).__name__}: {error}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from mvke.cli import at_least_one
+from mvke.runtime.options import at_least_one
 from mvke.data.own_data_cli import register as register_own_data
 
 EXTRA = "train"

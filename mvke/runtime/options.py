@@ -7,6 +7,15 @@ DEFAULT_MAX_REJECT_RATE = 0.01     # `--max-reject-rate` of the jobs, `mvke feat
 DEFAULT_REJECT_WINDOW = 10_000     # `mvke features stream --reject-window`: entries over which its rate is judged
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of the stages' counts (--workers, --jobs, --users-per-call): an int >= 1, else exit 2
+    naming the flag."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def share(text: str) -> float:
     """argparse type of a share: a float in [0, 1], else exit 2 naming the flag."""
     try:

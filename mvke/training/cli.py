@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mvke.cli import at_least_one
+from mvke.runtime.options import at_least_one
 
 EXTRA = "train"
 

@@ -119,3 +119,9 @@ def test_replay_fails_above_the_rate_and_sends_nothing(redis_server, redis_clien
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     assert (report["applied"], report["rejected_in_all"], report["error"]) == (40, 5, "")
+
+
+def test_stream_command_refuses_users_per_call_below_one():
+    """--users-per-call 0 is an argparse error naming the flag (exit 2), not a traceback from the applier."""
+    p = _mvke("features", "stream", "--users-per-call", "0")
+    assert p.returncode == 2 and "--users-per-call: must be >= 1, got 0" in p.stderr and "Traceback" not in p.stderr
