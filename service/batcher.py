@@ -13,7 +13,8 @@ whose answer is on its way back) runs its batch of one itself, in its own
 task, instead of handing it to the worker and waiting to be handed the result
 back (two event loop hops a lone request gains nothing from). While it runs it
 counts as the batch in flight: requests arriving meanwhile queue up and the
-worker takes them together when it ends, as before. "None on its way back"
+worker takes them together when it ends, as before. Its model call is `rank(idle=True)`: with the
+rest of the worker idle, the fused graph may run on more threads (MVKE_ORT_IDLE_THREADS). "None on its way back"
 matters under load: when a batch's answers are delivered, the first caller to
 come back with its next request would otherwise find the batcher idle and run
 alone while the others queue behind it (measured: 27% fewer requests/s at
@@ -146,7 +147,7 @@ class DynamicBatcher:
         task = self._inline_task = asyncio.current_task()
         self._inline_since = asyncio.get_running_loop().time()
         try:
-            (result,) = await self._process([job])
+            (result,) = await self._process([job], idle=True)
         except asyncio.CancelledError:
             if self._inline_expired is not task:
                 raise               # the caller went away
@@ -176,9 +177,9 @@ class DynamicBatcher:
         if wake is not None and not wake.done():
             wake.set_result(None)
 
-    async def _process(self, batch: list[TagJob]) -> list:
+    async def _process(self, batch: list[TagJob], idle: bool = False) -> list:
         try:
-            return await self.tagger.process(batch)
+            return await self.tagger.process(batch, idle)
         except Exception as e:  # never let one bad batch kill the worker
             log.exception("batch failed")
             return [ServiceError(500, f"internal error: {type(e).__name__}")] * len(batch)

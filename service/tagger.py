@@ -99,21 +99,22 @@ class Tagger:
             raise unavailable(self.registry.last_error or "no model loaded")
         return m
 
-    async def process(self, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
+    async def process(self, jobs: list[TagJob], idle: bool = False) -> list[TagResult | ServiceError]:
         """Results aligned with `jobs`; per-job errors are returned, not raised.
 
         Jobs routed to another version (canary, pinned) are computed per version, after one
-        feature fetch for all of them."""
+        feature fetch for all of them. idle: nothing else waits on this worker (the batcher's idle
+        bypass; `LoadedModel.rank`)."""
         try:
             model = self.model()
         except ServiceError as e:
             return [e] * len(jobs)
         for job in jobs:
             if job.model is not None and job.model is not model:
-                results = await self._process_versions(jobs, model)
+                results = await self._process_versions(jobs, model, idle)
                 break
         else:
-            results = await self._process_one(jobs, model)
+            results = await self._process_one(jobs, model, idle=idle)
         if self.live is not None:
             self._record_live(jobs, results, model)
         return results
@@ -136,7 +137,8 @@ class Tagger:
         if shadow_rows:
             self.live.offer(active, self.registry.canary, shadow_rows)
 
-    async def _process_versions(self, jobs: list[TagJob], active: LoadedModel) -> list[TagResult | ServiceError]:
+    async def _process_versions(self, jobs: list[TagJob], active: LoadedModel,
+                                idle: bool = False) -> list[TagResult | ServiceError]:
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(id(job.model or active), []).append(i)
@@ -148,13 +150,13 @@ class Tagger:
         results: list = [None] * len(jobs)
         for idx in groups.values():
             part = await self._process_one([jobs[i] for i in idx], jobs[idx[0]].model or active,
-                                           [rows[i] for i in idx])
+                                           [rows[i] for i in idx], idle)
             for i, res in zip(idx, part):
                 results[i] = res
         return results
 
     async def _process_one(self, jobs: list[TagJob], model: LoadedModel,
-                           rows: list | None = None) -> list[TagResult | ServiceError]:
+                           rows: list | None = None, idle: bool = False) -> list[TagResult | ServiceError]:
         self._batch_size.observe(len(jobs))
         if rows is None:
             try:
@@ -175,7 +177,7 @@ class Tagger:
             if len(todo) >= self.offload_min_batch:
                 computed = await asyncio.to_thread(self.compute, model, todo)
             else:
-                computed = self.compute(model, todo)
+                computed = self.compute(model, todo, idle)
             answered = 0
             for i, res in zip(ready, computed):
                 results[i] = res
@@ -248,7 +250,7 @@ class Tagger:
         self._steps["fetch"].observe(time.perf_counter() - t0)
         return rows
 
-    def compute(self, model: LoadedModel, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
+    def compute(self, model: LoadedModel, jobs: list[TagJob], idle: bool = False) -> list[TagResult | ServiceError]:
         """encode -> predict -> postprocess for jobs whose rows are set; per-job errors are returned."""
         steps = self._steps
         out: list[TagResult | ServiceError | None] = [None] * len(jobs)
@@ -264,7 +266,7 @@ class Tagger:
             users = users.take(keep)
         t1 = time.perf_counter()
         steps["encode"].observe(t1 - t0)
-        answers = model.predict(users, [jobs[i].query for i in keep])
+        answers = model.predict(users, [jobs[i].query for i in keep], idle)
         t2 = time.perf_counter()
         steps["predict"].observe(t2 - t1)
         for i, answer in zip(keep, answers):

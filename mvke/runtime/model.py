@@ -80,6 +80,9 @@ class LoadedModel:
     # tower + scoring + TopK in one graph (contract.TOWER_TOPK_FILE) and the tag-side feeds it reads
     topk_session: ort.InferenceSession | None = None
     topk_feeds: dict = field(default_factory=dict)
+    # the same graph on more threads, for a call made while the worker has nothing else to do
+    # (`build_model`'s idle_threads; None: that call uses topk_session too)
+    topk_idle: ort.InferenceSession | None = None
 
     @property
     def version(self) -> str:
@@ -126,19 +129,21 @@ class LoadedModel:
 
     def rank(self, users: EncodedBatch, k: int | Mapping[str, int],
              exclude: Sequence[Sequence[int] | None] | None = None, exact: bool | Sequence[bool] = False,
-             mode: str | None = None) -> dict[str, Ranked]:
+             mode: str | None = None, idle: bool = False) -> dict[str, Ranked]:
         """Per task (manifest order; a task at k 0 or missing is not scored), the k best tags of each user.
 
         exclude: per user, tag indices never returned (kept=False where too few are left);
         exact: True, or per user, to rank every tag where a large catalogue is served from its index;
-        mode: force one of RANK_MODES (the parity gate and benchmarks compare them), else `rank_mode`."""
+        mode: force one of RANK_MODES (the parity gate and benchmarks compare them), else `rank_mode`;
+        idle: the caller's worker has nothing else to do (the batcher's idle bypass): the fused call may
+        run on the idle session's threads (same answer, byte for byte)."""
         ks = {t: k for t in self.sides} if isinstance(k, int) else dict(k)
         per_row = not isinstance(exact, bool)
         if per_row and mode is None and self.approximate and any(exact) and not all(exact):
             return self._rank_split(users, ks, exclude, list(exact))
         mode = mode or self.rank_mode(users, all(exact) if per_row and len(exact) else bool(exact))
         if mode == "fused":
-            return self._rank_fused(users, ks, exclude)
+            return self._rank_fused(users, ks, exclude, idle)
         return rank(self.expert_outputs(users), self.sides.values(), ks, exclude, approximate=mode == "ann")
 
     def _rank_split(self, users: EncodedBatch, k: dict[str, int], exclude, exact: list[bool]) -> dict[str, Ranked]:
@@ -150,14 +155,14 @@ class LoadedModel:
                 for task in parts[False]}
 
     def _rank_fused(self, users: EncodedBatch, k: dict[str, int],
-                    exclude: Sequence[Sequence[int] | None] | None) -> dict[str, Ranked]:
+                    exclude: Sequence[Sequence[int] | None] | None, idle: bool = False) -> dict[str, Ranked]:
         """`rank` in one ONNX call (every task is scored; the asked ones are returned). Excluded tags are
         dropped from a top (k + excluded) and the rest keeps its order, so the answer equals the numpy
         ranker's (kept=False pads when too few are left)."""
         T = self.manifest.num_tags
         n_ex = max((len(e or ()) for e in exclude), default=0) if exclude else 0
         want = np.array([min(T, max(k.values()) + n_ex)], dtype=np.int64)
-        outs = self._run_topk(users.cat_ids, users.multi_ids, want)
+        outs = self._run_topk(users.cat_ids, users.multi_ids, want, idle)
         ranked = {}
         for name, kk in k.items():
             if kk <= 0:
@@ -167,13 +172,15 @@ class LoadedModel:
             ranked[name] = _drop_excluded(idx, prob, exclude, kk) if n_ex else Ranked(idx[:, :kk], prob[:, :kk], None)
         return ranked
 
-    def _run_topk(self, cat_ids: np.ndarray, multi_ids: np.ndarray, top_k: np.ndarray) -> dict[str, np.ndarray]:
+    def _run_topk(self, cat_ids: np.ndarray, multi_ids: np.ndarray, top_k: np.ndarray,
+                  idle: bool = False) -> dict[str, np.ndarray]:
         m = self.manifest
         names = [o.name for o in self.topk_session.get_outputs()]
         cat_name, multi_name = m.onnx_inputs
         if self.provider != "CUDAExecutionProvider":
             feeds = {cat_name: cat_ids, multi_name: multi_ids, "top_k": top_k, **self.topk_feeds}
-            return dict(zip(names, self.topk_session.run(names, feeds)))
+            session = self.topk_idle if idle and self.topk_idle is not None else self.topk_session
+            return dict(zip(names, session.run(names, feeds)))
         # CUDA: the tag-side matrices stay on the device (bound once at load); only ids go up
         # and the top k come back.
         binding = self.topk_session.io_binding()
@@ -232,10 +239,10 @@ class LoadedModel:
             out.append(doc)
         return out
 
-    def predict(self, users: EncodedBatch, queries: Sequence[Query]) -> list[Answer]:
+    def predict(self, users: EncodedBatch, queries: Sequence[Query], idle: bool = False) -> list[Answer]:
         """Each user's answer to its own query, the batch in as few model calls as its queries allow:
         one `rank` for every user ranked over the catalogue (at the largest k asked per task), then
-        the candidate scorings and explanations of the users that ask for them."""
+        the candidate scorings and explanations of the users that ask for them. idle: see `rank`."""
         if any(q.needs_expert_outputs for q in queries):
             self.expert_outputs(users)     # computed once; `rank` then scores from it
         answers: list[Answer | None] = [None] * len(queries)
@@ -243,7 +250,7 @@ class LoadedModel:
         if full:
             whole = len(full) == len(queries)
             part, asked = (users, queries) if whole else (users.take(full), [queries[i] for i in full])
-            ranked = self.rank(part, _largest_k(asked), _excluded(asked), [q.exact for q in asked])
+            ranked = self.rank(part, _largest_k(asked), _excluded(asked), [q.exact for q in asked], idle=idle)
             for i, answer in zip(full, _trim(ranked, asked)):
                 answers[i] = answer
         if len(full) < len(queries):
@@ -362,11 +369,23 @@ def serve_approximately(manifest: Manifest, blobs: dict[str, bytes], mode: str, 
     return has_index and (mode == "on" or (mode == "auto" and manifest.num_tags >= min_tags))
 
 
-def make_session(onnx_bytes: bytes, provider: str = "auto", intra_threads: int = 1) -> tuple[ort.InferenceSession, str]:
+# How long an idle session's extra threads spin after a call before they sleep. ONNX Runtime's default
+# (about a million pause instructions, tens of ms) kept them burning the other cores after every idle
+# call: at c=32 the service lost half its QPS to them (the idle calls that happen between batches);
+# 200 us keeps them awake through one call's operators and asleep before the next request
+# (docs/results/predictor_ab/README.md, tenth session).
+IDLE_SPIN_US = 200
+
+
+def make_session(onnx_bytes: bytes, provider: str = "auto", intra_threads: int = 1,
+                 spin_us: int | None = None) -> tuple[ort.InferenceSession, str]:
     """CUDA when requested/available AND actually in use (onnxruntime-gpu lists CUDA even
-    on a machine without a GPU, then silently falls back), else CPU."""
+    on a machine without a GPU, then silently falls back), else CPU. spin_us: how long idle
+    intra-op threads spin before they sleep (None: ONNX Runtime's default)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_threads
+    if spin_us is not None:
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     want_cuda = provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
@@ -385,11 +404,14 @@ def make_session(onnx_bytes: bytes, provider: str = "auto", intra_threads: int =
 
 def build_model(manifest: Manifest, blobs: dict[str, bytes], provider: str = "auto",
                 intra_threads: int = 1, ann_mode: str = "off", ann_min_tags: int = ANN_MIN_TAGS,
-                scoring: str = "auto", search_threads: int = 1) -> LoadedModel:
+                scoring: str = "auto", search_threads: int = 1, idle_threads: int = 1) -> LoadedModel:
     """The version ready to serve. ann_mode: auto|on|off (candidate indexes, see `serve_approximately`,
     searched on `search_threads` FAISS threads); scoring: auto|onnx|numpy (auto: the fused tower +
     TopK graph when the bundle has one and every task is dense; measured faster than numpy on the
-    CPU, and the only way the GPU does the scoring)."""
+    CPU, and the only way the GPU does the scoring); idle_threads > intra_threads: a second CPU
+    session of the fused graph on that many threads for `rank(idle=True)` (a request alone on its
+    worker: at batch 1 the call reads the whole tag side for one user, from memory when other work
+    has passed through the caches, and more cores read it sooner)."""
     session, used = make_session(blobs[ONNX_FILE], provider, intra_threads)
     tags = json.loads(blobs[TAGS_FILE])
     sides = tag_sides(manifest, blobs, serve_approximately(manifest, blobs, ann_mode, ann_min_tags), search_threads)
@@ -406,12 +428,17 @@ def build_model(manifest: Manifest, blobs: dict[str, bytes], provider: str = "au
     elif scoring == "onnx":
         log.warning("MVKE_SCORING=onnx but version %s has no dense %s; scoring in numpy",
                     manifest.version, TOWER_TOPK_FILE)
+    topk_idle = None
+    if topk_session is not None and topk_used == "CPUExecutionProvider" and idle_threads > intra_threads:
+        topk_idle = make_session(blobs[TOWER_TOPK_FILE], "cpu", idle_threads, spin_us=IDLE_SPIN_US)[0]
     model = LoadedModel(manifest, FeatureSchema.from_dict(manifest.features), session, used, tags, sides,
-                        {t: i for i, t in enumerate(tags)}, topk_session, feeds)
+                        {t: i for i, t in enumerate(tags)}, topk_session, feeds, topk_idle)
     # Warm up: the first run of a session allocates; do it before taking traffic.
     cat = np.full((1, len(model.schema.cat_fields)), 1, dtype=np.int64)
     multi = np.zeros((1, len(model.schema.multi_fields), model.schema.multi_len), dtype=np.int64)
     model.run_tower(cat, multi)
     if topk_session is not None:
         model.rank(EncodedBatch(cat, multi), 1, mode="fused")
+    if topk_idle is not None:
+        model.rank(EncodedBatch(cat, multi), 1, mode="fused", idle=True)
     return model

@@ -93,6 +93,30 @@ def test_onnx_output_shape_for_dynamic_batch(model, bundle):
     np.testing.assert_allclose(outs[1][0], outs[37][0], atol=1e-6)
 
 
+def test_idle_session_ranks_byte_for_byte_like_the_batch_session(bundle):
+    """`rank(idle=True)` (a request alone on its worker: the fused graph on 2 threads) gives the
+    one-thread session's tags and probabilities bit for bit, with and without exclusions; without
+    idle threads there is no second session and idle=True takes the one there is."""
+    from model_export.bundle import random_users
+    from mvke.runtime.encoded import EncodedBatch
+    from mvke.runtime.model import build_model
+    manifest, blobs = read_bundle(bundle("mvke-mt"))
+    model = build_model(manifest, blobs, "cpu", 1, idle_threads=2)
+    assert model.topk_idle is not None and model.topk_idle is not model.topk_session
+    assert model.topk_idle.get_session_options().intra_op_num_threads == 2
+    cat, multi = random_users(model.schema, 40, np.random.default_rng(7))
+    for i in range(40):
+        user = EncodedBatch(cat[i:i + 1], multi[i:i + 1])
+        exclude = [[i % 7, 11]] if i % 2 else None
+        batch = model.rank(user, 20, exclude)
+        idle = model.rank(user, 20, exclude, idle=True)
+        for task, want in batch.items():
+            got = idle[task]
+            assert got.tag_index.tobytes() == want.tag_index.tobytes() and got.scores.tobytes() == want.scores.tobytes()
+            assert (got.kept is None) == (want.kept is None)
+    assert build_model(manifest, blobs, "cpu", 1, idle_threads=1).topk_idle is None
+
+
 def _corrupt_onnx(data: bytes) -> tuple[bytes, str]:
     """Change the largest float initializer of the graph (x1.5 + 0.01) and re-serialize."""
     import onnx

@@ -65,7 +65,10 @@ def test_fast_path_answers_exactly_like_fastapi(served):
         return [(r.status_code, r.content, [(k, b"*" if k in (b"date", b"x-request-id") else v)
                                             for k, v in r.headers.raw]) for r in out]
     fast = answers(tiny_service.url)
-    with Server.service(redis_server.url, workers=1, env={"MVKE_FAST_PATH": "false"}) as slow_service:
+    # the reference also without the idle session (MVKE_ORT_IDLE_THREADS=1): the fast path's lone requests run
+    # the fused graph on 2 threads (the idle bypass), the reference's on 1, and the bytes must not differ
+    with Server.service(redis_server.url, workers=1, env={"MVKE_FAST_PATH": "false",
+                                                          "MVKE_ORT_IDLE_THREADS": "1"}) as slow_service:
         slow = answers(slow_service.url)
     assert [a[0] for a in fast].count(200) >= 8
     for i, (a, b) in enumerate(zip(fast, slow)):
@@ -188,9 +191,11 @@ def test_batcher_coalesces_sheds_and_times_out():
             self.batches: list[int] = []
             self.tasks: list = []
             self.gate = asyncio.Event()
+            self.idle: list[bool] = []
 
-        async def process(self, jobs):
+        async def process(self, jobs, idle=False):
             self.batches.append(len(jobs))
+            self.idle.append(idle)
             self.tasks.append(asyncio.current_task())
             await self.gate.wait()
             return [f"ok:{j.user_id}" for j in jobs]
@@ -218,6 +223,7 @@ def test_batcher_coalesces_sheds_and_times_out():
         assert got == [f"ok:u{i}" for i in range(1, 6)]
         assert tagger.batches[0] == 1 and max(tagger.batches) <= 4 and sum(tagger.batches) == 6
         assert tagger.batches[1] == 4 and all(t is not first for t in tagger.tasks[1:])   # queued ones: batched
+        assert tagger.idle[:3] == [True, False, False]              # only the inline call may take the idle threads
         # a request stuck longer than timeout_s gets a 503 and the timer is counted
         tagger.gate.clear()
         with pytest.raises(ServiceError) as slow:
@@ -240,7 +246,7 @@ def test_batcher_coalesces_sheds_and_times_out():
             b = DynamicBatcher(tagger, ServiceMetrics(), max_batch_size=4, max_queue=6, timeout_s=0.3, **kw)
             await b.start()
             lone = asyncio.ensure_future(b.submit(job("z")))
-            assert await lone == "ok:z" and tagger.tasks == [b._task]
+            assert await lone == "ok:z" and tagger.tasks == [b._task] and tagger.idle == [False]
             await b.stop()
 
     asyncio.run(scenario())
@@ -261,7 +267,7 @@ def test_idle_bypass_keeps_closed_loop_clients_batched():
         def __init__(self):
             self.batches: list[int] = []
 
-        async def process(self, jobs):
+        async def process(self, jobs, idle=False):
             self.batches.append(len(jobs))
             await asyncio.sleep(0)
             return ["ok"] * len(jobs)
