@@ -13,8 +13,9 @@ whose answer is on its way back) runs its batch of one itself, in its own
 task, instead of handing it to the worker and waiting to be handed the result
 back (two event loop hops a lone request gains nothing from). While it runs it
 counts as the batch in flight: requests arriving meanwhile queue up and the
-worker takes them together when it ends, as before. Its model call is `rank(idle=True)`: with the
-rest of the worker idle, the fused graph may run on more threads (MVKE_ORT_IDLE_THREADS). "None on its way back"
+worker takes them together when it ends, as before. After IDLE_STREAK such requests in a row (none
+queued between), its model call is `rank(idle=True)`: the fused graph on the idle session's threads
+(MVKE_ORT_IDLE_THREADS). "None on its way back"
 matters under load: when a batch's answers are delivered, the first caller to
 come back with its next request would otherwise find the batcher idle and run
 alone while the others queue behind it (measured: 27% fewer requests/s at
@@ -38,6 +39,12 @@ from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
 
 log = logging.getLogger("mvke.service")
 
+# A lone request's model call takes the idle threads (`LoadedModel.rank(idle=True)`) only when this
+# many requests in a row found the batcher idle. At c=32 one of two workers often holds a single
+# request while the other is busy; its second thread then took the busy worker's core (the idle
+# threads' CPU at c=32: 0.04-0.46 s per 5 s and worker, none with the streak; c=1 reaches it at once).
+IDLE_STREAK = 16
+
 
 class DynamicBatcher:
     def __init__(self, tagger: Tagger, metrics: ServiceMetrics, max_batch_size: int, max_wait_ms: float,
@@ -51,6 +58,7 @@ class DynamicBatcher:
         self._running = False   # a batch (the worker's or an inline one) is in the model
         self._inflight = 0      # submit() calls not yet returned (queued, in the model, or answered but not resumed)
         self._inline_ok = idle_bypass and max_wait_ms == 0
+        self._alone = 0         # requests in a row that found the batcher idle (reset by one that queued)
         self._inline_task: asyncio.Task | None = None   # the request running inline, and since when
         self._inline_since = 0.0
         self._inline_expired: asyncio.Task | None = None
@@ -81,7 +89,9 @@ class DynamicBatcher:
         self._inflight += 1
         try:
             if self._inflight == 1 and not self.queue and not self._running and self._inline_ok:
+                self._alone += 1
                 return await self._inline(job)
+            self._alone = 0
             return await self._queued(job)
         finally:
             self._inflight -= 1
@@ -147,7 +157,7 @@ class DynamicBatcher:
         task = self._inline_task = asyncio.current_task()
         self._inline_since = asyncio.get_running_loop().time()
         try:
-            (result,) = await self._process([job], idle=True)
+            (result,) = await self._process([job], idle=self._alone >= IDLE_STREAK)
         except asyncio.CancelledError:
             if self._inline_expired is not task:
                 raise               # the caller went away

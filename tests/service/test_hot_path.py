@@ -223,7 +223,6 @@ def test_batcher_coalesces_sheds_and_times_out():
         assert got == [f"ok:u{i}" for i in range(1, 6)]
         assert tagger.batches[0] == 1 and max(tagger.batches) <= 4 and sum(tagger.batches) == 6
         assert tagger.batches[1] == 4 and all(t is not first for t in tagger.tasks[1:])   # queued ones: batched
-        assert tagger.idle[:3] == [True, False, False]              # only the inline call may take the idle threads
         # a request stuck longer than timeout_s gets a 503 and the timer is counted
         tagger.gate.clear()
         with pytest.raises(ServiceError) as slow:
@@ -289,3 +288,46 @@ def test_idle_bypass_keeps_closed_loop_clients_batched():
     batches = asyncio.run(scenario())
     # the first request runs inline (nobody else yet), then full batches; the lone request at the end inline
     assert batches == [1, 4, 4, 4, 4, 3, 1], batches
+
+
+def test_idle_threads_only_after_a_streak_of_lone_requests():
+    """`rank(idle=True)` (the idle session's threads) is asked only by a request running inline after
+    IDLE_STREAK requests in a row found the batcher idle; one request that queues starts the count again,
+    and batches from the worker never ask it."""
+    import asyncio
+
+    from mvke.runtime.model import Query
+    from service.batcher import IDLE_STREAK, DynamicBatcher
+    from service.metrics import ServiceMetrics
+    from service.tagger import TagJob
+
+    class RecordingTagger:
+        def __init__(self):
+            self.calls: list[tuple[int, bool]] = []
+
+        async def process(self, jobs, idle=False):
+            self.calls.append((len(jobs), idle))
+            await asyncio.sleep(0)         # a fetch: requests arriving meanwhile queue
+            return ["ok"] * len(jobs)
+
+    def job(uid: str) -> TagJob:
+        return TagJob(uid, None, Query(("interest",), 5))
+
+    async def scenario():
+        tagger = RecordingTagger()
+        b = DynamicBatcher(tagger, ServiceMetrics(), max_batch_size=4, max_wait_ms=0, max_queue=100, timeout_s=1)
+        await b.start()
+        for i in range(IDLE_STREAK + 2):                           # one at a time, as at c=1
+            await b.submit(job(f"a{i}"))
+        lone = [idle for _, idle in tagger.calls]
+        assert lone == [False] * (IDLE_STREAK - 1) + [True] * 3, lone
+        tagger.calls.clear()
+        await asyncio.gather(b.submit(job("p")), b.submit(job("q")), b.submit(job("r")))   # two of them queue
+        await b.submit(job("after"))
+        await b.stop()
+        return tagger.calls
+
+    calls = asyncio.run(scenario())
+    # the first of the three runs inline (streak 17: idle), the other two queue (batch of 2, never idle)
+    # and reset the count: the next lone request does not take the idle threads
+    assert calls == [(1, True), (2, False), (1, False)], calls
