@@ -65,6 +65,7 @@ class DynamicBatcher:
         self._watchdog: asyncio.Task | None = None
         self._shed_full = metrics.shed.labels("queue_full")
         self._shed_timeout = metrics.shed.labels("timeout")
+        self._idle_calls = metrics.idle_calls
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="batcher")
@@ -157,7 +158,10 @@ class DynamicBatcher:
         task = self._inline_task = asyncio.current_task()
         self._inline_since = asyncio.get_running_loop().time()
         try:
-            (result,) = await self._process([job], idle=self._alone >= IDLE_STREAK)
+            idle = self._alone >= IDLE_STREAK
+            if idle:
+                self._idle_calls.inc()
+            (result,) = await self._process([job], idle=idle)
         except asyncio.CancelledError:
             if self._inline_expired is not task:
                 raise               # the caller went away

@@ -314,8 +314,8 @@ def test_idle_threads_only_after_a_streak_of_lone_requests():
         return TagJob(uid, None, Query(("interest",), 5))
 
     async def scenario():
-        tagger = RecordingTagger()
-        b = DynamicBatcher(tagger, ServiceMetrics(), max_batch_size=4, max_wait_ms=0, max_queue=100, timeout_s=1)
+        tagger, metrics = RecordingTagger(), ServiceMetrics()
+        b = DynamicBatcher(tagger, metrics, max_batch_size=4, max_wait_ms=0, max_queue=100, timeout_s=1)
         await b.start()
         for i in range(IDLE_STREAK + 2):                           # one at a time, as at c=1
             await b.submit(job(f"a{i}"))
@@ -325,6 +325,8 @@ def test_idle_threads_only_after_a_streak_of_lone_requests():
         await asyncio.gather(b.submit(job("p")), b.submit(job("q")), b.submit(job("r")))   # two of them queue
         await b.submit(job("after"))
         await b.stop()
+        counted = {s.name: s.value for m in metrics.registry.collect() for s in m.samples}
+        assert counted["mvke_idle_calls_total"] == 4           # the 3 lone ones past the streak and "p": /metrics
         return tagger.calls
 
     calls = asyncio.run(scenario())
