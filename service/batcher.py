@@ -35,6 +35,7 @@ from collections import deque
 
 from service.background import cancel_and_wait
 from service.metrics import ServiceMetrics
+from service.settings import idle_bypass_runs
 from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
 
 log = logging.getLogger("mvke.service")
@@ -57,7 +58,7 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._running = False   # a batch (the worker's or an inline one) is in the model
         self._inflight = 0      # submit() calls not yet returned (queued, in the model, or answered but not resumed)
-        self._inline_ok = idle_bypass and max_wait_ms == 0
+        self._inline_ok = idle_bypass_runs(idle_bypass, max_wait_ms)
         self._alone = 0         # requests in a row that found the batcher idle (reset by one that queued)
         self._inline_task: asyncio.Task | None = None   # the request running inline, and since when
         self._inline_since = 0.0

@@ -27,7 +27,8 @@ class ServiceMetrics:
         self.model_swaps = Counter("mvke_model_swaps_total", "model versions loaded", registry=r)
         self.shed = Counter("mvke_shed_total", "requests refused with 503", ["reason"], registry=r)
         self.idle_calls = Counter("mvke_idle_calls_total", "lone requests whose model call asked for the idle "
-                                  "threads (MVKE_ORT_IDLE_THREADS; after 16 in a row found the worker idle)",
+                                  "threads (MVKE_ORT_IDLE_THREADS; after service/batcher.py's IDLE_STREAK in a row "
+                                  "found the worker idle)",
                                   registry=r)
         self.missing_fields = Counter("mvke_missing_fields_total", "users whose features lacked this model field "
                                       "(served with `missing_fields`, or refused: MVKE_MISSING_FIELDS)", ["field"],

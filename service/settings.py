@@ -12,6 +12,11 @@ from mvke.runtime.keys import DEFAULT_PREFIX, DEFAULT_URL
 from mvke.runtime.system import container_cpus
 
 
+def idle_bypass_runs(idle_bypass: bool, max_wait_ms: float) -> bool:
+    """The batcher's idle bypass runs only with no wait to fill a batch (MVKE_MAX_WAIT_MS=0)."""
+    return idle_bypass and max_wait_ms == 0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MVKE_", extra="ignore")
 
@@ -33,8 +38,8 @@ class Settings(BaseSettings):
     model_retry_max_s: float = Field(60.0, gt=0, description="longest wait between load attempts of a failing version")
     ort_intra_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: 1, or the CPU quota / workers for batch-heavy use)")
     ort_idle_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of the model call of a "
-                                  "request that finds its worker idle (MVKE_IDLE_BYPASS) after 16 such requests "
-                                  "in a row (service/batcher.py: IDLE_STREAK); 0: 2 where the CPU "
+                                  "request that finds its worker idle (MVKE_IDLE_BYPASS) after IDLE_STREAK such "
+                                  "requests in a row (service/batcher.py); 0: 2 where the CPU "
                                   "quota has 2 cores or more (the other worker is idle too at that load), "
                                   "1: off; the answers are the same")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto: CUDA when it really runs, else CPU")
@@ -147,6 +152,6 @@ class Settings(BaseSettings):
     def ort_idle_thread_count(self) -> int:
         """Threads of an idle request's model call (1: no idle session): only the batcher's idle bypass
         makes such calls. 2 by default: measured on 2 cores (c=1 p50 -12 to -26%); more is untested."""
-        if not (self.batching and self.idle_bypass and self.max_wait_ms == 0):
+        if not (self.batching and idle_bypass_runs(self.idle_bypass, self.max_wait_ms)):
             return 1
         return self.ort_idle_threads or min(2, int(container_cpus()))
