@@ -178,13 +178,33 @@ def test_fast_path_serves_a_request_without_body(edge):
     assert status == 200 and not downstream and json.loads(out)["tasks"]["i"] == [{"tag": "k20", "score": 0.0}]
 
 
+def _job(uid: str):
+    """A tagging job for the batcher tests (the fake taggers never read its query)."""
+    from mvke.runtime.model import Query
+    from service.tagger import TagJob
+    return TagJob(uid, None, Query(("interest",), 5))
+
+
+class YieldingTagger:
+    """Like the real one, the feature fetch yields to the event loop (requests arriving meanwhile queue);
+    records each call's (batch size, idle)."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, bool]] = []
+
+    async def process(self, jobs, idle=False):
+        import asyncio
+        self.calls.append((len(jobs), idle))
+        await asyncio.sleep(0)
+        return ["ok"] * len(jobs)
+
+
 def test_batcher_coalesces_sheds_and_times_out():
     import asyncio
 
     from service.batcher import DynamicBatcher
     from service.metrics import ServiceMetrics
-    from mvke.runtime.model import Query
-    from service.tagger import ServiceError, TagJob
+    from service.tagger import ServiceError
 
     class SlowTagger:
         def __init__(self):
@@ -200,21 +220,18 @@ def test_batcher_coalesces_sheds_and_times_out():
             await self.gate.wait()
             return [f"ok:{j.user_id}" for j in jobs]
 
-    def job(uid: str) -> TagJob:
-        return TagJob(uid, None, Query(("interest",), 5))
-
     async def scenario():
         tagger, metrics = SlowTagger(), ServiceMetrics()
         b = DynamicBatcher(tagger, metrics, max_batch_size=4, max_wait_ms=0, max_queue=6, timeout_s=0.3)
         await b.start()
-        first = asyncio.ensure_future(b.submit(job("a")))          # model idle: runs inline, blocks in process
+        first = asyncio.ensure_future(b.submit(_job("a")))          # model idle: runs inline, blocks in process
         await asyncio.sleep(0.01)
         assert tagger.tasks == [first]                              # in the request's own task, not the worker's
-        rest = [asyncio.ensure_future(b.submit(job(f"u{i}"))) for i in range(6)]  # queued (max_queue 6)
+        rest = [asyncio.ensure_future(b.submit(_job(f"u{i}"))) for i in range(6)]  # queued (max_queue 6)
         await asyncio.sleep(0.01)
         assert tagger.batches == [1]                                # the worker waits for the inline batch
         with pytest.raises(ServiceError) as full:
-            await b.submit(job("over"))
+            await b.submit(_job("over"))
         assert full.value.status == 503 and "overloaded" in full.value.message
         rest[0].cancel()                                           # its caller went away
         tagger.gate.set()
@@ -226,9 +243,9 @@ def test_batcher_coalesces_sheds_and_times_out():
         # a request stuck longer than timeout_s gets a 503 and the timer is counted
         tagger.gate.clear()
         with pytest.raises(ServiceError) as slow:
-            await b.submit(job("slow"))
+            await b.submit(_job("slow"))
         assert slow.value.status == 503 and "timed out" in slow.value.message   # inline: the watchdog's 503
-        gone = asyncio.ensure_future(b.submit(job("gone")))        # inline, then its caller goes away:
+        gone = asyncio.ensure_future(b.submit(_job("gone")))        # inline, then its caller goes away:
         await asyncio.sleep(0.01)
         gone.cancel()                                              # a cancellation, not a timeout
         with pytest.raises(asyncio.CancelledError):
@@ -244,7 +261,7 @@ def test_batcher_coalesces_sheds_and_times_out():
             tagger.gate.set()
             b = DynamicBatcher(tagger, ServiceMetrics(), max_batch_size=4, max_queue=6, timeout_s=0.3, **kw)
             await b.start()
-            lone = asyncio.ensure_future(b.submit(job("z")))
+            lone = asyncio.ensure_future(b.submit(_job("z")))
             assert await lone == "ok:z" and tagger.tasks == [b._task] and tagger.idle == [False]
             await b.stop()
 
@@ -259,17 +276,6 @@ def test_idle_bypass_keeps_closed_loop_clients_batched():
 
     from service.batcher import DynamicBatcher
     from service.metrics import ServiceMetrics
-    from mvke.runtime.model import Query
-    from service.tagger import TagJob
-
-    class YieldingTagger:          # like the real one: the feature fetch yields to the event loop
-        def __init__(self):
-            self.batches: list[int] = []
-
-        async def process(self, jobs, idle=False):
-            self.batches.append(len(jobs))
-            await asyncio.sleep(0)
-            return ["ok"] * len(jobs)
 
     async def scenario():
         tagger = YieldingTagger()
@@ -278,12 +284,12 @@ def test_idle_bypass_keeps_closed_loop_clients_batched():
 
         async def client(k: int):
             for i in range(5):
-                assert await b.submit(TagJob(f"{k}-{i}", None, Query(("interest",), 5))) == "ok"
+                assert await b.submit(_job(f"{k}-{i}")) == "ok"
         await asyncio.gather(*(client(k) for k in range(4)))
-        alone = asyncio.ensure_future(b.submit(TagJob("alone", None, Query(("interest",), 5))))
+        alone = asyncio.ensure_future(b.submit(_job("alone")))
         assert await alone == "ok"
         await b.stop()
-        return tagger.batches
+        return [n for n, _ in tagger.calls]
 
     batches = asyncio.run(scenario())
     # the first request runs inline (nobody else yet), then full batches; the lone request at the end inline
@@ -296,34 +302,20 @@ def test_idle_threads_only_after_a_streak_of_lone_requests():
     and batches from the worker never ask it."""
     import asyncio
 
-    from mvke.runtime.model import Query
     from service.batcher import IDLE_STREAK, DynamicBatcher
     from service.metrics import ServiceMetrics
-    from service.tagger import TagJob
-
-    class RecordingTagger:
-        def __init__(self):
-            self.calls: list[tuple[int, bool]] = []
-
-        async def process(self, jobs, idle=False):
-            self.calls.append((len(jobs), idle))
-            await asyncio.sleep(0)         # a fetch: requests arriving meanwhile queue
-            return ["ok"] * len(jobs)
-
-    def job(uid: str) -> TagJob:
-        return TagJob(uid, None, Query(("interest",), 5))
 
     async def scenario():
-        tagger, metrics = RecordingTagger(), ServiceMetrics()
+        tagger, metrics = YieldingTagger(), ServiceMetrics()
         b = DynamicBatcher(tagger, metrics, max_batch_size=4, max_wait_ms=0, max_queue=100, timeout_s=1)
         await b.start()
         for i in range(IDLE_STREAK + 2):                           # one at a time, as at c=1
-            await b.submit(job(f"a{i}"))
+            await b.submit(_job(f"a{i}"))
         lone = [idle for _, idle in tagger.calls]
         assert lone == [False] * (IDLE_STREAK - 1) + [True] * 3, lone
         tagger.calls.clear()
-        await asyncio.gather(b.submit(job("p")), b.submit(job("q")), b.submit(job("r")))   # two of them queue
-        await b.submit(job("after"))
+        await asyncio.gather(b.submit(_job("p")), b.submit(_job("q")), b.submit(_job("r")))   # two of them queue
+        await b.submit(_job("after"))
         await b.stop()
         counted = {s.name: s.value for m in metrics.registry.collect() for s in m.samples}
         assert counted["mvke_idle_calls_total"] == 4           # the 3 lone ones past the streak and "p": /metrics
