@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from loadtest.api_bench import cpu_seconds
 from loadtest.bench import git_rev, machine
 from loadtest.harness import ROOT, Server, make_requests, pipeline, run_load, scan_user_ids, start_redis
 from mvke.runtime.system import loadavg
@@ -60,25 +61,36 @@ def publish_for_baseline(bundle: Path, baseline: Path, work: Path, redis_url: st
         raise SystemExit(f"the baseline could not publish {copy}: {publish.stderr[-1500:]}")
 
 
-def ab_rounds(ports: dict[str, int], reqs: list, rounds: int, duration: float, warmup: float,
-              log=print) -> list[dict]:
-    """Every round loads each side at c=1 then c=32; the side that goes first alternates."""
+def ab_rounds(servers: dict[str, Server], reqs: list, rounds: int, duration: float, warmup: float,
+              log=print, levels: tuple[int, ...] = (1, 32)) -> list[dict]:
+    """Every round loads each side at each level of concurrency (c=1 then c=32 by default); the side
+    that goes first alternates. Each row also has the side's CPU per request (its master and workers,
+    every thread: the idle session's spinning ones included), warm-up included in time and CPU alike."""
     rows = []
-    names = list(ports)
+    names = list(servers)
     for rnd in range(rounds):
         for name in (names if rnd % 2 == 0 else names[::-1]):
-            for c in (1, 32):
-                res = run_load(ports[name], reqs, c, duration, warmup)
-                res.update(side=name, c=c, round=rnd, load=loadavg())
+            for c in levels:
+                cpu0, t0 = cpu_seconds(servers[name]), time.monotonic()
+                res = run_load(servers[name].port, reqs, c, duration, warmup)
+                cores = (cpu_seconds(servers[name]) - cpu0) / (time.monotonic() - t0)
+                res.update(side=name, c=c, round=rnd, load=loadavg(), cores=cores,
+                           cpu_us_per_request=cores / res["qps"] * 1e6 if res["qps"] else None)
                 rows.append(res)
                 log(f"round {rnd} {name:10} c={c:<3} {res['qps']:8.0f} QPS p50 {res['p50_ms']:6.2f} ms "
-                    f"p99 {res['p99_ms']:7.2f} ms status {res['status']} load {res['load'][0]:.1f}")
+                    f"p99 {res['p99_ms']:7.2f} ms CPU {res['cpu_us_per_request'] or 0:5.0f} us/request "
+                    f"status {res['status']} load {res['load'][0]:.1f}")
     return rows
 
 
 def medians(rows: list[dict], names: list[str]) -> dict:
-    return {n: {"c32_qps": statistics.median(r["qps"] for r in rows if r["side"] == n and r["c"] == 32),
-                "c1_p50_ms": statistics.median(r["p50_ms"] for r in rows if r["side"] == n and r["c"] == 1)}
+    """Per side: the goals' two figures (c=32 QPS, c=1 p50), and QPS and p50 at every level measured."""
+    def median(n: str, c: int, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["side"] == n and r["c"] == c)
+    levels = sorted({r["c"] for r in rows})
+    return {n: {"c32_qps": median(n, 32, "qps"), "c1_p50_ms": median(n, 1, "p50_ms"),
+                "levels": {str(c): {"qps": median(n, c, "qps"), "p50_ms": median(n, c, "p50_ms"),
+                                    "cpu_us_per_request": median(n, c, "cpu_us_per_request")} for c in levels}}
             for n in names}
 
 
@@ -91,12 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per row")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers of each service")
+    p.add_argument("--levels", default="1,32",
+                   help="concurrency levels loaded in each round, comma-separated (1 and 32 are the goals')")
     p.add_argument("--out", help="write the report (JSON) here")
     a = p.parse_args(argv)
+    levels = tuple(sorted({int(c) for c in a.levels.split(",")} | {1, 32}))
     base = "straight" if a.straight else "baseline"
     sides = {base: ROOT if a.straight else Path(a.baseline).resolve(), "this tree": ROOT}
     report = {"machine": machine(), "load_start": loadavg(), "revs": {n: git_rev(r) for n, r in sides.items()},
-              "rounds": a.rounds, "duration_s": a.duration, "workers": a.workers}
+              "rounds": a.rounds, "duration_s": a.duration, "workers": a.workers, "levels": levels}
     redis = start_redis()
     servers: dict[str, Server] = {}
     try:
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                 log = Path(a.work) / f"ab-{name.replace(' ', '-')}.log"
                 servers[name] = Server.service(redis.url, workers=a.workers, root=root, log=log).start()
         t0 = time.time()
-        rows = ab_rounds({n: s.port for n, s in servers.items()}, reqs, a.rounds, a.duration, 1.0)
+        rows = ab_rounds(servers, reqs, a.rounds, a.duration, 1.0,
+                         levels=levels)
         report["seconds"] = round(time.time() - t0, 1)
     finally:
         for s in servers.values():

@@ -14,7 +14,7 @@ task, instead of handing it to the worker and waiting to be handed the result
 back (two event loop hops a lone request gains nothing from). While it runs it
 counts as the batch in flight: requests arriving meanwhile queue up and the
 worker takes them together when it ends, as before. After IDLE_STREAK such requests in a row (none
-queued between), its model call is `rank(idle=True)`: the fused graph on the idle session's threads
+queued between, and none while another worker of the service had a request: BusyBoard), its model call is `rank(idle=True)`: the fused graph on the idle session's threads
 (MVKE_ORT_IDLE_THREADS). "None on its way back"
 matters under load: when a batch's answers are delivered, the first caller to
 come back with its next request would otherwise find the batcher idle and run
@@ -34,6 +34,7 @@ import logging
 from collections import deque
 
 from service.background import cancel_and_wait
+from service.busy_board import BusyBoard
 from service.metrics import ServiceMetrics
 from service.settings import idle_bypass_runs
 from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
@@ -41,7 +42,7 @@ from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
 log = logging.getLogger("mvke.service")
 
 # A lone request's model call takes the idle threads (`LoadedModel.rank(idle=True)`) only when this
-# many requests in a row found the batcher idle. At c=32 one of two workers often holds a single
+# many requests in a row found the batcher idle and no other worker busy (service/busy_board.py). At c=32 one of two workers often holds a single
 # request while the other is busy; its second thread then took the busy worker's core (the idle
 # threads' CPU at c=32: 0.04-0.46 s per 5 s and worker, none with the streak; c=1 reaches it at once).
 IDLE_STREAK = 16
@@ -49,7 +50,7 @@ IDLE_STREAK = 16
 
 class DynamicBatcher:
     def __init__(self, tagger: Tagger, metrics: ServiceMetrics, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int, timeout_s: float, idle_bypass: bool = True):
+                 max_queue: int, timeout_s: float, idle_bypass: bool = True, board: BusyBoard | None = None):
         self.tagger, self.metrics = tagger, metrics
         self.max_batch, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_queue, self.timeout = max_queue, timeout_s
@@ -60,6 +61,7 @@ class DynamicBatcher:
         self._inflight = 0      # submit() calls not yet returned (queued, in the model, or answered but not resumed)
         self._inline_ok = idle_bypass_runs(idle_bypass, max_wait_ms)
         self._alone = 0         # requests in a row that found the batcher idle (reset by one that queued)
+        self._board = board     # the other workers' requests in flight (None: this process alone)
         self._inline_task: asyncio.Task | None = None   # the request running inline, and since when
         self._inline_since = 0.0
         self._inline_expired: asyncio.Task | None = None
@@ -76,6 +78,9 @@ class DynamicBatcher:
     async def stop(self) -> None:
         await cancel_and_wait(self._watchdog)
         await cancel_and_wait(self._task)
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         for job in self.queue:  # nobody will serve these any more
             if job.future is not None and not job.future.done():
                 job.future.set_result(unavailable("shutting down"))
@@ -87,16 +92,23 @@ class DynamicBatcher:
             self._shed_timeout.inc()
             fut.set_result(unavailable(f"timed out after {self.timeout:.1f}s in the model queue"))
 
+    def _count_inflight(self, change: int) -> None:
+        self._inflight += change
+        if self._board is not None:
+            self._board.set_inflight(self._inflight)
+
     async def submit(self, job: TagJob) -> TagResult:
-        self._inflight += 1
+        self._count_inflight(1)
         try:
             if self._inflight == 1 and not self.queue and not self._running and self._inline_ok:
-                self._alone += 1
+                # lone only while no other worker of this service has a request either (BusyBoard)
+                board = self._board
+                self._alone = self._alone + 1 if board is None or board.others_idle() else 0
                 return await self._inline(job)
             self._alone = 0
             return await self._queued(job)
         finally:
-            self._inflight -= 1
+            self._count_inflight(-1)
 
     async def submit_many(self, jobs: list[TagJob]) -> list[TagResult | ServiceError]:
         """Requests that arrived together (the rows of one OIP request, the gRPC calls the gRPC thread
@@ -123,14 +135,14 @@ class DynamicBatcher:
             job.future = loop.create_future()
             job.future.add_done_callback(one_done)
         self.queue.extend(jobs)
-        self._inflight += len(jobs)
+        self._count_inflight(len(jobs))
         self._wake_worker()
         timer = loop.call_later(self.timeout, lambda: [self._expire(job) for job in jobs])
         try:
             await all_done
         finally:
             timer.cancel()
-            self._inflight -= len(jobs)
+            self._count_inflight(-len(jobs))
             for job in jobs:        # the caller went away: the worker skips what is still queued
                 job.future.cancel()
         return [job.future.result() for job in jobs]

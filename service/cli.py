@@ -14,6 +14,7 @@ HTTP_PROTOCOL = "service.http_protocol:JsonErrorHttpToolsProtocol"  # httptools,
 def _serve(a: argparse.Namespace) -> None:
     import uvicorn
 
+    from service.busy_board import BOARD_ENV, create_board
     from service.settings import Settings
     # the worker processes read their settings from the environment: the options go there
     for value, name in ((a.workers, "MVKE_WORKERS"), (a.redis, "REDIS_URL"), (a.key_prefix, PREFIX_ENV)):
@@ -23,9 +24,19 @@ def _serve(a: argparse.Namespace) -> None:
         os.environ["MVKE_GRPC_PORT"] = str(a.grpc_port)
     os.environ.setdefault("MVKE_GRPC_HOST", a.host)   # gRPC (when on) listens where HTTP does
     settings = Settings()
-    uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=settings.worker_count(),
-                loop="uvloop", http=HTTP_PROTOCOL, access_log=False, log_level=settings.log_level.lower(),
-                timeout_keep_alive=30, backlog=2048)
+    workers = settings.worker_count()
+    # the workers' requests in flight, seen by each other (service/busy_board.py): the idle session's
+    # second thread only while the other workers have nothing to do
+    board = create_board(workers) if workers > 1 and settings.ort_idle_thread_count() > 1 else None
+    if board:
+        os.environ[BOARD_ENV] = str(board)
+    try:
+        uvicorn.run("service.app:create_app", factory=True, host=a.host, port=a.port, workers=workers,
+                    loop="uvloop", http=HTTP_PROTOCOL, access_log=False, log_level=settings.log_level.lower(),
+                    timeout_keep_alive=30, backlog=2048)
+    finally:
+        if board:
+            board.unlink(missing_ok=True)
 
 
 def _api_key(a: argparse.Namespace) -> None:

@@ -274,7 +274,7 @@ class ModelRegistry:
         s = self.settings
         model = build_model(manifest, blobs, s.ort_provider, s.ort_threads(), ann_mode=s.ann,
                             ann_min_tags=s.ann_min_tags, scoring=s.scoring, search_threads=s.blas_threads,
-                            idle_threads=s.ort_idle_thread_count())
+                            idle_threads=s.ort_idle_thread_count(), idle_spin_us=s.ort_idle_spin_us)
         if mismatch:
             log.error("serving version %s although %s", version, mismatch)
             self.schema_mismatch[version] = mismatch

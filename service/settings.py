@@ -12,6 +12,17 @@ from mvke.runtime.keys import DEFAULT_PREFIX, DEFAULT_URL
 from mvke.runtime.system import container_cpus
 
 
+# How long an idle session's extra threads spin after a call before they sleep, by default
+# (MVKE_ORT_IDLE_SPIN_US; mvke/runtime/model.py build_model). ONNX Runtime's own default (about a
+# million pause instructions, tens of ms) kept them burning the other cores after idle calls that came between batches at c=32 (half the QPS
+# lost). 1 ms covers the gap between two requests of one client (~0.4 ms at c=1 on 2 cores), so the
+# next call finds its thread awake (c=1 p50 -11% against 200 us, which let it fall asleep), and ends
+# soon after the client stops; the idle calls run only while the other workers have nothing in flight
+# (service/busy_board.py), so the spin takes a core nobody else is using
+# (docs/results/predictor_ab/README.md, tenth and eleventh sessions).
+IDLE_SPIN_US = 1000
+
+
 def idle_bypass_runs(idle_bypass: bool, max_wait_ms: float) -> bool:
     """The batcher's idle bypass runs only with no wait to fill a batch (MVKE_MAX_WAIT_MS=0)."""
     return idle_bypass and max_wait_ms == 0
@@ -42,6 +53,9 @@ class Settings(BaseSettings):
                                   "requests in a row (service/batcher.py); 0: 2 where the CPU "
                                   "quota has 2 cores or more (the other worker is idle too at that load), "
                                   "1: off; the answers are the same")
+    ort_idle_spin_us: int = Field(IDLE_SPIN_US, ge=0, description="how long the idle session's extra threads spin "
+                                  "after a call before they sleep (microseconds): long enough for one client's next "
+                                  "request to find them awake; lower it on a box shared with other work")
     ort_provider: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto: CUDA when it really runs, else CPU")
     ann: str = Field("auto", pattern="^(auto|on|off)$", description="rank a large catalogue's candidates from its "
                      "candidate index (exact rerank): auto from ann_min_tags tags up, on whenever the version has "
@@ -140,7 +154,7 @@ class Settings(BaseSettings):
         return {"workers": self.worker_count(), "batching": self.batching, "max_batch_size": self.max_batch_size,
                 "max_wait_ms": self.max_wait_ms,
                 "idle_bypass": self.idle_bypass, "ort_threads": self.ort_threads(),
-                "ort_idle_threads": self.ort_idle_thread_count(),
+                "ort_idle_threads": self.ort_idle_thread_count(), "ort_idle_spin_us": self.ort_idle_spin_us,
                 "redis_pool_size": self.redis_pool_size, "compute_offload_min_batch": self.compute_offload_min_batch,
                 "fast_path": self.fast_path}
 

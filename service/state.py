@@ -19,6 +19,7 @@ from mvke.runtime.redis_client import connect, connect_async, resolve
 from mvke.runtime.system import limit_threads
 from service.auth import ApiKeys
 from service.batcher import DynamicBatcher
+from service.busy_board import BusyBoard
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry, RoutingError
 from service.schemas import TagRequest
@@ -95,7 +96,9 @@ class ServiceState:
         self.tagger = Tagger(self.registry, self.redis, self.metrics, self.keys, settings, self.live)
         self.batcher = DynamicBatcher(self.tagger, self.metrics, settings.max_batch_size, settings.max_wait_ms,
                                       settings.max_queue, settings.request_timeout_s,
-                                      settings.idle_bypass) if settings.batching else None
+                                      settings.idle_bypass,
+                                      BusyBoard.from_env() if settings.ort_idle_thread_count() > 1 else None,
+                                      ) if settings.batching else None
 
     async def start(self) -> None:
         # this worker process's thread limits, once, before a model loads (numpy's scoring GEMMs, FAISS)

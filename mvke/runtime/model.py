@@ -369,14 +369,6 @@ def serve_approximately(manifest: Manifest, blobs: dict[str, bytes], mode: str, 
     return has_index and (mode == "on" or (mode == "auto" and manifest.num_tags >= min_tags))
 
 
-# How long an idle session's extra threads spin after a call before they sleep. ONNX Runtime's default
-# (about a million pause instructions, tens of ms) kept them burning the other cores after every idle
-# call: at c=32 the service lost half its QPS to them (the idle calls that happen between batches);
-# 200 us keeps them awake through one call's operators and asleep before the next request
-# (docs/results/predictor_ab/README.md, tenth session).
-IDLE_SPIN_US = 200
-
-
 def make_session(onnx_bytes: bytes, provider: str = "auto", intra_threads: int = 1,
                  spin_us: int | None = None) -> tuple[ort.InferenceSession, str]:
     """CUDA when requested/available AND actually in use (onnxruntime-gpu lists CUDA even
@@ -404,14 +396,17 @@ def make_session(onnx_bytes: bytes, provider: str = "auto", intra_threads: int =
 
 def build_model(manifest: Manifest, blobs: dict[str, bytes], provider: str = "auto",
                 intra_threads: int = 1, ann_mode: str = "off", ann_min_tags: int = ANN_MIN_TAGS,
-                scoring: str = "auto", search_threads: int = 1, idle_threads: int = 1) -> LoadedModel:
+                scoring: str = "auto", search_threads: int = 1, idle_threads: int = 1,
+                idle_spin_us: int | None = None) -> LoadedModel:
     """The version ready to serve. ann_mode: auto|on|off (candidate indexes, see `serve_approximately`,
     searched on `search_threads` FAISS threads); scoring: auto|onnx|numpy (auto: the fused tower +
     TopK graph when the bundle has one and every task is dense; measured faster than numpy on the
     CPU, and the only way the GPU does the scoring); idle_threads > intra_threads: a second CPU
     session of the fused graph on that many threads for `rank(idle=True)` (a request alone on its
     worker: at batch 1 the call reads the whole tag side for one user, from memory when other work
-    has passed through the caches, and more cores read it sooner)."""
+    has passed through the caches, and more cores read it sooner), whose threads spin `idle_spin_us`
+    after a call before they sleep (None: ONNX Runtime's default, tens of ms; the service passes
+    MVKE_ORT_IDLE_SPIN_US)."""
     session, used = make_session(blobs[ONNX_FILE], provider, intra_threads)
     tags = json.loads(blobs[TAGS_FILE])
     sides = tag_sides(manifest, blobs, serve_approximately(manifest, blobs, ann_mode, ann_min_tags), search_threads)
@@ -430,7 +425,7 @@ def build_model(manifest: Manifest, blobs: dict[str, bytes], provider: str = "au
                     manifest.version, TOWER_TOPK_FILE)
     topk_idle = None
     if topk_session is not None and topk_used == "CPUExecutionProvider" and idle_threads > intra_threads:
-        topk_idle = make_session(blobs[TOWER_TOPK_FILE], "cpu", idle_threads, spin_us=IDLE_SPIN_US)[0]
+        topk_idle = make_session(blobs[TOWER_TOPK_FILE], "cpu", idle_threads, spin_us=idle_spin_us)[0]
     model = LoadedModel(manifest, FeatureSchema.from_dict(manifest.features), session, used, tags, sides,
                         {t: i for i, t in enumerate(tags)}, topk_session, feeds, topk_idle)
     # Warm up: the first run of a session allocates; do it before taking traffic.

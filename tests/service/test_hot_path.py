@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -325,3 +326,91 @@ def test_idle_threads_only_after_a_streak_of_lone_requests():
     # the first of the three runs inline (streak 17: idle), the other two queue (batch of 2, never idle)
     # and reset the count: the next lone request does not take the idle threads
     assert calls == [(1, True), (2, False), (1, False)], calls
+
+
+def test_idle_threads_wait_for_the_other_workers_to_be_idle(tmp_path):
+    """With a busy board (`mvke serve` with 2+ workers), a request counts as lone only while every other
+    worker's slot reads 0: with the other worker busy no call asks for the idle threads, however long
+    the streak of requests that found this batcher idle; once it is idle, IDLE_STREAK more do. This
+    worker's own requests in flight are written to its slot while they run, 0 after."""
+    import asyncio
+
+    from service.batcher import IDLE_STREAK, DynamicBatcher
+    from service.busy_board import SLOT, BusyBoard, create_board
+    from service.metrics import ServiceMetrics
+
+    path = create_board(2)
+    try:
+        board = BusyBoard(path)
+        other = 1 - board._own
+        seen_own: list[int] = []
+
+        class PeekingTagger(YieldingTagger):
+            async def process(self, jobs, idle=False):
+                seen_own.append(path.read_bytes()[board._own * SLOT])
+                return await super().process(jobs, idle)
+
+        def set_other(n: int) -> None:      # what the other worker's set_inflight writes
+            with open(path, "r+b") as f:
+                f.seek(other * SLOT)
+                f.write(bytes([n]))
+
+        async def scenario():
+            tagger = PeekingTagger()
+            b = DynamicBatcher(tagger, ServiceMetrics(), max_batch_size=4, max_wait_ms=0, max_queue=100,
+                               timeout_s=1, board=board)
+            await b.start()
+            set_other(1)
+            for i in range(2 * IDLE_STREAK):
+                await b.submit(_job(f"busy{i}"))
+            set_other(0)
+            for i in range(IDLE_STREAK + 1):
+                await b.submit(_job(f"idle{i}"))
+            after = path.read_bytes()[board._own * SLOT]
+            await b.stop()
+            return [idle for _, idle in tagger.calls], after
+
+        calls, after = asyncio.run(scenario())
+        assert calls == [False] * (2 * IDLE_STREAK + IDLE_STREAK - 1) + [True] * 2, calls
+        assert set(seen_own) == {1}, seen_own                   # its own request, shown while it ran
+        assert after == 0
+    finally:
+        path.unlink()
+
+
+def test_busy_board_slots_are_claimed_once_and_taken_over_after_a_worker_dies(tmp_path):
+    """Each worker claims its own slot (a lock on its byte range); a worker killed with requests in flight
+    leaves its count behind until a new worker claims the freed slot and clears it."""
+    import subprocess
+    import sys
+
+    from service.busy_board import BusyBoard, create_board
+
+    worker = ("import sys; from service.busy_board import BusyBoard; b = BusyBoard(sys.argv[1]); "
+              "print(b._own, flush=True)\n"
+              "for line in sys.stdin: b.set_inflight(int(line)); print('ok', flush=True)")
+    path = create_board(2)
+    procs = []
+    try:
+        def start():
+            p = subprocess.Popen([sys.executable, "-c", worker, str(path)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[2]))
+            procs.append(p)
+            return p, int(p.stdout.readline())
+
+        first, slot = start()
+        board = BusyBoard(path)                     # this process: the other slot
+        assert board._own == 1 - slot
+        assert board.others_idle()
+        first.stdin.write("2\n"); first.stdin.flush(); first.stdout.readline()
+        assert not board.others_idle()
+        first.kill(); first.wait()
+        assert not board.others_idle()              # its count stays behind it ...
+        _, again = start()                          # ... until a new worker takes its slot
+        assert again == slot
+        assert board.others_idle()
+        board.close()
+    finally:
+        for p in procs:
+            p.kill(); p.wait()
+        path.unlink()
