@@ -79,7 +79,8 @@ def main(argv: list[str]) -> int:
     variant, rest = argv[0], argv[1:]
     from mvke.cli import main as cli_main
     with using_library(VARIANTS[variant]):
-        return cli_main(["features", "stream", *rest]) or 0
+        # the lower bounds replace the Lua function: the compiled MVKE.APPLY (auto's choice) is not theirs
+        return cli_main(["features", "stream", "--apply", "function", *rest]) or 0
 
 
 if __name__ == "__main__":

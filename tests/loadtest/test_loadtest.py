@@ -283,7 +283,7 @@ def test_apply_lower_bounds_keep_the_real_functions_reply(tmp_path):
         for name in ("real", "floor", "noop"):
             keys = Keys(f"lb-{name}")
             with using_library(libraries[name]):
-                applier = event_apply.EventApplier(r, keys, rules)
+                applier = event_apply.EventApplier(r, keys, rules, apply="function")
             assert (name == "real") == (applier.library == event_apply.apply_library(rules.to_lua())[1])
             first, again = applier.apply(events), applier.apply(events[:100])
             counters = [r.hmget(keys.user(u), ["impressions_n", "clicks_n", "conversions_n"])

@@ -34,6 +34,13 @@ RULES = EventRules.from_dict({
     "dedup_ids": 256}, max_lens={"clicked_tags": 4, "converted_tags": 3})
 
 
+@pytest.fixture(params=["function", "native"])
+def apply_mode(request) -> str:
+    """The tests of what an apply writes run with the Lua function and with the compiled MVKE.APPLY
+    (the test Redis loads it: mvke/localredis.py)."""
+    return request.param
+
+
 def ev(i, user="u1", ts=1000, kind="click", tags=("t1",), **lists) -> Event:
     return Event(f"e{i}", user, ts, kind, {"tags": list(tags), **{k: list(v) for k, v in lists.items()}})
 
@@ -85,10 +92,10 @@ def test_parse_event_round_trip():
     assert order_key(5, "a") // 1_000_000 == 5
 
 
-def test_lua_matches_batch_fold_in_any_order(redis_client):
+def test_lua_matches_batch_fold_in_any_order(redis_client, apply_mode):
     """Shuffled, in uneven batches, every event sent twice: the hashes equal the batch derivation."""
     events = random_events(400, users=6, seed=1)
-    applier = EventApplier(redis_client, Keys(), RULES)
+    applier = EventApplier(redis_client, Keys(), RULES, apply=apply_mode)
     shuffled = events[:]
     random.Random(2).shuffle(shuffled)
     total = 0
@@ -145,7 +152,7 @@ def test_users_grouped_in_one_call_match_one_call_each_and_fail_alone(redis_clie
         assert stored(redis_client, u, grouped) == stored(redis_client, u, each) == stored(redis_client, u, Keys("one")) != {}
 
 
-def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client):
+def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client, apply_mode):
     """Mostly in time order (the function's fast path: the values go in front of the stored text)
     with every 7th event held back and sent late (the general insert, which must read the order keys
     the fast path wrote), over batch-loaded values that have no order keys: equal to the fold."""
@@ -154,7 +161,7 @@ def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client):
     keys = Keys("inorder")
     for u in range(4):
         redis_client.hset(keys.user(f"u{u}"), mapping=base)
-    applier = EventApplier(redis_client, keys, RULES)
+    applier = EventApplier(redis_client, keys, RULES, apply=apply_mode)
     held: list[Event] = []
     for i, e in enumerate(events):
         if i % 7 == 0:
@@ -171,19 +178,19 @@ def test_lua_in_time_order_with_late_ones_matches_batch_fold(redis_client):
         assert stored(redis_client, f"u{u}", keys) == want
 
 
-def test_a_batch_history_far_over_the_cap_is_cut_by_the_first_event(redis_client):
+def test_a_batch_history_far_over_the_cap_is_cut_by_the_first_event(redis_client, apply_mode):
     """Batch data need not respect the events' caps: the first event cuts 3,000 entries to 4 (the fast
     path's tail cut is linear; an end-anchored pattern took seconds here, blocking Redis)."""
     keys = Keys("overcap")
     base = {"clicked_tags": "|".join(f"v{i}" for i in range(3000))}
     redis_client.hset(keys.user("u1"), mapping={**base, LOADED_AT_FIELD: "5.0"})
-    assert EventApplier(redis_client, keys, RULES).apply([ev(1, ts=1000, tags=("x", "y"))]).applied == 1
+    assert EventApplier(redis_client, keys, RULES, apply=apply_mode).apply([ev(1, ts=1000, tags=("x", "y"))]).applied == 1
     got = stored(redis_client, "u1", keys)
     assert got["clicked_tags"] == "x|y|v0|v1" == fold_user(base, [ev(1, ts=1000, tags=("x", "y"))], RULES)["clicked_tags"]
 
 
-def test_idempotent_same_batch_twice(redis_client):
-    applier = EventApplier(redis_client, Keys(), RULES)
+def test_idempotent_same_batch_twice(redis_client, apply_mode):
+    applier = EventApplier(redis_client, Keys(), RULES, apply=apply_mode)
     batch = [ev(1, ts=1000), ev(2, ts=1001, kind="impression", category=["c1"]), ev(3, ts=1002, tags=("t2",))]
     first = applier.apply(batch)
     state = stored(redis_client)
@@ -196,8 +203,9 @@ def test_idempotent_same_batch_twice(redis_client):
 def test_function_per_rule_set_and_reloaded_when_lost(redis_client):
     """The apply function is loaded once per rule set (two rule sets live side by side); a server that
     lost it (FUNCTION FLUSH, a new master) gets it again and the batch is applied, once."""
-    a = EventApplier(redis_client, Keys(), RULES)
-    other = EventApplier(redis_client, Keys("other"), EventRules.from_dict({"counters": [{"field": "n", "on": ["click"]}]}))
+    a = EventApplier(redis_client, Keys(), RULES, apply="function")
+    other = EventApplier(redis_client, Keys("other"), EventRules.from_dict({"counters": [{"field": "n", "on": ["click"]}]}),
+                         apply="function")
     assert a.function != other.function
     assert a.apply([ev(1, ts=1000)]).applied == 1 and other.apply([ev(1, ts=1000)]).applied == 1
     listed = str(redis_client.function_list())        # RESP2 lists or RESP3 maps: the names are in it
@@ -208,8 +216,8 @@ def test_function_per_rule_set_and_reloaded_when_lost(redis_client):
     assert stored(redis_client)["clicked_tags"] == "t1|t1"
 
 
-def test_out_of_order_event_lands_in_place_and_cap_holds(redis_client):
-    applier = EventApplier(redis_client, Keys(), RULES)
+def test_out_of_order_event_lands_in_place_and_cap_holds(redis_client, apply_mode):
+    applier = EventApplier(redis_client, Keys(), RULES, apply=apply_mode)
     applier.apply([ev(i, ts=1000 + 10 * i, tags=(f"t{i}",)) for i in range(4)])    # t3|t2|t1|t0 (cap 4)
     assert stored(redis_client)["clicked_tags"] == "t3|t2|t1|t0"
     applier.apply([ev(9, ts=1015, tags=("late",))])        # between t1 (1010) and t2 (1020)
@@ -221,8 +229,8 @@ def test_out_of_order_event_lands_in_place_and_cap_holds(redis_client):
     assert stored(redis_client)["clicked_back"].startswith("b|a|t3|t2")    # within_event: reversed
 
 
-def test_distinct_history_keeps_the_most_recent(redis_client):
-    applier = EventApplier(redis_client, Keys(), RULES)
+def test_distinct_history_keeps_the_most_recent(redis_client, apply_mode):
+    applier = EventApplier(redis_client, Keys(), RULES, apply=apply_mode)
     applier.apply([ev(1, ts=100, kind="conversion", tags=("x", "y")), ev(2, ts=200, kind="conversion", tags=("z",))])
     applier.apply([ev(3, ts=150, kind="conversion", tags=("x",))])    # x again, later than 100, before z
     assert stored(redis_client)["converted_tags"] == "z|x|y"
@@ -230,8 +238,8 @@ def test_distinct_history_keeps_the_most_recent(redis_client):
     assert stored(redis_client)["converted_tags"] == "z|x|y"
 
 
-def test_cold_start_creates_the_user_with_counters_and_buckets(redis_client):
-    applier = EventApplier(redis_client, Keys(), RULES)
+def test_cold_start_creates_the_user_with_counters_and_buckets(redis_client, apply_mode):
+    applier = EventApplier(redis_client, Keys(), RULES, apply=apply_mode)
     assert not redis_client.exists(Keys().user("new"))
     applier.apply([ev(1, user="new", kind="impression", category=["c7"]), ev(2, user="new", ts=1001)])
     got = stored(redis_client, "new")
@@ -242,9 +250,9 @@ def test_cold_start_creates_the_user_with_counters_and_buckets(redis_client):
     assert LOADED_AT_FIELD.encode() not in raw and EVENT_AT_FIELD.encode() in raw
 
 
-def test_duplicate_horizon_is_bounded_and_never_double_applies(redis_client):
+def test_duplicate_horizon_is_bounded_and_never_double_applies(redis_client, apply_mode):
     rules = EventRules.from_dict({"counters": [{"field": "n", "on": ["click"]}], "dedup_ids": 5})
-    applier = EventApplier(redis_client, Keys(), rules)
+    applier = EventApplier(redis_client, Keys(), rules, apply=apply_mode)
     applier.apply([ev(i, ts=1000 + i) for i in range(10)])
     assert redis_client.zcard(Keys().user_seen("u1")) == 5
     old = applier.apply([ev(0, ts=1000), ev(99, ts=1001)])      # beyond the horizon: late, not applied
@@ -252,9 +260,9 @@ def test_duplicate_horizon_is_bounded_and_never_double_applies(redis_client):
     assert stored(redis_client)["n"] == "10"
 
 
-def test_batch_reload_resets_the_event_order(redis_client):
+def test_batch_reload_resets_the_event_order(redis_client, apply_mode):
     keys = Keys()
-    applier = EventApplier(redis_client, keys, RULES)
+    applier = EventApplier(redis_client, keys, RULES, apply=apply_mode)
     applier.apply([ev(1, ts=5000, tags=("a",))])
     redis_client.delete(keys.user("u1"))     # what `mvke features load` does: DEL + HSET with a new stamp
     redis_client.hset(keys.user("u1"), mapping={"clicked_tags": "p|q", LOADED_AT_FIELD: "123.5"})

@@ -1,0 +1,492 @@
+/* MVKE.APPLY: the event apply function of mvke/runtime/event_apply.py (APPLY_LIBRARY), compiled.
+ *
+ * The Lua function is the reference and runs on any Redis 7; this module does the same work without
+ * the Lua interpreter, which was most of the function's cost (docs/results/events.md: ~104k
+ * instructions per event inside FCALL, of which the Redis commands it calls are ~30k). Same keys,
+ * same arguments after the rules, same writes, same reply; a test compares the hashes both write
+ * over random event sequences (tests/runtime/test_native_apply.py).
+ *
+ *   MVKE.APPLY <user hash> <:ev hash> <:seen zset> <rules> <ttl> <now> <event>...
+ *
+ * <rules>: EventRules.to_native() (records separated by \x1e, fields by \x1f), parsed once and kept
+ * while the next call brings the same text. Each event: id, order key as text, type, n, then n pairs
+ * (list name, values joined by '|'). Reply: [applied, duplicate, late].
+ *
+ * Every write goes through RedisModule_Call with '!', so replicas and the AOF receive the effects
+ * (HSET, ZADD, ...), not MVKE.APPLY: a Redis without the module can load them.
+ *
+ * Build: gcc -O2 -fPIC -shared -o mvke_apply.so mvke_apply.c (mvke/runtime/native_apply.py does it, into a cache directory).
+ */
+#include "redismodule.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+
+#define SEP '|'
+
+typedef struct { const char *p; size_t n; } Str;
+
+typedef struct {
+    RedisModuleString *field, *tfield;   /* the history's field and its order keys' field in :ev */
+    Str src;
+    long long cap;
+    int distinct, reversed;
+    int on[3];                           /* impression, click, conversion */
+} HistoryRule;
+
+typedef struct { RedisModuleString *field; int on[3]; } CounterRule;
+
+typedef struct {
+    RedisModuleString *field;
+    int num, den;                        /* counter indexes; den -1: a count, not a rate */
+    int nedges;
+    double *edges;
+    RedisModuleString **labels;          /* nedges + 1 */
+} BucketRule;
+
+typedef struct {
+    char *text; size_t len;              /* the text these rules were parsed from */
+    long long dedup;
+    int nh, nc, nb;
+    HistoryRule *h; CounterRule *c; BucketRule *b;
+    RedisModuleString **want;            /* HMGET of the user: _loaded_at, histories, counters */
+    RedisModuleString **auxwant;         /* HMGET of :ev: base, t:<history>... */
+    RedisModuleString *event_at, *base;
+} Rules;
+
+static Rules *cached = NULL;
+
+static int type_index(const char *p, size_t n) {
+    if (n == 10 && !memcmp(p, "impression", 10)) return 0;
+    if (n == 5 && !memcmp(p, "click", 5)) return 1;
+    if (n == 10 && !memcmp(p, "conversion", 10)) return 2;
+    return -1;
+}
+
+/* ---- the rules' text ------------------------------------------------------------------------ */
+typedef struct { const char *p, *end; } Cursor;
+
+static int next_token(Cursor *c, char stop, Str *out) {      /* up to `stop`, \x1f or \x1e */
+    if (c->p > c->end) return 0;
+    const char *s = c->p;
+    while (c->p < c->end && *c->p != stop && *c->p != '\x1f' && *c->p != '\x1e') c->p++;
+    out->p = s; out->n = (size_t)(c->p - s);
+    return 1;
+}
+
+static RedisModuleString *kept(Str s) { return RedisModule_CreateString(NULL, s.p, s.n); }
+
+static void free_rules(Rules *R) {
+    if (!R) return;
+    for (int i = 0; i < R->nb; i++) {
+        for (int j = 0; j <= R->b[i].nedges; j++) if (R->b[i].labels[j]) RedisModule_FreeString(NULL, R->b[i].labels[j]);
+        RedisModule_Free(R->b[i].labels); RedisModule_Free(R->b[i].edges);
+        RedisModule_FreeString(NULL, R->b[i].field);
+    }
+    for (int i = 0; i < R->nh; i++) { RedisModule_FreeString(NULL, R->h[i].field); RedisModule_FreeString(NULL, R->h[i].tfield); }
+    for (int i = 0; i < R->nc; i++) RedisModule_FreeString(NULL, R->c[i].field);
+    if (R->want) RedisModule_FreeString(NULL, R->want[0]);
+    if (R->auxwant) RedisModule_FreeString(NULL, R->auxwant[0]);
+    if (R->event_at) RedisModule_FreeString(NULL, R->event_at);
+    RedisModule_Free(R->h); RedisModule_Free(R->c); RedisModule_Free(R->b);
+    RedisModule_Free(R->want); RedisModule_Free(R->auxwant); RedisModule_Free(R->text);
+    RedisModule_Free(R);
+}
+
+static void parse_types(Str s, int on[3]) {
+    on[0] = on[1] = on[2] = 0;
+    const char *p = s.p, *end = s.p + s.n;
+    while (p < end) {
+        const char *q = p;
+        while (q < end && *q != ',') q++;
+        int t = type_index(p, (size_t)(q - p));
+        if (t >= 0) on[t] = 1;
+        p = q + 1;
+    }
+}
+
+static long long to_ll(Str s) { char buf[32]; size_t n = s.n < 31 ? s.n : 31; memcpy(buf, s.p, n); buf[n] = 0; return strtoll(buf, NULL, 10); }
+static double to_d(Str s) { char buf[64]; size_t n = s.n < 63 ? s.n : 63; memcpy(buf, s.p, n); buf[n] = 0; return strtod(buf, NULL); }
+
+static int counter_index(Rules *R, Str name) {
+    for (int i = 0; i < R->nc; i++) {
+        size_t n; const char *p = RedisModule_StringPtrLen(R->c[i].field, &n);
+        if (n == name.n && !memcmp(p, name.p, n)) return i;
+    }
+    return -1;
+}
+
+/* Records: "k\x1f<dedup>", "h\x1f<field>\x1f<src>\x1f<cap>\x1f<distinct>\x1f<reversed>\x1f<types,>",
+ * "c\x1f<field>\x1f<types,>", "b\x1f<field>\x1f<num>\x1f<den or empty>\x1f<n edges>\x1f<edge>...\x1f<label>..."
+ * (all counters before the buckets). -> NULL when the text is not such rules. */
+static Rules *parse_rules(const char *text, size_t len) {
+    Rules *R = RedisModule_Calloc(1, sizeof(Rules));
+    R->text = RedisModule_Alloc(len + 1); memcpy(R->text, text, len); R->text[len] = 0; R->len = len;
+    int records = 1;
+    for (size_t i = 0; i < len; i++) if (text[i] == '\x1e') records++;
+    R->h = RedisModule_Calloc(records, sizeof(HistoryRule));
+    R->c = RedisModule_Calloc(records, sizeof(CounterRule));
+    R->b = RedisModule_Calloc(records, sizeof(BucketRule));
+    Cursor c = {R->text, R->text + len};
+    while (c.p <= c.end) {
+        Str kind, f[6];
+        next_token(&c, 0, &kind);
+        if (kind.n != 1) goto bad;
+        if (kind.p[0] == 'k') {
+            c.p++; next_token(&c, 0, &f[0]); R->dedup = to_ll(f[0]);
+        } else if (kind.p[0] == 'h') {
+            for (int i = 0; i < 6; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[i]); }
+            HistoryRule *h = &R->h[R->nh++];
+            h->field = kept(f[0]);
+            h->tfield = RedisModule_CreateStringPrintf(NULL, "t:%.*s", (int)f[0].n, f[0].p);
+            h->src = f[1]; h->cap = to_ll(f[2]); h->distinct = f[3].n && f[3].p[0] == '1';
+            h->reversed = f[4].n && f[4].p[0] == '1';
+            parse_types(f[5], h->on);
+        } else if (kind.p[0] == 'c') {
+            for (int i = 0; i < 2; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[i]); }
+            CounterRule *k = &R->c[R->nc++];
+            k->field = kept(f[0]); parse_types(f[1], k->on);
+        } else if (kind.p[0] == 'b') {
+            for (int i = 0; i < 4; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[i]); }
+            BucketRule *b = &R->b[R->nb++];
+            b->field = kept(f[0]);
+            b->num = counter_index(R, f[1]);
+            b->den = f[2].n ? counter_index(R, f[2]) : -1;
+            b->nedges = (int)to_ll(f[3]);
+            if (b->num < 0 || (f[2].n && b->den < 0) || b->nedges < 0) goto bad;
+            b->edges = RedisModule_Calloc(b->nedges + 1, sizeof(double));
+            b->labels = RedisModule_Calloc(b->nedges + 1, sizeof(RedisModuleString *));
+            for (int i = 0; i < b->nedges; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[4]); b->edges[i] = to_d(f[4]); }
+            for (int i = 0; i <= b->nedges; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[4]); b->labels[i] = kept(f[4]); }
+        } else goto bad;
+        if (c.p < c.end && *c.p != '\x1e') goto bad;
+        c.p++;
+    }
+    /* one allocation of strings per list: want[0] / auxwant[0] are owned copies of the first names */
+    R->want = RedisModule_Calloc(1 + R->nh + R->nc, sizeof(RedisModuleString *));
+    R->want[0] = RedisModule_CreateString(NULL, "_loaded_at", 10);
+    for (int i = 0; i < R->nh; i++) R->want[1 + i] = R->h[i].field;
+    for (int i = 0; i < R->nc; i++) R->want[1 + R->nh + i] = R->c[i].field;
+    R->auxwant = RedisModule_Calloc(1 + R->nh, sizeof(RedisModuleString *));
+    R->auxwant[0] = RedisModule_CreateString(NULL, "base", 4);
+    R->base = R->auxwant[0];
+    for (int i = 0; i < R->nh; i++) R->auxwant[1 + i] = R->h[i].tfield;
+    R->event_at = RedisModule_CreateString(NULL, "_event_at", 9);
+    return R;
+bad:
+    free_rules(R);
+    return NULL;
+}
+
+static Rules *rules_of(RedisModuleString *arg) {
+    size_t len; const char *text = RedisModule_StringPtrLen(arg, &len);
+    if (cached && cached->len == len && !memcmp(cached->text, text, len)) return cached;
+    Rules *R = parse_rules(text, len);
+    if (!R) return NULL;
+    free_rules(cached);
+    cached = R;
+    return R;
+}
+
+/* ---- a history in a call: its entries as arrays -------------------------------------------- */
+typedef struct {
+    int loaded, dirty;
+    size_t n, room;
+    Str *v, *s;          /* values and the text of their order keys */
+    double *o;           /* order keys */
+} History;
+
+static void reserve(History *st, size_t room) {
+    if (room <= st->room) return;
+    st->room = room * 2;
+    st->v = RedisModule_Realloc(st->v, st->room * sizeof(Str));
+    st->s = RedisModule_Realloc(st->s, st->room * sizeof(Str));
+    st->o = RedisModule_Realloc(st->o, st->room * sizeof(double));
+}
+
+/* the parts of a '|'-joined text, empty ones skipped (Lua: gmatch '([^|]+)') */
+static size_t split(Str t, Str **out, size_t *room) {
+    size_t n = 0;
+    const char *p = t.p, *end = t.p + t.n;
+    while (p < end) {
+        const char *q = memchr(p, SEP, (size_t)(end - p));
+        if (!q) q = end;
+        if (q > p) {
+            if (n == *room) { *room = *room ? *room * 2 : 16; *out = RedisModule_Realloc(*out, *room * sizeof(Str)); }
+            (*out)[n].p = p; (*out)[n].n = (size_t)(q - p); n++;
+        }
+        p = q + 1;
+    }
+    return n;
+}
+
+static size_t count_entries(Str t) {      /* Lua `count`: separators + 1, '' none */
+    if (!t.n) return 0;
+    size_t n = 1;
+    for (size_t i = 0; i < t.n; i++) if (t.p[i] == SEP) n++;
+    return n;
+}
+
+static int same(Str a, Str b) { return a.n == b.n && !memcmp(a.p, b.p, a.n); }
+
+static double lua_number(Str s, int *ok) {   /* Lua tonumber on a string: the whole text a number */
+    char buf[64];
+    if (!s.n || s.n > 63) { *ok = 0; return 0; }
+    memcpy(buf, s.p, s.n); buf[s.n] = 0;
+    char *end; double d = strtod(buf, &end);
+    while (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r') end++;
+    *ok = end != buf && *end == 0;
+    return *ok ? d : 0;
+}
+
+static Str reply_str(RedisModuleCallReply *arr, size_t i) {
+    Str s = {NULL, 0};
+    RedisModuleCallReply *e = RedisModule_CallReplyArrayElement(arr, i);
+    if (e && RedisModule_CallReplyType(e) == REDISMODULE_REPLY_STRING) s.p = RedisModule_CallReplyStringPtr(e, &s.n);
+    return s;
+}
+
+/* Lua `insert`: the event's own values (in entering order) at the place of its order key */
+static int insert(History *st, Str *own, size_t nown, double key, Str ks, long long cap, int distinct) {
+    size_t keep = 0;
+    if (distinct) {
+        for (size_t a = 0; a < nown; a++) {
+            int newer = 0;
+            for (size_t j = st->n; j-- > 0;) {
+                if (same(st->v[j], own[a])) {
+                    if (st->o[j] >= key) newer = 1;
+                    else {
+                        memmove(st->v + j, st->v + j + 1, (st->n - j - 1) * sizeof(Str));
+                        memmove(st->s + j, st->s + j + 1, (st->n - j - 1) * sizeof(Str));
+                        memmove(st->o + j, st->o + j + 1, (st->n - j - 1) * sizeof(double));
+                        st->n--;
+                    }
+                }
+            }
+            if (!newer) own[keep++] = own[a];
+        }
+        nown = keep;
+    }
+    if (!nown) return 0;
+    size_t pos = st->n;
+    for (size_t i = 0; i < st->n; i++) if (st->o[i] < key) { pos = i; break; }
+    reserve(st, st->n + nown);
+    memmove(st->v + pos + nown, st->v + pos, (st->n - pos) * sizeof(Str));
+    memmove(st->s + pos + nown, st->s + pos, (st->n - pos) * sizeof(Str));
+    memmove(st->o + pos + nown, st->o + pos, (st->n - pos) * sizeof(double));
+    for (size_t k = 0; k < nown; k++) { st->v[pos + k] = own[k]; st->s[pos + k] = ks; st->o[pos + k] = key; }
+    st->n += nown;
+    if ((long long)st->n > cap) st->n = (size_t)cap;
+    return 1;
+}
+
+static RedisModuleString *joined(RedisModuleCtx *ctx, Str *parts, size_t n) {
+    size_t len = n ? n - 1 : 0;
+    for (size_t i = 0; i < n; i++) len += parts[i].n;
+    char *buf = RedisModule_Alloc(len + 1), *p = buf;
+    for (size_t i = 0; i < n; i++) {
+        if (i) *p++ = SEP;
+        memcpy(p, parts[i].p, parts[i].n); p += parts[i].n;
+    }
+    RedisModuleString *s = RedisModule_CreateString(ctx, buf, len);
+    RedisModule_Free(buf);
+    return s;
+}
+
+static RedisModuleString *number_text(RedisModuleCtx *ctx, double d) {     /* Lua 5.1 tostring */
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "%.14g", d);
+    return RedisModule_CreateString(ctx, buf, (size_t)n);
+}
+
+/* ---- the command ---------------------------------------------------------------------------- */
+#define FAIL_WITH(r) do { RedisModule_ReplyWithCallReply(ctx, (r)); goto done; } while (0)
+#define CHECK(r) do { if (!(r)) { RedisModule_ReplyWithError(ctx, "ERR a call inside MVKE.APPLY failed"); goto done; } \
+                      if (RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) FAIL_WITH(r); } while (0)
+
+static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc < 7) return RedisModule_WrongArity(ctx);
+    RedisModule_AutoMemory(ctx);
+    Rules *R = rules_of(argv[4]);
+    if (!R) return RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: rules not understood (EventRules.to_native)");
+    RedisModuleString *user = argv[1], *aux = argv[2], *seen = argv[3], *ttl = argv[5], *now = argv[6];
+
+    History *hs = RedisModule_Calloc(R->nh ? R->nh : 1, sizeof(History));
+    double *counts = RedisModule_Calloc(R->nc ? R->nc : 1, sizeof(double));
+    char *counted = RedisModule_Calloc(R->nc ? R->nc : 1, 1), *bumped = RedisModule_Calloc(R->nc ? R->nc : 1, 1);
+    Str *own = NULL; size_t own_room = 0;
+    RedisModuleString **args = NULL;
+
+    RedisModuleCallReply *got = RedisModule_Call(ctx, "HMGET", "sv", user, R->want, (size_t)(1 + R->nh + R->nc));
+    CHECK(got);
+    Str loaded = reply_str(got, 0);
+    if (!loaded.p) { loaded.p = ""; loaded.n = 0; }
+    RedisModuleCallReply *auxgot = NULL;
+    int fresh = 0;
+
+    RedisModuleCallReply *r = RedisModule_Call(ctx, "ZCARD", "s", seen);
+    CHECK(r);
+    long long seen_n = RedisModule_CallReplyInteger(r);
+    long long applied = 0, dup = 0, late = 0;
+
+    int a = 7;
+    while (a + 3 < argc) {
+        RedisModuleString *id = argv[a], *ksarg = argv[a + 1];
+        Str ks, typ; ks.p = RedisModule_StringPtrLen(ksarg, &ks.n); typ.p = RedisModule_StringPtrLen(argv[a + 2], &typ.n);
+        long long nl = 0;
+        RedisModule_StringToLongLong(argv[a + 3], &nl);
+        int lists_at = a + 4;
+        a = a + 4 + 2 * (int)nl;
+        if (a > argc) { RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: an event's lists run past the arguments"); goto done; }
+        int kok; double key = lua_number(ks, &kok);
+        /* admit (Lua `admit`) */
+        int verdict = 0;   /* 0 new, 1 dup, 2 late */
+        if (seen_n < R->dedup) {
+            r = RedisModule_Call(ctx, "ZADD", "!scss", seen, "NX", ksarg, id); CHECK(r);
+            if (RedisModule_CallReplyInteger(r) == 0) verdict = 1; else seen_n++;
+        } else {
+            r = RedisModule_Call(ctx, "ZSCORE", "ss", seen, id); CHECK(r);
+            if (RedisModule_CallReplyType(r) != REDISMODULE_REPLY_NULL) verdict = 1;
+            else {
+                r = RedisModule_Call(ctx, "ZRANGE", "sllc", seen, 0LL, 0LL, "WITHSCORES"); CHECK(r);
+                Str o = reply_str(r, 1);
+                int ook; double oldest = o.p ? lua_number(o, &ook) : 0;
+                if (o.p && ook && key < oldest) verdict = 2;
+                else {
+                    r = RedisModule_Call(ctx, "ZADD", "!sss", seen, ksarg, id); CHECK(r);
+                    r = RedisModule_Call(ctx, "ZREMRANGEBYRANK", "!sll", seen, 0LL, seen_n - R->dedup); CHECK(r);
+                    seen_n = R->dedup;
+                }
+            }
+        }
+        if (verdict == 1) { dup++; continue; }
+        if (verdict == 2) { late++; continue; }
+        applied++;
+        int t = type_index(typ.p, typ.n);
+        for (int i = 0; i < R->nh; i++) {
+            HistoryRule *h = &R->h[i];
+            if (t < 0 || !h->on[t]) continue;
+            Str vals = {NULL, 0};
+            for (int j = 0; j < nl; j++) {       /* the last pair of that name, as the Lua table keeps it */
+                Str name; name.p = RedisModule_StringPtrLen(argv[lists_at + 2 * j], &name.n);
+                if (same(name, h->src)) vals.p = RedisModule_StringPtrLen(argv[lists_at + 2 * j + 1], &vals.n);
+            }
+            if (!vals.p || !vals.n) continue;
+            History *st = &hs[i];
+            if (!st->loaded) {           /* Lua `history`: read when an event first touches it */
+                if (!auxgot) {
+                    auxgot = RedisModule_Call(ctx, "HMGET", "sv", aux, R->auxwant, (size_t)(1 + R->nh)); CHECK(auxgot);
+                    Str b = reply_str(auxgot, 0);
+                    if (!b.p) { b.p = ""; b.n = 0; }
+                    fresh = !same(b, loaded);
+                }
+                Str v = reply_str(got, 1 + i), o = {"", 0};
+                if (!v.p) { v.p = ""; v.n = 0; }
+                if (!fresh) { o = reply_str(auxgot, 1 + i); if (!o.p) { o.p = ""; o.n = 0; } }
+                size_t nv = count_entries(v);
+                size_t room = 0;
+                Str *vs = NULL, *os = NULL;
+                size_t got_v = split(v, &vs, &room);
+                room = 0;
+                size_t got_o = 0;
+                if (count_entries(o) == nv) got_o = split(o, &os, &room);
+                else { o.p = ""; o.n = 0; }
+                reserve(st, got_v + 1);
+                for (size_t j = 0; j < got_v; j++) {
+                    st->v[j] = vs[j];
+                    if (o.n) {     /* the Lua tables: o[j] may be missing (nil) where the texts had empty parts */
+                        if (j < got_o) { int ok; st->s[j] = os[j]; st->o[j] = lua_number(os[j], &ok); }
+                        else { st->s[j].p = ""; st->s[j].n = 0; st->o[j] = 0; }
+                    } else { st->s[j].p = "0"; st->s[j].n = 1; st->o[j] = 0; }
+                }
+                st->n = got_v;
+                RedisModule_Free(vs); RedisModule_Free(os);
+                st->loaded = 1;
+            }
+            /* Lua `own_values`: the event's values in entering order, once each where distinct */
+            size_t nown;
+            if (!memchr(vals.p, SEP, vals.n)) { if (!own_room) { own_room = 16; own = RedisModule_Alloc(16 * sizeof(Str)); } own[0] = vals; nown = 1; }
+            else {
+                Str *parts = NULL; size_t room = 0;
+                size_t np = split(vals, &parts, &room);
+                if (own_room < np + 1) { own_room = np + 1; own = RedisModule_Realloc(own, own_room * sizeof(Str)); }
+                nown = 0;
+                for (size_t k = 0; k < np; k++) {
+                    Str x = parts[h->reversed ? np - 1 - k : k];
+                    int seen_before = 0;
+                    if (h->distinct) for (size_t m = 0; m < nown; m++) if (same(own[m], x)) { seen_before = 1; break; }
+                    if (!seen_before) own[nown++] = x;
+                }
+                RedisModule_Free(parts);
+            }
+            if (insert(st, own, nown, key, ks, h->cap, h->distinct)) st->dirty = 1;
+        }
+        for (int i = 0; i < R->nc; i++) {
+            if (t < 0 || !R->c[i].on[t]) continue;
+            if (!counted[i]) { int ok; counts[i] = lua_number(reply_str(got, 1 + R->nh + i), &ok); counted[i] = 1; }
+            counts[i] += 1; bumped[i] = 1;
+        }
+    }
+    if (a != argc) { RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: the events' arguments do not add up"); goto done; }
+
+    if (applied > 0) {
+        size_t room = 2 * (size_t)(R->nh + R->nc + R->nb) + 4, nset = 0, ndel = 0, naux = 0;
+        args = RedisModule_Calloc(3 * room, sizeof(RedisModuleString *));
+        RedisModuleString **hset = args, **hdel = args + room, **auxset = args + 2 * room;
+        auxset[naux++] = R->base;
+        auxset[naux++] = RedisModule_CreateString(ctx, loaded.p, loaded.n);
+        for (int i = 0; i < R->nh; i++) {
+            if (!hs[i].dirty) continue;
+            hset[nset++] = R->h[i].field; hset[nset++] = joined(ctx, hs[i].v, hs[i].n);
+            auxset[naux++] = R->h[i].tfield; auxset[naux++] = joined(ctx, hs[i].s, hs[i].n);
+        }
+        for (int i = 0; i < R->nc; i++)
+            if (bumped[i]) { hset[nset++] = R->c[i].field; hset[nset++] = number_text(ctx, counts[i]); }
+        for (int i = 0; i < R->nb; i++) {
+            BucketRule *b = &R->b[i];
+            int ok;
+            if (!counted[b->num]) { counts[b->num] = lua_number(reply_str(got, 1 + R->nh + b->num), &ok); counted[b->num] = 1; }
+            double value = counts[b->num];
+            int none = 0;
+            if (b->den >= 0) {
+                if (!counted[b->den]) { counts[b->den] = lua_number(reply_str(got, 1 + R->nh + b->den), &ok); counted[b->den] = 1; }
+                double den = counts[b->den];
+                if (den == 0) none = 1; else value = value / den;
+            }
+            if (none) { hdel[ndel++] = b->field; continue; }
+            int k = 0;
+            for (int e = 0; e < b->nedges; e++) if (b->edges[e] < value) k++;
+            hset[nset++] = b->field; hset[nset++] = b->labels[k];
+        }
+        hset[nset++] = R->event_at; hset[nset++] = now;
+        r = RedisModule_Call(ctx, "HSET", "!sv", user, hset, nset); CHECK(r);
+        if (ndel) { r = RedisModule_Call(ctx, "HDEL", "!sv", user, hdel, ndel); CHECK(r); }
+        if (naux > 2) {
+            if (fresh) { r = RedisModule_Call(ctx, "DEL", "!s", aux); CHECK(r); }
+            r = RedisModule_Call(ctx, "HSET", "!sv", aux, auxset, naux); CHECK(r);
+        }
+    }
+    long long ttl_s = 0;
+    if (RedisModule_StringToLongLong(ttl, &ttl_s) == REDISMODULE_OK && ttl_s > 0) {
+        r = RedisModule_Call(ctx, "EXPIRE", "!ss", aux, ttl); CHECK(r);
+        r = RedisModule_Call(ctx, "EXPIRE", "!ss", seen, ttl); CHECK(r);
+    }
+    RedisModule_ReplyWithArray(ctx, 3);
+    RedisModule_ReplyWithLongLong(ctx, applied);
+    RedisModule_ReplyWithLongLong(ctx, dup);
+    RedisModule_ReplyWithLongLong(ctx, late);
+done:
+    for (int i = 0; i < R->nh; i++) { RedisModule_Free(hs[i].v); RedisModule_Free(hs[i].s); RedisModule_Free(hs[i].o); }
+    RedisModule_Free(hs); RedisModule_Free(counts); RedisModule_Free(counted); RedisModule_Free(bumped);
+    RedisModule_Free(own); RedisModule_Free(args);
+    return REDISMODULE_OK;
+}
+
+int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv; (void)argc;
+    if (RedisModule_Init(ctx, "mvkeapply", 1, REDISMODULE_APIVER_1) == REDISMODULE_ERR) return REDISMODULE_ERR;
+    if (RedisModule_CreateCommand(ctx, "mvke.apply", apply_command, "write deny-oom", 1, 3, 1) == REDISMODULE_ERR)
+        return REDISMODULE_ERR;
+    return REDISMODULE_OK;
+}
