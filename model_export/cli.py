@@ -97,6 +97,15 @@ def _features_load(a: argparse.Namespace) -> None:
     print(json.dumps({**report.summary(), "bad_rows": report.rejected}))
 
 
+def _features_apply_module(a: argparse.Namespace) -> None:
+    from mvke.runtime.native_apply import module_path
+    path = module_path()
+    if path is None:
+        raise SystemExit("MVKE.APPLY did not build (no C compiler, or see the warning above): "
+                         "consumers use the Lua function")
+    print(path)
+
+
 def _features_stream(a: argparse.Namespace) -> None:
     from model_export.events_job import read_rules, run_consumer
     r, keys = _redis(a.redis), _keys(a)
@@ -252,6 +261,15 @@ def register(sub) -> None:
     fs.add_argument("--metrics-port", type=int, metavar="PORT",
                     help="serve Prometheus metrics (entries by outcome, the dead-letter rate) on this port")
     fs.set_defaults(func=_features_stream, extra=EXTRA)
+
+    fm = f.add_parser("apply-module", help="build the compiled event apply (MVKE.APPLY) and print its path, "
+                                           "for `redis-server --loadmodule PATH` of a Redis of your own",
+                      description="Compile mvke/runtime/native/mvke_apply.c (a Redis module: the events' apply "
+                                  "without Lua, about half the Redis CPU per event) with the machine's C compiler "
+                                  "($CC or cc) into ~/.cache/mvke, once per source, and print the .so path. "
+                                  "Load it with `redis-server --loadmodule PATH`; `mvke features stream` uses it "
+                                  "where the server has it (docs/DEPLOY.md). Exit 1 when it does not build.")
+    fm.set_defaults(func=_features_apply_module, extra=EXTRA)
 
     ev = sub.add_parser("events", help="user events").add_subparsers(dest="action", required=True)
     rp = ev.add_parser("replay", help="replay a log (Parquet impressions or JSON-lines events) as events",

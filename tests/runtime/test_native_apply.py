@@ -4,6 +4,7 @@ user hashes, order keys and id sets, and count the same; plus its fallbacks."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,29 @@ def test_grouped_calls_keep_the_function(redis_client):
     applier = EventApplier(redis_client, Keys(), RULES, users_per_call=4)
     assert applier.apply([Event("e1", "u1", 1000, "click", {"tags": ["x"]})]).applied == 1
     assert applier.native is False
+
+
+def test_apply_module_command_prints_a_module_a_redis_can_load(tmp_path):
+    """`mvke features apply-module` prints the built module; a redis-server given it with --loadmodule
+    has MVKE.APPLY. Without a working compiler (CC=false, an empty cache) there is no module: None."""
+    import os
+    import subprocess
+    import sys
+
+    from mvke.runtime.native_apply import server_has_native
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "mvke.cli", "features", "apply-module"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).is_file() and out.endswith(".so")
+    server = LocalRedis(apply_module=False, extra_args=["--loadmodule", out]).start()
+    try:
+        r = server.client()
+        assert server_has_native(r)
+        r.close()
+    finally:
+        server.stop()
+    env = {**os.environ, "CC": "false", "XDG_CACHE_HOME": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-c", "from mvke.runtime.native_apply import module_path; "
+                            "print(module_path())"], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "None" and "did not build" in probe.stderr
+    assert not list(tmp_path.rglob("*.so"))
