@@ -442,7 +442,10 @@ class EventApplier:
         self.users_per_call = users_per_call
         self.function, self.library = apply_library(rules.to_lua())
         self.cluster = is_cluster(client)
-        self.native_rules = rules.to_native()
+        try:
+            self.native_rules: str | None = rules.to_native()
+        except ValueError:          # names the compiled command's rule text cannot carry: the function
+            self.native_rules = None
         self.mode = apply
         self.native: bool | None = None     # MVKE.APPLY in use: decided by the first batch (`_choose`)
         self._loaded = False
@@ -450,7 +453,8 @@ class EventApplier:
     def _choose(self) -> None:
         """The compiled command where the mode allows it and the server has it (one node, one call per
         user), else the function; "native" without the command on the server is an error."""
-        allowed = self.mode != APPLY_FUNCTION and not self.cluster and self.users_per_call == 1
+        allowed = (self.mode != APPLY_FUNCTION and not self.cluster and self.users_per_call == 1
+                   and self.native_rules is not None)
         self.native = allowed and server_has_native(self.client)
         if self.mode == APPLY_NATIVE and not self.native:
             raise RuntimeError(f"--apply native: this Redis has no {NATIVE_COMMAND} (load "

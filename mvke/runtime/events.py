@@ -241,7 +241,12 @@ class EventRules:
 
     def to_native(self) -> str:
         """The same rules as the compiled apply command reads them (native/mvke_apply.c): records split
-        by \x1e, fields by \x1f; counters before buckets (a bucket names its counters)."""
+        by \x1e, fields by \x1f; counters before buckets (a bucket names its counters). A name or label
+        holding either separator cannot be written so: ValueError (the applier then runs the function)."""
+        names = [x for h in self.histories for x in (h.field, h.source)] + [c.field for c in self.counters]
+        names += [x for b in self.buckets for x in (b.field, b.labels)]
+        if any("\x1e" in x or "\x1f" in x for x in names):
+            raise ValueError("a rule's name holds \\x1e or \\x1f: not expressible for MVKE.APPLY")
         types = ",".join
         records = [f"k\x1f{self.dedup_ids}"]
         records += [f"h\x1f{h.field}\x1f{h.source}\x1f{h.max_len}\x1f{int(h.distinct)}\x1f{int(h.reversed_within)}"

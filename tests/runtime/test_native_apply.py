@@ -132,3 +132,12 @@ def test_apply_module_command_prints_a_module_a_redis_can_load(tmp_path):
                             "print(module_path())"], cwd=root, env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "None" and "did not build" in probe.stderr
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_rules_the_command_cannot_carry_keep_the_function(redis_client):
+    """A field name holding the rule text's separators cannot reach MVKE.APPLY: auto runs the function."""
+    rules = EventRules.from_dict({"counters": [{"field": "odd\x1fname", "on": ["click"]}]})
+    applier = EventApplier(redis_client, Keys(), rules)
+    assert applier.apply([Event("e1", "u1", 1000, "click", {"tags": ["x"]})]).applied == 1
+    assert applier.native is False
+    assert redis_client.hget(Keys().user("u1"), "odd\x1fname") == b"1"
