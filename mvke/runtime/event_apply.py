@@ -477,14 +477,7 @@ class EventApplier:
         # one node: users in groups (`call_groups`); a cluster: one call per user (its keys' slot)
         one_each = self.cluster or self.users_per_call == 1
         replies = self._one_each(users, groups, now) if one_each else self._grouped(users, groups, now)
-        if any(isinstance(r, Exception) and "Function not found" in str(r) for r in replies):
-            self._loaded = False      # a new master (or FUNCTION FLUSH) lost the library: load it, redo (idempotent)
-            return self.apply([e for u in users for e in groups[u]])
-        if self.native and any(isinstance(r, Exception) and "unknown command" in str(r) for r in replies):
-            log.warning("%s is gone from Redis (restarted without the module?): back to the function", NATIVE_COMMAND)
-            self.native = None        # asked again on the next batch; this one is redone (idempotent)
-            if self.mode == APPLY_NATIVE:
-                raise RuntimeError(f"--apply native: {NATIVE_COMMAND} is gone from Redis")
+        if self._lost_its_apply(replies):
             return self.apply([e for u in users for e in groups[u]])
         for u, reply in zip(users, replies):
             if isinstance(reply, Exception):
@@ -496,6 +489,27 @@ class EventApplier:
             counts.duplicate += dup
             counts.late += late
         return counts
+
+    def _lost_its_apply(self, replies: list[Any]) -> bool:
+        """The function or the command gone from Redis (a new master, a restart without the module), or
+        rules the command cannot read (an older module): True when the batch is to be redone
+        (idempotent) with what is there now."""
+        errors = [str(r) for r in replies if isinstance(r, Exception)]
+        if any("Function not found" in e for e in errors):
+            self._loaded = False
+            return True
+        gone = self.native and any("unknown command" in e for e in errors)
+        unreadable = self.native and any("rules not understood" in e for e in errors)
+        if not (gone or unreadable):
+            return False
+        why = "is gone from Redis (restarted without the module?)" if gone else "does not read these rules (older?)"
+        if self.mode == APPLY_NATIVE:
+            raise RuntimeError(f"--apply native: {NATIVE_COMMAND} {why}")
+        log.warning("%s %s: the function applies the events", NATIVE_COMMAND, why)
+        if unreadable:
+            self.native_rules = None
+        self.native = None        # asked again on the next batch
+        return True
 
     def _one_each(self, users: list[str], groups: dict[str, list[Event]], now: str) -> list[Any]:
         """One call per user -> its reply ([applied, duplicate, late] or the error)."""

@@ -244,7 +244,7 @@ class EventRules:
         by \x1e, fields by \x1f; counters before buckets (a bucket names its counters). A name or label
         holding either separator cannot be written so: ValueError (the applier then runs the function)."""
         names = [x for h in self.histories for x in (h.field, h.source)] + [c.field for c in self.counters]
-        names += [x for b in self.buckets for x in (b.field, b.labels)]
+        names += [x for b in self.buckets for x in (b.field, *(b.labels.format(i) for i in range(len(b.edges) + 1)))]
         if any("\x1e" in x or "\x1f" in x for x in names):
             raise ValueError("a rule's name holds \\x1e or \\x1f: not expressible for MVKE.APPLY")
         types = ",".join

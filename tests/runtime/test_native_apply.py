@@ -141,3 +141,52 @@ def test_rules_the_command_cannot_carry_keep_the_function(redis_client):
     assert applier.apply([Event("e1", "u1", 1000, "click", {"tags": ["x"]})]).applied == 1
     assert applier.native is False
     assert redis_client.hget(Keys().user("u1"), "odd\x1fname") == b"1"
+
+
+SHARED = EventRules.from_dict({      # two rules counting into one field, as the function's table by name does
+    "histories": [{"field": "h", "on": ["click"], "max_len": 4}],
+    "counters": [{"field": "n", "on": ["click"]}, {"field": "n", "on": ["conversion"]},
+                 {"field": "odd\x00name", "on": ["impression"]}],
+    "buckets": [{"field": "n_b", "count": "n", "edges": [1, 4]}]})
+
+
+def test_shared_counters_nul_names_and_empty_stored_items_match_the_function(redis_client):
+    """Found by review: a field counted by two rules, a NUL in a name, a batch-loaded list with an empty
+    item (kept as an entry, as the function's in-order path keeps it)."""
+    lua, native = Keys("lua"), Keys("nat")
+    for keys in (lua, native):
+        redis_client.hset(keys.user("u1"), mapping={LOADED_AT_FIELD: "1.5", "h": "a||b", "n": "3"})
+    batch = [Event("e1", "u1", 1000, "click", {"tags": ["x"]}), Event("e2", "u1", 1001, "conversion", {"tags": ["y"]}),
+             Event("e3", "u1", 1002, "impression", {"tags": ["z"]})]
+    a = EventApplier(redis_client, lua, SHARED, apply="function").apply(batch)
+    b = EventApplier(redis_client, native, SHARED, apply="native").apply(batch)
+    assert (a.applied, b.applied) == (3, 3)
+    assert state(redis_client, lua, "u1") == state(redis_client, native, "u1")
+    got = redis_client.hgetall(native.user("u1"))
+    assert got[b"n"] == b"5" and got[b"h"] == b"x|a||b" and got[b"odd\x00name"] == b"1"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["e1", "1", "click", str(1 << 30)], "count of lists"),        # would read far past the arguments
+    (["e1", "1", "click", "-2"], "count of lists"),                # would never move on
+    (["e1", "1", "click", "1", "tags"], "count of lists"),
+    (["e1", "1", "click", "0", "extra"], "do not add up"),
+])
+def test_malformed_calls_are_refused_and_redis_lives(redis_client, args, error):
+    keys = Keys().user_event_keys("u1")
+    with pytest.raises(Exception, match=error):
+        redis_client.execute_command("MVKE.APPLY", *keys, RULES.to_native(), 60, "1.0", *args)
+    assert redis_client.ping()
+
+
+@pytest.mark.parametrize("rules", [
+    "k",                                                            # no field after the record's kind
+    "k\x1f5\x1eb\x1fx\x1fnope\x1f\x1f2\x1f0\x1f1\x1fa\x1fb\x1fc",  # a bucket of an unknown counter
+    "k\x1f5\x1eh\x1fh\x1ftags\x1f0\x1f0\x1f0\x1fclick",              # a cap of 0
+    "k\x1f5\x1ec\x1fn\x1fclick\x1eb\x1fb\x1fn\x1f\x1f999999\x1f1",  # more edges than the text holds
+])
+def test_rules_text_that_is_not_rules_is_refused_and_redis_lives(redis_client, rules):
+    keys = Keys().user_event_keys("u1")
+    with pytest.raises(Exception, match="rules not understood"):
+        redis_client.execute_command("MVKE.APPLY", *keys, rules, 60, "1.0", "e1", "1", "click", "0")
+    assert redis_client.ping()

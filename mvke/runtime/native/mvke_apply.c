@@ -35,7 +35,7 @@ typedef struct {
     int on[3];                           /* impression, click, conversion */
 } HistoryRule;
 
-typedef struct { RedisModuleString *field; int on[3]; } CounterRule;
+typedef struct { RedisModuleString *field; int on[3]; int slot; } CounterRule;   /* slot: the first rule of its field */
 
 typedef struct {
     RedisModuleString *field;
@@ -55,7 +55,10 @@ typedef struct {
     RedisModuleString *event_at, *base;
 } Rules;
 
-static Rules *cached = NULL;
+/* a few rule sets parsed (consumers of two bundles' rules during a rollout alternate), replaced in turn */
+#define CACHED 4
+static Rules *cached[CACHED];
+static int next_slot = 0;
 
 static int type_index(const char *p, size_t n) {
     if (n == 10 && !memcmp(p, "impression", 10)) return 0;
@@ -67,10 +70,10 @@ static int type_index(const char *p, size_t n) {
 /* ---- the rules' text ------------------------------------------------------------------------ */
 typedef struct { const char *p, *end; } Cursor;
 
-static int next_token(Cursor *c, char stop, Str *out) {      /* up to `stop`, \x1f or \x1e */
+static int next_token(Cursor *c, Str *out) {      /* up to the next \x1f or \x1e (a NUL is a character) */
     if (c->p > c->end) return 0;
     const char *s = c->p;
-    while (c->p < c->end && *c->p != stop && *c->p != '\x1f' && *c->p != '\x1e') c->p++;
+    while (c->p < c->end && *c->p != '\x1f' && *c->p != '\x1e') c->p++;
     out->p = s; out->n = (size_t)(c->p - s);
     return 1;
 }
@@ -80,12 +83,13 @@ static RedisModuleString *kept(Str s) { return RedisModule_CreateString(NULL, s.
 static void free_rules(Rules *R) {
     if (!R) return;
     for (int i = 0; i < R->nb; i++) {
-        for (int j = 0; j <= R->b[i].nedges; j++) if (R->b[i].labels[j]) RedisModule_FreeString(NULL, R->b[i].labels[j]);
+        if (R->b[i].labels)
+            for (int j = 0; j <= R->b[i].nedges; j++) if (R->b[i].labels[j]) RedisModule_FreeString(NULL, R->b[i].labels[j]);
         RedisModule_Free(R->b[i].labels); RedisModule_Free(R->b[i].edges);
-        RedisModule_FreeString(NULL, R->b[i].field);
+        if (R->b[i].field) RedisModule_FreeString(NULL, R->b[i].field);
     }
     for (int i = 0; i < R->nh; i++) { RedisModule_FreeString(NULL, R->h[i].field); RedisModule_FreeString(NULL, R->h[i].tfield); }
-    for (int i = 0; i < R->nc; i++) RedisModule_FreeString(NULL, R->c[i].field);
+    for (int i = 0; i < R->nc; i++) if (R->c[i].field) RedisModule_FreeString(NULL, R->c[i].field);
     if (R->want) RedisModule_FreeString(NULL, R->want[0]);
     if (R->auxwant) RedisModule_FreeString(NULL, R->auxwant[0]);
     if (R->event_at) RedisModule_FreeString(NULL, R->event_at);
@@ -129,36 +133,43 @@ static Rules *parse_rules(const char *text, size_t len) {
     R->c = RedisModule_Calloc(records, sizeof(CounterRule));
     R->b = RedisModule_Calloc(records, sizeof(BucketRule));
     Cursor c = {R->text, R->text + len};
+#define FIELD(out) do { if (c.p >= c.end || *c.p != '\x1f') goto bad; c.p++; next_token(&c, &(out)); } while (0)
     while (c.p <= c.end) {
         Str kind, f[6];
-        next_token(&c, 0, &kind);
+        next_token(&c, &kind);
         if (kind.n != 1) goto bad;
         if (kind.p[0] == 'k') {
-            c.p++; next_token(&c, 0, &f[0]); R->dedup = to_ll(f[0]);
+            FIELD(f[0]); R->dedup = to_ll(f[0]);
         } else if (kind.p[0] == 'h') {
-            for (int i = 0; i < 6; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[i]); }
+            for (int i = 0; i < 6; i++) FIELD(f[i]);
             HistoryRule *h = &R->h[R->nh++];
             h->field = kept(f[0]);
-            h->tfield = RedisModule_CreateStringPrintf(NULL, "t:%.*s", (int)f[0].n, f[0].p);
+            h->tfield = RedisModule_CreateString(NULL, "t:", 2);
+            RedisModule_StringAppendBuffer(NULL, h->tfield, f[0].p, f[0].n);
             h->src = f[1]; h->cap = to_ll(f[2]); h->distinct = f[3].n && f[3].p[0] == '1';
+            if (h->cap < 1) goto bad;
             h->reversed = f[4].n && f[4].p[0] == '1';
             parse_types(f[5], h->on);
         } else if (kind.p[0] == 'c') {
-            for (int i = 0; i < 2; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[i]); }
-            CounterRule *k = &R->c[R->nc++];
+            for (int i = 0; i < 2; i++) FIELD(f[i]);
+            int first = counter_index(R, f[0]);
+            CounterRule *k = &R->c[R->nc];
             k->field = kept(f[0]); parse_types(f[1], k->on);
+            k->slot = first >= 0 ? first : R->nc;
+            R->nc++;
         } else if (kind.p[0] == 'b') {
-            for (int i = 0; i < 4; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[i]); }
+            for (int i = 0; i < 4; i++) FIELD(f[i]);
             BucketRule *b = &R->b[R->nb++];
             b->field = kept(f[0]);
             b->num = counter_index(R, f[1]);
             b->den = f[2].n ? counter_index(R, f[2]) : -1;
-            b->nedges = (int)to_ll(f[3]);
-            if (b->num < 0 || (f[2].n && b->den < 0) || b->nedges < 0) goto bad;
+            long long nedges = to_ll(f[3]);
+            if (b->num < 0 || (f[2].n && b->den < 0) || nedges < 0 || nedges > (long long)(c.end - c.p)) goto bad;
+            b->nedges = (int)nedges;
             b->edges = RedisModule_Calloc(b->nedges + 1, sizeof(double));
             b->labels = RedisModule_Calloc(b->nedges + 1, sizeof(RedisModuleString *));
-            for (int i = 0; i < b->nedges; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[4]); b->edges[i] = to_d(f[4]); }
-            for (int i = 0; i <= b->nedges; i++) { if (*c.p != '\x1f') goto bad; c.p++; next_token(&c, 0, &f[4]); b->labels[i] = kept(f[4]); }
+            for (int i = 0; i < b->nedges; i++) { FIELD(f[4]); b->edges[i] = to_d(f[4]); }
+            for (int i = 0; i <= b->nedges; i++) { FIELD(f[4]); b->labels[i] = kept(f[4]); }
         } else goto bad;
         if (c.p < c.end && *c.p != '\x1e') goto bad;
         c.p++;
@@ -181,11 +192,13 @@ bad:
 
 static Rules *rules_of(RedisModuleString *arg) {
     size_t len; const char *text = RedisModule_StringPtrLen(arg, &len);
-    if (cached && cached->len == len && !memcmp(cached->text, text, len)) return cached;
+    for (int i = 0; i < CACHED; i++)
+        if (cached[i] && cached[i]->len == len && !memcmp(cached[i]->text, text, len)) return cached[i];
     Rules *R = parse_rules(text, len);
     if (!R) return NULL;
-    free_rules(cached);
-    cached = R;
+    free_rules(cached[next_slot]);       /* no call is running: Redis runs one command at a time */
+    cached[next_slot] = R;
+    next_slot = (next_slot + 1) % CACHED;
     return R;
 }
 
@@ -205,14 +218,15 @@ static void reserve(History *st, size_t room) {
     st->o = RedisModule_Realloc(st->o, st->room * sizeof(double));
 }
 
-/* the parts of a '|'-joined text, empty ones skipped (Lua: gmatch '([^|]+)') */
-static size_t split(Str t, Str **out, size_t *room) {
+/* the parts of a '|'-joined text: empty ones skipped (keep_empty 0: an event's values, Lua's gmatch
+ * '([^|]+)'), or kept (1: a stored list, entry for entry as Lua's `count` and the text path see it) */
+static size_t split(Str t, Str **out, size_t *room, int keep_empty) {
     size_t n = 0;
     const char *p = t.p, *end = t.p + t.n;
-    while (p < end) {
+    while (t.n && p <= end) {
         const char *q = memchr(p, SEP, (size_t)(end - p));
         if (!q) q = end;
-        if (q > p) {
+        if (q > p || keep_empty) {
             if (n == *room) { *room = *room ? *room * 2 : 16; *out = RedisModule_Realloc(*out, *room * sizeof(Str)); }
             (*out)[n].p = p; (*out)[n].n = (size_t)(q - p); n++;
         }
@@ -230,13 +244,17 @@ static size_t count_entries(Str t) {      /* Lua `count`: separators + 1, '' non
 
 static int same(Str a, Str b) { return a.n == b.n && !memcmp(a.p, b.p, a.n); }
 
+static int lua_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+
 static double lua_number(Str s, int *ok) {   /* Lua tonumber on a string: the whole text a number */
-    char buf[64];
-    if (!s.n || s.n > 63) { *ok = 0; return 0; }
+    while (s.n && lua_space(s.p[s.n - 1])) s.n--;
+    *ok = 0;
+    if (!s.n) return 0;
+    char small[64], *buf = s.n < sizeof small ? small : RedisModule_Alloc(s.n + 1);
     memcpy(buf, s.p, s.n); buf[s.n] = 0;
     char *end; double d = strtod(buf, &end);
-    while (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r') end++;
     *ok = end != buf && *end == 0;
+    if (buf != small) RedisModule_Free(buf);
     return *ok ? d : 0;
 }
 
@@ -334,11 +352,14 @@ static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     while (a + 3 < argc) {
         RedisModuleString *id = argv[a], *ksarg = argv[a + 1];
         Str ks, typ; ks.p = RedisModule_StringPtrLen(ksarg, &ks.n); typ.p = RedisModule_StringPtrLen(argv[a + 2], &typ.n);
-        long long nl = 0;
+        long long nl = -1;
         RedisModule_StringToLongLong(argv[a + 3], &nl);
+        if (nl < 0 || nl > (long long)(argc - a - 4) / 2) {
+            RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: an event's count of lists is not one its arguments hold");
+            goto done;
+        }
         int lists_at = a + 4;
         a = a + 4 + 2 * (int)nl;
-        if (a > argc) { RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: an event's lists run past the arguments"); goto done; }
         int kok; double key = lua_number(ks, &kok);
         /* admit (Lua `admit`) */
         int verdict = 0;   /* 0 new, 1 dup, 2 late */
@@ -387,10 +408,10 @@ static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
                 size_t nv = count_entries(v);
                 size_t room = 0;
                 Str *vs = NULL, *os = NULL;
-                size_t got_v = split(v, &vs, &room);
+                size_t got_v = split(v, &vs, &room, 1);
                 room = 0;
                 size_t got_o = 0;
-                if (count_entries(o) == nv) got_o = split(o, &os, &room);
+                if (count_entries(o) == nv) got_o = split(o, &os, &room, 1);
                 else { o.p = ""; o.n = 0; }
                 reserve(st, got_v + 1);
                 for (size_t j = 0; j < got_v; j++) {
@@ -409,7 +430,7 @@ static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
             if (!memchr(vals.p, SEP, vals.n)) { if (!own_room) { own_room = 16; own = RedisModule_Alloc(16 * sizeof(Str)); } own[0] = vals; nown = 1; }
             else {
                 Str *parts = NULL; size_t room = 0;
-                size_t np = split(vals, &parts, &room);
+                size_t np = split(vals, &parts, &room, 0);
                 if (own_room < np + 1) { own_room = np + 1; own = RedisModule_Realloc(own, own_room * sizeof(Str)); }
                 nown = 0;
                 for (size_t k = 0; k < np; k++) {
@@ -424,8 +445,9 @@ static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
         }
         for (int i = 0; i < R->nc; i++) {
             if (t < 0 || !R->c[i].on[t]) continue;
-            if (!counted[i]) { int ok; counts[i] = lua_number(reply_str(got, 1 + R->nh + i), &ok); counted[i] = 1; }
-            counts[i] += 1; bumped[i] = 1;
+            int k = R->c[i].slot;
+            if (!counted[k]) { int ok; counts[k] = lua_number(reply_str(got, 1 + R->nh + k), &ok); counted[k] = 1; }
+            counts[k] += 1; bumped[k] = 1;
         }
     }
     if (a != argc) { RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: the events' arguments do not add up"); goto done; }
@@ -467,10 +489,12 @@ static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
             r = RedisModule_Call(ctx, "HSET", "!sv", aux, auxset, naux); CHECK(r);
         }
     }
-    long long ttl_s = 0;
-    if (RedisModule_StringToLongLong(ttl, &ttl_s) == REDISMODULE_OK && ttl_s > 0) {
-        r = RedisModule_Call(ctx, "EXPIRE", "!ss", aux, ttl); CHECK(r);
-        r = RedisModule_Call(ctx, "EXPIRE", "!ss", seen, ttl); CHECK(r);
+    Str ttl_text; ttl_text.p = RedisModule_StringPtrLen(ttl, &ttl_text.n);
+    int ttl_ok; double ttl_s = lua_number(ttl_text, &ttl_ok);
+    if (ttl_ok && ttl_s > 0) {           /* Lua: tonumber(ARGV[1]) > 0, handed to EXPIRE as its number */
+        RedisModuleString *secs = number_text(ctx, ttl_s);
+        r = RedisModule_Call(ctx, "EXPIRE", "!ss", aux, secs); CHECK(r);
+        r = RedisModule_Call(ctx, "EXPIRE", "!ss", seen, secs); CHECK(r);
     }
     RedisModule_ReplyWithArray(ctx, 3);
     RedisModule_ReplyWithLongLong(ctx, applied);
