@@ -428,12 +428,16 @@ def build_model(manifest: Manifest, blobs: dict[str, bytes], provider: str = "au
         topk_idle = make_session(blobs[TOWER_TOPK_FILE], "cpu", idle_threads, spin_us=idle_spin_us)[0]
     model = LoadedModel(manifest, FeatureSchema.from_dict(manifest.features), session, used, tags, sides,
                         {t: i for i, t in enumerate(tags)}, topk_session, feeds, topk_idle)
-    # Warm up: the first run of a session allocates; do it before taking traffic.
+    warm_up(model)
+    return model
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One call of each session: the first run of a session allocates; do it before taking traffic."""
     cat = np.full((1, len(model.schema.cat_fields)), 1, dtype=np.int64)
     multi = np.zeros((1, len(model.schema.multi_fields), model.schema.multi_len), dtype=np.int64)
     model.run_tower(cat, multi)
-    if topk_session is not None:
+    if model.topk_session is not None:
         model.rank(EncodedBatch(cat, multi), 1, mode="fused")
-    if topk_idle is not None:
+    if model.topk_idle is not None:
         model.rank(EncodedBatch(cat, multi), 1, mode="fused", idle=True)
-    return model
