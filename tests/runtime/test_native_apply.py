@@ -63,7 +63,8 @@ def test_native_writes_what_the_function_writes(redis_client, rules):
         if rng.random() < 0.05:                          # `mvke features load` of one user in between
             u = rng.choice(users)
             values = {LOADED_AT_FIELD: f"{step}.5", "clicked_tags": "p|q|r|s|t", "last_click": "z",
-                      "conv": "a|b|c", "n": "3", "imp": "x7"}       # a counter that is not a number
+                      "conv": "a|b|c", "n": "3", "imp": "x7",       # a counter that is not a number
+                      "rate_b": "old", "avg_ctr_bucket": "old"}      # buckets a zero rate must unset
             for keys in (lua, native):
                 redis_client.delete(keys.user(u))
                 redis_client.hset(keys.user(u), mapping=values)

@@ -319,191 +319,240 @@ static RedisModuleString *number_text(RedisModuleCtx *ctx, double d) {     /* Lu
 }
 
 /* ---- the command ---------------------------------------------------------------------------- */
-#define FAIL_WITH(r) do { RedisModule_ReplyWithCallReply(ctx, (r)); goto done; } while (0)
-#define CHECK(r) do { if (!(r)) { RedisModule_ReplyWithError(ctx, "ERR a call inside MVKE.APPLY failed"); goto done; } \
-                      if (RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) FAIL_WITH(r); } while (0)
+/* One call's state: the user's fields as read, its histories and counters as the events change them. */
+typedef struct {
+    Rules *R;
+    RedisModuleCallReply *got;           /* HMGET of the user: _loaded_at, histories, counters */
+    Str loaded;
+    RedisModuleCallReply *auxgot;        /* HMGET of :ev, read when a history is first touched */
+    int fresh;                           /* :ev describes other (reloaded) values: its order keys dropped */
+    History *hs;
+    double *counts;
+    char *counted, *bumped;              /* per counter slot: parsed, incremented */
+    Str *own; size_t own_room;           /* scratch: one event's values of one history */
+    long long seen_n;                    /* ids in the :seen set */
+} Call;
+
+static Str or_empty(Str s) { if (!s.p) { s.p = ""; s.n = 0; } return s; }
+
+/* a counter slot's number: the stored text parsed when first needed (Lua `count_of`) */
+static double count_of(Call *c, int k) {
+    if (!c->counted[k]) {
+        int ok;
+        c->counts[k] = lua_number(reply_str(c->got, 1 + c->R->nh + k), &ok);
+        c->counted[k] = 1;
+    }
+    return c->counts[k];
+}
+
+/* Lua `history`: a stored list and its order keys as arrays (no order keys for these values: older
+ * than any event, "0" each) */
+static void load_history(History *st, Str v, Str o) {
+    size_t room = 0, got_o = 0;
+    Str *vs = NULL, *os = NULL;
+    size_t got_v = split(v, &vs, &room, 1);
+    room = 0;
+    if (count_entries(o) == count_entries(v)) got_o = split(o, &os, &room, 1);
+    else o.n = 0;
+    reserve(st, got_v + 1);
+    for (size_t j = 0; j < got_v; j++) {
+        st->v[j] = vs[j];
+        if (!o.n) { st->s[j].p = "0"; st->s[j].n = 1; st->o[j] = 0; }
+        else if (j < got_o) { int ok; st->s[j] = os[j]; st->o[j] = lua_number(os[j], &ok); }
+        else { st->s[j].p = ""; st->s[j].n = 0; st->o[j] = 0; }
+    }
+    st->n = got_v;
+    RedisModule_Free(vs); RedisModule_Free(os);
+    st->loaded = 1;
+}
+
+/* Lua `own_values`: an event's values of one history in the order they enter it, once each where
+ * distinct -> their count, in c->own */
+static size_t own_values(Call *c, Str vals, const HistoryRule *h) {
+    if (!memchr(vals.p, SEP, vals.n)) {
+        if (!c->own_room) { c->own_room = 16; c->own = RedisModule_Alloc(16 * sizeof(Str)); }
+        c->own[0] = vals;
+        return 1;
+    }
+    Str *parts = NULL; size_t room = 0;
+    size_t np = split(vals, &parts, &room, 0), nown = 0;
+    if (c->own_room < np + 1) { c->own_room = np + 1; c->own = RedisModule_Realloc(c->own, c->own_room * sizeof(Str)); }
+    for (size_t k = 0; k < np; k++) {
+        Str x = parts[h->reversed ? np - 1 - k : k];
+        int twice = 0;
+        if (h->distinct) for (size_t m = 0; m < nown; m++) if (same(c->own[m], x)) { twice = 1; break; }
+        if (!twice) c->own[nown++] = x;
+    }
+    RedisModule_Free(parts);
+    return nown;
+}
+
+enum { NEW, DUP, LATE, FAILED };
+
+/* Lua `admit`: a known id is a duplicate; with the id set full, an event older than all of it is late;
+ * else the id is remembered (the oldest beyond the horizon forgotten). FAILED: *err is the reply */
+static int admit(RedisModuleCtx *ctx, Call *c, RedisModuleString *seen, RedisModuleString *id,
+                 RedisModuleString *ksarg, double key, RedisModuleCallReply **err) {
+    RedisModuleCallReply *r;
+#define TRY(call) do { r = (call); if (!r || RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) { *err = r; return FAILED; } } while (0)
+    if (c->seen_n < c->R->dedup) {
+        TRY(RedisModule_Call(ctx, "ZADD", "!scss", seen, "NX", ksarg, id));
+        if (RedisModule_CallReplyInteger(r) == 0) return DUP;
+        c->seen_n++;
+        return NEW;
+    }
+    TRY(RedisModule_Call(ctx, "ZSCORE", "ss", seen, id));
+    if (RedisModule_CallReplyType(r) != REDISMODULE_REPLY_NULL) return DUP;
+    TRY(RedisModule_Call(ctx, "ZRANGE", "sllc", seen, 0LL, 0LL, "WITHSCORES"));
+    Str o = reply_str(r, 1);
+    int ok; double oldest = o.p ? lua_number(o, &ok) : 0;
+    if (o.p && ok && key < oldest) return LATE;
+    TRY(RedisModule_Call(ctx, "ZADD", "!sss", seen, ksarg, id));
+    TRY(RedisModule_Call(ctx, "ZREMRANGEBYRANK", "!sll", seen, 0LL, c->seen_n - c->R->dedup));
+    c->seen_n = c->R->dedup;
+    return NEW;
+#undef TRY
+}
+
+/* the hash writes of the events applied (Lua: after the loop): histories and their order keys,
+ * counters bumped, every bucket, `_event_at`. NULL: done; else the failed call's reply */
+static RedisModuleCallReply *write_back(RedisModuleCtx *ctx, Call *c, RedisModuleString *user,
+                                        RedisModuleString *aux, RedisModuleString *now) {
+    Rules *R = c->R;
+    size_t room = 2 * (size_t)(R->nh + R->nc + R->nb) + 4, nset = 0, ndel = 0, naux = 0;
+    RedisModuleString **args = RedisModule_Calloc(3 * room, sizeof(RedisModuleString *));
+    RedisModuleString **hset = args, **hdel = args + room, **auxset = args + 2 * room;
+    auxset[naux++] = R->base;
+    auxset[naux++] = RedisModule_CreateString(ctx, c->loaded.p, c->loaded.n);
+    for (int i = 0; i < R->nh; i++) {
+        if (!c->hs[i].dirty) continue;
+        hset[nset++] = R->h[i].field; hset[nset++] = joined(ctx, c->hs[i].v, c->hs[i].n);
+        auxset[naux++] = R->h[i].tfield; auxset[naux++] = joined(ctx, c->hs[i].s, c->hs[i].n);
+    }
+    for (int i = 0; i < R->nc; i++)
+        if (c->bumped[i]) { hset[nset++] = R->c[i].field; hset[nset++] = number_text(ctx, c->counts[i]); }
+    for (int i = 0; i < R->nb; i++) {
+        BucketRule *b = &R->b[i];
+        double value = count_of(c, b->num);
+        if (b->den >= 0) {
+            double den = count_of(c, b->den);
+            if (den == 0) { hdel[ndel++] = b->field; continue; }     /* no rate: the field unset */
+            value = value / den;
+        }
+        int k = 0;
+        for (int e = 0; e < b->nedges; e++) if (b->edges[e] < value) k++;
+        hset[nset++] = b->field; hset[nset++] = b->labels[k];
+    }
+    hset[nset++] = R->event_at; hset[nset++] = now;
+    RedisModuleCallReply *r = RedisModule_Call(ctx, "HSET", "!sv", user, hset, nset);
+    if (r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR && ndel)
+        r = RedisModule_Call(ctx, "HDEL", "!sv", user, hdel, ndel);
+    if (r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR && naux > 2) {   /* a history changed */
+        if (c->fresh) r = RedisModule_Call(ctx, "DEL", "!s", aux);
+        if (r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR)
+            r = RedisModule_Call(ctx, "HSET", "!sv", aux, auxset, naux);
+    }
+    RedisModule_Free(args);
+    return r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR ? NULL : r;
+}
+
+/* one applied event's history inserts and counter increments */
+static RedisModuleCallReply *apply_event(RedisModuleCtx *ctx, Call *c, RedisModuleString **lists, long long nl,
+                                         int t, double key, Str ks, RedisModuleString *aux) {
+    Rules *R = c->R;
+    for (int i = 0; i < R->nh; i++) {
+        HistoryRule *h = &R->h[i];
+        if (t < 0 || !h->on[t]) continue;
+        Str vals = {NULL, 0};
+        for (long long j = 0; j < nl; j++) {      /* the last pair of that name, as the Lua table keeps it */
+            Str name; name.p = RedisModule_StringPtrLen(lists[2 * j], &name.n);
+            if (same(name, h->src)) vals.p = RedisModule_StringPtrLen(lists[2 * j + 1], &vals.n);
+        }
+        if (!vals.p || !vals.n) continue;
+        History *st = &c->hs[i];
+        if (!st->loaded) {
+            if (!c->auxgot) {
+                c->auxgot = RedisModule_Call(ctx, "HMGET", "sv", aux, R->auxwant, (size_t)(1 + R->nh));
+                if (!c->auxgot || RedisModule_CallReplyType(c->auxgot) == REDISMODULE_REPLY_ERROR) return c->auxgot;
+                c->fresh = !same(or_empty(reply_str(c->auxgot, 0)), c->loaded);
+            }
+            Str none = {"", 0};
+            load_history(st, or_empty(reply_str(c->got, 1 + i)), c->fresh ? none : or_empty(reply_str(c->auxgot, 1 + i)));
+        }
+        size_t nown = own_values(c, vals, h);
+        if (insert(st, c->own, nown, key, ks, h->cap, h->distinct)) st->dirty = 1;
+    }
+    for (int i = 0; i < R->nc; i++) {
+        if (t < 0 || !R->c[i].on[t]) continue;
+        int k = R->c[i].slot;
+        c->counts[k] = count_of(c, k) + 1;
+        c->bumped[k] = 1;
+    }
+    return NULL;
+}
+
+static int apply_events(RedisModuleCtx *ctx, Call *c, RedisModuleString **argv, int argc) {
+    RedisModuleString *user = argv[1], *aux = argv[2], *seen = argv[3], *ttl = argv[5], *now = argv[6];
+    RedisModuleCallReply *err = NULL, *r;
+    c->got = RedisModule_Call(ctx, "HMGET", "sv", user, c->R->want, (size_t)(1 + c->R->nh + c->R->nc));
+    if (!c->got || RedisModule_CallReplyType(c->got) == REDISMODULE_REPLY_ERROR) { err = c->got; goto failed; }
+    c->loaded = or_empty(reply_str(c->got, 0));
+    r = RedisModule_Call(ctx, "ZCARD", "s", seen);
+    if (!r || RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) { err = r; goto failed; }
+    c->seen_n = RedisModule_CallReplyInteger(r);
+    long long counted[3] = {0, 0, 0};      /* applied, duplicate, late */
+    int a = 7;
+    while (a + 3 < argc) {
+        long long nl = -1;
+        RedisModule_StringToLongLong(argv[a + 3], &nl);
+        if (nl < 0 || nl > (long long)(argc - a - 4) / 2)
+            return RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: an event's count of lists is not one its arguments hold");
+        Str ks, typ;
+        ks.p = RedisModule_StringPtrLen(argv[a + 1], &ks.n);
+        typ.p = RedisModule_StringPtrLen(argv[a + 2], &typ.n);
+        int ok; double key = lua_number(ks, &ok);
+        int verdict = admit(ctx, c, seen, argv[a], argv[a + 1], key, &err);
+        if (verdict == FAILED) goto failed;
+        if (verdict == NEW && (err = apply_event(ctx, c, argv + a + 4, nl, type_index(typ.p, typ.n), key, ks, aux)))
+            goto failed;
+        counted[verdict == NEW ? 0 : verdict == DUP ? 1 : 2]++;
+        a += 4 + 2 * (int)nl;
+    }
+    if (a != argc) return RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: the events' arguments do not add up");
+    if (counted[0] > 0 && (err = write_back(ctx, c, user, aux, now))) goto failed;
+    Str ttl_text; ttl_text.p = RedisModule_StringPtrLen(ttl, &ttl_text.n);
+    int ttl_ok; double ttl_s = lua_number(ttl_text, &ttl_ok);
+    if (ttl_ok && ttl_s > 0) {           /* Lua: tonumber(ARGV[1]) > 0, handed to EXPIRE as its number */
+        RedisModuleString *secs = number_text(ctx, ttl_s);
+        RedisModuleString *keys[2] = {aux, seen};
+        for (int k = 0; k < 2; k++) {
+            r = RedisModule_Call(ctx, "EXPIRE", "!ss", keys[k], secs);
+            if (!r || RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) { err = r; goto failed; }
+        }
+    }
+    RedisModule_ReplyWithArray(ctx, 3);
+    for (int k = 0; k < 3; k++) RedisModule_ReplyWithLongLong(ctx, counted[k]);
+    return REDISMODULE_OK;
+failed:      /* as the Lua function's redis.call raising: the writes made so far stay */
+    if (err) return RedisModule_ReplyWithCallReply(ctx, err);
+    return RedisModule_ReplyWithError(ctx, "ERR a call inside MVKE.APPLY failed");
+}
 
 static int apply_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc < 7) return RedisModule_WrongArity(ctx);
     RedisModule_AutoMemory(ctx);
     Rules *R = rules_of(argv[4]);
     if (!R) return RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: rules not understood (EventRules.to_native)");
-    RedisModuleString *user = argv[1], *aux = argv[2], *seen = argv[3], *ttl = argv[5], *now = argv[6];
-
-    History *hs = RedisModule_Calloc(R->nh ? R->nh : 1, sizeof(History));
-    double *counts = RedisModule_Calloc(R->nc ? R->nc : 1, sizeof(double));
-    char *counted = RedisModule_Calloc(R->nc ? R->nc : 1, 1), *bumped = RedisModule_Calloc(R->nc ? R->nc : 1, 1);
-    Str *own = NULL; size_t own_room = 0;
-    RedisModuleString **args = NULL;
-
-    RedisModuleCallReply *got = RedisModule_Call(ctx, "HMGET", "sv", user, R->want, (size_t)(1 + R->nh + R->nc));
-    CHECK(got);
-    Str loaded = reply_str(got, 0);
-    if (!loaded.p) { loaded.p = ""; loaded.n = 0; }
-    RedisModuleCallReply *auxgot = NULL;
-    int fresh = 0;
-
-    RedisModuleCallReply *r = RedisModule_Call(ctx, "ZCARD", "s", seen);
-    CHECK(r);
-    long long seen_n = RedisModule_CallReplyInteger(r);
-    long long applied = 0, dup = 0, late = 0;
-
-    int a = 7;
-    while (a + 3 < argc) {
-        RedisModuleString *id = argv[a], *ksarg = argv[a + 1];
-        Str ks, typ; ks.p = RedisModule_StringPtrLen(ksarg, &ks.n); typ.p = RedisModule_StringPtrLen(argv[a + 2], &typ.n);
-        long long nl = -1;
-        RedisModule_StringToLongLong(argv[a + 3], &nl);
-        if (nl < 0 || nl > (long long)(argc - a - 4) / 2) {
-            RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: an event's count of lists is not one its arguments hold");
-            goto done;
-        }
-        int lists_at = a + 4;
-        a = a + 4 + 2 * (int)nl;
-        int kok; double key = lua_number(ks, &kok);
-        /* admit (Lua `admit`) */
-        int verdict = 0;   /* 0 new, 1 dup, 2 late */
-        if (seen_n < R->dedup) {
-            r = RedisModule_Call(ctx, "ZADD", "!scss", seen, "NX", ksarg, id); CHECK(r);
-            if (RedisModule_CallReplyInteger(r) == 0) verdict = 1; else seen_n++;
-        } else {
-            r = RedisModule_Call(ctx, "ZSCORE", "ss", seen, id); CHECK(r);
-            if (RedisModule_CallReplyType(r) != REDISMODULE_REPLY_NULL) verdict = 1;
-            else {
-                r = RedisModule_Call(ctx, "ZRANGE", "sllc", seen, 0LL, 0LL, "WITHSCORES"); CHECK(r);
-                Str o = reply_str(r, 1);
-                int ook; double oldest = o.p ? lua_number(o, &ook) : 0;
-                if (o.p && ook && key < oldest) verdict = 2;
-                else {
-                    r = RedisModule_Call(ctx, "ZADD", "!sss", seen, ksarg, id); CHECK(r);
-                    r = RedisModule_Call(ctx, "ZREMRANGEBYRANK", "!sll", seen, 0LL, seen_n - R->dedup); CHECK(r);
-                    seen_n = R->dedup;
-                }
-            }
-        }
-        if (verdict == 1) { dup++; continue; }
-        if (verdict == 2) { late++; continue; }
-        applied++;
-        int t = type_index(typ.p, typ.n);
-        for (int i = 0; i < R->nh; i++) {
-            HistoryRule *h = &R->h[i];
-            if (t < 0 || !h->on[t]) continue;
-            Str vals = {NULL, 0};
-            for (int j = 0; j < nl; j++) {       /* the last pair of that name, as the Lua table keeps it */
-                Str name; name.p = RedisModule_StringPtrLen(argv[lists_at + 2 * j], &name.n);
-                if (same(name, h->src)) vals.p = RedisModule_StringPtrLen(argv[lists_at + 2 * j + 1], &vals.n);
-            }
-            if (!vals.p || !vals.n) continue;
-            History *st = &hs[i];
-            if (!st->loaded) {           /* Lua `history`: read when an event first touches it */
-                if (!auxgot) {
-                    auxgot = RedisModule_Call(ctx, "HMGET", "sv", aux, R->auxwant, (size_t)(1 + R->nh)); CHECK(auxgot);
-                    Str b = reply_str(auxgot, 0);
-                    if (!b.p) { b.p = ""; b.n = 0; }
-                    fresh = !same(b, loaded);
-                }
-                Str v = reply_str(got, 1 + i), o = {"", 0};
-                if (!v.p) { v.p = ""; v.n = 0; }
-                if (!fresh) { o = reply_str(auxgot, 1 + i); if (!o.p) { o.p = ""; o.n = 0; } }
-                size_t nv = count_entries(v);
-                size_t room = 0;
-                Str *vs = NULL, *os = NULL;
-                size_t got_v = split(v, &vs, &room, 1);
-                room = 0;
-                size_t got_o = 0;
-                if (count_entries(o) == nv) got_o = split(o, &os, &room, 1);
-                else { o.p = ""; o.n = 0; }
-                reserve(st, got_v + 1);
-                for (size_t j = 0; j < got_v; j++) {
-                    st->v[j] = vs[j];
-                    if (o.n) {     /* the Lua tables: o[j] may be missing (nil) where the texts had empty parts */
-                        if (j < got_o) { int ok; st->s[j] = os[j]; st->o[j] = lua_number(os[j], &ok); }
-                        else { st->s[j].p = ""; st->s[j].n = 0; st->o[j] = 0; }
-                    } else { st->s[j].p = "0"; st->s[j].n = 1; st->o[j] = 0; }
-                }
-                st->n = got_v;
-                RedisModule_Free(vs); RedisModule_Free(os);
-                st->loaded = 1;
-            }
-            /* Lua `own_values`: the event's values in entering order, once each where distinct */
-            size_t nown;
-            if (!memchr(vals.p, SEP, vals.n)) { if (!own_room) { own_room = 16; own = RedisModule_Alloc(16 * sizeof(Str)); } own[0] = vals; nown = 1; }
-            else {
-                Str *parts = NULL; size_t room = 0;
-                size_t np = split(vals, &parts, &room, 0);
-                if (own_room < np + 1) { own_room = np + 1; own = RedisModule_Realloc(own, own_room * sizeof(Str)); }
-                nown = 0;
-                for (size_t k = 0; k < np; k++) {
-                    Str x = parts[h->reversed ? np - 1 - k : k];
-                    int seen_before = 0;
-                    if (h->distinct) for (size_t m = 0; m < nown; m++) if (same(own[m], x)) { seen_before = 1; break; }
-                    if (!seen_before) own[nown++] = x;
-                }
-                RedisModule_Free(parts);
-            }
-            if (insert(st, own, nown, key, ks, h->cap, h->distinct)) st->dirty = 1;
-        }
-        for (int i = 0; i < R->nc; i++) {
-            if (t < 0 || !R->c[i].on[t]) continue;
-            int k = R->c[i].slot;
-            if (!counted[k]) { int ok; counts[k] = lua_number(reply_str(got, 1 + R->nh + k), &ok); counted[k] = 1; }
-            counts[k] += 1; bumped[k] = 1;
-        }
-    }
-    if (a != argc) { RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: the events' arguments do not add up"); goto done; }
-
-    if (applied > 0) {
-        size_t room = 2 * (size_t)(R->nh + R->nc + R->nb) + 4, nset = 0, ndel = 0, naux = 0;
-        args = RedisModule_Calloc(3 * room, sizeof(RedisModuleString *));
-        RedisModuleString **hset = args, **hdel = args + room, **auxset = args + 2 * room;
-        auxset[naux++] = R->base;
-        auxset[naux++] = RedisModule_CreateString(ctx, loaded.p, loaded.n);
-        for (int i = 0; i < R->nh; i++) {
-            if (!hs[i].dirty) continue;
-            hset[nset++] = R->h[i].field; hset[nset++] = joined(ctx, hs[i].v, hs[i].n);
-            auxset[naux++] = R->h[i].tfield; auxset[naux++] = joined(ctx, hs[i].s, hs[i].n);
-        }
-        for (int i = 0; i < R->nc; i++)
-            if (bumped[i]) { hset[nset++] = R->c[i].field; hset[nset++] = number_text(ctx, counts[i]); }
-        for (int i = 0; i < R->nb; i++) {
-            BucketRule *b = &R->b[i];
-            int ok;
-            if (!counted[b->num]) { counts[b->num] = lua_number(reply_str(got, 1 + R->nh + b->num), &ok); counted[b->num] = 1; }
-            double value = counts[b->num];
-            int none = 0;
-            if (b->den >= 0) {
-                if (!counted[b->den]) { counts[b->den] = lua_number(reply_str(got, 1 + R->nh + b->den), &ok); counted[b->den] = 1; }
-                double den = counts[b->den];
-                if (den == 0) none = 1; else value = value / den;
-            }
-            if (none) { hdel[ndel++] = b->field; continue; }
-            int k = 0;
-            for (int e = 0; e < b->nedges; e++) if (b->edges[e] < value) k++;
-            hset[nset++] = b->field; hset[nset++] = b->labels[k];
-        }
-        hset[nset++] = R->event_at; hset[nset++] = now;
-        r = RedisModule_Call(ctx, "HSET", "!sv", user, hset, nset); CHECK(r);
-        if (ndel) { r = RedisModule_Call(ctx, "HDEL", "!sv", user, hdel, ndel); CHECK(r); }
-        if (naux > 2) {
-            if (fresh) { r = RedisModule_Call(ctx, "DEL", "!s", aux); CHECK(r); }
-            r = RedisModule_Call(ctx, "HSET", "!sv", aux, auxset, naux); CHECK(r);
-        }
-    }
-    Str ttl_text; ttl_text.p = RedisModule_StringPtrLen(ttl, &ttl_text.n);
-    int ttl_ok; double ttl_s = lua_number(ttl_text, &ttl_ok);
-    if (ttl_ok && ttl_s > 0) {           /* Lua: tonumber(ARGV[1]) > 0, handed to EXPIRE as its number */
-        RedisModuleString *secs = number_text(ctx, ttl_s);
-        r = RedisModule_Call(ctx, "EXPIRE", "!ss", aux, secs); CHECK(r);
-        r = RedisModule_Call(ctx, "EXPIRE", "!ss", seen, secs); CHECK(r);
-    }
-    RedisModule_ReplyWithArray(ctx, 3);
-    RedisModule_ReplyWithLongLong(ctx, applied);
-    RedisModule_ReplyWithLongLong(ctx, dup);
-    RedisModule_ReplyWithLongLong(ctx, late);
-done:
-    for (int i = 0; i < R->nh; i++) { RedisModule_Free(hs[i].v); RedisModule_Free(hs[i].s); RedisModule_Free(hs[i].o); }
-    RedisModule_Free(hs); RedisModule_Free(counts); RedisModule_Free(counted); RedisModule_Free(bumped);
-    RedisModule_Free(own); RedisModule_Free(args);
+    int nh = R->nh ? R->nh : 1, nc = R->nc ? R->nc : 1;
+    Call c = {.R = R};
+    c.hs = RedisModule_Calloc(nh, sizeof(History));
+    c.counts = RedisModule_Calloc(nc, sizeof(double));
+    c.counted = RedisModule_Calloc(nc, 1);
+    c.bumped = RedisModule_Calloc(nc, 1);
+    apply_events(ctx, &c, argv, argc);
+    for (int i = 0; i < R->nh; i++) { RedisModule_Free(c.hs[i].v); RedisModule_Free(c.hs[i].s); RedisModule_Free(c.hs[i].o); }
+    RedisModule_Free(c.hs); RedisModule_Free(c.counts); RedisModule_Free(c.counted); RedisModule_Free(c.bumped);
+    RedisModule_Free(c.own);
     return REDISMODULE_OK;
 }
 
