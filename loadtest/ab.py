@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                 log = Path(a.work) / f"ab-{name.replace(' ', '-')}.log"
                 servers[name] = Server.service(redis.url, workers=a.workers, root=root, log=log).start()
         t0 = time.time()
-        rows = ab_rounds(servers, reqs, a.rounds, a.duration, 1.0,
-                         levels=levels)
+        rows = ab_rounds(servers, reqs, a.rounds, a.duration, 1.0, levels=levels)
         report["seconds"] = round(time.time() - t0, 1)
     finally:
         for s in servers.values():

@@ -221,6 +221,11 @@ def users_per_call(variant: str) -> int | None:
         return None
 
 
+# this checkout's consumer with one apply by name (`mvke features stream --apply`); "real" is its default
+# (auto: the compiled MVKE.APPLY, which the bench's private Redis loads where it builds)
+APPLY_VARIANTS = {"real-function": "function", "real-native": "native"}
+
+
 def variant_consumer(variant: str, before: Path | None) -> tuple[Path, str, tuple[str, ...]]:
     """A --variants name -> (checkout, apply function, consumer arguments): "before" (the --before
     checkout's shipped function), "real-uN" (this one's, N users per FCALL), "real-function" / "real-native"
@@ -232,11 +237,6 @@ def variant_consumer(variant: str, before: Path | None) -> tuple[Path, str, tupl
     if variant in APPLY_VARIANTS:
         return ROOT, "real", ("--apply", APPLY_VARIANTS[variant])
     return ROOT, variant, ()
-
-
-# this checkout's consumer with one apply by name (`mvke features stream --apply`); "real" is its default
-# (auto: the compiled MVKE.APPLY, which the bench's private Redis loads where it builds)
-APPLY_VARIANTS = {"real-function": "function", "real-native": "native"}
 
 
 def paced_rows(r, redis_url: str, rules: Path, users: list[str], port: int, reqs: list, duration: float,

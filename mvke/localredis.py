@@ -22,6 +22,7 @@ import redis
 
 from mvke.runtime.native_apply import module_path
 
+
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:

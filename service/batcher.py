@@ -14,8 +14,9 @@ task, instead of handing it to the worker and waiting to be handed the result
 back (two event loop hops a lone request gains nothing from). While it runs it
 counts as the batch in flight: requests arriving meanwhile queue up and the
 worker takes them together when it ends, as before. After IDLE_STREAK such requests in a row (none
-queued between, and none while another worker of the service had a request: BusyBoard), its model call is `rank(idle=True)`: the fused graph on the idle session's threads
-(MVKE_ORT_IDLE_THREADS). "None on its way back"
+queued between, and none while another worker of the service had a request: BusyBoard), its model
+call is `rank(idle=True)`: the fused graph on the idle session's threads (MVKE_ORT_IDLE_THREADS).
+"None on its way back"
 matters under load: when a batch's answers are delivered, the first caller to
 come back with its next request would otherwise find the batcher idle and run
 alone while the others queue behind it (measured: 27% fewer requests/s at
@@ -42,9 +43,10 @@ from service.tagger import ServiceError, TagJob, TagResult, Tagger, unavailable
 log = logging.getLogger("mvke.service")
 
 # A lone request's model call takes the idle threads (`LoadedModel.rank(idle=True)`) only when this
-# many requests in a row found the batcher idle and no other worker busy (service/busy_board.py). At c=32 one of two workers often holds a single
-# request while the other is busy; its second thread then took the busy worker's core (the idle
-# threads' CPU at c=32: 0.04-0.46 s per 5 s and worker, none with the streak; c=1 reaches it at once).
+# many requests in a row found the batcher idle and no other worker busy (service/busy_board.py). At
+# c=32 one of two workers often holds a single request while the other is busy; its second thread then
+# took the busy worker's core (the idle threads' CPU at c=32: 0.04-0.46 s per 5 s and worker, none with
+# the streak; c=1 reaches it at once).
 IDLE_STREAK = 16
 
 

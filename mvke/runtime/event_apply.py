@@ -39,7 +39,6 @@ from mvke.runtime.events import (
 )
 from mvke.runtime.keys import Keys
 from mvke.runtime.native_apply import COMMAND as NATIVE_COMMAND
-from mvke.runtime.native_apply import server_has_native
 from mvke.runtime.redis_client import is_cluster
 
 log = logging.getLogger("mvke.events")
@@ -429,6 +428,14 @@ def send_raw(client: Any, commands: list[tuple]) -> list[Any]:
         pool.release(conn)
 
 
+def server_has_native(client: Any) -> bool:
+    """Does this Redis (one node, a sync client) have MVKE.APPLY loaded? Asked raw (`send_raw`):
+    redis-py's COMMAND INFO parser fails on an unknown command. An old server's error reply: no; a
+    connection error raises, as the batch's own calls would (the choice is made again next batch)."""
+    reply = send_raw(client, [("COMMAND", "INFO", NATIVE_COMMAND.lower())])[0]
+    return isinstance(reply, list) and bool(reply) and reply[0] is not None
+
+
 class EventApplier:
     """Applies batches of events with a sync client (one node or a cluster: `redis_client.connect`)."""
 
@@ -457,8 +464,8 @@ class EventApplier:
                    and self.native_rules is not None)
         self.native = allowed and server_has_native(self.client)
         if self.mode == APPLY_NATIVE and not self.native:
-            raise RuntimeError(f"--apply native: this Redis has no {NATIVE_COMMAND} (load "
-                               "mvke/runtime/native/mvke_apply.c as a module: docs/SCALING.md), or the call is grouped or on a cluster")
+            raise RuntimeError(f"--apply native: this Redis has no {NATIVE_COMMAND} (`mvke features apply-module`, "
+                               "then --loadmodule: docs/DEPLOY.md), or the calls are grouped or on a cluster")
 
     def apply(self, events: Iterable[Event]) -> ApplyCounts:
         """Apply a batch; Redis connection errors raise (nothing is acknowledged, the batch is redone:

@@ -243,19 +243,19 @@ class EventRules:
         """The same rules as the compiled apply command reads them (native/mvke_apply.c): records split
         by \x1e, fields by \x1f; counters before buckets (a bucket names its counters). A name or label
         holding either separator cannot be written so: ValueError (the applier then runs the function)."""
-        names = [x for h in self.histories for x in (h.field, h.source)] + [c.field for c in self.counters]
-        names += [x for b in self.buckets for x in (b.field, *(b.labels.format(i) for i in range(len(b.edges) + 1)))]
-        if any("\x1e" in x or "\x1f" in x for x in names):
-            raise ValueError("a rule's name holds \\x1e or \\x1f: not expressible for MVKE.APPLY")
         types = ",".join
         records = [f"k\x1f{self.dedup_ids}"]
         records += [f"h\x1f{h.field}\x1f{h.source}\x1f{h.max_len}\x1f{int(h.distinct)}\x1f{int(h.reversed_within)}"
                     f"\x1f{types(h.on)}" for h in self.histories]
         records += [f"c\x1f{c.field}\x1f{types(c.on)}" for c in self.counters]
+        names = [x for h in self.histories for x in (h.field, h.source)] + [c.field for c in self.counters]
         for b in self.buckets:
             num, den = (b.rate[0], b.rate[1]) if b.rate else (b.count, "")
-            records.append("\x1f".join(["b", b.field, num, den, str(len(b.edges)), *map(repr, b.edges),
-                                        *(b.labels.format(i) for i in range(len(b.edges) + 1))]))
+            labels = [b.labels.format(i) for i in range(len(b.edges) + 1)]
+            names += [b.field, *labels]
+            records.append("\x1f".join(["b", b.field, num, den, str(len(b.edges)), *map(repr, b.edges), *labels]))
+        if any("\x1e" in x or "\x1f" in x for x in names):
+            raise ValueError("a rule's name holds \\x1e or \\x1f: not expressible for MVKE.APPLY")
         return "\x1e".join(records)
 
     def to_lua(self) -> str:

@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger("mvke.events")
 
@@ -56,19 +55,3 @@ def module_path() -> Path | None:
         return None
     os.replace(tmp, target)     # whole or not at all: concurrent builds each rename their own file
     return target
-
-
-def server_has_native(client: Any) -> bool:
-    """Does this Redis (one node, a sync client) have MVKE.APPLY loaded? Asked on a connection of the
-    client's pool, reply unparsed (redis-py's COMMAND INFO parser fails on an unknown command)."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_command("COMMAND", "INFO", COMMAND.lower())
-        reply = conn.read_response()
-    except Exception:           # an old server or a proxy without COMMAND INFO: the function
-        conn.disconnect()
-        return False
-    finally:
-        pool.release(conn)
-    return bool(reply) and reply[0] is not None

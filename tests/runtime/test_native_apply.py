@@ -116,7 +116,7 @@ def test_apply_module_command_prints_a_module_a_redis_can_load(tmp_path):
     import subprocess
     import sys
 
-    from mvke.runtime.native_apply import server_has_native
+    from mvke.runtime.event_apply import server_has_native
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-m", "mvke.cli", "features", "apply-module"], cwd=root,
                          capture_output=True, text=True, check=True).stdout.strip()
