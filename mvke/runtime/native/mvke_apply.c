@@ -389,12 +389,19 @@ static size_t own_values(Call *c, Str vals, const HistoryRule *h) {
 
 enum { NEW, DUP, LATE, FAILED };
 
+/* a call that failed (no reply, or an error reply): kept in *err for the command's own reply */
+static int call_failed(RedisModuleCallReply *r, RedisModuleCallReply **err) {
+    if (r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR) return 0;
+    *err = r;
+    return 1;
+}
+
 /* Lua `admit`: a known id is a duplicate; with the id set full, an event older than all of it is late;
  * else the id is remembered (the oldest beyond the horizon forgotten). FAILED: *err is the reply */
 static int admit(RedisModuleCtx *ctx, Call *c, RedisModuleString *seen, RedisModuleString *id,
                  RedisModuleString *ksarg, double key, RedisModuleCallReply **err) {
     RedisModuleCallReply *r;
-#define TRY(call) do { r = (call); if (!r || RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) { *err = r; return FAILED; } } while (0)
+#define TRY(call) do { r = (call); if (call_failed(r, err)) return FAILED; } while (0)
     if (c->seen_n < c->R->dedup) {
         TRY(RedisModule_Call(ctx, "ZADD", "!scss", seen, "NX", ksarg, id));
         if (RedisModule_CallReplyInteger(r) == 0) return DUP;
@@ -415,9 +422,9 @@ static int admit(RedisModuleCtx *ctx, Call *c, RedisModuleString *seen, RedisMod
 }
 
 /* the hash writes of the events applied (Lua: after the loop): histories and their order keys,
- * counters bumped, every bucket, `_event_at`. NULL: done; else the failed call's reply */
-static RedisModuleCallReply *write_back(RedisModuleCtx *ctx, Call *c, RedisModuleString *user,
-                                        RedisModuleString *aux, RedisModuleString *now) {
+ * counters bumped, every bucket, `_event_at`. -> 1 when a call failed (*err) */
+static int write_back(RedisModuleCtx *ctx, Call *c, RedisModuleString *user, RedisModuleString *aux,
+                      RedisModuleString *now, RedisModuleCallReply **err) {
     Rules *R = c->R;
     size_t room = 2 * (size_t)(R->nh + R->nc + R->nb) + 4, nset = 0, ndel = 0, naux = 0;
     RedisModuleString **args = RedisModule_Calloc(3 * room, sizeof(RedisModuleString *));
@@ -444,21 +451,17 @@ static RedisModuleCallReply *write_back(RedisModuleCtx *ctx, Call *c, RedisModul
         hset[nset++] = b->field; hset[nset++] = b->labels[k];
     }
     hset[nset++] = R->event_at; hset[nset++] = now;
-    RedisModuleCallReply *r = RedisModule_Call(ctx, "HSET", "!sv", user, hset, nset);
-    if (r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR && ndel)
-        r = RedisModule_Call(ctx, "HDEL", "!sv", user, hdel, ndel);
-    if (r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR && naux > 2) {   /* a history changed */
-        if (c->fresh) r = RedisModule_Call(ctx, "DEL", "!s", aux);
-        if (r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR)
-            r = RedisModule_Call(ctx, "HSET", "!sv", aux, auxset, naux);
-    }
+    int failed = call_failed(RedisModule_Call(ctx, "HSET", "!sv", user, hset, nset), err)
+        || (ndel && call_failed(RedisModule_Call(ctx, "HDEL", "!sv", user, hdel, ndel), err))
+        || (naux > 2 && c->fresh && call_failed(RedisModule_Call(ctx, "DEL", "!s", aux), err))   /* a history changed */
+        || (naux > 2 && call_failed(RedisModule_Call(ctx, "HSET", "!sv", aux, auxset, naux), err));
     RedisModule_Free(args);
-    return r && RedisModule_CallReplyType(r) != REDISMODULE_REPLY_ERROR ? NULL : r;
+    return failed;
 }
 
-/* one applied event's history inserts and counter increments */
-static RedisModuleCallReply *apply_event(RedisModuleCtx *ctx, Call *c, RedisModuleString **lists, long long nl,
-                                         int t, double key, Str ks, RedisModuleString *aux) {
+/* one applied event's history inserts and counter increments -> 1 when a call failed (*err) */
+static int apply_event(RedisModuleCtx *ctx, Call *c, RedisModuleString **lists, long long nl, int t, double key,
+                       Str ks, RedisModuleString *aux, RedisModuleCallReply **err) {
     Rules *R = c->R;
     for (int i = 0; i < R->nh; i++) {
         HistoryRule *h = &R->h[i];
@@ -473,7 +476,7 @@ static RedisModuleCallReply *apply_event(RedisModuleCtx *ctx, Call *c, RedisModu
         if (!st->loaded) {
             if (!c->auxgot) {
                 c->auxgot = RedisModule_Call(ctx, "HMGET", "sv", aux, R->auxwant, (size_t)(1 + R->nh));
-                if (!c->auxgot || RedisModule_CallReplyType(c->auxgot) == REDISMODULE_REPLY_ERROR) return c->auxgot;
+                if (call_failed(c->auxgot, err)) return 1;
                 c->fresh = !same(or_empty(reply_str(c->auxgot, 0)), c->loaded);
             }
             Str none = {"", 0};
@@ -488,17 +491,17 @@ static RedisModuleCallReply *apply_event(RedisModuleCtx *ctx, Call *c, RedisModu
         c->counts[k] = count_of(c, k) + 1;
         c->bumped[k] = 1;
     }
-    return NULL;
+    return 0;
 }
 
 static int apply_events(RedisModuleCtx *ctx, Call *c, RedisModuleString **argv, int argc) {
     RedisModuleString *user = argv[1], *aux = argv[2], *seen = argv[3], *ttl = argv[5], *now = argv[6];
     RedisModuleCallReply *err = NULL, *r;
     c->got = RedisModule_Call(ctx, "HMGET", "sv", user, c->R->want, (size_t)(1 + c->R->nh + c->R->nc));
-    if (!c->got || RedisModule_CallReplyType(c->got) == REDISMODULE_REPLY_ERROR) { err = c->got; goto failed; }
+    if (call_failed(c->got, &err)) goto failed;
     c->loaded = or_empty(reply_str(c->got, 0));
     r = RedisModule_Call(ctx, "ZCARD", "s", seen);
-    if (!r || RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) { err = r; goto failed; }
+    if (call_failed(r, &err)) goto failed;
     c->seen_n = RedisModule_CallReplyInteger(r);
     long long counted[3] = {0, 0, 0};      /* applied, duplicate, late */
     int a = 7;
@@ -513,21 +516,20 @@ static int apply_events(RedisModuleCtx *ctx, Call *c, RedisModuleString **argv, 
         int ok; double key = lua_number(ks, &ok);
         int verdict = admit(ctx, c, seen, argv[a], argv[a + 1], key, &err);
         if (verdict == FAILED) goto failed;
-        if (verdict == NEW && (err = apply_event(ctx, c, argv + a + 4, nl, type_index(typ.p, typ.n), key, ks, aux)))
+        if (verdict == NEW && apply_event(ctx, c, argv + a + 4, nl, type_index(typ.p, typ.n), key, ks, aux, &err))
             goto failed;
         counted[verdict == NEW ? 0 : verdict == DUP ? 1 : 2]++;
         a += 4 + 2 * (int)nl;
     }
     if (a != argc) return RedisModule_ReplyWithError(ctx, "ERR MVKE.APPLY: the events' arguments do not add up");
-    if (counted[0] > 0 && (err = write_back(ctx, c, user, aux, now))) goto failed;
+    if (counted[0] > 0 && write_back(ctx, c, user, aux, now, &err)) goto failed;
     Str ttl_text; ttl_text.p = RedisModule_StringPtrLen(ttl, &ttl_text.n);
     int ttl_ok; double ttl_s = lua_number(ttl_text, &ttl_ok);
     if (ttl_ok && ttl_s > 0) {           /* Lua: tonumber(ARGV[1]) > 0, handed to EXPIRE as its number */
         RedisModuleString *secs = number_text(ctx, ttl_s);
         RedisModuleString *keys[2] = {aux, seen};
         for (int k = 0; k < 2; k++) {
-            r = RedisModule_Call(ctx, "EXPIRE", "!ss", keys[k], secs);
-            if (!r || RedisModule_CallReplyType(r) == REDISMODULE_REPLY_ERROR) { err = r; goto failed; }
+            if (call_failed(RedisModule_Call(ctx, "EXPIRE", "!ss", keys[k], secs), &err)) goto failed;
         }
     }
     RedisModule_ReplyWithArray(ctx, 3);
